@@ -1,0 +1,376 @@
+//! The HTTP side: building requests, reading `X-Consul-*` headers, bounding every wait.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client as HyperClient};
+use hyper_util::rt::TokioExecutor;
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use serde::de::DeserializeOwned;
+
+use crate::types::{AgentCheck, AgentService, CheckStatus, ServiceEntry, ServiceRegistration};
+
+/// Path segments (service names, IDs) are escaped; Consul names are usually safe already.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.');
+
+/// Consul's Go client adds this much on top of `wait + wait/16` before it gives up on a long
+/// poll; a shorter client timeout fails every long poll (consul-rust#70).
+const LONG_POLL_MARGIN: Duration = Duration::from_secs(7);
+/// Bound for calls that do not block on the server.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A response larger than this is a misconfiguration, not a catalog.
+const MAX_BODY: usize = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid Consul address {addr:?}: {reason}")]
+    InvalidAddress { addr: String, reason: String },
+    #[error("Consul request {path} failed: {source}")]
+    Transport {
+        path: String,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("Consul request {path} timed out after {after:?}")]
+    Timeout { path: String, after: Duration },
+    #[error("Consul request {path} body: {reason}")]
+    Body { path: String, reason: String },
+    #[error("Consul answered {status} to {path}: {body}")]
+    Status {
+        path: String,
+        status: StatusCode,
+        body: String,
+    },
+    #[error("Consul response to {path} is not the expected JSON: {source}")]
+    Decode {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl Error {
+    /// A short, bounded label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::InvalidAddress { .. } => "config",
+            Error::Transport { .. } => "transport",
+            Error::Timeout { .. } => "timeout",
+            Error::Body { .. } => "body",
+            Error::Status { status, .. } if status.is_server_error() => "status_5xx",
+            Error::Status { .. } => "status_4xx",
+            Error::Decode { .. } => "decode",
+        }
+    }
+}
+
+/// Options of a read. `index` > 0 makes it a blocking query bounded by `wait`.
+#[derive(Debug, Clone, Default)]
+pub struct QueryOptions {
+    pub index: u64,
+    pub wait: Option<Duration>,
+    /// Let any server answer, including one without a leader.
+    pub stale: bool,
+}
+
+/// The `X-Consul-*` headers of a read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueryMeta {
+    pub index: u64,
+    pub last_contact_ms: u64,
+    pub known_leader: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Response<T> {
+    pub value: T,
+    pub meta: QueryMeta,
+}
+
+/// A cheap-to-clone handle on one Consul agent.
+#[derive(Clone)]
+pub struct Client {
+    http: HyperClient<HttpConnector, Full<Bytes>>,
+    base: String,
+    token: Option<String>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("base", &self.base).finish()
+    }
+}
+
+impl Client {
+    /// `addr` is `http://host:port` (or `host:port`). HTTPS to Consul is not supported yet.
+    pub fn new(addr: &str, token: Option<String>) -> Result<Self, Error> {
+        let base = if addr.contains("://") {
+            addr.trim_end_matches('/').to_string()
+        } else {
+            format!("http://{}", addr.trim_end_matches('/'))
+        };
+        let uri: Uri = base
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| Error::InvalidAddress {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+            })?;
+        if uri.scheme_str() != Some("http") || uri.host().is_none() {
+            return Err(Error::InvalidAddress {
+                addr: addr.to_string(),
+                reason: "expected http://host:port".into(),
+            });
+        }
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_secs(3)));
+        connector.set_nodelay(true);
+        let http = HyperClient::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        Ok(Client {
+            http,
+            base,
+            token: token.filter(|t| !t.is_empty()),
+        })
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// `GET /v1/catalog/services`: every service name with the union of its instances' tags.
+    pub async fn catalog_services(
+        &self,
+        q: &QueryOptions,
+    ) -> Result<Response<HashMap<String, Vec<String>>>, Error> {
+        let raw: Response<HashMap<String, Option<Vec<String>>>> = self
+            .read("/v1/catalog/services".to_string(), &[], q)
+            .await?;
+        Ok(Response {
+            value: raw
+                .value
+                .into_iter()
+                .map(|(k, v)| (k, v.unwrap_or_default()))
+                .collect(),
+            meta: raw.meta,
+        })
+    }
+
+    /// `GET /v1/health/service/<name>`, only instances whose checks all pass when `passing`.
+    pub async fn health_service(
+        &self,
+        name: &str,
+        passing: bool,
+        q: &QueryOptions,
+    ) -> Result<Response<Vec<ServiceEntry>>, Error> {
+        let path = format!("/v1/health/service/{}", utf8_percent_encode(name, SEGMENT));
+        let extra: &[&str] = if passing { &["passing"] } else { &[] };
+        let raw: Response<Option<Vec<ServiceEntry>>> = self.read(path, extra, q).await?;
+        Ok(Response {
+            value: raw.value.unwrap_or_default(),
+            meta: raw.meta,
+        })
+    }
+
+    /// `GET /v1/agent/services`: what this agent itself has registered, keyed by service ID.
+    pub async fn agent_services(&self) -> Result<HashMap<String, AgentService>, Error> {
+        let r: Response<HashMap<String, AgentService>> = self
+            .read("/v1/agent/services".into(), &[], &QueryOptions::default())
+            .await?;
+        Ok(r.value)
+    }
+
+    /// `GET /v1/agent/checks`, keyed by check ID.
+    pub async fn agent_checks(&self) -> Result<HashMap<String, AgentCheck>, Error> {
+        let r: Response<HashMap<String, AgentCheck>> = self
+            .read("/v1/agent/checks".into(), &[], &QueryOptions::default())
+            .await?;
+        Ok(r.value)
+    }
+
+    /// `PUT /v1/agent/service/register?replace-existing-checks=true`: idempotent.
+    pub async fn register_service(&self, reg: &ServiceRegistration) -> Result<(), Error> {
+        let body = serde_json::to_vec(reg).expect("registration serializes");
+        self.write(
+            "/v1/agent/service/register?replace-existing-checks=true".into(),
+            Bytes::from(body),
+        )
+        .await
+    }
+
+    /// `PUT /v1/agent/service/deregister/<id>`: a no-op when the ID is unknown, so safe to retry.
+    pub async fn deregister_service(&self, id: &str) -> Result<(), Error> {
+        let path = format!(
+            "/v1/agent/service/deregister/{}",
+            utf8_percent_encode(id, SEGMENT)
+        );
+        self.write(path, Bytes::new()).await
+    }
+
+    /// `PUT /v1/agent/check/update/<id>`: sets a TTL check's status and output.
+    pub async fn update_ttl(
+        &self,
+        check_id: &str,
+        status: CheckStatus,
+        output: &str,
+    ) -> Result<(), Error> {
+        let path = format!(
+            "/v1/agent/check/update/{}",
+            utf8_percent_encode(check_id, SEGMENT)
+        );
+        let body = serde_json::json!({"Status": status.as_str(), "Output": output});
+        self.write(path, Bytes::from(body.to_string())).await
+    }
+
+    /// `GET /v1/status/leader`: empty string while there is no leader.
+    pub async fn leader(&self) -> Result<String, Error> {
+        let r: Response<String> = self
+            .read("/v1/status/leader".into(), &[], &QueryOptions::default())
+            .await?;
+        Ok(r.value)
+    }
+
+    async fn read<T: DeserializeOwned>(
+        &self,
+        path: String,
+        flags: &[&str],
+        q: &QueryOptions,
+    ) -> Result<Response<T>, Error> {
+        let mut uri = path.clone();
+        let mut sep = '?';
+        for flag in flags {
+            let _ = write!(uri, "{sep}{flag}");
+            sep = '&';
+        }
+        if q.stale {
+            let _ = write!(uri, "{sep}stale");
+            sep = '&';
+        }
+        let mut timeout = DEFAULT_TIMEOUT;
+        if q.index > 0 {
+            let wait = q.wait.unwrap_or(Duration::from_secs(300));
+            let _ = write!(uri, "{sep}index={}&wait={}ms", q.index, wait.as_millis());
+            timeout = wait + wait / 16 + LONG_POLL_MARGIN;
+        }
+        let (status, headers, body) = self
+            .call(Method::GET, &path, &uri, Bytes::new(), timeout)
+            .await?;
+        if !status.is_success() {
+            return Err(Error::Status {
+                path,
+                status,
+                body: truncate(&body),
+            });
+        }
+        let meta = QueryMeta {
+            index: header_u64(&headers, "x-consul-index"),
+            last_contact_ms: header_u64(&headers, "x-consul-lastcontact"),
+            known_leader: headers
+                .get("x-consul-knownleader")
+                .is_some_and(|v| v.as_bytes() == b"true"),
+        };
+        let value =
+            serde_json::from_slice(&body).map_err(|source| Error::Decode { path, source })?;
+        Ok(Response { value, meta })
+    }
+
+    async fn write(&self, path: String, body: Bytes) -> Result<(), Error> {
+        let bare = path.split('?').next().unwrap_or(&path).to_string();
+        let (status, _, resp) = self
+            .call(Method::PUT, &bare, &path, body, DEFAULT_TIMEOUT)
+            .await?;
+        if !status.is_success() {
+            return Err(Error::Status {
+                path: bare,
+                status,
+                body: truncate(&resp),
+            });
+        }
+        Ok(())
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        path_and_query: &str,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<(StatusCode, http::HeaderMap, Bytes), Error> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("{}{}", self.base, path_and_query));
+        if let Some(token) = &self.token {
+            req = req.header("x-consul-token", token);
+        }
+        if !body.is_empty() {
+            req = req.header(header::CONTENT_TYPE, "application/json");
+        }
+        let req = req.body(Full::new(body)).map_err(|e| Error::Body {
+            path: path.to_string(),
+            reason: e.to_string(),
+        })?;
+        let fut = async {
+            let resp = self
+                .http
+                .request(req)
+                .await
+                .map_err(|source| Error::Transport {
+                    path: path.to_string(),
+                    source,
+                })?;
+            let (parts, body) = resp.into_parts();
+            let body = http_body_util::Limited::new(body, MAX_BODY)
+                .collect()
+                .await
+                .map_err(|e| Error::Body {
+                    path: path.to_string(),
+                    reason: e.to_string(),
+                })?
+                .to_bytes();
+            Ok((parts.status, parts.headers, body))
+        };
+        tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| Error::Timeout {
+                path: path.to_string(),
+                after: timeout,
+            })?
+    }
+}
+
+fn header_u64(headers: &http::HeaderMap, name: &str) -> u64 {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn truncate(body: &[u8]) -> String {
+    let s = String::from_utf8_lossy(&body[..body.len().min(512)]);
+    s.trim().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        assert_eq!(
+            Client::new("127.0.0.1:8500", None).unwrap().base(),
+            "http://127.0.0.1:8500"
+        );
+        assert_eq!(
+            Client::new("http://consul:8500/", None).unwrap().base(),
+            "http://consul:8500"
+        );
+        assert!(Client::new("https://consul:8501", None).is_err());
+        assert!(Client::new("http://", None).is_err());
+    }
+}

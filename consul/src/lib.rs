@@ -1,0 +1,20 @@
+//! A small typed client for the parts of Consul's HTTP API that Switchyard uses: blocking reads of
+//! the catalog and service health (lb), and the agent's service endpoints (registrar).
+//!
+//! It knows Consul's wire format and blocking-query rules, nothing about routing or Docker.
+//!
+//! Why not `rs-consul`: it pulls a second HTTP stack and lacks typed access to the
+//! `X-Consul-*` headers we export as metrics; this client is a few hundred lines over the hyper
+//! that the lb already links.
+
+mod client;
+mod index;
+pub mod tags;
+mod types;
+
+pub use client::{Client, Error, QueryMeta, QueryOptions, Response};
+pub use index::next_index;
+pub use types::{
+    AgentCheck, AgentService, CheckRegistration, CheckStatus, HealthCheck, Node, Service,
+    ServiceEntry, ServiceRegistration,
+};

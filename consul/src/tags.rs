@@ -1,0 +1,284 @@
+//! The routing contract carried in Consul service tags: the registrar writes it, the lb reads it.
+//!
+//! Grammar, with the configurable prefix `P` (default `lb`):
+//! - `P.route=[HOST][/PATH]`: route requests for HOST (any host when empty or `*`) whose path is
+//!   PATH or below it (segment-wise: `/v1` matches `/v1` and `/v1/x`, not `/v1beta`). Repeat the
+//!   tag for several routes. `P.route=api.example.com/v1`, `P.route=/`, `P.route=*/static`.
+//! - `P.weight=N`: relative weight of this instance, 0..=1000 (default 100; 0 drains it).
+//! - `P.enable=false`: opt this instance out although it carries routes.
+//!
+//! Tags without the prefix are not ours and are ignored; a malformed tag of ours is reported and
+//! ignored, the instance's other tags still apply.
+
+use std::fmt;
+
+pub const DEFAULT_PREFIX: &str = "lb";
+pub const DEFAULT_WEIGHT: u32 = 100;
+pub const MAX_WEIGHT: u32 = 1000;
+const MAX_HOST_LEN: usize = 253;
+const MAX_PATH_LEN: usize = 1024;
+
+/// Where a route applies: an exact host or any host, and a path prefix.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RouteKey {
+    /// Lower-case host without port; `None` matches any host.
+    pub host: Option<String>,
+    /// Starts with `/`; no trailing `/` except the root itself.
+    pub prefix: String,
+}
+
+impl fmt::Display for RouteKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.host {
+            Some(h) => write!(f, "{h}{}", self.prefix),
+            None => write!(f, "*{}", self.prefix),
+        }
+    }
+}
+
+/// What an instance's tags say about routing it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceRouting {
+    pub routes: Vec<RouteKey>,
+    pub weight: u32,
+    pub enabled: bool,
+}
+
+/// One tag of ours that could not be understood.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagError {
+    pub tag: String,
+    pub kind: TagErrorKind,
+    pub detail: &'static str,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TagErrorKind {
+    BadRoute,
+    BadWeight,
+    BadEnable,
+    UnknownKey,
+}
+
+impl TagErrorKind {
+    /// A bounded metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TagErrorKind::BadRoute => "bad_route",
+            TagErrorKind::BadWeight => "bad_weight",
+            TagErrorKind::BadEnable => "bad_enable",
+            TagErrorKind::UnknownKey => "unknown_key",
+        }
+    }
+}
+
+impl fmt::Display for TagError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "tag {:?}: {}", self.tag, self.detail)
+    }
+}
+
+/// Parses one instance's tags. Never fails as a whole: bad tags come back as errors beside the
+/// routing that the good ones describe.
+pub fn parse_tags<'a>(
+    prefix: &str,
+    tags: impl IntoIterator<Item = &'a str>,
+) -> (InstanceRouting, Vec<TagError>) {
+    let mut routing = InstanceRouting {
+        routes: Vec::new(),
+        weight: DEFAULT_WEIGHT,
+        enabled: true,
+    };
+    let mut errors = Vec::new();
+    for tag in tags {
+        let Some(rest) = tag.strip_prefix(prefix).and_then(|r| r.strip_prefix('.')) else {
+            continue;
+        };
+        let err = |kind, detail| TagError {
+            tag: tag.to_string(),
+            kind,
+            detail,
+        };
+        let (key, value) = rest.split_once('=').unwrap_or((rest, ""));
+        match key {
+            "route" => match parse_route(value) {
+                Ok(r) => {
+                    if !routing.routes.contains(&r) {
+                        routing.routes.push(r);
+                    }
+                }
+                Err(detail) => errors.push(err(TagErrorKind::BadRoute, detail)),
+            },
+            "weight" => match value.parse::<u32>() {
+                Ok(w) if w <= MAX_WEIGHT => routing.weight = w,
+                _ => errors.push(err(
+                    TagErrorKind::BadWeight,
+                    "weight must be an integer 0..=1000",
+                )),
+            },
+            "enable" => match value {
+                "true" | "1" | "yes" => routing.enabled = true,
+                "false" | "0" | "no" => routing.enabled = false,
+                _ => errors.push(err(TagErrorKind::BadEnable, "enable must be true or false")),
+            },
+            _ => errors.push(err(
+                TagErrorKind::UnknownKey,
+                "unknown key (expected route, weight or enable)",
+            )),
+        }
+    }
+    (routing, errors)
+}
+
+/// Parses the value of a route tag: `[HOST][/PATH]`.
+pub fn parse_route(value: &str) -> Result<RouteKey, &'static str> {
+    if value.is_empty() {
+        return Err("empty route (use / for every request)");
+    }
+    let (host, path) = match value.find('/') {
+        Some(i) => value.split_at(i),
+        None => (value, "/"),
+    };
+    let host = match host {
+        "" | "*" => None,
+        h => {
+            let h = h.to_ascii_lowercase();
+            // An explicit port in the route would never match: the lb compares hosts without it.
+            if h.len() > MAX_HOST_LEN
+                || !h
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+                || h.starts_with('.')
+                || h.ends_with('.')
+            {
+                return Err("host must be a DNS name (letters, digits, '-', '.'), no port");
+            }
+            Some(h)
+        }
+    };
+    if path.len() > MAX_PATH_LEN
+        || !path.bytes().all(|b| b.is_ascii_graphic())
+        || path.contains(['?', '#', '*'])
+        || path.contains("//")
+    {
+        return Err("path must be a plain absolute path without '?', '#', '*' or '//'");
+    }
+    let prefix = if path.len() > 1 {
+        path.trim_end_matches('/')
+    } else {
+        path
+    };
+    Ok(RouteKey {
+        host,
+        prefix: prefix.to_string(),
+    })
+}
+
+/// Whether `path` is `prefix` or below it, segment-wise.
+pub fn path_matches(prefix: &str, path: &str) -> bool {
+    if prefix == "/" {
+        return true;
+    }
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(host: Option<&str>, prefix: &str) -> RouteKey {
+        RouteKey {
+            host: host.map(str::to_string),
+            prefix: prefix.to_string(),
+        }
+    }
+
+    #[test]
+    fn routes() {
+        let ok = [
+            ("/", key(None, "/")),
+            ("*/", key(None, "/")),
+            ("*/static/", key(None, "/static")),
+            ("api.example.com", key(Some("api.example.com"), "/")),
+            ("API.Example.com/v1", key(Some("api.example.com"), "/v1")),
+            ("api.example.com/v1/", key(Some("api.example.com"), "/v1")),
+            ("/v1/users", key(None, "/v1/users")),
+        ];
+        for (raw, want) in ok {
+            assert_eq!(parse_route(raw), Ok(want), "{raw}");
+        }
+        for bad in [
+            "",
+            "api.example.com:80/v1",
+            "/a b",
+            "/a?b",
+            "/a//b",
+            "bad host/",
+            ".x/",
+            "/*",
+        ] {
+            assert!(parse_route(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn tags_with_errors_keep_the_good_parts() {
+        let (r, errs) = parse_tags(
+            "lb",
+            [
+                "lb.route=/",
+                "lb.route=api.example.com/v1",
+                "lb.route=/",
+                "lb.weight=50",
+                "lb.weight=lots",
+                "lb.colour=red",
+                "lb.route=",
+                "other",
+                "lbx.route=/nope",
+                "traefik.enable=true",
+            ],
+        );
+        assert_eq!(
+            r.routes,
+            vec![key(None, "/"), key(Some("api.example.com"), "/v1")]
+        );
+        assert_eq!(r.weight, 50);
+        assert!(r.enabled);
+        let kinds: Vec<_> = errs.iter().map(|e| e.kind).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                TagErrorKind::BadWeight,
+                TagErrorKind::UnknownKey,
+                TagErrorKind::BadRoute
+            ]
+        );
+    }
+
+    #[test]
+    fn opt_out_and_custom_prefix() {
+        let (r, errs) = parse_tags("edge", ["edge.route=/", "edge.enable=false", "lb.route=/x"]);
+        assert!(!r.enabled);
+        assert_eq!(r.routes, vec![key(None, "/")]);
+        assert!(errs.is_empty());
+    }
+
+    #[test]
+    fn segment_matching() {
+        let cases = [
+            ("/", "/anything", true),
+            ("/v1", "/v1", true),
+            ("/v1", "/v1/", true),
+            ("/v1", "/v1/users", true),
+            ("/v1", "/v1beta", false),
+            ("/v1", "/v", false),
+            ("/v1/users", "/v1", false),
+        ];
+        for (prefix, path, want) in cases {
+            assert_eq!(path_matches(prefix, path), want, "{prefix} vs {path}");
+        }
+    }
+}
