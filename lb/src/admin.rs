@@ -1,0 +1,181 @@
+//! The admin listener: `/metrics`, `/healthz`, `/readyz` and `/routes`. It reads shared state
+//! and never touches the request path.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::backend::now_ms;
+use crate::Shared;
+
+pub async fn serve_admin(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(std::time::Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let shared = shared.clone();
+                let svc = service_fn(move |req| {
+                    let shared = shared.clone();
+                    async move { Ok::<_, Infallible>(respond(&shared, &req)) }
+                });
+                let conn = http.serve_connection(TokioIo::new(stream), svc);
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            }
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+fn respond(shared: &Shared, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+    }
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" => {
+            if shared.draining.load(Ordering::Acquire) {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            } else if !shared.table_loaded.load(Ordering::Acquire) {
+                text(StatusCode::SERVICE_UNAVAILABLE, "no routing table yet\n")
+            } else {
+                text(StatusCode::OK, "ready\n")
+            }
+        }
+        "/metrics" => {
+            refresh_gauges(shared);
+            let mut resp = Response::new(Full::new(Bytes::from(shared.metrics.encode())));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            resp
+        }
+        "/routes" => {
+            let body = serde_json::to_vec_pretty(&routes_view(shared)).expect("view serializes");
+            let mut resp = Response::new(Full::new(Bytes::from(body)));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
+            resp
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "try /metrics /healthz /readyz /routes\n",
+        ),
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *resp.status_mut() = status;
+    resp
+}
+
+/// Gauges derived from the live table are computed at scrape time, not on the request path.
+fn refresh_gauges(shared: &Shared) {
+    let m = &shared.metrics;
+    if let Some(table) = shared.table.load_full() {
+        for route in table.routes.iter() {
+            let healthy = route.healthy_count();
+            let ejected = route.backends.len() - healthy;
+            m.backends
+                .with_label_values(&[&route.name, "healthy"])
+                .set(healthy as i64);
+            m.backends
+                .with_label_values(&[&route.name, "ejected"])
+                .set(ejected as i64);
+        }
+    }
+    m.consul_up.set(i64::from(shared.discovery.consul_up()));
+    m.table_age
+        .set(shared.discovery.table_age().unwrap_or(f64::NAN));
+}
+
+#[derive(Serialize)]
+struct RoutesView {
+    generation: u64,
+    table_age_seconds: Option<f64>,
+    consul_up: bool,
+    routes: Vec<RouteView>,
+}
+
+#[derive(Serialize)]
+struct RouteView {
+    route: String,
+    host: Option<String>,
+    prefix: String,
+    backends: Vec<BackendView>,
+}
+
+#[derive(Serialize)]
+struct BackendView {
+    addr: String,
+    service: String,
+    instance: String,
+    weight: u32,
+    state: &'static str,
+    ejected_for_ms: Option<u64>,
+    in_flight: usize,
+    requests: u64,
+    idle_connections: usize,
+}
+
+fn routes_view(shared: &Shared) -> RoutesView {
+    let table = shared.table.load_full();
+    let now = now_ms();
+    RoutesView {
+        generation: table.as_ref().map_or(0, |t| t.generation),
+        table_age_seconds: shared.discovery.table_age(),
+        consul_up: shared.discovery.consul_up(),
+        routes: table
+            .iter()
+            .flat_map(|t| t.routes.iter())
+            .map(|r| RouteView {
+                route: r.name.clone(),
+                host: r.key.host.clone(),
+                prefix: r.key.prefix.clone(),
+                backends: r
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        let ejected = b.backend.ejected_for(now);
+                        BackendView {
+                            addr: b.spec.addr.clone(),
+                            service: b.spec.service.clone(),
+                            instance: b.spec.instance_id.clone(),
+                            weight: b.weight,
+                            state: if ejected.is_some() {
+                                "ejected"
+                            } else {
+                                "healthy"
+                            },
+                            ejected_for_ms: ejected.map(|d| d.as_millis() as u64),
+                            in_flight: b.backend.in_flight(),
+                            requests: b.backend.requests(),
+                            idle_connections: b.backend.idle_connections(),
+                        }
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,263 @@
+//! One upstream address and everything that must outlive a routing-table swap: its in-flight
+//! count, passive-health (ejection) state and pooled connections.
+//!
+//! Tables hold `Arc<Backend>`; the discovery builder hands the same `Arc` to every new table while
+//! the address stays in Consul, so pools and ejections survive reloads.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use crossbeam_queue::ArrayQueue;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::body::UpstreamBody;
+
+/// Milliseconds on a process-wide monotonic clock; cheap enough for the request path.
+pub fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+/// Why a connection could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect to {addr} timed out after {after:?}")]
+    Timeout { addr: String, after: Duration },
+    #[error("connect to {addr}: {source}")]
+    Io {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("HTTP handshake with {addr}: {source}")]
+    Handshake {
+        addr: String,
+        #[source]
+        source: hyper::Error,
+    },
+}
+
+struct Idle {
+    sender: SendRequest<UpstreamBody>,
+    since_ms: u64,
+}
+
+/// Settings that govern every backend, from the config.
+#[derive(Debug, Clone)]
+pub struct BackendSettings {
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_idle: usize,
+    pub eject_failures: u32,
+    pub eject_base: Duration,
+    pub eject_max: Duration,
+}
+
+pub struct Backend {
+    /// `host:port`, also the metric label and the pool key.
+    pub addr: String,
+    in_flight: AtomicUsize,
+    consecutive_failures: AtomicU32,
+    /// Ejections since the last success; sets the next ejection's length.
+    ejections: AtomicU32,
+    /// `now_ms()` until which the backend is ejected; 0 when it is not.
+    ejected_until: AtomicU64,
+    requests: AtomicU64,
+    idle: ArrayQueue<Idle>,
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backend").field("addr", &self.addr).finish()
+    }
+}
+
+impl Backend {
+    pub fn new(addr: String, max_idle: usize) -> Backend {
+        Backend {
+            addr,
+            in_flight: AtomicUsize::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            ejections: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            idle: ArrayQueue::new(max_idle.max(1)),
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    pub fn is_ejected(&self, now_ms: u64) -> bool {
+        self.ejected_until.load(Ordering::Relaxed) > now_ms
+    }
+
+    /// Remaining ejection, for the admin view.
+    pub fn ejected_for(&self, now_ms: u64) -> Option<Duration> {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        (until > now_ms).then(|| Duration::from_millis(until - now_ms))
+    }
+
+    pub fn start_request(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn end_request(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// A response came back: the backend is reachable again.
+    pub fn record_success(&self) {
+        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+        if self.ejections.load(Ordering::Relaxed) != 0 {
+            self.ejections.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// A connect failure or timeout. Returns true when this call ejected the backend.
+    pub fn record_failure(&self, s: &BackendSettings) -> bool {
+        let now = now_ms();
+        // Failures while ejected (traffic only reaches it when every backend is out) do not
+        // count towards the next ejection.
+        if self.is_ejected(now) {
+            return false;
+        }
+        let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures < s.eject_failures {
+            return false;
+        }
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        let n = self.ejections.fetch_add(1, Ordering::Relaxed).min(16);
+        let length = s.eject_base.saturating_mul(1 << n).min(s.eject_max);
+        self.ejected_until
+            .store(now + length.as_millis() as u64, Ordering::Relaxed);
+        // Idle connections to a failing backend are suspect; new ones will be made on return.
+        while self.idle.pop().is_some() {}
+        true
+    }
+
+    /// A pooled connection that is ready for a request, or a new one.
+    /// Returns the sender and whether it was reused.
+    pub async fn checkout(
+        &self,
+        s: &BackendSettings,
+    ) -> Result<(SendRequest<UpstreamBody>, bool), ConnectError> {
+        let now = now_ms();
+        let max_idle_ms = s.idle_timeout.as_millis() as u64;
+        while let Some(idle) = self.idle.pop() {
+            if now.saturating_sub(idle.since_ms) < max_idle_ms
+                && !idle.sender.is_closed()
+                && idle.sender.is_ready()
+            {
+                return Ok((idle.sender, true));
+            }
+        }
+        self.connect(s).await.map(|s| (s, false))
+    }
+
+    async fn connect(
+        &self,
+        s: &BackendSettings,
+    ) -> Result<SendRequest<UpstreamBody>, ConnectError> {
+        let stream =
+            match tokio::time::timeout(s.connect_timeout, TcpStream::connect(&*self.addr)).await {
+                Err(_) => {
+                    return Err(ConnectError::Timeout {
+                        addr: self.addr.clone(),
+                        after: s.connect_timeout,
+                    })
+                }
+                Ok(Err(source)) => {
+                    return Err(ConnectError::Io {
+                        addr: self.addr.clone(),
+                        source,
+                    })
+                }
+                Ok(Ok(stream)) => stream,
+            };
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| ConnectError::Handshake {
+                addr: self.addr.clone(),
+                source,
+            })?;
+        tokio::spawn(async move {
+            // The connection ends when the backend closes it or the last sender is dropped.
+            let _ = conn.await;
+        });
+        Ok(sender)
+    }
+
+    /// Gives a connection back once its previous exchange is complete.
+    pub fn checkin(&self, sender: SendRequest<UpstreamBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        // A full pool means the backend has more idle connections than we keep; dropping the
+        // sender closes this one.
+        let _ = self.idle.push(Idle {
+            sender,
+            since_ms: now_ms(),
+        });
+    }
+
+    pub fn idle_connections(&self) -> usize {
+        self.idle.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(failures: u32) -> BackendSettings {
+        BackendSettings {
+            connect_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(1),
+            max_idle: 4,
+            eject_failures: failures,
+            eject_base: Duration::from_secs(5),
+            eject_max: Duration::from_secs(12),
+        }
+    }
+
+    #[test]
+    fn ejection_needs_consecutive_failures_and_grows_to_the_cap() {
+        let b = Backend::new("127.0.0.1:1".into(), 4);
+        let s = settings(2);
+        assert!(!b.record_failure(&s));
+        b.record_success();
+        assert!(!b.record_failure(&s), "success reset the count");
+        assert!(b.record_failure(&s), "two in a row eject");
+        let now = now_ms();
+        let first = b.ejected_for(now).unwrap();
+        assert!(first <= Duration::from_secs(5) && first > Duration::from_secs(4));
+        assert!(
+            !b.record_failure(&s) && !b.record_failure(&s),
+            "no double ejection"
+        );
+        // Expire it by hand, then fail again: the next ejection is longer, capped at 12 s.
+        b.ejected_until.store(1, Ordering::Relaxed);
+        b.record_failure(&s);
+        assert!(b.record_failure(&s));
+        let second = b.ejected_for(now_ms()).unwrap();
+        assert!(second > Duration::from_secs(9) && second <= Duration::from_secs(10));
+        b.ejected_until.store(1, Ordering::Relaxed);
+        b.record_failure(&s);
+        b.record_failure(&s);
+        assert!(b.ejected_for(now_ms()).unwrap() <= Duration::from_secs(12));
+    }
+}

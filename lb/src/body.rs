@@ -1,0 +1,144 @@
+//! The two body types of the request path, both streaming (nothing is buffered whole):
+//! `UpstreamBody` carries a client's request body to a backend; `ProxyBody` carries a backend's
+//! response (or an lb-made one) to the client, and its guard settles the request's accounting
+//! when the response ends or is dropped.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+
+use crate::backend::Backend;
+use crate::routing::Route;
+
+pub enum UpstreamBody {
+    Incoming(Incoming),
+    /// A request without a body, or the replay of one for a retry.
+    Empty,
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            UpstreamBody::Incoming(b) => Pin::new(b).poll_frame(cx),
+            UpstreamBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Incoming(b) => b.is_end_stream(),
+            UpstreamBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Incoming(b) => b.size_hint(),
+            UpstreamBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
+pub enum ProxyBody {
+    Upstream {
+        inner: Incoming,
+        guard: ResponseGuard,
+    },
+    Local(Option<Bytes>),
+}
+
+impl ProxyBody {
+    pub fn local(text: impl Into<Bytes>) -> ProxyBody {
+        ProxyBody::Local(Some(text.into()))
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ProxyBody::Upstream { inner, guard } => {
+                let polled = Pin::new(&mut *inner).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(None) => guard.complete = true,
+                    Poll::Ready(Some(Ok(_))) if inner.is_end_stream() => guard.complete = true,
+                    _ => {}
+                }
+                polled
+            }
+            ProxyBody::Local(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Upstream { inner, .. } => inner.is_end_stream(),
+            ProxyBody::Local(data) => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Upstream { inner, .. } => inner.size_hint(),
+            ProxyBody::Local(Some(d)) => SizeHint::with_exact(d.len() as u64),
+            ProxyBody::Local(None) => SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// Lives as long as a proxied response. Dropping it ends the request for the backend's
+/// in-flight count and the route's latency histogram, and gives the upstream connection back to
+/// the pool when the exchange completed cleanly.
+pub struct ResponseGuard {
+    pub backend: Arc<Backend>,
+    pub route: Arc<Route>,
+    pub start: Instant,
+    pub sender: Option<SendRequest<crate::body::UpstreamBody>>,
+    pub complete: bool,
+    pub in_flight: prometheus::IntGauge,
+}
+
+impl Drop for ResponseGuard {
+    fn drop(&mut self) {
+        self.backend.end_request();
+        self.in_flight.dec();
+        self.route
+            .latency
+            .observe(self.start.elapsed().as_secs_f64());
+        let Some(mut sender) = self.sender.take() else {
+            return;
+        };
+        if !self.complete || sender.is_closed() {
+            return;
+        }
+        if sender.is_ready() {
+            self.backend.checkin(sender);
+        } else {
+            // hyper marks the connection ready only after its task has seen the end of the
+            // response; wait for that off the request path.
+            let backend = self.backend.clone();
+            tokio::spawn(async move {
+                if sender.ready().await.is_ok() {
+                    backend.checkin(sender);
+                }
+            });
+        }
+    }
+}

@@ -1,0 +1,516 @@
+//! The lb's whole configuration as one value, read through a lookup function so that `main` can
+//! layer flags over the environment and tests can pass a map.
+//!
+//! Every setting has an `LB_*` variable and the matching `--flag` (`LB_CONNECT_TIMEOUT` is
+//! `--connect-timeout`). Every invalid setting is reported at once.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// (env name, default, help). The README's reference is generated from this list by `lb --help`.
+pub const SETTINGS: &[(&str, &str, &str)] = &[
+    ("LB_LISTEN", "0.0.0.0:8080", "proxy listener address"),
+    (
+        "LB_ADMIN_LISTEN",
+        "0.0.0.0:9090",
+        "admin listener: /metrics /healthz /readyz /routes",
+    ),
+    (
+        "LB_CONSUL_ADDR",
+        "http://127.0.0.1:8500",
+        "Consul agent HTTP address (CONSUL_HTTP_ADDR is honoured)",
+    ),
+    (
+        "LB_CONSUL_TOKEN",
+        "",
+        "ACL token, needs service:read and node:read (CONSUL_HTTP_TOKEN is honoured)",
+    ),
+    (
+        "LB_CONSUL_WAIT",
+        "60s",
+        "blocking-query wait; bounds how long a silent partition goes unnoticed (max 10m)",
+    ),
+    (
+        "LB_CONSUL_STALE",
+        "true",
+        "read with ?stale so any server answers, even without a leader",
+    ),
+    (
+        "LB_CONSUL_RATE",
+        "10",
+        "blocking queries per second per watch once the burst is spent",
+    ),
+    (
+        "LB_CONSUL_BURST",
+        "10",
+        "blocking queries a watch may make back to back",
+    ),
+    (
+        "LB_CONSUL_BACKOFF_MAX",
+        "30s",
+        "longest wait between retries when Consul fails",
+    ),
+    (
+        "LB_INITIAL_SYNC_TIMEOUT",
+        "10s",
+        "publish the first table after this even if some services have not answered",
+    ),
+    (
+        "LB_TAG_PREFIX",
+        "lb",
+        "prefix of the routing tags (lb.route=, lb.weight=, lb.enable=)",
+    ),
+    (
+        "LB_BALANCE",
+        "p2c",
+        "p2c (least in-flight of two, weighted) | round_robin | weighted",
+    ),
+    ("LB_CONNECT_TIMEOUT", "2s", "upstream TCP connect timeout"),
+    (
+        "LB_RESPONSE_TIMEOUT",
+        "30s",
+        "upstream time to response headers",
+    ),
+    (
+        "LB_UPSTREAM_IDLE_TIMEOUT",
+        "30s",
+        "pooled upstream connections idle longer are closed",
+    ),
+    (
+        "LB_UPSTREAM_MAX_IDLE",
+        "256",
+        "idle pooled connections kept per backend",
+    ),
+    (
+        "LB_CLIENT_HEADER_TIMEOUT",
+        "15s",
+        "time for a client to send a request head; also bounds client keep-alive idle time",
+    ),
+    (
+        "LB_MAX_HEADER_BYTES",
+        "65536",
+        "largest request head accepted (431 above)",
+    ),
+    (
+        "LB_MAX_HEADERS",
+        "100",
+        "most request header fields accepted (431 above)",
+    ),
+    (
+        "LB_RETRIES",
+        "2",
+        "retries per request on another backend (0 disables)",
+    ),
+    (
+        "LB_RETRY_BUDGET",
+        "0.2",
+        "retries allowed as a fraction of requests, on top of a reserve of 10",
+    ),
+    (
+        "LB_EJECT_FAILURES",
+        "1",
+        "consecutive connect failures or timeouts that eject a backend",
+    ),
+    (
+        "LB_EJECT_BASE",
+        "5s",
+        "first ejection length; doubles on each further ejection",
+    ),
+    ("LB_EJECT_MAX", "60s", "longest ejection"),
+    (
+        "LB_DRAIN_DELAY",
+        "5s",
+        "on SIGTERM: readiness false, keep accepting this long",
+    ),
+    (
+        "LB_SHUTDOWN_TIMEOUT",
+        "30s",
+        "on SIGTERM: then wait this long for in-flight requests",
+    ),
+    (
+        "LB_LOG_FORMAT",
+        "text",
+        "text | json (level from RUST_LOG, default info)",
+    ),
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    /// Power of two choices on in-flight requests, weighted.
+    P2c,
+    RoundRobin,
+    /// Deterministic weighted spread (a low-discrepancy sequence over the weights).
+    Weighted,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub consul_addr: String,
+    pub consul_token: Option<String>,
+    pub consul_wait: Duration,
+    pub consul_stale: bool,
+    pub consul_rate: f64,
+    pub consul_burst: u32,
+    pub consul_backoff_max: Duration,
+    pub initial_sync_timeout: Duration,
+    pub tag_prefix: String,
+    pub balance: Balance,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub upstream_idle_timeout: Duration,
+    pub upstream_max_idle: usize,
+    pub client_header_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub retries: u32,
+    pub retry_budget: f64,
+    pub eject_failures: u32,
+    pub eject_base: Duration,
+    pub eject_max: Duration,
+    pub drain_delay: Duration,
+    pub shutdown_timeout: Duration,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n{0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// Reads every setting through `lookup(ENV_NAME)`, falling back to the default.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let mut errors = String::new();
+        let mut p = Parser {
+            lookup: &lookup,
+            errors: &mut errors,
+        };
+        let cfg = Config {
+            listen: p.get(
+                "LB_LISTEN",
+                |s| s.parse().ok(),
+                "a socket address like 0.0.0.0:8080",
+            ),
+            admin_listen: p.get("LB_ADMIN_LISTEN", |s| s.parse().ok(), "a socket address"),
+            consul_addr: p.raw("LB_CONSUL_ADDR", Some("CONSUL_HTTP_ADDR")),
+            consul_token: Some(p.raw("LB_CONSUL_TOKEN", Some("CONSUL_HTTP_TOKEN")))
+                .filter(|t| !t.is_empty()),
+            consul_wait: p.get(
+                "LB_CONSUL_WAIT",
+                |s| {
+                    parse_duration(s)
+                        .filter(|d| *d >= Duration::from_secs(1) && *d <= Duration::from_secs(600))
+                },
+                "a duration from 1s to 10m",
+            ),
+            consul_stale: p.get("LB_CONSUL_STALE", parse_bool, "true or false"),
+            consul_rate: p.get(
+                "LB_CONSUL_RATE",
+                |s| s.parse().ok().filter(|r: &f64| *r > 0.0 && r.is_finite()),
+                "a positive number",
+            ),
+            consul_burst: p.get(
+                "LB_CONSUL_BURST",
+                |s| s.parse().ok().filter(|b| *b >= 1),
+                "an integer >= 1",
+            ),
+            consul_backoff_max: p.get(
+                "LB_CONSUL_BACKOFF_MAX",
+                positive_duration,
+                "a duration like 30s",
+            ),
+            initial_sync_timeout: p.get("LB_INITIAL_SYNC_TIMEOUT", positive_duration, "a duration"),
+            tag_prefix: p.get(
+                "LB_TAG_PREFIX",
+                |s| Some(s.to_string()).filter(|s| !s.is_empty() && !s.contains(['=', ' '])),
+                "a non-empty word without '=' or spaces",
+            ),
+            balance: p.get(
+                "LB_BALANCE",
+                |s| match s {
+                    "p2c" => Some(Balance::P2c),
+                    "round_robin" => Some(Balance::RoundRobin),
+                    "weighted" => Some(Balance::Weighted),
+                    _ => None,
+                },
+                "p2c, round_robin or weighted",
+            ),
+            connect_timeout: p.get(
+                "LB_CONNECT_TIMEOUT",
+                positive_duration,
+                "a duration like 2s",
+            ),
+            response_timeout: p.get(
+                "LB_RESPONSE_TIMEOUT",
+                positive_duration,
+                "a duration like 30s",
+            ),
+            upstream_idle_timeout: p.get(
+                "LB_UPSTREAM_IDLE_TIMEOUT",
+                positive_duration,
+                "a duration",
+            ),
+            upstream_max_idle: p.get(
+                "LB_UPSTREAM_MAX_IDLE",
+                |s| s.parse().ok().filter(|n| *n >= 1),
+                "an integer >= 1",
+            ),
+            client_header_timeout: p.get(
+                "LB_CLIENT_HEADER_TIMEOUT",
+                positive_duration,
+                "a duration",
+            ),
+            max_header_bytes: p.get(
+                "LB_MAX_HEADER_BYTES",
+                |s| s.parse().ok().filter(|n| *n >= 8192),
+                "an integer >= 8192",
+            ),
+            max_headers: p.get(
+                "LB_MAX_HEADERS",
+                |s| s.parse().ok().filter(|n| *n >= 8),
+                "an integer >= 8",
+            ),
+            retries: p.get(
+                "LB_RETRIES",
+                |s| s.parse().ok().filter(|n| *n <= 10),
+                "an integer 0..=10",
+            ),
+            retry_budget: p.get(
+                "LB_RETRY_BUDGET",
+                |s| s.parse().ok().filter(|r: &f64| (0.0..=1.0).contains(r)),
+                "a fraction 0..=1",
+            ),
+            eject_failures: p.get(
+                "LB_EJECT_FAILURES",
+                |s| s.parse().ok().filter(|n| *n >= 1),
+                "an integer >= 1",
+            ),
+            eject_base: p.get("LB_EJECT_BASE", positive_duration, "a duration"),
+            eject_max: p.get("LB_EJECT_MAX", positive_duration, "a duration"),
+            drain_delay: p.get("LB_DRAIN_DELAY", parse_duration, "a duration (0s allowed)"),
+            shutdown_timeout: p.get("LB_SHUTDOWN_TIMEOUT", positive_duration, "a duration"),
+            log_format: p.get(
+                "LB_LOG_FORMAT",
+                |s| match s {
+                    "text" => Some(LogFormat::Text),
+                    "json" => Some(LogFormat::Json),
+                    _ => None,
+                },
+                "text or json",
+            ),
+        };
+        if let Err(e) = switchyard_consul::Client::new(&cfg.consul_addr, None) {
+            let _ = writeln!(errors, "  LB_CONSUL_ADDR: {e}");
+        }
+        if errors.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigError(errors))
+        }
+    }
+
+    /// Builds a lookup over `--flag value` / `--flag=value` arguments, then the environment.
+    pub fn lookup_from_args_and_env(
+        args: &[String],
+    ) -> Result<impl Fn(&str) -> Option<String>, ConfigError> {
+        let mut flags = std::collections::HashMap::new();
+        let mut it = args.iter();
+        while let Some(arg) = it.next() {
+            let Some(flag) = arg.strip_prefix("--") else {
+                return Err(ConfigError(format!("  unexpected argument {arg:?}")));
+            };
+            let (name, value) = match flag.split_once('=') {
+                Some((n, v)) => (n.to_string(), v.to_string()),
+                None => {
+                    let v = it
+                        .next()
+                        .ok_or_else(|| ConfigError(format!("  --{flag} needs a value")))?;
+                    (flag.to_string(), v.clone())
+                }
+            };
+            let env = format!("LB_{}", name.replace('-', "_").to_ascii_uppercase());
+            if !SETTINGS.iter().any(|(n, _, _)| *n == env) {
+                return Err(ConfigError(format!("  unknown flag --{name} (see --help)")));
+            }
+            flags.insert(env, value);
+        }
+        Ok(move |name: &str| {
+            flags
+                .get(name)
+                .cloned()
+                .or_else(|| std::env::var(name).ok())
+        })
+    }
+
+    /// The `--help` text: every setting, its flag, default and meaning.
+    pub fn help() -> String {
+        let mut out = String::from("lb: Switchyard's Consul-driven reverse proxy\n\nEvery setting is a flag or an environment variable (flags win):\n\n");
+        for (env, default, help) in SETTINGS {
+            let flag = env
+                .trim_start_matches("LB_")
+                .to_ascii_lowercase()
+                .replace('_', "-");
+            let _ = writeln!(
+                out,
+                "  --{flag:<24} {env:<26} default {default:?}\n      {help}"
+            );
+        }
+        out
+    }
+}
+
+struct Parser<'a, F> {
+    lookup: &'a F,
+    errors: &'a mut String,
+}
+
+impl<F: Fn(&str) -> Option<String>> Parser<'_, F> {
+    fn default_of(name: &str) -> &'static str {
+        SETTINGS
+            .iter()
+            .find(|(n, _, _)| *n == name)
+            .map(|(_, d, _)| *d)
+            .expect("every setting has a default")
+    }
+
+    fn raw(&mut self, name: &str, alias: Option<&str>) -> String {
+        (self.lookup)(name)
+            .or_else(|| alias.and_then(|a| (self.lookup)(a)))
+            .unwrap_or_else(|| Self::default_of(name).to_string())
+    }
+
+    fn get<T>(&mut self, name: &str, parse: impl Fn(&str) -> Option<T>, expected: &str) -> T {
+        let default = Self::default_of(name);
+        if let Some(v) = (self.lookup)(name) {
+            if let Some(parsed) = parse(v.trim()) {
+                return parsed;
+            }
+            let _ = writeln!(self.errors, "  {name}={v:?}: expected {expected}");
+        }
+        parse(default).expect("defaults parse")
+    }
+}
+
+fn parse_bool(s: &str) -> Option<bool> {
+    match s {
+        "true" | "1" | "yes" => Some(true),
+        "false" | "0" | "no" => Some(false),
+        _ => None,
+    }
+}
+
+fn positive_duration(s: &str) -> Option<Duration> {
+    parse_duration(s).filter(|d| !d.is_zero())
+}
+
+/// `250ms`, `2s`, `1m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return None,
+    };
+    (0.0..1e9)
+        .contains(&secs)
+        .then(|| Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn from(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_parse() {
+        let c = from(&[]).unwrap();
+        assert_eq!(c.listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(c.balance, Balance::P2c);
+        assert_eq!(c.consul_wait, Duration::from_secs(60));
+        assert_eq!(c.consul_token, None);
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once() {
+        let err = from(&[
+            ("LB_LISTEN", "nope"),
+            ("LB_BALANCE", "random"),
+            ("LB_CONSUL_WAIT", "11m"),
+            ("LB_CONSUL_ADDR", "https://x:1"),
+        ])
+        .unwrap_err()
+        .to_string();
+        for needle in [
+            "LB_LISTEN",
+            "LB_BALANCE",
+            "LB_CONSUL_WAIT",
+            "LB_CONSUL_ADDR",
+        ] {
+            assert!(err.contains(needle), "{needle} missing from {err}");
+        }
+    }
+
+    #[test]
+    fn consul_aliases() {
+        let c = from(&[
+            ("CONSUL_HTTP_ADDR", "http://c:8500"),
+            ("CONSUL_HTTP_TOKEN", "t"),
+        ])
+        .unwrap();
+        assert_eq!(c.consul_addr, "http://c:8500");
+        assert_eq!(c.consul_token.as_deref(), Some("t"));
+    }
+
+    #[test]
+    fn durations() {
+        let cases = [
+            ("250ms", Some(Duration::from_millis(250))),
+            ("2s", Some(Duration::from_secs(2))),
+            ("3", Some(Duration::from_secs(3))),
+            ("1.5s", Some(Duration::from_millis(1500))),
+            ("1m", Some(Duration::from_secs(60))),
+            ("s", None),
+            ("-1s", None),
+            ("2 days", None),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(parse_duration(raw), want, "{raw}");
+        }
+    }
+
+    #[test]
+    fn flags_map_to_settings() {
+        let args: Vec<String> = ["--listen", "127.0.0.1:1", "--balance=round_robin"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let lookup = Config::lookup_from_args_and_env(&args).unwrap();
+        let c = Config::from_lookup(lookup).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:1".parse().unwrap());
+        assert_eq!(c.balance, Balance::RoundRobin);
+        assert!(Config::lookup_from_args_and_env(&["--nope=1".to_string()]).is_err());
+    }
+}

@@ -1,0 +1,466 @@
+//! Consul in, routing tables out. One blocking watch on the catalog finds routed services, one
+//! blocking watch per routed service follows its instances' health, and a single builder task
+//! turns what they report into a new `RoutingTable`, published with one `ArcSwap::store`.
+//!
+//! Invariants: a watch that fails keeps its last answer (the table never empties because Consul
+//! is down); a watch return that changes nothing builds nothing; updates that arrive together
+//! are applied in one build.
+
+mod pace;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use switchyard_consul::tags::{parse_tags, RouteKey};
+use switchyard_consul::{next_index, Client, QueryMeta, QueryOptions, ServiceEntry};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::routing::{BackendSpec, BuildCache, RoutingTable, TableSpec};
+use crate::Shared;
+pub use pace::{Backoff, Pace};
+
+const BACKOFF_BASE: Duration = Duration::from_millis(200);
+
+/// What the rest of the lb may know about discovery's health.
+#[derive(Default)]
+pub struct DiscoveryState {
+    /// Watches whose last Consul call failed.
+    failing: AtomicUsize,
+    /// Unix ms of the last successful Consul read; 0 before the first.
+    last_ok_unix_ms: AtomicU64,
+    /// Set once the catalog has answered at least once.
+    catalog_ok: AtomicBool,
+}
+
+impl DiscoveryState {
+    /// Seconds since Consul last confirmed the table; 0 while every watch is healthy.
+    pub fn table_age(&self) -> Option<f64> {
+        let last = self.last_ok_unix_ms.load(Ordering::Relaxed);
+        if last == 0 {
+            return None;
+        }
+        if self.failing.load(Ordering::Relaxed) == 0 && self.catalog_ok.load(Ordering::Relaxed) {
+            return Some(0.0);
+        }
+        Some(unix_ms().saturating_sub(last) as f64 / 1000.0)
+    }
+
+    pub fn consul_up(&self) -> bool {
+        self.failing.load(Ordering::Relaxed) == 0
+            && self.last_ok_unix_ms.load(Ordering::Relaxed) > 0
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+enum Update {
+    Services(BTreeSet<String>),
+    Health {
+        service: String,
+        entries: Vec<ServiceEntry>,
+    },
+}
+
+/// Runs discovery until `shutdown` flips.
+pub async fn watch_consul(
+    shared: Arc<Shared>,
+    client: Client,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let (tx, mut rx) = mpsc::channel::<Update>(1024);
+    let catalog = tokio::spawn(watch_catalog(shared.clone(), client.clone(), tx.clone()));
+    let mut builder = Builder {
+        shared: shared.clone(),
+        client,
+        tx,
+        services: HashMap::new(),
+        watchers: HashMap::new(),
+        awaiting_first: HashSet::new(),
+        catalog_seen_at: None,
+        published: false,
+        last_spec: None,
+        cache: BuildCache::default(),
+        generation: 0,
+        warned: HashSet::new(),
+    };
+    loop {
+        let deadline = builder
+            .catalog_seen_at
+            .filter(|_| !builder.published)
+            .map(|t| t + shared.config.initial_sync_timeout);
+        tokio::select! {
+            update = rx.recv() => {
+                let Some(update) = update else { break };
+                builder.apply(update);
+                // Coalesce everything already queued into one build.
+                while let Ok(update) = rx.try_recv() {
+                    builder.apply(update);
+                }
+                builder.maybe_publish(false);
+            }
+            _ = async { tokio::time::sleep_until(deadline.expect("guarded").into()).await }, if deadline.is_some() => {
+                tracing::warn!(waiting_for = ?builder.awaiting_first, "initial sync timed out; publishing the table with the services that answered");
+                builder.maybe_publish(true);
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+    catalog.abort();
+    for (_, w) in builder.watchers.drain() {
+        w.abort();
+    }
+}
+
+struct Builder {
+    shared: Arc<Shared>,
+    client: Client,
+    tx: mpsc::Sender<Update>,
+    services: HashMap<String, Vec<ServiceEntry>>,
+    watchers: HashMap<String, JoinHandle<()>>,
+    awaiting_first: HashSet<String>,
+    catalog_seen_at: Option<Instant>,
+    published: bool,
+    last_spec: Option<TableSpec>,
+    cache: BuildCache,
+    generation: u64,
+    /// (service, tag) pairs already warned about, so a bad tag is logged and counted once.
+    warned: HashSet<(String, String)>,
+}
+
+impl Builder {
+    fn apply(&mut self, update: Update) {
+        match update {
+            Update::Services(names) => {
+                self.catalog_seen_at.get_or_insert_with(Instant::now);
+                self.watchers.retain(|name, handle| {
+                    let keep = names.contains(name);
+                    if !keep {
+                        handle.abort();
+                    }
+                    keep
+                });
+                self.services.retain(|name, _| names.contains(name));
+                self.awaiting_first.retain(|name| names.contains(name));
+                for name in names {
+                    if !self.watchers.contains_key(&name) {
+                        tracing::info!(service = %name, "watching routed service");
+                        let task = watch_service(
+                            self.shared.clone(),
+                            self.client.clone(),
+                            name.clone(),
+                            self.tx.clone(),
+                        );
+                        self.watchers.insert(name.clone(), tokio::spawn(task));
+                        self.awaiting_first.insert(name);
+                    }
+                }
+            }
+            Update::Health { service, entries } => {
+                // A late answer from a watch that was just stopped must not resurrect it.
+                if self.watchers.contains_key(&service) {
+                    self.awaiting_first.remove(&service);
+                    self.services.insert(service, entries);
+                }
+            }
+        }
+    }
+
+    fn maybe_publish(&mut self, force: bool) {
+        if self.catalog_seen_at.is_none() {
+            return;
+        }
+        if !self.published && !force && !self.awaiting_first.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let spec = self.spec();
+        if self.published && self.last_spec.as_ref() == Some(&spec) {
+            return;
+        }
+        if let Some(old) = &self.last_spec {
+            log_diff(old, &spec);
+        }
+        self.generation += 1;
+        let m = &self.shared.metrics;
+        let table = RoutingTable::build(
+            &spec,
+            self.generation,
+            &mut self.cache,
+            m,
+            self.shared.config.upstream_max_idle,
+        );
+        let routes = table.routes.len();
+        self.shared.table.store(Some(Arc::new(table)));
+        m.table_reloads.inc();
+        m.table_routes.set(routes as i64);
+        m.table_reload_duration
+            .observe(started.elapsed().as_secs_f64());
+        if !self.published {
+            tracing::info!(
+                routes,
+                generation = self.generation,
+                "first routing table published"
+            );
+            self.published = true;
+            self.shared.table_loaded.store(true, Ordering::Release);
+        }
+        self.last_spec = Some(spec);
+    }
+
+    /// The desired table from what the watches reported. Routes exist for every routed instance;
+    /// only passing ones become backends, so a route whose instances all fail answers 503.
+    fn spec(&mut self) -> TableSpec {
+        let prefix = &self.shared.config.tag_prefix;
+        let mut spec = TableSpec::new();
+        for (service, entries) in &self.services {
+            for e in entries {
+                let (routing, errors) =
+                    parse_tags(prefix, e.service.tags.iter().map(String::as_str));
+                for err in errors {
+                    if self.warned.insert((e.service.id.clone(), err.tag.clone())) {
+                        tracing::warn!(service = %service, instance = %e.service.id, tag = %err.tag, reason = err.detail, "ignoring malformed routing tag");
+                        self.shared
+                            .metrics
+                            .route_tag_errors
+                            .with_label_values(&[err.kind.as_str()])
+                            .inc();
+                    }
+                }
+                if !routing.enabled {
+                    continue;
+                }
+                let passing = e.checks.iter().all(|c| c.status == "passing");
+                let addr = backend_addr(e);
+                for key in routing.routes {
+                    let backends: &mut Vec<BackendSpec> = spec.entry(key).or_default();
+                    if passing && routing.weight > 0 && e.service.port != 0 {
+                        backends.push(BackendSpec {
+                            addr: addr.clone(),
+                            weight: routing.weight,
+                            service: service.clone(),
+                            instance_id: e.service.id.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        for backends in spec.values_mut() {
+            backends.sort();
+            // Two instances on one address are one backend to us.
+            backends.dedup_by(|a, b| a.addr == b.addr);
+        }
+        spec
+    }
+}
+
+fn backend_addr(e: &ServiceEntry) -> String {
+    let host = e.address();
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{}", e.service.port)
+    } else {
+        format!("{host}:{}", e.service.port)
+    }
+}
+
+fn log_diff(old: &TableSpec, new: &TableSpec) {
+    let pairs = |s: &TableSpec| -> BTreeSet<(RouteKey, String)> {
+        s.iter()
+            .flat_map(|(k, bs)| bs.iter().map(move |b| (k.clone(), b.addr.clone())))
+            .collect()
+    };
+    let (o, n) = (pairs(old), pairs(new));
+    let added: Vec<String> = n.difference(&o).map(|(k, a)| format!("{k} +{a}")).collect();
+    let removed: Vec<String> = o.difference(&n).map(|(k, a)| format!("{k} -{a}")).collect();
+    let routes_added = new.keys().filter(|k| !old.contains_key(*k)).count();
+    let routes_removed = old.keys().filter(|k| !new.contains_key(*k)).count();
+    tracing::info!(
+        routes_added,
+        routes_removed,
+        backends_added = added.len(),
+        backends_removed = removed.len(),
+        changes = %added.iter().chain(removed.iter()).take(8).cloned().collect::<Vec<_>>().join(", "),
+        "routing table changed"
+    );
+}
+
+/// Marks a watch as failing while it is, and not once it is gone.
+struct Health<'a> {
+    state: &'a DiscoveryState,
+    failing: bool,
+}
+
+impl Health<'_> {
+    fn ok(&mut self, shared: &Shared, meta: QueryMeta) {
+        if self.failing {
+            self.failing = false;
+            self.state.failing.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.state
+            .last_ok_unix_ms
+            .store(unix_ms(), Ordering::Relaxed);
+        let m = &shared.metrics;
+        m.consul_last_contact
+            .set(meta.last_contact_ms as f64 / 1000.0);
+        m.consul_known_leader.set(i64::from(meta.known_leader));
+    }
+
+    fn failed(&mut self) {
+        if !self.failing {
+            self.failing = true;
+            self.state.failing.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Health<'_> {
+    fn drop(&mut self) {
+        if self.failing {
+            self.state.failing.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn query(shared: &Shared, index: u64) -> QueryOptions {
+    QueryOptions {
+        index,
+        wait: Some(shared.config.consul_wait),
+        stale: shared.config.consul_stale,
+    }
+}
+
+/// Follows `/v1/catalog/services` and reports the set of routed services when it changes.
+async fn watch_catalog(shared: Arc<Shared>, client: Client, tx: mpsc::Sender<Update>) {
+    let cfg = &shared.config;
+    let route_tag = format!("{}.route=", cfg.tag_prefix);
+    let mut pace = Pace::new(cfg.consul_rate, cfg.consul_burst);
+    let mut backoff = Backoff::new(BACKOFF_BASE, cfg.consul_backoff_max);
+    let mut health = Health {
+        state: &shared.discovery,
+        failing: false,
+    };
+    let mut index = 0;
+    let mut last: Option<BTreeSet<String>> = None;
+    loop {
+        pace.acquire().await;
+        match client.catalog_services(&query(&shared, index)).await {
+            Ok(resp) => {
+                health.ok(&shared, resp.meta);
+                shared.discovery.catalog_ok.store(true, Ordering::Relaxed);
+                if backoff.failing() {
+                    tracing::info!("Consul catalog watch recovered");
+                }
+                backoff.reset();
+                index = next_index(index, resp.meta.index);
+                let routed: BTreeSet<String> = resp
+                    .value
+                    .into_iter()
+                    .filter(|(_, tags)| tags.iter().any(|t| t.starts_with(&route_tag)))
+                    .map(|(name, _)| name)
+                    .collect();
+                if last.as_ref() != Some(&routed) {
+                    last = Some(routed.clone());
+                    if tx.send(Update::Services(routed)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                health.failed();
+                shared
+                    .metrics
+                    .consul_watch_errors
+                    .with_label_values(&["catalog", e.kind()])
+                    .inc();
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in = ?delay, "Consul catalog watch failed; keeping the last table");
+                // Read at once after recovery: the server may be a new one with a lower index.
+                index = 0;
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// Follows `/v1/health/service/<name>` and reports its instances when they change.
+async fn watch_service(
+    shared: Arc<Shared>,
+    client: Client,
+    service: String,
+    tx: mpsc::Sender<Update>,
+) {
+    let cfg = &shared.config;
+    let mut pace = Pace::new(cfg.consul_rate, cfg.consul_burst);
+    let mut backoff = Backoff::new(BACKOFF_BASE, cfg.consul_backoff_max);
+    let mut health = Health {
+        state: &shared.discovery,
+        failing: false,
+    };
+    let mut index = 0;
+    let mut last: Option<Vec<ServiceEntry>> = None;
+    loop {
+        pace.acquire().await;
+        match client
+            .health_service(&service, false, &query(&shared, index))
+            .await
+        {
+            Ok(resp) => {
+                health.ok(&shared, resp.meta);
+                let mut entries = resp.value;
+                // An empty answer at index <= 1 is how a racing ACL token or a freshly restarted
+                // server looks; do not let it wipe instances we know about.
+                if entries.is_empty()
+                    && resp.meta.index <= 1
+                    && last.as_ref().is_some_and(|l| !l.is_empty())
+                {
+                    shared
+                        .metrics
+                        .consul_watch_errors
+                        .with_label_values(&["health", "suspicious_empty"])
+                        .inc();
+                    tracing::warn!(service = %service, "ignoring an empty answer at index <= 1");
+                    index = 0;
+                    tokio::time::sleep(backoff.next_delay()).await;
+                    continue;
+                }
+                if backoff.failing() {
+                    tracing::info!(service = %service, "Consul health watch recovered");
+                }
+                backoff.reset();
+                index = next_index(index, resp.meta.index);
+                entries.sort_by(|a, b| {
+                    (&a.node.node, &a.service.id).cmp(&(&b.node.node, &b.service.id))
+                });
+                if last.as_ref() != Some(&entries) {
+                    last = Some(entries.clone());
+                    let update = Update::Health {
+                        service: service.clone(),
+                        entries,
+                    };
+                    if tx.send(update).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                health.failed();
+                shared
+                    .metrics
+                    .consul_watch_errors
+                    .with_label_values(&["health", e.kind()])
+                    .inc();
+                let delay = backoff.next_delay();
+                tracing::warn!(service = %service, error = %e, retry_in = ?delay, "Consul health watch failed; keeping the last instances");
+                index = 0;
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}

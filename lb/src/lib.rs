@@ -1,0 +1,127 @@
+//! Switchyard's lb: a reverse proxy whose routing table is driven by Consul.
+//!
+//! # Layout
+//! - [`config`]: the whole configuration as one value (env and flags).
+//! - [`discovery`]: Consul blocking queries in, one new [`routing::RoutingTable`] out.
+//! - [`routing`]: the immutable table, route lookup and balancing picks.
+//! - [`backend`]: per-address state that survives reloads: in-flight, ejection, connection pool.
+//! - [`proxy`]: the request path (lookup, pick, forward, retry) and [`body`] its body types.
+//! - [`server`]: accepting client connections and draining them.
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/routes` on a separate listener.
+//! - [`metrics`]: every metric name, declared once.
+//!
+//! Data flows one way: Consul -> `discovery` -> `ArcSwap<RoutingTable>` -> `proxy`.
+
+pub mod admin;
+pub mod backend;
+pub mod body;
+pub mod config;
+pub mod discovery;
+pub mod metrics;
+pub mod proxy;
+pub mod routing;
+pub mod server;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use arc_swap::ArcSwapOption;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::backend::BackendSettings;
+use crate::config::Config;
+use crate::discovery::DiscoveryState;
+use crate::metrics::Metrics;
+use crate::proxy::RetryBudget;
+use crate::routing::RoutingTable;
+
+/// State shared by the request path, discovery and admin.
+pub struct Shared {
+    pub config: Config,
+    /// `None` until discovery publishes the first table.
+    pub table: ArcSwapOption<RoutingTable>,
+    pub metrics: Metrics,
+    pub backend_settings: BackendSettings,
+    pub retry_budget: RetryBudget,
+    pub discovery: DiscoveryState,
+    pub table_loaded: AtomicBool,
+    pub draining: AtomicBool,
+}
+
+impl Shared {
+    pub fn new(config: Config) -> Shared {
+        Shared {
+            backend_settings: BackendSettings {
+                connect_timeout: config.connect_timeout,
+                idle_timeout: config.upstream_idle_timeout,
+                max_idle: config.upstream_max_idle,
+                eject_failures: config.eject_failures,
+                eject_base: config.eject_base,
+                eject_max: config.eject_max,
+            },
+            retry_budget: RetryBudget::new(config.retry_budget),
+            table: ArcSwapOption::empty(),
+            metrics: Metrics::new(),
+            discovery: DiscoveryState::default(),
+            table_loaded: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            config,
+        }
+    }
+}
+
+/// Runs the lb until `shutdown` resolves, then drains: readiness turns false at once, the proxy
+/// keeps accepting for `drain_delay` (so load balancers in front notice), stops accepting, and
+/// waits up to `shutdown_timeout` for in-flight requests.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let client = switchyard_consul::Client::new(&config.consul_addr, config.consul_token.clone())
+        .context("Consul client")?;
+    let proxy_listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding the proxy listener {}", config.listen))?;
+    let admin_listener = TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("binding the admin listener {}", config.admin_listen))?;
+    tracing::info!(
+        listen = %proxy_listener.local_addr()?,
+        admin = %admin_listener.local_addr()?,
+        consul = %client.base(),
+        balance = ?config.balance,
+        "lb starting"
+    );
+    let drain_delay = config.drain_delay;
+    let shutdown_timeout = config.shutdown_timeout;
+    let shared = Arc::new(Shared::new(config));
+
+    let (stop_discovery, discovery_rx) = watch::channel(false);
+    let (stop_proxy, proxy_rx) = watch::channel(false);
+    let (stop_admin, admin_rx) = watch::channel(false);
+    let discovery = tokio::spawn(discovery::watch_consul(
+        shared.clone(),
+        client,
+        discovery_rx,
+    ));
+    let admin = tokio::spawn(admin::serve_admin(shared.clone(), admin_listener, admin_rx));
+    let proxy = tokio::spawn(server::serve_proxy(
+        shared.clone(),
+        proxy_listener,
+        proxy_rx,
+        shutdown_timeout,
+    ));
+
+    shutdown.await;
+    shared.draining.store(true, Ordering::Release);
+    tracing::info!(drain_delay = ?drain_delay, "shutdown requested: readiness is false, still accepting");
+    tokio::time::sleep(drain_delay).await;
+    let _ = stop_proxy.send(true);
+    let left = proxy.await.unwrap_or(0);
+    let _ = stop_discovery.send(true);
+    let _ = stop_admin.send(true);
+    let _ = discovery.await;
+    let _ = admin.await;
+    tracing::info!(connections_cut = left, "lb stopped");
+    Ok(())
+}

@@ -1,0 +1,548 @@
+//! The request path: find the route in the current table, pick a backend, forward on a pooled
+//! connection, retry when it is safe, and stream the response back.
+//!
+//! It reads the table through one `ArcSwap` load and takes no lock. Errors become responses
+//! (404, 502, 503, 504) counted under a reason; nothing here panics on client input.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+
+use crate::body::{ProxyBody, ResponseGuard, UpstreamBody};
+use crate::routing::{Route, Tried};
+use crate::Shared;
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Hop-by-hop fields (RFC 9110 7.6.1) besides those a `Connection` header names.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Pooled connections found closed at send time, retried without spending a retry: nothing
+/// reached a backend. Bounded in case every pooled connection of a backend went stale at once.
+const MAX_STALE_RETRIES: u32 = 4;
+
+/// Retries allowed as a share of requests, so that a failing fleet is not hit by a retry storm.
+/// Balances are kept in thousandths of a retry in one atomic.
+pub struct RetryBudget {
+    balance: AtomicI64,
+    deposit: i64,
+}
+
+const RETRY_COST: i64 = 1000;
+const RETRY_RESERVE: i64 = 10 * RETRY_COST;
+const RETRY_CAP: i64 = 100 * RETRY_COST;
+
+impl RetryBudget {
+    pub fn new(ratio: f64) -> RetryBudget {
+        RetryBudget {
+            balance: AtomicI64::new(RETRY_RESERVE),
+            deposit: (ratio * RETRY_COST as f64) as i64,
+        }
+    }
+
+    fn deposit(&self) {
+        if self.deposit > 0 && self.balance.load(Ordering::Relaxed) < RETRY_CAP {
+            self.balance.fetch_add(self.deposit, Ordering::Relaxed);
+        }
+    }
+
+    fn withdraw(&self) -> bool {
+        self.balance
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                (b >= RETRY_COST).then_some(b - RETRY_COST)
+            })
+            .is_ok()
+    }
+}
+
+/// Why the lb answered a request itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalReason {
+    NoTable,
+    NoRoute,
+    NoBackend,
+    BadRequest,
+    UpstreamConnect,
+    UpstreamTimeout,
+    UpstreamError,
+}
+
+impl LocalReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LocalReason::NoTable => "no_table",
+            LocalReason::NoRoute => "no_route",
+            LocalReason::NoBackend => "no_backend",
+            LocalReason::BadRequest => "bad_request",
+            LocalReason::UpstreamConnect => "upstream_connect",
+            LocalReason::UpstreamTimeout => "upstream_timeout",
+            LocalReason::UpstreamError => "upstream_error",
+        }
+    }
+
+    fn status(self) -> StatusCode {
+        match self {
+            LocalReason::NoRoute => StatusCode::NOT_FOUND,
+            LocalReason::BadRequest => StatusCode::BAD_REQUEST,
+            LocalReason::NoTable | LocalReason::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
+            LocalReason::UpstreamConnect | LocalReason::UpstreamError => StatusCode::BAD_GATEWAY,
+            LocalReason::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+}
+
+/// Serves one request. Never fails: every error is a response.
+pub async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<ProxyBody> {
+    let request_id = request_id(req.headers());
+    let (mut parts, body) = req.into_parts();
+
+    let Some(host) = request_host(&parts.uri, &parts.headers, parts.version) else {
+        return local(
+            &shared,
+            LocalReason::BadRequest,
+            "",
+            "missing or invalid Host header",
+            request_id,
+        );
+    };
+    let route = {
+        let Some(table) = shared.table.load_full() else {
+            return local(
+                &shared,
+                LocalReason::NoTable,
+                "",
+                "no routing table loaded yet",
+                request_id,
+            );
+        };
+        match table.lookup(&host, parts.uri.path()) {
+            Some(route) => route.clone(),
+            None => {
+                let msg = format!("no route for host {host:?} path {:?}", parts.uri.path());
+                return local(&shared, LocalReason::NoRoute, "", &msg, request_id);
+            }
+        }
+    };
+    if route.backends.is_empty() {
+        return local(
+            &shared,
+            LocalReason::NoBackend,
+            &route.name,
+            "no healthy backend for this route",
+            request_id,
+        );
+    }
+
+    prepare_upstream_headers(&mut parts.headers, peer, &request_id);
+    if parts.uri.authority().is_some() || parts.uri.scheme().is_some() {
+        // Absolute-form from the client; backends get origin-form.
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        parts.uri = Uri::try_from(pq).unwrap_or_else(|_| Uri::from_static("/"));
+    }
+    parts.version = Version::HTTP_11;
+    shared.retry_budget.deposit();
+
+    forward(&shared, &route, parts, body, request_id).await
+}
+
+async fn forward(
+    shared: &Shared,
+    route: &Arc<Route>,
+    parts: http::request::Parts,
+    body: Incoming,
+    request_id: HeaderValue,
+) -> Response<ProxyBody> {
+    let cfg = &shared.config;
+    let start = Instant::now();
+    // A request may be replayed after it reached a backend only when it is idempotent and has no
+    // body we would have streamed away; a connect failure is retried whatever the method.
+    let bodyless = http_body::Body::is_end_stream(&body);
+    let replayable = bodyless && is_idempotent(&parts.method) && cfg.retries > 0;
+    let mut body = Some(if bodyless {
+        UpstreamBody::Empty
+    } else {
+        UpstreamBody::Incoming(body)
+    });
+    let mut parts = Some(parts);
+    let mut tried = Tried::default();
+    let mut retries = 0u32;
+    let mut stale = 0u32;
+    let mut last = LocalReason::NoBackend;
+
+    while let Some(i) = route.pick(cfg.balance, &tried) {
+        tried.push(i);
+        let rb = &route.backends[i];
+        let backend = &rb.backend;
+
+        let (mut sender, reused) = match backend.checkout(&shared.backend_settings).await {
+            Ok(s) => s,
+            Err(e) => {
+                last = LocalReason::UpstreamConnect;
+                let kind = if matches!(e, crate::backend::ConnectError::Timeout { .. }) {
+                    "connect_timeout"
+                } else {
+                    "connect"
+                };
+                shared
+                    .metrics
+                    .upstream_errors
+                    .with_label_values(&[kind])
+                    .inc();
+                if backend.record_failure(&shared.backend_settings) {
+                    shared.metrics.ejections.inc();
+                    tracing::warn!(backend = %backend.addr, route = %route.name, error = %e, "backend ejected");
+                } else {
+                    tracing::debug!(backend = %backend.addr, error = %e, "upstream connect failed");
+                }
+                if may_retry(shared, &mut retries, "connect") {
+                    continue;
+                }
+                break;
+            }
+        };
+        if !reused {
+            shared.metrics.upstream_connections.inc();
+        }
+
+        let p = parts.take().expect("parts are restored before every retry");
+        let keep = replayable.then(|| clone_parts(&p));
+        let req = Request::from_parts(p, body.take().expect("body is restored before every retry"));
+
+        backend.start_request();
+        shared.metrics.in_flight.inc();
+        let end = |shared: &Shared| {
+            backend.end_request();
+            shared.metrics.in_flight.dec();
+        };
+        let sent = tokio::time::timeout(cfg.response_timeout, sender.try_send_request(req)).await;
+        let resp = match sent {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(mut e)) => {
+                end(shared);
+                if let Some(req) = e.take_message() {
+                    // The pooled connection closed before the request went out (a keep-alive
+                    // race): nothing reached the backend, so it is safe to try again.
+                    let (p, b) = req.into_parts();
+                    parts = Some(p);
+                    body = Some(b);
+                    shared
+                        .metrics
+                        .upstream_errors
+                        .with_label_values(&["stale_connection"])
+                        .inc();
+                    if stale < MAX_STALE_RETRIES {
+                        stale += 1;
+                        tried.forget_last();
+                        continue;
+                    }
+                    last = LocalReason::UpstreamError;
+                    break;
+                }
+                last = LocalReason::UpstreamError;
+                shared
+                    .metrics
+                    .upstream_errors
+                    .with_label_values(&["reset"])
+                    .inc();
+                tracing::debug!(backend = %backend.addr, error = %e.error(), "upstream request failed");
+                match keep {
+                    Some(p) if may_retry(shared, &mut retries, "reset") => {
+                        parts = Some(p);
+                        body = Some(UpstreamBody::Empty);
+                        continue;
+                    }
+                    _ => break,
+                }
+            }
+            Err(_elapsed) => {
+                end(shared);
+                last = LocalReason::UpstreamTimeout;
+                shared
+                    .metrics
+                    .upstream_errors
+                    .with_label_values(&["response_timeout"])
+                    .inc();
+                if backend.record_failure(&shared.backend_settings) {
+                    shared.metrics.ejections.inc();
+                    tracing::warn!(backend = %backend.addr, route = %route.name, "backend ejected after response timeout");
+                }
+                match keep {
+                    Some(p) if may_retry(shared, &mut retries, "timeout") => {
+                        parts = Some(p);
+                        body = Some(UpstreamBody::Empty);
+                        continue;
+                    }
+                    _ => break,
+                }
+            }
+        };
+
+        backend.record_success();
+        let (mut rparts, rbody) = resp.into_parts();
+        let class = (rparts.status.as_u16() / 100).clamp(1, 5) as usize - 1;
+        rb.responses[class].inc();
+        strip_hop_by_hop(&mut rparts.headers);
+        rparts.headers.entry(X_REQUEST_ID).or_insert(request_id);
+        let complete = http_body::Body::is_end_stream(&rbody);
+        let guard = ResponseGuard {
+            backend: backend.clone(),
+            route: route.clone(),
+            start,
+            sender: Some(sender),
+            complete,
+            in_flight: shared.metrics.in_flight.clone(),
+        };
+        return Response::from_parts(
+            rparts,
+            ProxyBody::Upstream {
+                inner: rbody,
+                guard,
+            },
+        );
+    }
+
+    let msg = match last {
+        LocalReason::UpstreamConnect => "no backend accepted the connection",
+        LocalReason::UpstreamTimeout => "the backend did not answer in time",
+        LocalReason::UpstreamError => "the backend closed the connection without a response",
+        _ => "no backend available",
+    };
+    local(shared, last, &route.name, msg, request_id)
+}
+
+fn may_retry(shared: &Shared, retries: &mut u32, reason: &'static str) -> bool {
+    if *retries >= shared.config.retries {
+        return false;
+    }
+    if !shared.retry_budget.withdraw() {
+        shared.metrics.retry_budget_exhausted.inc();
+        return false;
+    }
+    *retries += 1;
+    shared.metrics.retries.with_label_values(&[reason]).inc();
+    true
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+fn clone_parts(p: &http::request::Parts) -> http::request::Parts {
+    let (mut parts, ()) = Request::new(()).into_parts();
+    parts.method = p.method.clone();
+    parts.uri = p.uri.clone();
+    parts.version = p.version;
+    parts.headers = p.headers.clone();
+    parts
+}
+
+/// The request's host, lower-case and without port. `None` when an HTTP/1.1 request has no
+/// usable host, which RFC 9112 makes a 400.
+fn request_host(uri: &Uri, headers: &HeaderMap, version: Version) -> Option<String> {
+    let raw = match uri.host() {
+        Some(h) => h,
+        None => match headers.get(header::HOST) {
+            Some(v) => {
+                let s = v.to_str().ok()?;
+                // Strip a port, keeping bracketed IPv6 literals whole.
+                match s.rfind(':') {
+                    Some(i) if !s[i..].contains(']') => &s[..i],
+                    _ => s,
+                }
+            }
+            None if version == Version::HTTP_11 => return None,
+            None => "",
+        },
+    };
+    Some(raw.trim_end_matches('.').to_ascii_lowercase())
+}
+
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get(X_REQUEST_ID) {
+        let b = v.as_bytes();
+        if !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic()) {
+            return v.clone();
+        }
+    }
+    let mut buf = [0u8; 32];
+    let n = fastrand::u128(..);
+    for (i, byte) in buf.iter_mut().enumerate() {
+        *byte = b"0123456789abcdef"[((n >> (i * 4)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&buf).expect("hex is a valid header value")
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if let Some(conn) = headers.get(header::CONNECTION) {
+        if let Ok(s) = conn.to_str() {
+            let named: Vec<HeaderName> = s
+                .split(',')
+                .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+                .collect();
+            for name in named {
+                headers.remove(name);
+            }
+        }
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+fn prepare_upstream_headers(headers: &mut HeaderMap, peer: SocketAddr, request_id: &HeaderValue) {
+    strip_hop_by_hop(headers);
+    let ip = peer.ip().to_string();
+    let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    if let Some(host) = headers.get(header::HOST).cloned() {
+        headers.insert(X_FORWARDED_HOST, host);
+    }
+    headers.insert(X_REQUEST_ID, request_id.clone());
+}
+
+fn local(
+    shared: &Shared,
+    reason: LocalReason,
+    route: &str,
+    msg: &str,
+    request_id: HeaderValue,
+) -> Response<ProxyBody> {
+    shared
+        .metrics
+        .local_responses
+        .with_label_values(&[route, reason.as_str()])
+        .inc();
+    let body = Bytes::from(format!("switchyard: {msg}\n"));
+    let mut resp = Response::new(ProxyBody::local(body));
+    *resp.status_mut() = reason.status();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(X_REQUEST_ID, request_id);
+    h.insert(
+        HeaderName::from_static("x-switchyard-error"),
+        HeaderValue::from_static(reason.as_str()),
+    );
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts() {
+        let h = |uri: &str, host: Option<&str>, v: Version| {
+            let mut headers = HeaderMap::new();
+            if let Some(host) = host {
+                headers.insert(header::HOST, HeaderValue::from_str(host).unwrap());
+            }
+            request_host(&uri.parse().unwrap(), &headers, v)
+        };
+        assert_eq!(
+            h("/", Some("API.example.com:8080"), Version::HTTP_11).as_deref(),
+            Some("api.example.com")
+        );
+        assert_eq!(
+            h("/", Some("[::1]:80"), Version::HTTP_11).as_deref(),
+            Some("[::1]")
+        );
+        assert_eq!(
+            h("/", Some("[::1]"), Version::HTTP_11).as_deref(),
+            Some("[::1]")
+        );
+        assert_eq!(
+            h("http://Abs.example/x", Some("other"), Version::HTTP_11).as_deref(),
+            Some("abs.example")
+        );
+        assert_eq!(h("/", None, Version::HTTP_11), None);
+        assert_eq!(h("/", None, Version::HTTP_10).as_deref(), Some(""));
+    }
+
+    #[test]
+    fn hop_by_hop_and_forwarding_headers() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        headers.insert("x-secret", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        headers.insert(header::HOST, HeaderValue::from_static("a.example"));
+        headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("10.1.1.1"));
+        headers.insert("x-kept", HeaderValue::from_static("yes"));
+        let id = HeaderValue::from_static("abc");
+        prepare_upstream_headers(&mut headers, "127.0.0.2:5555".parse().unwrap(), &id);
+        for gone in ["connection", "x-secret", "keep-alive", "te"] {
+            assert!(!headers.contains_key(gone), "{gone} kept");
+        }
+        assert_eq!(headers["x-forwarded-for"], "10.1.1.1, 127.0.0.2");
+        assert_eq!(headers["x-forwarded-proto"], "http");
+        assert_eq!(headers["x-forwarded-host"], "a.example");
+        assert_eq!(headers["x-request-id"], "abc");
+        assert_eq!(headers["x-kept"], "yes");
+    }
+
+    #[test]
+    fn request_ids_pass_through_when_sane() {
+        let mut h = HeaderMap::new();
+        h.insert(X_REQUEST_ID, HeaderValue::from_static("client-id-1"));
+        assert_eq!(request_id(&h), "client-id-1");
+        h.insert(X_REQUEST_ID, HeaderValue::from_static("has space"));
+        let generated = request_id(&h);
+        assert_eq!(generated.len(), 32);
+        assert_ne!(generated, request_id(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn retry_budget_has_a_reserve_and_refills_from_requests() {
+        let b = RetryBudget::new(0.5);
+        for _ in 0..10 {
+            assert!(b.withdraw());
+        }
+        assert!(!b.withdraw());
+        b.deposit();
+        b.deposit();
+        assert!(b.withdraw());
+        assert!(!b.withdraw());
+    }
+}
