@@ -1,1 +1,6 @@
+//! The lb's integration tests: a real Consul agent, real HTTP backends and the real lb binary.
 
+mod balancing;
+mod discovery;
+mod resilience;
+mod support;

@@ -1,0 +1,279 @@
+//! The table follows Consul: passing instances in, failing and deregistered ones out, the last
+//! table kept while Consul is away, a resync when it comes back empty.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+
+use crate::balancing::wait_routed;
+use crate::support::{eventually, spread, spread_ok, Backend, Consul, Http, Lb};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_instance_gets_traffic_once_passing() {
+    let consul = Consul::start().await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    b.set_healthy(false);
+    consul.register("a", "web", a.port(), &["lb.route=/"]).await;
+    consul.register("b", "web", b.port(), &["lb.route=/"]).await;
+    let lb = Lb::start(&consul, &[]).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 1).await;
+    // Registered but critical: no traffic.
+    let seen = spread_ok(&http, &lb.url("/"), 50).await;
+    assert_eq!(seen.get("b"), None, "{seen:?}");
+    b.set_healthy(true);
+    eventually(
+        "b to receive traffic once passing",
+        Duration::from_secs(10),
+        || async { spread(&http, &lb.url("/"), 20).await.contains_key("b") },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn critical_and_deregistered_instances_get_nothing() {
+    let consul = Consul::start().await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    consul.register("a", "web", a.port(), &["lb.route=/"]).await;
+    consul.register("b", "web", b.port(), &["lb.route=/"]).await;
+    let lb = Lb::start(&consul, &[]).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 2).await;
+
+    b.set_healthy(false);
+    wait_routed(&lb, &http, "*/", 1).await;
+    let served = b.served();
+    spread_ok(&http, &lb.url("/"), 50).await;
+    assert_eq!(b.served(), served, "a critical instance got requests");
+
+    consul.deregister("a").await;
+    // The route still exists (b is registered) but nothing passes: 503, said by the lb.
+    eventually(
+        "503 once no instance passes",
+        Duration::from_secs(10),
+        || async {
+            http.get(&lb.url("/"))
+                .await
+                .is_ok_and(|r| r.status == StatusCode::SERVICE_UNAVAILABLE)
+        },
+    )
+    .await;
+    let r = http.get(&lb.url("/")).await.unwrap();
+    assert!(r.body.contains("no healthy backend"), "{}", r.body);
+    assert_eq!(r.headers["x-switchyard-error"], "no_backend");
+
+    consul.deregister("b").await;
+    eventually(
+        "404 once the route is gone",
+        Duration::from_secs(10),
+        || async {
+            http.get(&lb.url("/"))
+                .await
+                .is_ok_and(|r| r.status == StatusCode::NOT_FOUND)
+        },
+    )
+    .await;
+    let r = http.get(&lb.url("/nothing")).await.unwrap();
+    assert!(r.body.contains("no route for host"), "{}", r.body);
+    assert!(
+        lb.metric(&http, "lb_local_responses_total", &[("reason", "no_route")])
+            .await
+            .unwrap()
+            >= 1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_down_keeps_the_last_table_and_a_fresh_consul_resyncs() {
+    let mut consul = Consul::start().await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    consul.register("a", "web", a.port(), &["lb.route=/"]).await;
+    let lb = Lb::start(&consul, &[]).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 1).await;
+    assert_eq!(
+        lb.metric(&http, "lb_table_age_seconds", &[]).await,
+        Some(0.0)
+    );
+
+    consul.stop();
+    eventually(
+        "the lb to notice Consul is down",
+        Duration::from_secs(10),
+        || async { lb.metric(&http, "lb_consul_up", &[]).await == Some(0.0) },
+    )
+    .await;
+    let seen = spread_ok(&http, &lb.url("/"), 100).await;
+    assert_eq!(
+        seen.get("a"),
+        Some(&100),
+        "traffic must go on with the last table"
+    );
+    eventually("table age to grow", Duration::from_secs(5), || async {
+        lb.metric(&http, "lb_table_age_seconds", &[])
+            .await
+            .is_some_and(|age| age > 0.5)
+    })
+    .await;
+    let ready = http.get(&lb.admin_url("/readyz")).await.unwrap();
+    assert_eq!(
+        ready.status,
+        StatusCode::OK,
+        "an lb with a last-known table stays ready"
+    );
+    assert!(
+        lb.metric(&http, "lb_consul_watch_errors_total", &[])
+            .await
+            .unwrap()
+            >= 1.0
+    );
+
+    // A fresh Consul knows nothing of `a`; only `b` is registered there.
+    consul.start_again().await;
+    consul.register("b", "web", b.port(), &["lb.route=/"]).await;
+    eventually(
+        "the lb to resync to the fresh Consul",
+        Duration::from_secs(15),
+        || async {
+            let seen = spread(&http, &lb.url("/"), 10).await;
+            seen.get("b") == Some(&10)
+        },
+    )
+    .await;
+    // Each watch recovers on its own backoff schedule.
+    eventually("every watch to recover", Duration::from_secs(5), || async {
+        lb.metric(&http, "lb_consul_up", &[]).await == Some(1.0)
+            && lb.metric(&http, "lb_table_age_seconds", &[]).await == Some(0.0)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_route_tags_are_ignored_with_a_warning_and_a_metric() {
+    let consul = Consul::start().await;
+    let a = Backend::start("a").await;
+    let tags = [
+        "lb.route=/ok",
+        "lb.weight=lots",
+        "lb.route=bad host/x",
+        "lb.colour=red",
+        "unrelated",
+    ];
+    consul.register("a", "web", a.port(), &tags).await;
+    let lb = Lb::start(&consul, &[]).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/ok", 1).await;
+    assert_eq!(
+        http.get(&lb.url("/ok")).await.unwrap().status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        http.get(&lb.url("/x")).await.unwrap().status,
+        StatusCode::NOT_FOUND
+    );
+    for reason in ["bad_weight", "bad_route", "unknown_key"] {
+        let n = lb
+            .metric(&http, "lb_route_tag_errors_total", &[("reason", reason)])
+            .await;
+        assert_eq!(n, Some(1.0), "{reason}");
+    }
+    let log = lb.log();
+    assert!(
+        log.contains("ignoring malformed routing tag") && log.contains("lb.weight=lots"),
+        "{log}"
+    );
+}
+
+/// Steady load while instances come and go: every request must succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_under_load_drop_no_request() {
+    let consul = Consul::start().await;
+    let backends: Vec<Backend> = futures_join(["a", "b", "c", "d"]).await;
+    for b in &backends[..2] {
+        consul
+            .register(&b.name, "web", b.port(), &["lb.route=/"])
+            .await;
+    }
+    let lb = Lb::start(&consul, &[]).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 2).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (stop, ok, failed, http, url) = (
+            stop.clone(),
+            ok.clone(),
+            failed.clone(),
+            http.clone(),
+            lb.url("/"),
+        );
+        load.push(tokio::spawn(async move {
+            // Bounded in count and time as well as by the stop flag.
+            let deadline = std::time::Instant::now() + Duration::from_secs(120);
+            for _ in 0..1_000_000 {
+                if stop.load(Ordering::Relaxed) || std::time::Instant::now() > deadline {
+                    break;
+                }
+                match http.get(&url).await {
+                    Ok(r) if r.status == StatusCode::OK => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    let reloads_before = lb
+        .metric(&http, "lb_table_reloads_total", &[])
+        .await
+        .unwrap();
+    for round in 0..6 {
+        for b in &backends[2..] {
+            consul
+                .register(&b.name, "web", b.port(), &["lb.route=/"])
+                .await;
+        }
+        wait_routed(&lb, &http, "*/", 4).await;
+        for b in &backends[2..] {
+            consul.deregister(&b.name).await;
+        }
+        wait_routed(&lb, &http, "*/", 2).await;
+        backends[round % 2].set_healthy(false);
+        wait_routed(&lb, &http, "*/", 1).await;
+        backends[round % 2].set_healthy(true);
+        wait_routed(&lb, &http, "*/", 2).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.await.unwrap();
+    }
+    let reloads = lb
+        .metric(&http, "lb_table_reloads_total", &[])
+        .await
+        .unwrap()
+        - reloads_before;
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!("reloads under load: {reloads} reloads, {ok} requests ok, {failed} failed");
+    assert!(reloads >= 24.0, "only {reloads} reloads happened");
+    assert!(ok > 500, "too little load: {ok}");
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} requests failed during reloads",
+        ok + failed
+    );
+}
+
+async fn futures_join<const N: usize>(names: [&str; N]) -> Vec<Backend> {
+    let mut out = Vec::new();
+    for n in names {
+        out.push(Backend::start(n).await);
+    }
+    out
+}

@@ -1,0 +1,321 @@
+//! Failure handling on the request path: dead backends, malformed clients, shutdown.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use http::StatusCode;
+
+use crate::balancing::wait_routed;
+use crate::support::{eventually, spread, spread_ok, Backend, Consul, Http, Lb};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_backend_costs_no_failed_get_and_is_ejected_then_returns() {
+    let consul = Consul::start().await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let c = Backend::start("c").await;
+    // No Consul check: only passive health can notice the dead backend.
+    for x in [&a, &b, &c] {
+        consul
+            .register_with(&x.name, "web", x.port(), &["lb.route=/"], None)
+            .await;
+    }
+    let lb = Lb::start(
+        &consul,
+        &[("LB_EJECT_BASE", "1s"), ("LB_BALANCE", "round_robin")],
+    )
+    .await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 3).await;
+    // Warm the pools so the kill also breaks pooled connections.
+    spread_ok(&http, &lb.url("/"), 30).await;
+
+    let addr = b.addr;
+    b.kill();
+    let seen = spread_ok(&http, &lb.url("/"), 200).await;
+    assert_eq!(seen.get("b"), None);
+    assert_eq!(
+        seen.values().sum::<usize>(),
+        200,
+        "every GET succeeded: {seen:?}"
+    );
+    assert!(
+        lb.metric(&http, "lb_backend_ejections_total", &[])
+            .await
+            .unwrap()
+            >= 1.0
+    );
+    assert!(lb.metric(&http, "lb_retries_total", &[]).await.unwrap() >= 1.0);
+    let routes = lb.routes(&http).await;
+    let states: Vec<String> = routes["routes"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            format!(
+                "{}={}",
+                b["addr"].as_str().unwrap(),
+                b["state"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert!(states.contains(&format!("{addr}=ejected")), "{states:?}");
+
+    // Back on the same address: put back on its own once the ejection runs out.
+    let _b2 = Backend::start_on("b-again", addr).await;
+    eventually(
+        "the revived backend to get traffic again",
+        Duration::from_secs(15),
+        || async {
+            spread(&http, &lb.url("/"), 10)
+                .await
+                .contains_key("b-again")
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_backend_is_never_ejected_out_of_service() {
+    let consul = Consul::start().await;
+    let a = Backend::start("a").await;
+    consul
+        .register_with("a", "web", a.port(), &["lb.route=/"], None)
+        .await;
+    let dead_port = crate::support::free_port();
+    consul
+        .register_with("dead", "web", dead_port, &["lb.route=/"], None)
+        .await;
+    let lb = Lb::start(&consul, &[("LB_EJECT_BASE", "60s")]).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 2).await;
+    spread_ok(&http, &lb.url("/"), 20).await;
+    // Now `a` dies too: both are ejected, and requests still try them rather than failing fast
+    // with "no backend"; once `a` is back it serves at once, without waiting out 60 s.
+    let addr = a.addr;
+    a.kill();
+    for _ in 0..5 {
+        let r = http.get(&lb.url("/")).await.unwrap();
+        assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+    }
+    let _a2 = Backend::start_on("a-again", addr).await;
+    let r = http.get(&lb.url("/")).await.unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+}
+
+fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // Ignore write errors: the lb may answer and close before it read everything.
+    let _ = s.write_all(request);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_4xx_and_the_lb_lives_on() {
+    let consul = Consul::start().await;
+    let a = Backend::start("a").await;
+    consul.register("a", "web", a.port(), &["lb.route=/"]).await;
+    let lb = Lb::start(&consul, &[]).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 1).await;
+    let proxy = lb.proxy;
+
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "garbage",
+            b"\x00\x01GARBAGE\r\n\r\n".to_vec(),
+            "HTTP/1.1 400",
+        ),
+        (
+            "bad version",
+            b"GET / HTTP/9.9\r\nHost: x\r\n\r\n".to_vec(),
+            "HTTP/1.1 ",
+        ),
+        (
+            "no host",
+            b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+            "HTTP/1.1 400",
+        ),
+        (
+            "huge head",
+            {
+                let mut v = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
+                v.extend(std::iter::repeat_n(b'a', 70_000));
+                v.extend(b"\r\n\r\n");
+                v
+            },
+            "HTTP/1.1 431",
+        ),
+        (
+            "too many headers",
+            {
+                let mut v = b"GET / HTTP/1.1\r\nHost: x\r\n".to_vec();
+                for i in 0..150 {
+                    v.extend(format!("X-H{i}: v\r\n").as_bytes());
+                }
+                v.extend(b"\r\n");
+                v
+            },
+            "HTTP/1.1 431",
+        ),
+        (
+            "bad content-length",
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n".to_vec(),
+            "HTTP/1.1 400",
+        ),
+    ];
+    for (what, req, want) in cases {
+        let reply = tokio::task::spawn_blocking(move || raw_exchange(proxy, &req))
+            .await
+            .unwrap();
+        assert!(
+            reply.starts_with(want),
+            "{what}: got {:?}",
+            &reply[..reply.len().min(80)]
+        );
+        if want != "HTTP/1.1 " {
+            let code: u16 = want[9..].parse().unwrap();
+            assert!((400..500).contains(&code));
+        }
+        // Still alive and serving.
+        assert_eq!(
+            http.get(&lb.url("/")).await.unwrap().status,
+            StatusCode::OK,
+            "after {what}"
+        );
+    }
+    let errors = lb
+        .metric(&http, "lb_client_connection_errors_total", &[])
+        .await
+        .unwrap_or(0.0);
+    let local = lb
+        .metric(
+            &http,
+            "lb_local_responses_total",
+            &[("reason", "bad_request")],
+        )
+        .await
+        .unwrap_or(0.0);
+    assert!(errors + local >= 5.0, "errors={errors} local={local}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_and_hop_by_hop() {
+    let consul = Consul::start().await;
+    let a = Backend::start("a").await;
+    consul.register("a", "web", a.port(), &["lb.route=/"]).await;
+    let lb = Lb::start(&consul, &[]).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 1).await;
+    let req = http::Request::get(lb.url("/headers"))
+        .header("host", "shop.example.com")
+        .header("connection", "x-hop")
+        .header("x-hop", "secret")
+        .header("x-forwarded-for", "203.0.113.9")
+        .body(Default::default())
+        .unwrap();
+    let r = http.send(req).await.unwrap();
+    let seen = r.body.to_lowercase();
+    assert!(
+        seen.contains("x-forwarded-for: 203.0.113.9, 127.0.0.1"),
+        "{seen}"
+    );
+    assert!(seen.contains("x-forwarded-proto: http"), "{seen}");
+    assert!(
+        seen.contains("x-forwarded-host: shop.example.com"),
+        "{seen}"
+    );
+    assert!(seen.contains("host: shop.example.com"), "{seen}");
+    assert!(
+        !seen.contains("x-hop"),
+        "a header named by Connection was forwarded: {seen}"
+    );
+    let id = r.headers["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(id.len(), 32);
+    assert!(seen.contains(&format!("x-request-id: {id}")), "{seen}");
+
+    let req = http::Request::get(lb.url("/"))
+        .header("x-request-id", "trace-123")
+        .body(Default::default())
+        .unwrap();
+    assert_eq!(
+        http.send(req).await.unwrap().headers["x-request-id"],
+        "trace-123"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_is_not_retried_once_it_may_have_reached_a_backend() {
+    let consul = Consul::start().await;
+    let a = Backend::start("a").await;
+    consul
+        .register_with("a", "web", a.port(), &["lb.route=/"], None)
+        .await;
+    let lb = Lb::start(&consul, &[("LB_RESPONSE_TIMEOUT", "300ms")]).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 1).await;
+    // POST to a slow path: the response timeout fires after the request was sent.
+    let req = http::Request::post(lb.url("/slow?ms=2000"))
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"pay")))
+        .unwrap();
+    let r = http.send(req).await.unwrap();
+    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(
+        lb.metric(&http, "lb_retries_total", &[]).await,
+        None,
+        "a POST was retried"
+    );
+    // A body is streamed through whole.
+    let r = http.post(&lb.url("/"), b"hello world").await.unwrap();
+    assert_eq!(r.body, "a len=11");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests() {
+    let consul = Consul::start().await;
+    let a = Backend::start("a").await;
+    consul.register("a", "web", a.port(), &["lb.route=/"]).await;
+    let mut lb = Lb::start(&consul, &[("LB_DRAIN_DELAY", "700ms")]).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 1).await;
+
+    let slow = {
+        let (http, url) = (http.clone(), lb.url("/slow?ms=2000"));
+        tokio::spawn(async move { http.get(&url).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    lb.signal(libc::SIGTERM);
+    eventually(
+        "readiness to turn false",
+        Duration::from_secs(2),
+        || async {
+            http.get(&lb.admin_url("/readyz"))
+                .await
+                .is_ok_and(|r| r.status == StatusCode::SERVICE_UNAVAILABLE)
+        },
+    )
+    .await;
+    // Within the drain delay new requests are still served.
+    assert_eq!(
+        Http::new().get(&lb.url("/")).await.unwrap().status,
+        StatusCode::OK
+    );
+    let r = slow
+        .await
+        .unwrap()
+        .expect("the in-flight request completed");
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body, "a");
+    assert_eq!(
+        lb.wait_exit(Duration::from_secs(10)).await,
+        Some(0),
+        "clean exit"
+    );
+    assert!(
+        std::net::TcpStream::connect(lb.proxy).is_err(),
+        "listener closed after exit"
+    );
+}
