@@ -358,6 +358,12 @@ async fn watch_catalog(shared: Arc<Shared>, client: Client, tx: mpsc::Sender<Upd
                     tracing::info!("Consul catalog watch recovered");
                 }
                 backoff.reset();
+                tracing::debug!(
+                    sent = index,
+                    got = resp.meta.index,
+                    services = resp.value.len(),
+                    "catalog read"
+                );
                 index = next_index(index, resp.meta.index);
                 let routed: BTreeSet<String> = resp
                     .value
@@ -434,6 +440,7 @@ async fn watch_service(
                     tracing::info!(service = %service, "Consul health watch recovered");
                 }
                 backoff.reset();
+                tracing::debug!(service = %service, sent = index, got = resp.meta.index, instances = entries.len(), "health read");
                 index = next_index(index, resp.meta.index);
                 entries.sort_by(|a, b| {
                     (&a.node.node, &a.service.id).cmp(&(&b.node.node, &b.service.id))
