@@ -1,7 +1,10 @@
-//! A small typed client for the parts of Consul's HTTP API that Switchyard uses: blocking reads of
-//! the catalog and service health (lb), and the agent's service endpoints (registrar).
+//! What lb and registrar truly share: a small typed client for the parts of Consul's HTTP API
+//! that Switchyard uses (blocking reads of the catalog and service health for the lb, the
+//! agent's service endpoints for the registrar), the routing-tag contract that travels through
+//! Consul between them ([`tags`]), and how both read their settings ([`settings`]).
 //!
-//! It knows Consul's wire format and blocking-query rules, nothing about routing or Docker.
+//! The client knows Consul's wire format and blocking-query rules, nothing about routing or
+//! Docker.
 //!
 //! Why not `rs-consul`: it pulls a second HTTP stack and lacks typed access to the
 //! `X-Consul-*` headers we export as metrics; this client is a few hundred lines over the hyper
@@ -9,6 +12,7 @@
 
 mod client;
 mod index;
+pub mod settings;
 pub mod tags;
 mod types;
 

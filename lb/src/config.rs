@@ -4,12 +4,13 @@
 //! Every setting has an `LB_*` variable and the matching `--flag` (`LB_CONNECT_TIMEOUT` is
 //! `--connect-timeout`). Every invalid setting is reported at once.
 
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use switchyard_consul::settings::{parse_bool, parse_duration, positive_duration, Reader, Setting};
+
 /// (env name, default, help). The README's reference is generated from this list by `lb --help`.
-pub const SETTINGS: &[(&str, &str, &str)] = &[
+pub const SETTINGS: &[Setting] = &[
     ("LB_LISTEN", "0.0.0.0:8080", "proxy listener address"),
     (
         "LB_ADMIN_LISTEN",
@@ -188,11 +189,7 @@ pub struct ConfigError(pub String);
 impl Config {
     /// Reads every setting through `lookup(ENV_NAME)`, falling back to the default.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        let mut errors = String::new();
-        let mut p = Parser {
-            lookup: &lookup,
-            errors: &mut errors,
-        };
+        let mut p = Reader::new(SETTINGS, lookup);
         let cfg = Config {
             listen: p.get(
                 "LB_LISTEN",
@@ -308,127 +305,28 @@ impl Config {
             ),
         };
         if let Err(e) = switchyard_consul::Client::new(&cfg.consul_addr, None) {
-            let _ = writeln!(errors, "  LB_CONSUL_ADDR: {e}");
+            p.error(format!("LB_CONSUL_ADDR: {e}"));
         }
-        if errors.is_empty() {
-            Ok(cfg)
-        } else {
-            Err(ConfigError(errors))
-        }
+        p.finish().map_err(ConfigError)?;
+        Ok(cfg)
     }
 
     /// Builds a lookup over `--flag value` / `--flag=value` arguments, then the environment.
     pub fn lookup_from_args_and_env(
         args: &[String],
     ) -> Result<impl Fn(&str) -> Option<String>, ConfigError> {
-        let mut flags = std::collections::HashMap::new();
-        let mut it = args.iter();
-        while let Some(arg) = it.next() {
-            let Some(flag) = arg.strip_prefix("--") else {
-                return Err(ConfigError(format!("  unexpected argument {arg:?}")));
-            };
-            let (name, value) = match flag.split_once('=') {
-                Some((n, v)) => (n.to_string(), v.to_string()),
-                None => {
-                    let v = it
-                        .next()
-                        .ok_or_else(|| ConfigError(format!("  --{flag} needs a value")))?;
-                    (flag.to_string(), v.clone())
-                }
-            };
-            let env = format!("LB_{}", name.replace('-', "_").to_ascii_uppercase());
-            if !SETTINGS.iter().any(|(n, _, _)| *n == env) {
-                return Err(ConfigError(format!("  unknown flag --{name} (see --help)")));
-            }
-            flags.insert(env, value);
-        }
-        Ok(move |name: &str| {
-            flags
-                .get(name)
-                .cloned()
-                .or_else(|| std::env::var(name).ok())
-        })
+        switchyard_consul::settings::lookup_from_args_and_env("LB_", SETTINGS, args)
+            .map_err(ConfigError)
     }
 
     /// The `--help` text: every setting, its flag, default and meaning.
     pub fn help() -> String {
-        let mut out = String::from("lb: Switchyard's Consul-driven reverse proxy\n\nEvery setting is a flag or an environment variable (flags win):\n\n");
-        for (env, default, help) in SETTINGS {
-            let flag = env
-                .trim_start_matches("LB_")
-                .to_ascii_lowercase()
-                .replace('_', "-");
-            let _ = writeln!(
-                out,
-                "  --{flag:<24} {env:<26} default {default:?}\n      {help}"
-            );
-        }
-        out
+        switchyard_consul::settings::help(
+            "lb: Switchyard's Consul-driven reverse proxy",
+            "LB_",
+            SETTINGS,
+        )
     }
-}
-
-struct Parser<'a, F> {
-    lookup: &'a F,
-    errors: &'a mut String,
-}
-
-impl<F: Fn(&str) -> Option<String>> Parser<'_, F> {
-    fn default_of(name: &str) -> &'static str {
-        SETTINGS
-            .iter()
-            .find(|(n, _, _)| *n == name)
-            .map(|(_, d, _)| *d)
-            .expect("every setting has a default")
-    }
-
-    fn raw(&mut self, name: &str, alias: Option<&str>) -> String {
-        (self.lookup)(name)
-            .or_else(|| alias.and_then(|a| (self.lookup)(a)))
-            .unwrap_or_else(|| Self::default_of(name).to_string())
-    }
-
-    fn get<T>(&mut self, name: &str, parse: impl Fn(&str) -> Option<T>, expected: &str) -> T {
-        let default = Self::default_of(name);
-        if let Some(v) = (self.lookup)(name) {
-            if let Some(parsed) = parse(v.trim()) {
-                return parsed;
-            }
-            let _ = writeln!(self.errors, "  {name}={v:?}: expected {expected}");
-        }
-        parse(default).expect("defaults parse")
-    }
-}
-
-fn parse_bool(s: &str) -> Option<bool> {
-    match s {
-        "true" | "1" | "yes" => Some(true),
-        "false" | "0" | "no" => Some(false),
-        _ => None,
-    }
-}
-
-fn positive_duration(s: &str) -> Option<Duration> {
-    parse_duration(s).filter(|d| !d.is_zero())
-}
-
-/// `250ms`, `2s`, `1m`, `1h`, or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().ok()?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return None,
-    };
-    (0.0..1e9)
-        .contains(&secs)
-        .then(|| Duration::from_secs_f64(secs))
 }
 
 #[cfg(test)]
@@ -482,23 +380,6 @@ mod tests {
         .unwrap();
         assert_eq!(c.consul_addr, "http://c:8500");
         assert_eq!(c.consul_token.as_deref(), Some("t"));
-    }
-
-    #[test]
-    fn durations() {
-        let cases = [
-            ("250ms", Some(Duration::from_millis(250))),
-            ("2s", Some(Duration::from_secs(2))),
-            ("3", Some(Duration::from_secs(3))),
-            ("1.5s", Some(Duration::from_millis(1500))),
-            ("1m", Some(Duration::from_secs(60))),
-            ("s", None),
-            ("-1s", None),
-            ("2 days", None),
-        ];
-        for (raw, want) in cases {
-            assert_eq!(parse_duration(raw), want, "{raw}");
-        }
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //! On SIGTERM it fails `/health` at once, keeps serving for `WEB_DRAIN_DELAY`, then closes
 //! keep-alive connections cleanly and exits once in-flight requests are done.
 //!
+//! `web-sample probe` checks this instance's own `/health` (for Docker HEALTHCHECK).
+//!
 //! Environment: `WEB_LISTEN` (default `0.0.0.0:8000`), `WEB_NAME` (default the hostname),
 //! `WEB_VERSION` (default the crate version), `WEB_TASK` (default `$TASK_SLOT`/empty),
 //! `WEB_DRAIN_DELAY` seconds (default 2).
@@ -44,6 +46,9 @@ fn env(name: &str) -> Option<String> {
 
 fn main() -> std::process::ExitCode {
     let listen = env("WEB_LISTEN").unwrap_or_else(|| "0.0.0.0:8000".into());
+    if std::env::args().nth(1).as_deref() == Some("probe") {
+        return probe(&listen);
+    }
     let drain: f64 = match env("WEB_DRAIN_DELAY").map(|v| v.parse::<f64>()) {
         None => 2.0,
         Some(Ok(v)) if (0.0..3600.0).contains(&v) => v,
@@ -78,6 +83,29 @@ fn main() -> std::process::ExitCode {
             eprintln!("web-sample: {e}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// `web-sample probe`: exits 0 when this instance's `/health` answers 200. Images built
+/// `FROM scratch` have no shell or curl, so their Docker HEALTHCHECK runs this.
+fn probe(listen: &str) -> std::process::ExitCode {
+    use std::io::{Read, Write};
+    let port = listen.rsplit(':').next().unwrap_or("8000");
+    let ok = (|| -> std::io::Result<bool> {
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}")
+            .parse()
+            .map_err(std::io::Error::other)?;
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.write_all(b"GET /health HTTP/1.0\r\nHost: probe\r\n\r\n")?;
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head)?;
+        Ok(&head[9..12] == b"200")
+    })();
+    if ok.unwrap_or(false) {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
     }
 }
 
