@@ -10,6 +10,7 @@
 //! `X-Consul-*` headers we export as metrics; this client is a few hundred lines over the hyper
 //! that the lb already links.
 
+pub mod backoff;
 mod client;
 mod index;
 pub mod settings;

@@ -1,8 +1,49 @@
-//! The registrar: Docker Engine events in, Consul agent registrations out. Its implementation is
-//! tracked in its own issue; until then this binary only states so and exits non-zero, so that no
-//! deployment mistakes it for a working registrar.
+//! The registrar binary: read the config, start tracing, run until SIGTERM or Ctrl-C.
 
-fn main() {
-    eprintln!("registrar: not implemented yet (see the registrar issue)");
-    std::process::exit(2);
+use registrar::config::Config;
+
+fn main() -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        print!("{}", Config::help());
+        return std::process::ExitCode::SUCCESS;
+    }
+    let config = match Config::lookup_from_args_and_env(&args).and_then(Config::from_lookup) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("registrar: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
+    if config.json_logs {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(registrar::run(config, shutdown_signal())) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "registrar failed");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
 }

@@ -20,7 +20,8 @@ use tokio::task::JoinHandle;
 
 use crate::routing::{BackendSpec, BuildCache, RoutingTable, TableSpec};
 use crate::Shared;
-pub use pace::{Backoff, Pace};
+pub use pace::Pace;
+use switchyard_consul::backoff::Backoff;
 
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
 

@@ -1,0 +1,439 @@
+//! Switchyard's registrar: Docker Engine events in, Consul agent registrations out, one per
+//! opted-in container or swarm task on this node.
+//!
+//! # Layout
+//! - [`config`]: the whole configuration as one value.
+//! - [`docker`]: the engine (bollard): list, inspect, the event stream as `DockerEvent`s.
+//! - [`instance`]: pure; a container and its labels as a Consul `ServiceInstance`.
+//! - [`reconcile`]: pure; desired vs owned -> changes.
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`. [`metrics`]: every metric, declared once.
+//!
+//! Everything that changes Consul happens on one task, in event order: events from the stream
+//! (read on their own task so the daemon never waits on Consul I/O), the resync tick, and the
+//! full reconcile after every (re)subscription.
+
+pub mod admin;
+pub mod config;
+pub mod docker;
+pub mod instance;
+pub mod metrics;
+pub mod reconcile;
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use bollard::Docker;
+use switchyard_consul::backoff::Backoff;
+use switchyard_consul::Client;
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::docker::{DockerEvent, EventKind};
+use crate::instance::{Decision, InstanceSettings, ServiceInstance};
+use crate::metrics::Metrics;
+use crate::reconcile::{Change, Drift};
+
+/// Events already handled, to drop the replay of the ones at `since` after a resubscribe.
+const DEDUPE_WINDOW: usize = 1024;
+
+struct Registrar {
+    cfg: Config,
+    docker: Docker,
+    consul: Client,
+    metrics: Arc<Metrics>,
+    settings: InstanceSettings,
+    /// What this registrar has registered, by container ID.
+    registered: HashMap<String, ServiceInstance>,
+    /// Containers told to stop that may still run (stop grace period): never re-register them.
+    stopping: HashSet<String>,
+    /// (container, label) pairs already warned about.
+    warned: HashSet<(String, String)>,
+    recent: VecDeque<(i64, String, String)>,
+    last_event_nano: i64,
+}
+
+fn now_nanos() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+/// Runs until `shutdown` resolves. Never exits on a Docker or Consul failure: it backs off,
+/// reconnects and reconciles.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let ready = Arc::new(AtomicBool::new(false));
+    let admin_listener = tokio::net::TcpListener::bind(cfg.admin_listen)
+        .await
+        .with_context(|| format!("binding the admin listener {}", cfg.admin_listen))?;
+    tokio::spawn(admin::serve(admin_listener, metrics.clone(), ready.clone()));
+    let consul =
+        Client::new(&cfg.consul_addr, cfg.consul_token.clone()).context("Consul client")?;
+    tokio::pin!(shutdown);
+
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let (docker, node) = loop {
+        let attempt = async {
+            let docker = docker::connect().await?;
+            let node = match &cfg.node {
+                Some(n) => n.clone(),
+                None => docker::node_name(&docker).await?,
+            };
+            Ok::<_, docker::DockerError>((docker, node))
+        };
+        match attempt.await {
+            Ok(pair) => break pair,
+            Err(e) => {
+                metrics
+                    .failures
+                    .with_label_values(&["docker_connect"])
+                    .inc();
+                let wait = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in = ?wait, "Docker engine unavailable");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => continue,
+                    _ = &mut shutdown => return Ok(()),
+                }
+            }
+        }
+    };
+    tracing::info!(node = %node, consul = %consul.base(), docker_api = %docker.client_version(), "registrar starting");
+    let settings = InstanceSettings {
+        node,
+        label_prefix: cfg.label_prefix.clone(),
+        tag_prefix: cfg.tag_prefix.clone(),
+        network: cfg.network.clone(),
+        check_interval: cfg.check_interval,
+        check_timeout: cfg.check_timeout,
+        deregister_critical_after: cfg.deregister_critical_after,
+        ttl: cfg.ttl,
+    };
+    let mut r = Registrar {
+        cfg,
+        docker,
+        consul,
+        metrics,
+        settings,
+        registered: HashMap::new(),
+        stopping: HashSet::new(),
+        warned: HashSet::new(),
+        recent: VecDeque::with_capacity(DEDUPE_WINDOW),
+        last_event_nano: now_nanos(),
+    };
+
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    loop {
+        // Subscribe first, then reconcile, then apply what queued meanwhile: no gap.
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let reader = tokio::spawn(docker::forward_events(
+            r.docker.clone(),
+            r.last_event_nano,
+            tx,
+        ));
+        r.metrics.docker_up.set(1);
+        let mut next_resync = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => {
+                    reader.abort();
+                    return Ok(());
+                }
+                event = rx.recv() => match event {
+                    Some(e) => r.handle(e).await,
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(next_resync) => {
+                    next_resync = tokio::time::Instant::now() + match r.resync().await {
+                        Ok(()) => {
+                            ready.store(true, Ordering::Release);
+                            backoff.reset();
+                            r.cfg.resync
+                        }
+                        Err(e) => {
+                            let wait = backoff.next_delay().min(r.cfg.resync);
+                            tracing::warn!(error = %format!("{e:#}"), retry_in = ?wait, "reconcile failed; keeping what is registered");
+                            wait
+                        }
+                    };
+                }
+            }
+        }
+        r.metrics.docker_up.set(0);
+        r.metrics.docker_reconnects.inc();
+        match reader.await {
+            Ok(Err(e)) => {
+                r.metrics
+                    .failures
+                    .with_label_values(&["docker_events"])
+                    .inc();
+                tracing::warn!(error = %e, "Docker event stream failed; resubscribing");
+            }
+            _ => tracing::warn!("Docker event stream ended; resubscribing"),
+        }
+        let wait = backoff.next_delay();
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = &mut shutdown => return Ok(()),
+        }
+    }
+}
+
+impl Registrar {
+    fn in_scope(&self, labels: &HashMap<String, String>) -> bool {
+        instance::opted_in(labels, &self.cfg.label_prefix)
+            && match &self.cfg.only_label {
+                None => true,
+                Some((k, None)) => labels.contains_key(k),
+                Some((k, Some(v))) => labels.get(k) == Some(v),
+            }
+    }
+
+    async fn handle(&mut self, e: DockerEvent) {
+        self.last_event_nano = self.last_event_nano.max(e.time_nano);
+        let key = (e.time_nano, e.id.clone(), e.action.clone());
+        if self.recent.contains(&key) {
+            return;
+        }
+        if self.recent.len() == DEDUPE_WINDOW {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(key);
+        if !self.in_scope(&e.labels) {
+            return;
+        }
+        let action = e.action.split(':').next().unwrap_or("other");
+        self.metrics.events.with_label_values(&[action]).inc();
+        tracing::debug!(container = %short(&e.id), action = %e.action, "event");
+        match e.kind {
+            EventKind::Started => {
+                self.stopping.remove(&e.id);
+                match docker::inspect(&self.docker, &e.id).await {
+                    Ok(Some(info)) => {
+                        if let Some(instance) = self.decide(&info) {
+                            self.register(instance, Drift::None).await;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(err) => {
+                        self.metrics
+                            .failures
+                            .with_label_values(&["docker_inspect"])
+                            .inc();
+                        tracing::warn!(container = %short(&e.id), error = %err, "inspect failed; the next resync retries");
+                    }
+                }
+            }
+            EventKind::Stopping => {
+                self.stopping.insert(e.id.clone());
+                self.deregister_container(&e.id, &e.action).await;
+            }
+            EventKind::Gone => {
+                self.stopping.remove(&e.id);
+                self.deregister_container(&e.id, &e.action).await;
+            }
+            EventKind::Health(h) => {
+                let Some(instance) = self.registered.get_mut(&e.id) else {
+                    return;
+                };
+                instance.docker_health = Some(h);
+                if let Some(check) = instance.ttl_check.clone() {
+                    self.update_ttl(&check, h.check_status()).await;
+                }
+            }
+            EventKind::Other => {}
+        }
+    }
+
+    /// The instance for a running container, warning (once) about unusable labels.
+    fn decide(&mut self, info: &instance::ContainerInfo) -> Option<ServiceInstance> {
+        if !self.in_scope(&info.labels) {
+            return None;
+        }
+        match instance::decide(info, &self.settings) {
+            Decision::Register(i) => Some(*i),
+            Decision::Ignore => None,
+            Decision::Invalid(errors) => {
+                for err in errors {
+                    if self.warned.insert((info.id.clone(), err.label.clone())) {
+                        self.metrics
+                            .label_errors
+                            .with_label_values(&[err.kind])
+                            .inc();
+                        tracing::warn!(container = %info.name, id = %short(&info.id), label = %err.label, reason = %err.reason, "skipping container: unusable label");
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    async fn register(&mut self, instance: ServiceInstance, drift: Drift) {
+        let unchanged = self
+            .registered
+            .get(&instance.container_id)
+            .is_some_and(|have| have.registration == instance.registration);
+        if unchanged && drift == Drift::None {
+            return;
+        }
+        let reg = &instance.registration;
+        match self.consul.register_service(reg).await {
+            Ok(()) => {
+                self.metrics.consul_up.set(1);
+                self.metrics.registrations.inc();
+                if drift != Drift::None {
+                    self.metrics
+                        .drift
+                        .with_label_values(&[drift.as_str()])
+                        .inc();
+                }
+                tracing::info!(service = %reg.name, id = %reg.id, address = %format!("{}:{}", reg.address, reg.port), drift = drift.as_str(), "registered");
+                self.registered
+                    .insert(instance.container_id.clone(), instance);
+                self.metrics.registered.set(self.registered.len() as i64);
+            }
+            Err(e) => {
+                self.metrics.consul_up.set(0);
+                self.metrics.failures.with_label_values(&["register"]).inc();
+                tracing::warn!(id = %reg.id, error = %e, "register failed; the next resync retries");
+            }
+        }
+    }
+
+    async fn deregister_container(&mut self, container: &str, why: &str) {
+        let Some(instance) = self.registered.remove(container) else {
+            return;
+        };
+        self.metrics.registered.set(self.registered.len() as i64);
+        self.deregister(&instance.registration.id, why, Drift::None)
+            .await;
+    }
+
+    async fn deregister(&mut self, id: &str, why: &str, drift: Drift) {
+        match self.consul.deregister_service(id).await {
+            Ok(()) => {
+                self.metrics.consul_up.set(1);
+                self.metrics.deregistrations.inc();
+                if drift != Drift::None {
+                    self.metrics
+                        .drift
+                        .with_label_values(&[drift.as_str()])
+                        .inc();
+                }
+                tracing::info!(id = %id, why, drift = drift.as_str(), "deregistered");
+            }
+            Err(e) => {
+                // The entry stays owned by us in Consul, so the next resync removes it.
+                self.metrics.consul_up.set(0);
+                self.metrics
+                    .failures
+                    .with_label_values(&["deregister"])
+                    .inc();
+                tracing::warn!(id = %id, error = %e, "deregister failed; the next resync retries");
+            }
+        }
+    }
+
+    async fn update_ttl(&mut self, check: &str, status: switchyard_consul::CheckStatus) {
+        if let Err(e) = self
+            .consul
+            .update_ttl(check, status, "mirrored from Docker health")
+            .await
+        {
+            self.metrics.failures.with_label_values(&["ttl"]).inc();
+            tracing::warn!(check = %check, error = %e, "TTL update failed");
+        }
+    }
+
+    /// Full two-way reconcile: Docker's running, opted-in containers against the entries this
+    /// node owns in Consul.
+    async fn resync(&mut self) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let opt_in = format!("{}.enable=true", self.cfg.label_prefix);
+        let only = self.cfg.only_label.as_ref().map(|(k, v)| match v {
+            Some(v) => format!("{k}={v}"),
+            None => k.clone(),
+        });
+        let ids = docker::list_opted_in(&self.docker, &opt_in, only.as_deref())
+            .await
+            .inspect_err(|_| {
+                self.metrics
+                    .failures
+                    .with_label_values(&["docker_list"])
+                    .inc();
+            })?;
+        let running: HashSet<&String> = ids.iter().collect();
+        self.stopping.retain(|id| running.contains(id));
+        self.warned.retain(|(id, _)| running.contains(id));
+        let mut desired = BTreeMap::new();
+        for id in &ids {
+            if self.stopping.contains(id) {
+                continue;
+            }
+            match docker::inspect(&self.docker, id).await {
+                Ok(Some(info)) => {
+                    if let Some(i) = self.decide(&info) {
+                        desired.insert(i.registration.id.clone(), i);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.metrics
+                        .failures
+                        .with_label_values(&["docker_inspect"])
+                        .inc();
+                    return Err(e).context("inspecting containers");
+                }
+            }
+        }
+        let services = self.consul.agent_services().await.inspect_err(|_| {
+            self.metrics.consul_up.set(0);
+            self.metrics
+                .failures
+                .with_label_values(&["consul_list"])
+                .inc();
+        })?;
+        self.metrics.consul_up.set(1);
+        let owned = reconcile::owned(services.into_values(), &self.settings.node);
+        let changes = reconcile::plan(&desired, &owned);
+        // What Consul already holds in sync counts as registered.
+        self.registered = desired
+            .values()
+            .filter(|i| owned.contains_key(&i.registration.id))
+            .map(|i| (i.container_id.clone(), i.clone()))
+            .collect();
+        for change in changes {
+            match change {
+                Change::Register { instance, drift } => self.register(*instance, drift).await,
+                Change::Deregister { id, drift } => {
+                    self.deregister(&id, "no running container", drift).await
+                }
+            }
+        }
+        // Refreshing TTL checks keeps them alive; a registrar that dies lets them expire.
+        let ttls: Vec<(String, switchyard_consul::CheckStatus)> = self
+            .registered
+            .values()
+            .filter_map(|i| Some((i.ttl_check.clone()?, i.docker_health?.check_status())))
+            .collect();
+        for (check, status) in ttls {
+            self.update_ttl(&check, status).await;
+        }
+        self.metrics.registered.set(self.registered.len() as i64);
+        self.metrics.resyncs.inc();
+        self.metrics
+            .resync_duration
+            .observe(started.elapsed().as_secs_f64());
+        tracing::debug!(desired = desired.len(), owned = owned.len(), took = ?started.elapsed(), "reconciled");
+        Ok(())
+    }
+}
+
+fn short(id: &str) -> &str {
+    &id[..id.len().min(12)]
+}

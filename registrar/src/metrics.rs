@@ -1,0 +1,95 @@
+//! Every metric the registrar exports, declared once.
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+pub const EVENTS_TOTAL: &str = "registrar_events_total";
+pub const REGISTRATIONS_TOTAL: &str = "registrar_registrations_total";
+pub const DEREGISTRATIONS_TOTAL: &str = "registrar_deregistrations_total";
+pub const FAILURES_TOTAL: &str = "registrar_failures_total";
+pub const LABEL_ERRORS_TOTAL: &str = "registrar_label_errors_total";
+pub const RESYNCS_TOTAL: &str = "registrar_resyncs_total";
+pub const RESYNC_DURATION_SECONDS: &str = "registrar_resync_duration_seconds";
+pub const DRIFT_REPAIRED_TOTAL: &str = "registrar_drift_repaired_total";
+pub const REGISTERED: &str = "registrar_registered_instances";
+pub const DOCKER_UP: &str = "registrar_docker_up";
+pub const CONSUL_UP: &str = "registrar_consul_up";
+pub const DOCKER_RECONNECTS_TOTAL: &str = "registrar_docker_reconnects_total";
+
+pub struct Metrics {
+    pub registry: Registry,
+    /// action
+    pub events: IntCounterVec,
+    pub registrations: IntCounter,
+    pub deregistrations: IntCounter,
+    /// op (register, deregister, ttl, list_consul, docker_list, docker_inspect, docker_events)
+    pub failures: IntCounterVec,
+    /// kind
+    pub label_errors: IntCounterVec,
+    pub resyncs: IntCounter,
+    pub resync_duration: Histogram,
+    /// kind (missing, changed, stale)
+    pub drift: IntCounterVec,
+    pub registered: IntGauge,
+    pub docker_up: IntGauge,
+    pub consul_up: IntGauge,
+    pub docker_reconnects: IntCounter,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
+            r.register(Box::new(m.clone()))
+                .expect("metric names are unique");
+            m
+        }
+        let vec = |name: &str, help: &str, label: &str| {
+            reg(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric"),
+            )
+        };
+        let counter = |name: &str, help: &str| {
+            reg(
+                &registry,
+                IntCounter::new(name, help).expect("valid metric"),
+            )
+        };
+        let gauge = |name: &str, help: &str| {
+            reg(&registry, IntGauge::new(name, help).expect("valid metric"))
+        };
+        Metrics {
+            events: vec(EVENTS_TOTAL, "Docker container events seen for opted-in containers, by action.", "action"),
+            registrations: counter(REGISTRATIONS_TOTAL, "Service instances registered in Consul."),
+            deregistrations: counter(DEREGISTRATIONS_TOTAL, "Service instances deregistered from Consul."),
+            failures: vec(FAILURES_TOTAL, "Failed operations against Docker or Consul, by operation.", "op"),
+            label_errors: vec(LABEL_ERRORS_TOTAL, "Containers skipped for unusable labels, by kind (counted once per container and label).", "kind"),
+            resyncs: counter(RESYNCS_TOTAL, "Full two-way reconciles completed."),
+            resync_duration: reg(&registry, Histogram::with_opts(
+                HistogramOpts::new(RESYNC_DURATION_SECONDS, "Time a full reconcile took.")
+                    .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            ).expect("valid metric")),
+            drift: vec(DRIFT_REPAIRED_TOTAL, "Differences between Docker and Consul repaired by a reconcile, by kind.", "kind"),
+            registered: gauge(REGISTERED, "Instances this registrar holds registered."),
+            docker_up: gauge(DOCKER_UP, "1 while the Docker event stream is connected."),
+            consul_up: gauge(CONSUL_UP, "1 while the last Consul call succeeded."),
+            docker_reconnects: counter(DOCKER_RECONNECTS_TOTAL, "Times the Docker event stream was resubscribed."),
+            registry,
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        use prometheus::Encoder as _;
+        let mut buf = Vec::new();
+        prometheus::TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding into a Vec cannot fail");
+        String::from_utf8(buf).expect("the text format is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,158 @@
+//! Pure: the changes that make Consul hold exactly the instances Docker says should exist.
+//! Used at start, after every reconnect, and on the resync tick; events apply single changes.
+
+use std::collections::BTreeMap;
+
+use switchyard_consul::AgentService;
+
+use crate::instance::{ServiceInstance, META_NODE, META_SPEC};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Register {
+        instance: Box<ServiceInstance>,
+        drift: Drift,
+    },
+    Deregister {
+        id: String,
+        drift: Drift,
+    },
+}
+
+/// Why a change is needed; `None` for the expected ones (an event we are applying).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drift {
+    /// Docker has it, Consul does not (Consul restarted empty, a missed event).
+    Missing,
+    /// Both have it, but Consul's copy is out of date.
+    Changed,
+    /// Consul has an entry of ours for a container that is gone or stopping.
+    Stale,
+    None,
+}
+
+impl Drift {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Drift::Missing => "missing",
+            Drift::Changed => "changed",
+            Drift::Stale => "stale",
+            Drift::None => "none",
+        }
+    }
+}
+
+/// Entries of the agent's services that this registrar owns (node meta matches).
+pub fn owned(
+    services: impl IntoIterator<Item = AgentService>,
+    node: &str,
+) -> BTreeMap<String, AgentService> {
+    services
+        .into_iter()
+        .filter(|s| s.meta.get(META_NODE).is_some_and(|n| n == node))
+        .map(|s| (s.id.clone(), s))
+        .collect()
+}
+
+/// Registers what is desired and missing or changed; deregisters what is owned and not desired.
+/// `desired` is keyed by service ID.
+pub fn plan(
+    desired: &BTreeMap<String, ServiceInstance>,
+    owned: &BTreeMap<String, AgentService>,
+) -> Vec<Change> {
+    let mut changes = Vec::new();
+    for (id, want) in desired {
+        let drift = match owned.get(id) {
+            None => Drift::Missing,
+            Some(have) if have.meta.get(META_SPEC) != want.registration.meta.get(META_SPEC) => {
+                Drift::Changed
+            }
+            Some(_) => continue,
+        };
+        changes.push(Change::Register {
+            instance: Box::new(want.clone()),
+            drift,
+        });
+    }
+    for id in owned.keys() {
+        if !desired.contains_key(id) {
+            changes.push(Change::Deregister {
+                id: id.clone(),
+                drift: Drift::Stale,
+            });
+        }
+    }
+    changes
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use switchyard_consul::ServiceRegistration;
+
+    fn instance(id: &str, spec: &str) -> ServiceInstance {
+        let mut meta = HashMap::new();
+        meta.insert(META_NODE.to_string(), "n1".to_string());
+        meta.insert(META_SPEC.to_string(), spec.to_string());
+        ServiceInstance {
+            container_id: id.into(),
+            registration: ServiceRegistration {
+                id: id.into(),
+                name: "web".into(),
+                meta,
+                ..Default::default()
+            },
+            ttl_check: None,
+            docker_health: None,
+        }
+    }
+
+    fn agent(id: &str, node: &str, spec: &str) -> AgentService {
+        let mut meta = HashMap::new();
+        meta.insert(META_NODE.to_string(), node.to_string());
+        meta.insert(META_SPEC.to_string(), spec.to_string());
+        AgentService {
+            id: id.into(),
+            service: "web".into(),
+            tags: vec![],
+            address: String::new(),
+            port: 0,
+            meta,
+        }
+    }
+
+    #[test]
+    fn converges_both_ways_and_leaves_others_alone() {
+        let desired: BTreeMap<_, _> = [("a", "1"), ("b", "2"), ("c", "3")]
+            .into_iter()
+            .map(|(id, spec)| (id.to_string(), instance(id, spec)))
+            .collect();
+        let all = vec![
+            agent("a", "n1", "1"),      // in sync
+            agent("b", "n1", "old"),    // changed
+            agent("gone", "n1", "x"),   // stale: ours, no container
+            agent("theirs", "n2", "y"), // another node's registrar: not ours
+        ];
+        let owned = owned(all, "n1");
+        assert!(!owned.contains_key("theirs"));
+        let summary: Vec<(String, Drift)> = plan(&desired, &owned)
+            .into_iter()
+            .map(|c| match c {
+                Change::Register { instance, drift } => {
+                    (format!("+{}", instance.registration.id), drift)
+                }
+                Change::Deregister { id, drift } => (format!("-{id}"), drift),
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                ("+b".into(), Drift::Changed),
+                ("+c".into(), Drift::Missing),
+                ("-gone".into(), Drift::Stale)
+            ]
+        );
+    }
+}
