@@ -1,1 +1,271 @@
+//! The registrar's integration tests: the real Docker Engine, a real Consul agent, the real
+//! registrar binary.
 
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::{eventually, instances, scope, Consul, Container, Registrar};
+use switchyard_consul::{QueryOptions, ServiceRegistration};
+
+const WEB: &[(&str, &str)] = &[
+    ("switchyard.enable", "true"),
+    ("switchyard.service", "web"),
+    ("switchyard.route", "/"),
+    ("switchyard.check.path", "/health"),
+    ("switchyard.check.interval", "1s"),
+];
+
+async fn wait_passing(consul: &Consul, service: &str, n: usize) {
+    eventually(
+        &format!("{n} passing instances of {service}"),
+        Duration::from_secs(20),
+        || async {
+            let i = instances(consul, service).await;
+            i.len() == n && i.iter().all(|(_, _, s)| s == "passing")
+        },
+    )
+    .await;
+}
+
+async fn wait_count(consul: &Consul, service: &str, n: usize) {
+    eventually(
+        &format!("{n} instances of {service}"),
+        Duration::from_secs(20),
+        || async { instances(consul, service).await.len() == n },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_labelled_container_is_registered_with_its_address_and_a_passing_check() {
+    let consul = Consul::start().await;
+    let s = scope("basic");
+    let _reg = Registrar::start(&consul, &s, &[]).await;
+    let c = Container::run(&s, "a", WEB, &[], &["--no-healthcheck"]);
+    wait_passing(&consul, "web", 1).await;
+    let entry = &consul
+        .client
+        .health_service("web", true, &QueryOptions::default())
+        .await
+        .unwrap()
+        .value[0];
+    assert_eq!(entry.address(), c.ip());
+    assert_eq!(entry.service.port, 8000);
+    assert!(
+        entry.service.tags.contains(&"lb.route=/".to_string()),
+        "{:?}",
+        entry.service.tags
+    );
+    assert_eq!(entry.service.meta["switchyard-container"], c.id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_stop_deregisters_before_the_container_exits() {
+    let consul = Consul::start().await;
+    let s = scope("stop");
+    let _reg = Registrar::start(&consul, &s, &[]).await;
+    // web-sample keeps serving 3 s after SIGTERM: the window in which it must already be gone.
+    let c = Container::run(
+        &s,
+        "a",
+        WEB,
+        &[("WEB_DRAIN_DELAY", "3")],
+        &["--no-healthcheck"],
+    );
+    wait_passing(&consul, "web", 1).await;
+    let stop = c.stop_async();
+    wait_count(&consul, "web", 0).await;
+    assert!(c.running(), "deregistered only after the container exited");
+    stop.join().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_kill_deregisters() {
+    let consul = Consul::start().await;
+    let s = scope("kill");
+    let _reg = Registrar::start(&consul, &s, &[]).await;
+    let c = Container::run(&s, "a", WEB, &[], &["--no-healthcheck"]);
+    wait_passing(&consul, "web", 1).await;
+    c.kill();
+    wait_count(&consul, "web", 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unlabelled_and_badly_labelled_containers_are_skipped_and_the_rest_registered() {
+    let consul = Consul::start().await;
+    let s = scope("labels");
+    let reg = Registrar::start(&consul, &s, &[]).await;
+    let _plain = Container::run(
+        &s,
+        "plain",
+        &[("switchyard.service", "plain")],
+        &[],
+        &["--no-healthcheck"],
+    );
+    let bad_labels = [
+        ("switchyard.enable", "true"),
+        ("switchyard.service", "bad"),
+        ("switchyard.port", "http"),
+    ];
+    let bad = Container::run(&s, "bad", &bad_labels, &[], &["--no-healthcheck"]);
+    let _good = Container::run(&s, "good", WEB, &[], &["--no-healthcheck"]);
+    wait_passing(&consul, "web", 1).await;
+    eventually(
+        "the bad label to be counted",
+        Duration::from_secs(10),
+        || async {
+            reg.metric("registrar_label_errors_total", Some(("kind", "bad_port")))
+                .await
+                == 1.0
+        },
+    )
+    .await;
+    assert!(instances(&consul, "bad").await.is_empty());
+    assert!(instances(&consul, "plain").await.is_empty());
+    let log = reg.log();
+    assert!(
+        log.contains("unusable label")
+            && log.contains("switchyard.port")
+            && log.contains(&bad.name),
+        "{log}"
+    );
+    // Still working after the bad input.
+    let _second = Container::run(&s, "good2", WEB, &[], &["--no-healthcheck"]);
+    wait_passing(&consul, "web", 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_downtime_consul_matches_docker_exactly() {
+    let consul = Consul::start().await;
+    let s = scope("downtime");
+    let mut reg = Registrar::start(&consul, &s, &[]).await;
+    let c1 = Container::run(&s, "c1", WEB, &[], &["--no-healthcheck"]);
+    let c2 = Container::run(&s, "c2", WEB, &[], &["--no-healthcheck"]);
+    wait_passing(&consul, "web", 2).await;
+
+    reg.crash();
+    c1.remove();
+    let c3 = Container::run(&s, "c3", WEB, &[], &["--no-healthcheck"]);
+    // An entry of ours whose container never existed (a lost event, a crashed host).
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("switchyard-node".to_string(), reg.node.clone());
+    meta.insert(
+        "switchyard-container".to_string(),
+        "0000deadbeef".to_string(),
+    );
+    let orphan = ServiceRegistration {
+        id: "web-orphan".into(),
+        name: "web".into(),
+        address: "10.9.9.9".into(),
+        port: 1,
+        meta,
+        ..Default::default()
+    };
+    consul.client.register_service(&orphan).await.unwrap();
+    // Someone else's entry must survive.
+    let foreign = ServiceRegistration {
+        id: "web-foreign".into(),
+        name: "web".into(),
+        address: "10.9.9.8".into(),
+        port: 1,
+        ..Default::default()
+    };
+    consul.client.register_service(&foreign).await.unwrap();
+
+    reg.restart().await;
+    let want = {
+        let mut v = vec![c2.ip(), c3.ip(), "10.9.9.8".to_string()];
+        v.sort();
+        v
+    };
+    eventually(
+        "Consul to match Docker",
+        Duration::from_secs(20),
+        || async {
+            let mut have: Vec<String> = instances(&consul, "web")
+                .await
+                .into_iter()
+                .map(|(a, _, _)| a)
+                .collect();
+            have.sort();
+            have == want
+        },
+    )
+    .await;
+    assert!(
+        reg.metric("registrar_drift_repaired_total", Some(("kind", "stale")))
+            .await
+            >= 1.0
+    );
+    drop(c2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consul_restarted_empty_is_repopulated_within_one_resync() {
+    let mut consul = Consul::start().await;
+    let s = scope("consul-restart");
+    let reg = Registrar::start(&consul, &s, &[]).await;
+    let _c = Container::run(&s, "a", WEB, &[], &["--no-healthcheck"]);
+    wait_passing(&consul, "web", 1).await;
+    consul.stop();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    consul.start_again().await;
+    let back = Instant::now();
+    wait_passing(&consul, "web", 1).await;
+    // REGISTRAR_RESYNC is 2 s in the tests; add the check interval and some slack.
+    assert!(
+        back.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        back.elapsed()
+    );
+    assert!(
+        reg.metric("registrar_drift_repaired_total", Some(("kind", "missing")))
+            .await
+            >= 1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_health_is_mirrored_into_a_ttl_check() {
+    let consul = Consul::start().await;
+    let s = scope("health");
+    let _reg = Registrar::start(&consul, &s, &[]).await;
+    let labels = [("switchyard.enable", "true"), ("switchyard.service", "web")];
+    let c = Container::run(&s, "a", &labels, &[], &[]);
+    // The image's HEALTHCHECK probes every second: starting (critical), then healthy (passing).
+    wait_passing(&consul, "web", 1).await;
+    let check = &consul
+        .client
+        .health_service("web", false, &QueryOptions::default())
+        .await
+        .unwrap()
+        .value[0]
+        .checks;
+    assert!(
+        check.iter().any(|c| c.check_id.ends_with(":check")),
+        "{check:?}"
+    );
+    // Make the container report unhealthy: Docker says so, and Consul follows.
+    let fault = format!("http://{}:8000/fault?health=fail", c.ip());
+    let r = support::Http::new()
+        .send(
+            http::Request::post(&fault)
+                .body(Default::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    eventually(
+        "the TTL check to turn critical",
+        Duration::from_secs(20),
+        || async {
+            instances(&consul, "web")
+                .await
+                .iter()
+                .any(|(_, _, s)| s == "critical")
+        },
+    )
+    .await;
+}

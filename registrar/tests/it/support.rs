@@ -1,0 +1,285 @@
+//! The registrar's test parts: a web-sample image built locally (`FROM scratch`, no pulls),
+//! containers run with the real `docker` CLI and removed when dropped, and the registrar binary
+//! as a child process scoped to one test's containers.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+pub use testkit::{eventually, free_port, Consul, Http};
+use testkit::{log_file, print_tail_if_panicking, workspace_root};
+
+/// Runs a command, returning its trimmed stdout; panics with stderr when it fails.
+pub fn sh(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn docker(args: &[&str]) -> String {
+    sh(Command::new("docker").args(args))
+}
+
+/// The web-sample image, built once per test process from the host-built binary and exactly
+/// the shared libraries it needs. Its HEALTHCHECK runs `web-sample probe` every second.
+pub fn test_image() -> &'static str {
+    static IMAGE: OnceLock<String> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let root = workspace_root();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        sh(Command::new(cargo)
+            .current_dir(&root)
+            .args(["build", "-q", "-p", "web-sample"]));
+        let bin = root.join("target/debug/web-sample");
+        let ctx = root.join(format!("target/it-image-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&ctx);
+        std::fs::create_dir_all(ctx.join("rootfs")).unwrap();
+        std::fs::copy(&bin, ctx.join("web-sample")).unwrap();
+        for lib in shared_libraries(&bin) {
+            let dest = ctx.join("rootfs").join(lib.strip_prefix("/").unwrap());
+            std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+            std::fs::copy(&lib, &dest).unwrap();
+        }
+        std::fs::write(
+            ctx.join("Dockerfile"),
+            "FROM scratch\nCOPY rootfs/ /\nCOPY web-sample /web-sample\nEXPOSE 8000\n\
+             HEALTHCHECK --interval=1s --timeout=1s --retries=1 CMD [\"/web-sample\", \"probe\"]\n\
+             ENTRYPOINT [\"/web-sample\"]\n",
+        )
+        .unwrap();
+        let tag = "switchyard-it/web-sample:test".to_string();
+        docker(&["build", "-q", "-t", &tag, ctx.to_str().unwrap()]);
+        let _ = std::fs::remove_dir_all(&ctx);
+        tag
+    })
+}
+
+fn shared_libraries(bin: &Path) -> Vec<PathBuf> {
+    let out = sh(Command::new("ldd").arg(bin));
+    out.lines()
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with('/')))
+        .map(|p| std::fs::canonicalize(p).map(|_| PathBuf::from(p)).unwrap())
+        .collect()
+}
+
+/// A unique scope for one test: its containers carry `switchyard.test=<scope>` and its
+/// registrar only looks at those.
+pub fn scope(name: &str) -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "{name}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A container removed (forcefully) when dropped.
+pub struct Container {
+    pub id: String,
+    pub name: String,
+}
+
+impl Container {
+    /// `docker run -d` of the test image with `switchyard.test=<scope>` and the given labels,
+    /// env and extra arguments.
+    pub fn run(
+        scope: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+        env: &[(&str, &str)],
+        extra: &[&str],
+    ) -> Container {
+        let full = format!("sy-{scope}-{name}");
+        let mut args: Vec<String> = vec!["run".into(), "-d".into(), "--name".into(), full.clone()];
+        args.push("-l".into());
+        args.push(format!("switchyard.test={scope}"));
+        for (k, v) in labels {
+            args.push("-l".into());
+            args.push(format!("{k}={v}"));
+        }
+        args.extend(["-e".into(), format!("WEB_NAME={name}")]);
+        for (k, v) in env {
+            args.extend(["-e".into(), format!("{k}={v}")]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.push(test_image().to_string());
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let id = docker(&refs);
+        Container { id, name: full }
+    }
+
+    pub fn ip(&self) -> String {
+        docker(&["inspect", "-f", "{{.NetworkSettings.IPAddress}}", &self.id])
+    }
+
+    pub fn running(&self) -> bool {
+        docker(&["inspect", "-f", "{{.State.Running}}", &self.id]) == "true"
+    }
+
+    pub fn stop_async(&self) -> std::thread::JoinHandle<()> {
+        let id = self.id.clone();
+        std::thread::spawn(move || {
+            docker(&["stop", &id]);
+        })
+    }
+
+    pub fn kill(&self) {
+        docker(&["kill", "-s", "KILL", &self.id]);
+    }
+
+    pub fn remove(&self) {
+        let _ = Command::new("docker").args(["rm", "-f", &self.id]).output();
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+/// The registrar binary against a Consul agent, scoped to one test's containers.
+pub struct Registrar {
+    child: Option<Child>,
+    pub admin: String,
+    pub node: String,
+    log: PathBuf,
+    scope: String,
+    consul: String,
+    extra: Vec<(String, String)>,
+}
+
+impl Registrar {
+    pub async fn start(consul: &Consul, scope: &str, extra: &[(&str, &str)]) -> Registrar {
+        let mut r = Registrar {
+            child: None,
+            admin: format!("127.0.0.1:{}", free_port()),
+            node: format!("it-{scope}"),
+            log: log_file("registrar").0,
+            scope: scope.to_string(),
+            consul: consul.addr(),
+            extra: extra
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        r.spawn().await;
+        r
+    }
+
+    async fn spawn(&mut self) {
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_registrar"));
+        cmd.env_clear()
+            .env(
+                "RUST_LOG",
+                std::env::var("IT_REGISTRAR_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .env("REGISTRAR_CONSUL_ADDR", &self.consul)
+            .env("REGISTRAR_ADMIN_LISTEN", &self.admin)
+            .env("REGISTRAR_NODE", &self.node)
+            .env(
+                "REGISTRAR_ONLY_LABEL",
+                format!("switchyard.test={}", self.scope),
+            )
+            .env("REGISTRAR_RESYNC", "2s")
+            .env("REGISTRAR_TTL", "30s")
+            .env("REGISTRAR_CHECK_INTERVAL", "1s")
+            .env("REGISTRAR_DEREGISTER_CRITICAL_AFTER", "1m");
+        if let Ok(host) = std::env::var("DOCKER_HOST") {
+            cmd.env("DOCKER_HOST", host);
+        }
+        for (k, v) in &self.extra {
+            cmd.env(k, v);
+        }
+        self.child = Some(
+            cmd.stdin(Stdio::null())
+                .stdout(file.try_clone().unwrap())
+                .stderr(file)
+                .spawn()
+                .expect("start the registrar"),
+        );
+        let (http, url) = (Http::new(), format!("http://{}/readyz", self.admin));
+        eventually(
+            "the registrar to reconcile once",
+            Duration::from_secs(20),
+            || {
+                let (http, url) = (http.clone(), url.clone());
+                async move { http.get(&url).await.is_ok_and(|r| r.status == 200) }
+            },
+        )
+        .await;
+    }
+
+    /// Kills it hard, as a crash would.
+    pub fn crash(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        self.crash();
+        self.spawn().await;
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn metric(&self, name: &str, label: Option<(&str, &str)>) -> f64 {
+        let text = Http::new()
+            .get(&format!("http://{}/metrics", self.admin))
+            .await
+            .expect("metrics")
+            .body;
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| l.split(['{', ' ']).next() == Some(name))
+            .filter(|l| label.is_none_or(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for Registrar {
+    fn drop(&mut self) {
+        print_tail_if_panicking("registrar", &self.log);
+        self.crash();
+    }
+}
+
+/// Instances of `service` in Consul's health API: (address, port, aggregated status).
+pub async fn instances(consul: &Consul, service: &str) -> Vec<(String, u16, String)> {
+    let entries = consul
+        .client
+        .health_service(service, false, &Default::default())
+        .await
+        .expect("health read");
+    entries
+        .value
+        .iter()
+        .map(|e| {
+            let status = if e.checks.iter().all(|c| c.status == "passing") {
+                "passing"
+            } else {
+                "critical"
+            };
+            (e.address().to_string(), e.service.port, status.to_string())
+        })
+        .collect()
+}

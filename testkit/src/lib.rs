@@ -1,0 +1,337 @@
+//! Real parts shared by the integration tests of every crate: a Consul dev agent on loopback
+//! ports of its own, an "eventually" assertion with tunable patience, a keep-alive HTTP client,
+//! and log files whose tail is printed when a test fails. No mocks: everything here is real.
+//! Everything started here is stopped when its handle drops.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::TcpListener as StdListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client as HyperClient};
+use hyper_util::rt::TokioExecutor;
+use switchyard_consul::{CheckRegistration, Client as ConsulClient, ServiceRegistration};
+
+/// Multiplies every wait; raise it on a slow machine (`IT_PATIENCE=3`).
+pub fn patience() -> f64 {
+    std::env::var("IT_PATIENCE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1.0)
+}
+
+/// Polls `check` until it returns true, failing the test after `timeout` (times patience).
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout.mul_f64(patience());
+    loop {
+        if check().await {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("lb sits in the workspace")
+        .to_path_buf()
+}
+
+fn log_dir() -> PathBuf {
+    let dir = workspace_root().join("target").join("it-logs");
+    std::fs::create_dir_all(&dir).expect("log dir");
+    dir
+}
+
+pub fn log_file(name: &str) -> (PathBuf, std::fs::File) {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let path = log_dir().join(format!(
+        "{name}-{}-{}.log",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let file = std::fs::File::create(&path).expect("log file");
+    (path, file)
+}
+
+pub fn print_tail_if_panicking(what: &str, path: &PathBuf) {
+    if std::thread::panicking() {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(40)..];
+        eprintln!(
+            "---- last lines of {what} ({}) ----\n{}",
+            path.display(),
+            tail.join("\n")
+        );
+    }
+}
+
+/// A real `consul agent -dev` on loopback ports of its own.
+pub struct Consul {
+    child: Option<Child>,
+    pub http_port: u16,
+    ports: [u16; 3],
+    log: PathBuf,
+    pub client: ConsulClient,
+}
+
+impl Consul {
+    pub fn binary() -> PathBuf {
+        if let Ok(p) = std::env::var("SWITCHYARD_CONSUL") {
+            return p.into();
+        }
+        let local = workspace_root().join(".tools/bin/consul");
+        if local.exists() {
+            return local;
+        }
+        "consul".into()
+    }
+
+    pub async fn start() -> Consul {
+        let http_port = free_port();
+        let ports = [free_port(), free_port(), free_port()];
+        let (log, _) = log_file("consul");
+        let mut c = Consul {
+            child: None,
+            http_port,
+            ports,
+            log,
+            client: ConsulClient::new(&format!("http://127.0.0.1:{http_port}"), None).unwrap(),
+        };
+        c.spawn().await;
+        c
+    }
+
+    async fn spawn(&mut self) {
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(Self::binary())
+            .args([
+                "agent",
+                "-dev",
+                "-bind",
+                "127.0.0.1",
+                "-client",
+                "127.0.0.1",
+            ])
+            .args(["-http-port", &self.http_port.to_string()])
+            .args(["-server-port", &self.ports[0].to_string()])
+            .args(["-serf-lan-port", &self.ports[1].to_string()])
+            .args(["-serf-wan-port", &self.ports[2].to_string()])
+            .args(["-dns-port", "-1", "-grpc-port", "-1", "-log-level", "warn"])
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {:?} ({e}); run scripts/install-deps first",
+                    Self::binary()
+                )
+            });
+        self.child = Some(child);
+        let client = self.client.clone();
+        eventually(
+            "Consul to elect itself leader",
+            Duration::from_secs(20),
+            || {
+                let client = client.clone();
+                async move { client.leader().await.is_ok_and(|l| !l.is_empty()) }
+            },
+        )
+        .await;
+    }
+
+    pub fn addr(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    /// Stops the agent; dev mode keeps no state, so a later `start_again` is a fresh Consul.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub async fn start_again(&mut self) {
+        assert!(self.child.is_none(), "stop Consul before starting it again");
+        self.spawn().await;
+    }
+
+    /// Registers an instance with an HTTP check on `/health` every `interval`.
+    pub async fn register(&self, id: &str, name: &str, port: u16, tags: &[&str]) {
+        self.register_with(id, name, port, tags, Some("/health"))
+            .await;
+    }
+
+    pub async fn register_with(
+        &self,
+        id: &str,
+        name: &str,
+        port: u16,
+        tags: &[&str],
+        health: Option<&str>,
+    ) {
+        let checks = match health {
+            Some(path) => vec![CheckRegistration {
+                check_id: Some(format!("{id}-http")),
+                http: Some(format!("http://127.0.0.1:{port}{path}")),
+                interval: Some("1s".into()),
+                timeout: Some("1s".into()),
+                ..Default::default()
+            }],
+            None => vec![],
+        };
+        let reg = ServiceRegistration {
+            id: id.into(),
+            name: name.into(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            address: "127.0.0.1".into(),
+            port,
+            meta: HashMap::new(),
+            checks,
+        };
+        self.client.register_service(&reg).await.expect("register");
+    }
+
+    /// Registers an instance with a TTL check whose status the test sets.
+    pub async fn register_ttl(&self, id: &str, name: &str, port: u16, tags: &[&str]) {
+        let reg = ServiceRegistration {
+            id: id.into(),
+            name: name.into(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            address: "127.0.0.1".into(),
+            port,
+            meta: HashMap::new(),
+            checks: vec![CheckRegistration {
+                check_id: Some(format!("{id}-ttl")),
+                ttl: Some("10m".into()),
+                ..Default::default()
+            }],
+        };
+        self.client.register_service(&reg).await.expect("register");
+    }
+
+    pub async fn set_ttl(&self, id: &str, passing: bool) {
+        let status = if passing {
+            switchyard_consul::CheckStatus::Passing
+        } else {
+            switchyard_consul::CheckStatus::Critical
+        };
+        self.client
+            .update_ttl(&format!("{id}-ttl"), status, "set by test")
+            .await
+            .expect("ttl update");
+    }
+
+    pub async fn deregister(&self, id: &str) {
+        self.client
+            .deregister_service(id)
+            .await
+            .expect("deregister");
+    }
+}
+
+impl Drop for Consul {
+    fn drop(&mut self) {
+        print_tail_if_panicking("consul", &self.log);
+        self.stop();
+    }
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: String,
+}
+
+/// A keep-alive HTTP/1.1 client.
+#[derive(Clone)]
+pub struct Http {
+    client: HyperClient<HttpConnector, Full<Bytes>>,
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Http {
+    pub fn new() -> Http {
+        Http {
+            client: HyperClient::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(5))
+                .build(HttpConnector::new()),
+        }
+    }
+
+    pub async fn get(&self, url: &str) -> Result<Reply, String> {
+        self.send(Request::get(url).body(Full::default()).unwrap())
+            .await
+    }
+
+    pub async fn get_host(&self, url: &str, host: &str) -> Result<Reply, String> {
+        self.send(
+            Request::get(url)
+                .header("host", host)
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await
+    }
+
+    pub async fn post(&self, url: &str, body: &'static [u8]) -> Result<Reply, String> {
+        self.send(
+            Request::post(url)
+                .body(Full::new(Bytes::from_static(body)))
+                .unwrap(),
+        )
+        .await
+    }
+
+    pub async fn send(&self, req: Request<Full<Bytes>>) -> Result<Reply, String> {
+        let fut = async {
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| format!("{e:?}"))?;
+            let (parts, body) = resp.into_parts();
+            let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+            Ok(Reply {
+                status: parts.status,
+                headers: parts.headers,
+                body: String::from_utf8_lossy(&body).into_owned(),
+            })
+        };
+        tokio::time::timeout(Duration::from_secs(30), fut)
+            .await
+            .map_err(|_| "client timeout".to_string())?
+    }
+}
