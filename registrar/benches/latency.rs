@@ -18,7 +18,10 @@ use support::{instances, scope, Consul, Container, Registrar};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let runs: usize = std::env::var("RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    let runs: usize = std::env::var("RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
     let consul = Consul::start().await;
     let s = scope("bench");
     let _reg = Registrar::start(&consul, &s, &[("RUST_LOG", "warn")]).await;
@@ -31,7 +34,13 @@ async fn main() {
     ];
     let (mut registered, mut passing, mut gone) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..runs {
-        let c = Container::run(&s, &format!("r{i}"), &labels, &[("WEB_DRAIN_DELAY", "3")], &["--no-healthcheck"]);
+        let c = Container::run(
+            &s,
+            &format!("r{i}"),
+            &labels,
+            &[("WEB_DRAIN_DELAY", "3")],
+            &["--no-healthcheck"],
+        );
         let started = Instant::now();
         let mut seen = None;
         loop {
@@ -50,24 +59,45 @@ async fn main() {
         let stop_at = Instant::now();
         let stop = c.stop_async();
         while !instances(&consul, "web").await.is_empty() {
-            assert!(stop_at.elapsed() < Duration::from_secs(30), "never deregistered");
+            assert!(
+                stop_at.elapsed() < Duration::from_secs(30),
+                "never deregistered"
+            );
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         gone.push(stop_at.elapsed());
         stop.join().unwrap();
         drop(c);
     }
-    println!("registration latency over {runs} containers (real Docker {}, Consul 1.8.7):", support::sh(std::process::Command::new("docker").args(["version", "-f", "{{.Server.Version}}"])));
+    println!(
+        "registration latency over {runs} containers (real Docker {}, Consul 1.8.7):",
+        support::sh(std::process::Command::new("docker").args([
+            "version",
+            "-f",
+            "{{.Server.Version}}"
+        ]))
+    );
     println!("| measure | median | p99 | max |");
     println!("|---|---|---|---|");
     for (what, v) in [
-        ("docker run -> registered (listed in Consul)", &mut registered),
-        ("docker run -> passing in Consul (1 s HTTP check)", &mut passing),
+        (
+            "docker run -> registered (listed in Consul)",
+            &mut registered,
+        ),
+        (
+            "docker run -> passing in Consul (1 s HTTP check)",
+            &mut passing,
+        ),
         ("docker stop -> deregistered", &mut gone),
     ] {
         v.sort();
         let q = |q: f64| v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1];
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        println!("| {what} | {:.0} ms | {:.0} ms | {:.0} ms |", ms(q(0.5)), ms(q(0.99)), ms(*v.last().unwrap()));
+        println!(
+            "| {what} | {:.0} ms | {:.0} ms | {:.0} ms |",
+            ms(q(0.5)),
+            ms(q(0.99)),
+            ms(*v.last().unwrap())
+        );
     }
 }

@@ -269,3 +269,44 @@ async fn docker_health_is_mirrored_into_a_ttl_check() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swarm_tasks_are_registered_by_service_and_removed_before_they_exit_on_scale_down() {
+    let consul = Consul::start().await;
+    let s = scope("swarm");
+    let namespace = format!("sy{}", std::process::id());
+    let _reg = Registrar::start(&consul, &s, &[]).await;
+    // No check path: the image's Docker HEALTHCHECK is mirrored into a TTL check.
+    let svc = support::SwarmService::create(
+        &s,
+        &namespace,
+        "web",
+        &[("switchyard.enable", "true"), ("switchyard.route", "/")],
+        &[("WEB_DRAIN_DELAY", "4")],
+    );
+    wait_passing(&consul, "web", 1).await;
+    let entry = &consul
+        .client
+        .health_service("web", true, &QueryOptions::default())
+        .await
+        .unwrap()
+        .value[0];
+    let tasks = svc.tasks();
+    assert_eq!(
+        entry.address(),
+        tasks[0].1,
+        "registered on the stack's overlay network"
+    );
+    assert!(entry.service.meta["swarm-task"].starts_with(&format!("{namespace}_web.1.")));
+
+    svc.scale(2);
+    wait_passing(&consul, "web", 2).await;
+    svc.scale(1);
+    wait_count(&consul, "web", 1).await;
+    // Swarm sends SIGTERM and the task serves its 4 s drain: it must be out of Consul already.
+    let still_running = svc.tasks().len();
+    assert_eq!(
+        still_running, 2,
+        "the stopping task should still be running while deregistered"
+    );
+}

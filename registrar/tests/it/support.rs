@@ -283,3 +283,136 @@ pub async fn instances(consul: &Consul, service: &str) -> Vec<(String, u16, Stri
         })
         .collect()
 }
+
+/// A swarm service (and its overlay network) removed when dropped. Initialises a single-node
+/// swarm when the engine is not in one, and leaves it again on drop in that case.
+pub struct SwarmService {
+    pub name: String,
+    network: String,
+    initialised_swarm: bool,
+}
+
+impl SwarmService {
+    /// Creates `<namespace>_<short>` as `docker stack deploy` would name it, with the
+    /// stack-namespace label on its tasks.
+    pub fn create(
+        scope: &str,
+        namespace: &str,
+        short: &str,
+        labels: &[(&str, &str)],
+        env: &[(&str, &str)],
+    ) -> SwarmService {
+        let state = docker(&["info", "-f", "{{.Swarm.LocalNodeState}}"]);
+        let initialised_swarm = state != "active";
+        if initialised_swarm {
+            docker(&["swarm", "init", "--advertise-addr", "127.0.0.1"]);
+        }
+        let network = format!("{namespace}_default");
+        docker(&[
+            "network",
+            "create",
+            "-d",
+            "overlay",
+            "--attachable",
+            &network,
+        ]);
+        let name = format!("{namespace}_{short}");
+        let mut args: Vec<String> = [
+            "service",
+            "create",
+            "-d",
+            "--name",
+            &name,
+            "--network",
+            &network,
+            "--stop-grace-period",
+            "10s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        for l in [
+            format!("com.docker.stack.namespace={namespace}"),
+            format!("switchyard.test={scope}"),
+        ] {
+            args.extend(["--container-label".into(), l]);
+        }
+        for (k, v) in labels {
+            args.extend(["--container-label".into(), format!("{k}={v}")]);
+        }
+        for (k, v) in env {
+            args.extend(["--env".into(), format!("{k}={v}")]);
+        }
+        args.push(test_image().to_string());
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        docker(&refs);
+        SwarmService {
+            name,
+            network,
+            initialised_swarm,
+        }
+    }
+
+    pub fn scale(&self, n: usize) {
+        docker(&["service", "scale", "-d", &format!("{}={n}", self.name)]);
+    }
+
+    /// Running task containers: (container id, address on the service's network).
+    pub fn tasks(&self) -> Vec<(String, String)> {
+        let ids = docker(&[
+            "ps",
+            "-q",
+            "-f",
+            &format!("label=com.docker.swarm.service.name={}", self.name),
+        ]);
+        ids.lines()
+            .map(|id| {
+                let fmt = format!(
+                    "{{{{(index .NetworkSettings.Networks \"{}\").IPAddress}}}}",
+                    self.network
+                );
+                (id.to_string(), docker(&["inspect", "-f", &fmt, id]))
+            })
+            .collect()
+    }
+
+    pub fn container_running(id: &str) -> bool {
+        Command::new("docker")
+            .args(["inspect", "-f", "{{.State.Running}}", id])
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "true")
+    }
+}
+
+impl Drop for SwarmService {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["service", "rm", &self.name])
+            .output();
+        // Task containers go away asynchronously; the network can only be removed after them.
+        for _ in 0..100 {
+            let left = Command::new("docker")
+                .args([
+                    "ps",
+                    "-aq",
+                    "-f",
+                    &format!("label=com.docker.swarm.service.name={}", self.name),
+                ])
+                .output()
+                .map(|o| !o.stdout.is_empty())
+                .unwrap_or(false);
+            if !left {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let _ = Command::new("docker")
+            .args(["network", "rm", &self.network])
+            .output();
+        if self.initialised_swarm {
+            let _ = Command::new("docker")
+                .args(["swarm", "leave", "--force"])
+                .output();
+        }
+    }
+}
