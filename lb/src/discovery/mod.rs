@@ -329,18 +329,36 @@ impl Drop for Health<'_> {
     }
 }
 
-fn query(shared: &Shared, index: u64) -> QueryOptions {
-    QueryOptions {
-        index,
-        wait: Some(shared.config.consul_wait),
-        stale: shared.config.consul_stale,
-    }
+/// What a watch does with one successful read.
+enum Verdict<T> {
+    /// A value to compare with the last one and report when it differs.
+    Value(T),
+    /// A read not to trust: keep the last value, reset the index and retry after a backoff.
+    Distrust(&'static str),
 }
 
-/// Follows `/v1/catalog/services` and reports the set of routed services when it changes.
-async fn watch_catalog(shared: Arc<Shared>, client: Client, tx: mpsc::Sender<Update>) {
+/// The blocking-query loop shared by every watch: pace the reads, carry `X-Consul-Index`
+/// (reset when it goes backwards, and after any failure so the first read after an outage
+/// returns at once), back off with jitter on errors forever, keep the last value, and report
+/// only real changes. `on_change` returns false when nobody listens any more.
+async fn watch<Raw, T, R, ReadFut, J, C, ChangeFut>(
+    shared: &Shared,
+    watch: &'static str,
+    name: &str,
+    mut read: R,
+    mut judge: J,
+    mut on_change: C,
+) where
+    T: PartialEq + Clone,
+    R: FnMut(QueryOptions) -> ReadFut,
+    ReadFut: std::future::Future<
+        Output = Result<switchyard_consul::Response<Raw>, switchyard_consul::Error>,
+    >,
+    J: FnMut(switchyard_consul::Response<Raw>, Option<&T>) -> Verdict<T>,
+    C: FnMut(T) -> ChangeFut,
+    ChangeFut: std::future::Future<Output = bool>,
+{
     let cfg = &shared.config;
-    let route_tag = format!("{}.route=", cfg.tag_prefix);
     let mut pace = Pace::new(cfg.consul_rate, cfg.consul_burst);
     let mut backoff = Backoff::new(BACKOFF_BASE, cfg.consul_backoff_max);
     let mut health = Health {
@@ -348,34 +366,47 @@ async fn watch_catalog(shared: Arc<Shared>, client: Client, tx: mpsc::Sender<Upd
         failing: false,
     };
     let mut index = 0;
-    let mut last: Option<BTreeSet<String>> = None;
+    let mut last: Option<T> = None;
     loop {
         pace.acquire().await;
-        match client.catalog_services(&query(&shared, index)).await {
+        let q = QueryOptions {
+            index,
+            wait: Some(cfg.consul_wait),
+            stale: cfg.consul_stale,
+        };
+        match read(q).await {
             Ok(resp) => {
-                health.ok(&shared, resp.meta);
-                shared.discovery.catalog_ok.store(true, Ordering::Relaxed);
-                if backoff.failing() {
-                    tracing::info!("Consul catalog watch recovered");
-                }
-                backoff.reset();
-                tracing::debug!(
-                    sent = index,
-                    got = resp.meta.index,
-                    services = resp.value.len(),
-                    "catalog read"
-                );
-                index = next_index(index, resp.meta.index);
-                let routed: BTreeSet<String> = resp
-                    .value
-                    .into_iter()
-                    .filter(|(_, tags)| tags.iter().any(|t| t.starts_with(&route_tag)))
-                    .map(|(name, _)| name)
-                    .collect();
-                if last.as_ref() != Some(&routed) {
-                    last = Some(routed.clone());
-                    if tx.send(Update::Services(routed)).await.is_err() {
-                        return;
+                health.ok(shared, resp.meta);
+                let got = resp.meta.index;
+                match judge(resp, last.as_ref()) {
+                    Verdict::Distrust(why) => {
+                        shared
+                            .metrics
+                            .consul_watch_errors
+                            .with_label_values(&[watch, why])
+                            .inc();
+                        tracing::warn!(
+                            watch,
+                            name,
+                            reason = why,
+                            "ignoring a Consul answer; keeping the last one"
+                        );
+                        index = 0;
+                        tokio::time::sleep(backoff.next_delay()).await;
+                    }
+                    Verdict::Value(value) => {
+                        if backoff.failing() {
+                            tracing::info!(watch, name, "Consul watch recovered");
+                        }
+                        backoff.reset();
+                        tracing::debug!(watch, name, sent = index, got, "Consul read");
+                        index = next_index(index, got);
+                        if last.as_ref() != Some(&value) {
+                            last = Some(value.clone());
+                            if !on_change(value).await {
+                                return;
+                            }
+                        }
                     }
                 }
             }
@@ -384,11 +415,10 @@ async fn watch_catalog(shared: Arc<Shared>, client: Client, tx: mpsc::Sender<Upd
                 shared
                     .metrics
                     .consul_watch_errors
-                    .with_label_values(&["catalog", e.kind()])
+                    .with_label_values(&[watch, e.kind()])
                     .inc();
                 let delay = backoff.next_delay();
-                tracing::warn!(error = %e, retry_in = ?delay, "Consul catalog watch failed; keeping the last table");
-                // Read at once after recovery: the server may be a new one with a lower index.
+                tracing::warn!(watch, name, error = %e, retry_in = ?delay, "Consul watch failed; keeping the last answer");
                 index = 0;
                 tokio::time::sleep(delay).await;
             }
@@ -396,79 +426,67 @@ async fn watch_catalog(shared: Arc<Shared>, client: Client, tx: mpsc::Sender<Upd
     }
 }
 
-/// Follows `/v1/health/service/<name>` and reports its instances when they change.
+/// Follows `/v1/catalog/services` and reports the set of routed services when it changes.
+async fn watch_catalog(shared: Arc<Shared>, client: Client, tx: mpsc::Sender<Update>) {
+    let route_tag = format!("{}.route=", shared.config.tag_prefix);
+    watch(
+        &shared,
+        "catalog",
+        "services",
+        |q| {
+            let client = client.clone();
+            async move { client.catalog_services(&q).await }
+        },
+        |resp, _| {
+            shared.discovery.catalog_ok.store(true, Ordering::Relaxed);
+            Verdict::Value(
+                resp.value
+                    .into_iter()
+                    .filter(|(_, tags)| tags.iter().any(|t| t.starts_with(&route_tag)))
+                    .map(|(name, _)| name)
+                    .collect::<BTreeSet<String>>(),
+            )
+        },
+        |routed| {
+            let tx = tx.clone();
+            async move { tx.send(Update::Services(routed)).await.is_ok() }
+        },
+    )
+    .await;
+}
+
+/// Follows `/v1/health/service/<name>` (every instance, passing or not) and reports its
+/// instances when they change.
 async fn watch_service(
     shared: Arc<Shared>,
     client: Client,
     service: String,
     tx: mpsc::Sender<Update>,
 ) {
-    let cfg = &shared.config;
-    let mut pace = Pace::new(cfg.consul_rate, cfg.consul_burst);
-    let mut backoff = Backoff::new(BACKOFF_BASE, cfg.consul_backoff_max);
-    let mut health = Health {
-        state: &shared.discovery,
-        failing: false,
-    };
-    let mut index = 0;
-    let mut last: Option<Vec<ServiceEntry>> = None;
-    loop {
-        pace.acquire().await;
-        match client
-            .health_service(&service, false, &query(&shared, index))
-            .await
-        {
-            Ok(resp) => {
-                health.ok(&shared, resp.meta);
-                let mut entries = resp.value;
-                // An empty answer at index <= 1 is how a racing ACL token or a freshly restarted
-                // server looks; do not let it wipe instances we know about.
-                if entries.is_empty()
-                    && resp.meta.index <= 1
-                    && last.as_ref().is_some_and(|l| !l.is_empty())
-                {
-                    shared
-                        .metrics
-                        .consul_watch_errors
-                        .with_label_values(&["health", "suspicious_empty"])
-                        .inc();
-                    tracing::warn!(service = %service, "ignoring an empty answer at index <= 1");
-                    index = 0;
-                    tokio::time::sleep(backoff.next_delay()).await;
-                    continue;
-                }
-                if backoff.failing() {
-                    tracing::info!(service = %service, "Consul health watch recovered");
-                }
-                backoff.reset();
-                tracing::debug!(service = %service, sent = index, got = resp.meta.index, instances = entries.len(), "health read");
-                index = next_index(index, resp.meta.index);
-                entries.sort_by(|a, b| {
-                    (&a.node.node, &a.service.id).cmp(&(&b.node.node, &b.service.id))
-                });
-                if last.as_ref() != Some(&entries) {
-                    last = Some(entries.clone());
-                    let update = Update::Health {
-                        service: service.clone(),
-                        entries,
-                    };
-                    if tx.send(update).await.is_err() {
-                        return;
-                    }
-                }
+    watch(
+        &shared,
+        "health",
+        &service,
+        |q| {
+            let (client, service) = (client.clone(), service.clone());
+            async move { client.health_service(&service, false, &q).await }
+        },
+        |resp, last: Option<&Vec<ServiceEntry>>| {
+            // An empty answer at index <= 1 is how a racing ACL token or a freshly restarted
+            // server looks; do not let it wipe instances we know about.
+            if resp.value.is_empty() && resp.meta.index <= 1 && last.is_some_and(|l| !l.is_empty())
+            {
+                return Verdict::Distrust("suspicious_empty");
             }
-            Err(e) => {
-                health.failed();
-                shared
-                    .metrics
-                    .consul_watch_errors
-                    .with_label_values(&["health", e.kind()])
-                    .inc();
-                let delay = backoff.next_delay();
-                tracing::warn!(service = %service, error = %e, retry_in = ?delay, "Consul health watch failed; keeping the last instances");
-                index = 0;
-                tokio::time::sleep(delay).await;
-            }
-        }
-    }
+            let mut entries = resp.value;
+            entries
+                .sort_by(|a, b| (&a.node.node, &a.service.id).cmp(&(&b.node.node, &b.service.id)));
+            Verdict::Value(entries)
+        },
+        |entries| {
+            let (tx, service) = (tx.clone(), service.clone());
+            async move { tx.send(Update::Health { service, entries }).await.is_ok() }
+        },
+    )
+    .await;
 }
