@@ -13,6 +13,7 @@
 pub mod backoff;
 mod client;
 mod index;
+pub mod probe;
 pub mod settings;
 pub mod tags;
 mod types;

@@ -12,13 +12,24 @@ fn main() -> std::process::ExitCode {
         println!("lb {}", env!("CARGO_PKG_VERSION"));
         return std::process::ExitCode::SUCCESS;
     }
-    let config = match Config::lookup_from_args_and_env(&args).and_then(Config::from_lookup) {
+    // `lb probe [flags]`: the image's HEALTHCHECK, ready when the admin listener says so.
+    let probing = args.first().is_some_and(|a| a == "probe");
+    let args = if probing { &args[1..] } else { &args[..] };
+    let config = match Config::lookup_from_args_and_env(args).and_then(Config::from_lookup) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("lb: {e}");
             return std::process::ExitCode::from(2);
         }
     };
+    if probing {
+        let admin = switchyard_consul::probe::loopback_of(config.admin_listen);
+        return if switchyard_consul::probe::http_ok(admin, "/readyz") {
+            std::process::ExitCode::SUCCESS
+        } else {
+            std::process::ExitCode::FAILURE
+        };
+    }
     init_tracing(config.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

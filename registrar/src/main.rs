@@ -8,13 +8,24 @@ fn main() -> std::process::ExitCode {
         print!("{}", Config::help());
         return std::process::ExitCode::SUCCESS;
     }
-    let config = match Config::lookup_from_args_and_env(&args).and_then(Config::from_lookup) {
+    // `registrar probe [flags]`: the image's HEALTHCHECK (alive and serving its admin port).
+    let probing = args.first().is_some_and(|a| a == "probe");
+    let args = if probing { &args[1..] } else { &args[..] };
+    let config = match Config::lookup_from_args_and_env(args).and_then(Config::from_lookup) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("registrar: {e}");
             return std::process::ExitCode::from(2);
         }
     };
+    if probing {
+        let admin = switchyard_consul::probe::loopback_of(config.admin_listen);
+        return if switchyard_consul::probe::http_ok(admin, "/healthz") {
+            std::process::ExitCode::SUCCESS
+        } else {
+            std::process::ExitCode::FAILURE
+        };
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()

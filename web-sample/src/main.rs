@@ -86,23 +86,16 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// `web-sample probe`: exits 0 when this instance's `/health` answers 200. Images built
-/// `FROM scratch` have no shell or curl, so their Docker HEALTHCHECK runs this.
+/// `web-sample probe`: exits 0 when this instance's `/health` answers 200 (the HEALTHCHECK of
+/// images built `FROM scratch`).
 fn probe(listen: &str) -> std::process::ExitCode {
-    use std::io::{Read, Write};
-    let port = listen.rsplit(':').next().unwrap_or("8000");
-    let ok = (|| -> std::io::Result<bool> {
-        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}")
-            .parse()
-            .map_err(std::io::Error::other)?;
-        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        s.set_read_timeout(Some(Duration::from_secs(2)))?;
-        s.write_all(b"GET /health HTTP/1.0\r\nHost: probe\r\n\r\n")?;
-        let mut head = [0u8; 12];
-        s.read_exact(&mut head)?;
-        Ok(&head[9..12] == b"200")
-    })();
-    if ok.unwrap_or(false) {
+    let port = listen
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(8000);
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    if switchyard_consul::probe::http_ok(addr, "/health") {
         std::process::ExitCode::SUCCESS
     } else {
         std::process::ExitCode::FAILURE

@@ -4,7 +4,7 @@
 
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
@@ -30,8 +30,8 @@ fn docker(args: &[&str]) -> String {
     sh(Command::new("docker").args(args))
 }
 
-/// The web-sample image, built once per test process from the host-built binary and exactly
-/// the shared libraries it needs. Its HEALTHCHECK runs `web-sample probe` every second.
+/// The web-sample image, built once per test process by `scripts/scratch-image` from the
+/// host-built binary (no pulls). Its HEALTHCHECK runs `web-sample probe` every second.
 pub fn test_image() -> &'static str {
     static IMAGE: OnceLock<String> = OnceLock::new();
     IMAGE.get_or_init(|| {
@@ -40,36 +40,17 @@ pub fn test_image() -> &'static str {
         sh(Command::new(cargo)
             .current_dir(&root)
             .args(["build", "-q", "-p", "web-sample"]));
-        let bin = root.join("target/debug/web-sample");
-        let ctx = root.join(format!("target/it-image-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&ctx);
-        std::fs::create_dir_all(ctx.join("rootfs")).unwrap();
-        std::fs::copy(&bin, ctx.join("web-sample")).unwrap();
-        for lib in shared_libraries(&bin) {
-            let dest = ctx.join("rootfs").join(lib.strip_prefix("/").unwrap());
-            std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
-            std::fs::copy(&lib, &dest).unwrap();
-        }
-        std::fs::write(
-            ctx.join("Dockerfile"),
-            "FROM scratch\nCOPY rootfs/ /\nCOPY web-sample /web-sample\nEXPOSE 8000\n\
-             HEALTHCHECK --interval=1s --timeout=1s --retries=1 CMD [\"/web-sample\", \"probe\"]\n\
-             ENTRYPOINT [\"/web-sample\"]\n",
-        )
-        .unwrap();
-        let tag = "switchyard-it/web-sample:test".to_string();
-        docker(&["build", "-q", "-t", &tag, ctx.to_str().unwrap()]);
-        let _ = std::fs::remove_dir_all(&ctx);
-        tag
+        let tag = "switchyard-it/web-sample:test";
+        sh(Command::new("bash").current_dir(&root).args([
+            "scripts/scratch-image",
+            tag,
+            "target/debug/web-sample",
+            "EXPOSE 8000",
+            "HEALTHCHECK --interval=1s --timeout=1s --retries=1 CMD [\"/web-sample\", \"probe\"]",
+            "ENTRYPOINT [\"/web-sample\"]",
+        ]));
+        tag.to_string()
     })
-}
-
-fn shared_libraries(bin: &Path) -> Vec<PathBuf> {
-    let out = sh(Command::new("ldd").arg(bin));
-    out.lines()
-        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with('/')))
-        .map(|p| std::fs::canonicalize(p).map(|_| PathBuf::from(p)).unwrap())
-        .collect()
 }
 
 /// A unique scope for one test: its containers carry `switchyard.test=<scope>` and its
