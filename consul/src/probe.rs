@@ -27,3 +27,13 @@ pub fn loopback_of(listen: SocketAddr) -> SocketAddr {
     };
     SocketAddr::new(ip, listen.port())
 }
+
+/// The exit code of a `<binary> probe` run: success when `path` on the loopback side of
+/// `listen` answers 200.
+pub fn exit_code(listen: SocketAddr, path: &str) -> std::process::ExitCode {
+    if http_ok(loopback_of(listen), path) {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    }
+}

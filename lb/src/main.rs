@@ -23,12 +23,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     if probing {
-        let admin = switchyard_consul::probe::loopback_of(config.admin_listen);
-        return if switchyard_consul::probe::http_ok(admin, "/readyz") {
-            std::process::ExitCode::SUCCESS
-        } else {
-            std::process::ExitCode::FAILURE
-        };
+        return switchyard_consul::probe::exit_code(config.admin_listen, "/readyz");
     }
     init_tracing(config.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()

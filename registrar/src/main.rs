@@ -19,12 +19,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     if probing {
-        let admin = switchyard_consul::probe::loopback_of(config.admin_listen);
-        return if switchyard_consul::probe::http_ok(admin, "/healthz") {
-            std::process::ExitCode::SUCCESS
-        } else {
-            std::process::ExitCode::FAILURE
-        };
+        return switchyard_consul::probe::exit_code(config.admin_listen, "/healthz");
     }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

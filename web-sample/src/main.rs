@@ -94,12 +94,10 @@ fn probe(listen: &str) -> std::process::ExitCode {
         .next()
         .and_then(|p| p.parse().ok())
         .unwrap_or(8000);
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    if switchyard_consul::probe::http_ok(addr, "/health") {
-        std::process::ExitCode::SUCCESS
-    } else {
-        std::process::ExitCode::FAILURE
-    }
+    switchyard_consul::probe::exit_code(
+        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        "/health",
+    )
 }
 
 async fn run(listen: String, drain: Duration, state: Arc<State>) -> Result<(), String> {
