@@ -4,6 +4,7 @@
 //! It reads the table through one `ArcSwap` load and takes no lock. Errors become responses
 //! (404, 502, 503, 504) counted under a reason; nothing here panics on client input.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -367,8 +368,13 @@ fn clone_parts(p: &http::request::Parts) -> http::request::Parts {
 }
 
 /// The request's host, lower-case and without port. `None` when an HTTP/1.1 request has no
-/// usable host, which RFC 9112 makes a 400.
-fn request_host(uri: &Uri, headers: &HeaderMap, version: Version) -> Option<String> {
+/// usable host, which RFC 9112 makes a 400. Borrowed unless it needs lower-casing, so the
+/// common request allocates nothing here.
+fn request_host<'a>(
+    uri: &'a Uri,
+    headers: &'a HeaderMap,
+    version: Version,
+) -> Option<Cow<'a, str>> {
     let raw = match uri.host() {
         Some(h) => h,
         None => match headers.get(header::HOST) {
@@ -384,7 +390,12 @@ fn request_host(uri: &Uri, headers: &HeaderMap, version: Version) -> Option<Stri
             None => "",
         },
     };
-    Some(raw.trim_end_matches('.').to_ascii_lowercase())
+    let host = raw.trim_end_matches('.');
+    Some(if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    })
 }
 
 fn request_id(headers: &HeaderMap) -> HeaderValue {
@@ -475,7 +486,7 @@ mod tests {
             if let Some(host) = host {
                 headers.insert(header::HOST, HeaderValue::from_str(host).unwrap());
             }
-            request_host(&uri.parse().unwrap(), &headers, v)
+            request_host(&uri.parse().unwrap(), &headers, v).map(Cow::into_owned)
         };
         assert_eq!(
             h("/", Some("API.example.com:8080"), Version::HTTP_11).as_deref(),
@@ -495,6 +506,13 @@ mod tests {
         );
         assert_eq!(h("/", None, Version::HTTP_11), None);
         assert_eq!(h("/", None, Version::HTTP_10).as_deref(), Some(""));
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_static("api.example.com:80"));
+        let uri: Uri = "/".parse().unwrap();
+        assert!(matches!(
+            request_host(&uri, &headers, Version::HTTP_11),
+            Some(Cow::Borrowed("api.example.com"))
+        ));
     }
 
     #[test]
