@@ -207,6 +207,28 @@ impl Consul {
             }],
             None => vec![],
         };
+        self.put(id, name, port, tags, checks).await;
+    }
+
+    /// Registers an instance with a TTL check whose status the test sets.
+    pub async fn register_ttl(&self, id: &str, name: &str, port: u16, tags: &[&str]) {
+        let check = CheckRegistration {
+            check_id: Some(format!("{id}-ttl")),
+            ttl: Some("10m".into()),
+            ..Default::default()
+        };
+        self.put(id, name, port, tags, vec![check]).await;
+    }
+
+    /// Registers a loopback instance through the agent API.
+    async fn put(
+        &self,
+        id: &str,
+        name: &str,
+        port: u16,
+        tags: &[&str],
+        checks: Vec<CheckRegistration>,
+    ) {
         let reg = ServiceRegistration {
             id: id.into(),
             name: name.into(),
@@ -215,24 +237,6 @@ impl Consul {
             port,
             meta: HashMap::new(),
             checks,
-        };
-        self.client.register_service(&reg).await.expect("register");
-    }
-
-    /// Registers an instance with a TTL check whose status the test sets.
-    pub async fn register_ttl(&self, id: &str, name: &str, port: u16, tags: &[&str]) {
-        let reg = ServiceRegistration {
-            id: id.into(),
-            name: name.into(),
-            tags: tags.iter().map(|t| t.to_string()).collect(),
-            address: "127.0.0.1".into(),
-            port,
-            meta: HashMap::new(),
-            checks: vec![CheckRegistration {
-                check_id: Some(format!("{id}-ttl")),
-                ttl: Some("10m".into()),
-                ..Default::default()
-            }],
         };
         self.client.register_service(&reg).await.expect("register");
     }
