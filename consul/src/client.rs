@@ -54,6 +54,17 @@ pub enum Error {
 }
 
 impl Error {
+    /// Every value `kind()` returns, so metrics can start each series at zero.
+    pub const KINDS: [&'static str; 7] = [
+        "config",
+        "transport",
+        "timeout",
+        "body",
+        "status_5xx",
+        "status_4xx",
+        "decode",
+    ];
+
     /// A short, bounded label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -62,6 +62,13 @@ pub enum TagErrorKind {
 
 impl TagErrorKind {
     /// A bounded metric label.
+    pub const ALL: [TagErrorKind; 4] = [
+        TagErrorKind::BadRoute,
+        TagErrorKind::BadWeight,
+        TagErrorKind::BadEnable,
+        TagErrorKind::UnknownKey,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             TagErrorKind::BadRoute => "bad_route",

@@ -35,6 +35,30 @@ pub const CLIENT_CONNECTION_ERRORS_TOTAL: &str = "lb_client_connection_errors_to
 /// Status classes 1xx..5xx, the index into per-backend counters.
 pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
+/// Label values known in advance. Their series start at zero, so a rate over them reads 0
+/// instead of "no data" before the first event (Prometheus' instrumentation advice).
+pub const RETRY_REASONS: [&str; 3] = ["connect", "reset", "timeout"];
+pub const UPSTREAM_ERROR_KINDS: [&str; 5] = [
+    "connect",
+    "connect_timeout",
+    "stale_connection",
+    "reset",
+    "response_timeout",
+];
+pub const CONSUL_WATCHES: [&str; 2] = ["catalog", "health"];
+/// Not a Consul error kind: an answer the watch refused to believe (see discovery).
+pub const DISTRUSTED_ANSWER: &str = "suspicious_empty";
+/// Local responses that happen before any route is chosen; their route label is empty.
+pub const ROUTELESS_REASONS: [&str; 3] = ["no_table", "no_route", "bad_request"];
+pub const CLIENT_ERROR_KINDS: [&str; 6] = [
+    "accept",
+    "header_timeout",
+    "head_too_large",
+    "malformed",
+    "incomplete",
+    "io",
+];
+
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
@@ -103,7 +127,7 @@ impl Metrics {
                 prometheus::Gauge::new(name, help).expect("valid metric"),
             )
         };
-        Metrics {
+        let m = Metrics {
             requests: counter_vec(REQUESTS_TOTAL, "Proxied requests answered by a backend, by route, backend and status class.", &["route", "backend", "class"]),
             request_duration: reg(&registry, HistogramVec::new(
                 HistogramOpts::new(REQUEST_DURATION_SECONDS, "Time from request head to the end of the response body, by route.").buckets(LATENCY_BUCKETS.to_vec()),
@@ -131,7 +155,31 @@ impl Metrics {
             client_connections: counter(CLIENT_CONNECTIONS_TOTAL, "Client connections accepted."),
             client_connection_errors: counter_vec(CLIENT_CONNECTION_ERRORS_TOTAL, "Client connections that ended in a protocol error (malformed request, header timeout...).", &["kind"]),
             registry,
+        };
+        for reason in RETRY_REASONS {
+            m.retries.with_label_values(&[reason]);
         }
+        for kind in UPSTREAM_ERROR_KINDS {
+            m.upstream_errors.with_label_values(&[kind]);
+        }
+        for watch in CONSUL_WATCHES {
+            for kind in switchyard_consul::Error::KINDS
+                .into_iter()
+                .chain([DISTRUSTED_ANSWER])
+            {
+                m.consul_watch_errors.with_label_values(&[watch, kind]);
+            }
+        }
+        for reason in ROUTELESS_REASONS {
+            m.local_responses.with_label_values(&["", reason]);
+        }
+        for kind in switchyard_consul::tags::TagErrorKind::ALL {
+            m.route_tag_errors.with_label_values(&[kind.as_str()]);
+        }
+        for kind in CLIENT_ERROR_KINDS {
+            m.client_connection_errors.with_label_values(&[kind]);
+        }
+        m
     }
 
     /// The text exposition of every metric.

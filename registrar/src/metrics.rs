@@ -15,6 +15,22 @@ pub const DOCKER_UP: &str = "registrar_docker_up";
 pub const CONSUL_UP: &str = "registrar_consul_up";
 pub const DOCKER_RECONNECTS_TOTAL: &str = "registrar_docker_reconnects_total";
 
+/// Label values known in advance: their series start at zero, so dashboards read 0, not
+/// "no data", before the first failure.
+pub const FAILURE_OPS: [&str; 8] = [
+    "register",
+    "deregister",
+    "ttl",
+    "consul_list",
+    "docker_connect",
+    "docker_list",
+    "docker_inspect",
+    "docker_events",
+];
+pub const DRIFT_KINDS: [&str; 3] = ["missing", "changed", "stale"];
+/// The container actions the registrar acts on (others are counted as they come).
+pub const EVENT_ACTIONS: [&str; 6] = ["start", "kill", "die", "stop", "pause", "health_status"];
+
 pub struct Metrics {
     pub registry: Registry,
     /// action
@@ -58,7 +74,7 @@ impl Metrics {
         let gauge = |name: &str, help: &str| {
             reg(&registry, IntGauge::new(name, help).expect("valid metric"))
         };
-        Metrics {
+        let m = Metrics {
             events: vec(EVENTS_TOTAL, "Docker container events seen for opted-in containers, by action.", "action"),
             registrations: counter(REGISTRATIONS_TOTAL, "Service instances registered in Consul."),
             deregistrations: counter(DEREGISTRATIONS_TOTAL, "Service instances deregistered from Consul."),
@@ -75,7 +91,17 @@ impl Metrics {
             consul_up: gauge(CONSUL_UP, "1 while the last Consul call succeeded."),
             docker_reconnects: counter(DOCKER_RECONNECTS_TOTAL, "Times the Docker event stream was resubscribed."),
             registry,
+        };
+        for op in FAILURE_OPS {
+            m.failures.with_label_values(&[op]);
         }
+        for kind in DRIFT_KINDS {
+            m.drift.with_label_values(&[kind]);
+        }
+        for action in EVENT_ACTIONS {
+            m.events.with_label_values(&[action]);
+        }
+        m
     }
 
     pub fn encode(&self) -> String {

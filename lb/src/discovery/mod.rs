@@ -476,7 +476,7 @@ async fn watch_service(
             // server looks; do not let it wipe instances we know about.
             if resp.value.is_empty() && resp.meta.index <= 1 && last.is_some_and(|l| !l.is_empty())
             {
-                return Verdict::Distrust("suspicious_empty");
+                return Verdict::Distrust(crate::metrics::DISTRUSTED_ANSWER);
             }
             let mut entries = resp.value;
             entries
