@@ -49,7 +49,7 @@ pub const SETTINGS: &[Setting] = &[
     ),
     (
         "LB_CONSUL_BACKOFF_MAX",
-        "30s",
+        "10s",
         "longest wait between retries when Consul fails",
     ),
     (
