@@ -1,0 +1,368 @@
+//! The stack end to end on a real single-node swarm. `scripts/up` deploys it; a steady load of
+//! GETs and POSTs runs through both lb replicas for the whole test while the web service is
+//! scaled up and down and rolled, one lb container is killed, and Consul is stopped for a
+//! minute. Every request is counted and none may fail. Then every Grafana panel's query must
+//! return data from the stack's Prometheus. `scripts/down --volumes` removes it all.
+//!
+//! Run: `cargo test -p e2e --test it -- --ignored --nocapture` (scripts/test does).
+//! `E2E_CONSUL_OUTAGE=<seconds>` shortens the Consul outage while iterating (default 60).
+
+mod load;
+mod panels;
+mod stack;
+
+use std::cell::Cell;
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime};
+
+use testkit::{eventually, workspace_root, Http};
+
+use load::{Counts, Load};
+use stack::{
+    consul_passing, container_started, containers, docker, gwbridge_ip, lb_addrs, lb_backends,
+    lb_metric, scale, task_since, update_completed, Stack, PROMETHEUS,
+};
+
+/// Phase results, printed together at the end (and as they happen).
+#[derive(Default)]
+struct Report {
+    lines: std::sync::Mutex<Vec<String>>,
+}
+
+impl Report {
+    fn add(&self, line: String) {
+        println!("e2e: {line}");
+        self.lines.lock().unwrap().push(line);
+    }
+}
+
+/// Runs one phase and reports the requests sent during it.
+async fn phase<F: std::future::Future<Output = ()>>(
+    report: &Report,
+    load: &Load,
+    name: &str,
+    f: F,
+) -> Counts {
+    let before = load.stats.counts();
+    let started = Instant::now();
+    println!("e2e: -- {name}");
+    f.await;
+    let counts = load.stats.counts() - before;
+    report.add(format!(
+        "{name}: {counts} in {:.1} s",
+        started.elapsed().as_secs_f64()
+    ));
+    counts
+}
+
+fn ms(d: Duration) -> String {
+    format!("{} ms", d.as_millis())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "deploys the swarm stack; scripts/test runs it as its own step"]
+async fn stack_end_to_end() {
+    let _stack = Stack::up();
+    let http = Http::new();
+    let report = Report::default();
+
+    // 8 workers x 25 requests/s: a steady 200 requests/s, half GET, half POST (2 KiB bodies).
+    let load = Load::start(8, 25);
+    let stats = load.stats.clone();
+    eventually(
+        "the client sees both lb replicas and three web tasks answer",
+        Duration::from_secs(60),
+        || async {
+            load.lbs.read().unwrap().len() == 2
+                && stats.answering(Duration::from_secs(2)).len() == 3
+        },
+    )
+    .await;
+
+    phase(&report, &load, "steady state (3 web tasks)", async {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    })
+    .await;
+
+    // Scale up: every new task must receive traffic; measure from its start.
+    phase(&report, &load, "scale web 3 -> 6", async {
+        let known: BTreeSet<String> = stats.first_seen().into_keys().collect();
+        let asked = Instant::now();
+        scale("web", 6);
+        eventually("six web tasks answer", Duration::from_secs(90), || async {
+            stats.answering(Duration::from_secs(2)).len() == 6
+        })
+        .await;
+        let all_answering = asked.elapsed();
+        let new: Vec<(String, SystemTime)> = stats
+            .first_seen()
+            .into_iter()
+            .filter(|(task, _)| !known.contains(task))
+            .collect();
+        assert_eq!(new.len(), 3, "three new tasks answered");
+        let delays = |since: fn(&str) -> Option<SystemTime>| {
+            let mut v: Vec<Duration> = new
+                .iter()
+                .map(|(task, seen)| {
+                    let t = since(task).unwrap_or_else(|| panic!("no start time for {task}"));
+                    seen.duration_since(t).unwrap_or_default()
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        let list = |v: &[Duration]| v.iter().map(|d| ms(*d)).collect::<Vec<_>>().join(", ");
+        let (started, healthy) = (delays(container_started), delays(task_since));
+        report.add(format!(
+            "scale up: container start -> first proxied request: {} (HEALTHCHECK interval \
+             2 s included); swarm marks it running (healthy) -> first proxied request: {}; \
+             `docker service scale` -> all six answering: {}",
+            list(&started),
+            list(&healthy),
+            ms(all_answering)
+        ));
+    })
+    .await;
+
+    phase(&report, &load, "scale web 6 -> 1", async {
+        scale("web", 1);
+        eventually(
+            "one web task left, one instance in Consul, one answering",
+            Duration::from_secs(90),
+            || async {
+                containers("web").len() == 1
+                    && consul_passing(&http, "web").await == Some(1)
+                    && stats.answering(Duration::from_secs(1)).len() == 1
+            },
+        )
+        .await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    })
+    .await;
+
+    phase(
+        &report,
+        &load,
+        "rolling update (docker service update --force web, 1 replica, start-first)",
+        async {
+            let old = stats.answering(Duration::from_secs(1));
+            docker(&[
+                "service",
+                "update",
+                "--force",
+                "--detach",
+                &stack::service("web"),
+            ]);
+            eventually("the update completes", Duration::from_secs(120), || async {
+                update_completed("web").await
+            })
+            .await;
+            eventually(
+                "only the new task answers",
+                Duration::from_secs(60),
+                || async {
+                    let now = stats.answering(Duration::from_secs(1));
+                    now.len() == 1 && now != old
+                },
+            )
+            .await;
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        },
+    )
+    .await;
+
+    phase(&report, &load, "scale web 1 -> 3", async {
+        scale("web", 3);
+        eventually(
+            "three web tasks answer",
+            Duration::from_secs(90),
+            || async {
+                consul_passing(&http, "web").await == Some(3)
+                    && stats.answering(Duration::from_secs(1)).len() == 3
+            },
+        )
+        .await;
+    })
+    .await;
+
+    phase(&report, &load, "kill one lb container (SIGKILL)", async {
+        let before = containers("lb");
+        assert_eq!(before.len(), 2, "two lb replicas before the kill");
+        let (victim, survivor) = (before[0].clone(), before[1].clone());
+        let survivor = SocketAddr::new(gwbridge_ip(&survivor).expect("survivor address"), 8080);
+        let killed = Instant::now();
+        docker(&["kill", &victim]);
+        let serving = Cell::new(None);
+        let replacement = Cell::new(None);
+        eventually(
+            "swarm's replacement lb is healthy and serves",
+            Duration::from_secs(90),
+            || async {
+                let Some(new) = containers("lb").into_iter().find(|c| !before.contains(c)) else {
+                    return false;
+                };
+                let Some(ip) = gwbridge_ip(&new) else {
+                    return false;
+                };
+                let addr = SocketAddr::new(ip, 8080);
+                // Healthy as swarm sees it (what DNS and VIPs go by), and proxying.
+                if !lb_addrs().await.contains(&addr) {
+                    return false;
+                }
+                let ok = http
+                    .get(&format!("http://{addr}/"))
+                    .await
+                    .is_ok_and(|r| r.status == 200);
+                if ok {
+                    serving.set(Some(killed.elapsed()));
+                    replacement.set(Some(addr));
+                }
+                ok
+            },
+        )
+        .await;
+        let new = replacement.get().expect("a replacement");
+        let full = Cell::new(None);
+        eventually(
+            "the replacement routes to the same backends as the survivor",
+            Duration::from_secs(30),
+            || async {
+                let (a, b) = (
+                    lb_backends(&http, new).await,
+                    lb_backends(&http, survivor).await,
+                );
+                let same = a.is_some() && a == b && a.as_ref().is_some_and(|v| v.len() == 3);
+                if same {
+                    full.set(Some(killed.elapsed()));
+                }
+                same
+            },
+        )
+        .await;
+        report.add(format!(
+            "lb kill: kill -> replacement healthy and proxying: {}; -> its table equals the \
+             survivor's (3 backends): {}",
+            ms(serving.get().unwrap()),
+            ms(full.get().unwrap())
+        ));
+    })
+    .await;
+
+    let outage = std::env::var("E2E_CONSUL_OUTAGE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60u64);
+    phase(
+        &report,
+        &load,
+        &format!("Consul stopped for {outage} s"),
+        async {
+            scale("consul", 0);
+            eventually("Consul is gone", Duration::from_secs(60), || async {
+                containers("consul").is_empty()
+            })
+            .await;
+            let lbs = lb_addrs().await;
+            eventually(
+                "both lbs notice Consul is down",
+                Duration::from_secs(120),
+                || async {
+                    for lb in &lbs {
+                        if lb_metric(&http, *lb, "lb_consul_up").await != Some(0.0) {
+                            return false;
+                        }
+                    }
+                    true
+                },
+            )
+            .await;
+            tokio::time::sleep(Duration::from_secs(outage)).await;
+            let mut ages = Vec::new();
+            for lb in &lbs {
+                ages.push(
+                    lb_metric(&http, *lb, "lb_table_age_seconds")
+                        .await
+                        .unwrap_or(-1.0),
+                );
+            }
+            let back = Instant::now();
+            scale("consul", 1);
+            let recovered = Cell::new(None);
+            eventually(
+                "Consul is back, both lbs read it again and web has 3 passing instances",
+                Duration::from_secs(120),
+                || async {
+                    for lb in &lbs {
+                        if lb_metric(&http, *lb, "lb_consul_up").await != Some(1.0) {
+                            return false;
+                        }
+                    }
+                    let ok = consul_passing(&http, "web").await == Some(3);
+                    if ok {
+                        recovered.set(Some(back.elapsed()));
+                    }
+                    ok
+                },
+            )
+            .await;
+            report.add(format!(
+                "Consul outage: lbs kept serving their last table (table age at the end of the \
+                 outage: {} s); Consul restart -> both lbs synced again: {}",
+                ages.iter()
+                    .map(|a| format!("{a:.0}"))
+                    .collect::<Vec<_>>()
+                    .join(" s and "),
+                ms(recovered.get().unwrap())
+            ));
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        },
+    )
+    .await;
+
+    // Every Grafana panel must show data from the real stack.
+    let queries = panels::queries(&workspace_root().join("grafana").join("dashboards"));
+    let mut empty: Vec<String> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        empty.clear();
+        for q in &queries {
+            match panels::run(&http, PROMETHEUS, &q.expr).await {
+                Ok(n) if n > 0 => {}
+                Ok(_) => empty.push(format!(
+                    "{} / {}: no data: {}",
+                    q.dashboard, q.panel, q.expr
+                )),
+                Err(e) => empty.push(format!("{} / {}: {e}: {}", q.dashboard, q.panel, q.expr)),
+            }
+        }
+        if empty.is_empty() || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    report.add(format!(
+        "grafana: {} panel queries run against Prometheus, {} without data",
+        queries.len(),
+        empty.len()
+    ));
+
+    let total = load.stop().await;
+    report.add(format!("total: {total}"));
+    println!(
+        "e2e: ==== summary\n{}",
+        report.lines.lock().unwrap().join("\n")
+    );
+    let failures = stats.failures();
+    assert!(
+        total.failed == 0,
+        "{} requests failed; the first ones:\n{}",
+        total.failed,
+        failures.join("\n")
+    );
+    assert!(
+        empty.is_empty(),
+        "panels without data:\n{}",
+        empty.join("\n")
+    );
+}
