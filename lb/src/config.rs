@@ -130,6 +130,11 @@ pub const SETTINGS: &[Setting] = &[
         "on SIGTERM: then wait this long for in-flight requests",
     ),
     (
+        "LB_WORKERS",
+        "auto",
+        "request-handling threads (auto: one per CPU this process may run on)",
+    ),
+    (
         "LB_LOG_FORMAT",
         "text",
         "text | json (level from RUST_LOG, default info)",
@@ -180,6 +185,8 @@ pub struct Config {
     pub drain_delay: Duration,
     pub shutdown_timeout: Duration,
     pub log_format: LogFormat,
+    /// None: one per CPU in the process's affinity mask (tokio's default).
+    pub workers: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -294,6 +301,14 @@ impl Config {
             eject_max: p.get("LB_EJECT_MAX", positive_duration, "a duration"),
             drain_delay: p.get("LB_DRAIN_DELAY", parse_duration, "a duration (0s allowed)"),
             shutdown_timeout: p.get("LB_SHUTDOWN_TIMEOUT", positive_duration, "a duration"),
+            workers: p.get(
+                "LB_WORKERS",
+                |s| match s {
+                    "auto" => Some(None),
+                    n => n.parse().ok().filter(|n| (1..=1024).contains(n)).map(Some),
+                },
+                "auto or a thread count from 1 to 1024",
+            ),
             log_format: p.get(
                 "LB_LOG_FORMAT",
                 |s| match s {
