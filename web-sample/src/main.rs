@@ -3,6 +3,7 @@
 //!
 //! - `GET /health`: 200 `ok`, or 503 while failing or draining.
 //! - `POST /fault?health=fail|ok&latency_ms=N&error_rate=F`: set knobs; `GET /fault` shows them.
+//! - `GET /bytes/N`: 200 with N bytes (at most 4 MiB) of payload, for throughput benchmarks.
 //! - anything else: 200 with a JSON line naming the instance (and header `x-backend`), after the
 //!   configured latency; a share `error_rate` of them answers 500 instead.
 //!
@@ -148,6 +149,29 @@ async fn run(listen: String, drain: Duration, state: Arc<State>) -> Result<(), S
     Ok(())
 }
 
+const MAX_PAYLOAD: usize = 4 << 20;
+
+/// N bytes sliced from one shared buffer: the benchmark measures the proxy, not this server.
+fn payload(state: &State, n: &str) -> Response<Full<Bytes>> {
+    static BUF: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+    match n.parse::<usize>() {
+        Ok(n) if n <= MAX_PAYLOAD => {
+            state.served.fetch_add(1, Ordering::Relaxed);
+            let buf = BUF.get_or_init(|| Bytes::from(vec![b'x'; MAX_PAYLOAD]));
+            let mut r = Response::new(Full::new(buf.slice(..n)));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/octet-stream"),
+            );
+            r
+        }
+        _ => text(
+            StatusCode::BAD_REQUEST,
+            format!("/bytes/N takes a byte count up to {MAX_PAYLOAD}\n"),
+        ),
+    }
+}
+
 async fn answer(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
@@ -164,6 +188,7 @@ async fn answer(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> 
             Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
         },
         (Method::GET, "/fault") => text(StatusCode::OK, faults(state)),
+        (Method::GET, p) if p.starts_with("/bytes/") => payload(state, &p["/bytes/".len()..]),
         _ => {
             state.served.fetch_add(1, Ordering::Relaxed);
             // Read (and count) the body so clients can stream uploads through the lb.
