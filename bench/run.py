@@ -1,0 +1,576 @@
+#!/usr/bin/env python3
+"""Switchyard's benchmark suite: the lb against nginx and HAProxy (Debian's packages, configs
+in bench/) and the backends hit directly, on the same local backends, in one run.
+
+Layout on the 2-core machine: the proxy under test runs alone on CPU 1; wrk and the backends
+share CPU 0 (so "direct" is the limit CPU 0 allows). Runs are interleaved (each round rotates
+the target order) so drift cancels, and every figure is the median over rounds.
+
+Stages: `wrk` scenarios (small responses at 16 and 256 keep-alive connections, 1 MiB
+responses, a new connection per request); idle keep-alive client connections (RSS per
+connection); the lb under Consul churn (100 instance changes/s) against the lb without; the
+lb with 10 and with 10,000 instances in its table. Started by scripts/bench, which installs
+and builds what it needs first.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import pathlib
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+CLK = os.sysconf("SC_CLK_TCK")
+PROXY_CPU = "1"
+LOAD_CPU = "0"
+BACKENDS = 4
+
+
+def log(msg):
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=15.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
+
+
+def http(method, url, body=None, timeout=10):
+    req = urllib.request.Request(url, data=body, method=method)
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return r.status, r.read()
+
+
+def tree(pid):
+    """pid and its descendants."""
+    children = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(d))
+            except (OSError, ValueError, IndexError):
+                pass
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def cpu_seconds(pids):
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except OSError:
+            pass
+    return total / CLK
+
+
+def rss_kib(pids):
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+class Proc:
+    """A process pinned to `cpu`, stopped by its PID (and its children's)."""
+
+    def __init__(self, name, argv, cpu, env=None, logdir=None):
+        self.name = name
+        out = open(os.path.join(logdir, f"{name}.log"), "w") if logdir else subprocess.DEVNULL
+        self.p = subprocess.Popen(
+            ["taskset", "-c", cpu] + argv,
+            env={**os.environ, **(env or {})},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def pids(self):
+        return tree(self.p.pid)
+
+    def stop(self):
+        if self.p.poll() is None:
+            try:
+                os.killpg(self.p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.p.pid, signal.SIGKILL)
+                self.p.wait()
+
+
+class Stack:
+    """Backends, a Consul dev agent, and every target, started once for the whole run."""
+
+    def __init__(self, work, targets):
+        self.work = work
+        self.procs = []
+        self.targets = {}
+        try:
+            self.start(targets)
+        except BaseException:
+            self.stop()
+            raise
+
+    def start(self, targets):
+        tools = ROOT / ".tools" / "bin"
+        rel = ROOT / "target" / "release"
+        self.backend_ports = [free_port() for _ in range(BACKENDS)]
+        for i, port in enumerate(self.backend_ports):
+            self.spawn(f"backend{i}", [str(rel / "web-sample")], LOAD_CPU,
+                       {"WEB_LISTEN": f"127.0.0.1:{port}", "WEB_NAME": f"b{i}", "WEB_DRAIN_DELAY": "0"})
+        for port in self.backend_ports:
+            wait_port(port)
+        self.extra_backend = free_port()
+        self.spawn("backend-churn", [str(rel / "web-sample")], LOAD_CPU,
+                   {"WEB_LISTEN": f"127.0.0.1:{self.extra_backend}", "WEB_NAME": "churn", "WEB_DRAIN_DELAY": "0"})
+        wait_port(self.extra_backend)
+
+        if "lb" in targets:
+            c = {k: free_port() for k in ("http", "serf_lan", "serf_wan", "server")}
+            self.consul_port = c["http"]
+            self.spawn("consul", [str(tools / "consul"), "agent", "-dev", "-bind", "127.0.0.1",
+                                  "-client", "127.0.0.1", "-http-port", str(c["http"]),
+                                  "-dns-port", "-1", "-grpc-port", "-1",
+                                  "-serf-lan-port", str(c["serf_lan"]),
+                                  "-serf-wan-port", str(c["serf_wan"]),
+                                  "-server-port", str(c["server"])], LOAD_CPU)
+            wait_port(self.consul_port)
+            self.wait_leader()
+            for i, port in enumerate(self.backend_ports):
+                self.register(f"web-{i}", "web", port, ["lb.route=/"])
+            lb_port, admin = free_port(), free_port()
+            self.lb_admin = admin
+            p = self.spawn("lb", [str(rel / "lb")], PROXY_CPU, {
+                "LB_LISTEN": f"127.0.0.1:{lb_port}",
+                "LB_ADMIN_LISTEN": f"127.0.0.1:{admin}",
+                "LB_CONSUL_ADDR": f"http://127.0.0.1:{self.consul_port}",
+                "RUST_LOG": "warn",
+            })
+            wait_port(lb_port)
+            self.wait_backends(BACKENDS)
+            self.targets["lb"] = (lb_port, p)
+        if "nginx" in targets:
+            port = free_port()
+            d = os.path.join(self.work, "nginx")
+            os.makedirs(d, exist_ok=True)
+            ups = "\n".join(f"        server 127.0.0.1:{p};" for p in self.backend_ports)
+            conf = (BENCH / "nginx.conf.in").read_text().replace("@DIR@", d) \
+                .replace("@PORT@", str(port)).replace("@UPSTREAMS@", ups)
+            path = os.path.join(d, "nginx.conf")
+            pathlib.Path(path).write_text(conf)
+            p = self.spawn("nginx", [shutil.which("nginx") or "/usr/sbin/nginx", "-c", path,
+                                     "-p", d, "-e", os.path.join(d, "nginx-error.log")], PROXY_CPU)
+            wait_port(port)
+            self.targets["nginx"] = (port, p)
+        if "haproxy" in targets:
+            port = free_port()
+            srv = "\n".join(f"    server s{i} 127.0.0.1:{p}" for i, p in enumerate(self.backend_ports))
+            conf = (BENCH / "haproxy.cfg.in").read_text().replace("@PORT@", str(port)) \
+                .replace("@SERVERS@", srv)
+            path = os.path.join(self.work, "haproxy.cfg")
+            pathlib.Path(path).write_text(conf)
+            p = self.spawn("haproxy", [shutil.which("haproxy") or "/usr/sbin/haproxy", "-db",
+                                       "-f", path], PROXY_CPU)
+            wait_port(port)
+            self.targets["haproxy"] = (port, p)
+        if "direct" in targets:
+            self.targets["direct"] = (self.backend_ports[0], None)
+
+    def spawn(self, name, argv, cpu, env=None):
+        p = Proc(name, argv, cpu, env, self.work)
+        self.procs.append(p)
+        return p
+
+    def consul(self, method, path, body=None):
+        data = json.dumps(body).encode() if body is not None else None
+        return http(method, f"http://127.0.0.1:{self.consul_port}{path}", data)
+
+    def wait_leader(self):
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            try:
+                if self.consul("GET", "/v1/status/leader")[1].strip() not in (b"", b'""'):
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("Consul elected no leader")
+
+    def register(self, sid, name, port, tags):
+        self.consul("PUT", "/v1/agent/service/register",
+                    {"ID": sid, "Name": name, "Address": "127.0.0.1", "Port": port, "Tags": tags})
+
+    def deregister(self, sid):
+        self.consul("PUT", f"/v1/agent/service/deregister/{sid}")
+
+    def lb_backend_count(self):
+        _, body = http("GET", f"http://127.0.0.1:{self.lb_admin}/routes")
+        return sum(len(r["backends"]) for r in json.loads(body)["routes"])
+
+    def wait_backends(self, n, timeout=120):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                if self.lb_backend_count() == n:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"the lb did not reach {n} backends")
+
+    def stop(self):
+        for p in reversed(self.procs):
+            p.stop()
+
+
+def wrk(port, path, conns, duration, close=False):
+    argv = ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{conns}", f"-d{duration}s",
+            "--timeout", "5s", "-s", str(BENCH / "report.lua")]
+    if close:
+        argv += ["-H", "Connection: close"]
+    argv.append(f"http://127.0.0.1:{port}{path}")
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60).stdout
+    line = next((l for l in out.splitlines() if l.startswith("BENCH ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no result:\n{out}")
+    r = dict(kv.split("=") for kv in line.split()[1:])
+    r = {k: int(v) for k, v in r.items()}
+    r["errors"] = r["connect"] + r["read"] + r["write"] + r["status"] + r["timeout"]
+    r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
+    return r
+
+
+class Sampler:
+    """Peak RSS of a process tree, sampled every 100 ms while a run lasts."""
+
+    def __init__(self, proc):
+        self.proc, self.peak, self.stop_ = proc, 0, threading.Event()
+        self.t = threading.Thread(target=self.loop, daemon=True)
+
+    def loop(self):
+        while not self.stop_.is_set():
+            self.peak = max(self.peak, rss_kib(self.proc.pids()))
+            time.sleep(0.1)
+
+    def __enter__(self):
+        if self.proc:
+            self.t.start()
+        return self
+
+    def __exit__(self, *a):
+        self.stop_.set()
+        if self.proc:
+            self.t.join()
+
+
+def measured_run(stack, target, path, conns, duration, close=False):
+    port, proc = stack.targets[target]
+    cpu0 = cpu_seconds(proc.pids()) if proc else 0
+    with Sampler(proc) as s:
+        r = wrk(port, path, conns, duration, close)
+    if proc:
+        r["cpu_per_100k"] = (cpu_seconds(proc.pids()) - cpu0) / max(r["requests"], 1) * 1e5
+        r["rss_kib"] = s.peak
+    return r
+
+
+SCENARIOS = [
+    ("small, keep-alive, 16 conns", "/", 16, False),
+    ("small, keep-alive, 256 conns", "/", 256, False),
+    ("1 MiB responses, 16 conns", "/bytes/1048576", 16, False),
+    ("new connection per request, 16 conns", "/", 16, True),
+]
+
+
+def med(runs, key):
+    vals = [r[key] for r in runs if key in r]
+    return statistics.median(vals) if vals else None
+
+
+def scenarios(stack, order, rounds, duration):
+    results = {}
+    for name, path, conns, close in SCENARIOS:
+        runs = {t: [] for t in order}
+        for rnd in range(rounds):
+            k = rnd % len(order)
+            for t in order[k:] + order[:k]:
+                r = measured_run(stack, t, path, conns, duration, close)
+                runs[t].append(r)
+                log(f"{name} | round {rnd + 1} | {t}: {r['rps']:.0f} req/s, p99 "
+                    f"{r['p99'] / 1000:.2f} ms, errors {r['errors']}")
+        results[name] = runs
+    return results
+
+
+async def open_idle(port, n):
+    conns = []
+    req = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+    sem = asyncio.Semaphore(200)
+
+    async def one():
+        async with sem:
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(req)
+            await w.drain()
+            head = await r.readuntil(b"\r\n\r\n")
+            length = next(int(l.split(b":")[1]) for l in head.split(b"\r\n")
+                          if l.lower().startswith(b"content-length"))
+            await r.readexactly(length)
+            conns.append(w)
+
+    await asyncio.gather(*(one() for _ in range(n)))
+    return conns
+
+
+def idle_rss(stack, order, n):
+    out = {}
+    for t in order:
+        port, proc = stack.targets[t]
+        if proc is None:
+            continue
+        before = rss_kib(proc.pids())
+
+        async def go():
+            conns = await open_idle(port, n)
+            await asyncio.sleep(2)
+            after = rss_kib(proc.pids())
+            for w in conns:
+                w.close()
+            await asyncio.sleep(1)
+            return after
+
+        after = asyncio.run(go())
+        out[t] = {"before_kib": before, "after_kib": after,
+                  "per_conn_kib": (after - before) / n}
+        log(f"idle: {t}: {n} connections, RSS {before} -> {after} KiB, "
+            f"{(after - before) / n:.2f} KiB per connection")
+    return out
+
+
+def churn(stack, rounds, duration, rate):
+    """p99 of the lb with and without Consul churning one instance of the routed service."""
+    port, _ = stack.targets["lb"]
+    res = {"quiet": [], "churn": []}
+    for rnd in range(rounds):
+        for mode in (["quiet", "churn"] if rnd % 2 == 0 else ["churn", "quiet"]):
+            stop = threading.Event()
+            changes = [0]
+
+            def churner():
+                on = False
+                next_t = time.time()
+                while not stop.is_set():
+                    if on:
+                        stack.deregister("web-churn")
+                    else:
+                        stack.register("web-churn", "web", stack.extra_backend, ["lb.route=/"])
+                    on = not on
+                    changes[0] += 1
+                    next_t += 1.0 / rate
+                    time.sleep(max(0.0, next_t - time.time()))
+                if on:
+                    stack.deregister("web-churn")
+
+            t = threading.Thread(target=churner, daemon=True)
+            if mode == "churn":
+                t.start()
+            r = measured_run(stack, "lb", "/", 64, duration)
+            stop.set()
+            if mode == "churn":
+                t.join()
+                r["changes_per_s"] = changes[0] / duration
+            stack.wait_backends(BACKENDS)
+            res[mode].append(r)
+            log(f"churn | round {rnd + 1} | {mode}: {r['rps']:.0f} req/s, p99 "
+                f"{r['p99'] / 1000:.2f} ms, errors {r['errors']}"
+                + (f", {r['changes_per_s']:.0f} changes/s" if mode == "churn" else ""))
+    return res
+
+
+def table_scale(stack, rounds, duration, services, per_service):
+    """lb req/s on one route with the 4 real backends only, then with `services` x
+    `per_service` more instances (on addresses nothing listens on) in its table."""
+    port, _ = stack.targets["lb"]
+    small = []
+    for rnd in range(rounds):
+        small.append(measured_run(stack, "lb", "/", 64, duration))
+    log(f"scale: registering {services * per_service} instances of {services} services")
+    t0 = time.time()
+    sem = threading.Semaphore(16)
+
+    def reg(s, i):
+        with sem:
+            stack.register(f"svc{s}-{i}", f"svc{s}", 20000 + i,
+                           [f"lb.route=svc{s}.bench/"])
+
+    threads = [threading.Thread(target=reg, args=(s, i)) for s in range(services)
+               for i in range(per_service)]
+    for i in range(0, len(threads), 256):
+        batch = threads[i:i + 256]
+        for t in batch:
+            t.start()
+        for t in batch:
+            t.join()
+    stack.wait_backends(BACKENDS + services * per_service, timeout=300)
+    log(f"scale: the lb holds every instance, {time.time() - t0:.1f} s after the first registration")
+    big = []
+    for rnd in range(rounds):
+        big.append(measured_run(stack, "lb", "/", 64, duration))
+    return {"small": small, "big": big, "instances": BACKENDS + services * per_service}
+
+
+def fmt_ms(us):
+    return "-" if us is None else f"{us / 1000:.2f}"
+
+
+def ratio(a, b):
+    return "-" if not a or not b else f"{a / b:.2f}"
+
+
+def report(res, order, args, pinning):
+    lines = [f"Run on {time.strftime('%Y-%m-%d')}: `{' '.join(sys.argv[1:]) or '(defaults)'}` "
+             f"({args.rounds} interleaved rounds of {args.duration} s per target; {pinning}).", ""]
+    for name, runs in res.get("scenarios", {}).items():
+        lines += [f"**{name}**", "",
+                  "| target | req/s | p50 ms | p99 ms | p99.9 ms | CPU s / 100k req | peak RSS MiB | errors |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for t in order:
+            rs = runs[t]
+            cpu = med(rs, "cpu_per_100k")
+            rss = max((r.get("rss_kib", 0) for r in rs), default=0)
+            lines.append(
+                f"| {t} | {med(rs, 'rps'):.0f} | {fmt_ms(med(rs, 'p50'))} | {fmt_ms(med(rs, 'p99'))} "
+                f"| {fmt_ms(med(rs, 'p999'))} | {'-' if cpu is None else f'{cpu:.2f}'} "
+                f"| {'-' if not rss else f'{rss / 1024:.1f}'} | {sum(r['errors'] for r in rs)} |")
+        lb = med(runs.get("lb", []), "rps")
+        rat = []
+        for peer in ("nginx", "haproxy", "direct"):
+            if peer in runs and lb:
+                rat.append(f"lb/{peer} {ratio(lb, med(runs[peer], 'rps'))}")
+        if "lb" in runs and "nginx" in runs:
+            rat.append(f"p99 lb/nginx {ratio(med(runs['lb'], 'p99'), med(runs['nginx'], 'p99'))}")
+        if rat:
+            lines += ["", "Ratios (req/s): " + ", ".join(rat)]
+        lines.append("")
+    if "idle" in res:
+        lines += [f"**{args.idle} idle keep-alive client connections**", "",
+                  "| target | RSS before MiB | RSS with the connections MiB | KiB per connection |",
+                  "|---|---|---|---|"]
+        for t, v in res["idle"].items():
+            lines.append(f"| {t} | {v['before_kib'] / 1024:.1f} | {v['after_kib'] / 1024:.1f} "
+                         f"| {v['per_conn_kib']:.2f} |")
+        lines.append("")
+    if "churn" in res:
+        q, c = res["churn"]["quiet"], res["churn"]["churn"]
+        lines += ["**lb under Consul churn** (64 connections; one instance of the routed service "
+                  "registered and deregistered in turn)", "",
+                  "| | req/s | p50 ms | p99 ms | p99.9 ms | changes/s | errors |", "|---|---|---|---|---|---|---|",
+                  f"| quiet | {med(q, 'rps'):.0f} | {fmt_ms(med(q, 'p50'))} | {fmt_ms(med(q, 'p99'))} | "
+                  f"{fmt_ms(med(q, 'p999'))} | 0 | {sum(r['errors'] for r in q)} |",
+                  f"| churn | {med(c, 'rps'):.0f} | {fmt_ms(med(c, 'p50'))} | {fmt_ms(med(c, 'p99'))} | "
+                  f"{fmt_ms(med(c, 'p999'))} | {med(c, 'changes_per_s'):.0f} | {sum(r['errors'] for r in c)} |",
+                  "", f"p99 churn/quiet: {ratio(med(c, 'p99'), med(q, 'p99'))}", ""]
+    if "scale" in res:
+        s, b = res["scale"]["small"], res["scale"]["big"]
+        lines += ["**lb request path against table size** (64 connections, same route)", "",
+                  "| instances in the table | req/s | p99 ms |", "|---|---|---|",
+                  f"| {BACKENDS} | {med(s, 'rps'):.0f} | {fmt_ms(med(s, 'p99'))} |",
+                  f"| {res['scale']['instances']} | {med(b, 'rps'):.0f} | {fmt_ms(med(b, 'p99'))} |",
+                  "", f"req/s big/small: {ratio(med(b, 'rps'), med(s, 'rps'))}", ""]
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    ap.add_argument("--targets", default="lb,nginx,haproxy,direct")
+    ap.add_argument("--stages", default="scenarios,idle,churn,scale")
+    ap.add_argument("--idle", type=int, default=9900,
+                    help="idle client connections (HAProxy holds at most 9,980 under the 20,000 descriptor limit here)")
+    ap.add_argument("--churn-rate", type=int, default=100, help="instance changes per second")
+    ap.add_argument("--churn-duration", type=int, default=30)
+    ap.add_argument("--services", type=int, default=1000)
+    ap.add_argument("--per-service", type=int, default=10)
+    ap.add_argument("--out", default=str(ROOT / "target" / "bench"))
+    args = ap.parse_args()
+    order = [t for t in args.targets.split(",") if t]
+    stages = set(args.stages.split(","))
+    if os.cpu_count() < 2:
+        sys.exit("bench: needs 2 CPUs (the proxy and the load run on separate cores)")
+    # 10,000 idle connections need about 20,000 descriptors in the proxy and 10,000 here;
+    # children inherit the limit. Raising the hard limit needs root; otherwise use what we have.
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (200_000, 200_000))
+    except (ValueError, OSError):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        log(f"descriptor limit {hard}: the idle-connection stage may fall short")
+    pinning = f"proxy pinned to CPU {PROXY_CPU}, wrk and backends to CPU {LOAD_CPU}"
+    log(pinning)
+    os.makedirs(args.out, exist_ok=True)
+    work = os.path.join(args.out, "work")
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    stack = Stack(work, order)
+    res = {}
+    try:
+        if "scenarios" in stages:
+            res["scenarios"] = scenarios(stack, order, args.rounds, args.duration)
+        if "idle" in stages:
+            res["idle"] = idle_rss(stack, [t for t in order if t != "direct"], args.idle)
+        if "churn" in stages and "lb" in order:
+            res["churn"] = churn(stack, max(2, args.rounds - 1), args.churn_duration, args.churn_rate)
+        if "scale" in stages and "lb" in order:
+            res["scale"] = table_scale(stack, args.rounds, args.duration, args.services, args.per_service)
+    finally:
+        stack.stop()
+    text = report(res, order, args, pinning)
+    pathlib.Path(args.out, "results.md").write_text(text + "\n")
+    pathlib.Path(args.out, "results.json").write_text(json.dumps(res, indent=1))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
