@@ -159,9 +159,9 @@ fn routes_view(shared: &Shared) -> RoutesView {
                     .map(|b| {
                         let ejected = b.backend.ejected_for(now);
                         BackendView {
-                            addr: b.spec.addr.clone(),
-                            service: b.spec.service.clone(),
-                            instance: b.spec.instance_id.clone(),
+                            addr: b.spec.addr.to_string(),
+                            service: b.spec.service.to_string(),
+                            instance: b.spec.instance_id.to_string(),
                             weight: b.weight,
                             state: if ejected.is_some() {
                                 "ejected"

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crossbeam_queue::ArrayQueue;
+use crossbeam_queue::SegQueue;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -66,7 +66,11 @@ pub struct Backend {
     /// `now_ms()` until which the backend is ejected; 0 when it is not.
     ejected_until: AtomicU64,
     requests: AtomicU64,
-    idle: ArrayQueue<Idle>,
+    /// Grows in small blocks only when used: a table of thousands of backends that are rarely
+    /// hit costs no pool memory up front.
+    idle: SegQueue<Idle>,
+    idle_len: AtomicUsize,
+    max_idle: usize,
 }
 
 impl std::fmt::Debug for Backend {
@@ -84,7 +88,9 @@ impl Backend {
             ejections: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
             requests: AtomicU64::new(0),
-            idle: ArrayQueue::new(max_idle.max(1)),
+            idle: SegQueue::new(),
+            idle_len: AtomicUsize::new(0),
+            max_idle: max_idle.max(1),
         }
     }
 
@@ -143,7 +149,7 @@ impl Backend {
         self.ejected_until
             .store(now + length.as_millis() as u64, Ordering::Relaxed);
         // Idle connections to a failing backend are suspect; new ones will be made on return.
-        while self.idle.pop().is_some() {}
+        while self.pop_idle().is_some() {}
         true
     }
 
@@ -155,7 +161,7 @@ impl Backend {
     ) -> Result<(SendRequest<UpstreamBody>, bool), ConnectError> {
         let now = now_ms();
         let max_idle_ms = s.idle_timeout.as_millis() as u64;
-        while let Some(idle) = self.idle.pop() {
+        while let Some(idle) = self.pop_idle() {
             if now.saturating_sub(idle.since_ms) < max_idle_ms
                 && !idle.sender.is_closed()
                 && idle.sender.is_ready()
@@ -208,14 +214,24 @@ impl Backend {
         }
         // A full pool means the backend has more idle connections than we keep; dropping the
         // sender closes this one.
-        let _ = self.idle.push(Idle {
+        if self.idle_len.fetch_add(1, Ordering::AcqRel) >= self.max_idle {
+            self.idle_len.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+        self.idle.push(Idle {
             sender,
             since_ms: now_ms(),
         });
     }
 
+    fn pop_idle(&self) -> Option<Idle> {
+        let idle = self.idle.pop()?;
+        self.idle_len.fetch_sub(1, Ordering::AcqRel);
+        Some(idle)
+    }
+
     pub fn idle_connections(&self) -> usize {
-        self.idle.len()
+        self.idle_len.load(Ordering::Relaxed)
     }
 }
 

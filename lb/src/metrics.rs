@@ -25,6 +25,7 @@ pub const TABLE_AGE_SECONDS: &str = "lb_table_age_seconds";
 pub const TABLE_ROUTES: &str = "lb_table_routes";
 pub const CONSUL_WATCH_ERRORS_TOTAL: &str = "lb_consul_watch_errors_total";
 pub const CONSUL_UP: &str = "lb_consul_up";
+pub const CONSUL_WATCHES: &str = "lb_consul_watches";
 pub const CONSUL_LAST_CONTACT_SECONDS: &str = "lb_consul_last_contact_seconds";
 pub const CONSUL_KNOWN_LEADER: &str = "lb_consul_known_leader";
 pub const ROUTE_TAG_ERRORS_TOTAL: &str = "lb_route_tag_errors_total";
@@ -45,7 +46,7 @@ pub const UPSTREAM_ERROR_KINDS: [&str; 5] = [
     "reset",
     "response_timeout",
 ];
-pub const CONSUL_WATCHES: [&str; 2] = ["catalog", "health"];
+pub const WATCH_NAMES: [&str; 2] = ["catalog", "health"];
 /// Not a Consul error kind: an answer the watch refused to believe (see discovery).
 pub const DISTRUSTED_ANSWER: &str = "suspicious_empty";
 /// Local responses that happen before any route is chosen; their route label is empty.
@@ -88,6 +89,7 @@ pub struct Metrics {
     /// watch, kind
     pub consul_watch_errors: IntCounterVec,
     pub consul_up: IntGauge,
+    pub consul_watches: IntGauge,
     pub consul_last_contact: prometheus::Gauge,
     pub consul_known_leader: IntGauge,
     /// reason
@@ -148,6 +150,7 @@ impl Metrics {
             table_routes: gauge(TABLE_ROUTES, "Routes in the live table."),
             consul_watch_errors: counter_vec(CONSUL_WATCH_ERRORS_TOTAL, "Failed Consul reads, by watch (catalog, health) and kind.", &["watch", "kind"]),
             consul_up: gauge(CONSUL_UP, "1 while the last Consul read succeeded."),
+            consul_watches: gauge(CONSUL_WATCHES, "Blocking queries the lb keeps open on Consul (the catalog, and one per routed service); each holds one HTTP connection."),
             consul_last_contact: fgauge(CONSUL_LAST_CONTACT_SECONDS, "X-Consul-LastContact of the last read: staleness of the answering server."),
             consul_known_leader: gauge(CONSUL_KNOWN_LEADER, "X-Consul-KnownLeader of the last read."),
             route_tag_errors: counter_vec(ROUTE_TAG_ERRORS_TOTAL, "Malformed routing tags ignored, by reason (counted once per distinct tag).", &["reason"]),
@@ -162,7 +165,7 @@ impl Metrics {
         for kind in UPSTREAM_ERROR_KINDS {
             m.upstream_errors.with_label_values(&[kind]);
         }
-        for watch in CONSUL_WATCHES {
+        for watch in WATCH_NAMES {
             for kind in switchyard_consul::Error::KINDS
                 .into_iter()
                 .chain([DISTRUSTED_ANSWER])

@@ -308,7 +308,7 @@ async fn forward(
         backend.record_success();
         let (mut rparts, rbody) = resp.into_parts();
         let class = (rparts.status.as_u16() / 100).clamp(1, 5) as usize - 1;
-        rb.responses[class].inc();
+        rb.count_response(class, &route.name, &shared.metrics);
         strip_hop_by_hop(&mut rparts.headers);
         rparts.headers.entry(X_REQUEST_ID).or_insert(request_id);
         let complete = http_body::Body::is_end_stream(&rbody);

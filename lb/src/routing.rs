@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use prometheus::{Histogram, IntCounter};
 use switchyard_consul::tags::{path_matches, RouteKey};
@@ -15,13 +15,14 @@ use crate::backend::{now_ms, Backend};
 use crate::config::Balance;
 use crate::metrics::{Metrics, STATUS_CLASSES};
 
-/// One backend of a route as discovery sees it.
+/// One backend of a route as discovery sees it. Shared strings: a spec is assembled from
+/// every service's parsed instances on each change, so copies must be cheap.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct BackendSpec {
-    pub addr: String,
+    pub addr: Arc<str>,
     pub weight: u32,
-    pub service: String,
-    pub instance_id: String,
+    pub service: Arc<str>,
+    pub instance_id: Arc<str>,
 }
 
 /// The whole desired routing, as plain data: comparing two specs tells whether a rebuild would
@@ -32,8 +33,24 @@ pub struct RouteBackend {
     pub backend: Arc<Backend>,
     pub weight: u32,
     pub spec: BackendSpec,
-    /// Responses by status class, resolved at build time.
-    pub responses: [IntCounter; 5],
+    /// Responses by status class, each resolved on its first use: resolving a labelled series
+    /// costs microseconds, and a table of 10,000 backends would pay it 50,000 times per build.
+    responses: Arc<[OnceLock<IntCounter>; 5]>,
+}
+
+impl RouteBackend {
+    /// Counts a response of status class `class` (0 = 1xx .. 4 = 5xx).
+    pub fn count_response(&self, class: usize, route: &str, metrics: &Metrics) {
+        self.responses[class]
+            .get_or_init(|| {
+                metrics.requests.with_label_values(&[
+                    route,
+                    &*self.spec.addr,
+                    STATUS_CLASSES[class],
+                ])
+            })
+            .inc();
+    }
 }
 
 pub struct Route {
@@ -55,18 +72,37 @@ pub struct RoutingTable {
     pub routes: Box<[Arc<Route>]>,
 }
 
-/// Per-(route, backend) handles kept between builds so a rebuild only resolves new pairs, and
-/// so label values are removed when their pair leaves the table.
+/// What the last build produced, so the next one rebuilds only the routes whose backends
+/// changed: backend state (pools, ejections) and metric handles carry over, and the label
+/// values of whatever left the table are removed.
 #[derive(Default)]
 pub struct BuildCache {
-    backends: HashMap<String, Arc<Backend>>,
-    responses: HashMap<(String, String), [IntCounter; 5]>,
-    latency: HashMap<String, Histogram>,
+    routes: HashMap<RouteKey, Arc<Route>>,
+    /// Backend state by address, with the number of routes using it.
+    backends: HashMap<Arc<str>, (Arc<Backend>, usize)>,
 }
 
 impl BuildCache {
     pub fn backends(&self) -> impl Iterator<Item = &Arc<Backend>> {
-        self.backends.values()
+        self.backends.values().map(|(b, _)| b)
+    }
+
+    fn acquire(&mut self, addr: &Arc<str>, max_idle: usize) -> Arc<Backend> {
+        let entry = self
+            .backends
+            .entry(addr.clone())
+            .or_insert_with(|| (Arc::new(Backend::new(addr.to_string(), max_idle)), 0));
+        entry.1 += 1;
+        entry.0.clone()
+    }
+
+    fn release(&mut self, addr: &str) {
+        if let Some(entry) = self.backends.get_mut(addr) {
+            entry.1 -= 1;
+            if entry.1 == 0 {
+                self.backends.remove(addr);
+            }
+        }
     }
 }
 
@@ -80,89 +116,64 @@ impl RoutingTable {
         }
     }
 
-    /// Builds a table from a spec, reusing the backends (pools, ejections) that stay.
-    pub fn build(
+    /// Builds a table from a spec. Routes whose backends are unchanged since the last build
+    /// (as `cache` remembers it) are reused as they are; the others are built anew, keeping
+    /// the state and metric handles of the backends that stay. With `changed` (the routes that
+    /// differ from the last build), only those are compared and rebuilt.
+    pub fn build<V>(
         spec: &TableSpec,
+        changed: Option<&BTreeMap<RouteKey, V>>,
         generation: u64,
         cache: &mut BuildCache,
         metrics: &Metrics,
         max_idle: usize,
     ) -> RoutingTable {
-        let mut backends = HashMap::with_capacity(cache.backends.len());
-        let mut responses = HashMap::with_capacity(cache.responses.len());
-        let mut latency = HashMap::with_capacity(spec.len());
+        let gone: Vec<RouteKey> = match changed {
+            Some(changed) => changed
+                .keys()
+                .filter(|k| !spec.contains_key(*k) && cache.routes.contains_key(*k))
+                .cloned()
+                .collect(),
+            None => cache
+                .routes
+                .keys()
+                .filter(|k| !spec.contains_key(*k))
+                .cloned()
+                .collect(),
+        };
+        for key in gone {
+            let old = cache.routes.remove(&key).expect("listed above");
+            let _ = metrics.request_duration.remove_label_values(&[&old.name]);
+            for state in ["healthy", "ejected"] {
+                let _ = metrics.backends.remove_label_values(&[&old.name, state]);
+            }
+            for rb in old.backends.iter() {
+                drop_backend(cache, metrics, &old.name, rb);
+            }
+        }
+
         let mut routes = Vec::with_capacity(spec.len());
         for (key, specs) in spec {
-            let name = key.to_string();
-            let hist = cache
-                .latency
-                .remove(&name)
-                .unwrap_or_else(|| metrics.request_duration.with_label_values(&[&name]));
-            latency.insert(name.clone(), hist.clone());
-            let mut rbs = Vec::with_capacity(specs.len());
-            for s in specs {
-                let backend: Arc<Backend> = backends
-                    .entry(s.addr.clone())
-                    .or_insert_with(|| {
-                        cache
-                            .backends
-                            .remove(&s.addr)
-                            .unwrap_or_else(|| Arc::new(Backend::new(s.addr.clone(), max_idle)))
-                    })
-                    .clone();
-                let pair = (name.clone(), s.addr.clone());
-                let counters = cache.responses.remove(&pair).unwrap_or_else(|| {
-                    STATUS_CLASSES
-                        .map(|class| metrics.requests.with_label_values(&[&name, &s.addr, class]))
-                });
-                responses.insert(pair, counters.clone());
-                rbs.push(RouteBackend {
-                    backend,
-                    weight: s.weight.max(1),
-                    spec: s.clone(),
-                    responses: counters,
-                });
-            }
-            let weights: Vec<u64> = rbs.iter().map(|b| u64::from(b.weight)).collect();
-            let total_weight = weights.iter().sum();
-            let cumulative: Box<[u64]> = if weights.windows(2).all(|w| w[0] == w[1]) {
-                Box::new([])
-            } else {
-                weights
-                    .iter()
-                    .scan(0, |acc, w| {
-                        *acc += w;
-                        Some(*acc)
-                    })
-                    .collect()
+            let old = cache.routes.get(key);
+            let unchanged = |o: &&Arc<Route>| match changed {
+                Some(changed) => !changed.contains_key(key),
+                None => same_backends(o, specs),
             };
-            routes.push(Arc::new(Route {
-                key: key.clone(),
-                name,
-                backends: rbs.into_boxed_slice(),
-                cumulative,
-                total_weight,
-                next: AtomicUsize::new(0),
-                latency: hist,
-            }));
-        }
-        // What is left in the cache has left the table: drop its label values.
-        for ((route, addr), _) in cache.responses.drain() {
-            for class in STATUS_CLASSES {
-                let _ = metrics
-                    .requests
-                    .remove_label_values(&[&route, &addr, class]);
+            if let Some(old) = old.filter(unchanged) {
+                routes.push(old.clone());
+                continue;
             }
+            let route = Arc::new(build_route(
+                key,
+                specs,
+                old.cloned(),
+                cache,
+                metrics,
+                max_idle,
+            ));
+            cache.routes.insert(key.clone(), route.clone());
+            routes.push(route);
         }
-        for (route, _) in cache.latency.drain() {
-            let _ = metrics.request_duration.remove_label_values(&[&route]);
-            for state in ["healthy", "ejected"] {
-                let _ = metrics.backends.remove_label_values(&[&route, state]);
-            }
-        }
-        cache.backends = backends;
-        cache.responses = responses;
-        cache.latency = latency;
 
         let mut exact: HashMap<String, Vec<Arc<Route>>> = HashMap::new();
         let mut any_host = Vec::new();
@@ -201,6 +212,86 @@ impl RoutingTable {
             .and_then(|routes| find(routes, path))
             .or_else(|| find(&self.any_host, path))
     }
+}
+
+fn same_backends(route: &Route, specs: &[BackendSpec]) -> bool {
+    route.backends.len() == specs.len()
+        && route
+            .backends
+            .iter()
+            .zip(specs)
+            .all(|(rb, s)| rb.spec == *s)
+}
+
+/// A route built anew; backends it shares with `old` keep their state and counters.
+fn build_route(
+    key: &RouteKey,
+    specs: &[BackendSpec],
+    old: Option<Arc<Route>>,
+    cache: &mut BuildCache,
+    metrics: &Metrics,
+    max_idle: usize,
+) -> Route {
+    let name = key.to_string();
+    let latency = old
+        .as_ref()
+        .map(|o| o.latency.clone())
+        .unwrap_or_else(|| metrics.request_duration.with_label_values(&[&name]));
+    let mut rbs = Vec::with_capacity(specs.len());
+    for s in specs {
+        let kept = old
+            .as_ref()
+            .and_then(|o| o.backends.iter().find(|rb| rb.spec.addr == s.addr));
+        let (backend, responses) = match kept {
+            Some(rb) => (rb.backend.clone(), rb.responses.clone()),
+            None => (cache.acquire(&s.addr, max_idle), Arc::default()),
+        };
+        rbs.push(RouteBackend {
+            backend,
+            weight: s.weight.max(1),
+            spec: s.clone(),
+            responses,
+        });
+    }
+    if let Some(old) = &old {
+        for rb in old.backends.iter() {
+            if !specs.iter().any(|s| s.addr == rb.spec.addr) {
+                drop_backend(cache, metrics, &name, rb);
+            }
+        }
+    }
+    let weights: Vec<u64> = rbs.iter().map(|b| u64::from(b.weight)).collect();
+    let total_weight = weights.iter().sum();
+    let cumulative: Box<[u64]> = if weights.windows(2).all(|w| w[0] == w[1]) {
+        Box::new([])
+    } else {
+        weights
+            .iter()
+            .scan(0, |acc, w| {
+                *acc += w;
+                Some(*acc)
+            })
+            .collect()
+    };
+    Route {
+        key: key.clone(),
+        name,
+        backends: rbs.into_boxed_slice(),
+        cumulative,
+        total_weight,
+        next: AtomicUsize::new(0),
+        latency,
+    }
+}
+
+/// A backend left a route: its label values go, and its state once no route uses it.
+fn drop_backend(cache: &mut BuildCache, metrics: &Metrics, route: &str, rb: &RouteBackend) {
+    for class in STATUS_CLASSES {
+        let _ = metrics
+            .requests
+            .remove_label_values(&[route, &rb.spec.addr, class]);
+    }
+    cache.release(&rb.spec.addr);
 }
 
 /// Indices of backends already tried by this request; retries avoid them.
@@ -316,10 +407,10 @@ mod tests {
                     backends
                         .iter()
                         .map(|(addr, weight)| BackendSpec {
-                            addr: addr.to_string(),
+                            addr: (*addr).into(),
                             weight: *weight,
                             service: "svc".into(),
-                            instance_id: addr.to_string(),
+                            instance_id: (*addr).into(),
                         })
                         .collect(),
                 )
@@ -330,7 +421,7 @@ mod tests {
     fn table(routes: &[(&str, &[(&str, u32)])]) -> (RoutingTable, BuildCache, Metrics) {
         let metrics = Metrics::new();
         let mut cache = BuildCache::default();
-        let t = RoutingTable::build(&spec(routes), 1, &mut cache, &metrics, 4);
+        let t = RoutingTable::build::<()>(&spec(routes), None, 1, &mut cache, &metrics, 4);
         (t, cache, metrics)
     }
 
@@ -421,16 +512,24 @@ mod tests {
     fn rebuild_keeps_backend_state_and_drops_departed_labels() {
         let metrics = Metrics::new();
         let mut cache = BuildCache::default();
-        let t1 = RoutingTable::build(
+        let t1 = RoutingTable::build::<()>(
             &spec(&[("/", &[("a:1", 1), ("b:1", 1)])]),
+            None,
             1,
             &mut cache,
             &metrics,
             4,
         );
         let a1 = t1.routes[0].backends[0].backend.clone();
-        t1.routes[0].backends[1].responses[1].inc();
-        let t2 = RoutingTable::build(&spec(&[("/", &[("a:1", 1)])]), 2, &mut cache, &metrics, 4);
+        t1.routes[0].backends[1].count_response(1, "*/", &metrics);
+        let t2 = RoutingTable::build::<()>(
+            &spec(&[("/", &[("a:1", 1)])]),
+            None,
+            2,
+            &mut cache,
+            &metrics,
+            4,
+        );
         assert!(Arc::ptr_eq(&a1, &t2.routes[0].backends[0].backend));
         let text = metrics.encode();
         assert!(

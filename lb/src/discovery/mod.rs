@@ -8,12 +8,12 @@
 
 mod pace;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use switchyard_consul::tags::{parse_tags, RouteKey};
+use switchyard_consul::tags::{parse_tags, RouteKey, TagError};
 use switchyard_consul::{next_index, Client, QueryMeta, QueryOptions, ServiceEntry};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -24,6 +24,8 @@ pub use pace::Pace;
 use switchyard_consul::backoff::Backoff;
 
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
+/// Consul's default `limits.http_max_conns_per_client` is 200: warn before the lb reaches it.
+const WATCHES_WARN_AT: usize = 180;
 
 /// What the rest of the lb may know about discovery's health.
 #[derive(Default)]
@@ -82,12 +84,11 @@ pub async fn watch_consul(
         shared: shared.clone(),
         client,
         tx,
-        services: HashMap::new(),
+        parts: SpecParts::default(),
         watchers: HashMap::new(),
         awaiting_first: HashSet::new(),
         catalog_seen_at: None,
         published: false,
-        last_spec: None,
         cache: BuildCache::default(),
         generation: 0,
         warned: HashSet::new(),
@@ -124,12 +125,11 @@ struct Builder {
     shared: Arc<Shared>,
     client: Client,
     tx: mpsc::Sender<Update>,
-    services: HashMap<String, Vec<ServiceEntry>>,
+    parts: SpecParts,
     watchers: HashMap<String, JoinHandle<()>>,
     awaiting_first: HashSet<String>,
     catalog_seen_at: Option<Instant>,
     published: bool,
-    last_spec: Option<TableSpec>,
     cache: BuildCache,
     generation: u64,
     /// (service, tag) pairs already warned about, so a bad tag is logged and counted once.
@@ -148,10 +148,23 @@ impl Builder {
                     }
                     keep
                 });
-                self.services.retain(|name, _| names.contains(name));
+                self.parts.retain(|name| names.contains(name));
+                self.shared
+                    .metrics
+                    .consul_watches
+                    .set(names.len() as i64 + 1);
                 self.awaiting_first.retain(|name| names.contains(name));
                 for name in names {
                     if !self.watchers.contains_key(&name) {
+                        if self.watchers.len() == WATCHES_WARN_AT {
+                            tracing::warn!(
+                                watches = WATCHES_WARN_AT,
+                                "many routed services: the lb holds one blocking query (one HTTP \
+                                 connection) per routed service, and Consul refuses more than \
+                                 limits.http_max_conns_per_client (default 200) per client \
+                                 address; raise that limit on the agent the lb talks to"
+                            );
+                        }
                         tracing::info!(service = %name, "watching routed service");
                         let task = watch_service(
                             self.shared.clone(),
@@ -168,7 +181,22 @@ impl Builder {
                 // A late answer from a watch that was just stopped must not resurrect it.
                 if self.watchers.contains_key(&service) {
                     self.awaiting_first.remove(&service);
-                    self.services.insert(service, entries);
+                    let (warned, shared) = (&mut self.warned, &self.shared);
+                    self.parts.set(
+                        &service,
+                        &entries,
+                        &shared.config.tag_prefix,
+                        |service, instance, err| {
+                            if warned.insert((instance.to_string(), err.tag.clone())) {
+                                tracing::warn!(service, instance, tag = %err.tag, reason = err.detail, "ignoring malformed routing tag");
+                                shared
+                                    .metrics
+                                    .route_tag_errors
+                                    .with_label_values(&[err.kind.as_str()])
+                                    .inc();
+                            }
+                        },
+                    );
                 }
             }
         }
@@ -182,17 +210,18 @@ impl Builder {
             return;
         }
         let started = Instant::now();
-        let spec = self.spec();
-        if self.published && self.last_spec.as_ref() == Some(&spec) {
+        let changed = self.parts.take_changed();
+        if self.published && changed.is_empty() {
             return;
         }
-        if let Some(old) = &self.last_spec {
-            log_diff(old, &spec);
+        if self.published {
+            log_diff(&changed, self.parts.spec());
         }
         self.generation += 1;
         let m = &self.shared.metrics;
         let table = RoutingTable::build(
-            &spec,
+            self.parts.spec(),
+            Some(&changed),
             self.generation,
             &mut self.cache,
             m,
@@ -213,53 +242,147 @@ impl Builder {
             self.published = true;
             self.shared.table_loaded.store(true, Ordering::Release);
         }
-        self.last_spec = Some(spec);
+    }
+}
+
+/// Each routed service's share of the table, parsed once when that service changes, and the
+/// table spec kept up to date route by route: a change to one instance re-parses one service
+/// and recomputes only the routes that service uses.
+#[derive(Default)]
+pub struct SpecParts {
+    parts: HashMap<String, Vec<(RouteKey, Option<BackendSpec>)>>,
+    /// The services that route to each route.
+    users: HashMap<RouteKey, BTreeSet<String>>,
+    spec: TableSpec,
+    /// Routes changed since the last `take_changed`, with their backends before the change.
+    changed: BTreeMap<RouteKey, Option<Vec<BackendSpec>>>,
+}
+
+/// The routes that changed, with their backends before (`None`: the route is new).
+pub type Changes = BTreeMap<RouteKey, Option<Vec<BackendSpec>>>;
+
+impl SpecParts {
+    /// Replaces a service's share from its instances. Routes exist for every routed instance;
+    /// only passing ones become backends, so a route whose instances all fail answers 503.
+    /// `on_tag_error(service, instance, error)` hears of every malformed tag.
+    pub fn set(
+        &mut self,
+        service: &str,
+        entries: &[ServiceEntry],
+        prefix: &str,
+        mut on_tag_error: impl FnMut(&str, &str, &TagError),
+    ) {
+        let name: Arc<str> = service.into();
+        let mut part = Vec::new();
+        for e in entries {
+            let (routing, errors) = parse_tags(prefix, e.service.tags.iter().map(String::as_str));
+            for err in &errors {
+                on_tag_error(service, &e.service.id, err);
+            }
+            if !routing.enabled {
+                continue;
+            }
+            let passing = e.checks.iter().all(|c| c.status == "passing");
+            let backend =
+                (passing && routing.weight > 0 && e.service.port != 0).then(|| BackendSpec {
+                    addr: backend_addr(e).into(),
+                    weight: routing.weight,
+                    service: name.clone(),
+                    instance_id: e.service.id.as_str().into(),
+                });
+            for key in routing.routes {
+                part.push((key, backend.clone()));
+            }
+        }
+        self.replace(service, Some(part));
     }
 
-    /// The desired table from what the watches reported. Routes exist for every routed instance;
-    /// only passing ones become backends, so a route whose instances all fail answers 503.
-    fn spec(&mut self) -> TableSpec {
-        let prefix = &self.shared.config.tag_prefix;
-        let mut spec = TableSpec::new();
-        for (service, entries) in &self.services {
-            for e in entries {
-                let (routing, errors) =
-                    parse_tags(prefix, e.service.tags.iter().map(String::as_str));
-                for err in errors {
-                    if self.warned.insert((e.service.id.clone(), err.tag.clone())) {
-                        tracing::warn!(service = %service, instance = %e.service.id, tag = %err.tag, reason = err.detail, "ignoring malformed routing tag");
-                        self.shared
-                            .metrics
-                            .route_tag_errors
-                            .with_label_values(&[err.kind.as_str()])
-                            .inc();
-                    }
-                }
-                if !routing.enabled {
-                    continue;
-                }
-                let passing = e.checks.iter().all(|c| c.status == "passing");
-                let addr = backend_addr(e);
-                for key in routing.routes {
-                    let backends: &mut Vec<BackendSpec> = spec.entry(key).or_default();
-                    if passing && routing.weight > 0 && e.service.port != 0 {
-                        backends.push(BackendSpec {
-                            addr: addr.clone(),
-                            weight: routing.weight,
-                            service: service.clone(),
-                            instance_id: e.service.id.clone(),
-                        });
-                    }
+    /// Drops the services `keep` refuses.
+    pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        let gone: Vec<String> = self.parts.keys().filter(|n| !keep(n)).cloned().collect();
+        for name in gone {
+            self.replace(&name, None);
+        }
+    }
+
+    fn replace(&mut self, service: &str, part: Option<Vec<(RouteKey, Option<BackendSpec>)>>) {
+        let old = match part {
+            Some(p) => self.parts.insert(service.to_string(), p),
+            None => self.parts.remove(service),
+        };
+        let new = self.parts.get(service);
+        if old.as_ref() == new {
+            return;
+        }
+        let mut affected: BTreeSet<RouteKey> = BTreeSet::new();
+        affected.extend(old.iter().flatten().map(|(k, _)| k.clone()));
+        affected.extend(new.into_iter().flatten().map(|(k, _)| k.clone()));
+        for key in &affected {
+            let uses = new.is_some_and(|p| p.iter().any(|(k, _)| k == key));
+            if uses {
+                self.users
+                    .entry(key.clone())
+                    .or_default()
+                    .insert(service.to_string());
+            } else if let Some(users) = self.users.get_mut(key) {
+                users.remove(service);
+                if users.is_empty() {
+                    self.users.remove(key);
                 }
             }
         }
-        for backends in spec.values_mut() {
-            backends.sort();
+        for key in affected {
+            self.recompute(key);
+        }
+    }
+
+    fn recompute(&mut self, key: RouteKey) {
+        let value = self.users.get(&key).map(|users| {
+            let mut backends: Vec<BackendSpec> = users
+                .iter()
+                .flat_map(|s| self.parts[s].iter())
+                .filter(|(k, _)| *k == key)
+                .filter_map(|(_, b)| b.clone())
+                .collect();
+            backends.sort_unstable();
             // Two instances on one address are one backend to us.
             backends.dedup_by(|a, b| a.addr == b.addr);
+            backends
+        });
+        if self.spec.get(&key) == value.as_ref() {
+            return;
         }
-        spec
+        let before = match value {
+            Some(v) => self.spec.insert(key.clone(), v),
+            None => self.spec.remove(&key),
+        };
+        self.changed.entry(key).or_insert(before);
     }
+
+    /// The whole desired table.
+    pub fn spec(&self) -> &TableSpec {
+        &self.spec
+    }
+
+    /// The routes changed since the last call (a route changed and changed back is left out).
+    pub fn take_changed(&mut self) -> Changes {
+        let mut changed = std::mem::take(&mut self.changed);
+        changed.retain(|k, before| before.as_ref() != self.spec.get(k));
+        changed
+    }
+}
+
+/// The desired table from every routed service's instances, parsed from scratch.
+pub fn table_spec(
+    services: &HashMap<String, Vec<ServiceEntry>>,
+    prefix: &str,
+    mut on_tag_error: impl FnMut(&str, &str, &TagError),
+) -> TableSpec {
+    let mut parts = SpecParts::default();
+    for (service, entries) in services {
+        parts.set(service, entries, prefix, &mut on_tag_error);
+    }
+    parts.spec
 }
 
 fn backend_addr(e: &ServiceEntry) -> String {
@@ -271,17 +394,24 @@ fn backend_addr(e: &ServiceEntry) -> String {
     }
 }
 
-fn log_diff(old: &TableSpec, new: &TableSpec) {
-    let pairs = |s: &TableSpec| -> BTreeSet<(RouteKey, String)> {
-        s.iter()
-            .flat_map(|(k, bs)| bs.iter().map(move |b| (k.clone(), b.addr.clone())))
-            .collect()
+/// Logs what changed, from the changed routes only.
+fn log_diff(changed: &Changes, spec: &TableSpec) {
+    let (mut added, mut removed) = (Vec::new(), Vec::new());
+    let (mut routes_added, mut routes_removed) = (0, 0);
+    let addrs = |v: Option<&Vec<BackendSpec>>| {
+        v.into_iter()
+            .flatten()
+            .map(|b| b.addr.clone())
+            .collect::<BTreeSet<_>>()
     };
-    let (o, n) = (pairs(old), pairs(new));
-    let added: Vec<String> = n.difference(&o).map(|(k, a)| format!("{k} +{a}")).collect();
-    let removed: Vec<String> = o.difference(&n).map(|(k, a)| format!("{k} -{a}")).collect();
-    let routes_added = new.keys().filter(|k| !old.contains_key(*k)).count();
-    let routes_removed = old.keys().filter(|k| !new.contains_key(*k)).count();
+    for (key, before) in changed {
+        let now = spec.get(key);
+        routes_added += usize::from(before.is_none());
+        routes_removed += usize::from(now.is_none());
+        let (o, n) = (addrs(before.as_ref()), addrs(now));
+        added.extend(n.difference(&o).map(|a| format!("{key} +{a}")));
+        removed.extend(o.difference(&n).map(|a| format!("{key} -{a}")));
+    }
     tracing::info!(
         routes_added,
         routes_removed,
@@ -489,4 +619,81 @@ async fn watch_service(
         },
     )
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(service: &str, id: &str, port: u16, route: &str, status: &str) -> ServiceEntry {
+        serde_json::from_value(serde_json::json!({
+            "Node": {"Node": "n1", "Address": "10.0.0.1"},
+            "Service": {"ID": id, "Service": service, "Tags": [format!("lb.route={route}")], "Port": port},
+            "Checks": [{"CheckID": format!("{id}:check"), "Status": status}]
+        }))
+        .unwrap()
+    }
+
+    fn addrs(parts: &SpecParts, route: &str) -> Option<Vec<String>> {
+        let key = switchyard_consul::tags::parse_route(route).unwrap();
+        parts
+            .spec()
+            .get(&key)
+            .map(|v| v.iter().map(|b| b.addr.to_string()).collect())
+    }
+
+    #[test]
+    fn spec_parts_recompute_only_what_changed_and_merge_shared_routes() {
+        let mut p = SpecParts::default();
+        let none = |_: &str, _: &str, _: &TagError| {};
+        p.set("a", &[entry("a", "a1", 1, "/", "passing")], "lb", none);
+        p.set("b", &[entry("b", "b1", 2, "/", "passing")], "lb", none);
+        p.set(
+            "c",
+            &[entry("c", "c1", 3, "c.example/", "passing")],
+            "lb",
+            none,
+        );
+        assert_eq!(p.take_changed().len(), 2, "two routes appeared");
+        assert_eq!(
+            addrs(&p, "/"),
+            Some(vec!["10.0.0.1:1".into(), "10.0.0.1:2".into()])
+        );
+
+        // One instance turns critical: only its route changes, and keeps the other service.
+        p.set("b", &[entry("b", "b1", 2, "/", "critical")], "lb", none);
+        let changed = p.take_changed();
+        assert_eq!(changed.len(), 1);
+        assert_eq!(addrs(&p, "/"), Some(vec!["10.0.0.1:1".into()]));
+
+        // A change undone before the next build is no change.
+        p.set(
+            "c",
+            &[entry("c", "c1", 3, "c.example/", "critical")],
+            "lb",
+            none,
+        );
+        p.set(
+            "c",
+            &[entry("c", "c1", 3, "c.example/", "passing")],
+            "lb",
+            none,
+        );
+        assert!(p.take_changed().is_empty());
+
+        // A service that goes away takes its routes with it, and only those.
+        p.retain(|name| name != "c");
+        let changed = p.take_changed();
+        assert_eq!(changed.len(), 1);
+        assert_eq!(addrs(&p, "c.example/"), None);
+        assert_eq!(addrs(&p, "/"), Some(vec!["10.0.0.1:1".into()]));
+
+        // The incremental spec equals one parsed from scratch.
+        let all: HashMap<String, Vec<ServiceEntry>> = [
+            ("a".to_string(), vec![entry("a", "a1", 1, "/", "passing")]),
+            ("b".to_string(), vec![entry("b", "b1", 2, "/", "critical")]),
+        ]
+        .into();
+        assert_eq!(&table_spec(&all, "lb", none), p.spec());
+    }
 }
