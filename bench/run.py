@@ -174,7 +174,11 @@ class Stack:
                                   "-dns-port", "-1", "-grpc-port", "-1",
                                   "-serf-lan-port", str(c["serf_lan"]),
                                   "-serf-wan-port", str(c["serf_wan"]),
-                                  "-server-port", str(c["server"])], LOAD_CPU)
+                                  "-server-port", str(c["server"]),
+                                  # The lb keeps one blocking query (one connection) per routed
+                                  # service: the 1,000-service stage needs more than Consul's
+                                  # default 200 connections per client address.
+                                  "-hcl", "limits { http_max_conns_per_client = 4096 }"], LOAD_CPU)
             wait_port(self.consul_port)
             self.wait_leader()
             for i, port in enumerate(self.backend_ports):
@@ -237,9 +241,9 @@ class Stack:
             time.sleep(0.1)
         raise RuntimeError("Consul elected no leader")
 
-    def register(self, sid, name, port, tags):
+    def register(self, sid, name, port, tags, address="127.0.0.1"):
         self.consul("PUT", "/v1/agent/service/register",
-                    {"ID": sid, "Name": name, "Address": "127.0.0.1", "Port": port, "Tags": tags})
+                    {"ID": sid, "Name": name, "Address": address, "Port": port, "Tags": tags})
 
     def deregister(self, sid):
         self.consul("PUT", f"/v1/agent/service/deregister/{sid}")
@@ -438,11 +442,16 @@ def table_scale(stack, rounds, duration, services, per_service):
     log(f"scale: registering {services * per_service} instances of {services} services")
     t0 = time.time()
     sem = threading.Semaphore(16)
+    errors = []
 
     def reg(s, i):
         with sem:
-            stack.register(f"svc{s}-{i}", f"svc{s}", 20000 + i,
-                           [f"lb.route=svc{s}.bench/"])
+            try:
+                # Loopback addresses nothing listens on: in the table, never sent traffic.
+                stack.register(f"svc{s}-{i}", f"svc{s}", 20000 + i,
+                               [f"lb.route=svc{s}.bench/"], f"127.1.{s // 250}.{s % 250 + 1}")
+            except OSError as e:
+                errors.append(e)
 
     threads = [threading.Thread(target=reg, args=(s, i)) for s in range(services)
                for i in range(per_service)]
@@ -452,6 +461,8 @@ def table_scale(stack, rounds, duration, services, per_service):
             t.start()
         for t in batch:
             t.join()
+    if errors:
+        raise RuntimeError(f"{len(errors)} registrations failed, the first: {errors[0]!r}")
     stack.wait_backends(BACKENDS + services * per_service, timeout=300)
     log(f"scale: the lb holds every instance, {time.time() - t0:.1f} s after the first registration")
     big = []
@@ -555,21 +566,39 @@ def main():
     os.makedirs(work)
     stack = Stack(work, order)
     res = {}
+    failed = []
+
+    def stage(name, fn):
+        # A failing stage is reported and the others still run; results are written as they come.
+        try:
+            res[name] = fn()
+        except Exception as e:  # noqa: BLE001 - reported, not swallowed
+            log(f"stage {name} failed: {e!r}")
+            failed.append(f"{name}: {e!r}")
+        text = report(res, order, args, pinning)
+        if failed:
+            text += "\n\nStages that failed: " + "; ".join(failed) + "\n"
+        pathlib.Path(args.out, "results.md").write_text(text + "\n")
+        pathlib.Path(args.out, "results.json").write_text(json.dumps(res, indent=1))
+        return text
+
+    text = ""
     try:
         if "scenarios" in stages:
-            res["scenarios"] = scenarios(stack, order, args.rounds, args.duration)
+            text = stage("scenarios", lambda: scenarios(stack, order, args.rounds, args.duration))
         if "idle" in stages:
-            res["idle"] = idle_rss(stack, [t for t in order if t != "direct"], args.idle)
+            text = stage("idle", lambda: idle_rss(stack, [t for t in order if t != "direct"], args.idle))
         if "churn" in stages and "lb" in order:
-            res["churn"] = churn(stack, max(2, args.rounds - 1), args.churn_duration, args.churn_rate)
+            text = stage("churn", lambda: churn(stack, max(2, args.rounds - 1), args.churn_duration,
+                                                args.churn_rate))
         if "scale" in stages and "lb" in order:
-            res["scale"] = table_scale(stack, args.rounds, args.duration, args.services, args.per_service)
+            text = stage("scale", lambda: table_scale(stack, args.rounds, args.duration,
+                                                      args.services, args.per_service))
     finally:
         stack.stop()
-    text = report(res, order, args, pinning)
-    pathlib.Path(args.out, "results.md").write_text(text + "\n")
-    pathlib.Path(args.out, "results.json").write_text(json.dumps(res, indent=1))
     print(text)
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
