@@ -112,10 +112,26 @@ impl LocalReason {
 }
 
 /// Serves one request. Never fails: every error is a response.
+/// The client end of a connection, with its address already rendered as the header value
+/// `X-Forwarded-For` needs: once per connection rather than once per request.
+#[derive(Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    ip: HeaderValue,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Peer {
+        let ip = HeaderValue::from_str(&addr.ip().to_string())
+            .expect("an IP address is a valid header value");
+        Peer { addr, ip }
+    }
+}
+
 pub async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
-    peer: SocketAddr,
+    peer: Peer,
 ) -> Response<ProxyBody> {
     let request_id = request_id(req.headers());
     let (mut parts, body) = req.into_parts();
@@ -157,7 +173,7 @@ pub async fn handle(
         );
     }
 
-    prepare_upstream_headers(&mut parts.headers, peer, &request_id);
+    prepare_upstream_headers(&mut parts.headers, &peer, &request_id);
     if parts.uri.authority().is_some() || parts.uri.scheme().is_some() {
         // Absolute-form from the client; backends get origin-form.
         let pq = parts
@@ -430,14 +446,18 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn prepare_upstream_headers(headers: &mut HeaderMap, peer: SocketAddr, request_id: &HeaderValue) {
+fn prepare_upstream_headers(headers: &mut HeaderMap, peer: &Peer, request_id: &HeaderValue) {
     strip_hop_by_hop(headers);
-    let ip = peer.ip().to_string();
-    let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip,
+    let xff = match headers.get(X_FORWARDED_FOR).map(|v| v.to_str()) {
+        None => Some(peer.ip.clone()),
+        Some(Ok(prev)) => {
+            let ip = peer.ip.to_str().expect("built from an IP address");
+            HeaderValue::from_str(&format!("{prev}, {ip}")).ok()
+        }
+        // Not visible ASCII: replaced rather than extended.
+        Some(Err(_)) => Some(peer.ip.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = xff {
         headers.insert(X_FORWARDED_FOR, v);
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
@@ -529,7 +549,11 @@ mod tests {
         headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("10.1.1.1"));
         headers.insert("x-kept", HeaderValue::from_static("yes"));
         let id = HeaderValue::from_static("abc");
-        prepare_upstream_headers(&mut headers, "127.0.0.2:5555".parse().unwrap(), &id);
+        prepare_upstream_headers(
+            &mut headers,
+            &Peer::new("127.0.0.2:5555".parse().unwrap()),
+            &id,
+        );
         for gone in ["connection", "x-secret", "keep-alive", "te"] {
             assert!(!headers.contains_key(gone), "{gone} kept");
         }

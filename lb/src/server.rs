@@ -44,9 +44,10 @@ pub async fn serve_proxy(
                 };
                 let _ = stream.set_nodelay(true);
                 let shared2 = shared.clone();
+                let client = crate::proxy::Peer::new(peer);
                 let svc = service_fn(move |req| {
-                    let shared = shared2.clone();
-                    async move { Ok::<_, Infallible>(crate::proxy::handle(shared, req, peer).await) }
+                    let (shared, client) = (shared2.clone(), client.clone());
+                    async move { Ok::<_, Infallible>(crate::proxy::handle(shared, req, client).await) }
                 });
                 let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), svc));
                 let shared = shared.clone();
