@@ -247,15 +247,17 @@ impl Builder {
 
 /// Each routed service's share of the table, parsed once when that service changes, and the
 /// table spec kept up to date route by route: a change to one instance re-parses one service
-/// and recomputes only the routes that service uses.
+/// and recomputes only the routes that service uses. Routes are recomputed once per
+/// `take_changed`, however many of their services changed since (a first sync of many
+/// services sharing one route must not rebuild it once per service).
 #[derive(Default)]
 pub struct SpecParts {
     parts: HashMap<String, Vec<(RouteKey, Option<BackendSpec>)>>,
     /// The services that route to each route.
     users: HashMap<RouteKey, BTreeSet<String>>,
     spec: TableSpec,
-    /// Routes changed since the last `take_changed`, with their backends before the change.
-    changed: BTreeMap<RouteKey, Option<Vec<BackendSpec>>>,
+    /// Routes whose services changed since the last `take_changed`.
+    dirty: BTreeSet<RouteKey>,
 }
 
 /// The routes that changed, with their backends before (`None`: the route is new).
@@ -331,12 +333,11 @@ impl SpecParts {
                 }
             }
         }
-        for key in affected {
-            self.recompute(key);
-        }
+        self.dirty.extend(affected);
     }
 
-    fn recompute(&mut self, key: RouteKey) {
+    /// The route's backends from its services' shares; `Some(before)` when they changed.
+    fn recompute(&mut self, key: RouteKey) -> Option<(RouteKey, Option<Vec<BackendSpec>>)> {
         let value = self.users.get(&key).map(|users| {
             let mut backends: Vec<BackendSpec> = users
                 .iter()
@@ -350,25 +351,27 @@ impl SpecParts {
             backends
         });
         if self.spec.get(&key) == value.as_ref() {
-            return;
+            return None;
         }
         let before = match value {
             Some(v) => self.spec.insert(key.clone(), v),
             None => self.spec.remove(&key),
         };
-        self.changed.entry(key).or_insert(before);
+        Some((key, before))
     }
 
-    /// The whole desired table.
+    /// The whole desired table, as of the last `take_changed`.
     pub fn spec(&self) -> &TableSpec {
         &self.spec
     }
 
-    /// The routes changed since the last call (a route changed and changed back is left out).
+    /// Brings the spec up to date and returns the routes that differ from the last call's
+    /// (a route changed and changed back is no change).
     pub fn take_changed(&mut self) -> Changes {
-        let mut changed = std::mem::take(&mut self.changed);
-        changed.retain(|k, before| before.as_ref() != self.spec.get(k));
-        changed
+        std::mem::take(&mut self.dirty)
+            .into_iter()
+            .filter_map(|key| self.recompute(key))
+            .collect()
     }
 }
 
@@ -382,6 +385,7 @@ pub fn table_spec(
     for (service, entries) in services {
         parts.set(service, entries, prefix, &mut on_tag_error);
     }
+    parts.take_changed();
     parts.spec
 }
 
