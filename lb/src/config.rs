@@ -373,6 +373,7 @@ mod tests {
             ("LB_BALANCE", "random"),
             ("LB_CONSUL_WAIT", "11m"),
             ("LB_CONSUL_ADDR", "https://x:1"),
+            ("LB_WORKERS", "0"),
         ])
         .unwrap_err()
         .to_string();
@@ -381,9 +382,12 @@ mod tests {
             "LB_BALANCE",
             "LB_CONSUL_WAIT",
             "LB_CONSUL_ADDR",
+            "LB_WORKERS",
         ] {
             assert!(err.contains(needle), "{needle} missing from {err}");
         }
+        assert_eq!(from(&[]).unwrap().workers, None);
+        assert_eq!(from(&[("LB_WORKERS", "3")]).unwrap().workers, Some(3));
     }
 
     #[test]
