@@ -6,6 +6,9 @@
 //!   tag for several routes. `P.route=api.example.com/v1`, `P.route=/`, `P.route=*/static`.
 //! - `P.weight=N`: relative weight of this instance, 0..=1000 (default 100; 0 drains it).
 //! - `P.enable=false`: opt this instance out although it carries routes.
+//! - `P.proto=http1|h2c`: how the lb talks to this instance: HTTP/1.1 (default) or HTTP/2 with
+//!   prior knowledge, which gRPC backends need (`h2` is accepted for `h2c`).
+//! - `P.redirect=https`: plain-HTTP requests to this instance's routes get a 308 to HTTPS.
 //!
 //! Tags without the prefix are not ours and are ignored; a malformed tag of ours is reported and
 //! ignored, the instance's other tags still apply.
@@ -36,12 +39,32 @@ impl fmt::Display for RouteKey {
     }
 }
 
+/// The protocol the lb speaks to an instance.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum UpstreamProto {
+    #[default]
+    Http1,
+    /// HTTP/2 over cleartext with prior knowledge (RFC 9113 3.3).
+    H2c,
+}
+
+impl UpstreamProto {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamProto::Http1 => "http1",
+            UpstreamProto::H2c => "h2c",
+        }
+    }
+}
+
 /// What an instance's tags say about routing it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InstanceRouting {
     pub routes: Vec<RouteKey>,
     pub weight: u32,
     pub enabled: bool,
+    pub proto: UpstreamProto,
+    pub redirect_https: bool,
 }
 
 /// One tag of ours that could not be understood.
@@ -57,15 +80,19 @@ pub enum TagErrorKind {
     BadRoute,
     BadWeight,
     BadEnable,
+    BadProto,
+    BadRedirect,
     UnknownKey,
 }
 
 impl TagErrorKind {
     /// A bounded metric label.
-    pub const ALL: [TagErrorKind; 4] = [
+    pub const ALL: [TagErrorKind; 6] = [
         TagErrorKind::BadRoute,
         TagErrorKind::BadWeight,
         TagErrorKind::BadEnable,
+        TagErrorKind::BadProto,
+        TagErrorKind::BadRedirect,
         TagErrorKind::UnknownKey,
     ];
 
@@ -74,6 +101,8 @@ impl TagErrorKind {
             TagErrorKind::BadRoute => "bad_route",
             TagErrorKind::BadWeight => "bad_weight",
             TagErrorKind::BadEnable => "bad_enable",
+            TagErrorKind::BadProto => "bad_proto",
+            TagErrorKind::BadRedirect => "bad_redirect",
             TagErrorKind::UnknownKey => "unknown_key",
         }
     }
@@ -95,6 +124,8 @@ pub fn parse_tags<'a>(
         routes: Vec::new(),
         weight: DEFAULT_WEIGHT,
         enabled: true,
+        proto: UpstreamProto::Http1,
+        redirect_https: false,
     };
     let mut errors = Vec::new();
     for tag in tags {
@@ -128,9 +159,19 @@ pub fn parse_tags<'a>(
                 "false" | "0" | "no" => routing.enabled = false,
                 _ => errors.push(err(TagErrorKind::BadEnable, "enable must be true or false")),
             },
+            "proto" => match value {
+                "http1" | "http" => routing.proto = UpstreamProto::Http1,
+                "h2c" | "h2" | "grpc" => routing.proto = UpstreamProto::H2c,
+                _ => errors.push(err(TagErrorKind::BadProto, "proto must be http1 or h2c")),
+            },
+            "redirect" => match value {
+                "https" => routing.redirect_https = true,
+                "false" | "none" => routing.redirect_https = false,
+                _ => errors.push(err(TagErrorKind::BadRedirect, "redirect must be https")),
+            },
             _ => errors.push(err(
                 TagErrorKind::UnknownKey,
-                "unknown key (expected route, weight or enable)",
+                "unknown key (expected route, weight, enable, proto or redirect)",
             )),
         }
     }
@@ -271,6 +312,19 @@ mod tests {
         assert!(!r.enabled);
         assert_eq!(r.routes, vec![key(None, "/")]);
         assert!(errs.is_empty());
+    }
+
+    #[test]
+    fn protocol_and_redirect() {
+        let (r, errs) = parse_tags("lb", ["lb.route=/", "lb.proto=h2c", "lb.redirect=https"]);
+        assert_eq!(r.proto, UpstreamProto::H2c);
+        assert!(r.redirect_https);
+        assert!(errs.is_empty());
+        let (r, errs) = parse_tags("lb", ["lb.proto=spdy", "lb.redirect=ftp"]);
+        assert_eq!(r.proto, UpstreamProto::Http1);
+        assert!(!r.redirect_https);
+        let kinds: Vec<_> = errs.iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, [TagErrorKind::BadProto, TagErrorKind::BadRedirect]);
     }
 
     #[test]

@@ -3,17 +3,47 @@
 //!
 //! Tables hold `Arc<Backend>`; the discovery builder hands the same `Arc` to every new table while
 //! the address stays in Consul, so pools and ejections survive reloads.
+//!
+//! HTTP/1.1 backends get a pool of idle connections, one request at a time on each. HTTP/2 (h2c)
+//! backends get one shared connection that multiplexes every request, made again when it closes.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwapOption;
 use crossbeam_queue::SegQueue;
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2, TrySendError};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use switchyard_consul::tags::UpstreamProto;
 use tokio::net::TcpStream;
 
 use crate::body::UpstreamBody;
+
+/// A connection to a backend, ready for one request.
+pub enum Sender {
+    H1(http1::SendRequest<UpstreamBody>),
+    /// A handle on the backend's shared HTTP/2 connection.
+    H2(http2::SendRequest<UpstreamBody>),
+}
+
+impl Sender {
+    pub async fn try_send_request(
+        &mut self,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, TrySendError<Request<UpstreamBody>>> {
+        match self {
+            Sender::H1(s) => s.try_send_request(req).await,
+            Sender::H2(s) => s.try_send_request(req).await,
+        }
+    }
+
+    pub fn is_h2(&self) -> bool {
+        matches!(self, Sender::H2(_))
+    }
+}
 
 /// Milliseconds on a process-wide monotonic clock; cheap enough for the request path.
 pub fn now_ms() -> u64 {
@@ -41,7 +71,7 @@ pub enum ConnectError {
 }
 
 struct Idle {
-    sender: SendRequest<UpstreamBody>,
+    sender: http1::SendRequest<UpstreamBody>,
     since_ms: u64,
 }
 
@@ -59,6 +89,11 @@ pub struct BackendSettings {
 pub struct Backend {
     /// `host:port`, also the metric label and the pool key.
     pub addr: String,
+    pub proto: UpstreamProto,
+    /// The shared HTTP/2 connection, for h2c backends.
+    h2: ArcSwapOption<http2::SendRequest<UpstreamBody>>,
+    /// Serialises making the HTTP/2 connection, so a burst of requests opens one, not many.
+    h2_connecting: tokio::sync::Mutex<()>,
     in_flight: AtomicUsize,
     consecutive_failures: AtomicU32,
     /// Ejections since the last success; sets the next ejection's length.
@@ -80,9 +115,12 @@ impl std::fmt::Debug for Backend {
 }
 
 impl Backend {
-    pub fn new(addr: String, max_idle: usize) -> Backend {
+    pub fn new(addr: String, proto: UpstreamProto, max_idle: usize) -> Backend {
         Backend {
             addr,
+            proto,
+            h2: ArcSwapOption::empty(),
+            h2_connecting: tokio::sync::Mutex::new(()),
             in_flight: AtomicUsize::new(0),
             consecutive_failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
@@ -150,15 +188,16 @@ impl Backend {
             .store(now + length.as_millis() as u64, Ordering::Relaxed);
         // Idle connections to a failing backend are suspect; new ones will be made on return.
         while self.pop_idle().is_some() {}
+        self.h2.store(None);
         true
     }
 
     /// A pooled connection that is ready for a request, or a new one.
     /// Returns the sender and whether it was reused.
-    pub async fn checkout(
-        &self,
-        s: &BackendSettings,
-    ) -> Result<(SendRequest<UpstreamBody>, bool), ConnectError> {
+    pub async fn checkout(&self, s: &BackendSettings) -> Result<(Sender, bool), ConnectError> {
+        if self.proto == UpstreamProto::H2c {
+            return self.checkout_h2(s).await;
+        }
         let now = now_ms();
         let max_idle_ms = s.idle_timeout.as_millis() as u64;
         while let Some(idle) = self.pop_idle() {
@@ -166,16 +205,60 @@ impl Backend {
                 && !idle.sender.is_closed()
                 && idle.sender.is_ready()
             {
-                return Ok((idle.sender, true));
+                return Ok((Sender::H1(idle.sender), true));
             }
         }
-        self.connect(s).await.map(|s| (s, false))
+        let stream = self.connect(s).await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| self.handshake_error(source))?;
+        tokio::spawn(async move {
+            // The connection ends when the backend closes it or the last sender is dropped.
+            // Upgrades are allowed on every connection: a WebSocket's 101 hands the socket over.
+            let _ = conn.with_upgrades().await;
+        });
+        Ok((Sender::H1(sender), false))
     }
 
-    async fn connect(
-        &self,
-        s: &BackendSettings,
-    ) -> Result<SendRequest<UpstreamBody>, ConnectError> {
+    async fn checkout_h2(&self, s: &BackendSettings) -> Result<(Sender, bool), ConnectError> {
+        if let Some(sender) = self.live_h2() {
+            return Ok((Sender::H2(sender), true));
+        }
+        let _one_at_a_time = self.h2_connecting.lock().await;
+        if let Some(sender) = self.live_h2() {
+            return Ok((Sender::H2(sender), true));
+        }
+        let stream = self.connect(s).await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            // Pings find a backend that vanished without a FIN (a killed container's address).
+            .keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| self.handshake_error(source))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        self.h2.store(Some(std::sync::Arc::new(sender.clone())));
+        Ok((Sender::H2(sender), false))
+    }
+
+    fn live_h2(&self) -> Option<http2::SendRequest<UpstreamBody>> {
+        let guard = self.h2.load();
+        let sender = guard.as_deref()?;
+        (!sender.is_closed()).then(|| sender.clone())
+    }
+
+    fn handshake_error(&self, source: hyper::Error) -> ConnectError {
+        ConnectError::Handshake {
+            addr: self.addr.clone(),
+            source,
+        }
+    }
+
+    async fn connect(&self, s: &BackendSettings) -> Result<TcpStream, ConnectError> {
         let stream =
             match tokio::time::timeout(s.connect_timeout, TcpStream::connect(&*self.addr)).await {
                 Err(_) => {
@@ -193,22 +276,11 @@ impl Backend {
                 Ok(Ok(stream)) => stream,
             };
         let _ = stream.set_nodelay(true);
-        let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|source| ConnectError::Handshake {
-                addr: self.addr.clone(),
-                source,
-            })?;
-        tokio::spawn(async move {
-            // The connection ends when the backend closes it or the last sender is dropped.
-            let _ = conn.await;
-        });
-        Ok(sender)
+        Ok(stream)
     }
 
     /// Gives a connection back once its previous exchange is complete.
-    pub fn checkin(&self, sender: SendRequest<UpstreamBody>) {
+    pub fn checkin(&self, sender: http1::SendRequest<UpstreamBody>) {
         if sender.is_closed() {
             return;
         }
@@ -252,7 +324,7 @@ mod tests {
 
     #[test]
     fn ejection_needs_consecutive_failures_and_grows_to_the_cap() {
-        let b = Backend::new("127.0.0.1:1".into(), 4);
+        let b = Backend::new("127.0.0.1:1".into(), UpstreamProto::Http1, 4);
         let s = settings(2);
         assert!(!b.record_failure(&s));
         b.record_success();

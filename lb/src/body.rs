@@ -8,13 +8,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use crate::backend::{Backend, Sender};
+use crate::routing::Route;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
-
-use crate::backend::Backend;
-use crate::routing::Route;
 
 pub enum UpstreamBody {
     Incoming(Incoming),
@@ -110,7 +108,7 @@ pub struct ResponseGuard {
     pub backend: Arc<Backend>,
     pub route: Arc<Route>,
     pub start: Instant,
-    pub sender: Option<SendRequest<crate::body::UpstreamBody>>,
+    pub sender: Option<Sender>,
     pub complete: bool,
     pub in_flight: prometheus::IntGauge,
 }
@@ -122,7 +120,8 @@ impl Drop for ResponseGuard {
         self.route
             .latency
             .observe(self.start.elapsed().as_secs_f64());
-        let Some(mut sender) = self.sender.take() else {
+        // An HTTP/2 handle is a clone of the shared connection: nothing to give back.
+        let Some(Sender::H1(mut sender)) = self.sender.take() else {
             return;
         };
         if !self.complete || sender.is_closed() {

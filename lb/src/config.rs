@@ -135,6 +135,47 @@ pub const SETTINGS: &[Setting] = &[
         "request-handling threads (auto: one per CPU this process may run on)",
     ),
     (
+        "LB_TLS_LISTEN",
+        "",
+        "HTTPS listener address, e.g. 0.0.0.0:8443 (empty: no TLS listener)",
+    ),
+    (
+        "LB_TLS_CERTS",
+        "",
+        "certificates as CERT.pem[:KEY.pem] separated by commas (key read from CERT.pem when \
+         omitted); picked by SNI from their DNS names, the first is the default",
+    ),
+    (
+        "LB_TLS_RELOAD_INTERVAL",
+        "10s",
+        "how often certificate files are checked for changes (0s: only on SIGHUP)",
+    ),
+    (
+        "LB_TLS_HANDSHAKE_TIMEOUT",
+        "10s",
+        "time for a client to complete the TLS handshake",
+    ),
+    (
+        "LB_HTTP2",
+        "true",
+        "offer HTTP/2 to TLS clients through ALPN",
+    ),
+    (
+        "LB_H2C",
+        "false",
+        "also accept HTTP/2 with prior knowledge (h2c) on the plain listener",
+    ),
+    (
+        "LB_HTTPS_REDIRECT",
+        "false",
+        "answer every plain-HTTP request with a 308 to HTTPS (per route: tag lb.redirect=https)",
+    ),
+    (
+        "LB_HTTPS_PORT",
+        "443",
+        "the port clients reach HTTPS on, for redirect locations",
+    ),
+    (
         "LB_LOG_FORMAT",
         "text",
         "text | json (level from RUST_LOG, default info)",
@@ -187,6 +228,15 @@ pub struct Config {
     pub log_format: LogFormat,
     /// None: one per CPU in the process's affinity mask (tokio's default).
     pub workers: Option<usize>,
+    pub tls_listen: Option<SocketAddr>,
+    pub tls_certs: Vec<crate::tls::CertSource>,
+    /// Zero: reload only on SIGHUP.
+    pub tls_reload_interval: Duration,
+    pub tls_handshake_timeout: Duration,
+    pub http2: bool,
+    pub h2c: bool,
+    pub https_redirect: bool,
+    pub https_port: u16,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -309,6 +359,37 @@ impl Config {
                 },
                 "auto or a thread count from 1 to 1024",
             ),
+            tls_listen: p.get(
+                "LB_TLS_LISTEN",
+                |s| match s {
+                    "" => Some(None),
+                    s => s.parse().ok().map(Some),
+                },
+                "empty or a socket address like 0.0.0.0:8443",
+            ),
+            tls_certs: p.get(
+                "LB_TLS_CERTS",
+                crate::tls::CertSource::parse_list,
+                "CERT.pem[:KEY.pem] entries separated by commas",
+            ),
+            tls_reload_interval: p.get(
+                "LB_TLS_RELOAD_INTERVAL",
+                parse_duration,
+                "a duration (0s: only on SIGHUP)",
+            ),
+            tls_handshake_timeout: p.get(
+                "LB_TLS_HANDSHAKE_TIMEOUT",
+                positive_duration,
+                "a duration",
+            ),
+            http2: p.get("LB_HTTP2", parse_bool, "true or false"),
+            h2c: p.get("LB_H2C", parse_bool, "true or false"),
+            https_redirect: p.get("LB_HTTPS_REDIRECT", parse_bool, "true or false"),
+            https_port: p.get(
+                "LB_HTTPS_PORT",
+                |s| s.parse().ok().filter(|p| *p > 0),
+                "a port 1..=65535",
+            ),
             log_format: p.get(
                 "LB_LOG_FORMAT",
                 |s| match s {
@@ -321,6 +402,11 @@ impl Config {
         };
         if let Err(e) = switchyard_consul::Client::new(&cfg.consul_addr, None) {
             p.error(format!("LB_CONSUL_ADDR: {e}"));
+        }
+        if cfg.tls_listen.is_some() && cfg.tls_certs.is_empty() {
+            p.error(
+                "LB_TLS_CERTS: LB_TLS_LISTEN is set, so at least one certificate is needed".into(),
+            );
         }
         p.finish().map_err(ConfigError)?;
         Ok(cfg)

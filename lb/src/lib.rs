@@ -6,7 +6,8 @@
 //! - [`routing`]: the immutable table, route lookup and balancing picks.
 //! - [`backend`]: per-address state that survives reloads: in-flight, ejection, connection pool.
 //! - [`proxy`]: the request path (lookup, pick, forward, retry) and [`body`] its body types.
-//! - [`server`]: accepting client connections and draining them.
+//! - [`server`]: accepting client connections (HTTP/1.1, HTTP/2, upgrades) and draining them.
+//! - [`tls`]: certificates by SNI, their reloads, and the TLS handshake.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/routes` on a separate listener.
 //! - [`metrics`]: every metric name, declared once.
 //!
@@ -21,6 +22,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod routing;
 pub mod server;
+pub mod tls;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -85,16 +87,35 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let admin_listener = TcpListener::bind(config.admin_listen)
         .await
         .with_context(|| format!("binding the admin listener {}", config.admin_listen))?;
+    let shared = Arc::new(Shared::new(config));
+    let config = &shared.config;
+    let tls = match config.tls_listen {
+        None => None,
+        Some(addr) => {
+            let tls = tls::Tls::new(
+                &config.tls_certs,
+                config.http2,
+                config.tls_handshake_timeout,
+                &shared.metrics,
+            )
+            .map_err(|e| anyhow::anyhow!("loading TLS certificates:\n{e}"))?;
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the TLS listener {addr}"))?;
+            Some((Arc::new(tls), listener))
+        }
+    };
     tracing::info!(
         listen = %proxy_listener.local_addr()?,
+        tls_listen = ?tls.as_ref().map(|(_, l)| l.local_addr()).transpose()?,
         admin = %admin_listener.local_addr()?,
         consul = %client.base(),
         balance = ?config.balance,
+        h2c = config.h2c,
         "lb starting"
     );
     let drain_delay = config.drain_delay;
     let shutdown_timeout = config.shutdown_timeout;
-    let shared = Arc::new(Shared::new(config));
 
     let (stop_discovery, discovery_rx) = watch::channel(false);
     let (stop_proxy, proxy_rx) = watch::channel(false);
@@ -104,24 +125,53 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         client,
         discovery_rx,
     ));
-    let admin = tokio::spawn(admin::serve_admin(shared.clone(), admin_listener, admin_rx));
+    let admin = tokio::spawn(admin::serve_admin(
+        shared.clone(),
+        admin_listener,
+        admin_rx.clone(),
+    ));
     let proxy = tokio::spawn(server::serve_proxy(
         shared.clone(),
         proxy_listener,
-        proxy_rx,
+        None,
+        proxy_rx.clone(),
         shutdown_timeout,
     ));
+    let (tls_proxy, cert_watch) = match tls {
+        Some((tls, listener)) => (
+            Some(tokio::spawn(server::serve_proxy(
+                shared.clone(),
+                listener,
+                Some(tls.clone()),
+                proxy_rx,
+                shutdown_timeout,
+            ))),
+            Some(tokio::spawn(tls::watch_certificates(
+                tls,
+                shared.clone(),
+                shared.config.tls_reload_interval,
+                admin_rx.clone(),
+            ))),
+        ),
+        None => (None, None),
+    };
 
     shutdown.await;
     shared.draining.store(true, Ordering::Release);
     tracing::info!(drain_delay = ?drain_delay, "shutdown requested: readiness is false, still accepting");
     tokio::time::sleep(drain_delay).await;
     let _ = stop_proxy.send(true);
-    let left = proxy.await.unwrap_or(0);
+    let mut left = proxy.await.unwrap_or(0);
+    if let Some(tls_proxy) = tls_proxy {
+        left += tls_proxy.await.unwrap_or(0);
+    }
     let _ = stop_discovery.send(true);
     let _ = stop_admin.send(true);
     let _ = discovery.await;
     let _ = admin.await;
+    if let Some(w) = cert_watch {
+        let _ = w.await;
+    }
     tracing::info!(connections_cut = left, "lb stopped");
     Ok(())
 }

@@ -32,6 +32,13 @@ pub const ROUTE_TAG_ERRORS_TOTAL: &str = "lb_route_tag_errors_total";
 pub const CLIENT_CONNECTIONS_OPEN: &str = "lb_client_connections_open";
 pub const CLIENT_CONNECTIONS_TOTAL: &str = "lb_client_connections_total";
 pub const CLIENT_CONNECTION_ERRORS_TOTAL: &str = "lb_client_connection_errors_total";
+pub const TLS_HANDSHAKES_TOTAL: &str = "lb_tls_handshakes_total";
+pub const TLS_HANDSHAKE_FAILURES_TOTAL: &str = "lb_tls_handshake_failures_total";
+pub const TLS_CERTIFICATE_RELOADS_TOTAL: &str = "lb_tls_certificate_reloads_total";
+pub const TLS_CERTIFICATE_NOT_AFTER: &str = "lb_tls_certificate_not_after_timestamp_seconds";
+pub const UPGRADES_TOTAL: &str = "lb_upgrades_total";
+pub const UPGRADED_CONNECTIONS_OPEN: &str = "lb_upgraded_connections_open";
+pub const HTTPS_REDIRECTS_TOTAL: &str = "lb_https_redirects_total";
 
 /// Status classes 1xx..5xx, the index into per-backend counters.
 pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -59,6 +66,13 @@ pub const CLIENT_ERROR_KINDS: [&str; 6] = [
     "incomplete",
     "io",
 ];
+
+/// Client connection protocols (`protocol` label) and whether TLS carried them (`tls`).
+pub const CLIENT_PROTOCOLS: [&str; 2] = ["http/1.1", "h2"];
+pub const UPGRADE_PROTOCOLS: [&str; 2] = ["websocket", "other"];
+pub const TLS_VERSIONS: [&str; 2] = ["1.2", "1.3"];
+pub const TLS_ALPN: [&str; 3] = ["h2", "http/1.1", "none"];
+pub const CERT_RELOAD_RESULTS: [&str; 2] = ["replaced", "rejected"];
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -95,9 +109,22 @@ pub struct Metrics {
     /// reason
     pub route_tag_errors: IntCounterVec,
     pub client_connections_open: IntGauge,
-    pub client_connections: IntCounter,
+    /// protocol, tls
+    pub client_connections: IntCounterVec,
     /// kind
     pub client_connection_errors: IntCounterVec,
+    /// version, alpn
+    pub tls_handshakes: IntCounterVec,
+    /// reason
+    pub tls_handshake_failures: IntCounterVec,
+    /// result
+    pub tls_cert_reloads: IntCounterVec,
+    /// cert
+    pub tls_cert_not_after: IntGaugeVec,
+    /// protocol
+    pub upgrades: IntCounterVec,
+    pub upgraded_open: IntGauge,
+    pub https_redirects: IntCounter,
 }
 
 impl Metrics {
@@ -155,8 +182,15 @@ impl Metrics {
             consul_known_leader: gauge(CONSUL_KNOWN_LEADER, "X-Consul-KnownLeader of the last read."),
             route_tag_errors: counter_vec(ROUTE_TAG_ERRORS_TOTAL, "Malformed routing tags ignored, by reason (counted once per distinct tag).", &["reason"]),
             client_connections_open: gauge(CLIENT_CONNECTIONS_OPEN, "Client connections open now."),
-            client_connections: counter(CLIENT_CONNECTIONS_TOTAL, "Client connections accepted."),
+            client_connections: counter_vec(CLIENT_CONNECTIONS_TOTAL, "Client connections served, by protocol (http/1.1, h2) and whether over TLS.", &["protocol", "tls"]),
             client_connection_errors: counter_vec(CLIENT_CONNECTION_ERRORS_TOTAL, "Client connections that ended in a protocol error (malformed request, header timeout...).", &["kind"]),
+            tls_handshakes: counter_vec(TLS_HANDSHAKES_TOTAL, "TLS handshakes completed, by TLS version and negotiated ALPN protocol.", &["version", "alpn"]),
+            tls_handshake_failures: counter_vec(TLS_HANDSHAKE_FAILURES_TOTAL, "TLS handshakes that failed, by reason (not_tls: plain HTTP on the TLS port).", &["reason"]),
+            tls_cert_reloads: counter_vec(TLS_CERTIFICATE_RELOADS_TOTAL, "Certificate files reloaded (replaced) or refused at reload, the old one kept (rejected).", &["result"]),
+            tls_cert_not_after: reg(&registry, IntGaugeVec::new(Opts::new(TLS_CERTIFICATE_NOT_AFTER, "Expiry (notAfter, Unix seconds) of each certificate in service, by its first DNS name."), &["cert"]).expect("valid metric")),
+            upgrades: counter_vec(UPGRADES_TOTAL, "Connections upgraded (101) and tunnelled to a backend, by protocol.", &["protocol"]),
+            upgraded_open: gauge(UPGRADED_CONNECTIONS_OPEN, "Upgraded connections (WebSocket...) open now."),
+            https_redirects: counter(HTTPS_REDIRECTS_TOTAL, "Plain-HTTP requests redirected to HTTPS."),
             registry,
         };
         for reason in RETRY_REASONS {
@@ -181,6 +215,25 @@ impl Metrics {
         }
         for kind in CLIENT_ERROR_KINDS {
             m.client_connection_errors.with_label_values(&[kind]);
+        }
+        for protocol in CLIENT_PROTOCOLS {
+            for tls in ["false", "true"] {
+                m.client_connections.with_label_values(&[protocol, tls]);
+            }
+        }
+        for version in TLS_VERSIONS {
+            for alpn in TLS_ALPN {
+                m.tls_handshakes.with_label_values(&[version, alpn]);
+            }
+        }
+        for reason in crate::tls::HANDSHAKE_FAILURE_REASONS {
+            m.tls_handshake_failures.with_label_values(&[reason]);
+        }
+        for result in CERT_RELOAD_RESULTS {
+            m.tls_cert_reloads.with_label_values(&[result]);
+        }
+        for protocol in UPGRADE_PROTOCOLS {
+            m.upgrades.with_label_values(&[protocol]);
         }
         m
     }

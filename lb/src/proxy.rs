@@ -5,6 +5,7 @@
 //! (404, 502, 503, 504) counted under a reason; nothing here panics on client input.
 
 use std::borrow::Cow;
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -14,6 +15,9 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::sync::{mpsc, watch};
 
 use crate::body::{ProxyBody, ResponseGuard, UpstreamBody};
 use crate::routing::{Route, Tried};
@@ -111,27 +115,41 @@ impl LocalReason {
     }
 }
 
-/// Serves one request. Never fails: every error is a response.
+/// A listener's drain, as connections and tunnels see it: holding `alive` keeps the drain
+/// waiting; `close` turns true when the drain's time is up.
+#[derive(Clone)]
+pub struct Drain {
+    pub alive: mpsc::Sender<Infallible>,
+    pub close: watch::Receiver<bool>,
+}
+
 /// The client end of a connection, with its address already rendered as the header value
 /// `X-Forwarded-For` needs: once per connection rather than once per request.
-#[derive(Clone)]
 pub struct Peer {
     pub addr: SocketAddr,
     ip: HeaderValue,
+    pub tls: bool,
+    drain: Drain,
 }
 
 impl Peer {
-    pub fn new(addr: SocketAddr) -> Peer {
+    pub fn new(addr: SocketAddr, tls: bool, drain: Drain) -> Peer {
         let ip = HeaderValue::from_str(&addr.ip().to_string())
             .expect("an IP address is a valid header value");
-        Peer { addr, ip }
+        Peer {
+            addr,
+            ip,
+            tls,
+            drain,
+        }
     }
 }
 
+/// Serves one request. Never fails: every error is a response.
 pub async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
-    peer: Peer,
+    peer: Arc<Peer>,
 ) -> Response<ProxyBody> {
     let request_id = request_id(req.headers());
     let (mut parts, body) = req.into_parts();
@@ -145,6 +163,9 @@ pub async fn handle(
             request_id,
         );
     };
+    if !peer.tls && shared.config.https_redirect {
+        return redirect_to_https(&shared, &host, &parts.uri, request_id);
+    }
     let route = {
         let Some(table) = shared.table.load_full() else {
             return local(
@@ -163,6 +184,10 @@ pub async fn handle(
             }
         }
     };
+    if !peer.tls && route.redirect_https {
+        return redirect_to_https(&shared, &host, &parts.uri, request_id);
+    }
+    drop(host);
     if route.backends.is_empty() {
         return local(
             &shared,
@@ -173,9 +198,58 @@ pub async fn handle(
         );
     }
 
+    let upgrade = upgrade_request(&parts.headers, parts.version);
     prepare_upstream_headers(&mut parts.headers, &peer, &request_id);
-    if parts.uri.authority().is_some() || parts.uri.scheme().is_some() {
-        // Absolute-form from the client; backends get origin-form.
+    let upgrade = upgrade.and_then(|protocol| {
+        let on_client = parts.extensions.remove::<OnUpgrade>()?;
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, protocol.clone());
+        Some(Upgrade {
+            protocol,
+            on_client,
+            peer: peer.clone(),
+        })
+    });
+    to_http1_form(&mut parts);
+    shared.retry_budget.deposit();
+
+    forward(&shared, &route, parts, body, request_id, upgrade).await
+}
+
+/// A client's request to switch protocols (WebSocket and the like), carried to the backend.
+struct Upgrade {
+    /// The `Upgrade` header value.
+    protocol: HeaderValue,
+    on_client: OnUpgrade,
+    peer: Arc<Peer>,
+}
+
+/// The `Upgrade` header of an HTTP/1.1 request whose `Connection` header asks for it.
+fn upgrade_request(headers: &HeaderMap, version: Version) -> Option<HeaderValue> {
+    if version != Version::HTTP_11 {
+        return None;
+    }
+    let asks = headers.get_all(header::CONNECTION).iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        })
+    });
+    asks.then(|| headers.get(header::UPGRADE).cloned())
+        .flatten()
+}
+
+/// HTTP/1.1 to the backend: origin-form target and a Host header (HTTP/2 clients carry the
+/// host in `:authority` only).
+fn to_http1_form(parts: &mut http::request::Parts) {
+    if let Some(authority) = parts.uri.authority() {
+        if !parts.headers.contains_key(header::HOST) {
+            if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
         let pq = parts
             .uri
             .path_and_query()
@@ -184,17 +258,38 @@ pub async fn handle(
         parts.uri = Uri::try_from(pq).unwrap_or_else(|_| Uri::from_static("/"));
     }
     parts.version = Version::HTTP_11;
-    shared.retry_budget.deposit();
+}
 
-    forward(&shared, &route, parts, body, request_id).await
+/// HTTP/2 to the backend: the host moves from the Host header into `:authority`, and the
+/// HTTP/1-only upgrade fields go.
+fn to_http2_form(parts: &mut http::request::Parts) {
+    if parts.uri.authority().is_none() {
+        let host = parts.headers.remove(header::HOST);
+        let authority = host
+            .as_ref()
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("localhost");
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        if let Ok(uri) = Uri::try_from(format!("http://{authority}{pq}")) {
+            parts.uri = uri;
+        }
+    }
+    parts.headers.remove(header::CONNECTION);
+    parts.headers.remove(header::UPGRADE);
+    parts.version = Version::HTTP_2;
 }
 
 async fn forward(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     route: &Arc<Route>,
     parts: http::request::Parts,
     body: Incoming,
     request_id: HeaderValue,
+    mut upgrade: Option<Upgrade>,
 ) -> Response<ProxyBody> {
     let cfg = &shared.config;
     let start = Instant::now();
@@ -248,7 +343,12 @@ async fn forward(
             shared.metrics.upstream_connections.inc();
         }
 
-        let p = parts.take().expect("parts are restored before every retry");
+        let mut p = parts.take().expect("parts are restored before every retry");
+        if sender.is_h2() {
+            to_http2_form(&mut p);
+        } else {
+            to_http1_form(&mut p);
+        }
         let keep = replayable.then(|| clone_parts(&p));
         let req = Request::from_parts(p, body.take().expect("body is restored before every retry"));
 
@@ -259,7 +359,7 @@ async fn forward(
             shared.metrics.in_flight.dec();
         };
         let sent = tokio::time::timeout(cfg.response_timeout, sender.try_send_request(req)).await;
-        let resp = match sent {
+        let mut resp = match sent {
             Ok(Ok(resp)) => resp,
             Ok(Err(mut e)) => {
                 end(shared);
@@ -322,17 +422,34 @@ async fn forward(
         };
 
         backend.record_success();
+        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        let tunnel = match upgrade.take() {
+            Some(up) if switching && !sender.is_h2() => Some((hyper::upgrade::on(&mut resp), up)),
+            _ => None,
+        };
         let (mut rparts, rbody) = resp.into_parts();
         let class = (rparts.status.as_u16() / 100).clamp(1, 5) as usize - 1;
         rb.count_response(class, &route.name, &shared.metrics);
+        let accepted_upgrade = switching.then(|| rparts.headers.get(header::UPGRADE).cloned());
         strip_hop_by_hop(&mut rparts.headers);
         rparts.headers.entry(X_REQUEST_ID).or_insert(request_id);
+        let mut sender = Some(sender);
+        if let Some((on_upstream, up)) = tunnel {
+            let protocol = accepted_upgrade.flatten().unwrap_or(up.protocol.clone());
+            rparts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            rparts.headers.insert(header::UPGRADE, protocol);
+            // The connection now belongs to the tunnel; it never goes back to the pool.
+            sender = None;
+            spawn_tunnel(shared.clone(), up, on_upstream, backend.addr.clone());
+        }
         let complete = http_body::Body::is_end_stream(&rbody);
         let guard = ResponseGuard {
             backend: backend.clone(),
             route: route.clone(),
             start,
-            sender: Some(sender),
+            sender,
             complete,
             in_flight: shared.metrics.in_flight.clone(),
         };
@@ -352,6 +469,45 @@ async fn forward(
         _ => "no backend available",
     };
     local(shared, last, &route.name, msg, request_id)
+}
+
+/// Copies bytes both ways between the client and the backend once both sides switched
+/// protocols, until either closes or the drain's time is up.
+fn spawn_tunnel(shared: Arc<Shared>, up: Upgrade, on_upstream: OnUpgrade, backend: String) {
+    let label = if up.protocol.as_bytes().eq_ignore_ascii_case(b"websocket") {
+        "websocket"
+    } else {
+        "other"
+    };
+    let Drain { alive, mut close } = up.peer.drain.clone();
+    let client_addr = up.peer.addr;
+    tokio::spawn(async move {
+        let _alive = alive;
+        let (client, upstream) = match tokio::try_join!(up.on_client, on_upstream) {
+            Ok(both) => both,
+            Err(e) => {
+                tracing::debug!(%backend, error = %e, "upgrade did not complete");
+                return;
+            }
+        };
+        let metrics = &shared.metrics;
+        metrics.upgrades.with_label_values(&[label]).inc();
+        metrics.upgraded_open.inc();
+        let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+        tokio::select! {
+            r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+                if let Err(e) = r {
+                    tracing::debug!(%backend, client = %client_addr, error = %e, "tunnel ended with an error");
+                }
+            }
+            _ = async { let _ = close.wait_for(|c| *c).await; } => {
+                use tokio::io::AsyncWriteExt as _;
+                let _ = client.shutdown().await;
+                let _ = upstream.shutdown().await;
+            }
+        }
+        metrics.upgraded_open.dec();
+    });
 }
 
 fn may_retry(shared: &Shared, retries: &mut u32, reason: &'static str) -> bool {
@@ -447,7 +603,17 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 fn prepare_upstream_headers(headers: &mut HeaderMap, peer: &Peer, request_id: &HeaderValue) {
+    // `TE: trailers` is the one TE a proxy passes on: gRPC needs it end to end.
+    let trailers = headers.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    });
     strip_hop_by_hop(headers);
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     let xff = match headers.get(X_FORWARDED_FOR).map(|v| v.to_str()) {
         None => Some(peer.ip.clone()),
         Some(Ok(prev)) => {
@@ -460,11 +626,52 @@ fn prepare_upstream_headers(headers: &mut HeaderMap, peer: &Peer, request_id: &H
     if let Some(v) = xff {
         headers.insert(X_FORWARDED_FOR, v);
     }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    headers.insert(
+        X_FORWARDED_PROTO,
+        HeaderValue::from_static(if peer.tls { "https" } else { "http" }),
+    );
     if let Some(host) = headers.get(header::HOST).cloned() {
         headers.insert(X_FORWARDED_HOST, host);
     }
     headers.insert(X_REQUEST_ID, request_id.clone());
+}
+
+/// A 308 to the same host and target over HTTPS; 308 keeps the method and body.
+fn redirect_to_https(
+    shared: &Shared,
+    host: &str,
+    uri: &Uri,
+    request_id: HeaderValue,
+) -> Response<ProxyBody> {
+    let port = shared.config.https_port;
+    let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let location = if port == 443 {
+        format!("https://{host}{pq}")
+    } else {
+        format!("https://{host}:{port}{pq}")
+    };
+    let Ok(value) = HeaderValue::from_str(&location) else {
+        return local(
+            shared,
+            LocalReason::BadRequest,
+            "",
+            "request target cannot be redirected",
+            request_id,
+        );
+    };
+    shared.metrics.https_redirects.inc();
+    let mut resp = Response::new(ProxyBody::local(format!(
+        "switchyard: this site is served over HTTPS: {location}\n"
+    )));
+    *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    let h = resp.headers_mut();
+    h.insert(header::LOCATION, value);
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(X_REQUEST_ID, request_id);
+    resp
 }
 
 fn local(
@@ -544,14 +751,18 @@ mod tests {
         );
         headers.insert("x-secret", HeaderValue::from_static("1"));
         headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        headers.insert(header::TE, HeaderValue::from_static("gzip"));
         headers.insert(header::HOST, HeaderValue::from_static("a.example"));
         headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("10.1.1.1"));
         headers.insert("x-kept", HeaderValue::from_static("yes"));
         let id = HeaderValue::from_static("abc");
         prepare_upstream_headers(
             &mut headers,
-            &Peer::new("127.0.0.2:5555".parse().unwrap()),
+            &Peer::new("127.0.0.2:5555".parse().unwrap(), false, {
+                let (alive, _) = mpsc::channel(1);
+                let (_, close) = watch::channel(false);
+                Drain { alive, close }
+            }),
             &id,
         );
         for gone in ["connection", "x-secret", "keep-alive", "te"] {
@@ -562,6 +773,48 @@ mod tests {
         assert_eq!(headers["x-forwarded-host"], "a.example");
         assert_eq!(headers["x-request-id"], "abc");
         assert_eq!(headers["x-kept"], "yes");
+
+        let mut grpc = HeaderMap::new();
+        grpc.insert(header::TE, HeaderValue::from_static("gzip, trailers"));
+        let peer = Peer::new("127.0.0.2:5555".parse().unwrap(), true, {
+            let (alive, _) = mpsc::channel(1);
+            let (_, close) = watch::channel(false);
+            Drain { alive, close }
+        });
+        prepare_upstream_headers(&mut grpc, &peer, &id);
+        assert_eq!(grpc["te"], "trailers", "gRPC's TE: trailers passes");
+        assert_eq!(grpc["x-forwarded-proto"], "https");
+    }
+
+    #[test]
+    fn upgrade_requests_and_protocol_forms() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert_eq!(
+            upgrade_request(&h, Version::HTTP_11)
+                .as_ref()
+                .map(|v| v.as_bytes()),
+            Some(&b"websocket"[..])
+        );
+        assert_eq!(upgrade_request(&h, Version::HTTP_10), None);
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        assert_eq!(upgrade_request(&h, Version::HTTP_11), None);
+
+        let (mut parts, ()) = Request::get("/a?b=1").body(()).unwrap().into_parts();
+        parts
+            .headers
+            .insert(header::HOST, HeaderValue::from_static("svc.example:8080"));
+        to_http2_form(&mut parts);
+        assert_eq!(parts.uri, "http://svc.example:8080/a?b=1");
+        assert!(!parts.headers.contains_key(header::HOST));
+        to_http1_form(&mut parts);
+        assert_eq!(parts.uri, "/a?b=1");
+        assert_eq!(parts.headers[header::HOST], "svc.example:8080");
+        assert_eq!(parts.version, Version::HTTP_11);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use prometheus::{Histogram, IntCounter};
-use switchyard_consul::tags::{path_matches, RouteKey};
+use switchyard_consul::tags::{path_matches, RouteKey, UpstreamProto};
 
 use crate::backend::{now_ms, Backend};
 use crate::config::Balance;
@@ -23,6 +23,8 @@ pub struct BackendSpec {
     pub weight: u32,
     pub service: Arc<str>,
     pub instance_id: Arc<str>,
+    pub proto: UpstreamProto,
+    pub redirect_https: bool,
 }
 
 /// The whole desired routing, as plain data: comparing two specs tells whether a rebuild would
@@ -63,6 +65,8 @@ pub struct Route {
     total_weight: u64,
     next: AtomicUsize,
     pub latency: Histogram,
+    /// Some instance of the route asked for plain HTTP to be redirected to HTTPS.
+    pub redirect_https: bool,
 }
 
 pub struct RoutingTable {
@@ -78,8 +82,8 @@ pub struct RoutingTable {
 #[derive(Default)]
 pub struct BuildCache {
     routes: HashMap<RouteKey, Arc<Route>>,
-    /// Backend state by address, with the number of routes using it.
-    backends: HashMap<Arc<str>, (Arc<Backend>, usize)>,
+    /// Backend state by address and protocol, with the number of routes using it.
+    backends: HashMap<(Arc<str>, UpstreamProto), (Arc<Backend>, usize)>,
 }
 
 impl BuildCache {
@@ -87,20 +91,24 @@ impl BuildCache {
         self.backends.values().map(|(b, _)| b)
     }
 
-    fn acquire(&mut self, addr: &Arc<str>, max_idle: usize) -> Arc<Backend> {
+    fn acquire(&mut self, spec: &BackendSpec, max_idle: usize) -> Arc<Backend> {
         let entry = self
             .backends
-            .entry(addr.clone())
-            .or_insert_with(|| (Arc::new(Backend::new(addr.to_string(), max_idle)), 0));
+            .entry((spec.addr.clone(), spec.proto))
+            .or_insert_with(|| {
+                let b = Backend::new(spec.addr.to_string(), spec.proto, max_idle);
+                (Arc::new(b), 0)
+            });
         entry.1 += 1;
         entry.0.clone()
     }
 
-    fn release(&mut self, addr: &str) {
-        if let Some(entry) = self.backends.get_mut(addr) {
+    fn release(&mut self, spec: &BackendSpec) {
+        let key = (spec.addr.clone(), spec.proto);
+        if let Some(entry) = self.backends.get_mut(&key) {
             entry.1 -= 1;
             if entry.1 == 0 {
-                self.backends.remove(addr);
+                self.backends.remove(&key);
             }
         }
     }
@@ -241,10 +249,10 @@ fn build_route(
     for s in specs {
         let kept = old
             .as_ref()
-            .and_then(|o| o.backends.iter().find(|rb| rb.spec.addr == s.addr));
+            .and_then(|o| o.backends.iter().find(|rb| same_backend(&rb.spec, s)));
         let (backend, responses) = match kept {
             Some(rb) => (rb.backend.clone(), rb.responses.clone()),
-            None => (cache.acquire(&s.addr, max_idle), Arc::default()),
+            None => (cache.acquire(s, max_idle), Arc::default()),
         };
         rbs.push(RouteBackend {
             backend,
@@ -255,7 +263,7 @@ fn build_route(
     }
     if let Some(old) = &old {
         for rb in old.backends.iter() {
-            if !specs.iter().any(|s| s.addr == rb.spec.addr) {
+            if !specs.iter().any(|s| same_backend(s, &rb.spec)) {
                 drop_backend(cache, metrics, &name, rb);
             }
         }
@@ -281,7 +289,13 @@ fn build_route(
         total_weight,
         next: AtomicUsize::new(0),
         latency,
+        redirect_https: specs.iter().any(|s| s.redirect_https),
     }
+}
+
+/// Whether two specs share backend state (pool, ejection): same address, same protocol.
+fn same_backend(a: &BackendSpec, b: &BackendSpec) -> bool {
+    a.addr == b.addr && a.proto == b.proto
 }
 
 /// A backend left a route: its label values go, and its state once no route uses it.
@@ -291,7 +305,7 @@ fn drop_backend(cache: &mut BuildCache, metrics: &Metrics, route: &str, rb: &Rou
             .requests
             .remove_label_values(&[route, &rb.spec.addr, class]);
     }
-    cache.release(&rb.spec.addr);
+    cache.release(&rb.spec);
 }
 
 /// Indices of backends already tried by this request; retries avoid them.
@@ -411,6 +425,8 @@ mod tests {
                             weight: *weight,
                             service: "svc".into(),
                             instance_id: (*addr).into(),
+                            proto: Default::default(),
+                            redirect_https: false,
                         })
                         .collect(),
                 )

@@ -291,6 +291,8 @@ impl SpecParts {
                     weight: routing.weight,
                     service: name.clone(),
                     instance_id: e.service.id.as_str().into(),
+                    proto: routing.proto,
+                    redirect_https: routing.redirect_https,
                 });
             for key in routing.routes {
                 part.push((key, backend.clone()));
