@@ -4,3 +4,5 @@ mod balancing;
 mod discovery;
 mod resilience;
 mod support;
+mod tls;
+mod upgrades;

@@ -1,0 +1,600 @@
+//! TLS termination with real clients: curl over HTTP/1.1 and HTTP/2 with SNI, h2load, a rustls
+//! client counting certificates through rotations, and refusals of bad certificate files.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::balancing::wait_routed;
+use crate::support::{eventually, free_port, Backend, Consul, Http, Lb};
+
+/// A test CA that signs leaf certificates into PEM files.
+pub struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+    pub dir: PathBuf,
+}
+
+/// A leaf certificate written to `<name>.crt` and `<name>.key`.
+pub struct Leaf {
+    pub der: CertificateDer<'static>,
+    pub crt: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Ca {
+    pub fn new(tag: &str) -> Ca {
+        let dir = testkit::workspace_root()
+            .join("target")
+            .join("it-certs")
+            .join(format!("{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name
+            .push(DnType::CommonName, format!("switchyard test CA {tag}"));
+        let cert = p.self_signed(&key).unwrap();
+        std::fs::write(dir.join("ca.pem"), cert.pem()).unwrap();
+        Ca { cert, key, dir }
+    }
+
+    pub fn ca_pem(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// A leaf for `names`, valid from `from` to `to` (years), written as `file`.crt/.key.
+    pub fn leaf_valid(&self, file: &str, names: &[&str], from: i32, to: i32) -> Leaf {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .unwrap();
+        p.distinguished_name.push(DnType::CommonName, names[0]);
+        p.not_before = rcgen::date_time_ymd(from, 1, 1);
+        p.not_after = rcgen::date_time_ymd(to, 1, 1);
+        let cert = p.signed_by(&key, &self.cert, &self.key).unwrap();
+        let (crt, keyf) = (
+            self.dir.join(format!("{file}.crt")),
+            self.dir.join(format!("{file}.key")),
+        );
+        write_atomically(&crt, cert.pem().as_bytes());
+        write_atomically(&keyf, key.serialize_pem().as_bytes());
+        Leaf {
+            der: cert.der().clone(),
+            crt,
+            key: keyf,
+        }
+    }
+
+    pub fn leaf(&self, file: &str, names: &[&str]) -> Leaf {
+        self.leaf_valid(file, names, 2024, 2049)
+    }
+
+    /// A rustls client config that trusts this CA.
+    pub fn client(&self) -> tokio_rustls::TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.cert.der().clone()).unwrap();
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        // A resumed session shows the certificate of the first handshake, not the current one.
+        config.resumption = rustls::client::Resumption::disabled();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    }
+}
+
+/// Replaces a file the way secret managers do: write beside it, then rename over it.
+pub fn write_atomically(path: &Path, data: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, data).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// One request on a new TLS connection: the certificate the server presented and the status.
+async fn tls_get(
+    connector: &tokio_rustls::TlsConnector,
+    port: u16,
+    sni: &str,
+) -> Result<(CertificateDer<'static>, u16), String> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = ServerName::try_from(sni.to_string()).unwrap();
+    let mut tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let cert = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    tls.write_all(format!("GET / HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    tls.read_to_end(&mut out).await.map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out);
+    let status = text
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no status line in {text:?}"))?;
+    Ok((cert, status))
+}
+
+/// curl with the test CA, `host` resolved to loopback; returns (http_version, status, body).
+fn curl(
+    ca: &Ca,
+    proto: &str,
+    host: &str,
+    port: u16,
+    path: &str,
+    extra: &[&str],
+) -> (String, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", proto, "--cacert"])
+        .arg(ca.ca_pem())
+        .arg("--resolve")
+        .arg(format!("{host}:{port}:127.0.0.1"))
+        .args(["-w", "\n%{http_version} %{http_code}"])
+        .args(extra)
+        .arg(format!("https://{host}:{port}{path}"))
+        .output()
+        .expect("curl runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "curl {proto} {host}: {stderr}");
+    let (body, tail) = stdout.rsplit_once('\n').unwrap();
+    (tail.to_string(), body.to_string())
+}
+
+pub struct TlsLb {
+    pub lb: Lb,
+    pub tls_port: u16,
+}
+
+pub async fn start_tls_lb(consul: &Consul, certs: &str, extra: &[(&str, &str)]) -> TlsLb {
+    let tls_port = free_port();
+    let listen = format!("127.0.0.1:{tls_port}");
+    let mut env: Vec<(&str, &str)> = vec![("LB_TLS_LISTEN", &listen), ("LB_TLS_CERTS", certs)];
+    env.extend_from_slice(extra);
+    let lb = Lb::start(consul, &env).await;
+    TlsLb { lb, tls_port }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_picks_each_hosts_certificate_over_http1_and_http2() {
+    let consul = Consul::start().await;
+    let b = Backend::start("web-0").await;
+    consul
+        .register("web-0", "web", b.port(), &["lb.route=/"])
+        .await;
+    let ca = Ca::new("sni");
+    let default = ca.leaf("default", &["default.test"]);
+    let a = ca.leaf("a", &["a.test"]);
+    let wild = ca.leaf("wild", &["*.b.test"]);
+    let certs = format!(
+        "{}:{},{}:{},{}:{}",
+        default.crt.display(),
+        default.key.display(),
+        a.crt.display(),
+        a.key.display(),
+        wild.crt.display(),
+        wild.key.display()
+    );
+    let t = start_tls_lb(&consul, &certs, &[]).await;
+    let http = Http::new();
+    wait_routed(&t.lb, &http, "*/", 1).await;
+
+    // curl verifies the certificate against the name it asked for: a wrong one fails.
+    for host in ["a.test", "x.b.test", "default.test"] {
+        let (v, body) = curl(&ca, "--http1.1", host, t.tls_port, "/", &[]);
+        assert_eq!((v.as_str(), body.as_str()), ("1.1 200", "web-0"), "{host}");
+        let (v, body) = curl(&ca, "--http2", host, t.tls_port, "/", &[]);
+        assert_eq!((v.as_str(), body.as_str()), ("2 200", "web-0"), "{host}");
+    }
+    // A body over HTTP/2 reaches the HTTP/1.1 backend whole, and the backend learns it was HTTPS.
+    let (v, body) = curl(
+        &ca,
+        "--http2",
+        "a.test",
+        t.tls_port,
+        "/",
+        &["--data-binary", "0123456789"],
+    );
+    assert_eq!((v.as_str(), body.as_str()), ("2 200", "web-0 len=10"));
+    let (_, headers) = curl(&ca, "--http2", "a.test", t.tls_port, "/headers", &[]);
+    assert!(headers.contains("x-forwarded-proto: https"), "{headers}");
+    assert!(
+        headers.contains(&format!("host: a.test:{}", t.tls_port)),
+        "{headers}"
+    );
+
+    // The exact certificate, seen by a rustls client: an unknown name gets the default one.
+    let client = ca.client();
+    assert_eq!(
+        tls_get(&client, t.tls_port, "a.test").await.unwrap().0,
+        a.der
+    );
+    assert_eq!(
+        tls_get(&client, t.tls_port, "y.b.test").await.unwrap().0,
+        wild.der
+    );
+    let err = tls_get(&client, t.tls_port, "unknown.test")
+        .await
+        .unwrap_err();
+    assert!(err.contains("handshake"), "{err}");
+
+    let m = |name: &'static str, labels: &'static [(&'static str, &'static str)]| {
+        let (lb, http) = (&t.lb, &http);
+        async move { lb.metric(http, name, labels).await.unwrap_or(0.0) }
+    };
+    assert!(m("lb_tls_handshakes_total", &[("alpn", "h2")]).await >= 4.0);
+    assert!(m("lb_tls_handshakes_total", &[("alpn", "http/1.1")]).await >= 3.0);
+    assert!(
+        m(
+            "lb_client_connections_total",
+            &[("protocol", "h2"), ("tls", "true")]
+        )
+        .await
+            >= 4.0
+    );
+    assert!(
+        m(
+            "lb_tls_handshake_failures_total",
+            &[("reason", "cert_rejected")]
+        )
+        .await
+            >= 1.0,
+        "the client refusing the default certificate for unknown.test is counted"
+    );
+    let not_after = m(
+        "lb_tls_certificate_not_after_timestamp_seconds",
+        &[("cert", "a.test")],
+    )
+    .await;
+    assert_eq!(not_after, 2_493_072_000.0, "2049-01-01");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_on_the_tls_port_gets_a_clear_answer_and_silence_times_out() {
+    let consul = Consul::start().await;
+    let ca = Ca::new("plain");
+    let leaf = ca.leaf("a", &["a.test"]);
+    let certs = format!("{}:{}", leaf.crt.display(), leaf.key.display());
+    let t = start_tls_lb(&consul, &certs, &[("LB_TLS_HANDSHAKE_TIMEOUT", "1s")]).await;
+    let http = Http::new();
+
+    let r = http
+        .get(&format!("http://127.0.0.1:{}/", t.tls_port))
+        .await
+        .expect("an HTTP answer, not a hang or a reset");
+    assert_eq!(r.status, 400);
+    assert!(r.body.contains("speaks HTTPS"), "{}", r.body);
+
+    // A client that connects and says nothing is let go after the handshake timeout.
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", t.tls_port))
+        .await
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("closed by the lb")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    for (reason, want) in [("not_tls", 1.0), ("timeout", 1.0)] {
+        let got =
+            t.lb.metric(
+                &http,
+                "lb_tls_handshake_failures_total",
+                &[("reason", reason)],
+            )
+            .await;
+        assert_eq!(got, Some(want), "{reason}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_certificate_files_are_refused_at_start_and_at_reload() {
+    let consul = Consul::start().await;
+    let b = Backend::start("web-0").await;
+    consul
+        .register("web-0", "web", b.port(), &["lb.route=/"])
+        .await;
+    let ca = Ca::new("bad");
+    let good = ca.leaf("site", &["a.test"]);
+    let certs = format!("{}:{}", good.crt.display(), good.key.display());
+
+    // At start: an expired certificate stops the lb with a message naming the file.
+    let expired = ca.leaf_valid("old", &["a.test"], 2020, 2021);
+    let out = Command::new(env!("CARGO_BIN_EXE_lb"))
+        .env_clear()
+        .env("LB_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("LB_ADMIN_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("LB_CONSUL_ADDR", consul.addr())
+        .env("LB_TLS_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env(
+            "LB_TLS_CERTS",
+            format!("{}:{}", expired.crt.display(), expired.key.display()),
+        )
+        .output()
+        .unwrap();
+    let stderr =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("old.crt: certificate expired at 2021-01-01T00:00:00Z"),
+        "{stderr}"
+    );
+
+    let t = start_tls_lb(&consul, &certs, &[("LB_TLS_RELOAD_INTERVAL", "0s")]).await;
+    let http = Http::new();
+    wait_routed(&t.lb, &http, "*/", 1).await;
+    let client = ca.client();
+    let rejected = || {
+        t.lb.metric(
+            &http,
+            "lb_tls_certificate_reloads_total",
+            &[("result", "rejected")],
+        )
+    };
+
+    // Each bad replacement is refused on SIGHUP, and the good certificate keeps serving.
+    let other = ca.leaf("other", &["a.test"]);
+    let bad_files: [(&str, Vec<u8>, Vec<u8>); 4] = [
+        (
+            "expired",
+            std::fs::read(&expired.crt).unwrap(),
+            std::fs::read(&expired.key).unwrap(),
+        ),
+        (
+            "key of another certificate",
+            std::fs::read(&other.crt).unwrap(),
+            std::fs::read(&good.key).unwrap(),
+        ),
+        (
+            "not PEM",
+            b"garbage".to_vec(),
+            std::fs::read(&good.key).unwrap(),
+        ),
+        ("no key", std::fs::read(&other.crt).unwrap(), b"".to_vec()),
+    ];
+    for (i, (what, crt, key)) in bad_files.iter().enumerate() {
+        write_atomically(&good.crt, crt);
+        write_atomically(&good.key, key);
+        t.lb.signal(libc::SIGHUP);
+        let want = (i + 1) as f64;
+        eventually(
+            &format!("{what} refused"),
+            Duration::from_secs(10),
+            || async { rejected().await == Some(want) },
+        )
+        .await;
+        let (cert, status) = tls_get(&client, t.tls_port, "a.test").await.unwrap();
+        assert_eq!((cert, status), (good.der.clone(), 200), "after {what}");
+    }
+    let log = t.lb.log();
+    for needle in [
+        "certificate expired at",
+        "does not belong to certificate",
+        "no PEM private key",
+    ] {
+        assert!(log.contains(needle), "{needle} not logged:\n{log}");
+    }
+
+    // A good replacement is taken.
+    let fresh = ca.leaf("fresh", &["a.test"]);
+    write_atomically(&good.crt, &std::fs::read(&fresh.crt).unwrap());
+    write_atomically(&good.key, &std::fs::read(&fresh.key).unwrap());
+    t.lb.signal(libc::SIGHUP);
+    eventually(
+        "the fresh certificate served",
+        Duration::from_secs(10),
+        || async {
+            tls_get(&client, t.tls_port, "a.test")
+                .await
+                .is_ok_and(|(c, _)| c == fresh.der)
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_rotation_under_load_fails_nothing() {
+    let consul = Consul::start().await;
+    let b = Backend::start("web-0").await;
+    consul
+        .register("web-0", "web", b.port(), &["lb.route=/"])
+        .await;
+    let ca = Ca::new("rotate");
+    let live = ca.leaf("live", &["a.test"]);
+    let certs = format!("{}:{}", live.crt.display(), live.key.display());
+    let t = start_tls_lb(&consul, &certs, &[("LB_TLS_RELOAD_INTERVAL", "100ms")]).await;
+    let http = Http::new();
+    wait_routed(&t.lb, &http, "*/", 1).await;
+
+    // Clients on new connections (each one a handshake) and one long keep-alive h2load run.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (stop, ok, failed, seen) = (stop.clone(), ok.clone(), failed.clone(), seen.clone());
+        let client = ca.client();
+        let port = t.tls_port;
+        clients.push(tokio::spawn(async move {
+            for _ in 0..5000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                match tls_get(&client, port, "a.test").await {
+                    Ok((cert, 200)) => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                        seen.lock().unwrap().insert(cert.to_vec());
+                    }
+                    Ok((_, s)) => failed.lock().unwrap().push(format!("status {s}")),
+                    Err(e) => failed.lock().unwrap().push(e),
+                }
+            }
+        }));
+    }
+    let port = t.tls_port;
+    let h2load = tokio::task::spawn_blocking(move || {
+        Command::new("h2load")
+            .args(["-c", "4", "-m", "8", "-D", "3"])
+            .arg(format!("https://127.0.0.1:{port}/"))
+            .output()
+            .expect("h2load runs")
+    });
+    let mut rotated = vec![live.der.clone()];
+    for i in 0..5 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let next = ca.leaf(&format!("next-{i}"), &["a.test"]);
+        write_atomically(&live.crt, &std::fs::read(&next.crt).unwrap());
+        write_atomically(&live.key, &std::fs::read(&next.key).unwrap());
+        rotated.push(next.der);
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let h2 = h2load.await.unwrap();
+    let h2out = String::from_utf8_lossy(&h2.stdout);
+
+    let failed = failed.lock().unwrap().clone();
+    let ok = ok.load(Ordering::Relaxed);
+    assert!(
+        failed.is_empty(),
+        "{} failed, e.g. {:?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    let seen = seen.lock().unwrap().clone();
+    let served = rotated.iter().filter(|c| seen.contains(c.as_ref())).count();
+    println!("rotation: {ok} new-connection requests ok, 0 failed, {served}/6 certificates served");
+    assert!(
+        served >= 4,
+        "rotations were picked up: {served} of 6 served"
+    );
+    let requests_line = h2out
+        .lines()
+        .find(|l| l.starts_with("requests:"))
+        .unwrap_or("");
+    println!("h2load during rotation: {requests_line}");
+    assert!(requests_line.contains(" 0 failed, 0 errored"), "{h2out}");
+    assert_eq!(
+        t.lb.metric(
+            &http,
+            "lb_tls_certificate_reloads_total",
+            &[("result", "rejected")]
+        )
+        .await,
+        Some(0.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_clients_share_pooled_upstream_connections() {
+    let consul = Consul::start().await;
+    let b = Backend::start("web-0").await;
+    consul
+        .register("web-0", "web", b.port(), &["lb.route=/"])
+        .await;
+    let ca = Ca::new("h2load");
+    let leaf = ca.leaf("a", &["a.test"]);
+    let certs = format!("{}:{}", leaf.crt.display(), leaf.key.display());
+    let t = start_tls_lb(&consul, &certs, &[("LB_H2C", "true")]).await;
+    let http = Http::new();
+    wait_routed(&t.lb, &http, "*/", 1).await;
+
+    for url in [
+        format!("https://127.0.0.1:{}/", t.tls_port),
+        format!("http://{}/", t.lb.proxy),
+    ] {
+        let out = Command::new("h2load")
+            .args(["-n", "4000", "-c", "4", "-m", "16"])
+            .arg(&url)
+            .output()
+            .expect("h2load runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("requests:"))
+            .unwrap_or("");
+        println!("h2load {url}: {line}");
+        assert!(
+            line.contains("4000 succeeded, 0 failed, 0 errored"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Application protocol: h2") || text.contains("h2c"),
+            "{text}"
+        );
+    }
+    // 64 streams at most in flight: the upstream pool holds about that many, not 8,000.
+    let upstream =
+        t.lb.metric(&http, "lb_upstream_connections_total", &[])
+            .await
+            .unwrap();
+    println!("{upstream} upstream connections for 8000 requests");
+    assert!(
+        upstream <= 128.0,
+        "{upstream} upstream connections for 8000 requests"
+    );
+    let h2c =
+        t.lb.metric(
+            &http,
+            "lb_client_connections_total",
+            &[("protocol", "h2"), ("tls", "false")],
+        )
+        .await;
+    assert_eq!(h2c, Some(4.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_requests_are_redirected_to_https_where_asked() {
+    let consul = Consul::start().await;
+    let secure = Backend::start("secure").await;
+    let open = Backend::start("open").await;
+    consul
+        .register(
+            "secure",
+            "secure",
+            secure.port(),
+            &["lb.route=/account", "lb.redirect=https"],
+        )
+        .await;
+    consul
+        .register("open", "open", open.port(), &["lb.route=/"])
+        .await;
+    let ca = Ca::new("redirect");
+    let leaf = ca.leaf("a", &["a.test"]);
+    let certs = format!("{}:{}", leaf.crt.display(), leaf.key.display());
+    let t = start_tls_lb(&consul, &certs, &[("LB_HTTPS_PORT", "8443")]).await;
+    let http = Http::new();
+    wait_routed(&t.lb, &http, "*/account", 1).await;
+    wait_routed(&t.lb, &http, "*/", 1).await;
+
+    let r = http
+        .get_host(&t.lb.url("/account/x?y=1"), "a.test")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 308);
+    assert_eq!(r.headers["location"], "https://a.test:8443/account/x?y=1");
+    let r = http.get_host(&t.lb.url("/home"), "a.test").await.unwrap();
+    assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "open"));
+    let (v, body) = curl(&ca, "--http2", "a.test", t.tls_port, "/account/x", &[]);
+    assert_eq!((v.as_str(), body.as_str()), ("2 200", "secure"));
+    assert_eq!(
+        t.lb.metric(&http, "lb_https_redirects_total", &[]).await,
+        Some(1.0)
+    );
+}

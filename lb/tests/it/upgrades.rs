@@ -1,0 +1,307 @@
+//! Protocols beyond request/response over HTTP/1.1: WebSocket tunnels (tokio-tungstenite on both
+//! ends) and gRPC over HTTP/2 to a tonic backend, unary and bidirectional streaming.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, Bytes};
+use futures_util::{SinkExt, Stream, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codegen::http::uri::PathAndQuery;
+use tonic::codegen::Service;
+use tonic::{Status, Streaming};
+
+use crate::balancing::wait_routed;
+use crate::support::{Consul, Http, Lb};
+
+/// A WebSocket server on 127.0.0.1:0 that echoes every text and binary message.
+async fn ws_echo_backend() -> (u16, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (port, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_echo_through_the_lb_and_its_drain() {
+    let consul = Consul::start().await;
+    let (port, _backend) = ws_echo_backend().await;
+    consul
+        .register_with("ws-0", "ws", port, &["lb.route=/ws"], None)
+        .await;
+    let mut lb = Lb::start(&consul, &[("LB_SHUTDOWN_TIMEOUT", "2s")]).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/ws", 1).await;
+
+    let (mut ws, resp) = tokio_tungstenite::connect_async(format!("ws://{}/ws/chat", lb.proxy))
+        .await
+        .expect("WebSocket handshake through the lb");
+    assert_eq!(resp.status(), 101);
+    for i in 0..20 {
+        ws.send(Message::text(format!("hello {i}"))).await.unwrap();
+        let back = ws.next().await.unwrap().unwrap();
+        assert_eq!(back.into_text().unwrap(), format!("hello {i}"));
+    }
+    let blob: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+    ws.send(Message::binary(blob.clone())).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap().into_data(), blob);
+    ws.close(None).await.unwrap();
+    while let Some(Ok(_)) = ws.next().await {}
+    drop(ws);
+
+    let metric = |name: &'static str, labels: &'static [(&'static str, &'static str)]| {
+        let (lb, http) = (&lb, &http);
+        async move { lb.metric(http, name, labels).await }
+    };
+    assert_eq!(
+        metric("lb_upgrades_total", &[("protocol", "websocket")]).await,
+        Some(1.0)
+    );
+    crate::support::eventually(
+        "the tunnel counted closed",
+        Duration::from_secs(5),
+        || async { metric("lb_upgraded_connections_open", &[]).await == Some(0.0) },
+    )
+    .await;
+
+    // On SIGTERM an open WebSocket keeps working until the shutdown timeout, then is closed.
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", lb.proxy))
+        .await
+        .unwrap();
+    lb.signal(libc::SIGTERM);
+    let drain_started = Instant::now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ws.send(Message::text("still here")).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap().into_text().unwrap(),
+        "still here"
+    );
+    let end = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .expect("the lb closes the tunnel at the end of the drain");
+    let closed_after = drain_started.elapsed();
+    assert!(
+        !matches!(end, Some(Ok(Message::Text(_) | Message::Binary(_)))),
+        "{end:?}"
+    );
+    assert!(
+        closed_after >= Duration::from_millis(1500),
+        "{closed_after:?}"
+    );
+    assert_eq!(lb.wait_exit(Duration::from_secs(10)).await, Some(0));
+    println!("WebSocket closed {closed_after:?} after SIGTERM (shutdown timeout 2s)");
+}
+
+/// Messages are raw bytes: no protobuf code generation needed for a proxy test.
+#[derive(Clone, Copy, Default)]
+struct BytesCodec;
+
+impl Codec for BytesCodec {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = BytesCodec;
+    type Decoder = BytesCodec;
+    fn encoder(&mut self) -> Self {
+        *self
+    }
+    fn decoder(&mut self) -> Self {
+        *self
+    }
+}
+
+impl Encoder for BytesCodec {
+    type Item = Bytes;
+    type Error = Status;
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl Decoder for BytesCodec {
+    type Item = Bytes;
+    type Error = Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+type BoxStream = Pin<Box<dyn Stream<Item = Result<Bytes, Status>> + Send>>;
+
+/// `/test.Echo/Unary`: `pong:<msg>`, or NOT_FOUND for `missing`.
+struct Unary;
+
+impl Service<tonic::Request<Bytes>> for Unary {
+    type Response = tonic::Response<Bytes>;
+    type Error = Status;
+    type Future = std::future::Ready<Result<Self::Response, Status>>;
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        Poll::Ready(Ok(()))
+    }
+    fn call(&mut self, req: tonic::Request<Bytes>) -> Self::Future {
+        let msg = req.into_inner();
+        std::future::ready(if &msg[..] == b"missing" {
+            Err(Status::not_found("no such thing here"))
+        } else {
+            let mut out = b"pong:".to_vec();
+            out.extend_from_slice(&msg);
+            Ok(tonic::Response::new(out.into()))
+        })
+    }
+}
+
+/// `/test.Echo/Chat`: answers each message as it arrives with `echo:<msg>`.
+struct Chat;
+
+impl Service<tonic::Request<Streaming<Bytes>>> for Chat {
+    type Response = tonic::Response<BoxStream>;
+    type Error = Status;
+    type Future = std::future::Ready<Result<Self::Response, Status>>;
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        Poll::Ready(Ok(()))
+    }
+    fn call(&mut self, req: tonic::Request<Streaming<Bytes>>) -> Self::Future {
+        let replies = req.into_inner().map(|m| {
+            m.map(|m| {
+                let mut out = b"echo:".to_vec();
+                out.extend_from_slice(&m);
+                Bytes::from(out)
+            })
+        });
+        std::future::ready(Ok(tonic::Response::new(Box::pin(replies) as BoxStream)))
+    }
+}
+
+#[derive(Clone)]
+struct EchoServer;
+
+impl Service<http::Request<tonic::body::Body>> for EchoServer {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(BytesCodec);
+            Ok(match req.uri().path() {
+                "/test.Echo/Unary" => grpc.unary(Unary, req).await,
+                "/test.Echo/Chat" => grpc.streaming(Chat, req).await,
+                _ => Status::unimplemented("unknown method").into_http(),
+            })
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_unary_and_streaming_calls_through_the_lb() {
+    let consul = Consul::start().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let _server = tokio::spawn(tonic::transport::Server::builder().serve_with_incoming(
+        EchoServer,
+        tonic::transport::server::TcpIncoming::from(listener),
+    ));
+    consul
+        .register_with(
+            "grpc-0",
+            "grpc",
+            port,
+            &["lb.route=/test.Echo", "lb.proto=h2c"],
+            None,
+        )
+        .await;
+    let lb = Lb::start(&consul, &[("LB_H2C", "true")]).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/test.Echo", 1).await;
+
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", lb.proxy))
+        .unwrap()
+        .connect()
+        .await
+        .expect("h2c connection to the lb");
+    let mut client = tonic::client::Grpc::new(channel);
+
+    for i in 0..50 {
+        client.ready().await.unwrap();
+        let reply = client
+            .unary(
+                tonic::Request::new(Bytes::from(format!("ping {i}"))),
+                PathAndQuery::from_static("/test.Echo/Unary"),
+                BytesCodec,
+            )
+            .await
+            .expect("unary call");
+        assert_eq!(reply.into_inner(), format!("pong:ping {i}"));
+    }
+
+    // The status travels in trailers: it arrives only if the lb passes them both ways.
+    client.ready().await.unwrap();
+    let err = client
+        .unary(
+            tonic::Request::new(Bytes::from_static(b"missing")),
+            PathAndQuery::from_static("/test.Echo/Unary"),
+            BytesCodec,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert_eq!(err.message(), "no such thing here");
+
+    // Bidirectional: each message is answered before the next is sent.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+    let outbound =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    client.ready().await.unwrap();
+    tx.send(Bytes::from_static(b"first")).await.unwrap();
+    let mut inbound = client
+        .streaming(
+            tonic::Request::new(outbound),
+            PathAndQuery::from_static("/test.Echo/Chat"),
+            BytesCodec,
+        )
+        .await
+        .expect("streaming call")
+        .into_inner();
+    assert_eq!(inbound.message().await.unwrap().unwrap(), "echo:first");
+    for i in 0..20 {
+        tx.send(Bytes::from(format!("m{i}"))).await.unwrap();
+        assert_eq!(
+            inbound.message().await.unwrap().unwrap(),
+            format!("echo:m{i}")
+        );
+    }
+    drop(tx);
+    assert_eq!(
+        inbound.message().await.unwrap(),
+        None,
+        "clean end with OK status"
+    );
+
+    // One upstream connection carried every call.
+    assert_eq!(
+        lb.metric(&http, "lb_upstream_connections_total", &[]).await,
+        Some(1.0)
+    );
+}
