@@ -7,7 +7,9 @@ share CPU 0 (so "direct" is the limit CPU 0 allows). Runs are interleaved (each 
 the target order) so drift cancels, and every figure is the median over rounds.
 
 Stages: `wrk` scenarios (small responses at 16 and 256 keep-alive connections, 1 MiB
-responses, a new connection per request); idle keep-alive client connections (RSS per
+responses, a new connection per request; over TLS with keep-alive and with a handshake per
+request) and an `h2load` HTTP/2-over-TLS scenario, every TLS listener serving the same
+certificate; idle keep-alive client connections (RSS per
 connection); the lb under Consul churn (100 instance changes/s) against the lb without; the
 lb with 10 and with 10,000 instances in its table. Started by scripts/bench, which installs
 and builds what it needs first.
@@ -23,8 +25,10 @@ import shutil
 import signal
 import socket
 import statistics
+import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -155,6 +159,14 @@ class Stack:
     def start(self, targets):
         tools = ROOT / ".tools" / "bin"
         rel = ROOT / "target" / "release"
+        self.tls_ports = {}
+        # One certificate for every target's TLS listener: ECDSA P-256, as most sites serve now.
+        self.cert, self.key = os.path.join(self.work, "cert.pem"), os.path.join(self.work, "key.pem")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-keyout", self.key, "-out", self.cert, "-days", "30", "-subj", "/CN=bench.test",
+                        "-addext", "subjectAltName=DNS:bench.test"], check=True, capture_output=True)
+        self.pem = os.path.join(self.work, "cert+key.pem")
+        pathlib.Path(self.pem).write_text(pathlib.Path(self.cert).read_text() + pathlib.Path(self.key).read_text())
         self.backend_ports = [free_port() for _ in range(BACKENDS)]
         for i, port in enumerate(self.backend_ports):
             self.spawn(f"backend{i}", [str(rel / "web-sample")], LOAD_CPU,
@@ -186,15 +198,19 @@ class Stack:
             # thousands of other instances, run for run.
             for i, port in enumerate(self.backend_ports):
                 self.register(f"web-{i}", "web", port, ["lb.route=/", "small.route=/"])
-            lb_port, admin = free_port(), free_port()
+            lb_port, admin, tls_port = free_port(), free_port(), free_port()
             self.lb_admin = admin
             p = self.spawn("lb", [str(rel / "lb")], PROXY_CPU, {
                 "LB_LISTEN": f"127.0.0.1:{lb_port}",
                 "LB_ADMIN_LISTEN": f"127.0.0.1:{admin}",
                 "LB_CONSUL_ADDR": f"http://127.0.0.1:{self.consul_port}",
+                "LB_TLS_LISTEN": f"127.0.0.1:{tls_port}",
+                "LB_TLS_CERTS": f"{self.cert}:{self.key}",
                 "RUST_LOG": "warn",
             })
             wait_port(lb_port)
+            wait_port(tls_port)
+            self.tls_ports["lb"] = tls_port
             small_port = free_port()
             small = self.spawn("lb-small", [str(rel / "lb")], PROXY_CPU, {
                 "LB_LISTEN": f"127.0.0.1:{small_port}",
@@ -208,28 +224,33 @@ class Stack:
             self.wait_backends(BACKENDS)
             self.targets["lb"] = (lb_port, p)
         if "nginx" in targets:
-            port = free_port()
+            port, tls_port = free_port(), free_port()
             d = os.path.join(self.work, "nginx")
             os.makedirs(d, exist_ok=True)
             ups = "\n".join(f"        server 127.0.0.1:{p};" for p in self.backend_ports)
             conf = (BENCH / "nginx.conf.in").read_text().replace("@DIR@", d) \
-                .replace("@PORT@", str(port)).replace("@UPSTREAMS@", ups)
+                .replace("@PORT@", str(port)).replace("@UPSTREAMS@", ups) \
+                .replace("@TLSPORT@", str(tls_port)).replace("@CERT@", self.cert).replace("@KEY@", self.key)
             path = os.path.join(d, "nginx.conf")
             pathlib.Path(path).write_text(conf)
             p = self.spawn("nginx", [shutil.which("nginx") or "/usr/sbin/nginx", "-c", path,
                                      "-p", d, "-e", os.path.join(d, "nginx-error.log")], PROXY_CPU)
             wait_port(port)
+            wait_port(tls_port)
+            self.tls_ports["nginx"] = tls_port
             self.targets["nginx"] = (port, p)
         if "haproxy" in targets:
-            port = free_port()
+            port, tls_port = free_port(), free_port()
             srv = "\n".join(f"    server s{i} 127.0.0.1:{p}" for i, p in enumerate(self.backend_ports))
             conf = (BENCH / "haproxy.cfg.in").read_text().replace("@PORT@", str(port)) \
-                .replace("@SERVERS@", srv)
+                .replace("@SERVERS@", srv).replace("@TLSPORT@", str(tls_port)).replace("@PEM@", self.pem)
             path = os.path.join(self.work, "haproxy.cfg")
             pathlib.Path(path).write_text(conf)
             p = self.spawn("haproxy", [shutil.which("haproxy") or "/usr/sbin/haproxy", "-db",
                                        "-f", path], PROXY_CPU)
             wait_port(port)
+            wait_port(tls_port)
+            self.tls_ports["haproxy"] = tls_port
             self.targets["haproxy"] = (port, p)
         if "direct" in targets:
             self.targets["direct"] = (self.backend_ports[0], None)
@@ -289,12 +310,12 @@ class Stack:
             p.stop()
 
 
-def wrk(port, path, conns, duration, close=False):
+def wrk(port, path, conns, duration, close=False, scheme="http"):
     argv = ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{conns}", f"-d{duration}s",
             "--timeout", "5s", "-s", str(BENCH / "report.lua")]
     if close:
         argv += ["-H", "Connection: close"]
-    argv.append(f"http://127.0.0.1:{port}{path}")
+    argv.append(f"{scheme}://127.0.0.1:{port}{path}")
     out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60).stdout
     line = next((l for l in out.splitlines() if l.startswith("BENCH ")), None)
     if line is None:
@@ -304,6 +325,26 @@ def wrk(port, path, conns, duration, close=False):
     r["errors"] = r["connect"] + r["read"] + r["write"] + r["status"] + r["timeout"]
     r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
     return r
+
+
+def h2load(port, path, conns, streams, duration):
+    """HTTP/2 over TLS (ALPN h2) with h2load; percentiles from its per-request log."""
+    logf = os.path.join(tempfile.gettempdir(), f"h2load-{os.getpid()}.log")
+    argv = ["taskset", "-c", LOAD_CPU, "h2load", "-t1", f"-c{conns}", f"-m{streams}", f"-D{duration}",
+            "--log-file", logf, f"https://127.0.0.1:{port}{path}"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60).stdout
+    m = re.search(r"requests: (\d+) total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed, "
+                  r"(\d+) errored, (\d+) timeout", out)
+    fin = re.search(r"finished in ([\d.]+)s, ([\d.]+) req/s", out)
+    if not m or not fin:
+        raise RuntimeError(f"h2load printed no result:\n{out}")
+    with open(logf) as f:
+        lat = sorted(int(line.split("\t")[2]) for line in f if line.count("\t") >= 2)
+    os.unlink(logf)
+    pct = lambda q: lat[min(len(lat) - 1, int(q / 100 * len(lat)))] if lat else None  # noqa: E731
+    ok = int(m.group(2))
+    return {"requests": ok, "rps": float(fin.group(2)), "errors": int(m.group(3)) + int(m.group(4)) + int(m.group(5)),
+            "p50": pct(50), "p99": pct(99), "p999": pct(99.9)}
 
 
 class Sampler:
@@ -329,22 +370,32 @@ class Sampler:
             self.t.join()
 
 
-def measured_run(stack, target, path, conns, duration, close=False):
+def measured_run(stack, target, path, conns, duration, close=False, proto="http"):
     port, proc = stack.targets[target]
+    if proto != "http":
+        port = stack.tls_ports[target]
     cpu0 = cpu_seconds(proc.pids()) if proc else 0
     with Sampler(proc) as s:
-        r = wrk(port, path, conns, duration, close)
+        if proto == "h2":
+            r = h2load(port, path, conns, H2_STREAMS, duration)
+        else:
+            r = wrk(port, path, conns, duration, close, scheme=proto)
     if proc:
         r["cpu_per_100k"] = (cpu_seconds(proc.pids()) - cpu0) / max(r["requests"], 1) * 1e5
         r["rss_kib"] = s.peak
     return r
 
 
+H2_STREAMS = 16
+# (key, title, path, connections, Connection: close, protocol: http | https (wrk) | h2 (h2load))
 SCENARIOS = [
-    ("small, keep-alive, 16 conns", "/", 16, False),
-    ("small, keep-alive, 256 conns", "/", 256, False),
-    ("1 MiB responses, 16 conns", "/bytes/1048576", 16, False),
-    ("new connection per request, 16 conns", "/", 16, True),
+    ("small16", "small, keep-alive, 16 conns", "/", 16, False, "http"),
+    ("small256", "small, keep-alive, 256 conns", "/", 256, False, "http"),
+    ("mib", "1 MiB responses, 16 conns", "/bytes/1048576", 16, False, "http"),
+    ("close", "new connection per request, 16 conns", "/", 16, True, "http"),
+    ("tls", "TLS (HTTP/1.1), small, keep-alive, 16 conns", "/", 16, False, "https"),
+    ("tlsclose", "TLS (HTTP/1.1), new connection and handshake per request, 16 conns", "/", 16, True, "https"),
+    ("h2", f"HTTP/2 over TLS (h2load), small, 16 conns x {H2_STREAMS} streams", "/", 16, False, "h2"),
 ]
 
 
@@ -353,14 +404,18 @@ def med(runs, key):
     return statistics.median(vals) if vals else None
 
 
-def scenarios(stack, order, rounds, duration):
+def scenarios(stack, order, rounds, duration, only):
     results = {}
-    for name, path, conns, close in SCENARIOS:
-        runs = {t: [] for t in order}
+    for key, name, path, conns, close, proto in SCENARIOS:
+        if only and key not in only:
+            continue
+        # The backends themselves speak plain HTTP/1.1 only.
+        targets = [t for t in order if proto == "http" or t in stack.tls_ports]
+        runs = {t: [] for t in targets}
         for rnd in range(rounds):
-            k = rnd % len(order)
-            for t in order[k:] + order[:k]:
-                r = measured_run(stack, t, path, conns, duration, close)
+            k = rnd % len(targets)
+            for t in targets[k:] + targets[:k]:
+                r = measured_run(stack, t, path, conns, duration, close, proto)
                 runs[t].append(r)
                 log(f"{name} | round {rnd + 1} | {t}: {r['rps']:.0f} req/s, p99 "
                     f"{r['p99'] / 1000:.2f} ms, errors {r['errors']}")
@@ -520,7 +575,7 @@ def report(res, order, args, pinning):
         lines += [f"**{name}**", "",
                   "| target | req/s | p50 ms | p99 ms | p99.9 ms | CPU s / 100k req | peak RSS MiB | errors |",
                   "|---|---|---|---|---|---|---|---|"]
-        for t in order:
+        for t in (t for t in order if t in runs):
             rs = runs[t]
             cpu = med(rs, "cpu_per_100k")
             rss = max((r.get("rss_kib", 0) for r in rs), default=0)
@@ -576,6 +631,8 @@ def main():
     ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     ap.add_argument("--targets", default="lb,nginx,haproxy,direct")
     ap.add_argument("--stages", default="scenarios,idle,churn,scale")
+    ap.add_argument("--scenarios", default="",
+                    help="scenario keys to run (default all): " + ",".join(s[0] for s in SCENARIOS))
     ap.add_argument("--idle", type=int, default=9900,
                     help="idle client connections (HAProxy holds at most 9,980 under the 20,000 descriptor limit here)")
     ap.add_argument("--churn-rate", type=int, default=100, help="instance changes per second")
@@ -623,7 +680,8 @@ def main():
     text = ""
     try:
         if "scenarios" in stages:
-            text = stage("scenarios", lambda: scenarios(stack, order, args.rounds, args.duration))
+            text = stage("scenarios", lambda: scenarios(stack, order, args.rounds, args.duration,
+                                                               set(filter(None, args.scenarios.split(",")))))
         if "idle" in stages:
             text = stage("idle", lambda: idle_rss(stack, [t for t in order if t != "direct"], args.idle))
         if "churn" in stages and "lb" in order:
