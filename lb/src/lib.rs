@@ -163,7 +163,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let _ = stop_proxy.send(true);
     let mut left = proxy.await.unwrap_or(0);
     if let Some(tls_proxy) = tls_proxy {
-        left += tls_proxy.await.unwrap_or(0);
+        // Both listeners report the process-wide open counts: the larger is the total.
+        left = left.max(tls_proxy.await.unwrap_or(0));
     }
     let _ = stop_discovery.send(true);
     let _ = stop_admin.send(true);

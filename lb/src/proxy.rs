@@ -344,10 +344,12 @@ async fn forward(
         }
 
         let mut p = parts.take().expect("parts are restored before every retry");
-        if sender.is_h2() {
-            to_http2_form(&mut p);
-        } else {
-            to_http1_form(&mut p);
+        // `handle` left the request in HTTP/1.1 form; only a change of protocol between
+        // attempts (a route mixing h2c and HTTP/1.1 instances) converts it.
+        match (sender.is_h2(), p.version == Version::HTTP_2) {
+            (true, false) => to_http2_form(&mut p),
+            (false, true) => to_http1_form(&mut p),
+            _ => {}
         }
         let keep = replayable.then(|| clone_parts(&p));
         let req = Request::from_parts(p, body.take().expect("body is restored before every retry"));
