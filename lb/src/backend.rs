@@ -195,9 +195,20 @@ impl Backend {
     /// A pooled connection that is ready for a request, or a new one.
     /// Returns the sender and whether it was reused.
     pub async fn checkout(&self, s: &BackendSettings) -> Result<(Sender, bool), ConnectError> {
-        if self.proto == UpstreamProto::H2c {
-            return self.checkout_h2(s).await;
+        let pooled = match self.proto {
+            UpstreamProto::H2c => self.live_h2().map(Sender::H2),
+            _ => self.pooled_h1(s).map(Sender::H1),
+        };
+        if let Some(sender) = pooled {
+            return Ok((sender, true));
         }
+        // Connecting is rare and its future is large (connect, handshake, timeouts): boxed, so
+        // that every request's future, which hyper keeps allocated per client connection, stays
+        // small.
+        Box::pin(self.open(s)).await
+    }
+
+    fn pooled_h1(&self, s: &BackendSettings) -> Option<http1::SendRequest<UpstreamBody>> {
         let now = now_ms();
         let max_idle_ms = s.idle_timeout.as_millis() as u64;
         while let Some(idle) = self.pop_idle() {
@@ -205,8 +216,17 @@ impl Backend {
                 && !idle.sender.is_closed()
                 && idle.sender.is_ready()
             {
-                return Ok((Sender::H1(idle.sender), true));
+                return Some(idle.sender);
             }
+        }
+        None
+    }
+
+    /// A new connection; for h2c, the one another request made meanwhile if there is one
+    /// (then reported as reused).
+    async fn open(&self, s: &BackendSettings) -> Result<(Sender, bool), ConnectError> {
+        if self.proto == UpstreamProto::H2c {
+            return self.open_h2(s).await;
         }
         let stream = self.connect(s).await?;
         let (sender, conn) = http1::Builder::new()
@@ -221,10 +241,7 @@ impl Backend {
         Ok((Sender::H1(sender), false))
     }
 
-    async fn checkout_h2(&self, s: &BackendSettings) -> Result<(Sender, bool), ConnectError> {
-        if let Some(sender) = self.live_h2() {
-            return Ok((Sender::H2(sender), true));
-        }
+    async fn open_h2(&self, s: &BackendSettings) -> Result<(Sender, bool), ConnectError> {
         let _one_at_a_time = self.h2_connecting.lock().await;
         if let Some(sender) = self.live_h2() {
             return Ok((Sender::H2(sender), true));

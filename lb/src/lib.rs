@@ -6,7 +6,8 @@
 //! - [`routing`]: the immutable table, route lookup and balancing picks.
 //! - [`backend`]: per-address state that survives reloads: in-flight, ejection, connection pool.
 //! - [`proxy`]: the request path (lookup, pick, forward, retry) and [`body`] its body types.
-//! - [`server`]: accepting client connections (HTTP/1.1, HTTP/2, upgrades) and draining them.
+//! - [`server`]: accepting client connections (HTTP/1.1, HTTP/2, upgrades) and draining them;
+//!   [`parking`] lets idle plain HTTP/1.1 connections drop their buffers.
 //! - [`tls`]: certificates by SNI, their reloads, and the TLS handshake.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/routes` on a separate listener.
 //! - [`metrics`]: every metric name, declared once.
@@ -19,6 +20,7 @@ pub mod body;
 pub mod config;
 pub mod discovery;
 pub mod metrics;
+pub mod parking;
 pub mod proxy;
 pub mod routing;
 pub mod server;

@@ -130,6 +130,7 @@ pub struct Peer {
     ip: HeaderValue,
     pub tls: bool,
     drain: Drain,
+    pub exchanges: crate::parking::Exchanges,
 }
 
 impl Peer {
@@ -141,6 +142,7 @@ impl Peer {
             ip,
             tls,
             drain,
+            exchanges: Default::default(),
         }
     }
 }
@@ -199,6 +201,9 @@ pub async fn handle(
     }
 
     let upgrade = upgrade_request(&parts.headers, parts.version);
+    if upgrade.is_some() {
+        peer.exchanges.pin();
+    }
     prepare_upstream_headers(&mut parts.headers, &peer, &request_id);
     let upgrade = upgrade.and_then(|protocol| {
         let on_client = parts.extensions.remove::<OnUpgrade>()?;

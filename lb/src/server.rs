@@ -4,13 +4,15 @@
 //! in-flight requests and upgraded tunnels finish.
 //!
 //! Every connection task and tunnel holds a clone of one `mpsc::Sender`; the drain is over when
-//! the receiver sees all of them dropped.
+//! the receiver sees all of them dropped. Plain HTTP/1.1 connections are parked between
+//! requests ([`crate::parking`]); a drain closes a parked connection at once.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use hyper::rt::{Read, Write};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
@@ -18,6 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
+use crate::parking::{Exchange, ParkingIo, Tracked};
 use crate::proxy::{Drain, Peer};
 use crate::tls::{Tls, ALPN_H2};
 use crate::Shared;
@@ -83,7 +86,13 @@ pub async fn serve_proxy(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(ctx.clone().connection(stream, peer));
+                // Two task types: a plain connection's task then holds none of the TLS and
+                // HTTP/2 state, which would otherwise size every connection's future.
+                if ctx.tls.is_some() {
+                    tokio::spawn(ctx.clone().tls_connection(stream, peer));
+                } else {
+                    tokio::spawn(ctx.clone().plain_connection(stream, peer));
+                }
             }
             _ = stop.changed() => break,
         }
@@ -107,23 +116,97 @@ pub async fn serve_proxy(
 }
 
 impl Listener {
-    async fn connection(self: Arc<Self>, stream: TcpStream, addr: SocketAddr) {
-        let metrics = &self.shared.metrics;
-        metrics.client_connections_open.inc();
-        let _open = OpenConnection(self.shared.clone());
-        match &self.tls {
-            Some(tls) => {
-                let Some(stream) = tls.accept(stream, metrics).await else {
-                    return;
+    async fn tls_connection(self: Arc<Self>, stream: TcpStream, addr: SocketAddr) {
+        let _open = OpenConnection::new(&self.shared);
+        let Some(tls) = &self.tls else { return };
+        let Some(stream) = tls.accept(stream, &self.shared.metrics).await else {
+            return;
+        };
+        let h2 = stream.get_ref().1.alpn_protocol() == Some(ALPN_H2);
+        self.serve(TokioIo::new(stream), addr, true, h2).await;
+    }
+
+    async fn plain_connection(self: Arc<Self>, stream: TcpStream, addr: SocketAddr) {
+        let _open = OpenConnection::new(&self.shared);
+        let config = &self.shared.config;
+        if config.h2c && starts_with_h2_preface(&stream, config.client_header_timeout).await {
+            Box::pin(self.serve(TokioIo::new(stream), addr, false, true)).await;
+            return;
+        }
+        self.serve_parking(stream, addr).await;
+    }
+
+    /// Plain HTTP/1.1, parked between requests (see [`crate::parking`]): the task waits for
+    /// each next request holding only the socket, and runs hyper for as long as requests
+    /// follow each other.
+    async fn serve_parking(&self, mut stream: TcpStream, addr: SocketAddr) {
+        let shared = &self.shared;
+        self.count_protocol(false, false);
+        let peer = Arc::new(Peer::new(addr, false, self.drain.clone()));
+        let mut stop = self.stop.clone();
+        let mut leftover = Bytes::new();
+        let mut served_before = false;
+        loop {
+            if leftover.is_empty() {
+                // Idle: bounded like a request head, ended at once by a drain.
+                let timeout = shared.config.client_header_timeout;
+                let arrived = async {
+                    if served_before {
+                        // The read that parked the connection cleared its readiness.
+                        stream.readable().await
+                    } else {
+                        // A new socket starts out marked ready: look for a real first byte.
+                        stream.peek(&mut [0u8; 1]).await.map(drop)
+                    }
                 };
-                let h2 = stream.get_ref().1.alpn_protocol() == Some(ALPN_H2);
-                self.serve(TokioIo::new(stream), addr, true, h2).await;
+                tokio::select! {
+                    r = tokio::time::timeout(timeout, arrived) => match r {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return,
+                        Err(_) => {
+                            // A keep-alive client going quiet is normal; one that never sent
+                            // a request is a header timeout, as hyper would have reported.
+                            if !served_before {
+                                self.count_error("header_timeout", addr, "no request head in time");
+                            }
+                            return;
+                        }
+                    },
+                    _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
+                }
             }
-            None => {
-                let h2 = self.shared.config.h2c
-                    && starts_with_h2_preface(&stream, self.shared.config.client_header_timeout)
-                        .await;
-                self.serve(TokioIo::new(stream), addr, false, h2).await;
+            let io = ParkingIo::new(stream, std::mem::take(&mut leftover), peer.clone());
+            let (shared2, peer2) = (shared.clone(), peer.clone());
+            let svc = service_fn(move |req| {
+                let exchange = Exchange::start(peer2.clone());
+                let (shared, peer) = (shared2.clone(), peer2.clone());
+                async move {
+                    let resp = crate::proxy::handle(shared, req, peer).await;
+                    Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, exchange)))
+                }
+            });
+            let mut conn = self.h1.serve_connection(io, svc).with_upgrades();
+            let result = tokio::select! {
+                r = &mut conn => r,
+                _ = async { let _ = stop.wait_for(|s| *s).await; } => {
+                    std::pin::Pin::new(&mut conn).graceful_shutdown();
+                    (&mut conn).await
+                }
+            };
+            match conn.into_parts() {
+                Some(parts) if parts.io.parked() => {
+                    // hyper saw the end of input we made up; an error here is only about the
+                    // partial head it held, which the next round reads first.
+                    leftover = parts.read_buf;
+                    stream = parts.io.into_stream();
+                    served_before = true;
+                }
+                _ => {
+                    if let Err(e) = result {
+                        self.count_hyper_error(&e, addr);
+                    }
+                    return;
+                }
             }
         }
     }
@@ -133,12 +216,7 @@ impl Listener {
         I: Read + Write + Unpin + Send + 'static,
     {
         let shared = &self.shared;
-        let protocol = if h2 { "h2" } else { "http/1.1" };
-        shared
-            .metrics
-            .client_connections
-            .with_label_values(&[protocol, if tls { "true" } else { "false" }])
-            .inc();
+        self.count_protocol(tls, h2);
         let peer = Arc::new(Peer::new(addr, tls, self.drain.clone()));
         let shared2 = shared.clone();
         let svc = service_fn(move |req| {
@@ -166,28 +244,52 @@ impl Listener {
             drive!(self.h1.serve_connection(io, svc).with_upgrades())
         };
         if let Err(e) = result {
-            let kind = if e.is_timeout() {
-                "header_timeout"
-            } else if e.is_parse_too_large() {
-                "head_too_large"
-            } else if e.is_parse() || e.is_parse_status() {
-                "malformed"
-            } else if e.is_incomplete_message() {
-                "incomplete"
-            } else {
-                "io"
-            };
-            shared
-                .metrics
-                .client_connection_errors
-                .with_label_values(&[kind])
-                .inc();
-            tracing::debug!(peer = %addr, error = %e, kind, "client connection ended with an error");
+            self.count_hyper_error(&e, addr);
         }
+    }
+
+    fn count_protocol(&self, tls: bool, h2: bool) {
+        let protocol = if h2 { "h2" } else { "http/1.1" };
+        self.shared
+            .metrics
+            .client_connections
+            .with_label_values(&[protocol, if tls { "true" } else { "false" }])
+            .inc();
+    }
+
+    fn count_hyper_error(&self, e: &hyper::Error, addr: SocketAddr) {
+        let kind = if e.is_timeout() {
+            "header_timeout"
+        } else if e.is_parse_too_large() {
+            "head_too_large"
+        } else if e.is_parse() || e.is_parse_status() {
+            "malformed"
+        } else if e.is_incomplete_message() {
+            "incomplete"
+        } else {
+            "io"
+        };
+        self.count_error(kind, addr, e);
+    }
+
+    fn count_error(&self, kind: &str, addr: SocketAddr, e: impl std::fmt::Display) {
+        self.shared
+            .metrics
+            .client_connection_errors
+            .with_label_values(&[kind])
+            .inc();
+        tracing::debug!(peer = %addr, error = %e, kind, "client connection ended with an error");
     }
 }
 
 struct OpenConnection(Arc<Shared>);
+
+impl OpenConnection {
+    fn new(shared: &Arc<Shared>) -> OpenConnection {
+        shared.metrics.client_connections_open.inc();
+        OpenConnection(shared.clone())
+    }
+}
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {

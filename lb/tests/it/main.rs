@@ -2,6 +2,7 @@
 
 mod balancing;
 mod discovery;
+mod keepalive;
 mod resilience;
 mod support;
 mod tls;

@@ -125,6 +125,13 @@ async fn backend_answer(
             s.push_str(&format!("{}: {}\n", k, v.to_str().unwrap_or("?")));
         }
         s
+    } else if path == "/big" {
+        // `kb` KiB of one letter: large enough to fill socket buffers.
+        let kb: usize = query
+            .strip_prefix("kb=")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1024);
+        "x".repeat(kb * 1024)
     } else if path == "/slow" {
         let ms = query
             .strip_prefix("ms=")

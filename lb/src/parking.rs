@@ -1,0 +1,256 @@
+//! Plain HTTP/1.1 client connections that hold no buffers while idle between requests.
+//!
+//! hyper keeps a connection's read and write buffers (8 KiB each), its in-flight slot and its
+//! header timer for as long as the connection lives, so an idle keep-alive client costs about
+//! 20 KiB. nginx and HAProxy free their buffers when a connection goes idle; so do we. The
+//! socket sits under hyper in a [`ParkingIo`]. When hyper asks for the next request head, no
+//! exchange is open, every response byte has reached the socket and the socket has nothing to
+//! read, the `ParkingIo` reports end of input. hyper ends the connection cleanly without
+//! shutting the socket down (see `poll_shutdown`); the server takes the socket back and
+//! waits for it to become readable holding nothing else, then starts hyper on it again.
+//!
+//! A partial head that hyper had already buffered (a pipelining client) is not lost: hyper
+//! returns it with the socket, and the next connection reads it first.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes};
+use http_body::{Body, Frame, SizeHint};
+use hyper::rt::{Read, ReadBufCursor, Write};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+use crate::body::ProxyBody;
+use crate::proxy::Peer;
+
+/// What a connection's requests tell its `ParkingIo`.
+#[derive(Debug, Default)]
+pub struct Exchanges {
+    /// Requests whose response has not been written to the end yet.
+    open: AtomicU32,
+    /// Exchanges finished so far (wrapping).
+    done: AtomicU32,
+    /// The connection may be handed over to another protocol: never park it.
+    pinned: AtomicBool,
+}
+
+impl Exchanges {
+    /// Called for an upgrade request: the socket may become a tunnel, whose reads must never
+    /// see a made-up end of input.
+    pub fn pin(&self) {
+        self.pinned.store(true, Ordering::Relaxed);
+    }
+
+    fn done(&self) -> u32 {
+        self.done.load(Ordering::Acquire)
+    }
+}
+
+/// One request from the moment hyper hands it to the service until hyper has written its
+/// response to the end (and dropped the body), or dropped the request's future.
+pub struct Exchange(Arc<Peer>);
+
+impl Exchange {
+    pub fn start(peer: Arc<Peer>) -> Exchange {
+        peer.exchanges.open.fetch_add(1, Ordering::Relaxed);
+        Exchange(peer)
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        let e = &self.0.exchanges;
+        e.open.fetch_sub(1, Ordering::Relaxed);
+        e.done.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// A response body that ends its exchange when hyper drops it.
+pub struct Tracked {
+    body: ProxyBody,
+    _exchange: Exchange,
+}
+
+impl Tracked {
+    pub fn new(body: ProxyBody, exchange: Exchange) -> Tracked {
+        Tracked {
+            body,
+            _exchange: exchange,
+        }
+    }
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The socket as hyper sees it on a plain HTTP/1.1 connection.
+pub struct ParkingIo {
+    stream: TcpStream,
+    /// Bytes an earlier hyper connection on this socket had read but not parsed.
+    prefix: Bytes,
+    peer: Arc<Peer>,
+    /// `Exchanges::done` when bytes last arrived: parking needs an exchange finished since, so
+    /// a request being read or answered is never cut.
+    seen: u32,
+    /// The last write could not complete: hyper still holds response bytes.
+    write_blocked: bool,
+    parked: bool,
+}
+
+impl ParkingIo {
+    pub fn new(stream: TcpStream, prefix: Bytes, peer: Arc<Peer>) -> ParkingIo {
+        let seen = peer.exchanges.done();
+        ParkingIo {
+            stream,
+            prefix,
+            peer,
+            seen,
+            write_blocked: false,
+            parked: false,
+        }
+    }
+
+    /// Whether this connection ended because it went idle, rather than closed.
+    pub fn parked(&self) -> bool {
+        self.parked
+    }
+
+    pub fn into_stream(self) -> TcpStream {
+        self.stream
+    }
+
+    fn may_park(&self) -> bool {
+        let e = &self.peer.exchanges;
+        !self.write_blocked
+            && e.open.load(Ordering::Relaxed) == 0
+            && e.done() != self.seen
+            && !e.pinned.load(Ordering::Relaxed)
+    }
+
+    fn wrote(&mut self, cx: &Context<'_>, n: usize) {
+        if std::mem::take(&mut self.write_blocked) && n > 0 {
+            // hyper polls for the next request only once; the response's last bytes may have
+            // left after that poll. Poll again so an idle connection still parks.
+            cx.waker().wake_by_ref();
+        }
+    }
+
+    fn blocked<T>(&mut self) -> Poll<T> {
+        self.write_blocked = true;
+        Poll::Pending
+    }
+}
+
+impl Read for ParkingIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        mut buf: ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.advance(n);
+            this.seen = this.peer.exchanges.done();
+            return Poll::Ready(Ok(()));
+        }
+        if this.parked {
+            return Poll::Ready(Ok(()));
+        }
+        // SAFETY: tokio's `ReadBuf` only writes initialised bytes into the uninitialised
+        // slice, and `advance` below covers exactly the bytes it filled.
+        let n = unsafe {
+            let mut tbuf = tokio::io::ReadBuf::uninit(buf.as_mut());
+            match Pin::new(&mut this.stream).poll_read(cx, &mut tbuf) {
+                Poll::Ready(Ok(())) => tbuf.filled().len(),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    if this.may_park() {
+                        this.parked = true;
+                        return Poll::Ready(Ok(()));
+                    }
+                    return Poll::Pending;
+                }
+            }
+        };
+        if n > 0 {
+            this.seen = this.peer.exchanges.done();
+        }
+        // SAFETY: `n` bytes were just filled.
+        unsafe { buf.advance(n) };
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Write for ParkingIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.stream).poll_write(cx, buf) {
+            Poll::Ready(Ok(n)) => {
+                this.wrote(cx, n);
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => this.blocked(),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.stream).poll_write_vectored(cx, bufs) {
+            Poll::Ready(Ok(n)) => {
+                this.wrote(cx, n);
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => this.blocked(),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.parked {
+            // The connection is idle, not closing: the socket goes back to the server.
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.stream).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,193 @@
+//! Plain HTTP/1.1 keep-alive connections, which the lb parks between requests: no byte of a
+//! request may be lost across a park, whatever the client splits or pipelines, and a parked
+//! connection still obeys the idle timeout and the drain.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use crate::balancing::wait_routed;
+use crate::support::{Backend, Consul, Http, Lb};
+
+/// One response from `r`: its status line and body (Content-Length framed; the test backend
+/// and the lb's own answers always send one).
+fn read_response(r: &mut BufReader<TcpStream>) -> std::io::Result<(String, Vec<u8>)> {
+    let mut status = String::new();
+    if r.read_line(&mut status)? == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    let mut len = 0usize;
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line)?;
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                len = v.trim().parse().unwrap();
+            }
+        }
+    }
+    let mut body = vec![0; len];
+    r.read_exact(&mut body)?;
+    Ok((status.trim_end().to_string(), body))
+}
+
+fn connect(addr: SocketAddr) -> (TcpStream, BufReader<TcpStream>) {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let r = BufReader::new(s.try_clone().unwrap());
+    (s, r)
+}
+
+fn pause() {
+    // Long enough for the lb to have parked the connection.
+    std::thread::sleep(Duration::from_millis(200));
+}
+
+/// Everything the client does on one connection; runs on a blocking thread.
+fn exchanges(addr: SocketAddr) {
+    let (mut s, mut r) = connect(addr);
+
+    // Pipelined: two whole requests and the start of a third, the rest after a pause.
+    s.write_all(b"GET /p1 HTTP/1.1\r\nHost: x\r\n\r\nGET /p2 HTTP/1.1\r\nHost: x\r\n\r\nGET /p3 HTTP/1.1\r\nHo")
+        .unwrap();
+    pause();
+    s.write_all(b"st: x\r\n\r\n").unwrap();
+    for _ in 0..3 {
+        let (status, body) = read_response(&mut r).unwrap();
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        assert_eq!(body, b"a");
+    }
+
+    // A head split over a pause, after the connection went idle.
+    pause();
+    s.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+    pause();
+    s.write_all(b"Host: x\r\n\r\n").unwrap();
+    assert_eq!(read_response(&mut r).unwrap().1, b"a");
+
+    // A body split over a pause, alone and behind a pipelined request.
+    s.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n12345")
+        .unwrap();
+    pause();
+    s.write_all(b"67890").unwrap();
+    assert_eq!(read_response(&mut r).unwrap().1, b"a len=10");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nPOST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n12345")
+        .unwrap();
+    pause();
+    s.write_all(b"67890").unwrap();
+    assert_eq!(read_response(&mut r).unwrap().1, b"a");
+    assert_eq!(read_response(&mut r).unwrap().1, b"a len=10");
+
+    // A response larger than the socket buffers, read slowly, then one more request.
+    s.write_all(b"GET /big?kb=32768 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    pause();
+    let (status, body) = read_response(&mut r).unwrap();
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(body.len(), 32768 * 1024);
+    pause();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert_eq!(read_response(&mut r).unwrap().1, b"a");
+}
+
+async fn connections(lb: &Lb, http: &Http) -> f64 {
+    lb.metric(
+        http,
+        "lb_client_connections_total",
+        &[("protocol", "http/1.1"), ("tls", "false")],
+    )
+    .await
+    .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_connections_lose_no_byte_and_keep_their_timeouts() {
+    let consul = Consul::start().await;
+    let a = Backend::start("a").await;
+    consul.register("a", "web", a.port(), &["lb.route=/"]).await;
+    let lb = Lb::start(&consul, &[("LB_CLIENT_HEADER_TIMEOUT", "1s")]).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 1).await;
+    let proxy = lb.proxy;
+    let before = connections(&lb, &http).await;
+    let errors_before = lb
+        .metric(&http, "lb_client_connection_errors_total", &[])
+        .await
+        .unwrap_or(0.0);
+
+    tokio::task::spawn_blocking(move || exchanges(proxy))
+        .await
+        .unwrap();
+    // All of it on one client connection.
+    assert_eq!(connections(&lb, &http).await - before, 1.0);
+
+    // A keep-alive connection left idle is closed after the timeout, as is one that never
+    // sends a request; only the second counts as a client error.
+    let (idle_closed, silent_closed) = tokio::task::spawn_blocking(move || {
+        let (mut idle, mut idle_r) = connect(proxy);
+        idle.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        read_response(&mut idle_r).unwrap();
+        let (_silent, mut silent_r) = connect(proxy);
+        let mut rest = Vec::new();
+        let idle_closed = idle_r.read_to_end(&mut rest).map(|_| rest.len());
+        let silent_closed = silent_r.read_to_end(&mut rest).map(|_| rest.len());
+        (idle_closed.ok(), silent_closed.ok())
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        idle_closed,
+        Some(0),
+        "the idle connection was closed quietly"
+    );
+    assert_eq!(silent_closed, Some(0), "the silent connection was closed");
+    let timeouts = lb
+        .metric(
+            &http,
+            "lb_client_connection_errors_total",
+            &[("kind", "header_timeout")],
+        )
+        .await
+        .unwrap_or(0.0);
+    let errors = lb
+        .metric(&http, "lb_client_connection_errors_total", &[])
+        .await
+        .unwrap_or(0.0);
+    assert_eq!(timeouts, 1.0, "one header timeout: the silent connection");
+    assert_eq!(errors - errors_before, 1.0, "no other client error");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_closes_parked_connections_at_once() {
+    let consul = Consul::start().await;
+    let a = Backend::start("a").await;
+    consul.register("a", "web", a.port(), &["lb.route=/"]).await;
+    let mut lb = Lb::start(&consul, &[("LB_DRAIN_DELAY", "0s")]).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 1).await;
+    let proxy = lb.proxy;
+    let (s, mut r) = tokio::task::spawn_blocking(move || {
+        let (mut s, mut r) = connect(proxy);
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        read_response(&mut r).unwrap();
+        (s, r)
+    })
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    lb.signal(libc::SIGTERM);
+    assert_eq!(
+        lb.wait_exit(Duration::from_secs(10)).await,
+        Some(0),
+        "clean exit"
+    );
+    // The drain may last 10 s here; an idle connection does not hold it up.
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let mut rest = Vec::new();
+    assert_eq!(r.read_to_end(&mut rest).unwrap(), 0, "closed with a FIN");
+    drop(s);
+}
