@@ -26,10 +26,18 @@ fn main() -> std::process::ExitCode {
         return switchyard_consul::probe::exit_code(config.admin_listen, "/readyz");
     }
     init_tracing(config.log_format);
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = config.workers {
-        runtime.worker_threads(n);
-    }
+    let workers = config.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    // One worker needs no work stealing: the current-thread scheduler skips its atomics and
+    // cross-thread queues.
+    let mut runtime = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
     let runtime = runtime.enable_all().build().expect("tokio runtime");
     match runtime.block_on(lb::run(config, shutdown_signal())) {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -5,27 +5,36 @@
 //! 20 KiB. nginx and HAProxy free their buffers when a connection goes idle; so do we. The
 //! socket sits under hyper in a [`ParkingIo`]. When hyper asks for the next request head, no
 //! exchange is open, every response byte has reached the socket and the socket has nothing to
-//! read, the `ParkingIo` reports end of input. hyper ends the connection cleanly without
+//! read for [`PARK_AFTER`], the `ParkingIo` reports end of input. hyper ends the connection
+//! cleanly without
 //! shutting the socket down (see `poll_shutdown`); the server takes the socket back and
 //! waits for it to become readable holding nothing else, then starts hyper on it again.
 //!
 //! A partial head that hyper had already buffered (a pipelining client) is not lost: hyper
 //! returns it with the socket, and the next connection reads it first.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 use hyper::rt::{Read, ReadBufCursor, Write};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 
 use crate::body::ProxyBody;
 use crate::proxy::Peer;
+
+/// How long a connection stays idle before it parks. Under load a client's next request
+/// follows within milliseconds, and parking then would only trade buffers back and forth
+/// (measured: 7% more CPU per request at 256 connections when parking at once).
+pub const PARK_AFTER: Duration = Duration::from_millis(50);
 
 /// What a connection's requests tell its `ParkingIo`.
 #[derive(Debug, Default)]
@@ -115,6 +124,10 @@ pub struct ParkingIo {
     seen: u32,
     /// The last write could not complete: hyper still holds response bytes.
     write_blocked: bool,
+    /// Runs while the connection is idle; made on the first idle spell of this round.
+    grace: Option<Pin<Box<Sleep>>>,
+    /// `Exchanges::done` when `grace` was set: a later exchange starts a new idle spell.
+    grace_for: u32,
     parked: bool,
 }
 
@@ -127,6 +140,8 @@ impl ParkingIo {
             peer,
             seen,
             write_blocked: false,
+            grace: None,
+            grace_for: seen,
             parked: false,
         }
     }
@@ -146,6 +161,25 @@ impl ParkingIo {
             && e.open.load(Ordering::Relaxed) == 0
             && e.done() != self.seen
             && !e.pinned.load(Ordering::Relaxed)
+    }
+
+    /// Whether the idle spell has lasted [`PARK_AFTER`]; until then the timer will wake the
+    /// task to ask again.
+    fn grace_over(&mut self, cx: &mut Context<'_>) -> bool {
+        let done = self.peer.exchanges.done();
+        let grace = match &mut self.grace {
+            Some(g) if self.grace_for == done => g,
+            Some(g) => {
+                g.as_mut().reset(Instant::now() + PARK_AFTER);
+                self.grace_for = done;
+                g
+            }
+            None => {
+                self.grace_for = done;
+                self.grace.insert(Box::pin(tokio::time::sleep(PARK_AFTER)))
+            }
+        };
+        grace.as_mut().poll(cx).is_ready()
     }
 
     fn wrote(&mut self, cx: &Context<'_>, n: usize) {
@@ -187,7 +221,7 @@ impl Read for ParkingIo {
                 Poll::Ready(Ok(())) => tbuf.filled().len(),
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
-                    if this.may_park() {
+                    if this.may_park() && this.grace_over(cx) {
                         this.parked = true;
                         return Poll::Ready(Ok(()));
                     }

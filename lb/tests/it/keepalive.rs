@@ -108,7 +108,12 @@ async fn parked_connections_lose_no_byte_and_keep_their_timeouts() {
     let consul = Consul::start().await;
     let a = Backend::start("a").await;
     consul.register("a", "web", a.port(), &["lb.route=/"]).await;
-    let lb = Lb::start(&consul, &[("LB_CLIENT_HEADER_TIMEOUT", "1s")]).await;
+    // One worker: the current-thread runtime the lb picks on a single CPU.
+    let lb = Lb::start(
+        &consul,
+        &[("LB_CLIENT_HEADER_TIMEOUT", "1s"), ("LB_WORKERS", "1")],
+    )
+    .await;
     let http = Http::new();
     wait_routed(&lb, &http, "*/", 1).await;
     let proxy = lb.proxy;
