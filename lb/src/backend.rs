@@ -45,6 +45,11 @@ impl Sender {
     }
 }
 
+/// Most bytes hyper buffers per HTTP/1.1 connection, each way. hyper's default (about
+/// 400 KiB) lets a large response grow a read buffer that size per upstream connection, and
+/// a new one each time the last is still on its way to the client.
+pub const MAX_BUF: usize = 64 * 1024;
+
 /// Milliseconds on a process-wide monotonic clock; cheap enough for the request path.
 pub fn now_ms() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
@@ -230,6 +235,7 @@ impl Backend {
         }
         let stream = self.connect(s).await?;
         let (sender, conn) = http1::Builder::new()
+            .max_buf_size(MAX_BUF)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|source| self.handshake_error(source))?;

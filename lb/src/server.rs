@@ -51,7 +51,8 @@ pub async fn serve_proxy(
         .keep_alive(true)
         .header_read_timeout(cfg.client_header_timeout)
         .max_header_size(cfg.max_header_bytes)
-        .max_headers(cfg.max_headers);
+        .max_headers(cfg.max_headers)
+        .max_buf_size(crate::backend::MAX_BUF.max(cfg.max_header_bytes));
     let mut h2 = http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
         // Pings find clients that vanished without a FIN; HTTP/2 has no header timeout.
