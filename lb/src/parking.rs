@@ -182,17 +182,23 @@ impl ParkingIo {
         grace.as_mut().poll(cx).is_ready()
     }
 
-    fn wrote(&mut self, cx: &Context<'_>, n: usize) {
-        if std::mem::take(&mut self.write_blocked) && n > 0 {
-            // hyper polls for the next request only once; the response's last bytes may have
-            // left after that poll. Poll again so an idle connection still parks.
-            cx.waker().wake_by_ref();
+    /// Tracks whether hyper still holds response bytes: a connection parks only once they
+    /// have all reached the socket.
+    fn after_write(
+        &mut self,
+        cx: &Context<'_>,
+        polled: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match polled {
+            Poll::Pending => self.write_blocked = true,
+            Poll::Ready(Ok(n)) if n > 0 && std::mem::take(&mut self.write_blocked) => {
+                // hyper polls for the next request only once; the response's last bytes may
+                // have left after that poll. Poll again so an idle connection still parks.
+                cx.waker().wake_by_ref();
+            }
+            _ => {}
         }
-    }
-
-    fn blocked<T>(&mut self) -> Poll<T> {
-        self.write_blocked = true;
-        Poll::Pending
+        polled
     }
 }
 
@@ -245,14 +251,8 @@ impl Write for ParkingIo {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.stream).poll_write(cx, buf) {
-            Poll::Ready(Ok(n)) => {
-                this.wrote(cx, n);
-                Poll::Ready(Ok(n))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => this.blocked(),
-        }
+        let polled = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.after_write(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -261,14 +261,8 @@ impl Write for ParkingIo {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.stream).poll_write_vectored(cx, bufs) {
-            Poll::Ready(Ok(n)) => {
-                this.wrote(cx, n);
-                Poll::Ready(Ok(n))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => this.blocked(),
-        }
+        let polled = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.after_write(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
