@@ -146,8 +146,9 @@ class Proc:
 class Stack:
     """Backends, a Consul dev agent, and every target, started once for the whole run."""
 
-    def __init__(self, work, targets):
+    def __init__(self, work, targets, base_lb=None):
         self.work = work
+        self.base_lb = base_lb
         self.procs = []
         self.targets = {}
         try:
@@ -200,17 +201,13 @@ class Stack:
                 self.register(f"web-{i}", "web", port, ["lb.route=/", "small.route=/"])
             lb_port, admin, tls_port = free_port(), free_port(), free_port()
             self.lb_admin = admin
-            p = self.spawn("lb", [str(rel / "lb")], PROXY_CPU, {
-                "LB_LISTEN": f"127.0.0.1:{lb_port}",
-                "LB_ADMIN_LISTEN": f"127.0.0.1:{admin}",
-                "LB_CONSUL_ADDR": f"http://127.0.0.1:{self.consul_port}",
-                "LB_TLS_LISTEN": f"127.0.0.1:{tls_port}",
-                "LB_TLS_CERTS": f"{self.cert}:{self.key}",
-                "RUST_LOG": "warn",
-            })
-            wait_port(lb_port)
-            wait_port(tls_port)
-            self.tls_ports["lb"] = tls_port
+            p = self.start_lb("lb", rel / "lb", lb_port, admin, tls_port)
+            if "lb-base" in targets:
+                # An earlier build of the lb, started the same way and fed by the same Consul:
+                # a change's effect measured run for run against the code it replaces.
+                base_port, base_tls = free_port(), free_port()
+                base = self.start_lb("lb-base", self.base_lb, base_port, free_port(), base_tls)
+                self.targets["lb-base"] = (base_port, base)
             small_port = free_port()
             small = self.spawn("lb-small", [str(rel / "lb")], PROXY_CPU, {
                 "LB_LISTEN": f"127.0.0.1:{small_port}",
@@ -254,6 +251,20 @@ class Stack:
             self.targets["haproxy"] = (port, p)
         if "direct" in targets:
             self.targets["direct"] = (self.backend_ports[0], None)
+
+    def start_lb(self, name, binary, port, admin, tls_port):
+        p = self.spawn(name, [str(binary)], PROXY_CPU, {
+            "LB_LISTEN": f"127.0.0.1:{port}",
+            "LB_ADMIN_LISTEN": f"127.0.0.1:{admin}",
+            "LB_CONSUL_ADDR": f"http://127.0.0.1:{self.consul_port}",
+            "LB_TLS_LISTEN": f"127.0.0.1:{tls_port}",
+            "LB_TLS_CERTS": f"{self.cert}:{self.key}",
+            "RUST_LOG": "warn",
+        })
+        wait_port(port)
+        wait_port(tls_port)
+        self.tls_ports[name] = tls_port
+        return p
 
     def spawn(self, name, argv, cpu, env=None):
         p = Proc(name, argv, cpu, env, self.work)
@@ -585,7 +596,7 @@ def report(res, order, args, pinning):
                 f"| {'-' if not rss else f'{rss / 1024:.1f}'} | {sum(r['errors'] for r in rs)} |")
         lb = med(runs.get("lb", []), "rps")
         rat = []
-        for peer in ("nginx", "haproxy", "direct"):
+        for peer in ("nginx", "haproxy", "direct", "lb-base"):
             if peer in runs and lb:
                 rat.append(f"lb/{peer} {ratio(lb, med(runs[peer], 'rps'))}")
         if "lb" in runs and "nginx" in runs:
@@ -640,8 +651,14 @@ def main():
     ap.add_argument("--services", type=int, default=1000)
     ap.add_argument("--per-service", type=int, default=10)
     ap.add_argument("--out", default=str(ROOT / "target" / "bench"))
+    ap.add_argument("--base-lb", help="an earlier lb binary, run as target lb-base beside the lb "
+                                      "(copy target/release/lb aside before rebuilding)")
     args = ap.parse_args()
     order = [t for t in args.targets.split(",") if t]
+    if args.base_lb:
+        if "lb" not in order:
+            sys.exit("bench: --base-lb needs the lb target (they share its Consul)")
+        order.insert(order.index("lb") + 1, "lb-base")
     stages = set(args.stages.split(","))
     if os.cpu_count() < 2:
         sys.exit("bench: needs 2 CPUs (the proxy and the load run on separate cores)")
@@ -659,7 +676,7 @@ def main():
     work = os.path.join(args.out, "work")
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
-    stack = Stack(work, order)
+    stack = Stack(work, order, args.base_lb)
     res = {}
     failed = []
 
