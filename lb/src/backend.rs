@@ -7,8 +7,11 @@
 //! HTTP/1.1 backends get a pool of idle connections, one request at a time on each. HTTP/2 (h2c)
 //! backends get one shared connection that multiplexes every request, made again when it closes.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
@@ -24,7 +27,7 @@ use crate::body::UpstreamBody;
 
 /// A connection to a backend, ready for one request.
 pub enum Sender {
-    H1(http1::SendRequest<UpstreamBody>),
+    H1(H1),
     /// A handle on the backend's shared HTTP/2 connection.
     H2(http2::SendRequest<UpstreamBody>),
 }
@@ -35,13 +38,82 @@ impl Sender {
         req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, TrySendError<Request<UpstreamBody>>> {
         match self {
-            Sender::H1(s) => s.try_send_request(req).await,
+            Sender::H1(h1) => h1.send(req).await,
             Sender::H2(s) => s.try_send_request(req).await,
         }
     }
 
     pub fn is_h2(&self) -> bool {
         matches!(self, Sender::H2(_))
+    }
+
+    /// For a request that may switch protocols: hyper hands an upgraded connection over only
+    /// from a connection future that runs apart, so this one moves to a task of its own (and
+    /// never comes back to the request path).
+    pub fn run_apart(&mut self) {
+        if let Sender::H1(H1 { conn, .. }) = self {
+            if let Some(conn) = conn.take() {
+                tokio::spawn(async move {
+                    // Ends when the backend closes it, the last sender is dropped, or the
+                    // connection is handed to a tunnel.
+                    let _ = (*conn).with_upgrades().await;
+                });
+            }
+        }
+    }
+}
+
+type H1Conn = http1::Connection<TokioIo<TcpStream>, UpstreamBody>;
+
+/// An HTTP/1.1 connection to a backend, driven by whoever holds it: inside the task of the
+/// client connection whose request it serves, rather than in a task of its own that a request
+/// and its response would have to be handed to and back through channels. In the pool, nobody
+/// polls it; a close that arrived meanwhile is seen at the next checkout.
+pub struct H1 {
+    sender: http1::SendRequest<UpstreamBody>,
+    /// hyper's connection state machine; `None` once it ended, or while it runs apart.
+    conn: Option<Box<H1Conn>>,
+}
+
+impl H1 {
+    /// Drives the connection (when this holder drives it) and then polls `f`, which waits on
+    /// something only the connection moves: the response, its body, the sender's readiness.
+    pub fn poll_with<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        f: impl FnOnce(&mut http1::SendRequest<UpstreamBody>, &mut Context<'_>) -> Poll<T>,
+    ) -> Poll<T> {
+        let Some(conn) = &mut self.conn else {
+            return f(&mut self.sender, cx);
+        };
+        if Pin::new(&mut **conn).poll(cx).is_ready() {
+            // Closed or failed: dropping it resolves whatever waits on it with an error.
+            self.conn = None;
+        }
+        // What `f` waits on moves only when the connection does, and the connection was just
+        // polled with this task's waker: registering the waker there too would only poll
+        // this task again for nothing.
+        f(&mut self.sender, &mut Context::from_waker(Waker::noop()))
+    }
+
+    async fn send(
+        &mut self,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, TrySendError<Request<UpstreamBody>>> {
+        let mut response = std::pin::pin!(self.sender.try_send_request(req));
+        std::future::poll_fn(|cx| self.poll_with(cx, |_, cx| response.as_mut().poll(cx))).await
+    }
+
+    /// Lets the connection catch up with its socket without anyone to wake: it sees the end
+    /// of the exchange it served, or a close from the backend.
+    fn settle(&mut self) {
+        let _ = self.poll_with(&mut Context::from_waker(Waker::noop()), |_, _| {
+            Poll::Ready(())
+        });
+    }
+
+    fn is_usable(&self) -> bool {
+        !self.sender.is_closed() && self.sender.is_ready()
     }
 }
 
@@ -76,7 +148,7 @@ pub enum ConnectError {
 }
 
 struct Idle {
-    sender: http1::SendRequest<UpstreamBody>,
+    h1: H1,
     since_ms: u64,
 }
 
@@ -213,15 +285,16 @@ impl Backend {
         Box::pin(self.open(s)).await
     }
 
-    fn pooled_h1(&self, s: &BackendSettings) -> Option<http1::SendRequest<UpstreamBody>> {
+    fn pooled_h1(&self, s: &BackendSettings) -> Option<H1> {
         let now = now_ms();
         let max_idle_ms = s.idle_timeout.as_millis() as u64;
-        while let Some(idle) = self.pop_idle() {
-            if now.saturating_sub(idle.since_ms) < max_idle_ms
-                && !idle.sender.is_closed()
-                && idle.sender.is_ready()
-            {
-                return Some(idle.sender);
+        while let Some(mut idle) = self.pop_idle() {
+            if now.saturating_sub(idle.since_ms) >= max_idle_ms {
+                continue;
+            }
+            idle.h1.settle();
+            if idle.h1.is_usable() {
+                return Some(idle.h1);
             }
         }
         None
@@ -239,12 +312,11 @@ impl Backend {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|source| self.handshake_error(source))?;
-        tokio::spawn(async move {
-            // The connection ends when the backend closes it or the last sender is dropped.
-            // Upgrades are allowed on every connection: a WebSocket's 101 hands the socket over.
-            let _ = conn.with_upgrades().await;
-        });
-        Ok((Sender::H1(sender), false))
+        let h1 = H1 {
+            sender,
+            conn: Some(Box::new(conn)),
+        };
+        Ok((Sender::H1(h1), false))
     }
 
     async fn open_h2(&self, s: &BackendSettings) -> Result<(Sender, bool), ConnectError> {
@@ -302,19 +374,24 @@ impl Backend {
         Ok(stream)
     }
 
-    /// Gives a connection back once its previous exchange is complete.
-    pub fn checkin(&self, sender: http1::SendRequest<UpstreamBody>) {
-        if sender.is_closed() {
-            return;
+    /// Gives a connection back once the response it carried is complete. It is not polled
+    /// until the next checkout: by then the client has the response, and hyper's next read
+    /// reuses the read buffer that the response's bytes no longer share.
+    pub fn checkin(&self, h1: H1) {
+        if !h1.sender.is_closed() {
+            self.pool(h1);
         }
-        // A full pool means the backend has more idle connections than we keep; dropping the
-        // sender closes this one.
+    }
+
+    fn pool(&self, h1: H1) {
+        // A full pool means the backend has more idle connections than we keep; dropping this
+        // one closes it.
         if self.idle_len.fetch_add(1, Ordering::AcqRel) >= self.max_idle {
             self.idle_len.fetch_sub(1, Ordering::AcqRel);
             return;
         }
         self.idle.push(Idle {
-            sender,
+            h1,
             since_ms: now_ms(),
         });
     }

@@ -73,7 +73,13 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             ProxyBody::Upstream { inner, guard } => {
-                let polled = Pin::new(&mut *inner).poll_frame(cx);
+                // The body arrives through the upstream connection, which this task drives.
+                let polled = match &mut guard.sender {
+                    Some(Sender::H1(h1)) => {
+                        h1.poll_with(cx, |_, cx| Pin::new(&mut *inner).poll_frame(cx))
+                    }
+                    _ => Pin::new(&mut *inner).poll_frame(cx),
+                };
                 match &polled {
                     Poll::Ready(None) => guard.complete = true,
                     Poll::Ready(Some(Ok(_))) if inner.is_end_stream() => guard.complete = true,
@@ -120,24 +126,10 @@ impl Drop for ResponseGuard {
         self.route
             .latency
             .observe(self.start.elapsed().as_secs_f64());
-        // An HTTP/2 handle is a clone of the shared connection: nothing to give back.
-        let Some(Sender::H1(mut sender)) = self.sender.take() else {
-            return;
-        };
-        if !self.complete || sender.is_closed() {
-            return;
-        }
-        if sender.is_ready() {
-            self.backend.checkin(sender);
-        } else {
-            // hyper marks the connection ready only after its task has seen the end of the
-            // response; wait for that off the request path.
-            let backend = self.backend.clone();
-            tokio::spawn(async move {
-                if sender.ready().await.is_ok() {
-                    backend.checkin(sender);
-                }
-            });
+        // An HTTP/2 handle is a clone of the shared connection: nothing to give back. An
+        // incomplete exchange leaves the connection unusable: dropping it closes it.
+        if let (Some(Sender::H1(h1)), true) = (self.sender.take(), self.complete) {
+            self.backend.checkin(h1);
         }
     }
 }

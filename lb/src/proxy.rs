@@ -347,6 +347,9 @@ async fn forward(
         if !reused {
             shared.metrics.upstream_connections.inc();
         }
+        if upgrade.is_some() {
+            sender.run_apart();
+        }
 
         let mut p = parts.take().expect("parts are restored before every retry");
         // `handle` left the request in HTTP/1.1 form; only a change of protocol between
