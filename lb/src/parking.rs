@@ -114,6 +114,10 @@ impl Body for Tracked {
 }
 
 /// The socket as hyper sees it on a plain HTTP/1.1 connection.
+///
+/// It also keeps the time between exchanges, in place of hyper's header timer: parking after
+/// [`PARK_AFTER`] of idleness, and failing a request head that takes longer than the header
+/// timeout to arrive in full.
 pub struct ParkingIo {
     stream: TcpStream,
     /// Bytes an earlier hyper connection on this socket had read but not parsed.
@@ -124,15 +128,31 @@ pub struct ParkingIo {
     seen: u32,
     /// The last write could not complete: hyper still holds response bytes.
     write_blocked: bool,
-    /// Runs while the connection is idle; made on the first idle spell of this round.
-    grace: Option<Pin<Box<Sleep>>>,
-    /// `Exchanges::done` when `grace` was set: a later exchange starts a new idle spell.
-    grace_for: u32,
+    /// `Exchanges::done` when the current spell between exchanges began, and when.
+    spell: u32,
+    spell_start: Instant,
+    head_timeout: Duration,
+    /// Wakes the task by the end of the current spell. Made once per round and moved on
+    /// lazily, see [`ParkingIo::between_exchanges`].
+    timer: Option<Pin<Box<Sleep>>>,
     parked: bool,
+    timed_out: bool,
+}
+
+/// What a read with nothing to read means between exchanges.
+enum Between {
+    Wait,
+    Park,
+    HeadTimeout,
 }
 
 impl ParkingIo {
-    pub fn new(stream: TcpStream, prefix: Bytes, peer: Arc<Peer>) -> ParkingIo {
+    pub fn new(
+        stream: TcpStream,
+        prefix: Bytes,
+        peer: Arc<Peer>,
+        head_timeout: Duration,
+    ) -> ParkingIo {
         let seen = peer.exchanges.done();
         ParkingIo {
             stream,
@@ -140,9 +160,12 @@ impl ParkingIo {
             peer,
             seen,
             write_blocked: false,
-            grace: None,
-            grace_for: seen,
+            spell: seen,
+            spell_start: Instant::now(),
+            head_timeout,
+            timer: None,
             parked: false,
+            timed_out: false,
         }
     }
 
@@ -151,35 +174,51 @@ impl ParkingIo {
         self.parked
     }
 
+    /// Whether this connection ended because a request head took too long.
+    pub fn timed_out(&self) -> bool {
+        self.timed_out
+    }
+
     pub fn into_stream(self) -> TcpStream {
         self.stream
     }
 
-    fn may_park(&self) -> bool {
+    /// Called when a read finds nothing. Between exchanges, the spell since the last one ended
+    /// (or since this round began) is either idle, and parks after [`PARK_AFTER`], or has
+    /// part of a request head, which must be complete within the header timeout.
+    ///
+    /// Under load the next request follows within microseconds, and moving a timer to each
+    /// spell's deadline would cost two timer-wheel updates per request. The timer is moved
+    /// only when it fires early (its spell ended meanwhile) or would fire late.
+    fn between_exchanges(&mut self, cx: &mut Context<'_>) -> Between {
         let e = &self.peer.exchanges;
-        !self.write_blocked
-            && e.open.load(Ordering::Relaxed) == 0
-            && e.done() != self.seen
-            && !e.pinned.load(Ordering::Relaxed)
-    }
-
-    /// Whether the idle spell has lasted [`PARK_AFTER`]; until then the timer will wake the
-    /// task to ask again.
-    fn grace_over(&mut self, cx: &mut Context<'_>) -> bool {
-        let done = self.peer.exchanges.done();
-        let grace = match &mut self.grace {
-            Some(g) if self.grace_for == done => g,
-            Some(g) => {
-                g.as_mut().reset(Instant::now() + PARK_AFTER);
-                self.grace_for = done;
-                g
+        if e.open.load(Ordering::Relaxed) != 0 || e.pinned.load(Ordering::Relaxed) {
+            return Between::Wait;
+        }
+        let done = e.done();
+        if done != self.spell {
+            self.spell = done;
+            self.spell_start = Instant::now();
+        }
+        let idle = done != self.seen && !self.write_blocked;
+        let deadline = self.spell_start + if idle { PARK_AFTER } else { self.head_timeout };
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() > deadline {
+            timer.as_mut().reset(deadline);
+        }
+        while timer.as_mut().poll(cx).is_ready() {
+            if Instant::now() >= deadline {
+                return if idle {
+                    Between::Park
+                } else {
+                    Between::HeadTimeout
+                };
             }
-            None => {
-                self.grace_for = done;
-                self.grace.insert(Box::pin(tokio::time::sleep(PARK_AFTER)))
-            }
-        };
-        grace.as_mut().poll(cx).is_ready()
+            timer.as_mut().reset(deadline);
+        }
+        Between::Wait
     }
 
     /// Tracks whether hyper still holds response bytes: a connection parks only once they
@@ -227,11 +266,20 @@ impl Read for ParkingIo {
                 Poll::Ready(Ok(())) => tbuf.filled().len(),
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
-                    if this.may_park() && this.grace_over(cx) {
-                        this.parked = true;
-                        return Poll::Ready(Ok(()));
-                    }
-                    return Poll::Pending;
+                    return match this.between_exchanges(cx) {
+                        Between::Wait => Poll::Pending,
+                        Between::Park => {
+                            this.parked = true;
+                            Poll::Ready(Ok(()))
+                        }
+                        Between::HeadTimeout => {
+                            this.timed_out = true;
+                            Poll::Ready(Err(io::Error::new(
+                                io::ErrorKind::TimedOut,
+                                "no complete request head in time",
+                            )))
+                        }
+                    };
                 }
             }
         };

@@ -30,6 +30,9 @@ struct Listener {
     shared: Arc<Shared>,
     tls: Option<Arc<Tls>>,
     h1: http1::Builder,
+    /// For parked connections: their `ParkingIo` keeps the header timeout, with a timer that
+    /// is not remade for every request as hyper's is.
+    h1_parking: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
     stop: watch::Receiver<bool>,
     drain: Drain,
@@ -53,6 +56,8 @@ pub async fn serve_proxy(
         .max_header_size(cfg.max_header_bytes)
         .max_headers(cfg.max_headers)
         .max_buf_size(crate::backend::MAX_BUF.max(cfg.max_header_bytes));
+    let mut h1_parking = h1.clone();
+    h1_parking.header_read_timeout(None);
     let mut h2 = http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
         // Pings find clients that vanished without a FIN; HTTP/2 has no header timeout.
@@ -66,6 +71,7 @@ pub async fn serve_proxy(
         shared: shared.clone(),
         tls,
         h1,
+        h1_parking,
         h2,
         stop: stop.clone(),
         drain: Drain {
@@ -176,7 +182,12 @@ impl Listener {
                     _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
                 }
             }
-            let io = ParkingIo::new(stream, std::mem::take(&mut leftover), peer.clone());
+            let io = ParkingIo::new(
+                stream,
+                std::mem::take(&mut leftover),
+                peer.clone(),
+                shared.config.client_header_timeout,
+            );
             let (shared2, peer2) = (shared.clone(), peer.clone());
             let svc = service_fn(move |req| {
                 let exchange = Exchange::start(peer2.clone());
@@ -186,7 +197,7 @@ impl Listener {
                     Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, exchange)))
                 }
             });
-            let mut conn = self.h1.serve_connection(io, svc).with_upgrades();
+            let mut conn = self.h1_parking.serve_connection(io, svc).with_upgrades();
             let result = tokio::select! {
                 r = &mut conn => r,
                 _ = async { let _ = stop.wait_for(|s| *s).await; } => {
@@ -201,6 +212,10 @@ impl Listener {
                     leftover = parts.read_buf;
                     stream = parts.io.into_stream();
                     served_before = true;
+                }
+                Some(parts) if parts.io.timed_out() => {
+                    self.count_error("header_timeout", addr, "no complete request head in time");
+                    return;
                 }
                 _ => {
                     if let Err(e) = result {

@@ -130,26 +130,34 @@ async fn parked_connections_lose_no_byte_and_keep_their_timeouts() {
     assert_eq!(connections(&lb, &http).await - before, 1.0);
 
     // A keep-alive connection left idle is closed after the timeout, as is one that never
-    // sends a request; only the second counts as a client error.
-    let (idle_closed, silent_closed) = tokio::task::spawn_blocking(move || {
+    // sends a request, and one whose request head stops halfway, on a new connection or after
+    // an exchange; only the idle one is not a client error.
+    let closed = tokio::task::spawn_blocking(move || {
         let (mut idle, mut idle_r) = connect(proxy);
         idle.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             .unwrap();
         read_response(&mut idle_r).unwrap();
-        let (_silent, mut silent_r) = connect(proxy);
-        let mut rest = Vec::new();
-        let idle_closed = idle_r.read_to_end(&mut rest).map(|_| rest.len());
-        let silent_closed = silent_r.read_to_end(&mut rest).map(|_| rest.len());
-        (idle_closed.ok(), silent_closed.ok())
+        let (_silent, silent_r) = connect(proxy);
+        let (mut partial, partial_r) = connect(proxy);
+        partial.write_all(b"GET / HTTP/1.1\r\nHo").unwrap();
+        let (mut later, mut later_r) = connect(proxy);
+        later
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        read_response(&mut later_r).unwrap();
+        later.write_all(b"GET / HTTP/1.1\r\nHo").unwrap();
+        [idle_r, silent_r, partial_r, later_r].map(|mut r| {
+            let mut rest = Vec::new();
+            r.read_to_end(&mut rest).ok().map(|_| rest.len())
+        })
     })
     .await
     .unwrap();
     assert_eq!(
-        idle_closed,
-        Some(0),
-        "the idle connection was closed quietly"
+        closed,
+        [Some(0); 4],
+        "idle, silent and half-sent connections were closed without a response"
     );
-    assert_eq!(silent_closed, Some(0), "the silent connection was closed");
     let timeouts = lb
         .metric(
             &http,
@@ -162,8 +170,11 @@ async fn parked_connections_lose_no_byte_and_keep_their_timeouts() {
         .metric(&http, "lb_client_connection_errors_total", &[])
         .await
         .unwrap_or(0.0);
-    assert_eq!(timeouts, 1.0, "one header timeout: the silent connection");
-    assert_eq!(errors - errors_before, 1.0, "no other client error");
+    assert_eq!(
+        timeouts, 3.0,
+        "header timeouts: the silent and half-sent connections"
+    );
+    assert_eq!(errors - errors_before, 3.0, "no other client error");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
