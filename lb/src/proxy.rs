@@ -595,7 +595,16 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
     HeaderValue::from_bytes(&buf).expect("hex is a valid header value")
 }
 
+/// Whether any hop-by-hop field is present. Most messages carry none: one pass over the
+/// names costs less than hashing each of them for a removal.
+fn has_hop_by_hop(headers: &HeaderMap) -> bool {
+    headers.keys().any(|k| HOP_BY_HOP.contains(k))
+}
+
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if !has_hop_by_hop(headers) {
+        return;
+    }
     if let Some(conn) = headers.get(header::CONNECTION) {
         if let Ok(s) = conn.to_str() {
             let named: Vec<HeaderName> = s
@@ -612,29 +621,42 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The fields the lb adds to every request it forwards.
+const ADDED_UPSTREAM_HEADERS: usize = 4;
+
 fn prepare_upstream_headers(headers: &mut HeaderMap, peer: &Peer, request_id: &HeaderValue) {
-    // `TE: trailers` is the one TE a proxy passes on: gRPC needs it end to end.
-    let trailers = headers.get_all(header::TE).iter().any(|v| {
-        v.to_str().is_ok_and(|s| {
-            s.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        })
-    });
-    strip_hop_by_hop(headers);
-    if trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
-    }
-    let xff = match headers.get(X_FORWARDED_FOR).map(|v| v.to_str()) {
-        None => Some(peer.ip.clone()),
-        Some(Ok(prev)) => {
-            let ip = peer.ip.to_str().expect("built from an IP address");
-            HeaderValue::from_str(&format!("{prev}, {ip}")).ok()
+    if has_hop_by_hop(headers) {
+        // `TE: trailers` is the one TE a proxy passes on: gRPC needs it end to end.
+        let trailers = headers.get_all(header::TE).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            })
+        });
+        strip_hop_by_hop(headers);
+        if trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
         }
-        // Not visible ASCII: replaced rather than extended.
-        Some(Err(_)) => Some(peer.ip.clone()),
-    };
-    if let Some(v) = xff {
-        headers.insert(X_FORWARDED_FOR, v);
+    }
+    // hyper sizes the map for the fields it parsed: grow it once, not field by field.
+    headers.reserve(ADDED_UPSTREAM_HEADERS);
+    match headers.entry(X_FORWARDED_FOR) {
+        header::Entry::Vacant(e) => {
+            e.insert(peer.ip.clone());
+        }
+        header::Entry::Occupied(mut e) => {
+            let v = match e.get().to_str() {
+                Ok(prev) => {
+                    let ip = peer.ip.to_str().expect("built from an IP address");
+                    HeaderValue::from_str(&format!("{prev}, {ip}")).ok()
+                }
+                // Not visible ASCII: replaced rather than extended.
+                Err(_) => Some(peer.ip.clone()),
+            };
+            if let Some(v) = v {
+                e.insert(v);
+            }
+        }
     }
     headers.insert(
         X_FORWARDED_PROTO,
