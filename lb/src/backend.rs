@@ -22,6 +22,7 @@ use hyper::client::conn::{http1, http2, TrySendError};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use switchyard_consul::tags::UpstreamProto;
 use tokio::net::TcpStream;
+use tokio::time::Sleep;
 
 use crate::body::UpstreamBody;
 
@@ -32,14 +33,26 @@ pub enum Sender {
     H2(http2::SendRequest<UpstreamBody>),
 }
 
+/// No response head within the response timeout.
+#[derive(Debug)]
+pub struct TimedOut;
+
+/// What sending a request gives: the response head, or the request back when it never left
+/// (`TrySendError::take_message`).
+pub type Sent = Result<Response<Incoming>, TrySendError<Request<UpstreamBody>>>;
+
 impl Sender {
-    pub async fn try_send_request(
+    /// Sends `req` and waits at most `timeout` for the response head.
+    pub async fn send(
         &mut self,
         req: Request<UpstreamBody>,
-    ) -> Result<Response<Incoming>, TrySendError<Request<UpstreamBody>>> {
+        timeout: Duration,
+    ) -> Result<Sent, TimedOut> {
         match self {
-            Sender::H1(h1) => h1.send(req).await,
-            Sender::H2(s) => s.try_send_request(req).await,
+            Sender::H1(h1) => h1.send(req, timeout).await,
+            Sender::H2(s) => tokio::time::timeout(timeout, s.try_send_request(req))
+                .await
+                .map_err(|_| TimedOut),
         }
     }
 
@@ -73,6 +86,8 @@ pub struct H1 {
     sender: http1::SendRequest<UpstreamBody>,
     /// hyper's connection state machine; `None` once it ended, or while it runs apart.
     conn: Option<Box<H1Conn>>,
+    /// Bounds the wait for each response head; made once for the connection's life.
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl H1 {
@@ -99,9 +114,32 @@ impl H1 {
     async fn send(
         &mut self,
         req: Request<UpstreamBody>,
-    ) -> Result<Response<Incoming>, TrySendError<Request<UpstreamBody>>> {
+        timeout: Duration,
+    ) -> Result<Sent, TimedOut> {
+        let deadline = tokio::time::Instant::now() + timeout;
         let mut response = std::pin::pin!(self.sender.try_send_request(req));
-        std::future::poll_fn(|cx| self.poll_with(cx, |_, cx| response.as_mut().poll(cx))).await
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(sent) = self.poll_with(cx, |_, cx| response.as_mut().poll(cx)) {
+                return Poll::Ready(Ok(sent));
+            }
+            // Most responses come long before the timeout. The timer is moved to this
+            // request's deadline only when it would fire late, or when it fires early (it was
+            // set for an earlier request): no timer-wheel update for most requests.
+            let timer = self
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            if timer.deadline() > deadline {
+                timer.as_mut().reset(deadline);
+            }
+            while timer.as_mut().poll(cx).is_ready() {
+                if tokio::time::Instant::now() >= deadline {
+                    return Poll::Ready(Err(TimedOut));
+                }
+                timer.as_mut().reset(deadline);
+            }
+            Poll::Pending
+        })
+        .await
     }
 
     /// Lets the connection catch up with its socket without anyone to wake: it sees the end
@@ -315,6 +353,7 @@ impl Backend {
         let h1 = H1 {
             sender,
             conn: Some(Box::new(conn)),
+            timer: None,
         };
         Ok((Sender::H1(h1), false))
     }

@@ -368,7 +368,7 @@ async fn forward(
             backend.end_request();
             shared.metrics.in_flight.dec();
         };
-        let sent = tokio::time::timeout(cfg.response_timeout, sender.try_send_request(req)).await;
+        let sent = sender.send(req, cfg.response_timeout).await;
         let mut resp = match sent {
             Ok(Ok(resp)) => resp,
             Ok(Err(mut e)) => {
@@ -408,7 +408,7 @@ async fn forward(
                     _ => break,
                 }
             }
-            Err(_elapsed) => {
+            Err(crate::backend::TimedOut) => {
                 end(shared);
                 last = LocalReason::UpstreamTimeout;
                 shared
