@@ -87,13 +87,14 @@ def tree(pid):
     return out
 
 
-def cpu_seconds(pids):
+def cpu_seconds(pids, which=(11, 12)):
+    """CPU seconds of `pids`: user and system by default, `which=(11,)` user only."""
     total = 0
     for p in pids:
         try:
             with open(f"/proc/{p}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
+            total += sum(int(fields[i]) for i in which)
         except OSError:
             pass
     return total / CLK
@@ -222,29 +223,14 @@ class Stack:
             self.targets["lb"] = (lb_port, p)
         if "nginx" in targets:
             port, tls_port = free_port(), free_port()
-            d = os.path.join(self.work, "nginx")
-            os.makedirs(d, exist_ok=True)
-            ups = "\n".join(f"        server 127.0.0.1:{p};" for p in self.backend_ports)
-            conf = (BENCH / "nginx.conf.in").read_text().replace("@DIR@", d) \
-                .replace("@PORT@", str(port)).replace("@UPSTREAMS@", ups) \
-                .replace("@TLSPORT@", str(tls_port)).replace("@CERT@", self.cert).replace("@KEY@", self.key)
-            path = os.path.join(d, "nginx.conf")
-            pathlib.Path(path).write_text(conf)
-            p = self.spawn("nginx", [shutil.which("nginx") or "/usr/sbin/nginx", "-c", path,
-                                     "-p", d, "-e", os.path.join(d, "nginx-error.log")], PROXY_CPU)
+            p = self.spawn("nginx", self.nginx_argv("nginx", port, tls_port), PROXY_CPU)
             wait_port(port)
             wait_port(tls_port)
             self.tls_ports["nginx"] = tls_port
             self.targets["nginx"] = (port, p)
         if "haproxy" in targets:
             port, tls_port = free_port(), free_port()
-            srv = "\n".join(f"    server s{i} 127.0.0.1:{p}" for i, p in enumerate(self.backend_ports))
-            conf = (BENCH / "haproxy.cfg.in").read_text().replace("@PORT@", str(port)) \
-                .replace("@SERVERS@", srv).replace("@TLSPORT@", str(tls_port)).replace("@PEM@", self.pem)
-            path = os.path.join(self.work, "haproxy.cfg")
-            pathlib.Path(path).write_text(conf)
-            p = self.spawn("haproxy", [shutil.which("haproxy") or "/usr/sbin/haproxy", "-db",
-                                       "-f", path], PROXY_CPU)
+            p = self.spawn("haproxy", self.haproxy_argv("haproxy", port, tls_port), PROXY_CPU)
             wait_port(port)
             wait_port(tls_port)
             self.tls_ports["haproxy"] = tls_port
@@ -253,18 +239,46 @@ class Stack:
             self.targets["direct"] = (self.backend_ports[0], None)
 
     def start_lb(self, name, binary, port, admin, tls_port):
-        p = self.spawn(name, [str(binary)], PROXY_CPU, {
-            "LB_LISTEN": f"127.0.0.1:{port}",
-            "LB_ADMIN_LISTEN": f"127.0.0.1:{admin}",
-            "LB_CONSUL_ADDR": f"http://127.0.0.1:{self.consul_port}",
-            "LB_TLS_LISTEN": f"127.0.0.1:{tls_port}",
-            "LB_TLS_CERTS": f"{self.cert}:{self.key}",
-            "RUST_LOG": "warn",
-        })
+        p = self.spawn(name, [str(binary)], PROXY_CPU, self.lb_env(port, admin, tls_port))
         wait_port(port)
         wait_port(tls_port)
         self.tls_ports[name] = tls_port
         return p
+
+    def lb_env(self, port, admin, tls_port=None):
+        env = {
+            "LB_LISTEN": f"127.0.0.1:{port}",
+            "LB_ADMIN_LISTEN": f"127.0.0.1:{admin}",
+            "LB_CONSUL_ADDR": f"http://127.0.0.1:{self.consul_port}",
+            "RUST_LOG": "warn",
+        }
+        if tls_port:
+            env.update({"LB_TLS_LISTEN": f"127.0.0.1:{tls_port}",
+                        "LB_TLS_CERTS": f"{self.cert}:{self.key}"})
+        return env
+
+    def nginx_argv(self, name, port, tls_port, extra=()):
+        d = os.path.join(self.work, name)
+        os.makedirs(d, exist_ok=True)
+        ups = "\n".join(f"        server 127.0.0.1:{p};" for p in self.backend_ports)
+        conf = (BENCH / "nginx.conf.in").read_text().replace("@DIR@", d) \
+            .replace("@PORT@", str(port)).replace("@UPSTREAMS@", ups) \
+            .replace("@TLSPORT@", str(tls_port)).replace("@CERT@", self.cert).replace("@KEY@", self.key)
+        path = os.path.join(d, "nginx.conf")
+        pathlib.Path(path).write_text(conf)
+        return [shutil.which("nginx") or "/usr/sbin/nginx", "-c", path, "-p", d,
+                "-e", os.path.join(d, "nginx-error.log"), *extra]
+
+    def haproxy_argv(self, name, port, tls_port, small=False):
+        srv = "\n".join(f"    server s{i} 127.0.0.1:{p}" for i, p in enumerate(self.backend_ports))
+        conf = (BENCH / "haproxy.cfg.in").read_text().replace("@PORT@", str(port)) \
+            .replace("@SERVERS@", srv).replace("@TLSPORT@", str(tls_port)).replace("@PEM@", self.pem)
+        if small:
+            # Under valgrind, which keeps some descriptors for itself.
+            conf = conf.replace("ulimit-n 20000", "ulimit-n 10000").replace("maxconn 9980", "maxconn 4000")
+        path = os.path.join(self.work, f"{name}.cfg")
+        pathlib.Path(path).write_text(conf)
+        return [shutil.which("haproxy") or "/usr/sbin/haproxy", "-db", "-f", path]
 
     def spawn(self, name, argv, cpu, env=None):
         p = Proc(name, argv, cpu, env, self.work)
@@ -386,6 +400,7 @@ def measured_run(stack, target, path, conns, duration, close=False, proto="http"
     if proto != "http":
         port = stack.tls_ports[target]
     cpu0 = cpu_seconds(proc.pids()) if proc else 0
+    user0 = cpu_seconds(proc.pids(), (11,)) if proc else 0
     with Sampler(proc) as s:
         if proto == "h2":
             r = h2load(port, path, conns, H2_STREAMS, duration)
@@ -393,6 +408,7 @@ def measured_run(stack, target, path, conns, duration, close=False, proto="http"
             r = wrk(port, path, conns, duration, close, scheme=proto)
     if proc:
         r["cpu_per_100k"] = (cpu_seconds(proc.pids()) - cpu0) / max(r["requests"], 1) * 1e5
+        r["user_per_100k"] = (cpu_seconds(proc.pids(), (11,)) - user0) / max(r["requests"], 1) * 1e5
         r["rss_kib"] = s.peak
     return r
 
@@ -571,6 +587,69 @@ def table_scale(stack, rounds, duration, services, per_service):
     return res
 
 
+def instructions(stack, order, small, big, conns):
+    """User-space instructions per proxied request, counted by callgrind. Wall-clock figures
+    here move by about 10% between runs of the same binary; instruction counts do not, so a
+    change that saves a few percent shows. Each target runs under callgrind twice, serving
+    `small` and then `big` requests (h2load, HTTP/1.1 keep-alive over `conns` connections);
+    the difference per request cancels start-up and shutdown. Kernel time (about two thirds
+    of a proxied request here) is not counted."""
+    out = {}
+    rel = ROOT / "target" / "release"
+    for t in order:
+        if t not in ("lb", "lb-base", "nginx", "haproxy"):
+            continue
+        counts = []
+        for n in (small, big):
+            port = free_port()
+            env = None
+            if t in ("lb", "lb-base"):
+                binary = rel / "lb" if t == "lb" else stack.base_lb
+                # One worker thread, as the lb runs on one CPU here.
+                argv, env = [str(binary)], {**stack.lb_env(port, free_port()), "LB_WORKERS": "1"}
+            elif t == "nginx":
+                argv = stack.nginx_argv(f"nginx-cg-{n}", port, free_port(), ("-g", "master_process off;"))
+            else:
+                argv = stack.haproxy_argv(f"haproxy-cg-{n}", port, free_port(), small=True)
+            out_file = os.path.join(stack.work, f"callgrind-{t}-{n}.out")
+            p = Proc(f"callgrind-{t}-{n}", ["valgrind", "--tool=callgrind",
+                                            f"--callgrind-out-file={out_file}"] + argv,
+                     PROXY_CPU, env, stack.work)
+            try:
+                wait_port(port, timeout=120)
+                deadline = time.time() + 120
+                while True:  # the lb answers 503 until its table holds the backends
+                    try:
+                        if http("GET", f"http://127.0.0.1:{port}/")[0] == 200:
+                            break
+                    except OSError:
+                        pass
+                    if time.time() > deadline:
+                        raise RuntimeError(f"{t} under callgrind did not serve")
+                    time.sleep(0.3)
+                argv = ["taskset", "-c", LOAD_CPU, "h2load", "--h1", "-n", str(n), "-c", str(conns),
+                        "-m", "1", f"http://127.0.0.1:{port}/"]
+                res = subprocess.run(argv, capture_output=True, text=True, timeout=600).stdout
+                if f"{n} succeeded" not in res:
+                    raise RuntimeError(f"h2load against {t} under callgrind:\n{res}")
+            finally:
+                # callgrind writes its counts when the program exits: give it time.
+                if p.p.poll() is None:
+                    os.killpg(p.p.pid, signal.SIGTERM)
+                    try:
+                        p.p.wait(timeout=120)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(p.p.pid, signal.SIGKILL)
+                        p.p.wait()
+            total = next((int(l.split()[1]) for l in open(out_file) if l.startswith("summary:")), None)
+            if total is None:
+                raise RuntimeError(f"callgrind wrote no summary for {t}")
+            counts.append(total)
+        out[t] = {"per_request": (counts[1] - counts[0]) / (big - small), "small": small, "big": big}
+        log(f"instructions: {t}: {out[t]['per_request']:.0f} per request")
+    return out
+
+
 def fmt_ms(us):
     return "-" if us is None else f"{us / 1000:.2f}"
 
@@ -584,15 +663,16 @@ def report(res, order, args, pinning):
              f"({args.rounds} interleaved rounds of {args.duration} s per target; {pinning}).", ""]
     for name, runs in res.get("scenarios", {}).items():
         lines += [f"**{name}**", "",
-                  "| target | req/s | p50 ms | p99 ms | p99.9 ms | CPU s / 100k req | peak RSS MiB | errors |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| target | req/s | p50 ms | p99 ms | p99.9 ms | CPU s / 100k req | of which user | peak RSS MiB | errors |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for t in (t for t in order if t in runs):
             rs = runs[t]
-            cpu = med(rs, "cpu_per_100k")
+            cpu, user = med(rs, "cpu_per_100k"), med(rs, "user_per_100k")
             rss = max((r.get("rss_kib", 0) for r in rs), default=0)
             lines.append(
                 f"| {t} | {med(rs, 'rps'):.0f} | {fmt_ms(med(rs, 'p50'))} | {fmt_ms(med(rs, 'p99'))} "
                 f"| {fmt_ms(med(rs, 'p999'))} | {'-' if cpu is None else f'{cpu:.2f}'} "
+                f"| {'-' if user is None else f'{user:.2f}'} "
                 f"| {'-' if not rss else f'{rss / 1024:.1f}'} | {sum(r['errors'] for r in rs)} |")
         lb = med(runs.get("lb", []), "rps")
         rat = []
@@ -611,6 +691,18 @@ def report(res, order, args, pinning):
         for t, v in res["idle"].items():
             lines.append(f"| {t} | {v['before_kib'] / 1024:.1f} | {v['after_kib'] / 1024:.1f} "
                          f"| {v['per_conn_kib']:.2f} |")
+        lines.append("")
+    if "instructions" in res:
+        ins = res["instructions"]
+        lines += [f"**User-space instructions per request** (callgrind; HTTP/1.1 keep-alive, "
+                  f"{args.cg_conns} connections, h2load; kernel time not counted)", "",
+                  "| target | instructions / request |", "|---|---|"]
+        for t, v in ins.items():
+            lines.append(f"| {t} | {v['per_request']:.0f} |")
+        rat = [f"lb/{peer} {ratio(ins['lb']['per_request'], ins[peer]['per_request'])}"
+               for peer in ("nginx", "haproxy", "lb-base") if "lb" in ins and peer in ins]
+        if rat:
+            lines += ["", "Ratios: " + ", ".join(rat)]
         lines.append("")
     if "churn" in res:
         q, c = res["churn"]["quiet"], res["churn"]["churn"]
@@ -641,7 +733,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     ap.add_argument("--targets", default="lb,nginx,haproxy,direct")
-    ap.add_argument("--stages", default="scenarios,idle,churn,scale")
+    ap.add_argument("--stages", default="scenarios,idle,churn,scale,instructions")
     ap.add_argument("--scenarios", default="",
                     help="scenario keys to run (default all): " + ",".join(s[0] for s in SCENARIOS))
     ap.add_argument("--idle", type=int, default=9900,
@@ -650,6 +742,9 @@ def main():
     ap.add_argument("--churn-duration", type=int, default=30)
     ap.add_argument("--services", type=int, default=1000)
     ap.add_argument("--per-service", type=int, default=10)
+    ap.add_argument("--cg-requests", default="5000,25000",
+                    help="instructions stage: the two request counts whose difference is measured")
+    ap.add_argument("--cg-conns", type=int, default=256)
     ap.add_argument("--out", default=str(ROOT / "target" / "bench"))
     ap.add_argument("--base-lb", help="an earlier lb binary, run as target lb-base beside the lb "
                                       "(copy target/release/lb aside before rebuilding)")
@@ -704,6 +799,9 @@ def main():
         if "churn" in stages and "lb" in order:
             text = stage("churn", lambda: churn(stack, max(2, args.rounds - 1), args.churn_duration,
                                                 args.churn_rate))
+        if "instructions" in stages:
+            small, big = (int(x) for x in args.cg_requests.split(","))
+            text = stage("instructions", lambda: instructions(stack, order, small, big, args.cg_conns))
         if "scale" in stages and "lb" in order:
             text = stage("scale", lambda: table_scale(stack, args.rounds, args.duration,
                                                       args.services, args.per_service))
