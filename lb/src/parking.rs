@@ -12,6 +12,9 @@
 //!
 //! A partial head that hyper had already buffered (a pipelining client) is not lost: hyper
 //! returns it with the socket, and the next connection reads it first.
+//!
+//! hyper's header timer is off for these connections: the `ParkingIo` keeps the header
+//! timeout too, with the same timer it parks by.
 
 use std::future::Future;
 use std::io;
