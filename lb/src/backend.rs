@@ -22,7 +22,8 @@ use hyper::client::conn::{http1, http2, TrySendError};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use switchyard_consul::tags::UpstreamProto;
 use tokio::net::TcpStream;
-use tokio::time::Sleep;
+
+use crate::timer::LazyTimer;
 
 use crate::body::UpstreamBody;
 
@@ -86,8 +87,8 @@ pub struct H1 {
     sender: http1::SendRequest<UpstreamBody>,
     /// hyper's connection state machine; `None` once it ended, or while it runs apart.
     conn: Option<Box<H1Conn>>,
-    /// Bounds the wait for each response head; made once for the connection's life.
-    timer: Option<Pin<Box<Sleep>>>,
+    /// Bounds the wait for each response head.
+    timer: LazyTimer,
 }
 
 impl H1 {
@@ -122,20 +123,9 @@ impl H1 {
             if let Poll::Ready(sent) = self.poll_with(cx, |_, cx| response.as_mut().poll(cx)) {
                 return Poll::Ready(Ok(sent));
             }
-            // Most responses come long before the timeout. The timer is moved to this
-            // request's deadline only when it would fire late, or when it fires early (it was
-            // set for an earlier request): no timer-wheel update for most requests.
-            let timer = self
-                .timer
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-            if timer.deadline() > deadline {
-                timer.as_mut().reset(deadline);
-            }
-            while timer.as_mut().poll(cx).is_ready() {
-                if tokio::time::Instant::now() >= deadline {
-                    return Poll::Ready(Err(TimedOut));
-                }
-                timer.as_mut().reset(deadline);
+            // Most responses come long before the timeout: see `LazyTimer`.
+            if self.timer.poll_until(cx, deadline).is_ready() {
+                return Poll::Ready(Err(TimedOut));
             }
             Poll::Pending
         })
@@ -353,7 +343,7 @@ impl Backend {
         let h1 = H1 {
             sender,
             conn: Some(Box::new(conn)),
-            timer: None,
+            timer: LazyTimer::default(),
         };
         Ok((Sender::H1(h1), false))
     }

@@ -24,6 +24,7 @@ pub mod parking;
 pub mod proxy;
 pub mod routing;
 pub mod server;
+pub mod timer;
 pub mod tls;
 
 use std::future::Future;

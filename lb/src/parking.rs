@@ -16,7 +16,6 @@
 //! hyper's header timer is off for these connections: the `ParkingIo` keeps the header
 //! timeout too, with the same timer it parks by.
 
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -29,7 +28,9 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::rt::{Read, ReadBufCursor, Write};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
+
+use crate::timer::LazyTimer;
 
 use crate::body::ProxyBody;
 use crate::proxy::Peer;
@@ -135,9 +136,8 @@ pub struct ParkingIo {
     spell: u32,
     spell_start: Instant,
     head_timeout: Duration,
-    /// Wakes the task by the end of the current spell. Made once per round and moved on
-    /// lazily, see [`ParkingIo::between_exchanges`].
-    timer: Option<Pin<Box<Sleep>>>,
+    /// Wakes the task by the end of the current spell.
+    timer: LazyTimer,
     parked: bool,
     timed_out: bool,
 }
@@ -166,7 +166,7 @@ impl ParkingIo {
             spell: seen,
             spell_start: Instant::now(),
             head_timeout,
-            timer: None,
+            timer: LazyTimer::default(),
             parked: false,
             timed_out: false,
         }
@@ -190,9 +190,8 @@ impl ParkingIo {
     /// (or since this round began) is either idle, and parks after [`PARK_AFTER`], or has
     /// part of a request head, which must be complete within the header timeout.
     ///
-    /// Under load the next request follows within microseconds, and moving a timer to each
-    /// spell's deadline would cost two timer-wheel updates per request. The timer is moved
-    /// only when it fires early (its spell ended meanwhile) or would fire late.
+    /// Under load the next request follows within microseconds: the deadline moves on with
+    /// every request, which a [`LazyTimer`] follows without a timer-wheel update each time.
     fn between_exchanges(&mut self, cx: &mut Context<'_>) -> Between {
         let e = &self.peer.exchanges;
         if e.open.load(Ordering::Relaxed) != 0 || e.pinned.load(Ordering::Relaxed) {
@@ -205,23 +204,14 @@ impl ParkingIo {
         }
         let idle = done != self.seen && !self.write_blocked;
         let deadline = self.spell_start + if idle { PARK_AFTER } else { self.head_timeout };
-        let timer = self
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if timer.deadline() > deadline {
-            timer.as_mut().reset(deadline);
+        if self.timer.poll_until(cx, deadline).is_pending() {
+            return Between::Wait;
         }
-        while timer.as_mut().poll(cx).is_ready() {
-            if Instant::now() >= deadline {
-                return if idle {
-                    Between::Park
-                } else {
-                    Between::HeadTimeout
-                };
-            }
-            timer.as_mut().reset(deadline);
+        if idle {
+            Between::Park
+        } else {
+            Between::HeadTimeout
         }
-        Between::Wait
     }
 
     /// Tracks whether hyper still holds response bytes: a connection parks only once they
