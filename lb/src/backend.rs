@@ -23,9 +23,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use switchyard_consul::tags::UpstreamProto;
 use tokio::net::TcpStream;
 
-use crate::timer::LazyTimer;
-
 use crate::body::UpstreamBody;
+use crate::timer::LazyTimer;
 
 /// A connection to a backend, ready for one request.
 pub enum Sender {
@@ -403,16 +402,13 @@ impl Backend {
         Ok(stream)
     }
 
-    /// Gives a connection back once the response it carried is complete. It is not polled
-    /// until the next checkout: by then the client has the response, and hyper's next read
-    /// reuses the read buffer that the response's bytes no longer share.
+    /// Gives a connection back once the response it carried is complete. It is settled
+    /// (polled once) at its next checkout, which must poll it then anyway to see a close that
+    /// arrived while it was pooled; polling it here too would be work done twice.
     pub fn checkin(&self, h1: H1) {
-        if !h1.sender.is_closed() {
-            self.pool(h1);
+        if h1.sender.is_closed() {
+            return;
         }
-    }
-
-    fn pool(&self, h1: H1) {
         // A full pool means the backend has more idle connections than we keep; dropping this
         // one closes it.
         if self.idle_len.fetch_add(1, Ordering::AcqRel) >= self.max_idle {
