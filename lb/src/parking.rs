@@ -6,9 +6,9 @@
 //! socket sits under hyper in a [`ParkingIo`]. When hyper asks for the next request head, no
 //! exchange is open, every response byte has reached the socket and the socket has nothing to
 //! read for [`PARK_AFTER`], the `ParkingIo` reports end of input. hyper ends the connection
-//! cleanly without
-//! shutting the socket down (see `poll_shutdown`); the server takes the socket back and
-//! waits for it to become readable holding nothing else, then starts hyper on it again.
+//! cleanly without shutting the socket down (see `poll_shutdown`); the server takes the socket
+//! back and waits for it to become readable holding nothing else, then starts hyper on it
+//! again.
 //!
 //! A partial head that hyper had already buffered (a pipelining client) is not lost: hyper
 //! returns it with the socket, and the next connection reads it first.
@@ -142,6 +142,9 @@ pub struct ParkingIo {
     timed_out: bool,
 }
 
+/// Why a connection was closed for a slow request head, in its error and in the log.
+pub const HEAD_TIMEOUT: &str = "no complete request head in time";
+
 /// What a read with nothing to read means between exchanges.
 enum Between {
     Wait,
@@ -267,10 +270,7 @@ impl Read for ParkingIo {
                         }
                         Between::HeadTimeout => {
                             this.timed_out = true;
-                            Poll::Ready(Err(io::Error::new(
-                                io::ErrorKind::TimedOut,
-                                "no complete request head in time",
-                            )))
+                            Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, HEAD_TIMEOUT)))
                         }
                     };
                 }

@@ -214,7 +214,7 @@ impl Listener {
                     served_before = true;
                 }
                 Some(parts) if parts.io.timed_out() => {
-                    self.count_error("header_timeout", addr, "no complete request head in time");
+                    self.count_error("header_timeout", addr, crate::parking::HEAD_TIMEOUT);
                     return;
                 }
                 _ => {
