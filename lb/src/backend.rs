@@ -4,150 +4,85 @@
 //! Tables hold `Arc<Backend>`; the discovery builder hands the same `Arc` to every new table while
 //! the address stays in Consul, so pools and ejections survive reloads.
 //!
-//! HTTP/1.1 backends get a pool of idle connections, one request at a time on each. HTTP/2 (h2c)
-//! backends get one shared connection that multiplexes every request, made again when it closes.
+//! HTTP/1.1 backends get a pool of idle connections (`h1::Conn`), one request at a time on
+//! each. HTTP/2 (h2c) backends get one shared connection that multiplexes every request, made
+//! again when it closes.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
-use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use crossbeam_queue::SegQueue;
 use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2, TrySendError};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use switchyard_consul::tags::UpstreamProto;
 use tokio::net::TcpStream;
 
-use crate::body::UpstreamBody;
-use crate::timer::LazyTimer;
+use crate::body::{Upstream, UpstreamBody};
+use crate::h1;
 
 /// A connection to a backend, ready for one request.
 pub enum Sender {
-    H1(H1),
+    /// A pooled HTTP/1.1 connection, driven by the task of the request it serves.
+    H1(Box<h1::Conn>),
     /// A handle on the backend's shared HTTP/2 connection.
     H2(http2::SendRequest<UpstreamBody>),
 }
 
-/// No response head within the response timeout.
+/// How a send ended without a response.
 #[derive(Debug)]
-pub struct TimedOut;
-
-/// What sending a request gives: the response head, or the request back when it never left
-/// (`TrySendError::take_message`).
-pub type Sent = Result<Response<Incoming>, TrySendError<Request<UpstreamBody>>>;
+pub enum SendError {
+    /// Nothing reached the backend; the body comes back for another attempt.
+    NotSent(UpstreamBody),
+    /// The request, or part of it, may have reached the backend.
+    Failed(Box<dyn std::error::Error + Send + Sync>),
+    /// No response head within the response timeout.
+    TimedOut,
+}
 
 impl Sender {
-    /// Sends `req` and waits at most `timeout` for the response head.
+    /// Sends a request and waits at most `timeout` for the response head. `parts` stay with
+    /// the caller, for a retry.
     pub async fn send(
         &mut self,
-        req: Request<UpstreamBody>,
+        parts: &http::request::Parts,
+        body: UpstreamBody,
         timeout: Duration,
-    ) -> Result<Sent, TimedOut> {
+    ) -> Result<Response<Upstream>, SendError> {
         match self {
-            Sender::H1(h1) => h1.send(req, timeout).await,
-            Sender::H2(s) => tokio::time::timeout(timeout, s.try_send_request(req))
-                .await
-                .map_err(|_| TimedOut),
+            Sender::H1(conn) => Ok(conn
+                .send(parts, body, timeout)
+                .await?
+                .map(|()| Upstream::H1)),
+            Sender::H2(s) => {
+                let req = Request::from_parts(clone_parts(parts), body);
+                match tokio::time::timeout(timeout, s.try_send_request(req)).await {
+                    Err(_) => Err(SendError::TimedOut),
+                    Ok(Ok(resp)) => Ok(resp.map(Upstream::H2)),
+                    Ok(Err(mut e)) => Err(match e.take_message() {
+                        Some(req) => SendError::NotSent(req.into_body()),
+                        None => SendError::Failed(e.into_error().into()),
+                    }),
+                }
+            }
         }
     }
 
     pub fn is_h2(&self) -> bool {
         matches!(self, Sender::H2(_))
     }
-
-    /// For a request that may switch protocols: hyper hands an upgraded connection over only
-    /// from a connection future that runs apart, so this one moves to a task of its own (and
-    /// never comes back to the request path).
-    pub fn run_apart(&mut self) {
-        if let Sender::H1(H1 { conn, .. }) = self {
-            if let Some(conn) = conn.take() {
-                tokio::spawn(async move {
-                    // Ends when the backend closes it, the last sender is dropped, or the
-                    // connection is handed to a tunnel.
-                    let _ = (*conn).with_upgrades().await;
-                });
-            }
-        }
-    }
 }
 
-type H1Conn = http1::Connection<TokioIo<TcpStream>, UpstreamBody>;
-
-/// An HTTP/1.1 connection to a backend, driven by whoever holds it: inside the task of the
-/// client connection whose request it serves, rather than in a task of its own that a request
-/// and its response would have to be handed to and back through channels. In the pool, nobody
-/// polls it; a close that arrived meanwhile is seen at the next checkout.
-pub struct H1 {
-    sender: http1::SendRequest<UpstreamBody>,
-    /// hyper's connection state machine; `None` once it ended, or while it runs apart.
-    conn: Option<Box<H1Conn>>,
-    /// Bounds the wait for each response head.
-    timer: LazyTimer,
+fn clone_parts(p: &http::request::Parts) -> http::request::Parts {
+    let (mut parts, ()) = Request::new(()).into_parts();
+    parts.method = p.method.clone();
+    parts.uri = p.uri.clone();
+    parts.version = p.version;
+    parts.headers = p.headers.clone();
+    parts
 }
-
-impl H1 {
-    /// Drives the connection (when this holder drives it) and then polls `f`, which waits on
-    /// something only the connection moves: the response, its body, the sender's readiness.
-    pub fn poll_with<T>(
-        &mut self,
-        cx: &mut Context<'_>,
-        f: impl FnOnce(&mut http1::SendRequest<UpstreamBody>, &mut Context<'_>) -> Poll<T>,
-    ) -> Poll<T> {
-        let Some(conn) = &mut self.conn else {
-            return f(&mut self.sender, cx);
-        };
-        if Pin::new(&mut **conn).poll(cx).is_ready() {
-            // Closed or failed: dropping it resolves whatever waits on it with an error.
-            self.conn = None;
-        }
-        // What `f` waits on moves only when the connection does, and the connection was just
-        // polled with this task's waker: registering the waker there too would only poll
-        // this task again for nothing.
-        f(&mut self.sender, &mut Context::from_waker(Waker::noop()))
-    }
-
-    async fn send(
-        &mut self,
-        req: Request<UpstreamBody>,
-        timeout: Duration,
-    ) -> Result<Sent, TimedOut> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut response = std::pin::pin!(self.sender.try_send_request(req));
-        std::future::poll_fn(|cx| {
-            if let Poll::Ready(sent) = self.poll_with(cx, |_, cx| response.as_mut().poll(cx)) {
-                return Poll::Ready(Ok(sent));
-            }
-            // Most responses come long before the timeout: see `LazyTimer`.
-            if self.timer.poll_until(cx, deadline).is_ready() {
-                return Poll::Ready(Err(TimedOut));
-            }
-            Poll::Pending
-        })
-        .await
-    }
-
-    /// Lets the connection catch up with its socket without anyone to wake: it sees the end
-    /// of the exchange it served, or a close from the backend.
-    fn settle(&mut self) {
-        let _ = self.poll_with(&mut Context::from_waker(Waker::noop()), |_, _| {
-            Poll::Ready(())
-        });
-    }
-
-    fn is_usable(&self) -> bool {
-        !self.sender.is_closed() && self.sender.is_ready()
-    }
-}
-
-/// Most bytes hyper buffers per HTTP/1.1 connection, each way. hyper's default (about
-/// 400 KiB) lets a large response grow a read buffer that size per upstream connection, and
-/// a new one each time the last is still on its way to the client.
-pub const MAX_BUF: usize = 64 * 1024;
 
 /// Milliseconds on a process-wide monotonic clock; cheap enough for the request path.
 pub fn now_ms() -> u64 {
@@ -175,7 +110,7 @@ pub enum ConnectError {
 }
 
 struct Idle {
-    h1: H1,
+    conn: Box<h1::Conn>,
     since_ms: u64,
 }
 
@@ -312,16 +247,16 @@ impl Backend {
         Box::pin(self.open(s)).await
     }
 
-    fn pooled_h1(&self, s: &BackendSettings) -> Option<H1> {
+    fn pooled_h1(&self, s: &BackendSettings) -> Option<Box<h1::Conn>> {
         let now = now_ms();
         let max_idle_ms = s.idle_timeout.as_millis() as u64;
         while let Some(mut idle) = self.pop_idle() {
             if now.saturating_sub(idle.since_ms) >= max_idle_ms {
                 continue;
             }
-            idle.h1.settle();
-            if idle.h1.is_usable() {
-                return Some(idle.h1);
+            // Sees a close by the backend that arrived while the connection was pooled.
+            if idle.conn.is_usable() {
+                return Some(idle.conn);
             }
         }
         None
@@ -334,17 +269,7 @@ impl Backend {
             return self.open_h2(s).await;
         }
         let stream = self.connect(s).await?;
-        let (sender, conn) = http1::Builder::new()
-            .max_buf_size(MAX_BUF)
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|source| self.handshake_error(source))?;
-        let h1 = H1 {
-            sender,
-            conn: Some(Box::new(conn)),
-            timer: LazyTimer::default(),
-        };
-        Ok((Sender::H1(h1), false))
+        Ok((Sender::H1(Box::new(h1::Conn::new(stream))), false))
     }
 
     async fn open_h2(&self, s: &BackendSettings) -> Result<(Sender, bool), ConnectError> {
@@ -402,11 +327,10 @@ impl Backend {
         Ok(stream)
     }
 
-    /// Gives a connection back once the response it carried is complete. It is settled
-    /// (polled once) at its next checkout, which must poll it then anyway to see a close that
-    /// arrived while it was pooled; polling it here too would be work done twice.
-    pub fn checkin(&self, h1: H1) {
-        if h1.sender.is_closed() {
+    /// Gives a connection back once the response it carried was read to its end. Whether
+    /// the backend closed it meanwhile is seen at its next checkout.
+    pub fn checkin(&self, conn: Box<h1::Conn>) {
+        if !conn.is_reusable() {
             return;
         }
         // A full pool means the backend has more idle connections than we keep; dropping this
@@ -416,7 +340,7 @@ impl Backend {
             return;
         }
         self.idle.push(Idle {
-            h1,
+            conn,
             since_ms: now_ms(),
         });
     }

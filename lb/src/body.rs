@@ -1,7 +1,7 @@
 //! The two body types of the request path, both streaming (nothing is buffered whole):
 //! `UpstreamBody` carries a client's request body to a backend; `ProxyBody` carries a backend's
 //! response (or an lb-made one) to the client, and its guard settles the request's accounting
-//! when the response ends or is dropped.
+//! when the response ends or is dropped, and gives the backend connection back to the pool.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -14,6 +14,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+#[derive(Debug)]
 pub enum UpstreamBody {
     Incoming(Incoming),
     /// A request without a body, or the replay of one for a retry.
@@ -49,9 +50,22 @@ impl Body for UpstreamBody {
     }
 }
 
+/// Errors of a response body on its way to the client: the backend's connection failed or
+/// broke the framing. Boxed: they end the response, so their cost is paid once at most.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Where a proxied response's body comes from.
+pub enum Upstream {
+    /// The HTTP/1.1 connection in the response's guard.
+    H1,
+    H2(Incoming),
+    /// None: a `101` whose connection became a tunnel.
+    Empty,
+}
+
 pub enum ProxyBody {
     Upstream {
-        inner: Incoming,
+        inner: Upstream,
         guard: ResponseGuard,
     },
     Local(Option<Bytes>),
@@ -65,42 +79,41 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            ProxyBody::Upstream { inner, guard } => {
-                // The body arrives through the upstream connection, which this task drives.
-                let polled = match &mut guard.sender {
-                    Some(Sender::H1(h1)) => {
-                        h1.poll_with(cx, |_, cx| Pin::new(&mut *inner).poll_frame(cx))
-                    }
-                    _ => Pin::new(&mut *inner).poll_frame(cx),
-                };
-                match &polled {
-                    Poll::Ready(None) => guard.complete = true,
-                    Poll::Ready(Some(Ok(_))) if inner.is_end_stream() => guard.complete = true,
-                    _ => {}
-                }
-                polled
-            }
+            ProxyBody::Upstream { inner, guard } => match (inner, &mut guard.sender) {
+                // Read from the backend's connection in this task, as the client takes it.
+                (Upstream::H1, Some(Sender::H1(conn))) => conn.poll_frame(cx).map_err(|e| e.into()),
+                (Upstream::H2(body), _) => Pin::new(body).poll_frame(cx).map_err(|e| e.into()),
+                _ => Poll::Ready(None),
+            },
             ProxyBody::Local(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ProxyBody::Upstream { inner, .. } => inner.is_end_stream(),
+            ProxyBody::Upstream { inner, guard } => match (inner, &guard.sender) {
+                (Upstream::H1, Some(Sender::H1(conn))) => conn.body_done(),
+                (Upstream::H2(body), _) => body.is_end_stream(),
+                _ => true,
+            },
             ProxyBody::Local(data) => data.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ProxyBody::Upstream { inner, .. } => inner.size_hint(),
+            ProxyBody::Upstream { inner, guard } => match (inner, &guard.sender) {
+                (Upstream::H1, Some(Sender::H1(conn))) => conn.body_size_hint(),
+                (Upstream::H2(body), _) => body.size_hint(),
+                _ => SizeHint::with_exact(0),
+            },
             ProxyBody::Local(Some(d)) => SizeHint::with_exact(d.len() as u64),
             ProxyBody::Local(None) => SizeHint::with_exact(0),
         }
@@ -115,7 +128,6 @@ pub struct ResponseGuard {
     pub route: Arc<Route>,
     pub start: Instant,
     pub sender: Option<Sender>,
-    pub complete: bool,
     pub in_flight: prometheus::IntGauge,
 }
 
@@ -127,9 +139,9 @@ impl Drop for ResponseGuard {
             .latency
             .observe(self.start.elapsed().as_secs_f64());
         // An HTTP/2 handle is a clone of the shared connection: nothing to give back. An
-        // incomplete exchange leaves the connection unusable: dropping it closes it.
-        if let (Some(Sender::H1(h1)), true) = (self.sender.take(), self.complete) {
-            self.backend.checkin(h1);
+        // HTTP/1.1 connection whose response was not read to its end is dropped (closed) there.
+        if let Some(Sender::H1(conn)) = self.sender.take() {
+            self.backend.checkin(conn);
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod backend;
 pub mod body;
 pub mod config;
 pub mod discovery;
+pub mod h1;
 pub mod metrics;
 pub mod parking;
 pub mod proxy;

@@ -32,7 +32,7 @@ use tokio::time::Instant;
 
 use crate::timer::LazyTimer;
 
-use crate::body::ProxyBody;
+use crate::body::{BoxError, ProxyBody};
 use crate::proxy::Peer;
 
 /// How long a connection stays idle before it parks. Under load a client's next request
@@ -99,12 +99,12 @@ impl Tracked {
 
 impl Body for Tracked {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         Pin::new(&mut self.get_mut().body).poll_frame(cx)
     }
 
@@ -132,6 +132,10 @@ pub struct ParkingIo {
     seen: u32,
     /// The last write could not complete: hyper still holds response bytes.
     write_blocked: bool,
+    /// A read found nothing while an exchange was open. hyper will not read again after the
+    /// exchange ends (it remembers the read as blocked): the spell between exchanges then
+    /// starts from the write that ends the response.
+    read_waiting: bool,
     /// `Exchanges::done` when the current spell between exchanges began, and when.
     spell: u32,
     spell_start: Instant,
@@ -166,6 +170,7 @@ impl ParkingIo {
             peer,
             seen,
             write_blocked: false,
+            read_waiting: false,
             spell: seen,
             spell_start: Instant::now(),
             head_timeout,
@@ -197,9 +202,14 @@ impl ParkingIo {
     /// every request, which a [`LazyTimer`] follows without a timer-wheel update each time.
     fn between_exchanges(&mut self, cx: &mut Context<'_>) -> Between {
         let e = &self.peer.exchanges;
-        if e.open.load(Ordering::Relaxed) != 0 || e.pinned.load(Ordering::Relaxed) {
+        if e.pinned.load(Ordering::Relaxed) {
             return Between::Wait;
         }
+        if e.open.load(Ordering::Relaxed) != 0 {
+            self.read_waiting = true;
+            return Between::Wait;
+        }
+        self.read_waiting = false;
         let done = e.done();
         if done != self.spell {
             self.spell = done;
@@ -221,7 +231,7 @@ impl ParkingIo {
     /// have all reached the socket.
     fn after_write(
         &mut self,
-        cx: &Context<'_>,
+        cx: &mut Context<'_>,
         polled: Poll<io::Result<usize>>,
     ) -> Poll<io::Result<usize>> {
         match polled {
@@ -229,6 +239,17 @@ impl ParkingIo {
             Poll::Ready(Ok(n)) if n > 0 && std::mem::take(&mut self.write_blocked) => {
                 // hyper polls for the next request only once; the response's last bytes may
                 // have left after that poll. Poll again so an idle connection still parks.
+                cx.waker().wake_by_ref();
+            }
+            // The exchange a read waited on has ended: arm the timer of the spell that begins,
+            // as hyper's next read would have (but hyper reads again only when woken).
+            Poll::Ready(Ok(n))
+                if n > 0
+                    && self.read_waiting
+                    && self.peer.exchanges.open.load(Ordering::Relaxed) == 0
+                    && !matches!(self.between_exchanges(cx), Between::Wait) =>
+            {
+                // Already due: let the read side act on it.
                 cx.waker().wake_by_ref();
             }
             _ => {}

@@ -19,7 +19,8 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::sync::{mpsc, watch};
 
-use crate::body::{ProxyBody, ResponseGuard, UpstreamBody};
+use crate::backend::{SendError, Sender};
+use crate::body::{ProxyBody, ResponseGuard, Upstream, UpstreamBody};
 use crate::routing::{Route, Tried};
 use crate::Shared;
 
@@ -291,7 +292,7 @@ fn to_http2_form(parts: &mut http::request::Parts) {
 async fn forward(
     shared: &Arc<Shared>,
     route: &Arc<Route>,
-    parts: http::request::Parts,
+    mut parts: http::request::Parts,
     body: Incoming,
     request_id: HeaderValue,
     mut upgrade: Option<Upgrade>,
@@ -307,7 +308,6 @@ async fn forward(
     } else {
         UpstreamBody::Incoming(body)
     });
-    let mut parts = Some(parts);
     let mut tried = Tried::default();
     let mut retries = 0u32;
     let mut stale = 0u32;
@@ -347,20 +347,13 @@ async fn forward(
         if !reused {
             shared.metrics.upstream_connections.inc();
         }
-        if upgrade.is_some() {
-            sender.run_apart();
-        }
-
-        let mut p = parts.take().expect("parts are restored before every retry");
         // `handle` left the request in HTTP/1.1 form; only a change of protocol between
         // attempts (a route mixing h2c and HTTP/1.1 instances) converts it.
-        match (sender.is_h2(), p.version == Version::HTTP_2) {
-            (true, false) => to_http2_form(&mut p),
-            (false, true) => to_http1_form(&mut p),
+        match (sender.is_h2(), parts.version == Version::HTTP_2) {
+            (true, false) => to_http2_form(&mut parts),
+            (false, true) => to_http1_form(&mut parts),
             _ => {}
         }
-        let keep = replayable.then(|| clone_parts(&p));
-        let req = Request::from_parts(p, body.take().expect("body is restored before every retry"));
 
         backend.start_request();
         shared.metrics.in_flight.inc();
@@ -368,47 +361,45 @@ async fn forward(
             backend.end_request();
             shared.metrics.in_flight.dec();
         };
-        let sent = sender.send(req, cfg.response_timeout).await;
-        let mut resp = match sent {
-            Ok(Ok(resp)) => resp,
-            Ok(Err(mut e)) => {
+        let b = body.take().expect("body is restored before every retry");
+        // The parts stay here: a retry sends them again.
+        let sent = sender.send(&parts, b, cfg.response_timeout).await;
+        let resp = match sent {
+            Ok(resp) => resp,
+            Err(SendError::NotSent(b)) => {
+                // The pooled connection closed before the request went out (a keep-alive
+                // race): nothing reached the backend, so it is safe to try again.
                 end(shared);
-                if let Some(req) = e.take_message() {
-                    // The pooled connection closed before the request went out (a keep-alive
-                    // race): nothing reached the backend, so it is safe to try again.
-                    let (p, b) = req.into_parts();
-                    parts = Some(p);
-                    body = Some(b);
-                    shared
-                        .metrics
-                        .upstream_errors
-                        .with_label_values(&["stale_connection"])
-                        .inc();
-                    if stale < MAX_STALE_RETRIES {
-                        stale += 1;
-                        tried.forget_last();
-                        continue;
-                    }
-                    last = LocalReason::UpstreamError;
-                    break;
+                body = Some(b);
+                shared
+                    .metrics
+                    .upstream_errors
+                    .with_label_values(&["stale_connection"])
+                    .inc();
+                if stale < MAX_STALE_RETRIES {
+                    stale += 1;
+                    tried.forget_last();
+                    continue;
                 }
+                last = LocalReason::UpstreamError;
+                break;
+            }
+            Err(SendError::Failed(e)) => {
+                end(shared);
                 last = LocalReason::UpstreamError;
                 shared
                     .metrics
                     .upstream_errors
                     .with_label_values(&["reset"])
                     .inc();
-                tracing::debug!(backend = %backend.addr, error = %e.error(), "upstream request failed");
-                match keep {
-                    Some(p) if may_retry(shared, &mut retries, "reset") => {
-                        parts = Some(p);
-                        body = Some(UpstreamBody::Empty);
-                        continue;
-                    }
-                    _ => break,
+                tracing::debug!(backend = %backend.addr, error = %e, "upstream request failed");
+                if replayable && may_retry(shared, &mut retries, "reset") {
+                    body = Some(UpstreamBody::Empty);
+                    continue;
                 }
+                break;
             }
-            Err(crate::backend::TimedOut) => {
+            Err(SendError::TimedOut) => {
                 end(shared);
                 last = LocalReason::UpstreamTimeout;
                 shared
@@ -420,47 +411,41 @@ async fn forward(
                     shared.metrics.ejections.inc();
                     tracing::warn!(backend = %backend.addr, route = %route.name, "backend ejected after response timeout");
                 }
-                match keep {
-                    Some(p) if may_retry(shared, &mut retries, "timeout") => {
-                        parts = Some(p);
-                        body = Some(UpstreamBody::Empty);
-                        continue;
-                    }
-                    _ => break,
+                if replayable && may_retry(shared, &mut retries, "timeout") {
+                    body = Some(UpstreamBody::Empty);
+                    continue;
                 }
+                break;
             }
         };
 
         backend.record_success();
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-        let tunnel = match upgrade.take() {
-            Some(up) if switching && !sender.is_h2() => Some((hyper::upgrade::on(&mut resp), up)),
-            _ => None,
-        };
-        let (mut rparts, rbody) = resp.into_parts();
+        let (mut rparts, mut rbody) = resp.into_parts();
         let class = (rparts.status.as_u16() / 100).clamp(1, 5) as usize - 1;
         rb.count_response(class, &route.name, &shared.metrics);
         let accepted_upgrade = switching.then(|| rparts.headers.get(header::UPGRADE).cloned());
         strip_hop_by_hop(&mut rparts.headers);
         rparts.headers.entry(X_REQUEST_ID).or_insert(request_id);
         let mut sender = Some(sender);
-        if let Some((on_upstream, up)) = tunnel {
+        if let (true, Some(up), Some(Sender::H1(_))) = (switching, upgrade.take(), &sender) {
+            let Some(Sender::H1(conn)) = sender.take() else {
+                unreachable!("matched above")
+            };
             let protocol = accepted_upgrade.flatten().unwrap_or(up.protocol.clone());
             rparts
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             rparts.headers.insert(header::UPGRADE, protocol);
             // The connection now belongs to the tunnel; it never goes back to the pool.
-            sender = None;
-            spawn_tunnel(shared.clone(), up, on_upstream, backend.addr.clone());
+            spawn_tunnel(shared.clone(), up, conn.into_tunnel(), backend.addr.clone());
+            rbody = Upstream::Empty;
         }
-        let complete = http_body::Body::is_end_stream(&rbody);
         let guard = ResponseGuard {
             backend: backend.clone(),
             route: route.clone(),
             start,
             sender,
-            complete,
             in_flight: shared.metrics.in_flight.clone(),
         };
         return Response::from_parts(
@@ -483,7 +468,12 @@ async fn forward(
 
 /// Copies bytes both ways between the client and the backend once both sides switched
 /// protocols, until either closes or the drain's time is up.
-fn spawn_tunnel(shared: Arc<Shared>, up: Upgrade, on_upstream: OnUpgrade, backend: String) {
+fn spawn_tunnel(
+    shared: Arc<Shared>,
+    up: Upgrade,
+    (mut upstream, early): (tokio::net::TcpStream, Bytes),
+    backend: String,
+) {
     let label = if up.protocol.as_bytes().eq_ignore_ascii_case(b"websocket") {
         "websocket"
     } else {
@@ -492,9 +482,10 @@ fn spawn_tunnel(shared: Arc<Shared>, up: Upgrade, on_upstream: OnUpgrade, backen
     let Drain { alive, mut close } = up.peer.drain.clone();
     let client_addr = up.peer.addr;
     tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt as _;
         let _alive = alive;
-        let (client, upstream) = match tokio::try_join!(up.on_client, on_upstream) {
-            Ok(both) => both,
+        let client = match up.on_client.await {
+            Ok(client) => client,
             Err(e) => {
                 tracing::debug!(%backend, error = %e, "upgrade did not complete");
                 return;
@@ -503,15 +494,18 @@ fn spawn_tunnel(shared: Arc<Shared>, up: Upgrade, on_upstream: OnUpgrade, backen
         let metrics = &shared.metrics;
         metrics.upgrades.with_label_values(&[label]).inc();
         metrics.upgraded_open.inc();
-        let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+        let mut client = TokioIo::new(client);
         tokio::select! {
-            r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+            r = async {
+                // What the backend sent right behind its 101 head goes first.
+                client.write_all(&early).await?;
+                tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+            } => {
                 if let Err(e) = r {
                     tracing::debug!(%backend, client = %client_addr, error = %e, "tunnel ended with an error");
                 }
             }
             _ = async { let _ = close.wait_for(|c| *c).await; } => {
-                use tokio::io::AsyncWriteExt as _;
                 let _ = client.shutdown().await;
                 let _ = upstream.shutdown().await;
             }
@@ -538,15 +532,6 @@ fn is_idempotent(m: &Method) -> bool {
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     )
-}
-
-fn clone_parts(p: &http::request::Parts) -> http::request::Parts {
-    let (mut parts, ()) = Request::new(()).into_parts();
-    parts.method = p.method.clone();
-    parts.uri = p.uri.clone();
-    parts.version = p.version;
-    parts.headers = p.headers.clone();
-    parts
 }
 
 /// The request's host, lower-case and without port. `None` when an HTTP/1.1 request has no

@@ -25,6 +25,10 @@ use crate::proxy::{Drain, Peer};
 use crate::tls::{Tls, ALPN_H2};
 use crate::Shared;
 
+/// Most bytes hyper buffers per client connection, each way. hyper's default (about 400 KiB)
+/// lets a large upload grow a read buffer that size per connection.
+const MAX_BUF: usize = 64 * 1024;
+
 /// What a client connection needs from its listener.
 struct Listener {
     shared: Arc<Shared>,
@@ -55,7 +59,7 @@ pub async fn serve_proxy(
         .header_read_timeout(cfg.client_header_timeout)
         .max_header_size(cfg.max_header_bytes)
         .max_headers(cfg.max_headers)
-        .max_buf_size(crate::backend::MAX_BUF.max(cfg.max_header_bytes));
+        .max_buf_size(MAX_BUF.max(cfg.max_header_bytes));
     let mut h1_parking = h1.clone();
     h1_parking.header_read_timeout(None);
     let mut h2 = http2::Builder::new(TokioExecutor::new());

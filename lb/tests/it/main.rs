@@ -7,3 +7,4 @@ mod resilience;
 mod support;
 mod tls;
 mod upgrades;
+mod upstream_h1;

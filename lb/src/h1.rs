@@ -1,0 +1,675 @@
+//! The lb's HTTP/1.1 client for backend connections: writes one request at a time on a pooled
+//! connection and reads its response, in the task of the client connection it serves.
+//!
+//! A general client (hyper's) runs a dispatcher between the caller and the connection: a
+//! channel for the request, a oneshot for the response, a body channel per response, and a
+//! request handed over by value. A proxy needs none of it: the client task that holds the
+//! connection writes the head straight from the request parts it keeps for a retry, reads the
+//! response head into a header map that shares the read buffer, and then hands out body
+//! frames cut from that same buffer as the client side asks for them.
+//!
+//! Framing follows RFC 9112: requests go with `Content-Length` when their body's length is
+//! known and chunked otherwise; responses are read by `Content-Length`, chunked coding or to
+//! the close, and interim (1xx) responses are skipped. A `101 Switching Protocols` hands the
+//! socket over whole (`Conn::into_tunnel`).
+
+use std::future::poll_fn;
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::AsyncWrite;
+use tokio::net::TcpStream;
+
+use crate::backend::SendError;
+use crate::body::UpstreamBody;
+use crate::timer::LazyTimer;
+
+/// Most bytes of a response head (status line, fields) or a trailer section; past it the
+/// response is refused as a 502 rather than buffered without bound.
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Most fields in a response head, as hyper's default.
+const MAX_FIELDS: usize = 100;
+/// Reads start this large and grow, while reads fill them, up to `MAX_READ` (large bodies).
+const MIN_READ: usize = 8 * 1024;
+const MAX_READ: usize = 64 * 1024;
+/// Request body frames are copied into the write buffer until it holds this much; then it is
+/// written out before more is taken.
+const WRITE_HIGH: usize = 64 * 1024;
+
+/// What went wrong on a backend connection.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("backend closed the connection before a complete response head")]
+    Closed,
+    #[error("backend connection: {0}")]
+    Io(#[from] io::Error),
+    #[error("invalid response from the backend: {0}")]
+    Invalid(&'static str),
+    #[error("the backend's response head is over {MAX_HEAD} bytes")]
+    HeadTooLarge,
+    #[error("the backend closed the connection before the end of the response body")]
+    BodyCut,
+    #[error("reading the client's request body: {0}")]
+    RequestBody(hyper::Error),
+}
+
+/// How the body of the response in progress is delimited, and how far it has been read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// No response body in progress: ended, or none.
+    Done,
+    Length(u64),
+    /// Chunked coding, at a chunk-size line.
+    ChunkSize,
+    /// Inside a chunk, with this many data bytes to go.
+    Chunk(u64),
+    /// The CRLF that ends a chunk's data.
+    ChunkEnd,
+    /// After the last chunk: an empty line, or trailer fields and then one.
+    Trailers,
+    /// No length given: the body ends when the backend closes the connection.
+    UntilClose,
+}
+
+/// One HTTP/1.1 connection to a backend.
+pub struct Conn {
+    io: TcpStream,
+    /// Bytes read and not yet handed out: a response head in the making, or body bytes.
+    rbuf: BytesMut,
+    /// The request head and body bytes not yet written.
+    wbuf: BytesMut,
+    read_size: usize,
+    framing: Framing,
+    /// Whether the connection may carry another exchange once this one ends.
+    reusable: bool,
+    /// Bounds the wait for each response head.
+    timer: LazyTimer,
+}
+
+impl Conn {
+    pub fn new(io: TcpStream) -> Conn {
+        Conn {
+            io,
+            rbuf: BytesMut::new(),
+            wbuf: BytesMut::new(),
+            read_size: MIN_READ,
+            framing: Framing::Done,
+            reusable: true,
+            timer: LazyTimer::default(),
+        }
+    }
+
+    /// Whether a pooled connection can take a request: the last exchange ended cleanly and the
+    /// backend has neither closed it nor sent anything since. Makes no system call unless
+    /// the socket was reported readable since the last read.
+    pub fn is_usable(&mut self) -> bool {
+        if !self.reusable || self.framing != Framing::Done || !self.rbuf.is_empty() {
+            return false;
+        }
+        let mut probe = [MaybeUninit::<u8>::uninit(); 1];
+        let mut probe = tokio::io::ReadBuf::uninit(&mut probe);
+        let mut cx = Context::from_waker(Waker::noop());
+        match tokio::io::AsyncRead::poll_read(Pin::new(&mut self.io), &mut cx, &mut probe) {
+            Poll::Pending => true,
+            // A close (0 bytes), an error, or bytes nobody asked for.
+            Poll::Ready(_) => {
+                self.reusable = false;
+                false
+            }
+        }
+    }
+
+    /// Whether the response in progress has been read to its end and the connection may go
+    /// back to the pool.
+    pub fn is_reusable(&self) -> bool {
+        self.reusable && self.framing == Framing::Done && self.rbuf.is_empty()
+    }
+
+    /// The socket and the bytes the backend sent after its `101` head, for a tunnel.
+    pub fn into_tunnel(self) -> (TcpStream, Bytes) {
+        (self.io, self.rbuf.freeze())
+    }
+
+    /// Sends a request and waits at most `timeout` for its response head. The head is written
+    /// from `parts`, which stay with the caller for a retry; the body streams while the
+    /// response is awaited. The response's body is then read with `poll_frame`.
+    pub async fn send(
+        &mut self,
+        parts: &http::request::Parts,
+        body: UpstreamBody,
+        timeout: Duration,
+    ) -> Result<Response<()>, SendError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let head_request = parts.method == Method::HEAD;
+        let chunked = self.encode_head(parts, &body);
+        let mut body = if body.is_end_stream() {
+            None
+        } else {
+            Some(body)
+        };
+        let mut sent_any = false;
+        poll_fn(|cx| {
+            if let Err(e) = self.poll_send_body(cx, &mut body, chunked, &mut sent_any) {
+                self.reusable = false;
+                return Poll::Ready(Err(match (sent_any, e) {
+                    // The body is taken only once the head is out: it is untouched.
+                    (false, Error::Io(_)) => {
+                        SendError::NotSent(body.take().unwrap_or(UpstreamBody::Empty))
+                    }
+                    (_, e) => SendError::Failed(e.into()),
+                }));
+            }
+            match self.poll_head(cx, head_request) {
+                Poll::Ready(Ok(resp)) => {
+                    if body.is_some() || !self.wbuf.is_empty() {
+                        // The backend answered before it had the whole request: the rest is
+                        // not sent, and the connection cannot carry another request.
+                        self.reusable = false;
+                    }
+                    return Poll::Ready(Ok(resp));
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(SendError::Failed(e.into()))),
+                Poll::Pending => {}
+            }
+            // Most responses come long before the timeout: see `LazyTimer`.
+            if self.timer.poll_until(cx, deadline).is_ready() {
+                self.reusable = false;
+                return Poll::Ready(Err(SendError::TimedOut));
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Writes the request line and fields into the write buffer; returns whether the body
+    /// goes chunked.
+    fn encode_head(&mut self, parts: &http::request::Parts, body: &UpstreamBody) -> bool {
+        let length = if body.is_end_stream() {
+            None
+        } else {
+            Some(body.size_hint().exact())
+        };
+        let b = &mut self.wbuf;
+        b.clear();
+        b.reserve(256);
+        b.put_slice(parts.method.as_str().as_bytes());
+        b.put_u8(b' ');
+        let target = match parts.uri.path_and_query() {
+            Some(pq) => pq.as_str(),
+            None => parts.uri.authority().map_or("/", |a| a.as_str()),
+        };
+        b.put_slice(target.as_bytes());
+        b.put_slice(b" HTTP/1.1\r\n");
+        for (name, value) in &parts.headers {
+            // A body's framing is the lb's to state, from what it will send.
+            if length.is_some() && name == header::CONTENT_LENGTH {
+                continue;
+            }
+            b.put_slice(name.as_str().as_bytes());
+            b.put_slice(b": ");
+            b.put_slice(value.as_bytes());
+            b.put_slice(b"\r\n");
+        }
+        let chunked = match length {
+            None => false,
+            Some(Some(n)) => {
+                b.put_slice(b"content-length: ");
+                b.put_slice(itoa(n, &mut [0; 20]));
+                b.put_slice(b"\r\n");
+                false
+            }
+            Some(None) => {
+                b.put_slice(b"transfer-encoding: chunked\r\n");
+                true
+            }
+        };
+        b.put_slice(b"\r\n");
+        chunked
+    }
+
+    /// Writes what is buffered, refilling the buffer from the request body while it can.
+    fn poll_send_body(
+        &mut self,
+        cx: &mut Context<'_>,
+        body: &mut Option<UpstreamBody>,
+        chunked: bool,
+        sent_any: &mut bool,
+    ) -> Result<(), Error> {
+        loop {
+            while !self.wbuf.is_empty() {
+                match Pin::new(&mut self.io).poll_write(cx, &self.wbuf) {
+                    Poll::Ready(Ok(0)) => return Err(Error::Io(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(n)) => {
+                        self.wbuf.advance(n);
+                        *sent_any = true;
+                    }
+                    Poll::Ready(Err(e)) => return Err(Error::Io(e)),
+                    Poll::Pending => return Ok(()),
+                }
+            }
+            let Some(b) = body.as_mut() else {
+                return Ok(());
+            };
+            // Takes frames until the buffer is worth a write or the body has nothing ready.
+            while self.wbuf.len() < WRITE_HIGH {
+                match Pin::new(&mut *b).poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                        Ok(data) if data.is_empty() => {}
+                        Ok(data) => {
+                            if chunked {
+                                self.wbuf.put_slice(hex(data.len(), &mut [0; 16]));
+                                self.wbuf.put_slice(b"\r\n");
+                                self.wbuf.put_slice(&data);
+                                self.wbuf.put_slice(b"\r\n");
+                            } else {
+                                self.wbuf.put_slice(&data);
+                            }
+                        }
+                        Err(frame) => {
+                            if let (true, Ok(trailers)) = (chunked, frame.into_trailers()) {
+                                self.wbuf.put_slice(b"0\r\n");
+                                put_fields(&mut self.wbuf, &trailers);
+                                self.wbuf.put_slice(b"\r\n");
+                                *body = None;
+                                break;
+                            }
+                        }
+                    },
+                    Poll::Ready(Some(Err(e))) => {
+                        // The client's body broke off: the backend has an incomplete request.
+                        self.reusable = false;
+                        return Err(Error::RequestBody(e));
+                    }
+                    Poll::Ready(None) => {
+                        if chunked {
+                            self.wbuf.put_slice(b"0\r\n\r\n");
+                        }
+                        *body = None;
+                        break;
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            if self.wbuf.is_empty() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Reads until a final response head is parsed; interim responses are dropped.
+    fn poll_head(
+        &mut self,
+        cx: &mut Context<'_>,
+        head_request: bool,
+    ) -> Poll<Result<Response<()>, Error>> {
+        loop {
+            if !self.rbuf.is_empty() {
+                match self.parse_head(head_request) {
+                    Ok(Some(resp)) => return Poll::Ready(Ok(resp)),
+                    Ok(None) => {}
+                    Err(e) => {
+                        self.reusable = false;
+                        return Poll::Ready(Err(e));
+                    }
+                }
+                if !self.rbuf.is_empty() {
+                    // A head in the making: it must fit.
+                    if self.rbuf.len() >= MAX_HEAD {
+                        self.reusable = false;
+                        return Poll::Ready(Err(Error::HeadTooLarge));
+                    }
+                }
+            }
+            if ready!(self.poll_fill(cx))? == 0 {
+                self.reusable = false;
+                return Poll::Ready(Err(Error::Closed));
+            }
+        }
+    }
+
+    /// Parses a response head at the start of the read buffer. `None` when it is incomplete,
+    /// or was an interim response (taken off the buffer).
+    fn parse_head(&mut self, head_request: bool) -> Result<Option<Response<()>>, Error> {
+        // Where each field lies in the head (name offset and length, value offset and
+        // length): the head is split off the buffer only after the parser let go of it.
+        let mut spans = [[0u32; 4]; MAX_FIELDS];
+        let (len, code, http10, n) = {
+            let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
+            let mut parsed = httparse::Response::new(&mut []);
+            let len = match httparse::ParserConfig::default()
+                // Seen from real servers; hyper's client accepts it too.
+                .allow_spaces_after_header_name_in_responses(true)
+                .parse_response_with_uninit_headers(&mut parsed, &self.rbuf, &mut fields)
+            {
+                Ok(httparse::Status::Complete(len)) => len,
+                Ok(httparse::Status::Partial) => return Ok(None),
+                Err(httparse::Error::TooManyHeaders) => {
+                    return Err(Error::Invalid("more than 100 header fields"))
+                }
+                Err(_) => return Err(Error::Invalid("malformed response head")),
+            };
+            let base = self.rbuf.as_ptr() as usize;
+            for (span, f) in spans.iter_mut().zip(parsed.headers.iter()) {
+                let at = |s: &[u8]| (s.as_ptr() as usize - base) as u32;
+                *span = [
+                    at(f.name.as_bytes()),
+                    f.name.len() as u32,
+                    at(f.value),
+                    f.value.len() as u32,
+                ];
+            }
+            let http10 = parsed.version == Some(0);
+            (len, parsed.code.unwrap_or(0), http10, parsed.headers.len())
+        };
+        let status = StatusCode::from_u16(code).map_err(|_| Error::Invalid("bad status code"))?;
+        if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+            self.rbuf.advance(len);
+            return Ok(None);
+        }
+        let head = self.rbuf.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(n);
+        for &[name_at, name_len, value_at, value_len] in &spans[..n] {
+            let (name_at, value_at) = (name_at as usize, value_at as usize);
+            let name = HeaderName::from_bytes(&head[name_at..name_at + name_len as usize])
+                .map_err(|_| Error::Invalid("bad header field name"))?;
+            let value =
+                HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len as usize))
+                    .map_err(|_| Error::Invalid("bad header field value"))?;
+            headers.append(name, value);
+        }
+        self.framing = self.framing_of(status, &headers, head_request, http10)?;
+
+        let mut resp = Response::new(());
+        *resp.status_mut() = status;
+        *resp.version_mut() = Version::HTTP_11;
+        *resp.headers_mut() = headers;
+        Ok(Some(resp))
+    }
+
+    /// RFC 9112 6.3: how the body of this response is delimited; also whether the connection
+    /// outlives it.
+    fn framing_of(
+        &mut self,
+        status: StatusCode,
+        headers: &HeaderMap,
+        head_request: bool,
+        http10: bool,
+    ) -> Result<Framing, Error> {
+        let keep_alive = if http10 {
+            has_token(headers, "keep-alive")
+        } else {
+            !has_token(headers, "close")
+        };
+        if !keep_alive {
+            self.reusable = false;
+        }
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            // The connection now carries another protocol.
+            self.reusable = false;
+            return Ok(Framing::Done);
+        }
+        if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+            return Ok(Framing::Done);
+        }
+        if let Some(te) = headers.get(header::TRANSFER_ENCODING) {
+            // Chunked must be the last coding; with any other last coding, the body runs to
+            // the close. Either way Transfer-Encoding overrides Content-Length (whose presence
+            // beside it makes the connection unfit for reuse, RFC 9112 6.3).
+            if headers.contains_key(header::CONTENT_LENGTH) {
+                self.reusable = false;
+            }
+            let last = headers
+                .get_all(header::TRANSFER_ENCODING)
+                .iter()
+                .next_back()
+                .unwrap_or(te);
+            let chunked = last
+                .to_str()
+                .ok()
+                .and_then(|s| s.rsplit(',').next())
+                .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
+            if chunked && !http10 {
+                return Ok(Framing::ChunkSize);
+            }
+            self.reusable = false;
+            return Ok(Framing::UntilClose);
+        }
+        let mut length = None;
+        for v in headers.get_all(header::CONTENT_LENGTH) {
+            for part in v.as_bytes().split(|&b| b == b',') {
+                let n = parse_length(part).ok_or(Error::Invalid("bad Content-Length"))?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(Error::Invalid("conflicting Content-Length values"));
+                }
+                length = Some(n);
+            }
+        }
+        match length {
+            Some(0) => Ok(Framing::Done),
+            Some(n) => Ok(Framing::Length(n)),
+            None => {
+                self.reusable = false;
+                Ok(Framing::UntilClose)
+            }
+        }
+    }
+
+    /// Reads more bytes into the read buffer; 0 means the backend closed.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.rbuf.capacity() - self.rbuf.len() < self.read_size / 2 {
+            self.rbuf.reserve(self.read_size);
+        }
+        let room = self.rbuf.capacity() - self.rbuf.len();
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.io),
+            cx,
+            &mut self.rbuf
+        ))?;
+        // A read that fills the room asks for larger reads (a large body); else back down.
+        self.read_size = if n == room {
+            (self.read_size * 2).min(MAX_READ)
+        } else {
+            MIN_READ
+        };
+        Poll::Ready(Ok(n))
+    }
+
+    /// Whether the response body has been read to its end.
+    pub fn body_done(&self) -> bool {
+        self.framing == Framing::Done
+    }
+
+    pub fn body_size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Done => SizeHint::with_exact(0),
+            Framing::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+
+    /// The next frame of the response body: data cut from the read buffer without a copy,
+    /// or the trailers of a chunked body.
+    pub fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        loop {
+            match self.framing {
+                Framing::Done => return Poll::Ready(None),
+                Framing::Length(left) | Framing::Chunk(left) if !self.rbuf.is_empty() => {
+                    let n = left.min(self.rbuf.len() as u64);
+                    let data = self.rbuf.split_to(n as usize).freeze();
+                    self.framing = match (self.framing, left - n) {
+                        (Framing::Length(_), 0) => Framing::Done,
+                        (Framing::Length(_), left) => Framing::Length(left),
+                        (_, 0) => Framing::ChunkEnd,
+                        (_, left) => Framing::Chunk(left),
+                    };
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Framing::UntilClose if !self.rbuf.is_empty() => {
+                    let data = self.rbuf.split().freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Framing::ChunkSize if !self.rbuf.is_empty() => {
+                    match httparse::parse_chunk_size(&self.rbuf) {
+                        Ok(httparse::Status::Complete((len, size))) => {
+                            self.rbuf.advance(len);
+                            self.framing = if size == 0 {
+                                Framing::Trailers
+                            } else {
+                                Framing::Chunk(size)
+                            };
+                            continue;
+                        }
+                        Ok(httparse::Status::Partial) if self.rbuf.len() < MAX_HEAD => {}
+                        _ => return Poll::Ready(Some(Err(self.invalid("bad chunk size line")))),
+                    }
+                }
+                Framing::ChunkEnd if self.rbuf.len() >= 2 => {
+                    if &self.rbuf[..2] != b"\r\n" {
+                        return Poll::Ready(Some(
+                            Err(self.invalid("chunk data not ended by CRLF")),
+                        ));
+                    }
+                    self.rbuf.advance(2);
+                    self.framing = Framing::ChunkSize;
+                    continue;
+                }
+                Framing::Trailers if self.rbuf.len() >= 2 => {
+                    if &self.rbuf[..2] == b"\r\n" {
+                        self.rbuf.advance(2);
+                        self.framing = Framing::Done;
+                        return Poll::Ready(None);
+                    }
+                    match self.parse_trailers() {
+                        Ok(Some(trailers)) => {
+                            self.framing = Framing::Done;
+                            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                        }
+                        Ok(None) => {}
+                        Err(e) => return Poll::Ready(Some(Err(e))),
+                    }
+                }
+                _ => {}
+            }
+            // Needs more bytes.
+            match ready!(self.poll_fill(cx)) {
+                Ok(0) if self.framing == Framing::UntilClose => {
+                    self.framing = Framing::Done;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    self.reusable = false;
+                    return Poll::Ready(Some(Err(Error::BodyCut)));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.reusable = false;
+                    return Poll::Ready(Some(Err(Error::Io(e))));
+                }
+            }
+        }
+    }
+
+    /// The trailer section after a chunked body's last chunk, once it is whole.
+    fn parse_trailers(&mut self) -> Result<Option<HeaderMap>, Error> {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
+        match httparse::parse_headers(&self.rbuf, &mut fields) {
+            Ok(httparse::Status::Complete((len, fields))) => {
+                let mut trailers = HeaderMap::with_capacity(fields.len());
+                for f in fields {
+                    let name = HeaderName::from_bytes(f.name.as_bytes());
+                    let value = HeaderValue::from_bytes(f.value);
+                    if let (Ok(name), Ok(value)) = (name, value) {
+                        trailers.append(name, value);
+                    }
+                }
+                self.rbuf.advance(len);
+                Ok(Some(trailers))
+            }
+            Ok(httparse::Status::Partial) if self.rbuf.len() < MAX_HEAD => Ok(None),
+            _ => Err(self.invalid("bad trailer section")),
+        }
+    }
+
+    fn invalid(&mut self, what: &'static str) -> Error {
+        self.reusable = false;
+        self.framing = Framing::Done;
+        Error::Invalid(what)
+    }
+}
+
+/// Whether a `Connection` field lists `token`.
+fn has_token(headers: &HeaderMap, token: &str) -> bool {
+    headers.get_all(header::CONNECTION).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+fn parse_length(s: &[u8]) -> Option<u64> {
+    let s = s.trim_ascii();
+    if s.is_empty() || s.len() > 19 || !s.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(s.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0')))
+}
+
+fn put_fields(b: &mut BytesMut, fields: &HeaderMap) {
+    for (name, value) in fields {
+        b.put_slice(name.as_str().as_bytes());
+        b.put_slice(b": ");
+        b.put_slice(value.as_bytes());
+        b.put_slice(b"\r\n");
+    }
+}
+
+fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+fn hex(mut n: usize, buf: &mut [u8; 16]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b"0123456789abcdef"[n & 0xf];
+        n >>= 4;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers() {
+        assert_eq!(itoa(0, &mut [0; 20]), b"0");
+        assert_eq!(itoa(1048576, &mut [0; 20]), b"1048576");
+        assert_eq!(itoa(u64::MAX, &mut [0; 20]), b"18446744073709551615");
+        assert_eq!(hex(0, &mut [0; 16]), b"0");
+        assert_eq!(hex(0x1f40, &mut [0; 16]), b"1f40");
+        assert_eq!(parse_length(b" 42 "), Some(42));
+        assert_eq!(parse_length(b"+1"), None);
+        assert_eq!(parse_length(b""), None);
+        assert_eq!(parse_length(b"99999999999999999999"), None);
+    }
+}

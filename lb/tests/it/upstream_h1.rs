@@ -1,0 +1,290 @@
+//! The lb's own HTTP/1.1 client against a backend that answers byte for byte as scripted:
+//! every way RFC 9112 delimits a response, interim responses, responses the lb must refuse,
+//! request bodies of unknown length, and reuse of the connection only when that is safe.
+
+use std::io::{BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as TokioBufReader};
+use tokio::net::TcpListener;
+
+use crate::balancing::wait_routed;
+use crate::support::{Consul, Http, Lb};
+
+/// What the scripted backend answers for a request path, and whether it closes afterwards.
+fn script(method: &str, path: &str, body: &[u8]) -> (Vec<u8>, bool) {
+    let fixed = |s: &str| (s.as_bytes().to_vec(), false);
+    match path {
+        "/chunked" => fixed(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Kind: chunked\r\n\r\n\
+             5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n",
+        ),
+        "/interim" => fixed(
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n\
+             HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nfinally",
+        ),
+        "/to-close" => (
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the close".to_vec(),
+            true,
+        ),
+        "/http10" => (
+            b"HTTP/1.0 200 OK\r\nContent-Length: 6\r\n\r\nold ok".to_vec(),
+            true,
+        ),
+        "/cut" => (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this".to_vec(),
+            true,
+        ),
+        "/garbage" => (b"SMTP ready\r\n\r\n".to_vec(), true),
+        "/conflict" => (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd".to_vec(),
+            true,
+        ),
+        "/huge-head" => {
+            let mut r = b"HTTP/1.1 200 OK\r\n".to_vec();
+            for i in 0..2000 {
+                r.extend_from_slice(format!("X-Filler-{i}: {}\r\n", "f".repeat(40)).as_bytes());
+            }
+            r.extend_from_slice(b"Content-Length: 0\r\n\r\n");
+            (r, true)
+        }
+        "/echo" => {
+            let mut r =
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+            r.extend_from_slice(body);
+            (r, false)
+        }
+        _ if method == "HEAD" => fixed("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"),
+        "/no-content" => fixed("HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"),
+        _ => fixed("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain"),
+    }
+}
+
+/// A backend that parses just enough of each request (head, Content-Length or chunked body,
+/// kept raw) and answers from `script`. Counts the connections it accepted.
+async fn scripted_backend() -> (u16, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let (r, mut w) = stream.into_split();
+                let mut r = TokioBufReader::new(r);
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut words = line.split_whitespace();
+                    let method = words.next().unwrap_or("").to_string();
+                    let path = words.next().unwrap_or("").to_string();
+                    let (mut length, mut chunked) = (0usize, false);
+                    loop {
+                        let mut h = String::new();
+                        r.read_line(&mut h).await.unwrap();
+                        if h == "\r\n" {
+                            break;
+                        }
+                        let (k, v) = h.split_once(':').unwrap();
+                        if k.eq_ignore_ascii_case("content-length") {
+                            length = v.trim().parse().unwrap();
+                        }
+                        if k.eq_ignore_ascii_case("transfer-encoding") {
+                            chunked = v.trim().eq_ignore_ascii_case("chunked");
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    r.read_exact(&mut body).await.unwrap();
+                    if chunked {
+                        // Kept raw, framing and all: the test checks the lb's chunked coding.
+                        while !body.ends_with(b"0\r\n\r\n") {
+                            let mut l = Vec::new();
+                            r.read_until(b'\n', &mut l).await.unwrap();
+                            body.extend_from_slice(&l);
+                        }
+                    }
+                    let (answer, close) = script(&method, &path, &body);
+                    if w.write_all(&answer).await.is_err() || close {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, accepted)
+}
+
+/// One raw exchange with the lb on a new connection: the whole response as text, read to
+/// the close (the request asks for one).
+fn raw(addr: SocketAddr, request: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let _ = BufReader::new(s).read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_are_read_as_rfc_9112_frames_them() {
+    let consul = Consul::start().await;
+    let (port, accepted) = scripted_backend().await;
+    consul.register("s", "web", port, &["lb.route=/"]).await;
+    let lb = Lb::start(&consul, &[]).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 1).await;
+
+    // Content-Length, keep-alive: every one of these rides the same backend connection.
+    let before = accepted.load(Ordering::SeqCst);
+    for _ in 0..5 {
+        let r = http.get(&lb.url("/plain")).await.unwrap();
+        assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "plain"));
+    }
+    // HEAD: a Content-Length and no body; 204: no body. The connection stays usable.
+    let head = raw(
+        lb.proxy,
+        "HEAD /plain HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.to_lowercase().contains("content-length: 5"), "{head}");
+    assert!(
+        head.ends_with("\r\n\r\n"),
+        "a HEAD response carried a body: {head}"
+    );
+    let r = http.get(&lb.url("/no-content")).await.unwrap();
+    assert_eq!((r.status, r.body.as_str()), (StatusCode::NO_CONTENT, ""));
+    let r = http.get(&lb.url("/plain")).await.unwrap();
+    assert_eq!(r.body, "plain");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst) - before,
+        1,
+        "delimited responses did not reuse the backend connection"
+    );
+
+    // Chunked, with an extension and a trailer; the client gets it chunked, trailer dropped
+    // (it did not ask for trailers).
+    let r = http.get(&lb.url("/chunked")).await.unwrap();
+    assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "hello world"));
+    assert_eq!(r.headers["x-kind"], "chunked");
+    let chunked = raw(
+        lb.proxy,
+        "GET /chunked HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(
+        chunked
+            .to_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "{chunked}"
+    );
+    // Interim responses are skipped.
+    let r = http.get(&lb.url("/interim")).await.unwrap();
+    assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "finally"));
+    // No length: the body runs to the close; an HTTP/1.0 response without keep-alive.
+    let r = http.get(&lb.url("/to-close")).await.unwrap();
+    assert_eq!(r.body, "until the close");
+    let r = http.get(&lb.url("/http10")).await.unwrap();
+    assert_eq!(r.body, "old ok");
+    // Neither of those connections could be reused, and neither was.
+    let before = accepted.load(Ordering::SeqCst);
+    for _ in 0..3 {
+        assert_eq!(
+            http.get(&lb.url("/to-close")).await.unwrap().body,
+            "until the close"
+        );
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst) - before, 3);
+
+    // Nothing of these is counted as a failure of the backend.
+    assert_eq!(
+        lb.metric(&http, "lb_upstream_errors_total", &[("kind", "reset")])
+            .await,
+        Some(0.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_responses_become_502s_and_cut_bodies_cut_the_client_off() {
+    let consul = Consul::start().await;
+    let (port, _) = scripted_backend().await;
+    consul.register("s", "web", port, &["lb.route=/"]).await;
+    // No retry: each bad answer is seen once.
+    let lb = Lb::start(&consul, &[("LB_RETRIES", "0")]).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 1).await;
+
+    for path in ["/garbage", "/conflict", "/huge-head"] {
+        let r = http.get(&lb.url(path)).await.unwrap();
+        assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{path}: {}", r.body);
+        assert_eq!(r.headers["x-switchyard-error"], "upstream_error", "{path}");
+    }
+    assert_eq!(
+        lb.metric(&http, "lb_upstream_errors_total", &[("kind", "reset")])
+            .await,
+        Some(3.0)
+    );
+    // A body shorter than its Content-Length: the head may have gone out already, so the
+    // client's connection is cut (at once, not after a timeout) rather than the response
+    // completed with a lie.
+    let started = std::time::Instant::now();
+    let cut = raw(lb.proxy, "GET /cut HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(started.elapsed() < Duration::from_secs(5), "{cut}");
+    assert!(
+        !cut.contains("\r\n\r\n") || cut.split("\r\n\r\n").nth(1).unwrap().len() < 100,
+        "{cut}"
+    );
+    // The lb lives on and the backend is still used.
+    assert_eq!(http.get(&lb.url("/plain")).await.unwrap().body, "plain");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_of_unknown_length_go_chunked() {
+    let consul = Consul::start().await;
+    let (port, _) = scripted_backend().await;
+    consul.register("s", "web", port, &["lb.route=/"]).await;
+    let lb = Lb::start(&consul, &[]).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 1).await;
+
+    // A chunked upload, sent in two pieces: the backend receives valid chunked coding of
+    // the same bytes.
+    let addr = lb.proxy;
+    let got = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n4\r\nabcd\r\n",
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        s.write_all(b"3\r\nefg\r\n0\r\n\r\n").unwrap();
+        let mut out = String::new();
+        let _ = BufReader::new(s).read_to_string(&mut out);
+        out
+    })
+    .await
+    .unwrap();
+    let body = got.split("\r\n\r\n").nth(1).unwrap_or("");
+    let decoded: String = body
+        .split("\r\n")
+        .collect::<Vec<_>>()
+        .chunks(2)
+        .filter_map(|c| {
+            let size = usize::from_str_radix(c[0], 16).ok()?;
+            Some(c.get(1)?.get(..size)?.to_string())
+        })
+        .collect();
+    assert_eq!(decoded, "abcdefg", "backend saw: {body:?}");
+    // A body of known length goes with Content-Length, whole.
+    let r = http.post(&lb.url("/echo"), b"0123456789").await.unwrap();
+    assert_eq!(r.body, "0123456789");
+}
