@@ -329,10 +329,11 @@ impl Backend {
 
     /// Gives a connection back once the response it carried was read to its end. Whether
     /// the backend closed it meanwhile is seen at its next checkout.
-    pub fn checkin(&self, conn: Box<h1::Conn>) {
+    pub fn checkin(&self, mut conn: Box<h1::Conn>) {
         if !conn.is_reusable() {
             return;
         }
+        conn.shrink();
         // A full pool means the backend has more idle connections than we keep; dropping this
         // one closes it.
         if self.idle_len.fetch_add(1, Ordering::AcqRel) >= self.max_idle {

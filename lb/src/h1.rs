@@ -132,6 +132,18 @@ impl Conn {
         self.reusable && self.framing == Framing::Done && self.rbuf.is_empty()
     }
 
+    /// Lets go of buffers a large body or upload grew, before the connection waits in the
+    /// pool: an idle connection keeps at most a small read buffer.
+    pub fn shrink(&mut self) {
+        if self.rbuf.capacity() > 2 * MIN_READ {
+            self.rbuf = BytesMut::new();
+        }
+        if self.wbuf.capacity() > 2 * MIN_READ {
+            self.wbuf = BytesMut::new();
+        }
+        self.read_size = MIN_READ;
+    }
+
     /// The socket and the bytes the backend sent after its `101` head, for a tunnel.
     pub fn into_tunnel(self) -> (TcpStream, Bytes) {
         (self.io, self.rbuf.freeze())
