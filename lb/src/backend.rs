@@ -22,6 +22,7 @@ use tokio::net::TcpStream;
 
 use crate::body::{Upstream, UpstreamBody};
 use crate::h1;
+use crate::proxy::Forwarded;
 
 /// A connection to a backend, ready for one request.
 pub enum Sender {
@@ -43,21 +44,24 @@ pub enum SendError {
 }
 
 impl Sender {
-    /// Sends a request and waits at most `timeout` for the response head. `parts` stay with
-    /// the caller, for a retry.
+    /// Sends a request with the fields of `fwd` added, and waits at most `timeout` for the
+    /// response head. `parts` stay with the caller, for a retry.
     pub async fn send(
         &mut self,
         parts: &http::request::Parts,
+        fwd: &Forwarded<'_>,
         body: UpstreamBody,
         timeout: Duration,
     ) -> Result<Response<Upstream>, SendError> {
         match self {
             Sender::H1(conn) => Ok(conn
-                .send(parts, body, timeout)
+                .send(parts, fwd, body, timeout)
                 .await?
                 .map(|()| Upstream::H1)),
             Sender::H2(s) => {
-                let req = Request::from_parts(clone_parts(parts), body);
+                let mut parts = clone_parts(parts);
+                fwd.add_to(&mut parts.headers);
+                let req = Request::from_parts(parts, body);
                 match tokio::time::timeout(timeout, s.try_send_request(req)).await {
                     Err(_) => Err(SendError::TimedOut),
                     Ok(Ok(resp)) => Ok(resp.map(Upstream::H2)),

@@ -25,7 +25,7 @@ use crate::routing::{Route, Tried};
 use crate::Shared;
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
@@ -205,7 +205,7 @@ pub async fn handle(
     if upgrade.is_some() {
         peer.exchanges.pin();
     }
-    prepare_upstream_headers(&mut parts.headers, &peer, &request_id);
+    strip_request_hop_by_hop(&mut parts.headers);
     let upgrade = upgrade.and_then(|protocol| {
         let on_client = parts.extensions.remove::<OnUpgrade>()?;
         parts
@@ -221,7 +221,7 @@ pub async fn handle(
     to_http1_form(&mut parts);
     shared.retry_budget.deposit();
 
-    forward(&shared, &route, parts, body, request_id, upgrade).await
+    forward(&shared, &route, &peer, parts, body, request_id, upgrade).await
 }
 
 /// A client's request to switch protocols (WebSocket and the like), carried to the backend.
@@ -292,6 +292,7 @@ fn to_http2_form(parts: &mut http::request::Parts) {
 async fn forward(
     shared: &Arc<Shared>,
     route: &Arc<Route>,
+    peer: &Peer,
     mut parts: http::request::Parts,
     body: Incoming,
     request_id: HeaderValue,
@@ -362,8 +363,13 @@ async fn forward(
             shared.metrics.in_flight.dec();
         };
         let b = body.take().expect("body is restored before every retry");
+        let fwd = Forwarded {
+            client_ip: &peer.ip,
+            tls: peer.tls,
+            request_id: &request_id,
+        };
         // The parts stay here: a retry sends them again.
-        let sent = sender.send(&parts, b, cfg.response_timeout).await;
+        let sent = sender.send(&parts, &fwd, b, cfg.response_timeout).await;
         let resp = match sent {
             Ok(resp) => resp,
             Err(SendError::NotSent(b)) => {
@@ -606,51 +612,71 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// The fields the lb adds to every request it forwards.
-const ADDED_UPSTREAM_HEADERS: usize = 4;
+/// Removes the hop-by-hop fields of a request, all but `TE: trailers`, the one `TE` a proxy
+/// passes on (gRPC needs it end to end).
+fn strip_request_hop_by_hop(headers: &mut HeaderMap) {
+    if !has_hop_by_hop(headers) {
+        return;
+    }
+    let trailers = headers.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    });
+    strip_hop_by_hop(headers);
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
 
-fn prepare_upstream_headers(headers: &mut HeaderMap, peer: &Peer, request_id: &HeaderValue) {
-    if has_hop_by_hop(headers) {
-        // `TE: trailers` is the one TE a proxy passes on: gRPC needs it end to end.
-        let trailers = headers.get_all(header::TE).iter().any(|v| {
-            v.to_str().is_ok_and(|s| {
-                s.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-            })
-        });
-        strip_hop_by_hop(headers);
-        if trailers {
-            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+/// The fields the lb adds to every request it forwards: `X-Forwarded-For` (appended to),
+/// `X-Forwarded-Proto`, `X-Forwarded-Host` (from `Host`) and `X-Request-Id` (replacing what
+/// the client sent). The sender writes them: an HTTP/1.1 head gets them as it is encoded
+/// (`h1::Conn`), with no insert into the request's header map; an HTTP/2 request gets them
+/// through `add_to`.
+pub struct Forwarded<'a> {
+    /// The client's address, rendered once per connection.
+    pub client_ip: &'a HeaderValue,
+    pub tls: bool,
+    pub request_id: &'a HeaderValue,
+}
+
+impl Forwarded<'_> {
+    pub fn proto(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
         }
     }
-    // hyper sizes the map for the fields it parsed: grow it once, not field by field.
-    headers.reserve(ADDED_UPSTREAM_HEADERS);
-    match headers.entry(X_FORWARDED_FOR) {
-        header::Entry::Vacant(e) => {
-            e.insert(peer.ip.clone());
-        }
-        header::Entry::Occupied(mut e) => {
-            let v = match e.get().to_str() {
-                Ok(prev) => {
-                    let ip = peer.ip.to_str().expect("built from an IP address");
-                    HeaderValue::from_str(&format!("{prev}, {ip}")).ok()
-                }
-                // Not visible ASCII: replaced rather than extended.
-                Err(_) => Some(peer.ip.clone()),
-            };
-            if let Some(v) = v {
-                e.insert(v);
-            }
-        }
+
+    /// Whether the lb sets this field itself, replacing the client's.
+    pub fn replaces(name: &HeaderName) -> bool {
+        *name == X_FORWARDED_PROTO || *name == X_FORWARDED_HOST || *name == X_REQUEST_ID
     }
-    headers.insert(
-        X_FORWARDED_PROTO,
-        HeaderValue::from_static(if peer.tls { "https" } else { "http" }),
-    );
-    if let Some(host) = headers.get(header::HOST).cloned() {
-        headers.insert(X_FORWARDED_HOST, host);
+
+    pub fn add_to(&self, headers: &mut HeaderMap) {
+        let prev: Vec<&str> = headers
+            .get_all(X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        let xff = if prev.is_empty() {
+            self.client_ip.clone()
+        } else {
+            let ip = self.client_ip.to_str().expect("built from an IP address");
+            HeaderValue::from_str(&format!("{}, {ip}", prev.join(", ")))
+                .unwrap_or_else(|_| self.client_ip.clone())
+        };
+        headers.insert(X_FORWARDED_FOR, xff);
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(self.proto()));
+        match headers.get(header::HOST).cloned() {
+            Some(host) => headers.insert(X_FORWARDED_HOST, host),
+            None => headers.remove(X_FORWARDED_HOST),
+        };
+        headers.insert(X_REQUEST_ID, self.request_id.clone());
     }
-    headers.insert(X_REQUEST_ID, request_id.clone());
 }
 
 /// A 308 to the same host and target over HTTPS; 308 keeps the method and body.
@@ -781,13 +807,22 @@ mod tests {
         headers.insert(header::TE, HeaderValue::from_static("gzip"));
         headers.insert(header::HOST, HeaderValue::from_static("a.example"));
         headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("10.1.1.1"));
+        headers.append(X_FORWARDED_FOR, HeaderValue::from_static("10.2.2.2"));
+        headers.insert(X_REQUEST_ID, HeaderValue::from_static("from-client"));
         headers.insert("x-kept", HeaderValue::from_static("yes"));
+        strip_request_hop_by_hop(&mut headers);
+        let peer = test_peer(false);
         let id = HeaderValue::from_static("abc");
-        prepare_upstream_headers(&mut headers, &test_peer(false), &id);
+        let fwd = Forwarded {
+            client_ip: &peer.ip,
+            tls: peer.tls,
+            request_id: &id,
+        };
+        fwd.add_to(&mut headers);
         for gone in ["connection", "x-secret", "keep-alive", "te"] {
             assert!(!headers.contains_key(gone), "{gone} kept");
         }
-        assert_eq!(headers["x-forwarded-for"], "10.1.1.1, 127.0.0.2");
+        assert_eq!(headers["x-forwarded-for"], "10.1.1.1, 10.2.2.2, 127.0.0.2");
         assert_eq!(headers["x-forwarded-proto"], "http");
         assert_eq!(headers["x-forwarded-host"], "a.example");
         assert_eq!(headers["x-request-id"], "abc");
@@ -795,9 +830,12 @@ mod tests {
 
         let mut grpc = HeaderMap::new();
         grpc.insert(header::TE, HeaderValue::from_static("gzip, trailers"));
-        prepare_upstream_headers(&mut grpc, &test_peer(true), &id);
+        strip_request_hop_by_hop(&mut grpc);
         assert_eq!(grpc["te"], "trailers", "gRPC's TE: trailers passes");
+        let fwd = Forwarded { tls: true, ..fwd };
+        fwd.add_to(&mut grpc);
         assert_eq!(grpc["x-forwarded-proto"], "https");
+        assert!(!grpc.contains_key("x-forwarded-host"));
     }
 
     #[test]

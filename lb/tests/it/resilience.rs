@@ -215,13 +215,20 @@ async fn forwarding_headers_and_hop_by_hop() {
         .header("connection", "x-hop")
         .header("x-hop", "secret")
         .header("x-forwarded-for", "203.0.113.9")
+        .header("x-forwarded-for", "198.51.100.7")
+        .header("x-forwarded-proto", "forged")
+        .header("x-forwarded-host", "forged")
         .body(Default::default())
         .unwrap();
     let r = http.send(req).await.unwrap();
     let seen = r.body.to_lowercase();
     assert!(
-        seen.contains("x-forwarded-for: 203.0.113.9, 127.0.0.1"),
+        seen.contains("x-forwarded-for: 203.0.113.9, 198.51.100.7, 127.0.0.1"),
         "{seen}"
+    );
+    assert!(
+        !seen.contains("forged"),
+        "a client's forwarding field passed: {seen}"
     );
     assert!(seen.contains("x-forwarded-proto: http"), "{seen}");
     assert!(
