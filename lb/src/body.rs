@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use crate::backend::{Backend, Sender};
 use crate::routing::Route;
+use crate::Shared;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -88,7 +89,16 @@ impl Body for ProxyBody {
         match self.get_mut() {
             ProxyBody::Upstream { inner, guard } => match (inner, &mut guard.sender) {
                 // Read from the backend's connection in this task, as the client takes it.
-                (Upstream::H1, Some(Sender::H1(conn))) => conn.poll_frame(cx).map_err(|e| e.into()),
+                (Upstream::H1, Some(Sender::H1(conn))) => match conn.poll_frame(cx) {
+                    // The head has gone to the client: all that is left is to cut it off.
+                    Poll::Ready(Some(Err(e))) => {
+                        let m = &guard.shared.metrics;
+                        m.upstream_errors.with_label_values(&["body"]).inc();
+                        tracing::debug!(backend = %guard.backend.addr, error = %e, "upstream response body failed");
+                        Poll::Ready(Some(Err(e.into())))
+                    }
+                    polled => polled.map_err(|e| e.into()),
+                },
                 (Upstream::H2(body), _) => Pin::new(body).poll_frame(cx).map_err(|e| e.into()),
                 _ => Poll::Ready(None),
             },
@@ -128,13 +138,13 @@ pub struct ResponseGuard {
     pub route: Arc<Route>,
     pub start: Instant,
     pub sender: Option<Sender>,
-    pub in_flight: prometheus::IntGauge,
+    pub shared: Arc<Shared>,
 }
 
 impl Drop for ResponseGuard {
     fn drop(&mut self) {
         self.backend.end_request();
-        self.in_flight.dec();
+        self.shared.metrics.in_flight.dec();
         self.route
             .latency
             .observe(self.start.elapsed().as_secs_f64());

@@ -46,12 +46,14 @@ pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 /// Label values known in advance. Their series start at zero, so a rate over them reads 0
 /// instead of "no data" before the first event (Prometheus' instrumentation advice).
 pub const RETRY_REASONS: [&str; 3] = ["connect", "reset", "timeout"];
-pub const UPSTREAM_ERROR_KINDS: [&str; 5] = [
+pub const UPSTREAM_ERROR_KINDS: [&str; 6] = [
     "connect",
     "connect_timeout",
     "stale_connection",
     "reset",
     "response_timeout",
+    // A response body that broke off or broke its framing after the head was passed on.
+    "body",
 ];
 pub const WATCH_NAMES: [&str; 2] = ["catalog", "health"];
 /// Not a Consul error kind: an answer the watch refused to believe (see discovery).

@@ -452,7 +452,7 @@ async fn forward(
             route: route.clone(),
             start,
             sender,
-            in_flight: shared.metrics.in_flight.clone(),
+            shared: shared.clone(),
         };
         return Response::from_parts(
             rparts,

@@ -242,6 +242,11 @@ async fn bad_responses_become_502s_and_cut_bodies_cut_the_client_off() {
         !cut.contains("\r\n\r\n") || cut.split("\r\n\r\n").nth(1).unwrap().len() < 100,
         "{cut}"
     );
+    assert_eq!(
+        lb.metric(&http, "lb_upstream_errors_total", &[("kind", "body")])
+            .await,
+        Some(1.0)
+    );
     // The lb lives on and the backend is still used.
     assert_eq!(http.get(&lb.url("/plain")).await.unwrap().body, "plain");
 }
