@@ -39,6 +39,9 @@ pub enum SendError {
     NotSent(UpstreamBody),
     /// The request, or part of it, may have reached the backend.
     Failed(Box<dyn std::error::Error + Send + Sync>),
+    /// The client's request body broke off while it was being sent: the client's fault,
+    /// not the backend's.
+    ClientBody(hyper::Error),
     /// No response head within the response timeout.
     TimedOut,
 }

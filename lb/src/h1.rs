@@ -179,6 +179,7 @@ impl Conn {
                     (false, Error::Io(_)) => {
                         SendError::NotSent(body.take().unwrap_or(UpstreamBody::Empty))
                     }
+                    (_, Error::RequestBody(e)) => SendError::ClientBody(e),
                     (_, e) => SendError::Failed(e.into()),
                 }));
             }

@@ -405,6 +405,14 @@ async fn forward(
                 }
                 break;
             }
+            Err(SendError::ClientBody(e)) => {
+                // The client stopped sending its body; hyper counts its connection's error.
+                // Nothing to retry and no backend to blame.
+                end(shared);
+                last = LocalReason::BadRequest;
+                tracing::debug!(backend = %backend.addr, error = %e, "client request body broke off");
+                break;
+            }
             Err(SendError::TimedOut) => {
                 end(shared);
                 last = LocalReason::UpstreamTimeout;
@@ -467,6 +475,7 @@ async fn forward(
         LocalReason::UpstreamConnect => "no backend accepted the connection",
         LocalReason::UpstreamTimeout => "the backend did not answer in time",
         LocalReason::UpstreamError => "the backend closed the connection without a response",
+        LocalReason::BadRequest => "the request body broke off or was malformed",
         _ => "no backend available",
     };
     local(shared, last, &route.name, msg, request_id)

@@ -292,4 +292,34 @@ async fn request_bodies_of_unknown_length_go_chunked() {
     // A body of known length goes with Content-Length, whole.
     let r = http.post(&lb.url("/echo"), b"0123456789").await.unwrap();
     assert_eq!(r.body, "0123456789");
+
+    // An upload that stops short of its length is the client's failure, not the backend's:
+    // answered (if the client still listens) as a bad request, never counted as a reset.
+    let cut = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly ten b")
+            .unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut out = String::new();
+        let _ = BufReader::new(s).read_to_string(&mut out);
+        out
+    })
+    .await
+    .unwrap();
+    assert!(!cut.contains("502"), "{cut}");
+    assert_eq!(
+        lb.metric(&http, "lb_upstream_errors_total", &[("kind", "reset")])
+            .await,
+        Some(0.0)
+    );
+    assert_eq!(
+        lb.metric(
+            &http,
+            "lb_local_responses_total",
+            &[("reason", "bad_request")]
+        )
+        .await,
+        Some(1.0)
+    );
 }
