@@ -14,7 +14,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::backend::now_ms;
+use crate::time::now_ms;
 use crate::Shared;
 
 pub async fn serve_admin(

@@ -229,7 +229,7 @@ pub struct Config {
     /// None: one per CPU in the process's affinity mask (tokio's default).
     pub workers: Option<usize>,
     pub tls_listen: Option<SocketAddr>,
-    pub tls_certs: Vec<crate::tls::CertSource>,
+    pub tls_certs: Vec<crate::server::tls::CertSource>,
     /// Zero: reload only on SIGHUP.
     pub tls_reload_interval: Duration,
     pub tls_handshake_timeout: Duration,
@@ -369,7 +369,7 @@ impl Config {
             ),
             tls_certs: p.get(
                 "LB_TLS_CERTS",
-                crate::tls::CertSource::parse_list,
+                crate::server::tls::CertSource::parse_list,
                 "CERT.pem[:KEY.pem] entries separated by commas",
             ),
             tls_reload_interval: p.get(

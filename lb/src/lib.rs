@@ -15,69 +15,27 @@
 //! Data flows one way: Consul -> `discovery` -> `ArcSwap<RoutingTable>` -> `proxy`.
 
 pub mod admin;
-pub mod backend;
-pub mod body;
 pub mod config;
 pub mod discovery;
-pub mod h1;
 pub mod metrics;
-pub mod parking;
 pub mod proxy;
 pub mod routing;
 pub mod server;
-pub mod timer;
-pub mod tls;
+pub mod state;
+pub mod time;
+pub mod upstream;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use arc_swap::ArcSwapOption;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::backend::BackendSettings;
 use crate::config::Config;
-use crate::discovery::DiscoveryState;
-use crate::metrics::Metrics;
-use crate::proxy::RetryBudget;
-use crate::routing::RoutingTable;
-
-/// State shared by the request path, discovery and admin.
-pub struct Shared {
-    pub config: Config,
-    /// `None` until discovery publishes the first table.
-    pub table: ArcSwapOption<RoutingTable>,
-    pub metrics: Metrics,
-    pub backend_settings: BackendSettings,
-    pub retry_budget: RetryBudget,
-    pub discovery: DiscoveryState,
-    pub table_loaded: AtomicBool,
-    pub draining: AtomicBool,
-}
-
-impl Shared {
-    pub fn new(config: Config) -> Shared {
-        Shared {
-            backend_settings: BackendSettings {
-                connect_timeout: config.connect_timeout,
-                idle_timeout: config.upstream_idle_timeout,
-                max_idle: config.upstream_max_idle,
-                eject_failures: config.eject_failures,
-                eject_base: config.eject_base,
-                eject_max: config.eject_max,
-            },
-            retry_budget: RetryBudget::new(config.retry_budget),
-            table: ArcSwapOption::empty(),
-            metrics: Metrics::new(),
-            discovery: DiscoveryState::default(),
-            table_loaded: AtomicBool::new(false),
-            draining: AtomicBool::new(false),
-            config,
-        }
-    }
-}
+use crate::server::tls;
+pub use crate::state::Shared;
 
 /// Runs the lb until `shutdown` resolves, then drains: readiness turns false at once, the proxy
 /// keeps accepting for `drain_delay` (so load balancers in front notice), stops accepting, and

@@ -228,7 +228,7 @@ impl Metrics {
                 m.tls_handshakes.with_label_values(&[version, alpn]);
             }
         }
-        for reason in crate::tls::HANDSHAKE_FAILURE_REASONS {
+        for reason in crate::server::tls::HANDSHAKE_FAILURE_REASONS {
             m.tls_handshake_failures.with_label_values(&[reason]);
         }
         for result in CERT_RELOAD_RESULTS {

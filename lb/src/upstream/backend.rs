@@ -9,93 +9,17 @@
 //! again when it closes.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use crossbeam_queue::SegQueue;
-use http::{Request, Response};
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use switchyard_consul::tags::UpstreamProto;
 use tokio::net::TcpStream;
 
-use crate::body::{Upstream, UpstreamBody};
-use crate::h1;
-use crate::proxy::Forwarded;
-
-/// A connection to a backend, ready for one request.
-pub enum Sender {
-    /// A pooled HTTP/1.1 connection, driven by the task of the request it serves.
-    H1(Box<h1::Conn>),
-    /// A handle on the backend's shared HTTP/2 connection.
-    H2(http2::SendRequest<UpstreamBody>),
-}
-
-/// How a send ended without a response.
-#[derive(Debug)]
-pub enum SendError {
-    /// Nothing reached the backend; the body comes back for another attempt.
-    NotSent(UpstreamBody),
-    /// The request, or part of it, may have reached the backend.
-    Failed(Box<dyn std::error::Error + Send + Sync>),
-    /// The client's request body broke off while it was being sent: the client's fault,
-    /// not the backend's.
-    ClientBody(hyper::Error),
-    /// No response head within the response timeout.
-    TimedOut,
-}
-
-impl Sender {
-    /// Sends a request with the fields of `fwd` added, and waits at most `timeout` for the
-    /// response head. `parts` stay with the caller, for a retry.
-    pub async fn send(
-        &mut self,
-        parts: &http::request::Parts,
-        fwd: &Forwarded<'_>,
-        body: UpstreamBody,
-        timeout: Duration,
-    ) -> Result<Response<Upstream>, SendError> {
-        match self {
-            Sender::H1(conn) => Ok(conn
-                .send(parts, fwd, body, timeout)
-                .await?
-                .map(|()| Upstream::H1)),
-            Sender::H2(s) => {
-                let mut parts = clone_parts(parts);
-                fwd.add_to(&mut parts.headers);
-                let req = Request::from_parts(parts, body);
-                match tokio::time::timeout(timeout, s.try_send_request(req)).await {
-                    Err(_) => Err(SendError::TimedOut),
-                    Ok(Ok(resp)) => Ok(resp.map(Upstream::H2)),
-                    Ok(Err(mut e)) => Err(match e.take_message() {
-                        Some(req) => SendError::NotSent(req.into_body()),
-                        None => SendError::Failed(e.into_error().into()),
-                    }),
-                }
-            }
-        }
-    }
-
-    pub fn is_h2(&self) -> bool {
-        matches!(self, Sender::H2(_))
-    }
-}
-
-fn clone_parts(p: &http::request::Parts) -> http::request::Parts {
-    let (mut parts, ()) = Request::new(()).into_parts();
-    parts.method = p.method.clone();
-    parts.uri = p.uri.clone();
-    parts.version = p.version;
-    parts.headers = p.headers.clone();
-    parts
-}
-
-/// Milliseconds on a process-wide monotonic clock; cheap enough for the request path.
-pub fn now_ms() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
-}
+use super::{h1, Sender, UpstreamBody};
+use crate::time::now_ms;
 
 /// Why a connection could not be had.
 #[derive(Debug, thiserror::Error)]

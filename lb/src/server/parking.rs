@@ -18,7 +18,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -30,38 +30,16 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::timer::LazyTimer;
+use crate::time::LazyTimer;
 
-use crate::body::{BoxError, ProxyBody};
 use crate::proxy::Peer;
+use crate::proxy::ProxyBody;
+use crate::upstream::BoxError;
 
 /// How long a connection stays idle before it parks. Under load a client's next request
 /// follows within milliseconds, and parking then would only trade buffers back and forth
 /// (measured: 7% more CPU per request at 256 connections when parking at once).
 pub const PARK_AFTER: Duration = Duration::from_millis(50);
-
-/// What a connection's requests tell its `ParkingIo`.
-#[derive(Debug, Default)]
-pub struct Exchanges {
-    /// Requests whose response has not been written to the end yet.
-    open: AtomicU32,
-    /// Exchanges finished so far (wrapping).
-    done: AtomicU32,
-    /// The connection may be handed over to another protocol: never park it.
-    pinned: AtomicBool,
-}
-
-impl Exchanges {
-    /// Called for an upgrade request: the socket may become a tunnel, whose reads must never
-    /// see a made-up end of input.
-    pub fn pin(&self) {
-        self.pinned.store(true, Ordering::Relaxed);
-    }
-
-    fn done(&self) -> u32 {
-        self.done.load(Ordering::Acquire)
-    }
-}
 
 /// One request from the moment hyper hands it to the service until hyper has written its
 /// response to the end (and dropped the body), or dropped the request's future.

@@ -27,10 +27,9 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
-use crate::backend::SendError;
-use crate::body::UpstreamBody;
+use super::{SendError, UpstreamBody};
 use crate::proxy::{Forwarded, X_FORWARDED_FOR};
-use crate::timer::LazyTimer;
+use crate::time::LazyTimer;
 
 /// Most bytes of a response head (status line, fields) or a trailer section; past it the
 /// response is refused as a 502 rather than buffered without bound.

@@ -1,13 +1,19 @@
-//! A timer for deadlines that move on far more often than they pass: the time left for the
-//! next request head on a busy keep-alive connection, or for the next response on a pooled
-//! upstream connection.
+//! Clocks and timers for every layer: a cheap monotonic millisecond clock for the request
+//! path, wall-clock time for what is shown to people, and a timer for deadlines that move on
+//! far more often than they pass. Knows nothing of what the times are for.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::OnceLock;
 use std::task::{Context, Poll};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::time::{Instant, Sleep};
 
+/// A timer for deadlines that move on far more often than they pass: the time left for the
+/// next request head on a busy keep-alive connection, or for the next response on a pooled
+/// upstream connection.
+///
 /// Made on first use and kept for its owner's life. Moving a tokio timer to each new
 /// deadline costs two timer-wheel updates; this one is moved only when it would fire late,
 /// or when it fires early (set for a deadline that has since moved on). When deadlines move
@@ -32,4 +38,22 @@ impl LazyTimer {
         }
         Poll::Pending
     }
+}
+
+/// Milliseconds on a process-wide monotonic clock; cheap enough for the request path.
+pub fn now_ms() -> u64 {
+    static START: OnceLock<std::time::Instant> = OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+        + 1
+}
+
+/// Milliseconds since the Unix epoch, by the wall clock; 0 if the clock is before it.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

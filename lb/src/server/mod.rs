@@ -5,7 +5,10 @@
 //!
 //! Every connection task and tunnel holds a clone of one `mpsc::Sender`; the drain is over when
 //! the receiver sees all of them dropped. Plain HTTP/1.1 connections are parked between
-//! requests ([`crate::parking`]); a drain closes a parked connection at once.
+//! requests ([`parking`]); a drain closes a parked connection at once.
+
+pub mod parking;
+pub mod tls;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -20,9 +23,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
-use crate::parking::{Exchange, ParkingIo, Tracked};
+use self::tls::{Tls, ALPN_H2};
 use crate::proxy::{Drain, Peer};
-use crate::tls::{Tls, ALPN_H2};
+use crate::server::parking::{Exchange, ParkingIo, Tracked};
 use crate::Shared;
 
 /// Most bytes hyper buffers per client connection, each way. hyper's default (about 400 KiB)
@@ -147,7 +150,7 @@ impl Listener {
         self.serve_parking(stream, addr).await;
     }
 
-    /// Plain HTTP/1.1, parked between requests (see [`crate::parking`]): the task waits for
+    /// Plain HTTP/1.1, parked between requests (see [`parking`]): the task waits for
     /// each next request holding only the socket, and runs hyper for as long as requests
     /// follow each other.
     async fn serve_parking(&self, mut stream: TcpStream, addr: SocketAddr) {
@@ -218,7 +221,7 @@ impl Listener {
                     served_before = true;
                 }
                 Some(parts) if parts.io.timed_out() => {
-                    self.count_error("header_timeout", addr, crate::parking::HEAD_TIMEOUT);
+                    self.count_error("header_timeout", addr, crate::server::parking::HEAD_TIMEOUT);
                     return;
                 }
                 _ => {

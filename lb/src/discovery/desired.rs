@@ -1,0 +1,242 @@
+//! The desired routing table, kept up to date from each routed service's instances: a change
+//! to one service re-parses that service only and recomputes only the routes it uses.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use switchyard_consul::tags::{parse_tags, RouteKey, TagError};
+use switchyard_consul::ServiceEntry;
+
+use crate::routing::{BackendSpec, TableSpec};
+
+/// Each routed service's share of the table, parsed once when that service changes, and the
+/// table spec kept up to date route by route: a change to one instance re-parses one service
+/// and recomputes only the routes that service uses. Routes are recomputed once per
+/// `take_changed`, however many of their services changed since (a first sync of many
+/// services sharing one route must not rebuild it once per service).
+#[derive(Default)]
+pub struct SpecParts {
+    parts: HashMap<String, Vec<(RouteKey, Option<BackendSpec>)>>,
+    /// The services that route to each route.
+    users: HashMap<RouteKey, BTreeSet<String>>,
+    spec: TableSpec,
+    /// Routes whose services changed since the last `take_changed`.
+    dirty: BTreeSet<RouteKey>,
+}
+
+/// The routes that changed, with their backends before (`None`: the route is new).
+pub type Changes = BTreeMap<RouteKey, Option<Vec<BackendSpec>>>;
+
+impl SpecParts {
+    /// Replaces a service's share from its instances. Routes exist for every routed instance;
+    /// only passing ones become backends, so a route whose instances all fail answers 503.
+    /// `on_tag_error(service, instance, error)` hears of every malformed tag.
+    pub fn set(
+        &mut self,
+        service: &str,
+        entries: &[ServiceEntry],
+        prefix: &str,
+        mut on_tag_error: impl FnMut(&str, &str, &TagError),
+    ) {
+        let name: Arc<str> = service.into();
+        let mut part = Vec::new();
+        for e in entries {
+            let (routing, errors) = parse_tags(prefix, e.service.tags.iter().map(String::as_str));
+            for err in &errors {
+                on_tag_error(service, &e.service.id, err);
+            }
+            if !routing.enabled {
+                continue;
+            }
+            let passing = e.checks.iter().all(|c| c.status == "passing");
+            let backend =
+                (passing && routing.weight > 0 && e.service.port != 0).then(|| BackendSpec {
+                    addr: backend_addr(e).into(),
+                    weight: routing.weight,
+                    service: name.clone(),
+                    instance_id: e.service.id.as_str().into(),
+                    proto: routing.proto,
+                    redirect_https: routing.redirect_https,
+                });
+            for key in routing.routes {
+                part.push((key, backend.clone()));
+            }
+        }
+        self.replace(service, Some(part));
+    }
+
+    /// Drops the services `keep` refuses.
+    pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        let gone: Vec<String> = self.parts.keys().filter(|n| !keep(n)).cloned().collect();
+        for name in gone {
+            self.replace(&name, None);
+        }
+    }
+
+    fn replace(&mut self, service: &str, part: Option<Vec<(RouteKey, Option<BackendSpec>)>>) {
+        let old = match part {
+            Some(p) => self.parts.insert(service.to_string(), p),
+            None => self.parts.remove(service),
+        };
+        let new = self.parts.get(service);
+        if old.as_ref() == new {
+            return;
+        }
+        let mut affected: BTreeSet<RouteKey> = BTreeSet::new();
+        affected.extend(old.iter().flatten().map(|(k, _)| k.clone()));
+        affected.extend(new.into_iter().flatten().map(|(k, _)| k.clone()));
+        for key in &affected {
+            let uses = new.is_some_and(|p| p.iter().any(|(k, _)| k == key));
+            if uses {
+                self.users
+                    .entry(key.clone())
+                    .or_default()
+                    .insert(service.to_string());
+            } else if let Some(users) = self.users.get_mut(key) {
+                users.remove(service);
+                if users.is_empty() {
+                    self.users.remove(key);
+                }
+            }
+        }
+        self.dirty.extend(affected);
+    }
+
+    /// The route's backends from its services' shares; `Some(before)` when they changed.
+    fn recompute(&mut self, key: RouteKey) -> Option<(RouteKey, Option<Vec<BackendSpec>>)> {
+        let value = self.users.get(&key).map(|users| {
+            let mut backends: Vec<BackendSpec> = users
+                .iter()
+                .flat_map(|s| self.parts[s].iter())
+                .filter(|(k, _)| *k == key)
+                .filter_map(|(_, b)| b.clone())
+                .collect();
+            backends.sort_unstable();
+            // Two instances on one address are one backend to us.
+            backends.dedup_by(|a, b| a.addr == b.addr);
+            backends
+        });
+        if self.spec.get(&key) == value.as_ref() {
+            return None;
+        }
+        let before = match value {
+            Some(v) => self.spec.insert(key.clone(), v),
+            None => self.spec.remove(&key),
+        };
+        Some((key, before))
+    }
+
+    /// The whole desired table, as of the last `take_changed`.
+    pub fn spec(&self) -> &TableSpec {
+        &self.spec
+    }
+
+    /// Brings the spec up to date and returns the routes that differ from the last call's
+    /// (a route changed and changed back is no change).
+    pub fn take_changed(&mut self) -> Changes {
+        std::mem::take(&mut self.dirty)
+            .into_iter()
+            .filter_map(|key| self.recompute(key))
+            .collect()
+    }
+}
+
+/// The desired table from every routed service's instances, parsed from scratch.
+pub fn table_spec(
+    services: &HashMap<String, Vec<ServiceEntry>>,
+    prefix: &str,
+    mut on_tag_error: impl FnMut(&str, &str, &TagError),
+) -> TableSpec {
+    let mut parts = SpecParts::default();
+    for (service, entries) in services {
+        parts.set(service, entries, prefix, &mut on_tag_error);
+    }
+    parts.take_changed();
+    parts.spec
+}
+
+fn backend_addr(e: &ServiceEntry) -> String {
+    let host = e.address();
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{}", e.service.port)
+    } else {
+        format!("{host}:{}", e.service.port)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(service: &str, id: &str, port: u16, route: &str, status: &str) -> ServiceEntry {
+        serde_json::from_value(serde_json::json!({
+            "Node": {"Node": "n1", "Address": "10.0.0.1"},
+            "Service": {"ID": id, "Service": service, "Tags": [format!("lb.route={route}")], "Port": port},
+            "Checks": [{"CheckID": format!("{id}:check"), "Status": status}]
+        }))
+        .unwrap()
+    }
+
+    fn addrs(parts: &SpecParts, route: &str) -> Option<Vec<String>> {
+        let key = switchyard_consul::tags::parse_route(route).unwrap();
+        parts
+            .spec()
+            .get(&key)
+            .map(|v| v.iter().map(|b| b.addr.to_string()).collect())
+    }
+
+    #[test]
+    fn spec_parts_recompute_only_what_changed_and_merge_shared_routes() {
+        let mut p = SpecParts::default();
+        let none = |_: &str, _: &str, _: &TagError| {};
+        p.set("a", &[entry("a", "a1", 1, "/", "passing")], "lb", none);
+        p.set("b", &[entry("b", "b1", 2, "/", "passing")], "lb", none);
+        p.set(
+            "c",
+            &[entry("c", "c1", 3, "c.example/", "passing")],
+            "lb",
+            none,
+        );
+        assert_eq!(p.take_changed().len(), 2, "two routes appeared");
+        assert_eq!(
+            addrs(&p, "/"),
+            Some(vec!["10.0.0.1:1".into(), "10.0.0.1:2".into()])
+        );
+
+        // One instance turns critical: only its route changes, and keeps the other service.
+        p.set("b", &[entry("b", "b1", 2, "/", "critical")], "lb", none);
+        let changed = p.take_changed();
+        assert_eq!(changed.len(), 1);
+        assert_eq!(addrs(&p, "/"), Some(vec!["10.0.0.1:1".into()]));
+
+        // A change undone before the next build is no change.
+        p.set(
+            "c",
+            &[entry("c", "c1", 3, "c.example/", "critical")],
+            "lb",
+            none,
+        );
+        p.set(
+            "c",
+            &[entry("c", "c1", 3, "c.example/", "passing")],
+            "lb",
+            none,
+        );
+        assert!(p.take_changed().is_empty());
+
+        // A service that goes away takes its routes with it, and only those.
+        p.retain(|name| name != "c");
+        let changed = p.take_changed();
+        assert_eq!(changed.len(), 1);
+        assert_eq!(addrs(&p, "c.example/"), None);
+        assert_eq!(addrs(&p, "/"), Some(vec!["10.0.0.1:1".into()]));
+
+        // The incremental spec equals one parsed from scratch.
+        let all: HashMap<String, Vec<ServiceEntry>> = [
+            ("a".to_string(), vec![entry("a", "a1", 1, "/", "passing")]),
+            ("b".to_string(), vec![entry("b", "b1", 2, "/", "critical")]),
+        ]
+        .into();
+        assert_eq!(&table_spec(&all, "lb", none), p.spec());
+    }
+}

@@ -1,0 +1,105 @@
+//! Header edits a proxy must make between its two sides (RFC 9110 7.6.1): hop-by-hop fields
+//! go, and the request takes the form of the protocol spoken to the backend.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Uri, Version};
+
+pub(super) const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+pub(super) const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Hop-by-hop fields (RFC 9110 7.6.1) besides those a `Connection` header names.
+pub(super) const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// HTTP/1.1 to the backend: origin-form target and a Host header (HTTP/2 clients carry the
+/// host in `:authority` only).
+pub(super) fn to_http1_form(parts: &mut http::request::Parts) {
+    if let Some(authority) = parts.uri.authority() {
+        if !parts.headers.contains_key(header::HOST) {
+            if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        parts.uri = Uri::try_from(pq).unwrap_or_else(|_| Uri::from_static("/"));
+    }
+    parts.version = Version::HTTP_11;
+}
+
+/// HTTP/2 to the backend: the host moves from the Host header into `:authority`, and the
+/// HTTP/1-only upgrade fields go.
+pub(super) fn to_http2_form(parts: &mut http::request::Parts) {
+    if parts.uri.authority().is_none() {
+        let host = parts.headers.remove(header::HOST);
+        let authority = host
+            .as_ref()
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("localhost");
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        if let Ok(uri) = Uri::try_from(format!("http://{authority}{pq}")) {
+            parts.uri = uri;
+        }
+    }
+    parts.headers.remove(header::CONNECTION);
+    parts.headers.remove(header::UPGRADE);
+    parts.version = Version::HTTP_2;
+}
+
+/// Whether any hop-by-hop field is present. Most messages carry none: one pass over the
+/// names costs less than hashing each of them for a removal.
+pub(super) fn has_hop_by_hop(headers: &HeaderMap) -> bool {
+    headers.keys().any(|k| HOP_BY_HOP.contains(k))
+}
+
+pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if !has_hop_by_hop(headers) {
+        return;
+    }
+    if let Some(conn) = headers.get(header::CONNECTION) {
+        if let Ok(s) = conn.to_str() {
+            let named: Vec<HeaderName> = s
+                .split(',')
+                .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+                .collect();
+            for name in named {
+                headers.remove(name);
+            }
+        }
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Removes the hop-by-hop fields of a request, all but `TE: trailers`, the one `TE` a proxy
+/// passes on (gRPC needs it end to end).
+pub(super) fn strip_request_hop_by_hop(headers: &mut HeaderMap) {
+    if !has_hop_by_hop(headers) {
+        return;
+    }
+    let trailers = headers.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    });
+    strip_hop_by_hop(headers);
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}

@@ -1,0 +1,112 @@
+//! Answers the lb gives itself (404, 400, 502, 503, 504, and the HTTPS redirect), each
+//! counted under its reason. Knows nothing of backends.
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Response, StatusCode, Uri};
+
+use super::body::ProxyBody;
+use super::forwarded::X_REQUEST_ID;
+use crate::Shared;
+
+/// Why the lb answered a request itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalReason {
+    NoTable,
+    NoRoute,
+    NoBackend,
+    BadRequest,
+    UpstreamConnect,
+    UpstreamTimeout,
+    UpstreamError,
+}
+
+impl LocalReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LocalReason::NoTable => "no_table",
+            LocalReason::NoRoute => "no_route",
+            LocalReason::NoBackend => "no_backend",
+            LocalReason::BadRequest => "bad_request",
+            LocalReason::UpstreamConnect => "upstream_connect",
+            LocalReason::UpstreamTimeout => "upstream_timeout",
+            LocalReason::UpstreamError => "upstream_error",
+        }
+    }
+
+    fn status(self) -> StatusCode {
+        match self {
+            LocalReason::NoRoute => StatusCode::NOT_FOUND,
+            LocalReason::BadRequest => StatusCode::BAD_REQUEST,
+            LocalReason::NoTable | LocalReason::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
+            LocalReason::UpstreamConnect | LocalReason::UpstreamError => StatusCode::BAD_GATEWAY,
+            LocalReason::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+}
+
+/// A 308 to the same host and target over HTTPS; 308 keeps the method and body.
+pub(super) fn redirect_to_https(
+    shared: &Shared,
+    host: &str,
+    uri: &Uri,
+    request_id: HeaderValue,
+) -> Response<ProxyBody> {
+    let port = shared.config.https_port;
+    let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let location = if port == 443 {
+        format!("https://{host}{pq}")
+    } else {
+        format!("https://{host}:{port}{pq}")
+    };
+    let Ok(value) = HeaderValue::from_str(&location) else {
+        return local(
+            shared,
+            LocalReason::BadRequest,
+            "",
+            "request target cannot be redirected",
+            request_id,
+        );
+    };
+    shared.metrics.https_redirects.inc();
+    let mut resp = Response::new(ProxyBody::local(format!(
+        "switchyard: this site is served over HTTPS: {location}\n"
+    )));
+    *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    let h = resp.headers_mut();
+    h.insert(header::LOCATION, value);
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(X_REQUEST_ID, request_id);
+    resp
+}
+
+pub(super) fn local(
+    shared: &Shared,
+    reason: LocalReason,
+    route: &str,
+    msg: &str,
+    request_id: HeaderValue,
+) -> Response<ProxyBody> {
+    shared
+        .metrics
+        .local_responses
+        .with_label_values(&[route, reason.as_str()])
+        .inc();
+    let body = Bytes::from(format!("switchyard: {msg}\n"));
+    let mut resp = Response::new(ProxyBody::local(body));
+    *resp.status_mut() = reason.status();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(X_REQUEST_ID, request_id);
+    h.insert(
+        HeaderName::from_static("x-switchyard-error"),
+        HeaderValue::from_static(reason.as_str()),
+    );
+    resp
+}

@@ -1,0 +1,207 @@
+//! The request path: find the route in the current table, pick a backend, forward on a pooled
+//! connection, retry when it is safe, and stream the response back.
+//!
+//! It reads the table through one `ArcSwap` load and takes no lock. Errors become responses
+//! (404, 502, 503, 504) counted under a reason; nothing here panics on client input.
+
+mod body;
+mod forward;
+mod forwarded;
+mod headers;
+mod local;
+mod peer;
+mod upgrade;
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+
+pub use body::{ProxyBody, ResponseGuard};
+pub use forwarded::{Forwarded, X_FORWARDED_FOR};
+pub use local::LocalReason;
+pub use peer::{Drain, Exchanges, Peer};
+
+use crate::Shared;
+use forward::forward;
+use forwarded::X_REQUEST_ID;
+use headers::{strip_request_hop_by_hop, to_http1_form};
+use local::{local, redirect_to_https};
+use upgrade::{upgrade_request, Upgrade};
+
+/// Serves one request. Never fails: every error is a response.
+pub async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+    peer: Arc<Peer>,
+) -> Response<ProxyBody> {
+    let request_id = request_id(req.headers());
+    let (mut parts, body) = req.into_parts();
+
+    let Some(host) = request_host(&parts.uri, &parts.headers, parts.version) else {
+        return local(
+            &shared,
+            LocalReason::BadRequest,
+            "",
+            "missing or invalid Host header",
+            request_id,
+        );
+    };
+    if !peer.tls && shared.config.https_redirect {
+        return redirect_to_https(&shared, &host, &parts.uri, request_id);
+    }
+    let route = {
+        let Some(table) = shared.table.load_full() else {
+            return local(
+                &shared,
+                LocalReason::NoTable,
+                "",
+                "no routing table loaded yet",
+                request_id,
+            );
+        };
+        match table.lookup(&host, parts.uri.path()) {
+            Some(route) => route.clone(),
+            None => {
+                let msg = format!("no route for host {host:?} path {:?}", parts.uri.path());
+                return local(&shared, LocalReason::NoRoute, "", &msg, request_id);
+            }
+        }
+    };
+    if !peer.tls && route.redirect_https {
+        return redirect_to_https(&shared, &host, &parts.uri, request_id);
+    }
+    drop(host);
+    if route.backends.is_empty() {
+        return local(
+            &shared,
+            LocalReason::NoBackend,
+            &route.name,
+            "no healthy backend for this route",
+            request_id,
+        );
+    }
+
+    let upgrade = upgrade_request(&parts.headers, parts.version);
+    if upgrade.is_some() {
+        peer.exchanges.pin();
+    }
+    strip_request_hop_by_hop(&mut parts.headers);
+    let upgrade = upgrade.and_then(|protocol| {
+        let on_client = parts.extensions.remove::<OnUpgrade>()?;
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, protocol.clone());
+        Some(Upgrade {
+            protocol,
+            on_client,
+            peer: peer.clone(),
+        })
+    });
+    to_http1_form(&mut parts);
+    shared.retry_budget.deposit();
+
+    forward(&shared, &route, &peer, parts, body, request_id, upgrade).await
+}
+
+/// The request's host, lower-case and without port. `None` when an HTTP/1.1 request has no
+/// usable host, which RFC 9112 makes a 400. Borrowed unless it needs lower-casing, so the
+/// common request allocates nothing here.
+fn request_host<'a>(
+    uri: &'a Uri,
+    headers: &'a HeaderMap,
+    version: Version,
+) -> Option<Cow<'a, str>> {
+    let raw = match uri.host() {
+        Some(h) => h,
+        None => match headers.get(header::HOST) {
+            Some(v) => {
+                let s = v.to_str().ok()?;
+                // Strip a port, keeping bracketed IPv6 literals whole.
+                match s.rfind(':') {
+                    Some(i) if !s[i..].contains(']') => &s[..i],
+                    _ => s,
+                }
+            }
+            None if version == Version::HTTP_11 => return None,
+            None => "",
+        },
+    };
+    let host = raw.trim_end_matches('.');
+    Some(if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    })
+}
+
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get(X_REQUEST_ID) {
+        let b = v.as_bytes();
+        if !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic()) {
+            return v.clone();
+        }
+    }
+    let mut buf = [0u8; 32];
+    let n = fastrand::u128(..);
+    for (i, byte) in buf.iter_mut().enumerate() {
+        *byte = b"0123456789abcdef"[((n >> (i * 4)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&buf).expect("hex is a valid header value")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts() {
+        let h = |uri: &str, host: Option<&str>, v: Version| {
+            let mut headers = HeaderMap::new();
+            if let Some(host) = host {
+                headers.insert(header::HOST, HeaderValue::from_str(host).unwrap());
+            }
+            request_host(&uri.parse().unwrap(), &headers, v).map(Cow::into_owned)
+        };
+        assert_eq!(
+            h("/", Some("API.example.com:8080"), Version::HTTP_11).as_deref(),
+            Some("api.example.com")
+        );
+        assert_eq!(
+            h("/", Some("[::1]:80"), Version::HTTP_11).as_deref(),
+            Some("[::1]")
+        );
+        assert_eq!(
+            h("/", Some("[::1]"), Version::HTTP_11).as_deref(),
+            Some("[::1]")
+        );
+        assert_eq!(
+            h("http://Abs.example/x", Some("other"), Version::HTTP_11).as_deref(),
+            Some("abs.example")
+        );
+        assert_eq!(h("/", None, Version::HTTP_11), None);
+        assert_eq!(h("/", None, Version::HTTP_10).as_deref(), Some(""));
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_static("api.example.com:80"));
+        let uri: Uri = "/".parse().unwrap();
+        assert!(matches!(
+            request_host(&uri, &headers, Version::HTTP_11),
+            Some(Cow::Borrowed("api.example.com"))
+        ));
+    }
+
+    #[test]
+    fn request_ids_pass_through_when_sane() {
+        let mut h = HeaderMap::new();
+        h.insert(X_REQUEST_ID, HeaderValue::from_static("client-id-1"));
+        assert_eq!(request_id(&h), "client-id-1");
+        h.insert(X_REQUEST_ID, HeaderValue::from_static("has space"));
+        let generated = request_id(&h);
+        assert_eq!(generated.len(), 32);
+        assert_ne!(generated, request_id(&HeaderMap::new()));
+    }
+}

@@ -1,0 +1,122 @@
+//! Protocol switches (WebSocket and the like): the client's request to switch, carried to the
+//! backend, and the tunnel that copies bytes both ways once both sides switched.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::Version;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+
+use super::peer::{Drain, Peer};
+use crate::Shared;
+
+/// A client's request to switch protocols (WebSocket and the like), carried to the backend.
+pub(super) struct Upgrade {
+    /// The `Upgrade` header value.
+    pub(super) protocol: HeaderValue,
+    pub(super) on_client: OnUpgrade,
+    pub(super) peer: Arc<Peer>,
+}
+
+/// The `Upgrade` header of an HTTP/1.1 request whose `Connection` header asks for it.
+pub(super) fn upgrade_request(headers: &HeaderMap, version: Version) -> Option<HeaderValue> {
+    if version != Version::HTTP_11 {
+        return None;
+    }
+    let asks = headers.get_all(header::CONNECTION).iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        })
+    });
+    asks.then(|| headers.get(header::UPGRADE).cloned())
+        .flatten()
+}
+
+/// Copies bytes both ways between the client and the backend once both sides switched
+/// protocols, until either closes or the drain's time is up.
+pub(super) fn spawn_tunnel(
+    shared: Arc<Shared>,
+    up: Upgrade,
+    (mut upstream, early): (tokio::net::TcpStream, Bytes),
+    backend: String,
+) {
+    let label = if up.protocol.as_bytes().eq_ignore_ascii_case(b"websocket") {
+        "websocket"
+    } else {
+        "other"
+    };
+    let Drain { alive, mut close } = up.peer.drain.clone();
+    let client_addr = up.peer.addr;
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt as _;
+        let _alive = alive;
+        let client = match up.on_client.await {
+            Ok(client) => client,
+            Err(e) => {
+                tracing::debug!(%backend, error = %e, "upgrade did not complete");
+                return;
+            }
+        };
+        let metrics = &shared.metrics;
+        metrics.upgrades.with_label_values(&[label]).inc();
+        metrics.upgraded_open.inc();
+        let mut client = TokioIo::new(client);
+        tokio::select! {
+            r = async {
+                // What the backend sent right behind its 101 head goes first.
+                client.write_all(&early).await?;
+                tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+            } => {
+                if let Err(e) = r {
+                    tracing::debug!(%backend, client = %client_addr, error = %e, "tunnel ended with an error");
+                }
+            }
+            _ = async { let _ = close.wait_for(|c| *c).await; } => {
+                let _ = client.shutdown().await;
+                let _ = upstream.shutdown().await;
+            }
+        }
+        metrics.upgraded_open.dec();
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::headers::{to_http1_form, to_http2_form};
+    use http::Request;
+
+    #[test]
+    fn upgrade_requests_and_protocol_forms() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert_eq!(
+            upgrade_request(&h, Version::HTTP_11)
+                .as_ref()
+                .map(|v| v.as_bytes()),
+            Some(&b"websocket"[..])
+        );
+        assert_eq!(upgrade_request(&h, Version::HTTP_10), None);
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        assert_eq!(upgrade_request(&h, Version::HTTP_11), None);
+
+        let (mut parts, ()) = Request::get("/a?b=1").body(()).unwrap().into_parts();
+        parts
+            .headers
+            .insert(header::HOST, HeaderValue::from_static("svc.example:8080"));
+        to_http2_form(&mut parts);
+        assert_eq!(parts.uri, "http://svc.example:8080/a?b=1");
+        assert!(!parts.headers.contains_key(header::HOST));
+        to_http1_form(&mut parts);
+        assert_eq!(parts.uri, "/a?b=1");
+        assert_eq!(parts.headers[header::HOST], "svc.example:8080");
+        assert_eq!(parts.version, Version::HTTP_11);
+    }
+}

@@ -1,0 +1,253 @@
+//! The routing table: an immutable value mapping (host, path) to a route and its backends, and
+//! the balancing picks over it. Lookups and picks take no lock and allocate nothing.
+//!
+//! A table is built whole from a `TableSpec` (what Consul says) and published by one
+//! `ArcSwap::store`; it knows nothing about Consul or hyper servers.
+
+mod build;
+mod pick;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, OnceLock};
+
+use prometheus::{Histogram, IntCounter};
+use switchyard_consul::tags::{path_matches, RouteKey, UpstreamProto};
+
+use crate::metrics::{Metrics, STATUS_CLASSES};
+use crate::upstream::Backend;
+
+pub use build::BuildCache;
+pub use pick::Tried;
+
+/// One backend of a route as discovery sees it. Shared strings: a spec is assembled from
+/// every service's parsed instances on each change, so copies must be cheap.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BackendSpec {
+    pub addr: Arc<str>,
+    pub weight: u32,
+    pub service: Arc<str>,
+    pub instance_id: Arc<str>,
+    pub proto: UpstreamProto,
+    pub redirect_https: bool,
+}
+
+/// The whole desired routing, as plain data: comparing two specs tells whether a rebuild would
+/// change anything.
+pub type TableSpec = BTreeMap<RouteKey, Vec<BackendSpec>>;
+
+pub struct RouteBackend {
+    pub backend: Arc<Backend>,
+    pub weight: u32,
+    pub spec: BackendSpec,
+    /// Responses by status class, each resolved on its first use: resolving a labelled series
+    /// costs microseconds, and a table of 10,000 backends would pay it 50,000 times per build.
+    responses: Arc<[OnceLock<IntCounter>; 5]>,
+}
+
+impl RouteBackend {
+    /// Counts a response of status class `class` (0 = 1xx .. 4 = 5xx).
+    pub fn count_response(&self, class: usize, route: &str, metrics: &Metrics) {
+        self.responses[class]
+            .get_or_init(|| {
+                metrics.requests.with_label_values(&[
+                    route,
+                    &*self.spec.addr,
+                    STATUS_CLASSES[class],
+                ])
+            })
+            .inc();
+    }
+}
+
+pub struct Route {
+    pub key: RouteKey,
+    /// `host/prefix` (`*` for any host): the metric label and the admin name.
+    pub name: String,
+    pub backends: Box<[RouteBackend]>,
+    /// Cumulative weights, for weighted picks; empty when all weights are equal.
+    cumulative: Box<[u64]>,
+    total_weight: u64,
+    next: AtomicUsize,
+    pub latency: Histogram,
+    /// Some instance of the route asked for plain HTTP to be redirected to HTTPS.
+    pub redirect_https: bool,
+}
+
+pub struct RoutingTable {
+    pub generation: u64,
+    exact: HashMap<String, Box<[Arc<Route>]>>,
+    any_host: Box<[Arc<Route>]>,
+    pub routes: Box<[Arc<Route>]>,
+}
+
+impl RoutingTable {
+    pub fn empty() -> RoutingTable {
+        RoutingTable {
+            generation: 0,
+            exact: HashMap::new(),
+            any_host: Box::new([]),
+            routes: Box::new([]),
+        }
+    }
+
+    /// The route for a request: routes of the exact host first, then any-host routes; within
+    /// each, the longest matching prefix. `host` must be lower-case without port.
+    pub fn lookup(&self, host: &str, path: &str) -> Option<&Arc<Route>> {
+        fn find<'t>(routes: &'t [Arc<Route>], path: &str) -> Option<&'t Arc<Route>> {
+            routes.iter().find(|r| path_matches(&r.key.prefix, path))
+        }
+        self.exact
+            .get(host)
+            .and_then(|routes| find(routes, path))
+            .or_else(|| find(&self.any_host, path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Balance;
+
+    fn spec(routes: &[(&str, &[(&str, u32)])]) -> TableSpec {
+        routes
+            .iter()
+            .map(|(r, backends)| {
+                (
+                    switchyard_consul::tags::parse_route(r).unwrap(),
+                    backends
+                        .iter()
+                        .map(|(addr, weight)| BackendSpec {
+                            addr: (*addr).into(),
+                            weight: *weight,
+                            service: "svc".into(),
+                            instance_id: (*addr).into(),
+                            proto: Default::default(),
+                            redirect_https: false,
+                        })
+                        .collect(),
+                )
+            })
+            .collect()
+    }
+
+    fn table(routes: &[(&str, &[(&str, u32)])]) -> (RoutingTable, BuildCache, Metrics) {
+        let metrics = Metrics::new();
+        let mut cache = BuildCache::default();
+        let t = RoutingTable::build::<()>(&spec(routes), None, 1, &mut cache, &metrics, 4);
+        (t, cache, metrics)
+    }
+
+    #[test]
+    fn lookup_prefers_exact_host_then_longest_prefix() {
+        let (t, _, _) = table(&[
+            ("/", &[("a:1", 1)]),
+            ("/api", &[("b:1", 1)]),
+            ("api.example.com", &[("c:1", 1)]),
+            ("api.example.com/v2", &[("d:1", 1)]),
+        ]);
+        let cases = [
+            ("x.com", "/", Some("*/")),
+            ("x.com", "/api/users", Some("*/api")),
+            ("x.com", "/apix", Some("*/")),
+            ("api.example.com", "/api", Some("api.example.com/")),
+            ("api.example.com", "/v2/x", Some("api.example.com/v2")),
+            ("api.example.com", "/v2beta", Some("api.example.com/")),
+        ];
+        for (host, path, want) in cases {
+            assert_eq!(
+                t.lookup(host, path).map(|r| r.name.as_str()),
+                want,
+                "{host}{path}"
+            );
+        }
+        let (only_host, _, _) = table(&[("api.example.com/v1", &[("a:1", 1)])]);
+        assert!(only_host.lookup("api.example.com", "/v2").is_none());
+        assert!(only_host.lookup("other", "/v1").is_none());
+    }
+
+    fn counts(route: &Route, balance: Balance, n: usize) -> Vec<usize> {
+        let mut c = vec![0; route.backends.len()];
+        for _ in 0..n {
+            c[route.pick(balance, &Tried::default()).unwrap()] += 1;
+        }
+        c
+    }
+
+    #[test]
+    fn algorithms_honour_weights() {
+        let (t, _, _) = table(&[("/", &[("a:1", 100), ("b:1", 300)])]);
+        let r = t.lookup("h", "/").unwrap();
+        assert_eq!(counts(r, Balance::RoundRobin, 1000), vec![500, 500]);
+        let w = counts(r, Balance::Weighted, 4000);
+        assert!((990..=1010).contains(&w[0]), "weighted spread {w:?}");
+        // p2c with nothing in flight is a weighted random choice of the lighter of two.
+        let p = counts(r, Balance::P2c, 4000);
+        assert!(p[1] > p[0], "p2c {p:?}");
+    }
+
+    #[test]
+    fn p2c_prefers_fewer_in_flight() {
+        let (t, _, _) = table(&[("/", &[("a:1", 1), ("b:1", 1)])]);
+        let r = t.lookup("h", "/").unwrap();
+        for _ in 0..5 {
+            r.backends[0].backend.start_request();
+        }
+        assert_eq!(counts(r, Balance::P2c, 100), vec![0, 100]);
+    }
+
+    #[test]
+    fn ejected_and_tried_backends_are_skipped_but_never_all() {
+        let (t, _, _) = table(&[("/", &[("a:1", 1), ("b:1", 1), ("c:1", 1)])]);
+        let r = t.lookup("h", "/").unwrap();
+        let s = crate::upstream::BackendSettings {
+            connect_timeout: std::time::Duration::from_secs(1),
+            idle_timeout: std::time::Duration::from_secs(1),
+            max_idle: 1,
+            eject_failures: 1,
+            eject_base: std::time::Duration::from_secs(60),
+            eject_max: std::time::Duration::from_secs(60),
+        };
+        assert!(r.backends[0].backend.record_failure(&s));
+        for balance in [Balance::P2c, Balance::RoundRobin, Balance::Weighted] {
+            assert_eq!(counts(r, balance, 300)[0], 0, "{balance:?}");
+            let mut tried = Tried::default();
+            tried.push(1);
+            tried.push(2);
+            // Only the ejected one is left untried: it is used rather than failing.
+            assert_eq!(r.pick(balance, &tried), Some(0), "{balance:?}");
+            tried.push(0);
+            assert_eq!(r.pick(balance, &tried), None);
+        }
+    }
+
+    #[test]
+    fn rebuild_keeps_backend_state_and_drops_departed_labels() {
+        let metrics = Metrics::new();
+        let mut cache = BuildCache::default();
+        let t1 = RoutingTable::build::<()>(
+            &spec(&[("/", &[("a:1", 1), ("b:1", 1)])]),
+            None,
+            1,
+            &mut cache,
+            &metrics,
+            4,
+        );
+        let a1 = t1.routes[0].backends[0].backend.clone();
+        t1.routes[0].backends[1].count_response(1, "*/", &metrics);
+        let t2 = RoutingTable::build::<()>(
+            &spec(&[("/", &[("a:1", 1)])]),
+            None,
+            2,
+            &mut cache,
+            &metrics,
+            4,
+        );
+        assert!(Arc::ptr_eq(&a1, &t2.routes[0].backends[0].backend));
+        let text = metrics.encode();
+        assert!(
+            !text.contains("b:1"),
+            "departed backend label kept:\n{text}"
+        );
+    }
+}

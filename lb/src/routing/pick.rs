@@ -1,0 +1,108 @@
+//! Balancing picks over a route's backends: round robin, weighted, and power of two choices
+//! by in-flight requests, skipping ejected and already-tried backends. Lock-free.
+
+use std::sync::atomic::Ordering;
+
+use super::Route;
+use crate::config::Balance;
+use crate::time::now_ms;
+
+/// Indices of backends already tried by this request; retries avoid them.
+#[derive(Default, Clone, Copy)]
+pub struct Tried {
+    idx: [usize; 12],
+    len: usize,
+}
+
+impl Tried {
+    pub fn push(&mut self, i: usize) {
+        if self.len < self.idx.len() {
+            self.idx[self.len] = i;
+            self.len += 1;
+        }
+    }
+    pub fn forget_last(&mut self) {
+        self.len = self.len.saturating_sub(1);
+    }
+    pub fn contains(&self, i: usize) -> bool {
+        self.idx[..self.len].contains(&i)
+    }
+}
+
+impl Route {
+    /// Picks a backend not yet tried. Ejected backends are skipped while any other is left, so
+    /// ejection never takes the last backends of a route out of service.
+    pub fn pick(&self, balance: Balance, tried: &Tried) -> Option<usize> {
+        let n = self.backends.len();
+        if n == 0 {
+            return None;
+        }
+        let now = now_ms();
+        let healthy = |i: usize| !tried.contains(i) && !self.backends[i].backend.is_ejected(now);
+        let untried = |i: usize| !tried.contains(i);
+        self.pick_where(balance, &healthy)
+            .or_else(|| self.pick_where(balance, &untried))
+    }
+
+    fn pick_where(&self, balance: Balance, ok: &dyn Fn(usize) -> bool) -> Option<usize> {
+        let n = self.backends.len();
+        let probe = |start: usize| (0..n).map(|k| (start + k) % n).find(|&i| ok(i));
+        match balance {
+            Balance::RoundRobin => probe(self.next.fetch_add(1, Ordering::Relaxed) % n),
+            Balance::Weighted => {
+                let k = self.next.fetch_add(1, Ordering::Relaxed) as u64;
+                probe(self.spread(k))
+            }
+            Balance::P2c => {
+                let a = probe(self.weighted_random())?;
+                let b = match probe(self.weighted_random()) {
+                    Some(b) if b != a => b,
+                    _ => match probe((a + 1) % n) {
+                        Some(b) => b,
+                        None => return Some(a),
+                    },
+                };
+                // Compare in-flight per unit of weight without dividing.
+                let load = |i: usize| self.backends[i].backend.in_flight() as u64;
+                let w = |i: usize| u64::from(self.backends[i].weight);
+                if load(b) * w(a) < load(a) * w(b) {
+                    Some(b)
+                } else {
+                    Some(a)
+                }
+            }
+        }
+    }
+
+    fn weighted_random(&self) -> usize {
+        if self.cumulative.is_empty() {
+            fastrand::usize(..self.backends.len())
+        } else {
+            self.index_of_weight(fastrand::u64(..self.total_weight))
+        }
+    }
+
+    /// The k-th point of a golden-ratio sequence over the weight line: deterministic, spreads
+    /// consecutive picks evenly and matches the weights exactly over many picks.
+    fn spread(&self, k: u64) -> usize {
+        let x = k.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        if self.cumulative.is_empty() {
+            ((u128::from(x) * self.backends.len() as u128) >> 64) as usize
+        } else {
+            let w = ((u128::from(x) * u128::from(self.total_weight)) >> 64) as u64;
+            self.index_of_weight(w)
+        }
+    }
+
+    fn index_of_weight(&self, w: u64) -> usize {
+        self.cumulative.partition_point(|&c| c <= w)
+    }
+
+    pub fn healthy_count(&self) -> usize {
+        let now = now_ms();
+        self.backends
+            .iter()
+            .filter(|b| !b.backend.is_ejected(now))
+            .count()
+    }
+}

@@ -1,0 +1,78 @@
+//! The lb's runtime state, shared by the request path, discovery and admin: the settings, the
+//! published routing table, metrics, the upstream settings and retry budget, and what discovery
+//! reports of its health. It holds these parts; it knows nothing of how each is used.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use arc_swap::ArcSwapOption;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::routing::RoutingTable;
+use crate::time::unix_ms;
+use crate::upstream::{BackendSettings, RetryBudget};
+
+/// What the rest of the lb may know about discovery's health.
+#[derive(Default)]
+pub struct DiscoveryState {
+    /// Watches whose last Consul call failed.
+    pub(crate) failing: AtomicUsize,
+    /// Unix ms of the last successful Consul read; 0 before the first.
+    pub(crate) last_ok_unix_ms: AtomicU64,
+    /// Set once the catalog has answered at least once.
+    pub(crate) catalog_ok: AtomicBool,
+}
+
+impl DiscoveryState {
+    /// Seconds since Consul last confirmed the table; 0 while every watch is healthy.
+    pub fn table_age(&self) -> Option<f64> {
+        let last = self.last_ok_unix_ms.load(Ordering::Relaxed);
+        if last == 0 {
+            return None;
+        }
+        if self.failing.load(Ordering::Relaxed) == 0 && self.catalog_ok.load(Ordering::Relaxed) {
+            return Some(0.0);
+        }
+        Some(unix_ms().saturating_sub(last) as f64 / 1000.0)
+    }
+
+    pub fn consul_up(&self) -> bool {
+        self.failing.load(Ordering::Relaxed) == 0
+            && self.last_ok_unix_ms.load(Ordering::Relaxed) > 0
+    }
+}
+
+/// State shared by the request path, discovery and admin.
+pub struct Shared {
+    pub config: Config,
+    /// `None` until discovery publishes the first table.
+    pub table: ArcSwapOption<RoutingTable>,
+    pub metrics: Metrics,
+    pub backend_settings: BackendSettings,
+    pub retry_budget: RetryBudget,
+    pub discovery: DiscoveryState,
+    pub table_loaded: AtomicBool,
+    pub draining: AtomicBool,
+}
+
+impl Shared {
+    pub fn new(config: Config) -> Shared {
+        Shared {
+            backend_settings: BackendSettings {
+                connect_timeout: config.connect_timeout,
+                idle_timeout: config.upstream_idle_timeout,
+                max_idle: config.upstream_max_idle,
+                eject_failures: config.eject_failures,
+                eject_base: config.eject_base,
+                eject_max: config.eject_max,
+            },
+            retry_budget: RetryBudget::new(config.retry_budget),
+            table: ArcSwapOption::empty(),
+            metrics: Metrics::new(),
+            discovery: DiscoveryState::default(),
+            table_loaded: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            config,
+        }
+    }
+}
