@@ -1,7 +1,11 @@
 //! The fields the lb adds to every request it forwards (`X-Forwarded-*`, `X-Request-Id`), in
-//! one place for both the HTTP/1.1 and the HTTP/2 rendering. Knows nothing of routes.
+//! one place for both renderings: HTTP/1.1 field lines written as the head is encoded, and a
+//! header map for HTTP/2. A test holds the two to the same result. Knows nothing of routes.
 
+use bytes::{BufMut, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use crate::upstream::HeadFields;
 
 pub(super) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -10,9 +14,8 @@ pub(super) const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwa
 
 /// The fields the lb adds to every request it forwards: `X-Forwarded-For` (appended to),
 /// `X-Forwarded-Proto`, `X-Forwarded-Host` (from `Host`) and `X-Request-Id` (replacing what
-/// the client sent). The sender writes them: an HTTP/1.1 head gets them as it is encoded
-/// (`h1::Conn`), with no insert into the request's header map; an HTTP/2 request gets them
-/// through `add_to`.
+/// the client sent). An HTTP/1.1 head gets them as it is encoded, with no insert into the
+/// request's header map; an HTTP/2 request gets them through `apply`.
 pub struct Forwarded<'a> {
     /// The client's address, rendered once per connection.
     pub client_ip: &'a HeaderValue,
@@ -33,8 +36,62 @@ impl Forwarded<'_> {
     pub fn replaces(name: &HeaderName) -> bool {
         *name == X_FORWARDED_PROTO || *name == X_FORWARDED_HOST || *name == X_REQUEST_ID
     }
+}
 
-    pub fn add_to(&self, headers: &mut HeaderMap) {
+impl HeadFields for Forwarded<'_> {
+    fn encode_h1(&self, headers: &HeaderMap, own_length: bool, b: &mut BytesMut) {
+        let mut host = None;
+        // X-Forwarded-For values come one after another; the line stays open for the next
+        // one and the client's address closes it.
+        let (mut xff_open, mut xff_done) = (false, false);
+        for (name, value) in headers {
+            if *name == X_FORWARDED_FOR {
+                if value.to_str().is_ok() {
+                    b.put_slice(if xff_open {
+                        b", "
+                    } else {
+                        b"x-forwarded-for: "
+                    });
+                    b.put_slice(value.as_bytes());
+                    xff_open = true;
+                }
+                continue;
+            }
+            if xff_open {
+                close_xff(b, self);
+                (xff_open, xff_done) = (false, true);
+            }
+            // A body's framing is the codec's to state, from what it will send.
+            if (own_length && name == header::CONTENT_LENGTH) || Forwarded::replaces(name) {
+                continue;
+            }
+            if name == header::HOST && host.is_none() {
+                host = Some(value);
+            }
+            b.put_slice(name.as_str().as_bytes());
+            b.put_slice(b": ");
+            b.put_slice(value.as_bytes());
+            b.put_slice(b"\r\n");
+        }
+        if xff_open {
+            close_xff(b, self);
+        } else if !xff_done {
+            b.put_slice(b"x-forwarded-for: ");
+            b.put_slice(self.client_ip.as_bytes());
+            b.put_slice(b"\r\n");
+        }
+        b.put_slice(b"x-forwarded-proto: ");
+        b.put_slice(self.proto().as_bytes());
+        if let Some(host) = host {
+            b.put_slice(b"\r\nx-forwarded-host: ");
+            b.put_slice(host.as_bytes());
+        }
+        b.put_slice(b"\r\nx-request-id: ");
+        b.put_slice(self.request_id.as_bytes());
+        b.put_slice(b"\r\n");
+    }
+
+    fn apply(&self, headers: &mut HeaderMap) {
         let prev: Vec<&str> = headers
             .get_all(X_FORWARDED_FOR)
             .iter()
@@ -55,6 +112,12 @@ impl Forwarded<'_> {
         };
         headers.insert(X_REQUEST_ID, self.request_id.clone());
     }
+}
+
+fn close_xff(b: &mut BytesMut, fwd: &Forwarded<'_>) {
+    b.put_slice(b", ");
+    b.put_slice(fwd.client_ip.as_bytes());
+    b.put_slice(b"\r\n");
 }
 
 #[cfg(test)]
@@ -97,7 +160,7 @@ mod tests {
             tls: peer.tls,
             request_id: &id,
         };
-        fwd.add_to(&mut headers);
+        fwd.apply(&mut headers);
         for gone in ["connection", "x-secret", "keep-alive", "te"] {
             assert!(!headers.contains_key(gone), "{gone} kept");
         }
@@ -112,8 +175,79 @@ mod tests {
         strip_request_hop_by_hop(&mut grpc);
         assert_eq!(grpc["te"], "trailers", "gRPC's TE: trailers passes");
         let fwd = Forwarded { tls: true, ..fwd };
-        fwd.add_to(&mut grpc);
+        fwd.apply(&mut grpc);
         assert_eq!(grpc["x-forwarded-proto"], "https");
         assert!(!grpc.contains_key("x-forwarded-host"));
+    }
+
+    /// A field section as sorted (name, value) pairs, to compare renderings.
+    fn pairs(headers: &HeaderMap) -> Vec<(String, Vec<u8>)> {
+        let mut v: Vec<_> = headers
+            .iter()
+            .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn both_renderings_agree() {
+        let peer = test_peer(false);
+        let id = HeaderValue::from_static("req-1");
+        let cases: &[&[(&str, &str)]] = &[
+            &[],
+            &[("host", "a.example"), ("accept", "*/*")],
+            &[("x-forwarded-for", "10.0.0.1"), ("host", "a.example")],
+            &[
+                ("x-forwarded-for", "10.0.0.1"),
+                ("x-forwarded-for", "10.0.0.2"),
+                ("accept", "*/*"),
+            ],
+            &[
+                ("x-forwarded-proto", "https"),
+                ("x-forwarded-host", "forged.example"),
+                ("x-request-id", "forged"),
+                ("content-length", "5"),
+                ("host", "b.example:8080"),
+            ],
+            &[("host", "first.example"), ("host", "second.example")],
+        ];
+        for tls in [false, true] {
+            let fwd = Forwarded {
+                client_ip: &peer.ip,
+                tls,
+                request_id: &id,
+            };
+            for case in cases {
+                let mut headers = HeaderMap::new();
+                for (n, v) in *case {
+                    headers.append(*n, HeaderValue::from_static(v));
+                }
+                for own_length in [false, true] {
+                    let mut wire = BytesMut::new();
+                    fwd.encode_h1(&headers, own_length, &mut wire);
+                    wire.put_slice(b"\r\n");
+                    let mut parsed = [httparse::EMPTY_HEADER; 32];
+                    let httparse::Status::Complete((_, fields)) =
+                        httparse::parse_headers(&wire, &mut parsed).unwrap()
+                    else {
+                        panic!("incomplete rendering of {case:?}");
+                    };
+                    let mut h1 = HeaderMap::new();
+                    for f in fields {
+                        h1.append(
+                            HeaderName::from_bytes(f.name.as_bytes()).unwrap(),
+                            HeaderValue::from_bytes(f.value).unwrap(),
+                        );
+                    }
+                    let mut h2 = headers.clone();
+                    fwd.apply(&mut h2);
+                    if own_length {
+                        h2.remove(header::CONTENT_LENGTH);
+                    }
+                    assert_eq!(pairs(&h1), pairs(&h2), "{case:?}, tls {tls}");
+                }
+            }
+        }
     }
 }

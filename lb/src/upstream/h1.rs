@@ -27,8 +27,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
-use super::{SendError, UpstreamBody};
-use crate::proxy::{Forwarded, X_FORWARDED_FOR};
+use super::{HeadFields, SendError, UpstreamBody};
 use crate::time::LazyTimer;
 
 /// Most bytes of a response head (status line, fields) or a trailer section; past it the
@@ -157,13 +156,13 @@ impl Conn {
     pub async fn send(
         &mut self,
         parts: &http::request::Parts,
-        fwd: &Forwarded<'_>,
+        fields: &impl HeadFields,
         body: UpstreamBody,
         timeout: Duration,
     ) -> Result<Response<()>, SendError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let head_request = parts.method == Method::HEAD;
-        let chunked = self.encode_head(parts, fwd, &body);
+        let chunked = self.encode_head(parts, fields, &body);
         let mut body = if body.is_end_stream() {
             None
         } else {
@@ -204,12 +203,12 @@ impl Conn {
         .await
     }
 
-    /// Writes the request line and fields, with the lb's own (`Forwarded`), into the write
-    /// buffer; returns whether the body goes chunked.
+    /// Writes the request line, the fields as `fields` renders them, and the body's framing
+    /// into the write buffer; returns whether the body goes chunked.
     fn encode_head(
         &mut self,
         parts: &http::request::Parts,
-        fwd: &Forwarded<'_>,
+        fields: &impl HeadFields,
         body: &UpstreamBody,
     ) -> bool {
         let length = if body.is_end_stream() {
@@ -228,55 +227,7 @@ impl Conn {
         };
         b.put_slice(target.as_bytes());
         b.put_slice(b" HTTP/1.1\r\n");
-        let mut host = None;
-        // X-Forwarded-For values come one after another; the line stays open for the next
-        // one and the client's address closes it.
-        let (mut xff_open, mut xff_done) = (false, false);
-        for (name, value) in &parts.headers {
-            if *name == X_FORWARDED_FOR {
-                if value.to_str().is_ok() {
-                    b.put_slice(if xff_open {
-                        b", "
-                    } else {
-                        b"x-forwarded-for: "
-                    });
-                    b.put_slice(value.as_bytes());
-                    xff_open = true;
-                }
-                continue;
-            }
-            if xff_open {
-                close_xff(b, fwd);
-                (xff_open, xff_done) = (false, true);
-            }
-            // A body's framing is the lb's to state, from what it will send.
-            if (length.is_some() && name == header::CONTENT_LENGTH) || Forwarded::replaces(name) {
-                continue;
-            }
-            if name == header::HOST {
-                host = Some(value);
-            }
-            b.put_slice(name.as_str().as_bytes());
-            b.put_slice(b": ");
-            b.put_slice(value.as_bytes());
-            b.put_slice(b"\r\n");
-        }
-        if xff_open {
-            close_xff(b, fwd);
-        } else if !xff_done {
-            b.put_slice(b"x-forwarded-for: ");
-            b.put_slice(fwd.client_ip.as_bytes());
-            b.put_slice(b"\r\n");
-        }
-        b.put_slice(b"x-forwarded-proto: ");
-        b.put_slice(fwd.proto().as_bytes());
-        if let Some(host) = host {
-            b.put_slice(b"\r\nx-forwarded-host: ");
-            b.put_slice(host.as_bytes());
-        }
-        b.put_slice(b"\r\nx-request-id: ");
-        b.put_slice(fwd.request_id.as_bytes());
-        b.put_slice(b"\r\n");
+        fields.encode_h1(&parts.headers, length.is_some(), b);
         let chunked = match length {
             None => false,
             Some(Some(n)) => {
@@ -665,12 +616,6 @@ impl Conn {
         self.framing = Framing::Done;
         Error::Invalid(what)
     }
-}
-
-fn close_xff(b: &mut BytesMut, fwd: &Forwarded<'_>) {
-    b.put_slice(b", ");
-    b.put_slice(fwd.client_ip.as_bytes());
-    b.put_slice(b"\r\n");
 }
 
 /// Whether a `Connection` field lists `token`.

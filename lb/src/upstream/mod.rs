@@ -9,14 +9,24 @@ mod retry_budget;
 
 use std::time::Duration;
 
-use http::{Request, Response};
+use bytes::BytesMut;
+use http::{HeaderMap, Request, Response};
 use hyper::client::conn::http2;
 
 pub use backend::{Backend, BackendSettings, ConnectError};
 pub use body::{BoxError, Upstream, UpstreamBody};
 pub use retry_budget::RetryBudget;
 
-use crate::proxy::Forwarded;
+/// Renders a request's fields for the backend: the client's, less what the caller replaces,
+/// and the caller's own (the proxy's forwarding fields). The client states only the body's
+/// framing; which fields a request carries is the caller's policy, not the client's.
+pub trait HeadFields {
+    /// Writes `headers` and the caller's own fields as HTTP/1.1 field lines into `out`,
+    /// leaving out `Content-Length` when `own_length` (the codec then states the framing).
+    fn encode_h1(&self, headers: &HeaderMap, own_length: bool, out: &mut BytesMut);
+    /// Makes the same edits in a header map, for an HTTP/2 request.
+    fn apply(&self, headers: &mut HeaderMap);
+}
 
 /// A connection to a backend, ready for one request.
 pub enum Sender {
@@ -41,23 +51,23 @@ pub enum SendError {
 }
 
 impl Sender {
-    /// Sends a request with the fields of `fwd` added, and waits at most `timeout` for the
+    /// Sends a request with its fields rendered by `fields`, and waits at most `timeout` for the
     /// response head. `parts` stay with the caller, for a retry.
     pub async fn send(
         &mut self,
         parts: &http::request::Parts,
-        fwd: &Forwarded<'_>,
+        fields: &impl HeadFields,
         body: UpstreamBody,
         timeout: Duration,
     ) -> Result<Response<Upstream>, SendError> {
         match self {
             Sender::H1(conn) => Ok(conn
-                .send(parts, fwd, body, timeout)
+                .send(parts, fields, body, timeout)
                 .await?
                 .map(|()| Upstream::H1)),
             Sender::H2(s) => {
                 let mut parts = clone_parts(parts);
-                fwd.add_to(&mut parts.headers);
+                fields.apply(&mut parts.headers);
                 let req = Request::from_parts(parts, body);
                 match tokio::time::timeout(timeout, s.try_send_request(req)).await {
                     Err(_) => Err(SendError::TimedOut),
