@@ -14,6 +14,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::metrics::BackendState;
 use crate::time::now_ms;
 use crate::Shared;
 
@@ -98,10 +99,10 @@ fn refresh_gauges(shared: &Shared) {
             let healthy = route.healthy_count();
             let ejected = route.backends.len() - healthy;
             m.backends
-                .with_label_values(&[&route.name, "healthy"])
+                .with_label_values(&[&route.name, BackendState::Healthy.as_str()])
                 .set(healthy as i64);
             m.backends
-                .with_label_values(&[&route.name, "ejected"])
+                .with_label_values(&[&route.name, BackendState::Ejected.as_str()])
                 .set(ejected as i64);
         }
     }
@@ -164,10 +165,11 @@ fn routes_view(shared: &Shared) -> RoutesView {
                             instance: b.spec.instance_id.to_string(),
                             weight: b.weight,
                             state: if ejected.is_some() {
-                                "ejected"
+                                BackendState::Ejected
                             } else {
-                                "healthy"
-                            },
+                                BackendState::Healthy
+                            }
+                            .as_str(),
                             ejected_for_ms: ejected.map(|d| d.as_millis() as u64),
                             in_flight: b.backend.in_flight(),
                             requests: b.backend.requests(),

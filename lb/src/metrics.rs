@@ -1,8 +1,11 @@
 //! Every metric the lb exports, declared once with its name, help and labels.
 //!
-//! The request path never looks a label up: per-route and per-backend handles are resolved when
-//! a table is built and carried in it. Label values that belong to a route or backend are
-//! removed when it leaves the table, so label sets stay bounded by what Consul holds.
+//! Label values known in advance are enums declared here once ([`label!`]); families over one
+//! such label are resolved at start ([`ByLabel`]), so counting them is an index. Per-route and
+//! per-backend handles are resolved when a table is built and carried in it; an answer the lb
+//! gives itself looks its (route, reason) series up, off the proxied path. Label values that
+//! belong to a route or backend are removed when it leaves the table, so label sets stay
+//! bounded by what Consul holds.
 
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -40,41 +43,213 @@ pub const UPGRADES_TOTAL: &str = "lb_upgrades_total";
 pub const UPGRADED_CONNECTIONS_OPEN: &str = "lb_upgraded_connections_open";
 pub const HTTPS_REDIRECTS_TOTAL: &str = "lb_https_redirects_total";
 
-/// Status classes 1xx..5xx, the index into per-backend counters.
-pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+/// A label whose values are known in advance. Declared once, as an enum; call sites name a
+/// variant, never a string.
+pub trait Label: Copy + 'static {
+    const ALL: &'static [Self];
+    fn as_str(self) -> &'static str;
+    /// The variant's position in `ALL`.
+    fn index(self) -> usize;
+}
 
-/// Label values known in advance. Their series start at zero, so a rate over them reads 0
-/// instead of "no data" before the first event (Prometheus' instrumentation advice).
-pub const RETRY_REASONS: [&str; 3] = ["connect", "reset", "timeout"];
-pub const UPSTREAM_ERROR_KINDS: [&str; 6] = [
-    "connect",
-    "connect_timeout",
-    "stale_connection",
-    "reset",
-    "response_timeout",
-    // A response body that broke off or broke its framing after the head was passed on.
-    "body",
-];
-pub const WATCH_NAMES: [&str; 2] = ["catalog", "health"];
+macro_rules! label {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $variant:ident => $value:literal,)+ }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name { $($(#[$vm])* $variant,)+ }
+        impl Label for $name {
+            const ALL: &'static [$name] = &[$($name::$variant,)+];
+            fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $value,)+ }
+            }
+            fn index(self) -> usize {
+                self as usize
+            }
+        }
+        impl $name {
+            pub fn as_str(self) -> &'static str {
+                Label::as_str(self)
+            }
+        }
+    };
+}
+
+label!(
+    /// Status class of a backend's response (`class`).
+    StatusClass {
+        Informational => "1xx",
+        Success => "2xx",
+        Redirection => "3xx",
+        ClientError => "4xx",
+        ServerError => "5xx",
+    }
+);
+
+impl StatusClass {
+    pub fn of(status: http::StatusCode) -> StatusClass {
+        StatusClass::ALL[(status.as_u16() / 100).clamp(1, 5) as usize - 1]
+    }
+}
+
+label!(
+    /// Why a request went to another backend (`lb_retries_total{reason}`).
+    RetryReason {
+        Connect => "connect",
+        Reset => "reset",
+        Timeout => "timeout",
+    }
+);
+
+label!(
+    /// Failures talking to backends (`lb_upstream_errors_total{kind}`).
+    UpstreamErrorKind {
+        Connect => "connect",
+        ConnectTimeout => "connect_timeout",
+        StaleConnection => "stale_connection",
+        Reset => "reset",
+        ResponseTimeout => "response_timeout",
+        /// A response body that broke off or broke its framing after the head was passed on.
+        Body => "body",
+    }
+);
+
+label!(
+    /// Why the lb answered a request itself (`lb_local_responses_total{reason}`).
+    LocalReason {
+        NoTable => "no_table",
+        NoRoute => "no_route",
+        NoBackend => "no_backend",
+        BadRequest => "bad_request",
+        UpstreamConnect => "upstream_connect",
+        UpstreamTimeout => "upstream_timeout",
+        UpstreamError => "upstream_error",
+    }
+);
+
+impl LocalReason {
+    /// Answers that happen before any route is chosen; their route label is empty.
+    pub const ROUTELESS: [LocalReason; 3] = [
+        LocalReason::NoTable,
+        LocalReason::NoRoute,
+        LocalReason::BadRequest,
+    ];
+}
+
+label!(
+    /// Backends of a route by passive health (`lb_backends{state}`).
+    BackendState {
+        Healthy => "healthy",
+        Ejected => "ejected",
+    }
+);
+
+label!(
+    /// Consul watches (`lb_consul_watch_errors_total{watch}`).
+    WatchName {
+        Catalog => "catalog",
+        Health => "health",
+    }
+);
+
 /// Not a Consul error kind: an answer the watch refused to believe (see discovery).
 pub const DISTRUSTED_ANSWER: &str = "suspicious_empty";
-/// Local responses that happen before any route is chosen; their route label is empty.
-pub const ROUTELESS_REASONS: [&str; 3] = ["no_table", "no_route", "bad_request"];
-pub const CLIENT_ERROR_KINDS: [&str; 6] = [
-    "accept",
-    "header_timeout",
-    "head_too_large",
-    "malformed",
-    "incomplete",
-    "io",
-];
 
-/// Client connection protocols (`protocol` label) and whether TLS carried them (`tls`).
-pub const CLIENT_PROTOCOLS: [&str; 2] = ["http/1.1", "h2"];
-pub const UPGRADE_PROTOCOLS: [&str; 2] = ["websocket", "other"];
-pub const TLS_VERSIONS: [&str; 2] = ["1.2", "1.3"];
-pub const TLS_ALPN: [&str; 3] = ["h2", "http/1.1", "none"];
-pub const CERT_RELOAD_RESULTS: [&str; 2] = ["replaced", "rejected"];
+label!(
+    /// How a client connection ended in error (`lb_client_connection_errors_total{kind}`).
+    ClientErrorKind {
+        Accept => "accept",
+        HeaderTimeout => "header_timeout",
+        HeadTooLarge => "head_too_large",
+        Malformed => "malformed",
+        Incomplete => "incomplete",
+        Io => "io",
+    }
+);
+
+label!(
+    /// Client connection protocols (`lb_client_connections_total{protocol}`).
+    ClientProtocol {
+        Http1 => "http/1.1",
+        H2 => "h2",
+    }
+);
+
+label!(
+    /// Upgraded connections by protocol (`lb_upgrades_total{protocol}`).
+    UpgradeProtocol {
+        Websocket => "websocket",
+        Other => "other",
+    }
+);
+
+label!(
+    /// Negotiated TLS versions (`lb_tls_handshakes_total{version}`).
+    TlsVersion {
+        V1_2 => "1.2",
+        V1_3 => "1.3",
+    }
+);
+
+label!(
+    /// Negotiated ALPN protocols (`lb_tls_handshakes_total{alpn}`).
+    TlsAlpn {
+        H2 => "h2",
+        Http1 => "http/1.1",
+        None => "none",
+    }
+);
+
+label!(
+    /// Why a TLS handshake failed (`lb_tls_handshake_failures_total{reason}`).
+    HandshakeFailure {
+        /// Plain HTTP on the TLS port.
+        NotTls => "not_tls",
+        Timeout => "timeout",
+        Eof => "eof",
+        Io => "io",
+        Malformed => "malformed",
+        Incompatible => "incompatible",
+        CertRejected => "cert_rejected",
+        Alert => "alert",
+        Other => "other",
+    }
+);
+
+label!(
+    /// Outcome of a certificate reload (`lb_tls_certificate_reloads_total{result}`).
+    CertReload {
+        Replaced => "replaced",
+        Rejected => "rejected",
+    }
+);
+
+/// A counter family over one label of known values: every series is resolved at start, so it
+/// reads 0 before the first event (Prometheus' instrumentation advice), and counting is an
+/// index into an array, not a label lookup.
+pub struct ByLabel<L> {
+    counters: Box<[IntCounter]>,
+    label: std::marker::PhantomData<L>,
+}
+
+impl<L: Label> ByLabel<L> {
+    fn new(family: &IntCounterVec) -> ByLabel<L> {
+        ByLabel {
+            counters: L::ALL
+                .iter()
+                .map(|l| family.with_label_values(&[l.as_str()]))
+                .collect(),
+            label: std::marker::PhantomData,
+        }
+    }
+
+    pub fn inc(&self, label: L) {
+        self.counters[label.index()].inc();
+    }
+
+    pub fn get(&self, label: L) -> u64 {
+        self.counters[label.index()].get()
+    }
+}
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -89,11 +264,9 @@ pub struct Metrics {
     pub in_flight: IntGauge,
     /// route, reason
     pub local_responses: IntCounterVec,
-    /// reason
-    pub retries: IntCounterVec,
+    pub retries: ByLabel<RetryReason>,
     pub retry_budget_exhausted: IntCounter,
-    /// kind
-    pub upstream_errors: IntCounterVec,
+    pub upstream_errors: ByLabel<UpstreamErrorKind>,
     pub upstream_connections: IntCounter,
     pub ejections: IntCounter,
     /// route, state
@@ -113,18 +286,14 @@ pub struct Metrics {
     pub client_connections_open: IntGauge,
     /// protocol, tls
     pub client_connections: IntCounterVec,
-    /// kind
-    pub client_connection_errors: IntCounterVec,
+    pub client_connection_errors: ByLabel<ClientErrorKind>,
     /// version, alpn
     pub tls_handshakes: IntCounterVec,
-    /// reason
-    pub tls_handshake_failures: IntCounterVec,
-    /// result
-    pub tls_cert_reloads: IntCounterVec,
+    pub tls_handshake_failures: ByLabel<HandshakeFailure>,
+    pub tls_cert_reloads: ByLabel<CertReload>,
     /// cert
     pub tls_cert_not_after: IntGaugeVec,
-    /// protocol
-    pub upgrades: IntCounterVec,
+    pub upgrades: ByLabel<UpgradeProtocol>,
     pub upgraded_open: IntGauge,
     pub https_redirects: IntCounter,
 }
@@ -165,9 +334,9 @@ impl Metrics {
                 &["route"]).expect("valid metric")),
             in_flight: gauge(REQUESTS_IN_FLIGHT, "Requests being proxied now."),
             local_responses: counter_vec(LOCAL_RESPONSES_TOTAL, "Responses the lb produced itself (404 no route, 502, 503, 504...), by route and reason.", &["route", "reason"]),
-            retries: counter_vec(RETRIES_TOTAL, "Requests retried on another backend, by reason.", &["reason"]),
+            retries: ByLabel::new(&counter_vec(RETRIES_TOTAL, "Requests retried on another backend, by reason.", &["reason"])),
             retry_budget_exhausted: counter(RETRY_BUDGET_EXHAUSTED_TOTAL, "Retries refused because the retry budget was spent."),
-            upstream_errors: counter_vec(UPSTREAM_ERRORS_TOTAL, "Failures talking to backends, by kind.", &["kind"]),
+            upstream_errors: ByLabel::new(&counter_vec(UPSTREAM_ERRORS_TOTAL, "Failures talking to backends, by kind.", &["kind"])),
             upstream_connections: counter(UPSTREAM_CONNECTIONS_TOTAL, "Upstream connections opened (pooled connections are reused)."),
             ejections: counter(BACKEND_EJECTIONS_TOTAL, "Backends ejected by passive health checking."),
             backends: reg(&registry, IntGaugeVec::new(Opts::new(BACKENDS, "Backends per route and state (healthy, ejected)."), &["route", "state"]).expect("valid metric")),
@@ -185,57 +354,42 @@ impl Metrics {
             route_tag_errors: counter_vec(ROUTE_TAG_ERRORS_TOTAL, "Malformed routing tags ignored, by reason (counted once per distinct tag).", &["reason"]),
             client_connections_open: gauge(CLIENT_CONNECTIONS_OPEN, "Client connections open now."),
             client_connections: counter_vec(CLIENT_CONNECTIONS_TOTAL, "Client connections served, by protocol (http/1.1, h2) and whether over TLS.", &["protocol", "tls"]),
-            client_connection_errors: counter_vec(CLIENT_CONNECTION_ERRORS_TOTAL, "Client connections that ended in a protocol error (malformed request, header timeout...).", &["kind"]),
+            client_connection_errors: ByLabel::new(&counter_vec(CLIENT_CONNECTION_ERRORS_TOTAL, "Client connections that ended in a protocol error (malformed request, header timeout...).", &["kind"])),
             tls_handshakes: counter_vec(TLS_HANDSHAKES_TOTAL, "TLS handshakes completed, by TLS version and negotiated ALPN protocol.", &["version", "alpn"]),
-            tls_handshake_failures: counter_vec(TLS_HANDSHAKE_FAILURES_TOTAL, "TLS handshakes that failed, by reason (not_tls: plain HTTP on the TLS port).", &["reason"]),
-            tls_cert_reloads: counter_vec(TLS_CERTIFICATE_RELOADS_TOTAL, "Certificate files reloaded (replaced) or refused at reload, the old one kept (rejected).", &["result"]),
+            tls_handshake_failures: ByLabel::new(&counter_vec(TLS_HANDSHAKE_FAILURES_TOTAL, "TLS handshakes that failed, by reason (not_tls: plain HTTP on the TLS port).", &["reason"])),
+            tls_cert_reloads: ByLabel::new(&counter_vec(TLS_CERTIFICATE_RELOADS_TOTAL, "Certificate files reloaded (replaced) or refused at reload, the old one kept (rejected).", &["result"])),
             tls_cert_not_after: reg(&registry, IntGaugeVec::new(Opts::new(TLS_CERTIFICATE_NOT_AFTER, "Expiry (notAfter, Unix seconds) of each certificate in service, by its first DNS name."), &["cert"]).expect("valid metric")),
-            upgrades: counter_vec(UPGRADES_TOTAL, "Connections upgraded (101) and tunnelled to a backend, by protocol.", &["protocol"]),
+            upgrades: ByLabel::new(&counter_vec(UPGRADES_TOTAL, "Connections upgraded (101) and tunnelled to a backend, by protocol.", &["protocol"])),
             upgraded_open: gauge(UPGRADED_CONNECTIONS_OPEN, "Upgraded connections (WebSocket...) open now."),
             https_redirects: counter(HTTPS_REDIRECTS_TOTAL, "Plain-HTTP requests redirected to HTTPS."),
             registry,
         };
-        for reason in RETRY_REASONS {
-            m.retries.with_label_values(&[reason]);
-        }
-        for kind in UPSTREAM_ERROR_KINDS {
-            m.upstream_errors.with_label_values(&[kind]);
-        }
-        for watch in WATCH_NAMES {
+        for watch in WatchName::ALL {
             for kind in switchyard_consul::Error::KINDS
                 .into_iter()
                 .chain([DISTRUSTED_ANSWER])
             {
-                m.consul_watch_errors.with_label_values(&[watch, kind]);
+                m.consul_watch_errors
+                    .with_label_values(&[watch.as_str(), kind]);
             }
         }
-        for reason in ROUTELESS_REASONS {
-            m.local_responses.with_label_values(&["", reason]);
+        for reason in LocalReason::ROUTELESS {
+            m.local_responses.with_label_values(&["", reason.as_str()]);
         }
         for kind in switchyard_consul::tags::TagErrorKind::ALL {
             m.route_tag_errors.with_label_values(&[kind.as_str()]);
         }
-        for kind in CLIENT_ERROR_KINDS {
-            m.client_connection_errors.with_label_values(&[kind]);
-        }
-        for protocol in CLIENT_PROTOCOLS {
+        for protocol in ClientProtocol::ALL {
             for tls in ["false", "true"] {
-                m.client_connections.with_label_values(&[protocol, tls]);
+                m.client_connections
+                    .with_label_values(&[protocol.as_str(), tls]);
             }
         }
-        for version in TLS_VERSIONS {
-            for alpn in TLS_ALPN {
-                m.tls_handshakes.with_label_values(&[version, alpn]);
+        for version in TlsVersion::ALL {
+            for alpn in TlsAlpn::ALL {
+                m.tls_handshakes
+                    .with_label_values(&[version.as_str(), alpn.as_str()]);
             }
-        }
-        for reason in crate::server::tls::HANDSHAKE_FAILURE_REASONS {
-            m.tls_handshake_failures.with_label_values(&[reason]);
-        }
-        for result in CERT_RELOAD_RESULTS {
-            m.tls_cert_reloads.with_label_values(&[result]);
-        }
-        for protocol in UPGRADE_PROTOCOLS {
-            m.upgrades.with_label_values(&[protocol]);
         }
         m
     }

@@ -10,6 +10,7 @@ use switchyard_consul::{next_index, Client, QueryMeta, QueryOptions, ServiceEntr
 use tokio::sync::mpsc;
 
 use super::{Pace, Update, BACKOFF_BASE};
+use crate::metrics::WatchName;
 use crate::state::DiscoveryState;
 use crate::time::unix_ms;
 use crate::Shared;
@@ -65,7 +66,7 @@ enum Verdict<T> {
 /// only real changes. `on_change` returns false when nobody listens any more.
 async fn watch<Raw, T, R, ReadFut, J, C, ChangeFut>(
     shared: &Shared,
-    watch: &'static str,
+    watch: WatchName,
     name: &str,
     mut read: R,
     mut judge: J,
@@ -105,10 +106,10 @@ async fn watch<Raw, T, R, ReadFut, J, C, ChangeFut>(
                         shared
                             .metrics
                             .consul_watch_errors
-                            .with_label_values(&[watch, why])
+                            .with_label_values(&[watch.as_str(), why])
                             .inc();
                         tracing::warn!(
-                            watch,
+                            watch = watch.as_str(),
                             name,
                             reason = why,
                             "ignoring a Consul answer; keeping the last one"
@@ -118,10 +119,16 @@ async fn watch<Raw, T, R, ReadFut, J, C, ChangeFut>(
                     }
                     Verdict::Value(value) => {
                         if backoff.failing() {
-                            tracing::info!(watch, name, "Consul watch recovered");
+                            tracing::info!(watch = watch.as_str(), name, "Consul watch recovered");
                         }
                         backoff.reset();
-                        tracing::debug!(watch, name, sent = index, got, "Consul read");
+                        tracing::debug!(
+                            watch = watch.as_str(),
+                            name,
+                            sent = index,
+                            got,
+                            "Consul read"
+                        );
                         index = next_index(index, got);
                         if last.as_ref() != Some(&value) {
                             last = Some(value.clone());
@@ -137,10 +144,10 @@ async fn watch<Raw, T, R, ReadFut, J, C, ChangeFut>(
                 shared
                     .metrics
                     .consul_watch_errors
-                    .with_label_values(&[watch, e.kind()])
+                    .with_label_values(&[watch.as_str(), e.kind()])
                     .inc();
                 let delay = backoff.next_delay();
-                tracing::warn!(watch, name, error = %e, retry_in = ?delay, "Consul watch failed; keeping the last answer");
+                tracing::warn!(watch = watch.as_str(), name, error = %e, retry_in = ?delay, "Consul watch failed; keeping the last answer");
                 index = 0;
                 tokio::time::sleep(delay).await;
             }
@@ -153,7 +160,7 @@ pub(super) async fn watch_catalog(shared: Arc<Shared>, client: Client, tx: mpsc:
     let route_tag = format!("{}.route=", shared.config.tag_prefix);
     watch(
         &shared,
-        "catalog",
+        WatchName::Catalog,
         "services",
         |q| {
             let client = client.clone();
@@ -187,7 +194,7 @@ pub(super) async fn watch_service(
 ) {
     watch(
         &shared,
-        "health",
+        WatchName::Health,
         &service,
         |q| {
             let (client, service) = (client.clone(), service.clone());

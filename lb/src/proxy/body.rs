@@ -10,6 +10,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
+use crate::metrics::UpstreamErrorKind;
 use crate::routing::Route;
 use crate::upstream::{Backend, BoxError, Sender, Upstream};
 use crate::Shared;
@@ -43,7 +44,7 @@ impl Body for ProxyBody {
                     // The head has gone to the client: all that is left is to cut it off.
                     Poll::Ready(Some(Err(e))) => {
                         let m = &guard.shared.metrics;
-                        m.upstream_errors.with_label_values(&["body"]).inc();
+                        m.upstream_errors.inc(UpstreamErrorKind::Body);
                         tracing::debug!(backend = %guard.backend.addr, error = %e, "upstream response body failed");
                         Poll::Ready(Some(Err(e.into())))
                     }

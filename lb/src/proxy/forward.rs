@@ -12,9 +12,10 @@ use hyper::body::Incoming;
 use super::body::{ProxyBody, ResponseGuard};
 use super::forwarded::{Forwarded, X_REQUEST_ID};
 use super::headers::{strip_hop_by_hop, to_http1_form, to_http2_form};
-use super::local::{local, LocalReason};
+use super::local::local;
 use super::peer::Peer;
 use super::upgrade::{spawn_tunnel, Upgrade};
+use crate::metrics::{LocalReason, RetryReason, StatusClass, UpstreamErrorKind};
 use crate::routing::{Route, Tried};
 use crate::upstream::{SendError, Sender, Upstream, UpstreamBody};
 use crate::Shared;
@@ -58,22 +59,18 @@ pub(super) async fn forward(
             Err(e) => {
                 last = LocalReason::UpstreamConnect;
                 let kind = if matches!(e, crate::upstream::ConnectError::Timeout { .. }) {
-                    "connect_timeout"
+                    UpstreamErrorKind::ConnectTimeout
                 } else {
-                    "connect"
+                    UpstreamErrorKind::Connect
                 };
-                shared
-                    .metrics
-                    .upstream_errors
-                    .with_label_values(&[kind])
-                    .inc();
+                shared.metrics.upstream_errors.inc(kind);
                 if backend.record_failure(&shared.backend_settings) {
                     shared.metrics.ejections.inc();
                     tracing::warn!(backend = %backend.addr, route = %route.name, error = %e, "backend ejected");
                 } else {
                     tracing::debug!(backend = %backend.addr, error = %e, "upstream connect failed");
                 }
-                if may_retry(shared, &mut retries, "connect") {
+                if may_retry(shared, &mut retries, RetryReason::Connect) {
                     continue;
                 }
                 break;
@@ -114,8 +111,7 @@ pub(super) async fn forward(
                 shared
                     .metrics
                     .upstream_errors
-                    .with_label_values(&["stale_connection"])
-                    .inc();
+                    .inc(UpstreamErrorKind::StaleConnection);
                 if stale < MAX_STALE_RETRIES {
                     stale += 1;
                     tried.forget_last();
@@ -127,13 +123,9 @@ pub(super) async fn forward(
             Err(SendError::Failed(e)) => {
                 end(shared);
                 last = LocalReason::UpstreamError;
-                shared
-                    .metrics
-                    .upstream_errors
-                    .with_label_values(&["reset"])
-                    .inc();
+                shared.metrics.upstream_errors.inc(UpstreamErrorKind::Reset);
                 tracing::debug!(backend = %backend.addr, error = %e, "upstream request failed");
-                if replayable && may_retry(shared, &mut retries, "reset") {
+                if replayable && may_retry(shared, &mut retries, RetryReason::Reset) {
                     body = Some(UpstreamBody::Empty);
                     continue;
                 }
@@ -153,13 +145,12 @@ pub(super) async fn forward(
                 shared
                     .metrics
                     .upstream_errors
-                    .with_label_values(&["response_timeout"])
-                    .inc();
+                    .inc(UpstreamErrorKind::ResponseTimeout);
                 if backend.record_failure(&shared.backend_settings) {
                     shared.metrics.ejections.inc();
                     tracing::warn!(backend = %backend.addr, route = %route.name, "backend ejected after response timeout");
                 }
-                if replayable && may_retry(shared, &mut retries, "timeout") {
+                if replayable && may_retry(shared, &mut retries, RetryReason::Timeout) {
                     body = Some(UpstreamBody::Empty);
                     continue;
                 }
@@ -170,8 +161,7 @@ pub(super) async fn forward(
         backend.record_success();
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
         let (mut rparts, mut rbody) = resp.into_parts();
-        let class = (rparts.status.as_u16() / 100).clamp(1, 5) as usize - 1;
-        rb.count_response(class, &route.name, &shared.metrics);
+        rb.count_response(StatusClass::of(rparts.status), &route.name, &shared.metrics);
         let accepted_upgrade = switching.then(|| rparts.headers.get(header::UPGRADE).cloned());
         strip_hop_by_hop(&mut rparts.headers);
         rparts.headers.entry(X_REQUEST_ID).or_insert(request_id);
@@ -215,7 +205,7 @@ pub(super) async fn forward(
     local(shared, last, &route.name, msg, request_id)
 }
 
-pub(super) fn may_retry(shared: &Shared, retries: &mut u32, reason: &'static str) -> bool {
+pub(super) fn may_retry(shared: &Shared, retries: &mut u32, reason: RetryReason) -> bool {
     if *retries >= shared.config.retries {
         return false;
     }
@@ -224,7 +214,7 @@ pub(super) fn may_retry(shared: &Shared, retries: &mut u32, reason: &'static str
         return false;
     }
     *retries += 1;
-    shared.metrics.retries.with_label_values(&[reason]).inc();
+    shared.metrics.retries.inc(reason);
     true
 }
 

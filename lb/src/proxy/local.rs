@@ -7,41 +7,17 @@ use http::{Response, StatusCode, Uri};
 
 use super::body::ProxyBody;
 use super::forwarded::X_REQUEST_ID;
+use crate::metrics::LocalReason;
 use crate::Shared;
 
-/// Why the lb answered a request itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LocalReason {
-    NoTable,
-    NoRoute,
-    NoBackend,
-    BadRequest,
-    UpstreamConnect,
-    UpstreamTimeout,
-    UpstreamError,
-}
-
-impl LocalReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LocalReason::NoTable => "no_table",
-            LocalReason::NoRoute => "no_route",
-            LocalReason::NoBackend => "no_backend",
-            LocalReason::BadRequest => "bad_request",
-            LocalReason::UpstreamConnect => "upstream_connect",
-            LocalReason::UpstreamTimeout => "upstream_timeout",
-            LocalReason::UpstreamError => "upstream_error",
-        }
-    }
-
-    fn status(self) -> StatusCode {
-        match self {
-            LocalReason::NoRoute => StatusCode::NOT_FOUND,
-            LocalReason::BadRequest => StatusCode::BAD_REQUEST,
-            LocalReason::NoTable | LocalReason::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
-            LocalReason::UpstreamConnect | LocalReason::UpstreamError => StatusCode::BAD_GATEWAY,
-            LocalReason::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-        }
+/// The status of an answer the lb gives itself.
+fn status(reason: LocalReason) -> StatusCode {
+    match reason {
+        LocalReason::NoRoute => StatusCode::NOT_FOUND,
+        LocalReason::BadRequest => StatusCode::BAD_REQUEST,
+        LocalReason::NoTable | LocalReason::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
+        LocalReason::UpstreamConnect | LocalReason::UpstreamError => StatusCode::BAD_GATEWAY,
+        LocalReason::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
     }
 }
 
@@ -97,7 +73,7 @@ pub(super) fn local(
         .inc();
     let body = Bytes::from(format!("switchyard: {msg}\n"));
     let mut resp = Response::new(ProxyBody::local(body));
-    *resp.status_mut() = reason.status();
+    *resp.status_mut() = status(reason);
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,

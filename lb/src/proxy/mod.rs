@@ -22,9 +22,9 @@ use hyper::upgrade::OnUpgrade;
 
 pub use body::{ProxyBody, ResponseGuard};
 pub use forwarded::{Forwarded, X_FORWARDED_FOR};
-pub use local::LocalReason;
 pub use peer::{Drain, Exchanges, Peer};
 
+use crate::metrics::LocalReason;
 use crate::Shared;
 use forward::forward;
 use forwarded::X_REQUEST_ID;

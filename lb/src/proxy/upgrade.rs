@@ -10,6 +10,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
 use super::peer::{Drain, Peer};
+use crate::metrics::UpgradeProtocol;
 use crate::Shared;
 
 /// A client's request to switch protocols (WebSocket and the like), carried to the backend.
@@ -44,9 +45,9 @@ pub(super) fn spawn_tunnel(
     backend: String,
 ) {
     let label = if up.protocol.as_bytes().eq_ignore_ascii_case(b"websocket") {
-        "websocket"
+        UpgradeProtocol::Websocket
     } else {
-        "other"
+        UpgradeProtocol::Other
     };
     let Drain { alive, mut close } = up.peer.drain.clone();
     let client_addr = up.peer.addr;
@@ -61,7 +62,7 @@ pub(super) fn spawn_tunnel(
             }
         };
         let metrics = &shared.metrics;
-        metrics.upgrades.with_label_values(&[label]).inc();
+        metrics.upgrades.inc(label);
         metrics.upgraded_open.inc();
         let mut client = TokioIo::new(client);
         tokio::select! {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use switchyard_consul::tags::{RouteKey, UpstreamProto};
 
 use super::{BackendSpec, Route, RouteBackend, RoutingTable, TableSpec};
-use crate::metrics::{Metrics, STATUS_CLASSES};
+use crate::metrics::{BackendState, Label, Metrics, StatusClass};
 use crate::upstream::Backend;
 
 /// What the last build produced, so the next one rebuilds only the routes whose backends
@@ -79,8 +79,10 @@ impl RoutingTable {
         for key in gone {
             let old = cache.routes.remove(&key).expect("listed above");
             let _ = metrics.request_duration.remove_label_values(&[&old.name]);
-            for state in ["healthy", "ejected"] {
-                let _ = metrics.backends.remove_label_values(&[&old.name, state]);
+            for state in BackendState::ALL {
+                let _ = metrics
+                    .backends
+                    .remove_label_values(&[&old.name, state.as_str()]);
             }
             for rb in old.backends.iter() {
                 drop_backend(cache, metrics, &old.name, rb);
@@ -214,10 +216,10 @@ fn same_backend(a: &BackendSpec, b: &BackendSpec) -> bool {
 
 /// A backend left a route: its label values go, and its state once no route uses it.
 fn drop_backend(cache: &mut BuildCache, metrics: &Metrics, route: &str, rb: &RouteBackend) {
-    for class in STATUS_CLASSES {
+    for class in StatusClass::ALL {
         let _ = metrics
             .requests
-            .remove_label_values(&[route, &rb.spec.addr, class]);
+            .remove_label_values(&[route, &rb.spec.addr, class.as_str()]);
     }
     cache.release(&rb.spec);
 }

@@ -14,7 +14,7 @@ use std::sync::{Arc, OnceLock};
 use prometheus::{Histogram, IntCounter};
 use switchyard_consul::tags::{path_matches, RouteKey, UpstreamProto};
 
-use crate::metrics::{Metrics, STATUS_CLASSES};
+use crate::metrics::{Label, Metrics, StatusClass};
 use crate::upstream::Backend;
 
 pub use build::BuildCache;
@@ -46,15 +46,13 @@ pub struct RouteBackend {
 }
 
 impl RouteBackend {
-    /// Counts a response of status class `class` (0 = 1xx .. 4 = 5xx).
-    pub fn count_response(&self, class: usize, route: &str, metrics: &Metrics) {
-        self.responses[class]
+    /// Counts a response of status class `class`.
+    pub fn count_response(&self, class: StatusClass, route: &str, metrics: &Metrics) {
+        self.responses[class.index()]
             .get_or_init(|| {
-                metrics.requests.with_label_values(&[
-                    route,
-                    &*self.spec.addr,
-                    STATUS_CLASSES[class],
-                ])
+                metrics
+                    .requests
+                    .with_label_values(&[route, &*self.spec.addr, class.as_str()])
             })
             .inc();
     }
@@ -234,7 +232,7 @@ mod tests {
             4,
         );
         let a1 = t1.routes[0].backends[0].backend.clone();
-        t1.routes[0].backends[1].count_response(1, "*/", &metrics);
+        t1.routes[0].backends[1].count_response(StatusClass::Success, "*/", &metrics);
         let t2 = RoutingTable::build::<()>(
             &spec(&[("/", &[("a:1", 1)])]),
             None,

@@ -24,6 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
 use self::tls::{Tls, ALPN_H2};
+use crate::metrics::{ClientErrorKind, ClientProtocol};
 use crate::proxy::{Drain, Peer};
 use crate::server::parking::{Exchange, ParkingIo, Tracked};
 use crate::Shared;
@@ -93,7 +94,7 @@ pub async fn serve_proxy(
                     Ok(a) => a,
                     Err(e) => {
                         // Out of file descriptors and the like: pause rather than spin.
-                        shared.metrics.client_connection_errors.with_label_values(&["accept"]).inc();
+                        shared.metrics.client_connection_errors.inc(ClientErrorKind::Accept);
                         tracing::warn!(error = %e, "accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
@@ -181,7 +182,7 @@ impl Listener {
                             // A keep-alive client going quiet is normal; one that never sent
                             // a request is a header timeout, as hyper would have reported.
                             if !served_before {
-                                self.count_error("header_timeout", addr, "no request head in time");
+                                self.count_error(ClientErrorKind::HeaderTimeout, addr, "no request head in time");
                             }
                             return;
                         }
@@ -221,7 +222,11 @@ impl Listener {
                     served_before = true;
                 }
                 Some(parts) if parts.io.timed_out() => {
-                    self.count_error("header_timeout", addr, crate::server::parking::HEAD_TIMEOUT);
+                    self.count_error(
+                        ClientErrorKind::HeaderTimeout,
+                        addr,
+                        crate::server::parking::HEAD_TIMEOUT,
+                    );
                     return;
                 }
                 _ => {
@@ -272,36 +277,36 @@ impl Listener {
     }
 
     fn count_protocol(&self, tls: bool, h2: bool) {
-        let protocol = if h2 { "h2" } else { "http/1.1" };
+        let protocol = if h2 {
+            ClientProtocol::H2
+        } else {
+            ClientProtocol::Http1
+        };
         self.shared
             .metrics
             .client_connections
-            .with_label_values(&[protocol, if tls { "true" } else { "false" }])
+            .with_label_values(&[protocol.as_str(), if tls { "true" } else { "false" }])
             .inc();
     }
 
     fn count_hyper_error(&self, e: &hyper::Error, addr: SocketAddr) {
         let kind = if e.is_timeout() {
-            "header_timeout"
+            ClientErrorKind::HeaderTimeout
         } else if e.is_parse_too_large() {
-            "head_too_large"
+            ClientErrorKind::HeadTooLarge
         } else if e.is_parse() || e.is_parse_status() {
-            "malformed"
+            ClientErrorKind::Malformed
         } else if e.is_incomplete_message() {
-            "incomplete"
+            ClientErrorKind::Incomplete
         } else {
-            "io"
+            ClientErrorKind::Io
         };
         self.count_error(kind, addr, e);
     }
 
-    fn count_error(&self, kind: &str, addr: SocketAddr, e: impl std::fmt::Display) {
-        self.shared
-            .metrics
-            .client_connection_errors
-            .with_label_values(&[kind])
-            .inc();
-        tracing::debug!(peer = %addr, error = %e, kind, "client connection ended with an error");
+    fn count_error(&self, kind: ClientErrorKind, addr: SocketAddr, e: impl std::fmt::Display) {
+        self.shared.metrics.client_connection_errors.inc(kind);
+        tracing::debug!(peer = %addr, error = %e, kind = kind.as_str(), "client connection ended with an error");
     }
 }
 

@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-use crate::metrics::Metrics;
+use crate::metrics::{CertReload, HandshakeFailure, Metrics, TlsAlpn, TlsVersion};
 
 /// ALPN protocol ids.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -251,10 +251,7 @@ impl Tls {
                 Ok(new) => {
                     tracing::info!(cert = %new.source.cert.display(), names = ?new.info.dns_names,
                         not_after = %format_utc(new.info.not_after), "certificate reloaded");
-                    metrics
-                        .tls_cert_reloads
-                        .with_label_values(&["replaced"])
-                        .inc();
+                    metrics.tls_cert_reloads.inc(CertReload::Replaced);
                     publish_expiry(metrics, &new, Some(old));
                     outcome.replaced += 1;
                     next.push(Arc::new(new));
@@ -284,19 +281,16 @@ impl Tls {
         stream: TcpStream,
         metrics: &Metrics,
     ) -> Option<TlsStream<TcpStream>> {
-        let fail = |reason: &str| {
-            metrics
-                .tls_handshake_failures
-                .with_label_values(&[reason])
-                .inc();
+        let fail = |reason: HandshakeFailure| {
+            metrics.tls_handshake_failures.inc(reason);
             None
         };
         let handshake = async {
             let mut first = [0u8; 1];
             match stream.peek(&mut first).await {
-                Ok(0) => return Err("eof"),
+                Ok(0) => return Err(HandshakeFailure::Eof),
                 Ok(_) => {}
-                Err(_) => return Err("io"),
+                Err(_) => return Err(HandshakeFailure::Io),
             }
             // 0x16 opens every TLS handshake record.
             if first[0] != 0x16 {
@@ -305,7 +299,7 @@ impl Tls {
                     let _ = stream.write_all(PLAIN_HTTP_ON_TLS_PORT).await;
                 }
                 let _ = stream.shutdown().await;
-                return Err("not_tls");
+                return Err(HandshakeFailure::NotTls);
             }
             self.acceptor
                 .accept(stream)
@@ -313,22 +307,22 @@ impl Tls {
                 .map_err(|e| handshake_failure_reason(&e))
         };
         match tokio::time::timeout(self.handshake_timeout, handshake).await {
-            Err(_) => fail("timeout"),
+            Err(_) => fail(HandshakeFailure::Timeout),
             Ok(Err(reason)) => fail(reason),
             Ok(Ok(tls)) => {
                 let conn = tls.get_ref().1;
                 let version = match conn.protocol_version() {
-                    Some(rustls::ProtocolVersion::TLSv1_3) => "1.3",
-                    _ => "1.2",
+                    Some(rustls::ProtocolVersion::TLSv1_3) => TlsVersion::V1_3,
+                    _ => TlsVersion::V1_2,
                 };
                 let alpn = match conn.alpn_protocol() {
-                    Some(ALPN_H2) => "h2",
-                    Some(ALPN_HTTP11) => "http/1.1",
-                    _ => "none",
+                    Some(ALPN_H2) => TlsAlpn::H2,
+                    Some(ALPN_HTTP11) => TlsAlpn::Http1,
+                    _ => TlsAlpn::None,
                 };
                 metrics
                     .tls_handshakes
-                    .with_label_values(&[version, alpn])
+                    .with_label_values(&[version.as_str(), alpn.as_str()])
                     .inc();
                 Some(tls)
             }
@@ -341,30 +335,21 @@ Content-Type: text/plain; charset=utf-8\r\nConnection: close\r\nContent-Length: 
 switchyard: this port speaks HTTPS; the request was sent as plain HTTP\n";
 
 /// Bounded label values for handshake failures.
-pub const HANDSHAKE_FAILURE_REASONS: [&str; 9] = [
-    "not_tls",
-    "timeout",
-    "eof",
-    "io",
-    "malformed",
-    "incompatible",
-    "cert_rejected",
-    "alert",
-    "other",
-];
-
-fn handshake_failure_reason(e: &io::Error) -> &'static str {
+fn handshake_failure_reason(e: &io::Error) -> HandshakeFailure {
     use rustls::{AlertDescription as A, Error as E};
+    use HandshakeFailure as F;
     let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<E>()) else {
         return match e.kind() {
-            io::ErrorKind::UnexpectedEof => "eof",
-            _ => "io",
+            io::ErrorKind::UnexpectedEof => F::Eof,
+            _ => F::Io,
         };
     };
     match tls {
-        E::InvalidMessage(_) | E::InappropriateMessage { .. } | E::PeerMisbehaved(_) => "malformed",
-        E::InappropriateHandshakeMessage { .. } => "malformed",
-        E::PeerIncompatible(_) | E::NoApplicationProtocol => "incompatible",
+        E::InvalidMessage(_) | E::InappropriateMessage { .. } | E::PeerMisbehaved(_) => {
+            F::Malformed
+        }
+        E::InappropriateHandshakeMessage { .. } => F::Malformed,
+        E::PeerIncompatible(_) | E::NoApplicationProtocol => F::Incompatible,
         E::AlertReceived(
             A::BadCertificate
             | A::UnknownCA
@@ -372,21 +357,18 @@ fn handshake_failure_reason(e: &io::Error) -> &'static str {
             | A::CertificateExpired
             | A::UnsupportedCertificate
             | A::CertificateRevoked,
-        ) => "cert_rejected",
+        ) => F::CertRejected,
         E::AlertReceived(A::ProtocolVersion | A::HandshakeFailure | A::InsufficientSecurity) => {
-            "incompatible"
+            F::Incompatible
         }
-        E::AlertReceived(_) => "alert",
-        _ => "other",
+        E::AlertReceived(_) => F::Alert,
+        _ => F::Other,
     }
 }
 
 fn reject(metrics: &Metrics, outcome: &mut ReloadOutcome, e: &CertError) {
     tracing::error!(error = %e, "certificate rejected; the one in service stays");
-    metrics
-        .tls_cert_reloads
-        .with_label_values(&["rejected"])
-        .inc();
+    metrics.tls_cert_reloads.inc(CertReload::Rejected);
     outcome.rejected += 1;
 }
 
