@@ -5,6 +5,7 @@
 //! `--connect-timeout`). Every invalid setting is reported at once.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use switchyard_consul::settings::{parse_bool, parse_duration, positive_duration, Reader, Setting};
@@ -229,7 +230,7 @@ pub struct Config {
     /// None: one per CPU in the process's affinity mask (tokio's default).
     pub workers: Option<usize>,
     pub tls_listen: Option<SocketAddr>,
-    pub tls_certs: Vec<crate::server::tls::CertSource>,
+    pub tls_certs: Vec<CertSource>,
     /// Zero: reload only on SIGHUP.
     pub tls_reload_interval: Duration,
     pub tls_handshake_timeout: Duration,
@@ -369,7 +370,7 @@ impl Config {
             ),
             tls_certs: p.get(
                 "LB_TLS_CERTS",
-                crate::server::tls::CertSource::parse_list,
+                CertSource::parse_list,
                 "CERT.pem[:KEY.pem] entries separated by commas",
             ),
             tls_reload_interval: p.get(
@@ -427,6 +428,31 @@ impl Config {
             "LB_",
             SETTINGS,
         )
+    }
+}
+
+/// One certificate as configured: the chain's file and the key's (the same file when the PEM
+/// holds both, as HAProxy's `crt` files do).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertSource {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl CertSource {
+    /// Parses `CERT[:KEY],CERT[:KEY]...`; empty gives no certificates.
+    pub fn parse_list(s: &str) -> Option<Vec<CertSource>> {
+        s.split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .map(|e| {
+                let (cert, key) = e.split_once(':').unwrap_or((e, e));
+                (!cert.is_empty() && !key.is_empty()).then(|| CertSource {
+                    cert: cert.into(),
+                    key: key.into(),
+                })
+            })
+            .collect()
     }
 }
 
@@ -498,5 +524,14 @@ mod tests {
         assert_eq!(c.listen, "127.0.0.1:1".parse().unwrap());
         assert_eq!(c.balance, Balance::RoundRobin);
         assert!(Config::lookup_from_args_and_env(&["--nope=1".to_string()]).is_err());
+    }
+
+    #[test]
+    fn cert_lists() {
+        assert_eq!(CertSource::parse_list(""), Some(vec![]));
+        let l = CertSource::parse_list("/a.pem, /b.crt:/b.key").unwrap();
+        assert_eq!(l[0].cert, l[0].key);
+        assert_eq!(l[1].key, PathBuf::from("/b.key"));
+        assert_eq!(CertSource::parse_list("/a.pem:"), None);
     }
 }

@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+pub use crate::config::CertSource;
+
 use arc_swap::ArcSwap;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -31,31 +33,6 @@ use crate::metrics::{CertReload, HandshakeFailure, Metrics, TlsAlpn, TlsVersion}
 /// ALPN protocol ids.
 pub const ALPN_H2: &[u8] = b"h2";
 pub const ALPN_HTTP11: &[u8] = b"http/1.1";
-
-/// One certificate as configured: the chain's file and the key's (the same file when the PEM
-/// holds both, as HAProxy's `crt` files do).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CertSource {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
-
-impl CertSource {
-    /// Parses `CERT[:KEY],CERT[:KEY]...`; empty gives no certificates.
-    pub fn parse_list(s: &str) -> Option<Vec<CertSource>> {
-        s.split(',')
-            .map(str::trim)
-            .filter(|e| !e.is_empty())
-            .map(|e| {
-                let (cert, key) = e.split_once(':').unwrap_or((e, e));
-                (!cert.is_empty() && !key.is_empty()).then(|| CertSource {
-                    cert: cert.into(),
-                    key: key.into(),
-                })
-            })
-            .collect()
-    }
-}
 
 /// Why a certificate could not be used. The message names the file and what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -541,15 +518,6 @@ pub async fn watch_certificates(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cert_lists() {
-        assert_eq!(CertSource::parse_list(""), Some(vec![]));
-        let l = CertSource::parse_list("/a.pem, /b.crt:/b.key").unwrap();
-        assert_eq!(l[0].cert, l[0].key);
-        assert_eq!(l[1].key, PathBuf::from("/b.key"));
-        assert_eq!(CertSource::parse_list("/a.pem:"), None);
-    }
 
     #[test]
     fn plain_http_answer_is_well_formed() {
