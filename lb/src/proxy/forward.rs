@@ -16,8 +16,8 @@ use super::local::local;
 use super::peer::Peer;
 use super::upgrade::{spawn_tunnel, Upgrade};
 use crate::metrics::{LocalReason, RetryReason, StatusClass, UpstreamErrorKind};
-use crate::routing::{Route, Tried};
-use crate::upstream::{SendError, Sender, Upstream, UpstreamBody};
+use crate::routing::{Route, RouteBackend, Tried};
+use crate::upstream::{Backend, ConnectError, SendError, Sender, Upstream, UpstreamBody};
 use crate::Shared;
 
 /// Pooled connections found closed at send time, retried without spending a retry: nothing
@@ -31,54 +31,31 @@ pub(super) async fn forward(
     mut parts: http::request::Parts,
     body: Incoming,
     request_id: HeaderValue,
-    mut upgrade: Option<Upgrade>,
+    upgrade: Option<Upgrade>,
 ) -> Response<ProxyBody> {
     let cfg = &shared.config;
     let start = Instant::now();
-    // A request may be replayed after it reached a backend only when it is idempotent and has no
-    // body we would have streamed away; a connect failure is retried whatever the method.
-    let bodyless = http_body::Body::is_end_stream(&body);
-    let replayable = bodyless && is_idempotent(&parts.method) && cfg.retries > 0;
-    let mut body = Some(if bodyless {
-        UpstreamBody::Empty
-    } else {
-        UpstreamBody::Incoming(body)
-    });
-    let mut tried = Tried::default();
-    let mut retries = 0u32;
-    let mut stale = 0u32;
-    let mut last = LocalReason::NoBackend;
-
-    while let Some(i) = route.pick(cfg.balance, &tried) {
-        tried.push(i);
+    let mut attempts = Attempts::new(&parts, body, cfg.retries);
+    while let Some(i) = route.pick(cfg.balance, &attempts.tried) {
+        attempts.tried.push(i);
         let rb = &route.backends[i];
         let backend = &rb.backend;
-
-        let (mut sender, reused) = match backend.checkout(&shared.backend_settings).await {
-            Ok(s) => s,
-            Err(e) => {
-                last = LocalReason::UpstreamConnect;
-                let kind = if matches!(e, crate::upstream::ConnectError::Timeout { .. }) {
-                    UpstreamErrorKind::ConnectTimeout
-                } else {
-                    UpstreamErrorKind::Connect
-                };
-                shared.metrics.upstream_errors.inc(kind);
-                if backend.record_failure(&shared.backend_settings) {
-                    shared.metrics.ejections.inc();
-                    tracing::warn!(backend = %backend.addr, route = %route.name, error = %e, "backend ejected");
-                } else {
-                    tracing::debug!(backend = %backend.addr, error = %e, "upstream connect failed");
+        let mut sender = match backend.checkout(&shared.backend_settings).await {
+            Ok((sender, reused)) => {
+                if !reused {
+                    shared.metrics.upstream_connections.inc();
                 }
-                if may_retry(shared, &mut retries, RetryReason::Connect) {
+                sender
+            }
+            Err(e) => {
+                connect_failed(shared, route, backend, e);
+                attempts.last = LocalReason::UpstreamConnect;
+                if may_retry(shared, &mut attempts.retries, RetryReason::Connect) {
                     continue;
                 }
                 break;
             }
         };
-        if !reused {
-            shared.metrics.upstream_connections.inc();
-        }
         // `handle` left the request in HTTP/1.1 form; only a change of protocol between
         // attempts (a route mixing h2c and HTTP/1.1 instances) converts it.
         match (sender.is_h2(), parts.version == Version::HTTP_2) {
@@ -86,115 +63,205 @@ pub(super) async fn forward(
             (false, true) => to_http1_form(&mut parts),
             _ => {}
         }
-
-        backend.start_request();
-        shared.metrics.in_flight.inc();
-        let end = |shared: &Shared| {
-            backend.end_request();
-            shared.metrics.in_flight.dec();
-        };
-        let b = body.take().expect("body is restored before every retry");
+        let body = attempts
+            .body
+            .take()
+            .expect("body is restored before every retry");
         let fwd = Forwarded {
             client_ip: &peer.ip,
             tls: peer.tls,
             request_id: &request_id,
         };
         // The parts stay here: a retry sends them again.
-        let sent = sender.send(&parts, &fwd, b, cfg.response_timeout).await;
-        let resp = match sent {
-            Ok(resp) => resp,
-            Err(SendError::NotSent(b)) => {
-                // The pooled connection closed before the request went out (a keep-alive
-                // race): nothing reached the backend, so it is safe to try again.
-                end(shared);
-                body = Some(b);
-                shared
-                    .metrics
-                    .upstream_errors
-                    .inc(UpstreamErrorKind::StaleConnection);
-                if stale < MAX_STALE_RETRIES {
-                    stale += 1;
-                    tried.forget_last();
-                    continue;
-                }
-                last = LocalReason::UpstreamError;
-                break;
+        // In flight from here until the response's guard drops, or the send fails.
+        backend.start_request();
+        shared.metrics.in_flight.inc();
+        match sender.send(&parts, &fwd, body, cfg.response_timeout).await {
+            Ok(resp) => {
+                let sent = Sent {
+                    route,
+                    backend: rb,
+                    sender,
+                    start,
+                };
+                return respond(shared, sent, resp, upgrade, request_id);
             }
-            Err(SendError::Failed(e)) => {
-                end(shared);
-                last = LocalReason::UpstreamError;
-                shared.metrics.upstream_errors.inc(UpstreamErrorKind::Reset);
-                tracing::debug!(backend = %backend.addr, error = %e, "upstream request failed");
-                if replayable && may_retry(shared, &mut retries, RetryReason::Reset) {
-                    body = Some(UpstreamBody::Empty);
-                    continue;
+            Err(e) => {
+                backend.end_request();
+                shared.metrics.in_flight.dec();
+                if !attempts.failed(shared, route, backend, e) {
+                    break;
                 }
-                break;
             }
-            Err(SendError::ClientBody(e)) => {
-                // The client stopped sending its body; hyper counts its connection's error.
-                // Nothing to retry and no backend to blame.
-                end(shared);
-                last = LocalReason::BadRequest;
-                tracing::debug!(backend = %backend.addr, error = %e, "client request body broke off");
-                break;
-            }
-            Err(SendError::TimedOut) => {
-                end(shared);
-                last = LocalReason::UpstreamTimeout;
-                shared
-                    .metrics
-                    .upstream_errors
-                    .inc(UpstreamErrorKind::ResponseTimeout);
-                if backend.record_failure(&shared.backend_settings) {
-                    shared.metrics.ejections.inc();
-                    tracing::warn!(backend = %backend.addr, route = %route.name, "backend ejected after response timeout");
-                }
-                if replayable && may_retry(shared, &mut retries, RetryReason::Timeout) {
-                    body = Some(UpstreamBody::Empty);
-                    continue;
-                }
-                break;
-            }
-        };
-
-        backend.record_success();
-        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-        let (mut rparts, mut rbody) = resp.into_parts();
-        rb.count_response(StatusClass::of(rparts.status), &route.name, &shared.metrics);
-        let accepted_upgrade = switching.then(|| rparts.headers.get(header::UPGRADE).cloned());
-        strip_hop_by_hop(&mut rparts.headers);
-        rparts.headers.entry(X_REQUEST_ID).or_insert(request_id);
-        let mut sender = Some(sender);
-        if let (true, Some(up), Some(Sender::H1(_))) = (switching, upgrade.take(), &sender) {
-            let Some(Sender::H1(conn)) = sender.take() else {
-                unreachable!("matched above")
-            };
-            let protocol = accepted_upgrade.flatten().unwrap_or(up.protocol.clone());
-            rparts
-                .headers
-                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            rparts.headers.insert(header::UPGRADE, protocol);
-            // The connection now belongs to the tunnel; it never goes back to the pool.
-            spawn_tunnel(shared.clone(), up, conn.into_tunnel(), backend.addr.clone());
-            rbody = Upstream::Empty;
         }
-        let guard = ResponseGuard {
-            backend: backend.clone(),
-            route: route.clone(),
-            start,
-            sender,
-            shared: shared.clone(),
-        };
-        return Response::from_parts(
-            rparts,
-            ProxyBody::Upstream {
-                inner: rbody,
-                guard,
-            },
-        );
+    }
+    give_up(shared, route, attempts.last, request_id)
+}
+
+/// One request's attempts: the backends tried, the retries spent, the body kept for the next
+/// attempt, and why the last one failed.
+struct Attempts {
+    tried: Tried,
+    retries: u32,
+    stale: u32,
+    /// A request may be replayed after it reached a backend only when it is idempotent and has
+    /// no body we would have streamed away; a connect failure is retried whatever the method.
+    replayable: bool,
+    body: Option<UpstreamBody>,
+    last: LocalReason,
+}
+
+impl Attempts {
+    fn new(parts: &http::request::Parts, body: Incoming, retries: u32) -> Attempts {
+        let bodyless = http_body::Body::is_end_stream(&body);
+        Attempts {
+            tried: Tried::default(),
+            retries: 0,
+            stale: 0,
+            replayable: bodyless && is_idempotent(&parts.method) && retries > 0,
+            body: Some(if bodyless {
+                UpstreamBody::Empty
+            } else {
+                UpstreamBody::Incoming(body)
+            }),
+            last: LocalReason::NoBackend,
+        }
     }
 
+    /// Settles a send that ended without a response: counts it, blames the backend when it
+    /// is the backend's fault, and returns whether to try again (with the body restored).
+    fn failed(&mut self, shared: &Shared, route: &Route, backend: &Backend, e: SendError) -> bool {
+        let m = &shared.metrics;
+        let reason = match e {
+            SendError::NotSent(b) => {
+                // The pooled connection closed before the request went out (a keep-alive
+                // race): nothing reached the backend, so it is safe to try again, without
+                // spending a retry.
+                self.body = Some(b);
+                m.upstream_errors.inc(UpstreamErrorKind::StaleConnection);
+                if self.stale < MAX_STALE_RETRIES {
+                    self.stale += 1;
+                    self.tried.forget_last();
+                    return true;
+                }
+                self.last = LocalReason::UpstreamError;
+                return false;
+            }
+            SendError::Failed(e) => {
+                self.last = LocalReason::UpstreamError;
+                m.upstream_errors.inc(UpstreamErrorKind::Reset);
+                tracing::debug!(backend = %backend.addr, error = %e, "upstream request failed");
+                RetryReason::Reset
+            }
+            SendError::ClientBody(e) => {
+                // The client stopped sending its body; hyper counts its connection's error.
+                // Nothing to retry and no backend to blame.
+                self.last = LocalReason::BadRequest;
+                tracing::debug!(backend = %backend.addr, error = %e, "client request body broke off");
+                return false;
+            }
+            SendError::TimedOut => {
+                self.last = LocalReason::UpstreamTimeout;
+                m.upstream_errors.inc(UpstreamErrorKind::ResponseTimeout);
+                if backend.record_failure(&shared.backend_settings) {
+                    m.ejections.inc();
+                    tracing::warn!(backend = %backend.addr, route = %route.name, "backend ejected after response timeout");
+                }
+                RetryReason::Timeout
+            }
+        };
+        if self.replayable && may_retry(shared, &mut self.retries, reason) {
+            self.body = Some(UpstreamBody::Empty);
+            return true;
+        }
+        false
+    }
+}
+
+/// A connection to `backend` could not be had: counted, and held against the backend.
+fn connect_failed(shared: &Shared, route: &Route, backend: &Backend, e: ConnectError) {
+    let kind = if matches!(e, ConnectError::Timeout { .. }) {
+        UpstreamErrorKind::ConnectTimeout
+    } else {
+        UpstreamErrorKind::Connect
+    };
+    shared.metrics.upstream_errors.inc(kind);
+    if backend.record_failure(&shared.backend_settings) {
+        shared.metrics.ejections.inc();
+        tracing::warn!(backend = %backend.addr, route = %route.name, error = %e, "backend ejected");
+    } else {
+        tracing::debug!(backend = %backend.addr, error = %e, "upstream connect failed");
+    }
+}
+
+/// An attempt that got a response head.
+struct Sent<'a> {
+    route: &'a Arc<Route>,
+    backend: &'a RouteBackend,
+    sender: Sender,
+    start: Instant,
+}
+
+/// The backend's response on its way to the client: counted, stripped of hop-by-hop fields,
+/// tunnelled when both sides switched protocols, and guarded until its body ends.
+fn respond(
+    shared: &Arc<Shared>,
+    sent: Sent<'_>,
+    resp: Response<Upstream>,
+    mut upgrade: Option<Upgrade>,
+    request_id: HeaderValue,
+) -> Response<ProxyBody> {
+    let Sent {
+        route,
+        backend: rb,
+        sender,
+        start,
+    } = sent;
+    let backend = &rb.backend;
+    backend.record_success();
+    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    let (mut rparts, mut rbody) = resp.into_parts();
+    rb.count_response(StatusClass::of(rparts.status), &route.name, &shared.metrics);
+    let accepted_upgrade = switching.then(|| rparts.headers.get(header::UPGRADE).cloned());
+    strip_hop_by_hop(&mut rparts.headers);
+    rparts.headers.entry(X_REQUEST_ID).or_insert(request_id);
+    let mut sender = Some(sender);
+    if let (true, Some(up), Some(Sender::H1(_))) = (switching, upgrade.take(), &sender) {
+        let Some(Sender::H1(conn)) = sender.take() else {
+            unreachable!("matched above")
+        };
+        let protocol = accepted_upgrade.flatten().unwrap_or(up.protocol.clone());
+        rparts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        rparts.headers.insert(header::UPGRADE, protocol);
+        // The connection now belongs to the tunnel; it never goes back to the pool.
+        spawn_tunnel(shared.clone(), up, conn.into_tunnel(), backend.addr.clone());
+        rbody = Upstream::Empty;
+    }
+    let guard = ResponseGuard {
+        backend: backend.clone(),
+        route: route.clone(),
+        start,
+        sender,
+        shared: shared.clone(),
+    };
+    Response::from_parts(
+        rparts,
+        ProxyBody::Upstream {
+            inner: rbody,
+            guard,
+        },
+    )
+}
+
+/// The answer when no attempt got a response, from why the last one failed.
+fn give_up(
+    shared: &Shared,
+    route: &Route,
+    last: LocalReason,
+    request_id: HeaderValue,
+) -> Response<ProxyBody> {
     let msg = match last {
         LocalReason::UpstreamConnect => "no backend accepted the connection",
         LocalReason::UpstreamTimeout => "the backend did not answer in time",
