@@ -15,7 +15,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
-use lb::discovery::{table_spec, SpecParts};
+use lb::discovery::{table_spec, DesiredTable};
 use lb::metrics::Metrics;
 use lb::routing::{BuildCache, RoutingTable};
 use switchyard_consul::ServiceEntry;
@@ -66,7 +66,7 @@ fn bench(c: &mut Criterion) {
 
     let metrics = Metrics::new();
     let mut cache = BuildCache::default();
-    let mut parts = SpecParts::default();
+    let mut parts = DesiredTable::default();
     for (name, entries) in &services {
         parts.set(name, entries, "lb", |_, _, _| {});
     }

@@ -52,9 +52,9 @@ fn respond(shared: &Shared, req: &Request<hyper::body::Incoming>) -> Response<Fu
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => {
-            if shared.draining.load(Ordering::Acquire) {
+            if shared.shutting_down.load(Ordering::Acquire) {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-            } else if !shared.table_loaded.load(Ordering::Acquire) {
+            } else if shared.table.load().is_none() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "no routing table yet\n")
             } else {
                 text(StatusCode::OK, "ready\n")
@@ -106,9 +106,9 @@ fn refresh_gauges(shared: &Shared) {
                 .set(ejected as i64);
         }
     }
-    m.consul_up.set(i64::from(shared.discovery.consul_up()));
+    m.consul_up.set(i64::from(shared.consul.consul_up()));
     m.table_age
-        .set(shared.discovery.table_age().unwrap_or(f64::NAN));
+        .set(shared.consul.table_age().unwrap_or(f64::NAN));
 }
 
 #[derive(Serialize)]
@@ -145,8 +145,8 @@ fn routes_view(shared: &Shared) -> RoutesView {
     let now = now_ms();
     RoutesView {
         generation: table.as_ref().map_or(0, |t| t.generation),
-        table_age_seconds: shared.discovery.table_age(),
-        consul_up: shared.discovery.consul_up(),
+        table_age_seconds: shared.consul.table_age(),
+        consul_up: shared.consul.consul_up(),
         routes: table
             .iter()
             .flat_map(|t| t.routes.iter())

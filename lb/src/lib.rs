@@ -119,7 +119,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     };
 
     shutdown.await;
-    shared.draining.store(true, Ordering::Release);
+    shared.shutting_down.store(true, Ordering::Release);
     tracing::info!(drain_delay = ?drain_delay, "shutdown requested: readiness is false, still accepting");
     tokio::time::sleep(drain_delay).await;
     let _ = stop_proxy.send(true);

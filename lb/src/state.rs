@@ -12,18 +12,38 @@ use crate::routing::RoutingTable;
 use crate::time::unix_ms;
 use crate::upstream::{BackendSettings, RetryBudget};
 
-/// What the rest of the lb may know about discovery's health.
+/// What the rest of the lb may know about discovery's contact with Consul. Discovery's
+/// watches report to it; admin and metrics read it.
 #[derive(Default)]
-pub struct DiscoveryState {
+pub struct ConsulContact {
     /// Watches whose last Consul call failed.
-    pub(crate) failing: AtomicUsize,
+    failing: AtomicUsize,
     /// Unix ms of the last successful Consul read; 0 before the first.
-    pub(crate) last_ok_unix_ms: AtomicU64,
+    last_ok_unix_ms: AtomicU64,
     /// Set once the catalog has answered at least once.
-    pub(crate) catalog_ok: AtomicBool,
+    catalog_ok: AtomicBool,
 }
 
-impl DiscoveryState {
+impl ConsulContact {
+    /// A read succeeded just now.
+    pub fn read_ok(&self) {
+        self.last_ok_unix_ms.store(unix_ms(), Ordering::Relaxed);
+    }
+
+    /// The catalog has answered: the table reflects it.
+    pub fn catalog_answered(&self) {
+        self.catalog_ok.store(true, Ordering::Relaxed);
+    }
+
+    /// One more (`true`) or one fewer (`false`) watch whose last call failed.
+    pub fn watch_failing(&self, failing: bool) {
+        if failing {
+            self.failing.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.failing.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
     /// Seconds since Consul last confirmed the table; 0 while every watch is healthy.
     pub fn table_age(&self) -> Option<f64> {
         let last = self.last_ok_unix_ms.load(Ordering::Relaxed);
@@ -42,17 +62,19 @@ impl DiscoveryState {
     }
 }
 
-/// State shared by the request path, discovery and admin.
+/// State shared by the request path, discovery and admin, in typed parts: each reader takes
+/// the parts it needs, and only discovery writes the table and the Consul contact.
 pub struct Shared {
     pub config: Config,
-    /// `None` until discovery publishes the first table.
+    /// `None` until discovery publishes the first table; the proxy reads it with one load.
     pub table: ArcSwapOption<RoutingTable>,
     pub metrics: Metrics,
+    /// How the lb treats its backends (timeouts, pool, ejection), from the config.
     pub backend_settings: BackendSettings,
     pub retry_budget: RetryBudget,
-    pub discovery: DiscoveryState,
-    pub table_loaded: AtomicBool,
-    pub draining: AtomicBool,
+    pub consul: ConsulContact,
+    /// Set when shutdown begins: readiness turns false while the listeners still accept.
+    pub shutting_down: AtomicBool,
 }
 
 impl Shared {
@@ -69,9 +91,8 @@ impl Shared {
             retry_budget: RetryBudget::new(config.retry_budget),
             table: ArcSwapOption::empty(),
             metrics: Metrics::new(),
-            discovery: DiscoveryState::default(),
-            table_loaded: AtomicBool::new(false),
-            draining: AtomicBool::new(false),
+            consul: ConsulContact::default(),
+            shutting_down: AtomicBool::new(false),
             config,
         }
     }

@@ -15,7 +15,7 @@ use crate::routing::{BackendSpec, TableSpec};
 /// `take_changed`, however many of their services changed since (a first sync of many
 /// services sharing one route must not rebuild it once per service).
 #[derive(Default)]
-pub struct SpecParts {
+pub struct DesiredTable {
     parts: HashMap<String, Vec<(RouteKey, Option<BackendSpec>)>>,
     /// The services that route to each route.
     users: HashMap<RouteKey, BTreeSet<String>>,
@@ -27,7 +27,7 @@ pub struct SpecParts {
 /// The routes that changed, with their backends before (`None`: the route is new).
 pub type Changes = BTreeMap<RouteKey, Option<Vec<BackendSpec>>>;
 
-impl SpecParts {
+impl DesiredTable {
     /// Replaces a service's share from its instances. Routes exist for every routed instance;
     /// only passing ones become backends, so a route whose instances all fail answers 503.
     /// `on_tag_error(service, instance, error)` hears of every malformed tag.
@@ -147,7 +147,7 @@ pub fn table_spec(
     prefix: &str,
     mut on_tag_error: impl FnMut(&str, &str, &TagError),
 ) -> TableSpec {
-    let mut parts = SpecParts::default();
+    let mut parts = DesiredTable::default();
     for (service, entries) in services {
         parts.set(service, entries, prefix, &mut on_tag_error);
     }
@@ -177,7 +177,7 @@ mod tests {
         .unwrap()
     }
 
-    fn addrs(parts: &SpecParts, route: &str) -> Option<Vec<String>> {
+    fn addrs(parts: &DesiredTable, route: &str) -> Option<Vec<String>> {
         let key = switchyard_consul::tags::parse_route(route).unwrap();
         parts
             .spec()
@@ -186,8 +186,8 @@ mod tests {
     }
 
     #[test]
-    fn spec_parts_recompute_only_what_changed_and_merge_shared_routes() {
-        let mut p = SpecParts::default();
+    fn desired_table_recomputes_only_what_changed_and_merges_shared_routes() {
+        let mut p = DesiredTable::default();
         let none = |_: &str, _: &str, _: &TagError| {};
         p.set("a", &[entry("a", "a1", 1, "/", "passing")], "lb", none);
         p.set("b", &[entry("b", "b1", 2, "/", "passing")], "lb", none);

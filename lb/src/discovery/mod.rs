@@ -1,5 +1,5 @@
 //! Consul in, routing tables out. One blocking watch on the catalog finds routed services, one
-//! blocking watch per routed service follows its instances' health, and a single builder task
+//! blocking watch per routed service follows its instances' health, and a single publisher task
 //! turns what they report into a new `RoutingTable`, published with one `ArcSwap::store`.
 //!
 //! Invariants: a watch that fails keeps its last answer (the table never empties because Consul
@@ -11,7 +11,6 @@ mod pace;
 mod watches;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,7 +20,7 @@ use tokio::task::JoinHandle;
 
 use crate::routing::{BackendSpec, BuildCache, RoutingTable, TableSpec};
 use crate::Shared;
-pub use desired::{table_spec, Changes, SpecParts};
+pub use desired::{table_spec, Changes, DesiredTable};
 pub use pace::Pace;
 use watches::{watch_catalog, watch_service};
 
@@ -45,11 +44,11 @@ pub async fn watch_consul(
 ) {
     let (tx, mut rx) = mpsc::channel::<Update>(1024);
     let catalog = tokio::spawn(watch_catalog(shared.clone(), client.clone(), tx.clone()));
-    let mut builder = Builder {
+    let mut publisher = Publisher {
         shared: shared.clone(),
         client,
         tx,
-        parts: SpecParts::default(),
+        desired: DesiredTable::default(),
         watchers: HashMap::new(),
         awaiting_first: HashSet::new(),
         catalog_seen_at: None,
@@ -59,38 +58,38 @@ pub async fn watch_consul(
         warned: HashSet::new(),
     };
     loop {
-        let deadline = builder
+        let deadline = publisher
             .catalog_seen_at
-            .filter(|_| !builder.published)
+            .filter(|_| !publisher.published)
             .map(|t| t + shared.config.initial_sync_timeout);
         tokio::select! {
             update = rx.recv() => {
                 let Some(update) = update else { break };
-                builder.apply(update);
+                publisher.apply(update);
                 // Coalesce everything already queued into one build.
                 while let Ok(update) = rx.try_recv() {
-                    builder.apply(update);
+                    publisher.apply(update);
                 }
-                builder.maybe_publish(false);
+                publisher.maybe_publish(false);
             }
             _ = async { tokio::time::sleep_until(deadline.expect("guarded").into()).await }, if deadline.is_some() => {
-                tracing::warn!(waiting_for = ?builder.awaiting_first, "initial sync timed out; publishing the table with the services that answered");
-                builder.maybe_publish(true);
+                tracing::warn!(waiting_for = ?publisher.awaiting_first, "initial sync timed out; publishing the table with the services that answered");
+                publisher.maybe_publish(true);
             }
             _ = shutdown.changed() => break,
         }
     }
     catalog.abort();
-    for (_, w) in builder.watchers.drain() {
+    for (_, w) in publisher.watchers.drain() {
         w.abort();
     }
 }
 
-struct Builder {
+struct Publisher {
     shared: Arc<Shared>,
     client: Client,
     tx: mpsc::Sender<Update>,
-    parts: SpecParts,
+    desired: DesiredTable,
     watchers: HashMap<String, JoinHandle<()>>,
     awaiting_first: HashSet<String>,
     catalog_seen_at: Option<Instant>,
@@ -101,7 +100,7 @@ struct Builder {
     warned: HashSet<(String, String)>,
 }
 
-impl Builder {
+impl Publisher {
     fn apply(&mut self, update: Update) {
         match update {
             Update::Services(names) => {
@@ -113,7 +112,7 @@ impl Builder {
                     }
                     keep
                 });
-                self.parts.retain(|name| names.contains(name));
+                self.desired.retain(|name| names.contains(name));
                 self.shared
                     .metrics
                     .consul_watches
@@ -147,7 +146,7 @@ impl Builder {
                 if self.watchers.contains_key(&service) {
                     self.awaiting_first.remove(&service);
                     let (warned, shared) = (&mut self.warned, &self.shared);
-                    self.parts.set(
+                    self.desired.set(
                         &service,
                         &entries,
                         &shared.config.tag_prefix,
@@ -175,17 +174,17 @@ impl Builder {
             return;
         }
         let started = Instant::now();
-        let changed = self.parts.take_changed();
+        let changed = self.desired.take_changed();
         if self.published && changed.is_empty() {
             return;
         }
         if self.published {
-            log_diff(&changed, self.parts.spec());
+            log_diff(&changed, self.desired.spec());
         }
         self.generation += 1;
         let m = &self.shared.metrics;
         let table = RoutingTable::build(
-            self.parts.spec(),
+            self.desired.spec(),
             Some(&changed),
             self.generation,
             &mut self.cache,
@@ -205,7 +204,6 @@ impl Builder {
                 "first routing table published"
             );
             self.published = true;
-            self.shared.table_loaded.store(true, Ordering::Release);
         }
     }
 }

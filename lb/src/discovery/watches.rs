@@ -2,7 +2,6 @@
 //! jitter, and reporting only real changes. Knows nothing of routing tables.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use switchyard_consul::backoff::Backoff;
@@ -11,25 +10,22 @@ use tokio::sync::mpsc;
 
 use super::{Pace, Update, BACKOFF_BASE};
 use crate::metrics::WatchName;
-use crate::state::DiscoveryState;
-use crate::time::unix_ms;
+use crate::state::ConsulContact;
 use crate::Shared;
 
-/// Marks a watch as failing while it is, and not once it is gone.
-struct Health<'a> {
-    state: &'a DiscoveryState,
+/// Counts a watch as failing while its last call failed, and not once it is gone.
+struct FailingWatch<'a> {
+    contact: &'a ConsulContact,
     failing: bool,
 }
 
-impl Health<'_> {
+impl FailingWatch<'_> {
     fn ok(&mut self, shared: &Shared, meta: QueryMeta) {
         if self.failing {
             self.failing = false;
-            self.state.failing.fetch_sub(1, Ordering::Relaxed);
+            self.contact.watch_failing(false);
         }
-        self.state
-            .last_ok_unix_ms
-            .store(unix_ms(), Ordering::Relaxed);
+        self.contact.read_ok();
         let m = &shared.metrics;
         m.consul_last_contact
             .set(meta.last_contact_ms as f64 / 1000.0);
@@ -39,15 +35,15 @@ impl Health<'_> {
     fn failed(&mut self) {
         if !self.failing {
             self.failing = true;
-            self.state.failing.fetch_add(1, Ordering::Relaxed);
+            self.contact.watch_failing(true);
         }
     }
 }
 
-impl Drop for Health<'_> {
+impl Drop for FailingWatch<'_> {
     fn drop(&mut self) {
         if self.failing {
-            self.state.failing.fetch_sub(1, Ordering::Relaxed);
+            self.contact.watch_failing(false);
         }
     }
 }
@@ -84,8 +80,8 @@ async fn watch<Raw, T, R, ReadFut, J, C, ChangeFut>(
     let cfg = &shared.config;
     let mut pace = Pace::new(cfg.consul_rate, cfg.consul_burst);
     let mut backoff = Backoff::new(BACKOFF_BASE, cfg.consul_backoff_max);
-    let mut health = Health {
-        state: &shared.discovery,
+    let mut health = FailingWatch {
+        contact: &shared.consul,
         failing: false,
     };
     let mut index = 0;
@@ -167,7 +163,7 @@ pub(super) async fn watch_catalog(shared: Arc<Shared>, client: Client, tx: mpsc:
             async move { client.catalog_services(&q).await }
         },
         |resp, _| {
-            shared.discovery.catalog_ok.store(true, Ordering::Relaxed);
+            shared.consul.catalog_answered();
             Verdict::Value(
                 resp.value
                     .into_iter()

@@ -1,7 +1,7 @@
 //! One upstream address and everything that must outlive a routing-table swap: its in-flight
 //! count, passive-health (ejection) state and pooled connections.
 //!
-//! Tables hold `Arc<Backend>`; the discovery builder hands the same `Arc` to every new table while
+//! Tables hold `Arc<Backend>`; discovery's publisher hands the same `Arc` to every new table while
 //! the address stays in Consul, so pools and ejections survive reloads.
 //!
 //! HTTP/1.1 backends get a pool of idle connections (`h1::Conn`), one request at a time on
