@@ -11,8 +11,6 @@ use bollard::Docker;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
-use crate::instance::{ContainerInfo, DockerHealth};
-
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
     #[error("cannot reach the Docker engine: {0}")]
@@ -23,6 +21,40 @@ pub enum DockerError {
         #[source]
         source: bollard::errors::Error,
     },
+}
+
+/// Docker's own health state of a container with a HEALTHCHECK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DockerHealth {
+    Starting,
+    Healthy,
+    Unhealthy,
+}
+
+impl DockerHealth {
+    pub fn parse(s: &str) -> Option<DockerHealth> {
+        match s {
+            "starting" => Some(DockerHealth::Starting),
+            "healthy" => Some(DockerHealth::Healthy),
+            "unhealthy" => Some(DockerHealth::Unhealthy),
+            _ => None,
+        }
+    }
+}
+
+/// What the registrar needs to know about a container, taken from `docker inspect`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContainerInfo {
+    pub id: String,
+    /// Without the leading `/`.
+    pub name: String,
+    pub labels: HashMap<String, String>,
+    pub running: bool,
+    /// `None` when the image has no HEALTHCHECK.
+    pub health: Option<DockerHealth>,
+    /// (network name, IPv4 address).
+    pub networks: Vec<(String, String)>,
+    pub exposed_tcp_ports: Vec<u16>,
 }
 
 /// A container event that matters to registration.

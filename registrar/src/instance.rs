@@ -12,6 +12,8 @@ use switchyard_consul::settings::parse_duration;
 use switchyard_consul::tags::{parse_route, MAX_WEIGHT};
 use switchyard_consul::{CheckRegistration, CheckStatus, ServiceRegistration};
 
+use crate::docker::{ContainerInfo, DockerHealth};
+
 /// Service meta keys that mark an entry as ours.
 pub const META_NODE: &str = "switchyard-node";
 pub const META_CONTAINER: &str = "switchyard-container";
@@ -21,45 +23,14 @@ const SWARM_SERVICE: &str = "com.docker.swarm.service.name";
 const STACK_NAMESPACE: &str = "com.docker.stack.namespace";
 const SWARM_TASK: &str = "com.docker.swarm.task.name";
 
-/// Docker's own health state of a container with a HEALTHCHECK.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DockerHealth {
-    Starting,
-    Healthy,
-    Unhealthy,
-}
-
+/// Docker's health as the status of the TTL check that mirrors it.
 impl DockerHealth {
-    pub fn parse(s: &str) -> Option<DockerHealth> {
-        match s {
-            "starting" => Some(DockerHealth::Starting),
-            "healthy" => Some(DockerHealth::Healthy),
-            "unhealthy" => Some(DockerHealth::Unhealthy),
-            _ => None,
-        }
-    }
-
     pub fn check_status(self) -> CheckStatus {
         match self {
             DockerHealth::Healthy => CheckStatus::Passing,
             DockerHealth::Starting | DockerHealth::Unhealthy => CheckStatus::Critical,
         }
     }
-}
-
-/// What the registrar needs to know about a container, taken from `docker inspect`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ContainerInfo {
-    pub id: String,
-    /// Without the leading `/`.
-    pub name: String,
-    pub labels: HashMap<String, String>,
-    pub running: bool,
-    /// `None` when the image has no HEALTHCHECK.
-    pub health: Option<DockerHealth>,
-    /// (network name, IPv4 address).
-    pub networks: Vec<(String, String)>,
-    pub exposed_tcp_ports: Vec<u16>,
 }
 
 /// Settings that shape every registration.

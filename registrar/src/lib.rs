@@ -251,7 +251,7 @@ impl Registrar {
     }
 
     /// The instance for a running container, warning (once) about unusable labels.
-    fn decide(&mut self, info: &instance::ContainerInfo) -> Option<ServiceInstance> {
+    fn decide(&mut self, info: &docker::ContainerInfo) -> Option<ServiceInstance> {
         if !self.in_scope(&info.labels) {
             return None;
         }
