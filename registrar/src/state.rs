@@ -1,0 +1,296 @@
+//! The registrar's state: what it has registered, the containers told to stop, the events
+//! already seen. Applies one Docker event at a time and runs the full two-way resync.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use bollard::Docker;
+use switchyard_consul::Client;
+
+use crate::config::Config;
+use crate::docker::{self, DockerEvent, EventKind};
+use crate::instance::{self, Decision, InstanceSettings, ServiceInstance};
+use crate::metrics::Metrics;
+use crate::reconcile::{self, Change, Drift};
+
+/// Events already handled, to drop the replay of the ones at `since` after a resubscribe.
+pub(crate) const DEDUPE_WINDOW: usize = 1024;
+
+pub(crate) struct Registrar {
+    pub(crate) cfg: Config,
+    pub(crate) docker: Docker,
+    pub(crate) consul: Client,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) settings: InstanceSettings,
+    /// What this registrar has registered, by container ID.
+    pub(crate) registered: HashMap<String, ServiceInstance>,
+    /// Containers told to stop that may still run (stop grace period): never re-register them.
+    pub(crate) stopping: HashSet<String>,
+    /// (container, label) pairs already warned about.
+    pub(crate) warned: HashSet<(String, String)>,
+    pub(crate) recent: VecDeque<(i64, String, String)>,
+    pub(crate) last_event_nano: i64,
+}
+
+pub(crate) fn now_nanos() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+impl Registrar {
+    fn in_scope(&self, labels: &HashMap<String, String>) -> bool {
+        instance::opted_in(labels, &self.cfg.label_prefix)
+            && match &self.cfg.only_label {
+                None => true,
+                Some((k, None)) => labels.contains_key(k),
+                Some((k, Some(v))) => labels.get(k) == Some(v),
+            }
+    }
+
+    pub(crate) async fn handle(&mut self, e: DockerEvent) {
+        self.last_event_nano = self.last_event_nano.max(e.time_nano);
+        let key = (e.time_nano, e.id.clone(), e.action.clone());
+        if self.recent.contains(&key) {
+            return;
+        }
+        if self.recent.len() == DEDUPE_WINDOW {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(key);
+        if !self.in_scope(&e.labels) {
+            return;
+        }
+        let action = e.action.split(':').next().unwrap_or("other");
+        self.metrics.events.with_label_values(&[action]).inc();
+        tracing::debug!(container = %short(&e.id), action = %e.action, "event");
+        match e.kind {
+            EventKind::Started => {
+                self.stopping.remove(&e.id);
+                match docker::inspect(&self.docker, &e.id).await {
+                    Ok(Some(info)) => {
+                        if let Some(instance) = self.decide(&info) {
+                            self.register(instance, Drift::None).await;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(err) => {
+                        self.metrics
+                            .failures
+                            .with_label_values(&["docker_inspect"])
+                            .inc();
+                        tracing::warn!(container = %short(&e.id), error = %err, "inspect failed; the next resync retries");
+                    }
+                }
+            }
+            EventKind::Stopping => {
+                self.stopping.insert(e.id.clone());
+                self.deregister_container(&e.id, &e.action).await;
+            }
+            EventKind::Gone => {
+                self.stopping.remove(&e.id);
+                self.deregister_container(&e.id, &e.action).await;
+            }
+            EventKind::Health(h) => {
+                let Some(instance) = self.registered.get_mut(&e.id) else {
+                    return;
+                };
+                instance.docker_health = Some(h);
+                if let Some(check) = instance.ttl_check.clone() {
+                    self.update_ttl(&check, h.check_status()).await;
+                }
+            }
+            EventKind::Other => {}
+        }
+    }
+
+    /// The instance for a running container, warning (once) about unusable labels.
+    fn decide(&mut self, info: &docker::ContainerInfo) -> Option<ServiceInstance> {
+        if !self.in_scope(&info.labels) {
+            return None;
+        }
+        match instance::decide(info, &self.settings) {
+            Decision::Register(i) => Some(*i),
+            Decision::Ignore => None,
+            Decision::Invalid(errors) => {
+                for err in errors {
+                    if self.warned.insert((info.id.clone(), err.label.clone())) {
+                        self.metrics
+                            .label_errors
+                            .with_label_values(&[err.kind])
+                            .inc();
+                        tracing::warn!(container = %info.name, id = %short(&info.id), label = %err.label, reason = %err.reason, "skipping container: unusable label");
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    async fn register(&mut self, instance: ServiceInstance, drift: Drift) {
+        let unchanged = self
+            .registered
+            .get(&instance.container_id)
+            .is_some_and(|have| have.registration == instance.registration);
+        if unchanged && drift == Drift::None {
+            return;
+        }
+        let reg = &instance.registration;
+        match self.consul.register_service(reg).await {
+            Ok(()) => {
+                self.metrics.consul_up.set(1);
+                self.metrics.registrations.inc();
+                if drift != Drift::None {
+                    self.metrics
+                        .drift
+                        .with_label_values(&[drift.as_str()])
+                        .inc();
+                }
+                tracing::info!(service = %reg.name, id = %reg.id, address = %format!("{}:{}", reg.address, reg.port), drift = drift.as_str(), "registered");
+                self.registered
+                    .insert(instance.container_id.clone(), instance);
+                self.metrics.registered.set(self.registered.len() as i64);
+            }
+            Err(e) => {
+                self.metrics.consul_up.set(0);
+                self.metrics.failures.with_label_values(&["register"]).inc();
+                tracing::warn!(id = %reg.id, error = %e, "register failed; the next resync retries");
+            }
+        }
+    }
+
+    async fn deregister_container(&mut self, container: &str, why: &str) {
+        let Some(instance) = self.registered.remove(container) else {
+            return;
+        };
+        self.metrics.registered.set(self.registered.len() as i64);
+        self.deregister(&instance.registration.id, why, Drift::None)
+            .await;
+    }
+
+    async fn deregister(&mut self, id: &str, why: &str, drift: Drift) {
+        match self.consul.deregister_service(id).await {
+            Ok(()) => {
+                self.metrics.consul_up.set(1);
+                self.metrics.deregistrations.inc();
+                if drift != Drift::None {
+                    self.metrics
+                        .drift
+                        .with_label_values(&[drift.as_str()])
+                        .inc();
+                }
+                tracing::info!(id = %id, why, drift = drift.as_str(), "deregistered");
+            }
+            Err(e) => {
+                // The entry stays owned by us in Consul, so the next resync removes it.
+                self.metrics.consul_up.set(0);
+                self.metrics
+                    .failures
+                    .with_label_values(&["deregister"])
+                    .inc();
+                tracing::warn!(id = %id, error = %e, "deregister failed; the next resync retries");
+            }
+        }
+    }
+
+    async fn update_ttl(&mut self, check: &str, status: switchyard_consul::CheckStatus) {
+        if let Err(e) = self
+            .consul
+            .update_ttl(check, status, "mirrored from Docker health")
+            .await
+        {
+            self.metrics.failures.with_label_values(&["ttl"]).inc();
+            tracing::warn!(check = %check, error = %e, "TTL update failed");
+        }
+    }
+
+    /// Full two-way reconcile: Docker's running, opted-in containers against the entries this
+    /// node owns in Consul.
+    pub(crate) async fn resync(&mut self) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let opt_in = format!("{}.enable=true", self.cfg.label_prefix);
+        let only = self.cfg.only_label.as_ref().map(|(k, v)| match v {
+            Some(v) => format!("{k}={v}"),
+            None => k.clone(),
+        });
+        let ids = docker::list_opted_in(&self.docker, &opt_in, only.as_deref())
+            .await
+            .inspect_err(|_| {
+                self.metrics
+                    .failures
+                    .with_label_values(&["docker_list"])
+                    .inc();
+            })?;
+        let running: HashSet<&String> = ids.iter().collect();
+        self.stopping.retain(|id| running.contains(id));
+        self.warned.retain(|(id, _)| running.contains(id));
+        let mut desired = BTreeMap::new();
+        for id in &ids {
+            if self.stopping.contains(id) {
+                continue;
+            }
+            match docker::inspect(&self.docker, id).await {
+                Ok(Some(info)) => {
+                    if let Some(i) = self.decide(&info) {
+                        desired.insert(i.registration.id.clone(), i);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.metrics
+                        .failures
+                        .with_label_values(&["docker_inspect"])
+                        .inc();
+                    return Err(e).context("inspecting containers");
+                }
+            }
+        }
+        let services = self.consul.agent_services().await.inspect_err(|_| {
+            self.metrics.consul_up.set(0);
+            self.metrics
+                .failures
+                .with_label_values(&["consul_list"])
+                .inc();
+        })?;
+        self.metrics.consul_up.set(1);
+        let owned = reconcile::owned(services.into_values(), &self.settings.node);
+        let changes = reconcile::plan(&desired, &owned);
+        // What Consul already holds in sync counts as registered.
+        self.registered = desired
+            .values()
+            .filter(|i| owned.contains_key(&i.registration.id))
+            .map(|i| (i.container_id.clone(), i.clone()))
+            .collect();
+        for change in changes {
+            match change {
+                Change::Register { instance, drift } => self.register(*instance, drift).await,
+                Change::Deregister { id, drift } => {
+                    self.deregister(&id, "no running container", drift).await
+                }
+            }
+        }
+        // Refreshing TTL checks keeps them alive; a registrar that dies lets them expire.
+        let ttls: Vec<(String, switchyard_consul::CheckStatus)> = self
+            .registered
+            .values()
+            .filter_map(|i| Some((i.ttl_check.clone()?, i.docker_health?.check_status())))
+            .collect();
+        for (check, status) in ttls {
+            self.update_ttl(&check, status).await;
+        }
+        self.metrics.registered.set(self.registered.len() as i64);
+        self.metrics.resyncs.inc();
+        self.metrics
+            .resync_duration
+            .observe(started.elapsed().as_secs_f64());
+        tracing::debug!(desired = desired.len(), owned = owned.len(), took = ?started.elapsed(), "reconciled");
+        Ok(())
+    }
+}
+
+fn short(id: &str) -> &str {
+    &id[..id.len().min(12)]
+}
