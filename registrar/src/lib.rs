@@ -4,6 +4,7 @@
 //! # Layout
 //! - [`config`]: the whole configuration as one value.
 //! - [`docker`]: the engine (bollard): list, inspect, the event stream as `DockerEvent`s.
+//! - [`labels`]: a container's labels as validated values, or every reason they are not.
 //! - [`instance`]: pure; a container and its labels as a Consul `ServiceInstance`.
 //! - [`reconcile`]: pure; desired vs owned -> changes.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`. [`metrics`]: every metric, declared once.
@@ -16,6 +17,7 @@ pub mod admin;
 pub mod config;
 pub mod docker;
 pub mod instance;
+pub mod labels;
 pub mod metrics;
 pub mod reconcile;
 pub mod state;

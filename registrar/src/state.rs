@@ -12,6 +12,7 @@ use switchyard_consul::Client;
 use crate::config::Config;
 use crate::docker::{self, DockerEvent, EventKind};
 use crate::instance::{self, Decision, InstanceSettings, ServiceInstance};
+use crate::labels;
 use crate::metrics::Metrics;
 use crate::reconcile::{self, Change, Drift};
 
@@ -43,7 +44,7 @@ pub(crate) fn now_nanos() -> i64 {
 
 impl Registrar {
     fn in_scope(&self, labels: &HashMap<String, String>) -> bool {
-        instance::opted_in(labels, &self.cfg.label_prefix)
+        labels::opted_in(labels, &self.cfg.label_prefix)
             && match &self.cfg.only_label {
                 None => true,
                 Some((k, None)) => labels.contains_key(k),
