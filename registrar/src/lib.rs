@@ -7,6 +7,8 @@
 //! - [`labels`]: a container's labels as validated values, or every reason they are not.
 //! - [`instance`]: pure; a container and its labels as a Consul `ServiceInstance`.
 //! - [`reconcile`]: pure; desired vs owned -> changes.
+//! - [`consul`]: the one adapter that talks to the Consul agent.
+//! - [`state`]: what is registered; applies events and runs the resync.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`. [`metrics`]: every metric, declared once.
 //!
 //! Everything that changes Consul happens on one task, in event order: events from the stream
@@ -15,6 +17,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod consul;
 pub mod docker;
 pub mod instance;
 pub mod labels;
@@ -91,7 +94,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let mut r = Registrar {
         cfg,
         docker,
-        consul,
+        consul: consul::Consul::new(consul, metrics.clone()),
         metrics,
         settings,
         registered: HashMap::new(),

@@ -1,5 +1,6 @@
 //! The registrar's state: what it has registered, the containers told to stop, the events
-//! already seen. Applies one Docker event at a time and runs the full two-way resync.
+//! already seen. Applies one Docker event at a time and runs the full two-way resync. Reaches
+//! Consul only through the adapter in `consul`, never its API.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -7,9 +8,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use bollard::Docker;
-use switchyard_consul::Client;
 
 use crate::config::Config;
+use crate::consul::Consul;
 use crate::docker::{self, DockerEvent, EventKind};
 use crate::instance::{self, Decision, InstanceSettings, ServiceInstance};
 use crate::labels;
@@ -22,7 +23,7 @@ pub(crate) const DEDUPE_WINDOW: usize = 1024;
 pub(crate) struct Registrar {
     pub(crate) cfg: Config,
     pub(crate) docker: Docker,
-    pub(crate) consul: Client,
+    pub(crate) consul: Consul,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) settings: InstanceSettings,
     /// What this registrar has registered, by container ID.
@@ -101,7 +102,7 @@ impl Registrar {
                 };
                 instance.docker_health = Some(h);
                 if let Some(check) = instance.ttl_check.clone() {
-                    self.update_ttl(&check, h.check_status()).await;
+                    self.consul.update_ttl(&check, h.check_status()).await;
                 }
             }
             EventKind::Other => {}
@@ -139,27 +140,10 @@ impl Registrar {
         if unchanged && drift == Drift::None {
             return;
         }
-        let reg = &instance.registration;
-        match self.consul.register_service(reg).await {
-            Ok(()) => {
-                self.metrics.consul_up.set(1);
-                self.metrics.registrations.inc();
-                if drift != Drift::None {
-                    self.metrics
-                        .drift
-                        .with_label_values(&[drift.as_str()])
-                        .inc();
-                }
-                tracing::info!(service = %reg.name, id = %reg.id, address = %format!("{}:{}", reg.address, reg.port), drift = drift.as_str(), "registered");
-                self.registered
-                    .insert(instance.container_id.clone(), instance);
-                self.metrics.registered.set(self.registered.len() as i64);
-            }
-            Err(e) => {
-                self.metrics.consul_up.set(0);
-                self.metrics.failures.with_label_values(&["register"]).inc();
-                tracing::warn!(id = %reg.id, error = %e, "register failed; the next resync retries");
-            }
+        if self.consul.register(&instance.registration, drift).await {
+            self.registered
+                .insert(instance.container_id.clone(), instance);
+            self.metrics.registered.set(self.registered.len() as i64);
         }
     }
 
@@ -168,44 +152,9 @@ impl Registrar {
             return;
         };
         self.metrics.registered.set(self.registered.len() as i64);
-        self.deregister(&instance.registration.id, why, Drift::None)
+        self.consul
+            .deregister(&instance.registration.id, why, Drift::None)
             .await;
-    }
-
-    async fn deregister(&mut self, id: &str, why: &str, drift: Drift) {
-        match self.consul.deregister_service(id).await {
-            Ok(()) => {
-                self.metrics.consul_up.set(1);
-                self.metrics.deregistrations.inc();
-                if drift != Drift::None {
-                    self.metrics
-                        .drift
-                        .with_label_values(&[drift.as_str()])
-                        .inc();
-                }
-                tracing::info!(id = %id, why, drift = drift.as_str(), "deregistered");
-            }
-            Err(e) => {
-                // The entry stays owned by us in Consul, so the next resync removes it.
-                self.metrics.consul_up.set(0);
-                self.metrics
-                    .failures
-                    .with_label_values(&["deregister"])
-                    .inc();
-                tracing::warn!(id = %id, error = %e, "deregister failed; the next resync retries");
-            }
-        }
-    }
-
-    async fn update_ttl(&mut self, check: &str, status: switchyard_consul::CheckStatus) {
-        if let Err(e) = self
-            .consul
-            .update_ttl(check, status, "mirrored from Docker health")
-            .await
-        {
-            self.metrics.failures.with_label_values(&["ttl"]).inc();
-            tracing::warn!(check = %check, error = %e, "TTL update failed");
-        }
     }
 
     /// Full two-way reconcile: Docker's running, opted-in containers against the entries this
@@ -249,14 +198,7 @@ impl Registrar {
                 }
             }
         }
-        let services = self.consul.agent_services().await.inspect_err(|_| {
-            self.metrics.consul_up.set(0);
-            self.metrics
-                .failures
-                .with_label_values(&["consul_list"])
-                .inc();
-        })?;
-        self.metrics.consul_up.set(1);
+        let services = self.consul.agent_services().await?;
         let owned = reconcile::owned(services.into_values(), &self.settings.node);
         let changes = reconcile::plan(&desired, &owned);
         // What Consul already holds in sync counts as registered.
@@ -269,7 +211,9 @@ impl Registrar {
             match change {
                 Change::Register { instance, drift } => self.register(*instance, drift).await,
                 Change::Deregister { id, drift } => {
-                    self.deregister(&id, "no running container", drift).await
+                    self.consul
+                        .deregister(&id, "no running container", drift)
+                        .await
                 }
             }
         }
@@ -280,7 +224,7 @@ impl Registrar {
             .filter_map(|i| Some((i.ttl_check.clone()?, i.docker_health?.check_status())))
             .collect();
         for (check, status) in ttls {
-            self.update_ttl(&check, status).await;
+            self.consul.update_ttl(&check, status).await;
         }
         self.metrics.registered.set(self.registered.len() as i64);
         self.metrics.resyncs.inc();
