@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use switchyard_consul::{AgentService, CheckStatus, Client, ServiceRegistration};
 
-use crate::metrics::Metrics;
+use crate::metrics::{FailureOp, Metrics};
 use crate::reconcile::Drift;
 
 /// The node's Consul agent, with the metrics every call reports to.
@@ -27,18 +27,15 @@ impl Consul {
             Ok(()) => {
                 self.metrics.consul_up.set(1);
                 self.metrics.registrations.inc();
-                if drift != Drift::None {
-                    self.metrics
-                        .drift
-                        .with_label_values(&[drift.as_str()])
-                        .inc();
+                if let Some(kind) = drift.kind() {
+                    self.metrics.repaired(kind);
                 }
                 tracing::info!(service = %reg.name, id = %reg.id, address = %format!("{}:{}", reg.address, reg.port), drift = drift.as_str(), "registered");
                 true
             }
             Err(e) => {
                 self.metrics.consul_up.set(0);
-                self.metrics.failures.with_label_values(&["register"]).inc();
+                self.metrics.failed(FailureOp::Register);
                 tracing::warn!(id = %reg.id, error = %e, "register failed; the next resync retries");
                 false
             }
@@ -50,21 +47,15 @@ impl Consul {
             Ok(()) => {
                 self.metrics.consul_up.set(1);
                 self.metrics.deregistrations.inc();
-                if drift != Drift::None {
-                    self.metrics
-                        .drift
-                        .with_label_values(&[drift.as_str()])
-                        .inc();
+                if let Some(kind) = drift.kind() {
+                    self.metrics.repaired(kind);
                 }
                 tracing::info!(id = %id, why, drift = drift.as_str(), "deregistered");
             }
             Err(e) => {
                 // The entry stays owned by us in Consul, so the next resync removes it.
                 self.metrics.consul_up.set(0);
-                self.metrics
-                    .failures
-                    .with_label_values(&["deregister"])
-                    .inc();
+                self.metrics.failed(FailureOp::Deregister);
                 tracing::warn!(id = %id, error = %e, "deregister failed; the next resync retries");
             }
         }
@@ -76,7 +67,7 @@ impl Consul {
             .update_ttl(check, status, "mirrored from Docker health")
             .await
         {
-            self.metrics.failures.with_label_values(&["ttl"]).inc();
+            self.metrics.failed(FailureOp::Ttl);
             tracing::warn!(check = %check, error = %e, "TTL update failed");
         }
     }
@@ -87,10 +78,7 @@ impl Consul {
     ) -> Result<HashMap<String, AgentService>, switchyard_consul::Error> {
         let services = self.client.agent_services().await.inspect_err(|_| {
             self.metrics.consul_up.set(0);
-            self.metrics
-                .failures
-                .with_label_values(&["consul_list"])
-                .inc();
+            self.metrics.failed(FailureOp::ConsulList);
         })?;
         self.metrics.consul_up.set(1);
         Ok(services)

@@ -38,7 +38,7 @@ use tokio::sync::mpsc;
 
 use crate::config::Config;
 use crate::instance::InstanceSettings;
-use crate::metrics::Metrics;
+use crate::metrics::{FailureOp, Metrics};
 use crate::state::{now_nanos, Registrar, DEDUPE_WINDOW};
 
 /// Runs until `shutdown` resolves. Never exits on a Docker or Consul failure: it backs off,
@@ -67,10 +67,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         match attempt.await {
             Ok(pair) => break pair,
             Err(e) => {
-                metrics
-                    .failures
-                    .with_label_values(&["docker_connect"])
-                    .inc();
+                metrics.failed(FailureOp::DockerConnect);
                 let wait = backoff.next_delay();
                 tracing::warn!(error = %e, retry_in = ?wait, "Docker engine unavailable");
                 tokio::select! {
@@ -146,10 +143,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         r.metrics.docker_reconnects.inc();
         match reader.await {
             Ok(Err(e)) => {
-                r.metrics
-                    .failures
-                    .with_label_values(&["docker_events"])
-                    .inc();
+                r.metrics.failed(FailureOp::DockerEvents);
                 tracing::warn!(error = %e, "Docker event stream failed; resubscribing");
             }
             _ => tracing::warn!("Docker event stream ended; resubscribing"),

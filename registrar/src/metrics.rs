@@ -15,19 +15,68 @@ pub const DOCKER_UP: &str = "registrar_docker_up";
 pub const CONSUL_UP: &str = "registrar_consul_up";
 pub const DOCKER_RECONNECTS_TOTAL: &str = "registrar_docker_reconnects_total";
 
-/// Label values known in advance: their series start at zero, so dashboards read 0, not
-/// "no data", before the first failure.
-pub const FAILURE_OPS: [&str; 8] = [
-    "register",
-    "deregister",
-    "ttl",
-    "consul_list",
-    "docker_connect",
-    "docker_list",
-    "docker_inspect",
-    "docker_events",
-];
-pub const DRIFT_KINDS: [&str; 3] = ["missing", "changed", "stale"];
+/// The operation of a failure, `registrar_failures_total{op}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureOp {
+    Register,
+    Deregister,
+    Ttl,
+    ConsulList,
+    DockerConnect,
+    DockerList,
+    DockerInspect,
+    DockerEvents,
+}
+
+impl FailureOp {
+    /// Known in advance, so every series starts at zero: dashboards read 0, not "no data",
+    /// before the first failure.
+    pub const ALL: [FailureOp; 8] = [
+        FailureOp::Register,
+        FailureOp::Deregister,
+        FailureOp::Ttl,
+        FailureOp::ConsulList,
+        FailureOp::DockerConnect,
+        FailureOp::DockerList,
+        FailureOp::DockerInspect,
+        FailureOp::DockerEvents,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureOp::Register => "register",
+            FailureOp::Deregister => "deregister",
+            FailureOp::Ttl => "ttl",
+            FailureOp::ConsulList => "consul_list",
+            FailureOp::DockerConnect => "docker_connect",
+            FailureOp::DockerList => "docker_list",
+            FailureOp::DockerInspect => "docker_inspect",
+            FailureOp::DockerEvents => "docker_events",
+        }
+    }
+}
+
+/// What a reconcile repaired, `registrar_drift_repaired_total{kind}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriftKind {
+    Missing,
+    Changed,
+    Stale,
+}
+
+impl DriftKind {
+    /// Known in advance, so every series starts at zero.
+    pub const ALL: [DriftKind; 3] = [DriftKind::Missing, DriftKind::Changed, DriftKind::Stale];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DriftKind::Missing => "missing",
+            DriftKind::Changed => "changed",
+            DriftKind::Stale => "stale",
+        }
+    }
+}
+
 /// The container actions the registrar acts on (others are counted as they come).
 pub const EVENT_ACTIONS: [&str; 6] = ["start", "kill", "die", "stop", "pause", "health_status"];
 
@@ -37,13 +86,13 @@ pub struct Metrics {
     pub events: IntCounterVec,
     pub registrations: IntCounter,
     pub deregistrations: IntCounter,
-    /// op (register, deregister, ttl, list_consul, docker_list, docker_inspect, docker_events)
+    /// op: a [`FailureOp`]
     pub failures: IntCounterVec,
     /// kind
     pub label_errors: IntCounterVec,
     pub resyncs: IntCounter,
     pub resync_duration: Histogram,
-    /// kind (missing, changed, stale)
+    /// kind: a [`DriftKind`]
     pub drift: IntCounterVec,
     pub registered: IntGauge,
     pub docker_up: IntGauge,
@@ -92,16 +141,24 @@ impl Metrics {
             docker_reconnects: counter(DOCKER_RECONNECTS_TOTAL, "Times the Docker event stream was resubscribed."),
             registry,
         };
-        for op in FAILURE_OPS {
-            m.failures.with_label_values(&[op]);
+        for op in FailureOp::ALL {
+            m.failures.with_label_values(&[op.as_str()]);
         }
-        for kind in DRIFT_KINDS {
-            m.drift.with_label_values(&[kind]);
+        for kind in DriftKind::ALL {
+            m.drift.with_label_values(&[kind.as_str()]);
         }
         for action in EVENT_ACTIONS {
             m.events.with_label_values(&[action]);
         }
         m
+    }
+
+    pub fn failed(&self, op: FailureOp) {
+        self.failures.with_label_values(&[op.as_str()]).inc();
+    }
+
+    pub fn repaired(&self, kind: DriftKind) {
+        self.drift.with_label_values(&[kind.as_str()]).inc();
     }
 
     pub fn encode(&self) -> String {

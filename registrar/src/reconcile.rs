@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use switchyard_consul::AgentService;
 
 use crate::instance::{ServiceInstance, META_NODE, META_SPEC};
+use crate::metrics::DriftKind;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -32,13 +33,18 @@ pub enum Drift {
 }
 
 impl Drift {
-    pub fn as_str(self) -> &'static str {
+    /// What was repaired, for the metric; `None` for an expected change.
+    pub fn kind(self) -> Option<DriftKind> {
         match self {
-            Drift::Missing => "missing",
-            Drift::Changed => "changed",
-            Drift::Stale => "stale",
-            Drift::None => "none",
+            Drift::Missing => Some(DriftKind::Missing),
+            Drift::Changed => Some(DriftKind::Changed),
+            Drift::Stale => Some(DriftKind::Stale),
+            Drift::None => None,
         }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        self.kind().map_or("none", DriftKind::as_str)
     }
 }
 

@@ -14,7 +14,7 @@ use crate::consul::Consul;
 use crate::docker::{self, DockerEvent, EventKind};
 use crate::instance::{self, Decision, InstanceSettings, ServiceInstance};
 use crate::labels;
-use crate::metrics::Metrics;
+use crate::metrics::{FailureOp, Metrics};
 use crate::reconcile::{self, Change, Drift};
 
 /// Events already handled, to drop the replay of the ones at `since` after a resubscribe.
@@ -80,10 +80,7 @@ impl Registrar {
                     }
                     Ok(None) => {}
                     Err(err) => {
-                        self.metrics
-                            .failures
-                            .with_label_values(&["docker_inspect"])
-                            .inc();
+                        self.metrics.failed(FailureOp::DockerInspect);
                         tracing::warn!(container = %short(&e.id), error = %err, "inspect failed; the next resync retries");
                     }
                 }
@@ -169,10 +166,7 @@ impl Registrar {
         let ids = docker::list_opted_in(&self.docker, &opt_in, only.as_deref())
             .await
             .inspect_err(|_| {
-                self.metrics
-                    .failures
-                    .with_label_values(&["docker_list"])
-                    .inc();
+                self.metrics.failed(FailureOp::DockerList);
             })?;
         let running: HashSet<&String> = ids.iter().collect();
         self.stopping.retain(|id| running.contains(id));
@@ -190,10 +184,7 @@ impl Registrar {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    self.metrics
-                        .failures
-                        .with_label_values(&["docker_inspect"])
-                        .inc();
+                    self.metrics.failed(FailureOp::DockerInspect);
                     return Err(e).context("inspecting containers");
                 }
             }
