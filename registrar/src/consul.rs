@@ -3,9 +3,10 @@
 //! knows nothing of Docker or of what the registrar holds.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 
-use switchyard_consul::{AgentService, CheckStatus, Client, ServiceRegistration};
+use switchyard_consul::{AgentService, CheckStatus, Client, Error, ServiceRegistration};
 
 use crate::metrics::{FailureOp, Metrics};
 use crate::reconcile::Drift;
@@ -23,64 +24,76 @@ impl Consul {
 
     /// Registers (or replaces) `reg`; true when the agent took it.
     pub async fn register(&self, reg: &ServiceRegistration, drift: Drift) -> bool {
-        match self.client.register_service(reg).await {
-            Ok(()) => {
-                self.metrics.consul_up.set(1);
-                self.metrics.registrations.inc();
-                if let Some(kind) = drift.kind() {
-                    self.metrics.repaired(kind);
-                }
-                tracing::info!(service = %reg.name, id = %reg.id, address = %format!("{}:{}", reg.address, reg.port), drift = drift.as_str(), "registered");
-                true
-            }
+        let op = self.client.register_service(reg);
+        if !self.write(FailureOp::Register, &reg.id, op).await {
+            return false;
+        }
+        self.metrics.registrations.inc();
+        if let Some(kind) = drift.kind() {
+            self.metrics.repaired(kind);
+        }
+        tracing::info!(service = %reg.name, id = %reg.id, address = %format!("{}:{}", reg.address, reg.port), drift = drift.as_str(), "registered");
+        true
+    }
+
+    /// A failure leaves the entry ours in Consul, so the next resync removes it.
+    pub async fn deregister(&self, id: &str, why: &str, drift: Drift) {
+        let op = self.client.deregister_service(id);
+        if !self.write(FailureOp::Deregister, id, op).await {
+            return;
+        }
+        self.metrics.deregistrations.inc();
+        if let Some(kind) = drift.kind() {
+            self.metrics.repaired(kind);
+        }
+        tracing::info!(id = %id, why, drift = drift.as_str(), "deregistered");
+    }
+
+    pub async fn update_ttl(&self, check: &str, status: CheckStatus) {
+        let op = self
+            .client
+            .update_ttl(check, status, "mirrored from Docker health");
+        self.write(FailureOp::Ttl, check, op).await;
+    }
+
+    /// Every service on the agent, ours and others'; the resync reports the error.
+    pub async fn agent_services(&self) -> Result<HashMap<String, AgentService>, Error> {
+        self.call(FailureOp::ConsulList, self.client.agent_services())
+            .await
+    }
+
+    /// A write is logged here, once: nobody waits on its answer, and the next resync retries it.
+    async fn write(
+        &self,
+        op: FailureOp,
+        id: &str,
+        call: impl Future<Output = Result<(), Error>>,
+    ) -> bool {
+        match self.call(op, call).await {
+            Ok(()) => true,
             Err(e) => {
-                self.metrics.consul_up.set(0);
-                self.metrics.failed(FailureOp::Register);
-                tracing::warn!(id = %reg.id, error = %e, "register failed; the next resync retries");
+                tracing::warn!(id = %id, error = %e, "{} failed; the next resync retries", op.as_str());
                 false
             }
         }
     }
 
-    pub async fn deregister(&self, id: &str, why: &str, drift: Drift) {
-        match self.client.deregister_service(id).await {
-            Ok(()) => {
-                self.metrics.consul_up.set(1);
-                self.metrics.deregistrations.inc();
-                if let Some(kind) = drift.kind() {
-                    self.metrics.repaired(kind);
-                }
-                tracing::info!(id = %id, why, drift = drift.as_str(), "deregistered");
-            }
-            Err(e) => {
-                // The entry stays owned by us in Consul, so the next resync removes it.
-                self.metrics.consul_up.set(0);
-                self.metrics.failed(FailureOp::Deregister);
-                tracing::warn!(id = %id, error = %e, "deregister failed; the next resync retries");
-            }
-        }
-    }
-
-    pub async fn update_ttl(&self, check: &str, status: CheckStatus) {
-        if let Err(e) = self
-            .client
-            .update_ttl(check, status, "mirrored from Docker health")
-            .await
-        {
-            self.metrics.failed(FailureOp::Ttl);
-            tracing::warn!(check = %check, error = %e, "TTL update failed");
-        }
-    }
-
-    /// Every service on the agent, ours and others'; the caller reports the error.
-    pub async fn agent_services(
+    /// Every call to the agent goes through here: `consul_up` follows its answer, and a
+    /// failure is counted under `op`.
+    async fn call<T>(
         &self,
-    ) -> Result<HashMap<String, AgentService>, switchyard_consul::Error> {
-        let services = self.client.agent_services().await.inspect_err(|_| {
-            self.metrics.consul_up.set(0);
-            self.metrics.failed(FailureOp::ConsulList);
-        })?;
-        self.metrics.consul_up.set(1);
-        Ok(services)
+        op: FailureOp,
+        call: impl Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        let result = call.await;
+        // A TTL refresh also fails for a check the agent no longer holds, with the agent up,
+        // so it does not move `consul_up`.
+        if op != FailureOp::Ttl {
+            self.metrics.consul_up.set(i64::from(result.is_ok()));
+        }
+        if result.is_err() {
+            self.metrics.failed(op);
+        }
+        result
     }
 }
