@@ -1,15 +1,14 @@
-//! Pure: what one container should look like in Consul. Container state and labels in, a
-//! `ServiceInstance` (or the reasons its labels are unusable) out. Knows neither bollard nor HTTP.
+//! Pure: what one container should look like in Consul. Container state and its parsed labels
+//! in, a `ServiceInstance` (or the reasons its labels are unusable) out. Knows neither bollard
+//! nor HTTP.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use switchyard_consul::settings::parse_duration;
-use switchyard_consul::tags::{parse_route, MAX_WEIGHT};
 use switchyard_consul::{CheckRegistration, CheckStatus, ServiceRegistration};
 
 use crate::docker::{ContainerInfo, DockerHealth};
-use crate::labels::{choose_network, default_service_name, opted_in, LabelError};
+use crate::labels::{self, opted_in, LabelError, ServiceLabels};
 
 /// Service meta keys that mark an entry as ours.
 pub const META_NODE: &str = "switchyard-node";
@@ -81,142 +80,68 @@ pub fn decide(c: &ContainerInfo, s: &InstanceSettings) -> Decision {
     if !opted_in(&c.labels, &s.label_prefix) || !c.running {
         return Decision::Ignore;
     }
-    let p = &s.label_prefix;
-    let label = |k: &str| c.labels.get(&format!("{p}.{k}")).map(|v| v.trim());
-    let mut errors = Vec::new();
-    let mut err = |k: &str, kind: &'static str, reason: String| {
-        errors.push(LabelError {
-            label: format!("{p}.{k}"),
-            reason,
-            kind,
-        });
-    };
-
-    let name = match label("service") {
-        Some(n) => n.to_string(),
-        None => default_service_name(c),
-    };
-    if name.is_empty()
-        || name.len() > 128
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-    {
-        err(
-            "service",
-            "bad_service",
-            format!("{name:?} is not a usable service name (letters, digits, '-', '_', '.')"),
-        );
+    match labels::parse(c, &s.label_prefix, s.network.as_deref()) {
+        Ok(wanted) => Decision::Register(Box::new(build(c, wanted, s))),
+        Err(errors) => Decision::Invalid(errors),
     }
+}
 
-    let port = match label("port") {
-        Some(v) => match v.parse::<u16>() {
-            Ok(p) if p > 0 => Some(p),
-            _ => {
-                err("port", "bad_port", format!("{v:?} is not a port number"));
-                None
-            }
-        },
-        None => match c.exposed_tcp_ports.as_slice() {
-            [one] => Some(*one),
-            [] => {
-                err(
-                    "port",
-                    "no_port",
-                    "the image exposes no TCP port; set the label".into(),
-                );
-                None
-            }
-            many => {
-                err(
-                    "port",
-                    "ambiguous_port",
-                    format!("the image exposes {many:?}; set the label to choose"),
-                );
-                None
-            }
-        },
+/// The registration the labels ask for, the settings filling in what they leave unset.
+fn build(c: &ContainerInfo, wanted: ServiceLabels, s: &InstanceSettings) -> ServiceInstance {
+    let id = service_id(&wanted.name, &s.node, &c.id);
+    let (check, ttl_check) = check(&id, &wanted, c.health, s);
+    let mut tags: Vec<String> = wanted
+        .routes
+        .iter()
+        .map(|r| format!("{}.route={r}", s.tag_prefix))
+        .collect();
+    tags.extend(
+        wanted
+            .weight
+            .map(|n| format!("{}.weight={n}", s.tag_prefix)),
+    );
+    tags.extend(wanted.tags);
+    let mut meta = HashMap::new();
+    meta.insert(META_NODE.to_string(), s.node.clone());
+    meta.insert(META_CONTAINER.to_string(), c.id.clone());
+    if let Some(task) = c.labels.get(SWARM_TASK) {
+        meta.insert("swarm-task".to_string(), task.clone());
+    }
+    let mut registration = ServiceRegistration {
+        id,
+        name: wanted.name,
+        tags,
+        address: wanted.address,
+        port: wanted.port,
+        meta,
+        checks: vec![check],
     };
-
-    let mut tags = Vec::new();
-    if let Some(routes) = label("route") {
-        for r in routes.split(',').map(str::trim).filter(|r| !r.is_empty()) {
-            match parse_route(r) {
-                Ok(_) => tags.push(format!("{}.route={r}", s.tag_prefix)),
-                Err(why) => err("route", "bad_route", format!("{r:?}: {why}")),
-            }
-        }
+    // The spec hash lets a resync tell a changed registration from an unchanged one, since the
+    // agent does not echo check definitions back.
+    let spec = spec_hash(&registration);
+    registration.meta.insert(META_SPEC.to_string(), spec);
+    ServiceInstance {
+        container_id: c.id.clone(),
+        registration,
+        ttl_check,
+        docker_health: c.health,
     }
-    if let Some(w) = label("weight") {
-        match w.parse::<u32>() {
-            Ok(n) if n <= MAX_WEIGHT => tags.push(format!("{}.weight={n}", s.tag_prefix)),
-            _ => err(
-                "weight",
-                "bad_weight",
-                format!("{w:?} is not an integer 0..={MAX_WEIGHT}"),
-            ),
-        }
-    }
-    if let Some(extra) = label("tags") {
-        for t in extra.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-            if t.len() > 255 || t.chars().any(char::is_control) {
-                err("tags", "bad_tag", format!("{t:?} is not a usable tag"));
-            } else {
-                tags.push(t.to_string());
-            }
-        }
-    }
+}
 
-    let duration = |k: &str, default: Duration, err: &mut dyn FnMut(&str, &'static str, String)| {
-        match label(k) {
-            None => Some(default),
-            Some(v) => match parse_duration(v).filter(|d| *d >= Duration::from_millis(100)) {
-                Some(d) => Some(d),
-                None => {
-                    err(
-                        k,
-                        "bad_duration",
-                        format!("{v:?} is not a duration like 5s (at least 100ms)"),
-                    );
-                    None
-                }
-            },
-        }
-    };
-    let interval = duration("check.interval", s.check_interval, &mut err);
-    let timeout = duration("check.timeout", s.check_timeout, &mut err);
-    let path = label("check.path").map(str::to_string);
-    if let Some(path) = &path {
-        if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            err(
-                "check.path",
-                "bad_check_path",
-                format!("{path:?} must be an absolute URL path"),
-            );
-        }
-    }
-
-    let address = match choose_network(c, label("network").or(s.network.as_deref())) {
-        Ok(ip) => Some(ip),
-        Err((kind, reason)) => {
-            err("network", kind, reason);
-            None
-        }
-    };
-
-    let (Some(port), Some(address), Some(interval), Some(timeout)) =
-        (port, address, interval, timeout)
-    else {
-        return Decision::Invalid(errors);
-    };
-    if !errors.is_empty() {
-        return Decision::Invalid(errors);
-    }
-
-    let id = service_id(&name, &s.node, &c.id);
+/// The instance's one check: HTTP when the labels name a path, else a TTL check mirroring
+/// Docker's health when the image has a HEALTHCHECK, else TCP. Returns the TTL check's ID too.
+fn check(
+    id: &str,
+    wanted: &ServiceLabels,
+    health: Option<DockerHealth>,
+    s: &InstanceSettings,
+) -> (CheckRegistration, Option<String>) {
+    let (address, port) = (&wanted.address, wanted.port);
+    let interval = wanted.check_interval.unwrap_or(s.check_interval);
+    let timeout = wanted.check_timeout.unwrap_or(s.check_timeout);
     let check_id = format!("{id}:check");
     let deregister = Some(consul_duration(s.deregister_critical_after));
-    let (check, ttl_check) = match (&path, c.health) {
+    match (&wanted.check_path, health) {
         (Some(path), _) => (
             CheckRegistration {
                 check_id: Some(check_id),
@@ -252,32 +177,7 @@ pub fn decide(c: &ContainerInfo, s: &InstanceSettings) -> Decision {
             },
             None,
         ),
-    };
-    let mut meta = HashMap::new();
-    meta.insert(META_NODE.to_string(), s.node.clone());
-    meta.insert(META_CONTAINER.to_string(), c.id.clone());
-    if let Some(task) = c.labels.get(SWARM_TASK) {
-        meta.insert("swarm-task".to_string(), task.clone());
     }
-    let mut registration = ServiceRegistration {
-        id,
-        name,
-        tags,
-        address,
-        port,
-        meta,
-        checks: vec![check],
-    };
-    // The spec hash lets a resync tell a changed registration from an unchanged one, since the
-    // agent does not echo check definitions back.
-    let spec = spec_hash(&registration);
-    registration.meta.insert(META_SPEC.to_string(), spec);
-    Decision::Register(Box::new(ServiceInstance {
-        container_id: c.id.clone(),
-        registration,
-        ttl_check,
-        docker_health: c.health,
-    }))
 }
 
 /// Consul's Go duration syntax for a std duration.

@@ -7,6 +7,10 @@
 //! (comma-separated), `.check.path`, `.check.interval`, `.check.timeout`, `.network`.
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use switchyard_consul::settings::parse_duration;
+use switchyard_consul::tags::{parse_route, MAX_WEIGHT};
 
 use crate::docker::ContainerInfo;
 
@@ -34,8 +38,221 @@ pub fn opted_in(labels: &HashMap<String, String>, prefix: &str) -> bool {
         .is_some_and(|v| v == "true")
 }
 
+/// What a container's labels ask for, validated. Optional labels left unset stay `None`:
+/// the registrar's settings fill them in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceLabels {
+    pub name: String,
+    pub port: u16,
+    /// The address on the chosen network.
+    pub address: String,
+    /// Each one valid in the lb's route grammar, as written.
+    pub routes: Vec<String>,
+    pub weight: Option<u32>,
+    /// Extra tags, as written.
+    pub tags: Vec<String>,
+    pub check_path: Option<String>,
+    pub check_interval: Option<Duration>,
+    pub check_timeout: Option<Duration>,
+}
+
+/// Reads every label, then fails with every error found, so one warning names them all.
+pub fn parse(
+    c: &ContainerInfo,
+    prefix: &str,
+    default_network: Option<&str>,
+) -> Result<ServiceLabels, Vec<LabelError>> {
+    let mut r = Reader {
+        c,
+        prefix,
+        errors: Vec::new(),
+    };
+    let name = r.service_name();
+    let port = r.port();
+    let routes = r.routes();
+    let weight = r.weight();
+    let tags = r.tags();
+    let check_interval = r.duration("check.interval");
+    let check_timeout = r.duration("check.timeout");
+    let check_path = r.check_path();
+    let address = r.address(default_network);
+    let (Some(port), Some(address)) = (port, address) else {
+        return Err(r.errors);
+    };
+    if !r.errors.is_empty() {
+        return Err(r.errors);
+    }
+    Ok(ServiceLabels {
+        name,
+        port,
+        address,
+        routes,
+        weight,
+        tags,
+        check_path,
+        check_interval,
+        check_timeout,
+    })
+}
+
+/// One container's labels under the prefix, and the errors found in them so far.
+struct Reader<'a> {
+    c: &'a ContainerInfo,
+    prefix: &'a str,
+    errors: Vec<LabelError>,
+}
+
+impl<'a> Reader<'a> {
+    fn label(&self, k: &str) -> Option<&'a str> {
+        let c = self.c;
+        c.labels
+            .get(&format!("{}.{k}", self.prefix))
+            .map(|v| v.trim())
+    }
+
+    fn err(&mut self, k: &str, kind: &'static str, reason: String) {
+        self.errors.push(LabelError {
+            label: format!("{}.{k}", self.prefix),
+            reason,
+            kind,
+        });
+    }
+
+    fn service_name(&mut self) -> String {
+        let name = match self.label("service") {
+            Some(n) => n.to_string(),
+            None => default_service_name(self.c),
+        };
+        if name.is_empty()
+            || name.len() > 128
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            self.err(
+                "service",
+                "bad_service",
+                format!("{name:?} is not a usable service name (letters, digits, '-', '_', '.')"),
+            );
+        }
+        name
+    }
+
+    /// The label's port, else the image's one exposed TCP port.
+    fn port(&mut self) -> Option<u16> {
+        match self.label("port") {
+            Some(v) => match v.parse::<u16>() {
+                Ok(p) if p > 0 => Some(p),
+                _ => {
+                    self.err("port", "bad_port", format!("{v:?} is not a port number"));
+                    None
+                }
+            },
+            None => match self.c.exposed_tcp_ports.as_slice() {
+                [one] => Some(*one),
+                [] => {
+                    self.err(
+                        "port",
+                        "no_port",
+                        "the image exposes no TCP port; set the label".into(),
+                    );
+                    None
+                }
+                many => {
+                    self.err(
+                        "port",
+                        "ambiguous_port",
+                        format!("the image exposes {many:?}; set the label to choose"),
+                    );
+                    None
+                }
+            },
+        }
+    }
+
+    fn routes(&mut self) -> Vec<String> {
+        let mut routes = Vec::new();
+        if let Some(list) = self.label("route") {
+            for r in list.split(',').map(str::trim).filter(|r| !r.is_empty()) {
+                match parse_route(r) {
+                    Ok(_) => routes.push(r.to_string()),
+                    Err(why) => self.err("route", "bad_route", format!("{r:?}: {why}")),
+                }
+            }
+        }
+        routes
+    }
+
+    fn weight(&mut self) -> Option<u32> {
+        let w = self.label("weight")?;
+        match w.parse::<u32>() {
+            Ok(n) if n <= MAX_WEIGHT => Some(n),
+            _ => {
+                self.err(
+                    "weight",
+                    "bad_weight",
+                    format!("{w:?} is not an integer 0..={MAX_WEIGHT}"),
+                );
+                None
+            }
+        }
+    }
+
+    fn tags(&mut self) -> Vec<String> {
+        let mut tags = Vec::new();
+        if let Some(extra) = self.label("tags") {
+            for t in extra.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+                if t.len() > 255 || t.chars().any(char::is_control) {
+                    self.err("tags", "bad_tag", format!("{t:?} is not a usable tag"));
+                } else {
+                    tags.push(t.to_string());
+                }
+            }
+        }
+        tags
+    }
+
+    /// `None` when unset or unusable (then with an error).
+    fn duration(&mut self, k: &str) -> Option<Duration> {
+        let v = self.label(k)?;
+        let d = parse_duration(v).filter(|d| *d >= Duration::from_millis(100));
+        if d.is_none() {
+            self.err(
+                k,
+                "bad_duration",
+                format!("{v:?} is not a duration like 5s (at least 100ms)"),
+            );
+        }
+        d
+    }
+
+    fn check_path(&mut self) -> Option<String> {
+        let path = self.label("check.path").map(str::to_string);
+        if let Some(path) = &path {
+            if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                self.err(
+                    "check.path",
+                    "bad_check_path",
+                    format!("{path:?} must be an absolute URL path"),
+                );
+            }
+        }
+        path
+    }
+
+    fn address(&mut self, default_network: Option<&str>) -> Option<String> {
+        match choose_network(self.c, self.label("network").or(default_network)) {
+            Ok(ip) => Some(ip),
+            Err((kind, reason)) => {
+                self.err("network", kind, reason);
+                None
+            }
+        }
+    }
+}
+
 /// Swarm service name without its stack prefix, else the container name.
-pub fn default_service_name(c: &ContainerInfo) -> String {
+fn default_service_name(c: &ContainerInfo) -> String {
     if let Some(svc) = c.labels.get(SWARM_SERVICE) {
         if let Some(ns) = c.labels.get(STACK_NAMESPACE) {
             if let Some(bare) = svc.strip_prefix(&format!("{ns}_")) {
@@ -49,7 +266,7 @@ pub fn default_service_name(c: &ContainerInfo) -> String {
 
 /// The address to register: the named network's, else the only one, else the first network
 /// the container shares with its stack. Ingress is never a backend network.
-pub fn choose_network(
+fn choose_network(
     c: &ContainerInfo,
     wanted: Option<&str>,
 ) -> Result<String, (&'static str, String)> {
