@@ -3,13 +3,19 @@
 //! talks to Consul; the event stream is read on its own task and forwarded in order.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
 
 use bollard::query_parameters::{
     EventsOptionsBuilder, InspectContainerOptions, ListContainersOptionsBuilder,
 };
 use bollard::Docker;
 use futures_util::StreamExt;
+use switchyard_consul::backoff::Backoff;
 use tokio::sync::mpsc;
+
+use crate::metrics::{FailureOp, Metrics};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
@@ -110,6 +116,38 @@ pub async fn connect() -> Result<Docker, DockerError> {
         .negotiate_version()
         .await
         .map_err(DockerError::Connect)
+}
+
+/// Connects and learns this node's name (`node` when configured), retrying with backoff while
+/// the engine is unavailable; `None` when `shutdown` comes first.
+pub async fn connect_retrying(
+    node: Option<&str>,
+    metrics: &Metrics,
+    mut shutdown: Pin<&mut impl Future<Output = ()>>,
+) -> Option<(Docker, String)> {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    loop {
+        let attempt = async {
+            let docker = connect().await?;
+            let node = match node {
+                Some(n) => n.to_string(),
+                None => node_name(&docker).await?,
+            };
+            Ok::<_, DockerError>((docker, node))
+        };
+        match attempt.await {
+            Ok(pair) => return Some(pair),
+            Err(e) => {
+                metrics.failed(FailureOp::DockerConnect);
+                let wait = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in = ?wait, "Docker engine unavailable");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => continue,
+                    _ = &mut shutdown => return None,
+                }
+            }
+        }
+    }
 }
 
 /// This engine's node: the swarm node ID when in a swarm, else its hostname.

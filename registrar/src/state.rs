@@ -3,11 +3,16 @@
 //! Consul only through the adapter in `consul`, never its API.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use bollard::Docker;
+use switchyard_consul::backoff::Backoff;
+use tokio::sync::mpsc;
 
 use crate::config::Config;
 use crate::consul::Consul;
@@ -18,25 +23,25 @@ use crate::metrics::{FailureOp, Metrics};
 use crate::reconcile::{self, Change, Drift};
 
 /// Events already handled, to drop the replay of the ones at `since` after a resubscribe.
-pub(crate) const DEDUPE_WINDOW: usize = 1024;
+const DEDUPE_WINDOW: usize = 1024;
 
-pub(crate) struct Registrar {
-    pub(crate) cfg: Config,
-    pub(crate) docker: Docker,
-    pub(crate) consul: Consul,
-    pub(crate) metrics: Arc<Metrics>,
-    pub(crate) settings: InstanceSettings,
+pub struct Registrar {
+    cfg: Config,
+    docker: Docker,
+    consul: Consul,
+    metrics: Arc<Metrics>,
+    settings: InstanceSettings,
     /// What this registrar has registered, by container ID.
-    pub(crate) registered: HashMap<String, ServiceInstance>,
+    registered: HashMap<String, ServiceInstance>,
     /// Containers told to stop that may still run (stop grace period): never re-register them.
-    pub(crate) stopping: HashSet<String>,
+    stopping: HashSet<String>,
     /// (container, label) pairs already warned about.
-    pub(crate) warned: HashSet<(String, String)>,
-    pub(crate) recent: VecDeque<(i64, String, String)>,
-    pub(crate) last_event_nano: i64,
+    warned: HashSet<(String, String)>,
+    recent: VecDeque<(i64, String, String)>,
+    last_event_nano: i64,
 }
 
-pub(crate) fn now_nanos() -> i64 {
+fn now_nanos() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)
@@ -44,6 +49,105 @@ pub(crate) fn now_nanos() -> i64 {
 }
 
 impl Registrar {
+    pub fn new(
+        cfg: Config,
+        docker: Docker,
+        node: String,
+        consul: Consul,
+        metrics: Arc<Metrics>,
+    ) -> Registrar {
+        let settings = InstanceSettings {
+            node,
+            label_prefix: cfg.label_prefix.clone(),
+            tag_prefix: cfg.tag_prefix.clone(),
+            network: cfg.network.clone(),
+            check_interval: cfg.check_interval,
+            check_timeout: cfg.check_timeout,
+            deregister_critical_after: cfg.deregister_critical_after,
+            ttl: cfg.ttl,
+        };
+        Registrar {
+            cfg,
+            docker,
+            consul,
+            metrics,
+            settings,
+            registered: HashMap::new(),
+            stopping: HashSet::new(),
+            warned: HashSet::new(),
+            recent: VecDeque::with_capacity(DEDUPE_WINDOW),
+            last_event_nano: now_nanos(),
+        }
+    }
+
+    /// Follows the engine's events until `shutdown`. After every (re)subscription it resyncs
+    /// before applying what queued meanwhile, and resyncs again on every tick.
+    pub async fn watch_docker(
+        &mut self,
+        ready: &AtomicBool,
+        mut shutdown: Pin<&mut impl Future<Output = ()>>,
+    ) {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        loop {
+            // Subscribe first, then reconcile, then apply what queued meanwhile: no gap.
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let reader = tokio::spawn(docker::forward_events(
+                self.docker.clone(),
+                self.last_event_nano,
+                tx,
+            ));
+            self.metrics.docker_up.set(1);
+            let mut next_resync = tokio::time::Instant::now();
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = &mut shutdown => {
+                        reader.abort();
+                        return;
+                    }
+                    event = rx.recv() => match event {
+                        Some(e) => self.handle(e).await,
+                        None => break,
+                    },
+                    _ = tokio::time::sleep_until(next_resync) => {
+                        next_resync = tokio::time::Instant::now() + self.resync_then_wait(ready, &mut backoff).await;
+                    }
+                }
+            }
+            self.metrics.docker_up.set(0);
+            self.metrics.docker_reconnects.inc();
+            match reader.await {
+                Ok(Err(e)) => {
+                    self.metrics.failed(FailureOp::DockerEvents);
+                    tracing::warn!(error = %e, "Docker event stream failed; resubscribing");
+                }
+                _ => tracing::warn!("Docker event stream ended; resubscribing"),
+            }
+            let wait = backoff.next_delay();
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = &mut shutdown => return,
+            }
+        }
+    }
+
+    /// Resyncs, and says how long until the next one: the period after a success (the first
+    /// one makes the registrar ready), a backoff after a failure.
+    async fn resync_then_wait(&mut self, ready: &AtomicBool, backoff: &mut Backoff) -> Duration {
+        match self.resync().await {
+            Ok(()) => {
+                ready.store(true, Ordering::Release);
+                backoff.reset();
+                self.cfg.resync
+            }
+            Err(e) => {
+                let wait = backoff.next_delay().min(self.cfg.resync);
+                tracing::warn!(error = %format!("{e:#}"), retry_in = ?wait, "reconcile failed; keeping what is registered");
+                wait
+            }
+        }
+    }
+
     fn in_scope(&self, labels: &HashMap<String, String>) -> bool {
         labels::opted_in(labels, &self.cfg.label_prefix)
             && match &self.cfg.only_label {
@@ -53,7 +157,7 @@ impl Registrar {
             }
     }
 
-    pub(crate) async fn handle(&mut self, e: DockerEvent) {
+    async fn handle(&mut self, e: DockerEvent) {
         self.last_event_nano = self.last_event_nano.max(e.time_nano);
         let key = (e.time_nano, e.id.clone(), e.action.clone());
         if self.recent.contains(&key) {
@@ -156,7 +260,7 @@ impl Registrar {
 
     /// Full two-way reconcile: Docker's running, opted-in containers against the entries this
     /// node owns in Consul.
-    pub(crate) async fn resync(&mut self) -> anyhow::Result<()> {
+    async fn resync(&mut self) -> anyhow::Result<()> {
         let started = Instant::now();
         let opt_in = format!("{}.enable=true", self.cfg.label_prefix);
         let only = self.cfg.only_label.as_ref().map(|(k, v)| match v {
