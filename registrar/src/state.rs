@@ -262,6 +262,39 @@ impl Registrar {
     /// node owns in Consul.
     async fn resync(&mut self) -> anyhow::Result<()> {
         let started = Instant::now();
+        let desired = self.desired().await?;
+        let services = self.consul.agent_services().await?;
+        let owned = reconcile::owned(services.into_values(), &self.settings.node);
+        let changes = reconcile::plan(&desired, &owned);
+        // What Consul already holds in sync counts as registered.
+        self.registered = desired
+            .values()
+            .filter(|i| owned.contains_key(&i.registration.id))
+            .map(|i| (i.container_id.clone(), i.clone()))
+            .collect();
+        for change in changes {
+            match change {
+                Change::Register { instance, drift } => self.register(*instance, drift).await,
+                Change::Deregister { id, drift } => {
+                    self.consul
+                        .deregister(&id, "no running container", drift)
+                        .await
+                }
+            }
+        }
+        self.refresh_ttls().await;
+        self.metrics.registered.set(self.registered.len() as i64);
+        self.metrics.resyncs.inc();
+        self.metrics
+            .resync_duration
+            .observe(started.elapsed().as_secs_f64());
+        tracing::debug!(desired = desired.len(), owned = owned.len(), took = ?started.elapsed(), "reconciled");
+        Ok(())
+    }
+
+    /// What Docker says should be registered, by service ID: the running, opted-in containers
+    /// not told to stop. Forgets stopping and warned containers that no longer run.
+    async fn desired(&mut self) -> anyhow::Result<BTreeMap<String, ServiceInstance>> {
         let opt_in = format!("{}.enable=true", self.cfg.label_prefix);
         let only = self.cfg.only_label.as_ref().map(|(k, v)| match v {
             Some(v) => format!("{k}={v}"),
@@ -293,41 +326,16 @@ impl Registrar {
                 }
             }
         }
-        let services = self.consul.agent_services().await?;
-        let owned = reconcile::owned(services.into_values(), &self.settings.node);
-        let changes = reconcile::plan(&desired, &owned);
-        // What Consul already holds in sync counts as registered.
-        self.registered = desired
-            .values()
-            .filter(|i| owned.contains_key(&i.registration.id))
-            .map(|i| (i.container_id.clone(), i.clone()))
-            .collect();
-        for change in changes {
-            match change {
-                Change::Register { instance, drift } => self.register(*instance, drift).await,
-                Change::Deregister { id, drift } => {
-                    self.consul
-                        .deregister(&id, "no running container", drift)
-                        .await
-                }
+        Ok(desired)
+    }
+
+    /// Refreshing TTL checks keeps them alive; a registrar that dies lets them expire.
+    async fn refresh_ttls(&self) {
+        for i in self.registered.values() {
+            if let (Some(check), Some(health)) = (&i.ttl_check, i.docker_health) {
+                self.consul.update_ttl(check, health.check_status()).await;
             }
         }
-        // Refreshing TTL checks keeps them alive; a registrar that dies lets them expire.
-        let ttls: Vec<(String, switchyard_consul::CheckStatus)> = self
-            .registered
-            .values()
-            .filter_map(|i| Some((i.ttl_check.clone()?, i.docker_health?.check_status())))
-            .collect();
-        for (check, status) in ttls {
-            self.consul.update_ttl(&check, status).await;
-        }
-        self.metrics.registered.set(self.registered.len() as i64);
-        self.metrics.resyncs.inc();
-        self.metrics
-            .resync_duration
-            .observe(started.elapsed().as_secs_f64());
-        tracing::debug!(desired = desired.len(), owned = owned.len(), took = ?started.elapsed(), "reconciled");
-        Ok(())
     }
 }
 
