@@ -1,5 +1,5 @@
 //! The admin listener: `/metrics`, `/healthz`, and `/readyz` (ready after the first complete
-//! reconcile).
+//! reconcile). Reads the metrics and the ready flag; knows nothing of Docker or Consul.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -1,6 +1,6 @@
 //! The registrar's whole configuration as one value, read like the lb's: `REGISTRAR_*`
-//! variables or the matching `--flags`, every error reported at once. `DOCKER_HOST` selects the
-//! engine (unix socket by default).
+//! variables or the matching `--flags`, every error reported at once. Only reads settings; it
+//! neither connects nor acts (`DOCKER_HOST` selects the engine, bollard reads it).
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -1,10 +1,6 @@
 //! Label parsing: a container's `switchyard.*` labels, read with what Docker reports about it,
 //! as validated values or every reason they are unusable. Knows nothing of the Consul
 //! registration built from them.
-//!
-//! Labels (prefix `switchyard`, configurable):
-//! `.enable=true` opts in; `.service`, `.port`, `.route` (comma-separated), `.weight`, `.tags`
-//! (comma-separated), `.check.path`, `.check.interval`, `.check.timeout`, `.network`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -57,6 +53,10 @@ pub struct ServiceLabels {
 }
 
 /// Reads every label, then fails with every error found, so one warning names them all.
+///
+/// Labels (prefix `switchyard`, configurable):
+/// `.enable=true` opts in; `.service`, `.port`, `.route` (comma-separated), `.weight`, `.tags`
+/// (comma-separated), `.check.path`, `.check.interval`, `.check.timeout`, `.network`.
 pub fn parse(
     c: &ContainerInfo,
     prefix: &str,

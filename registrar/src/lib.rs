@@ -2,14 +2,23 @@
 //! opted-in container or swarm task on this node.
 //!
 //! # Layout
-//! - [`config`]: the whole configuration as one value.
-//! - [`docker`]: the engine (bollard): list, inspect, the event stream as `DockerEvent`s.
-//! - [`labels`]: a container's labels as validated values, or every reason they are not.
-//! - [`instance`]: pure; a container and its labels as a Consul `ServiceInstance`.
+//! Data flows one way: a Docker event (or the resync's list) -> [`docker`] (a `ContainerInfo`)
+//! -> [`labels`] (validated `ServiceLabels`) -> [`instance`] (pure: a `ServiceInstance`) ->
+//! [`state`] (what is registered; on resync, [`reconcile`] plans the changes) -> [`consul`] (the
+//! one adapter) -> the Consul agent. Each module imports only from those listed before it:
+//!
+//! - [`config`]: the whole configuration as one value. [`metrics`]: every metric and label
+//!   value, declared once.
+//! - [`docker`]: the engine (bollard): connect, list, inspect, the event stream as
+//!   `DockerEvent`s.
+//! - [`labels`]: a container's labels as validated `ServiceLabels`, or every reason they are not.
+//! - [`instance`]: pure; a container and its parsed labels as a Consul `ServiceInstance`.
 //! - [`reconcile`]: pure; desired vs owned -> changes.
-//! - [`consul`]: the one adapter that talks to the Consul agent.
-//! - [`state`]: what is registered; applies events and runs the resync.
-//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`. [`metrics`]: every metric, declared once.
+//! - [`consul`]: the one adapter that talks to the Consul agent; counts, logs, sets `consul_up`.
+//! - [`state`]: what is registered; applies events in order and runs the resync, driving
+//!   `docker`, `instance` and `reconcile` and writing through `consul`.
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
+//! - `run` (here): wires them up and hands the event loop to `state`.
 //!
 //! Everything that changes Consul happens on one task, in event order: events from the stream
 //! (read on their own task so the daemon never waits on Consul I/O), the resync tick, and the

@@ -1,4 +1,5 @@
-//! Every metric the registrar exports, declared once.
+//! Every metric the registrar exports and every label value known in advance, declared once.
+//! Knows nothing of Docker or Consul: callers report what happened through typed labels.
 
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 

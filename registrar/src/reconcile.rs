@@ -1,5 +1,6 @@
 //! Pure: the changes that make Consul hold exactly the instances Docker says should exist.
 //! Used at start, after every reconnect, and on the resync tick; events apply single changes.
+//! No I/O: it neither asks Docker nor calls Consul.
 
 use std::collections::BTreeMap;
 
