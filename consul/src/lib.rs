@@ -1,7 +1,8 @@
-//! What lb and registrar truly share: a small typed client for the parts of Consul's HTTP API
-//! that Switchyard uses (blocking reads of the catalog and service health for the lb, the
-//! agent's service endpoints for the registrar), the routing-tag contract that travels through
-//! Consul between them ([`tags`]), and how both read their settings ([`settings`]).
+//! Consul, as lb and registrar both speak it: a small typed client for the parts of Consul's
+//! HTTP API that Switchyard uses (blocking reads of the catalog and service health for the lb,
+//! the agent's service endpoints for the registrar), and the routing-tag contract that travels
+//! through Consul between them ([`tags`]). What the processes share besides Consul lives in
+//! the `switchyard-daemon` crate.
 //!
 //! The client knows Consul's wire format and blocking-query rules, nothing about routing or
 //! Docker.
@@ -10,11 +11,8 @@
 //! `X-Consul-*` headers we export as metrics; this client is a few hundred lines over the hyper
 //! that the lb already links.
 
-pub mod backoff;
 mod client;
 mod index;
-pub mod probe;
-pub mod settings;
 pub mod tags;
 mod types;
 

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use switchyard_consul::settings::{parse_bool, parse_duration, positive_duration, Reader, Setting};
+use switchyard_daemon::settings::{parse_bool, parse_duration, positive_duration, Reader, Setting};
 
 /// (env name, default, help). The README's reference is generated from this list by `lb --help`.
 pub const SETTINGS: &[Setting] = &[
@@ -417,13 +417,13 @@ impl Config {
     pub fn lookup_from_args_and_env(
         args: &[String],
     ) -> Result<impl Fn(&str) -> Option<String>, ConfigError> {
-        switchyard_consul::settings::lookup_from_args_and_env("LB_", SETTINGS, args)
+        switchyard_daemon::settings::lookup_from_args_and_env("LB_", SETTINGS, args)
             .map_err(ConfigError)
     }
 
     /// The `--help` text: every setting, its flag, default and meaning.
     pub fn help() -> String {
-        switchyard_consul::settings::help(
+        switchyard_daemon::settings::help(
             "lb: Switchyard's Consul-driven reverse proxy",
             "LB_",
             SETTINGS,

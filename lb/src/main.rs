@@ -23,9 +23,9 @@ fn main() -> std::process::ExitCode {
         }
     };
     if probing {
-        return switchyard_consul::probe::exit_code(config.admin_listen, "/readyz");
+        return switchyard_daemon::probe::exit_code(config.admin_listen, "/readyz");
     }
-    init_tracing(config.log_format);
+    switchyard_daemon::process::init_logging(config.log_format == LogFormat::Json);
     let workers = config.workers.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     });
@@ -39,32 +39,14 @@ fn main() -> std::process::ExitCode {
         b
     };
     let runtime = runtime.enable_all().build().expect("tokio runtime");
-    match runtime.block_on(lb::run(config, shutdown_signal())) {
+    match runtime.block_on(lb::run(
+        config,
+        switchyard_daemon::process::shutdown_signal(),
+    )) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "lb failed");
             std::process::ExitCode::FAILURE
         }
-    }
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
     }
 }

@@ -1,14 +1,15 @@
 //! Clocks and timers for every layer: a cheap monotonic millisecond clock for the request
-//! path, wall-clock time for what is shown to people, and a timer for deadlines that move on
-//! far more often than they pass. Knows nothing of what the times are for.
+//! path, the wall clock (shared with the registrar), and a timer for deadlines that move on far
+//! more often than they pass. Knows nothing of what the times are for.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::OnceLock;
 use std::task::{Context, Poll};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::time::{Instant, Sleep};
+
+pub use switchyard_daemon::clock::unix_ms;
 
 /// A timer for deadlines that move on far more often than they pass: the time left for the
 /// next request head on a busy keep-alive connection, or for the next response on a pooled
@@ -48,12 +49,4 @@ pub fn now_ms() -> u64 {
         .elapsed()
         .as_millis() as u64
         + 1
-}
-
-/// Milliseconds since the Unix epoch, by the wall clock; 0 if the clock is before it.
-pub fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

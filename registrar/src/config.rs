@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use switchyard_consul::settings::{positive_duration, Reader, Setting};
+use switchyard_daemon::settings::{positive_duration, Reader, Setting};
 
 pub const SETTINGS: &[Setting] = &[
     ("REGISTRAR_CONSUL_ADDR", "http://127.0.0.1:8500", "the node's Consul agent (CONSUL_HTTP_ADDR is honoured)"),
@@ -124,12 +124,12 @@ impl Config {
     pub fn lookup_from_args_and_env(
         args: &[String],
     ) -> Result<impl Fn(&str) -> Option<String>, ConfigError> {
-        switchyard_consul::settings::lookup_from_args_and_env("REGISTRAR_", SETTINGS, args)
+        switchyard_daemon::settings::lookup_from_args_and_env("REGISTRAR_", SETTINGS, args)
             .map_err(ConfigError)
     }
 
     pub fn help() -> String {
-        switchyard_consul::settings::help(
+        switchyard_daemon::settings::help(
             "registrar: registers opted-in Docker containers and swarm tasks in Consul",
             "REGISTRAR_",
             SETTINGS,

@@ -12,7 +12,7 @@ use bollard::query_parameters::{
 };
 use bollard::Docker;
 use futures_util::StreamExt;
-use switchyard_consul::backoff::Backoff;
+use switchyard_daemon::backoff::Backoff;
 use tokio::sync::mpsc;
 
 use crate::metrics::{FailureOp, Metrics};

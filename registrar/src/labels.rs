@@ -5,8 +5,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use switchyard_consul::settings::parse_duration;
 use switchyard_consul::tags::{parse_route, MAX_WEIGHT};
+use switchyard_daemon::settings::parse_duration;
 
 use crate::docker::ContainerInfo;
 

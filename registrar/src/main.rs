@@ -19,37 +19,22 @@ fn main() -> std::process::ExitCode {
         }
     };
     if probing {
-        return switchyard_consul::probe::exit_code(config.admin_listen, "/healthz");
+        return switchyard_daemon::probe::exit_code(config.admin_listen, "/healthz");
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
-    if config.json_logs {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    switchyard_daemon::process::init_logging(config.json_logs);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("tokio runtime");
-    match runtime.block_on(registrar::run(config, shutdown_signal())) {
+    match runtime.block_on(registrar::run(
+        config,
+        switchyard_daemon::process::shutdown_signal(),
+    )) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "registrar failed");
             std::process::ExitCode::FAILURE
         }
-    }
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
     }
 }

@@ -7,11 +7,11 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use bollard::Docker;
-use switchyard_consul::backoff::Backoff;
+use switchyard_daemon::backoff::Backoff;
 use tokio::sync::mpsc;
 
 use crate::config::Config;
@@ -39,13 +39,6 @@ pub struct Registrar {
     warned: HashSet<(String, String)>,
     recent: VecDeque<(i64, String, String)>,
     last_event_nano: i64,
-}
-
-fn now_nanos() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
 }
 
 impl Registrar {
@@ -76,7 +69,7 @@ impl Registrar {
             stopping: HashSet::new(),
             warned: HashSet::new(),
             recent: VecDeque::with_capacity(DEDUPE_WINDOW),
-            last_event_nano: now_nanos(),
+            last_event_nano: switchyard_daemon::clock::since_epoch().as_nanos() as i64,
         }
     }
 

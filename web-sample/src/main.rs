@@ -95,7 +95,7 @@ fn probe(listen: &str) -> std::process::ExitCode {
         .next()
         .and_then(|p| p.parse().ok())
         .unwrap_or(8000);
-    switchyard_consul::probe::exit_code(
+    switchyard_daemon::probe::exit_code(
         std::net::SocketAddr::from(([127, 0, 0, 1], port)),
         "/health",
     )

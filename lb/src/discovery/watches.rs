@@ -4,8 +4,8 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use switchyard_consul::backoff::Backoff;
 use switchyard_consul::{next_index, Client, QueryMeta, QueryOptions, ServiceEntry};
+use switchyard_daemon::backoff::Backoff;
 use tokio::sync::mpsc;
 
 use super::{Pace, Update, BACKOFF_BASE};

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 pub use crate::config::CertSource;
 
@@ -410,10 +410,7 @@ fn load_from(s: &CertSource, files: (Vec<u8>, Vec<u8>)) -> Result<Loaded, CertEr
             cert: s.cert.clone(),
             detail: e.to_string(),
         })?;
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let now = switchyard_daemon::clock::since_epoch().as_secs() as i64;
     if now > info.not_after {
         return Err(CertError::Expired {
             path: s.cert.clone(),
