@@ -17,6 +17,7 @@
 pub mod admin;
 pub mod config;
 pub mod discovery;
+pub mod field_list;
 pub mod metrics;
 pub mod proxy;
 pub mod routing;

@@ -4,6 +4,8 @@
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Uri, Version};
 
+use crate::field_list;
+
 pub(super) const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 pub(super) const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -71,14 +73,11 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
         return;
     }
     if let Some(conn) = headers.get(header::CONNECTION) {
-        if let Ok(s) = conn.to_str() {
-            let named: Vec<HeaderName> = s
-                .split(',')
-                .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-                .collect();
-            for name in named {
-                headers.remove(name);
-            }
+        let named: Vec<HeaderName> = field_list::items(conn)
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
         }
     }
     for name in HOP_BY_HOP {
@@ -92,12 +91,7 @@ pub(super) fn strip_request_hop_by_hop(headers: &mut HeaderMap) {
     if !has_hop_by_hop(headers) {
         return;
     }
-    let trailers = headers.get_all(header::TE).iter().any(|v| {
-        v.to_str().is_ok_and(|s| {
-            s.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        })
-    });
+    let trailers = field_list::contains(headers, header::TE, "trailers");
     strip_hop_by_hop(headers);
     if trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));

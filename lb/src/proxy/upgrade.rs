@@ -10,6 +10,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
 use super::peer::{Drain, Peer};
+use crate::field_list;
 use crate::metrics::UpgradeProtocol;
 use crate::Shared;
 
@@ -26,12 +27,7 @@ pub(super) fn upgrade_request(headers: &HeaderMap, version: Version) -> Option<H
     if version != Version::HTTP_11 {
         return None;
     }
-    let asks = headers.get_all(header::CONNECTION).iter().any(|v| {
-        v.to_str().is_ok_and(|s| {
-            s.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-        })
-    });
+    let asks = field_list::contains(headers, header::CONNECTION, "upgrade");
     asks.then(|| headers.get(header::UPGRADE).cloned())
         .flatten()
 }

@@ -28,6 +28,7 @@ use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
 use super::{HeadFields, SendError, UpstreamBody};
+use crate::field_list;
 use crate::time::LazyTimer;
 
 /// Most bytes of a response head (status line, fields) or a trailer section; past it the
@@ -414,9 +415,9 @@ impl Conn {
         http10: bool,
     ) -> Result<Framing, Error> {
         let keep_alive = if http10 {
-            has_token(headers, "keep-alive")
+            field_list::contains(headers, header::CONNECTION, "keep-alive")
         } else {
-            !has_token(headers, "close")
+            !field_list::contains(headers, header::CONNECTION, "close")
         };
         if !keep_alive {
             self.reusable = false;
@@ -441,11 +442,7 @@ impl Conn {
                 .iter()
                 .next_back()
                 .unwrap_or(te);
-            let chunked = last
-                .to_str()
-                .ok()
-                .and_then(|s| s.rsplit(',').next())
-                .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
+            let chunked = field_list::last(last).is_some_and(|c| c.eq_ignore_ascii_case("chunked"));
             if chunked && !http10 {
                 return Ok(Framing::ChunkSize);
             }
@@ -616,14 +613,6 @@ impl Conn {
         self.framing = Framing::Done;
         Error::Invalid(what)
     }
-}
-
-/// Whether a `Connection` field lists `token`.
-fn has_token(headers: &HeaderMap, token: &str) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-    })
 }
 
 fn parse_length(s: &[u8]) -> Option<u64> {
