@@ -155,86 +155,116 @@ impl Listener {
     /// each next request holding only the socket, and runs hyper for as long as requests
     /// follow each other.
     async fn serve_parking(&self, mut stream: TcpStream, addr: SocketAddr) {
-        let shared = &self.shared;
         self.count_protocol(false, false);
         let peer = Arc::new(Peer::new(addr, false, self.drain.clone()));
         let mut stop = self.stop.clone();
         let mut leftover = Bytes::new();
         let mut served_before = false;
         loop {
-            if leftover.is_empty() {
-                // Idle: bounded like a request head, ended at once by a drain.
-                let timeout = shared.config.client_header_timeout;
-                let arrived = async {
-                    if served_before {
-                        // The read that parked the connection cleared its readiness.
-                        stream.readable().await
-                    } else {
-                        // A new socket starts out marked ready: look for a real first byte.
-                        stream.peek(&mut [0u8; 1]).await.map(drop)
-                    }
-                };
-                tokio::select! {
-                    r = tokio::time::timeout(timeout, arrived) => match r {
-                        Ok(Ok(())) => {}
-                        Ok(Err(_)) => return,
-                        Err(_) => {
-                            // A keep-alive client going quiet is normal; one that never sent
-                            // a request is a header timeout, as hyper would have reported.
-                            if !served_before {
-                                self.count_error(ClientErrorKind::HeaderTimeout, addr, "no request head in time");
-                            }
-                            return;
-                        }
-                    },
-                    _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
-                }
+            if leftover.is_empty()
+                && !self
+                    .await_bytes(&stream, served_before, &mut stop, addr)
+                    .await
+            {
+                return;
             }
-            let io = ParkingIo::new(
-                stream,
-                std::mem::take(&mut leftover),
-                peer.clone(),
-                shared.config.client_header_timeout,
-            );
-            let (shared2, peer2) = (shared.clone(), peer.clone());
-            let svc = service_fn(move |req| {
-                let exchange = Exchange::start(peer2.clone());
-                let (shared, peer) = (shared2.clone(), peer2.clone());
-                async move {
-                    let resp = crate::proxy::handle(shared, req, peer).await;
-                    Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, exchange)))
-                }
-            });
-            let mut conn = self.h1_parking.serve_connection(io, svc).with_upgrades();
-            let result = tokio::select! {
-                r = &mut conn => r,
-                _ = async { let _ = stop.wait_for(|s| *s).await; } => {
-                    std::pin::Pin::new(&mut conn).graceful_shutdown();
-                    (&mut conn).await
-                }
-            };
-            match conn.into_parts() {
-                Some(parts) if parts.io.parked() => {
-                    // hyper saw the end of input we made up; an error here is only about the
-                    // partial head it held, which the next round reads first.
-                    leftover = parts.read_buf;
-                    stream = parts.io.into_stream();
-                    served_before = true;
-                }
-                Some(parts) if parts.io.timed_out() => {
-                    self.count_error(
-                        ClientErrorKind::HeaderTimeout,
-                        addr,
-                        crate::server::parking::HEAD_TIMEOUT,
-                    );
-                    return;
-                }
-                _ => {
-                    if let Err(e) = result {
-                        self.count_hyper_error(&e, addr);
+            match self
+                .serve_until_parked(stream, leftover, &peer, &mut stop, addr)
+                .await
+            {
+                Some(parked) => (stream, leftover) = parked,
+                None => return,
+            }
+            served_before = true;
+        }
+    }
+
+    /// Waits, holding no buffer, for the first byte of the next request: `false` when the
+    /// client left, went quiet past the head timeout, or the drain began. Idle is bounded like
+    /// a request head.
+    async fn await_bytes(
+        &self,
+        stream: &TcpStream,
+        served_before: bool,
+        stop: &mut watch::Receiver<bool>,
+        addr: SocketAddr,
+    ) -> bool {
+        let arrived = async {
+            if served_before {
+                // The read that parked the connection cleared its readiness.
+                stream.readable().await
+            } else {
+                // A new socket starts out marked ready: look for a real first byte.
+                stream.peek(&mut [0u8; 1]).await.map(drop)
+            }
+        };
+        let timeout = self.shared.config.client_header_timeout;
+        tokio::select! {
+            r = tokio::time::timeout(timeout, arrived) => match r {
+                Ok(Ok(())) => true,
+                Ok(Err(_)) => false,
+                Err(_) => {
+                    // A keep-alive client going quiet is normal; one that never sent a
+                    // request is a header timeout, as hyper would have reported.
+                    if !served_before {
+                        self.count_error(ClientErrorKind::HeaderTimeout, addr, "no request head in time");
                     }
-                    return;
+                    false
                 }
+            },
+            _ = async { let _ = stop.wait_for(|s| *s).await; } => false,
+        }
+    }
+
+    /// Serves requests with hyper until the connection parks, then gives back the socket and
+    /// the bytes hyper had read of the next head; `None` when the connection ended.
+    async fn serve_until_parked(
+        &self,
+        stream: TcpStream,
+        leftover: Bytes,
+        peer: &Arc<Peer>,
+        stop: &mut watch::Receiver<bool>,
+        addr: SocketAddr,
+    ) -> Option<(TcpStream, Bytes)> {
+        let shared = &self.shared;
+        let io = ParkingIo::new(
+            stream,
+            leftover,
+            peer.clone(),
+            shared.config.client_header_timeout,
+        );
+        let (shared2, peer2) = (shared.clone(), peer.clone());
+        let svc = service_fn(move |req| {
+            let exchange = Exchange::start(peer2.clone());
+            let (shared, peer) = (shared2.clone(), peer2.clone());
+            async move {
+                let resp = crate::proxy::handle(shared, req, peer).await;
+                Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, exchange)))
+            }
+        });
+        let mut conn = self.h1_parking.serve_connection(io, svc).with_upgrades();
+        let result = tokio::select! {
+            r = &mut conn => r,
+            _ = async { let _ = stop.wait_for(|s| *s).await; } => {
+                std::pin::Pin::new(&mut conn).graceful_shutdown();
+                (&mut conn).await
+            }
+        };
+        match conn.into_parts() {
+            Some(parts) if parts.io.parked() => {
+                // hyper saw the end of input we made up; an error here is only about the
+                // partial head it held, which the next round reads first.
+                Some((parts.io.into_stream(), parts.read_buf))
+            }
+            Some(parts) if parts.io.timed_out() => {
+                self.count_error(ClientErrorKind::HeaderTimeout, addr, parking::HEAD_TIMEOUT);
+                None
+            }
+            _ => {
+                if let Err(e) = result {
+                    self.count_hyper_error(&e, addr);
+                }
+                None
             }
         }
     }

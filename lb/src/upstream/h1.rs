@@ -509,64 +509,8 @@ impl Conn {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         loop {
-            match self.framing {
-                Framing::Done => return Poll::Ready(None),
-                Framing::Length(left) | Framing::Chunk(left) if !self.rbuf.is_empty() => {
-                    let n = left.min(self.rbuf.len() as u64);
-                    let data = self.rbuf.split_to(n as usize).freeze();
-                    self.framing = match (self.framing, left - n) {
-                        (Framing::Length(_), 0) => Framing::Done,
-                        (Framing::Length(_), left) => Framing::Length(left),
-                        (_, 0) => Framing::ChunkEnd,
-                        (_, left) => Framing::Chunk(left),
-                    };
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Framing::UntilClose if !self.rbuf.is_empty() => {
-                    let data = self.rbuf.split().freeze();
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Framing::ChunkSize if !self.rbuf.is_empty() => {
-                    match httparse::parse_chunk_size(&self.rbuf) {
-                        Ok(httparse::Status::Complete((len, size))) => {
-                            self.rbuf.advance(len);
-                            self.framing = if size == 0 {
-                                Framing::Trailers
-                            } else {
-                                Framing::Chunk(size)
-                            };
-                            continue;
-                        }
-                        Ok(httparse::Status::Partial) if self.rbuf.len() < MAX_HEAD => {}
-                        _ => return Poll::Ready(Some(Err(self.invalid("bad chunk size line")))),
-                    }
-                }
-                Framing::ChunkEnd if self.rbuf.len() >= 2 => {
-                    if &self.rbuf[..2] != b"\r\n" {
-                        return Poll::Ready(Some(
-                            Err(self.invalid("chunk data not ended by CRLF")),
-                        ));
-                    }
-                    self.rbuf.advance(2);
-                    self.framing = Framing::ChunkSize;
-                    continue;
-                }
-                Framing::Trailers if self.rbuf.len() >= 2 => {
-                    if &self.rbuf[..2] == b"\r\n" {
-                        self.rbuf.advance(2);
-                        self.framing = Framing::Done;
-                        return Poll::Ready(None);
-                    }
-                    match self.parse_trailers() {
-                        Ok(Some(trailers)) => {
-                            self.framing = Framing::Done;
-                            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
-                        }
-                        Ok(None) => {}
-                        Err(e) => return Poll::Ready(Some(Err(e))),
-                    }
-                }
-                _ => {}
+            if let Some(frame) = self.decode_buffered() {
+                return Poll::Ready(frame);
             }
             // Needs more bytes.
             match ready!(self.poll_fill(cx)) {
@@ -583,6 +527,70 @@ impl Conn {
                     self.reusable = false;
                     return Poll::Ready(Some(Err(Error::Io(e))));
                 }
+            }
+        }
+    }
+
+    /// The next frame of the body from what is buffered, as `poll_frame` returns it; `None`
+    /// when more bytes are needed first.
+    fn decode_buffered(&mut self) -> Option<Option<Result<Frame<Bytes>, Error>>> {
+        loop {
+            match self.framing {
+                Framing::Done => return Some(None),
+                Framing::Length(left) | Framing::Chunk(left) if !self.rbuf.is_empty() => {
+                    let n = left.min(self.rbuf.len() as u64);
+                    let data = self.rbuf.split_to(n as usize).freeze();
+                    self.framing = match (self.framing, left - n) {
+                        (Framing::Length(_), 0) => Framing::Done,
+                        (Framing::Length(_), left) => Framing::Length(left),
+                        (_, 0) => Framing::ChunkEnd,
+                        (_, left) => Framing::Chunk(left),
+                    };
+                    return Some(Some(Ok(Frame::data(data))));
+                }
+                Framing::UntilClose if !self.rbuf.is_empty() => {
+                    let data = self.rbuf.split().freeze();
+                    return Some(Some(Ok(Frame::data(data))));
+                }
+                Framing::ChunkSize if !self.rbuf.is_empty() => {
+                    match httparse::parse_chunk_size(&self.rbuf) {
+                        Ok(httparse::Status::Complete((len, size))) => {
+                            self.rbuf.advance(len);
+                            self.framing = if size == 0 {
+                                Framing::Trailers
+                            } else {
+                                Framing::Chunk(size)
+                            };
+                            continue;
+                        }
+                        Ok(httparse::Status::Partial) if self.rbuf.len() < MAX_HEAD => return None,
+                        _ => return Some(Some(Err(self.invalid("bad chunk size line")))),
+                    }
+                }
+                Framing::ChunkEnd if self.rbuf.len() >= 2 => {
+                    if &self.rbuf[..2] != b"\r\n" {
+                        return Some(Some(Err(self.invalid("chunk data not ended by CRLF"))));
+                    }
+                    self.rbuf.advance(2);
+                    self.framing = Framing::ChunkSize;
+                    continue;
+                }
+                Framing::Trailers if self.rbuf.len() >= 2 => {
+                    if &self.rbuf[..2] == b"\r\n" {
+                        self.rbuf.advance(2);
+                        self.framing = Framing::Done;
+                        return Some(None);
+                    }
+                    match self.parse_trailers() {
+                        Ok(Some(trailers)) => {
+                            self.framing = Framing::Done;
+                            return Some(Some(Ok(Frame::trailers(trailers))));
+                        }
+                        Ok(None) => return None,
+                        Err(e) => return Some(Some(Err(e))),
+                    }
+                }
+                _ => return None,
             }
         }
     }
