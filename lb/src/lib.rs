@@ -33,6 +33,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::server::tls;
@@ -44,98 +45,140 @@ pub use crate::state::Shared;
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let client = switchyard_consul::Client::new(&config.consul_addr, config.consul_token.clone())
         .context("Consul client")?;
-    let proxy_listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("binding the proxy listener {}", config.listen))?;
-    let admin_listener = TcpListener::bind(config.admin_listen)
-        .await
-        .with_context(|| format!("binding the admin listener {}", config.admin_listen))?;
     let shared = Arc::new(Shared::new(config));
+    let listeners = Listeners::bind(&shared).await?;
     let config = &shared.config;
-    let tls = match config.tls_listen {
-        None => None,
-        Some(addr) => {
-            let tls = tls::Tls::new(
-                &config.tls_certs,
-                config.http2,
-                config.tls_handshake_timeout,
-                &shared.metrics,
-            )
-            .map_err(|e| anyhow::anyhow!("loading TLS certificates:\n{e}"))?;
-            let listener = TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding the TLS listener {addr}"))?;
-            Some((Arc::new(tls), listener))
-        }
-    };
     tracing::info!(
-        listen = %proxy_listener.local_addr()?,
-        tls_listen = ?tls.as_ref().map(|(_, l)| l.local_addr()).transpose()?,
-        admin = %admin_listener.local_addr()?,
+        listen = %listeners.proxy.local_addr()?,
+        tls_listen = ?listeners.tls.as_ref().map(|(_, l)| l.local_addr()).transpose()?,
+        admin = %listeners.admin.local_addr()?,
         consul = %client.base(),
         balance = ?config.balance,
         h2c = config.h2c,
         "lb starting"
     );
-    let drain_delay = config.drain_delay;
-    let shutdown_timeout = config.shutdown_timeout;
-
-    let (stop_discovery, discovery_rx) = watch::channel(false);
-    let (stop_proxy, proxy_rx) = watch::channel(false);
-    let (stop_admin, admin_rx) = watch::channel(false);
-    let discovery = tokio::spawn(discovery::watch_consul(
-        shared.clone(),
-        client,
-        discovery_rx,
-    ));
-    let admin = tokio::spawn(admin::serve_admin(
-        shared.clone(),
-        admin_listener,
-        admin_rx.clone(),
-    ));
-    let proxy = tokio::spawn(server::serve_proxy(
-        shared.clone(),
-        proxy_listener,
-        None,
-        proxy_rx.clone(),
-        shutdown_timeout,
-    ));
-    let (tls_proxy, cert_watch) = match tls {
-        Some((tls, listener)) => (
-            Some(tokio::spawn(server::serve_proxy(
-                shared.clone(),
-                listener,
-                Some(tls.clone()),
-                proxy_rx,
-                shutdown_timeout,
-            ))),
-            Some(tokio::spawn(tls::watch_certificates(
-                tls,
-                shared.clone(),
-                shared.config.tls_reload_interval,
-                admin_rx.clone(),
-            ))),
-        ),
-        None => (None, None),
-    };
-
+    let tasks = Tasks::spawn(&shared, client, listeners);
     shutdown.await;
     shared.shutting_down.store(true, Ordering::Release);
+    let drain_delay = config.drain_delay;
     tracing::info!(drain_delay = ?drain_delay, "shutdown requested: readiness is false, still accepting");
     tokio::time::sleep(drain_delay).await;
-    let _ = stop_proxy.send(true);
-    let mut left = proxy.await.unwrap_or(0);
-    if let Some(tls_proxy) = tls_proxy {
-        // Both listeners report the process-wide open counts: the larger is the total.
-        left = left.max(tls_proxy.await.unwrap_or(0));
-    }
-    let _ = stop_discovery.send(true);
-    let _ = stop_admin.send(true);
-    let _ = discovery.await;
-    let _ = admin.await;
-    if let Some(w) = cert_watch {
-        let _ = w.await;
-    }
+    let left = tasks.stop().await;
     tracing::info!(connections_cut = left, "lb stopped");
     Ok(())
+}
+
+/// Every listener, bound before any task starts, so a taken port or a bad certificate fails
+/// the start with a message that names it.
+struct Listeners {
+    proxy: TcpListener,
+    admin: TcpListener,
+    tls: Option<(Arc<tls::Tls>, TcpListener)>,
+}
+
+impl Listeners {
+    async fn bind(shared: &Shared) -> anyhow::Result<Listeners> {
+        let config = &shared.config;
+        let proxy = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding the proxy listener {}", config.listen))?;
+        let admin = TcpListener::bind(config.admin_listen)
+            .await
+            .with_context(|| format!("binding the admin listener {}", config.admin_listen))?;
+        let tls = match config.tls_listen {
+            None => None,
+            Some(addr) => {
+                let tls = tls::Tls::new(
+                    &config.tls_certs,
+                    config.http2,
+                    config.tls_handshake_timeout,
+                    &shared.metrics,
+                )
+                .map_err(|e| anyhow::anyhow!("loading TLS certificates:\n{e}"))?;
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding the TLS listener {addr}"))?;
+                Some((Arc::new(tls), listener))
+            }
+        };
+        Ok(Listeners { proxy, admin, tls })
+    }
+}
+
+/// The lb's tasks, with what stops each: the listeners first (they drain), then discovery,
+/// admin and the certificate watch.
+struct Tasks {
+    stop_proxy: watch::Sender<bool>,
+    stop_discovery: watch::Sender<bool>,
+    stop_admin: watch::Sender<bool>,
+    proxy: JoinHandle<usize>,
+    tls_proxy: Option<JoinHandle<usize>>,
+    discovery: JoinHandle<()>,
+    admin: JoinHandle<()>,
+    cert_watch: Option<JoinHandle<()>>,
+}
+
+impl Tasks {
+    fn spawn(shared: &Arc<Shared>, client: switchyard_consul::Client, l: Listeners) -> Tasks {
+        let shutdown_timeout = shared.config.shutdown_timeout;
+        let (stop_discovery, discovery_rx) = watch::channel(false);
+        let (stop_proxy, proxy_rx) = watch::channel(false);
+        let (stop_admin, admin_rx) = watch::channel(false);
+        let serve = |listener, tls| {
+            let rx = proxy_rx.clone();
+            tokio::spawn(server::serve_proxy(
+                shared.clone(),
+                listener,
+                tls,
+                rx,
+                shutdown_timeout,
+            ))
+        };
+        let proxy = serve(l.proxy, None);
+        let (tls_proxy, cert_watch) = match l.tls {
+            Some((tls, listener)) => (
+                Some(serve(listener, Some(tls.clone()))),
+                Some(tokio::spawn(tls::watch_certificates(
+                    tls,
+                    shared.clone(),
+                    shared.config.tls_reload_interval,
+                    admin_rx.clone(),
+                ))),
+            ),
+            None => (None, None),
+        };
+        Tasks {
+            discovery: tokio::spawn(discovery::watch_consul(
+                shared.clone(),
+                client,
+                discovery_rx,
+            )),
+            admin: tokio::spawn(admin::serve_admin(shared.clone(), l.admin, admin_rx)),
+            proxy,
+            tls_proxy,
+            cert_watch,
+            stop_proxy,
+            stop_discovery,
+            stop_admin,
+        }
+    }
+
+    /// Stops accepting, waits for the drain, then stops the rest; returns the connections
+    /// the drain's time limit cut.
+    async fn stop(self) -> usize {
+        let _ = self.stop_proxy.send(true);
+        let mut left = self.proxy.await.unwrap_or(0);
+        if let Some(tls_proxy) = self.tls_proxy {
+            // Both listeners report the process-wide open counts: the larger is the total.
+            left = left.max(tls_proxy.await.unwrap_or(0));
+        }
+        let _ = self.stop_discovery.send(true);
+        let _ = self.stop_admin.send(true);
+        let _ = self.discovery.await;
+        let _ = self.admin.await;
+        if let Some(w) = self.cert_watch {
+            let _ = w.await;
+        }
+        left
+    }
 }
