@@ -1,18 +1,22 @@
 //! Switchyard's lb: a reverse proxy whose routing table is driven by Consul.
 //!
 //! # Layout
-//! - [`config`]: the whole configuration as one value (env and flags).
-//! - [`discovery`]: Consul blocking queries in, one new [`routing::RoutingTable`] out.
-//! - [`routing`]: the immutable table, route lookup and balancing picks.
-//! - [`backend`]: per-address state that survives reloads: in-flight, ejection, connection pool.
-//! - [`proxy`]: the request path (lookup, pick, forward, retry) and [`body`] its body types.
-//! - [`server`]: accepting client connections (HTTP/1.1, HTTP/2, upgrades) and draining them;
-//!   [`parking`] lets idle plain HTTP/1.1 connections drop their buffers.
-//! - [`tls`]: certificates by SNI, their reloads, and the TLS handshake.
+//! Bottom up; a module imports only from layers below its own (`scripts/check-layers`).
+//! - [`config`], [`metrics`], [`time`], [`field_list`]: the configuration as one value; every
+//!   metric and label value, declared once; the clocks; HTTP's comma-separated lists.
+//! - [`upstream`]: the lb as an HTTP client: per-backend state (in-flight, ejection, the pool),
+//!   the HTTP/1.1 codec, the HTTP/2 handle, the retry budget. No routes, clients or shared
+//!   state.
+//! - [`routing`]: the immutable [`routing::RoutingTable`], its incremental build, the picks.
+//! - [`state`]: [`Shared`], the runtime state in typed parts.
+//! - [`discovery`]: Consul blocking queries in, one new table out. [`proxy`]: the request path
+//!   (route, forward, retry, forwarding fields, local answers, upgrades).
+//! - [`server`]: listeners, connections, parking, TLS, the drain.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/routes` on a separate listener.
-//! - [`metrics`]: every metric name, declared once.
+//! - `run` (here): bind, spawn, wait for shutdown, drain, stop.
 //!
-//! Data flows one way: Consul -> `discovery` -> `ArcSwap<RoutingTable>` -> `proxy`.
+//! Data flows one way: Consul -> `discovery` -> `ArcSwap<RoutingTable>` in [`Shared`] ->
+//! `proxy` -> `upstream` -> a backend's socket.
 
 pub mod admin;
 pub mod config;

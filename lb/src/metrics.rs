@@ -1,6 +1,6 @@
 //! Every metric the lb exports, declared once with its name, help and labels.
 //!
-//! Label values known in advance are enums declared here once ([`label!`]); families over one
+//! Label values known in advance are enums declared here once (`label!`); families over one
 //! such label are resolved at start ([`ByLabel`]), so counting them is an index. Per-route and
 //! per-backend handles are resolved when a table is built and carried in it; an answer the lb
 //! gives itself looks its (route, reason) series up, off the proxied path. Label values that

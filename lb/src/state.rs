@@ -1,6 +1,6 @@
 //! The lb's runtime state, shared by the request path, discovery and admin: the settings, the
-//! published routing table, metrics, the upstream settings and retry budget, and what discovery
-//! reports of its health. It holds these parts; it knows nothing of how each is used.
+//! published routing table, metrics, the backend settings and retry budget, and discovery's
+//! contact with Consul. It holds these parts; it knows nothing of how each is used.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
