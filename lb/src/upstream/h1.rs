@@ -396,7 +396,7 @@ impl Conn {
                     .map_err(|_| Error::Invalid("bad header field value"))?;
             headers.append(name, value);
         }
-        self.framing = self.framing_of(status, &headers, head_request, http10)?;
+        self.framing = self.framing_of(status, &mut headers, head_request, http10)?;
 
         let mut resp = Response::new(());
         *resp.status_mut() = status;
@@ -406,11 +406,12 @@ impl Conn {
     }
 
     /// RFC 9112 6.3: how the body of this response is delimited; also whether the connection
-    /// outlives it.
+    /// outlives it. A `Content-Length` beside `Transfer-Encoding` is removed: the coding
+    /// frames the body, and a proxy must not pass on a length that contradicts it.
     fn framing_of(
         &mut self,
         status: StatusCode,
-        headers: &HeaderMap,
+        headers: &mut HeaderMap,
         head_request: bool,
         http10: bool,
     ) -> Result<Framing, Error> {
@@ -430,19 +431,20 @@ impl Conn {
         if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
             return Ok(Framing::Done);
         }
-        if let Some(te) = headers.get(header::TRANSFER_ENCODING) {
+        if let Some(last) = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+        {
             // Chunked must be the last coding; with any other last coding, the body runs to
-            // the close. Either way Transfer-Encoding overrides Content-Length (whose presence
-            // beside it makes the connection unfit for reuse, RFC 9112 6.3).
-            if headers.contains_key(header::CONTENT_LENGTH) {
+            // the close. Either way Transfer-Encoding overrides Content-Length, whose presence
+            // beside it makes the connection unfit for reuse, and which an intermediary must
+            // remove before it forwards the message (RFC 9112 6.3): the client would read the
+            // body by that length and get it cut short.
+            let chunked = field_list::last(last).is_some_and(|c| c.eq_ignore_ascii_case("chunked"));
+            if headers.remove(header::CONTENT_LENGTH).is_some() {
                 self.reusable = false;
             }
-            let last = headers
-                .get_all(header::TRANSFER_ENCODING)
-                .iter()
-                .next_back()
-                .unwrap_or(te);
-            let chunked = field_list::last(last).is_some_and(|c| c.eq_ignore_ascii_case("chunked"));
             if chunked && !http10 {
                 return Ok(Framing::ChunkSize);
             }

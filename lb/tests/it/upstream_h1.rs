@@ -23,6 +23,11 @@ fn script(method: &str, path: &str, body: &[u8]) -> (Vec<u8>, bool) {
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Kind: chunked\r\n\r\n\
              5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n",
         ),
+        // Both framings at once (RFC 9112 6.3): the coding is the one that holds.
+        "/length-and-chunked" => fixed(
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n\
+             5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+        ),
         "/interim" => fixed(
             "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n\
              HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nfinally",
@@ -322,4 +327,35 @@ async fn request_bodies_of_unknown_length_go_chunked() {
         .await,
         Some(1.0)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_length_beside_a_chunked_coding_is_removed_not_obeyed() {
+    let consul = Consul::start().await;
+    let (port, accepted) = scripted_backend().await;
+    consul.register("s", "web", port, &["lb.route=/"]).await;
+    let lb = Lb::start(&consul, &[]).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 1).await;
+
+    // The whole body, by its chunks; the contradicting length never reaches the client.
+    let r = http.get(&lb.url("/length-and-chunked")).await.unwrap();
+    assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "hello world"));
+    let raw_answer = raw(
+        lb.proxy,
+        "GET /length-and-chunked HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    let lower = raw_answer.to_lowercase();
+    assert!(!lower.contains("content-length: 3"), "{raw_answer}");
+    assert!(
+        lower.contains("hello") && lower.contains(" world"),
+        "{raw_answer}"
+    );
+    // Such a connection is not trusted with another request.
+    let before = accepted.load(Ordering::SeqCst);
+    for _ in 0..2 {
+        let r = http.get(&lb.url("/length-and-chunked")).await.unwrap();
+        assert_eq!(r.body, "hello world");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst) - before, 2);
 }
