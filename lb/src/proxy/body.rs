@@ -43,9 +43,9 @@ impl Body for ProxyBody {
                 (Upstream::H1, Some(Sender::H1(conn))) => match conn.poll_frame(cx) {
                     // The head has gone to the client: all that is left is to cut it off.
                     Poll::Ready(Some(Err(e))) => {
-                        let m = &guard.shared.metrics;
+                        let m = &guard.in_flight.shared.metrics;
                         m.upstream_errors.inc(UpstreamErrorKind::Body);
-                        tracing::debug!(backend = %guard.backend.addr, error = %e, "upstream response body failed");
+                        tracing::debug!(backend = %guard.in_flight.backend.addr, error = %e, "upstream response body failed");
                         Poll::Ready(Some(Err(e.into())))
                     }
                     polled => polled.map_err(|e| e.into()),
@@ -81,28 +81,51 @@ impl Body for ProxyBody {
     }
 }
 
-/// Lives as long as a proxied response. Dropping it ends the request for the backend's
-/// in-flight count and the route's latency histogram, and gives the upstream connection back to
-/// the pool when the exchange completed cleanly.
-pub struct ResponseGuard {
+/// A request counted in flight, for its backend (which p2c balances on) and for the gauge,
+/// from just before it is sent until this is dropped: when its response ends, when the send
+/// fails, or when the client leaves and the request's future is dropped mid-await.
+pub struct InFlight {
     pub backend: Arc<Backend>,
+    pub shared: Arc<Shared>,
+}
+
+impl InFlight {
+    pub fn start(shared: &Arc<Shared>, backend: &Arc<Backend>) -> InFlight {
+        backend.start_request();
+        shared.metrics.in_flight.inc();
+        InFlight {
+            backend: backend.clone(),
+            shared: shared.clone(),
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.backend.end_request();
+        self.shared.metrics.in_flight.dec();
+    }
+}
+
+/// Lives as long as a proxied response. Dropping it ends the request's time in flight and in
+/// the route's latency histogram, and gives the upstream connection back to the pool when the
+/// exchange completed cleanly.
+pub struct ResponseGuard {
+    pub in_flight: InFlight,
     pub route: Arc<Route>,
     pub start: Instant,
     pub sender: Option<Sender>,
-    pub shared: Arc<Shared>,
 }
 
 impl Drop for ResponseGuard {
     fn drop(&mut self) {
-        self.backend.end_request();
-        self.shared.metrics.in_flight.dec();
         self.route
             .latency
             .observe(self.start.elapsed().as_secs_f64());
         // An HTTP/2 handle is a clone of the shared connection: nothing to give back. An
         // HTTP/1.1 connection whose response was not read to its end is dropped (closed) there.
         if let Some(Sender::H1(conn)) = self.sender.take() {
-            self.backend.checkin(conn);
+            self.in_flight.backend.checkin(conn);
         }
     }
 }

@@ -9,7 +9,7 @@ use http::header::{self, HeaderValue};
 use http::{Method, Response, StatusCode, Version};
 use hyper::body::Incoming;
 
-use super::body::{ProxyBody, ResponseGuard};
+use super::body::{InFlight, ProxyBody, ResponseGuard};
 use super::forwarded::{Forwarded, X_REQUEST_ID};
 use super::headers::{strip_hop_by_hop, to_http1_form, to_http2_form};
 use super::local::local;
@@ -73,9 +73,9 @@ pub(super) async fn forward(
             request_id: &request_id,
         };
         // The parts stay here: a retry sends them again.
-        // In flight from here until the response's guard drops, or the send fails.
-        backend.start_request();
-        shared.metrics.in_flight.inc();
+        // In flight until the response's guard drops, the send fails, or the client leaves
+        // and this future is dropped while it waits.
+        let in_flight = InFlight::start(shared, backend);
         match sender.send(&parts, &fwd, body, cfg.response_timeout).await {
             Ok(resp) => {
                 let sent = Sent {
@@ -83,12 +83,12 @@ pub(super) async fn forward(
                     backend: rb,
                     sender,
                     start,
+                    in_flight,
                 };
                 return respond(shared, sent, resp, upgrade, request_id);
             }
             Err(e) => {
-                backend.end_request();
-                shared.metrics.in_flight.dec();
+                drop(in_flight);
                 if !attempts.failed(shared, route, backend, e) {
                     break;
                 }
@@ -200,6 +200,7 @@ struct Sent<'a> {
     backend: &'a RouteBackend,
     sender: Sender,
     start: Instant,
+    in_flight: InFlight,
 }
 
 /// The backend's response on its way to the client: counted, stripped of hop-by-hop fields,
@@ -216,6 +217,7 @@ fn respond(
         backend: rb,
         sender,
         start,
+        in_flight,
     } = sent;
     let backend = &rb.backend;
     backend.record_success();
@@ -240,11 +242,10 @@ fn respond(
         rbody = Upstream::Empty;
     }
     let guard = ResponseGuard {
-        backend: backend.clone(),
+        in_flight,
         route: route.clone(),
         start,
         sender,
-        shared: shared.clone(),
     };
     Response::from_parts(
         rparts,

@@ -135,3 +135,51 @@ async fn exact_host_and_longest_prefix_win() {
         assert_eq!(r.headers["x-backend"], want, "{host}{path}");
     }
 }
+
+/// Clients that give up while their requests wait on a slow backend must leave no request
+/// counted in flight: a leaked count would skew p2c away from that backend for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_requests_leave_nothing_in_flight() {
+    use tokio::io::AsyncWriteExt;
+    let consul = Consul::start().await;
+    let _b = three_backends(&consul, &[&["lb.route=/"], &["lb.route=/"]]).await;
+    let lb = Lb::start(&consul, &[("LB_BALANCE", "p2c")]).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 2).await;
+
+    // 50 requests to a slow path, each abandoned (its connection closed) after 0.5 s, while
+    // the lb still waits for the response head.
+    let mut clients = Vec::new();
+    for _ in 0..50 {
+        let mut s = tokio::net::TcpStream::connect(lb.proxy).await.unwrap();
+        s.write_all(b"GET /slow?ms=3000 HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        clients.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(clients);
+
+    let in_flight = |v: serde_json::Value| -> u64 {
+        v["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r["backends"].as_array().unwrap().iter())
+            .map(|b| b["in_flight"].as_u64().unwrap())
+            .sum()
+    };
+    // Well before the backends would have answered (3 s).
+    eventually(
+        "no request in flight after the clients left",
+        Duration::from_secs(2),
+        || async {
+            in_flight(lb.routes(&http).await) == 0
+                && lb.metric(&http, "lb_requests_in_flight", &[]).await == Some(0.0)
+        },
+    )
+    .await;
+    let seen = spread_ok(&http, &lb.url("/"), 200).await;
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(seen.values().all(|&n| n >= 60), "{seen:?}");
+}
