@@ -30,7 +30,7 @@ use forward::forward;
 use forwarded::X_REQUEST_ID;
 use headers::{strip_request_hop_by_hop, to_http1_form};
 use local::{local, redirect_to_https};
-use upgrade::{upgrade_request, Upgrade};
+use upgrade::{upgrade_request, Upgrade, UpgradePin};
 
 /// Serves one request. Never fails: every error is a response.
 pub async fn handle(
@@ -85,12 +85,10 @@ pub async fn handle(
         );
     }
 
-    let upgrade = upgrade_request(&parts.headers, parts.version);
-    if upgrade.is_some() {
-        peer.exchanges.pin();
-    }
+    let upgrade =
+        upgrade_request(&parts.headers, parts.version).map(|p| (p, UpgradePin::new(&peer)));
     strip_request_hop_by_hop(&mut parts.headers);
-    let upgrade = upgrade.and_then(|protocol| {
+    let upgrade = upgrade.and_then(|(protocol, pin)| {
         let on_client = parts.extensions.remove::<OnUpgrade>()?;
         parts
             .headers
@@ -100,6 +98,7 @@ pub async fn handle(
             protocol,
             on_client,
             peer: peer.clone(),
+            pin,
         })
     });
     to_http1_form(&mut parts);

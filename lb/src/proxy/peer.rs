@@ -58,6 +58,12 @@ impl Exchanges {
         self.pinned.store(true, Ordering::Relaxed);
     }
 
+    /// The upgrade was declined or failed: the connection is plain HTTP/1.1 again, with its
+    /// parking and its header and idle timeouts.
+    pub fn unpin(&self) {
+        self.pinned.store(false, Ordering::Relaxed);
+    }
+
     pub(crate) fn done(&self) -> u32 {
         self.done.load(Ordering::Acquire)
     }

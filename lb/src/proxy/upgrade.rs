@@ -20,6 +20,26 @@ pub(super) struct Upgrade {
     pub(super) protocol: HeaderValue,
     pub(super) on_client: OnUpgrade,
     pub(super) peer: Arc<Peer>,
+    /// Held by the tunnel once both sides switched; dropped with a declined upgrade.
+    pub(super) pin: UpgradePin,
+}
+
+/// Keeps the client's connection from parking while it may become a tunnel (a parked read
+/// would make up an end of input under it), and no longer: dropping it, when the backend
+/// declines the upgrade or the request fails, gives the connection back its timeouts.
+pub(super) struct UpgradePin(Arc<Peer>);
+
+impl UpgradePin {
+    pub(super) fn new(peer: &Arc<Peer>) -> UpgradePin {
+        peer.exchanges.pin();
+        UpgradePin(peer.clone())
+    }
+}
+
+impl Drop for UpgradePin {
+    fn drop(&mut self) {
+        self.0.exchanges.unpin();
+    }
 }
 
 /// The `Upgrade` header of an HTTP/1.1 request whose `Connection` header asks for it.
@@ -45,12 +65,20 @@ pub(super) fn spawn_tunnel(
     } else {
         UpgradeProtocol::Other
     };
-    let Drain { alive, mut close } = up.peer.drain.clone();
-    let client_addr = up.peer.addr;
+    let Upgrade {
+        on_client,
+        peer,
+        pin,
+        ..
+    } = up;
+    let Drain { alive, mut close } = peer.drain.clone();
+    let client_addr = peer.addr;
     tokio::spawn(async move {
         use tokio::io::AsyncWriteExt as _;
         let _alive = alive;
-        let client = match up.on_client.await {
+        // The connection is the tunnel's now: it must never park.
+        let _pin = pin;
+        let client = match on_client.await {
             Ok(client) => client,
             Err(e) => {
                 tracing::debug!(%backend, error = %e, "upgrade did not complete");

@@ -305,3 +305,56 @@ async fn grpc_unary_and_streaming_calls_through_the_lb() {
         Some(1.0)
     );
 }
+
+/// A backend that declines an upgrade (answers 200) leaves a plain HTTP/1.1 connection, which
+/// must keep its header timeout: a half-sent head afterwards is closed on time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declined_upgrade_leaves_the_header_timeout_in_force() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let consul = Consul::start().await;
+    let backend = crate::support::Backend::start("plain").await;
+    consul
+        .register("plain", "web", backend.port(), &["lb.route=/"])
+        .await;
+    let lb = Lb::start(&consul, &[("LB_CLIENT_HEADER_TIMEOUT", "1s")]).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 1).await;
+
+    let mut s = tokio::net::TcpStream::connect(lb.proxy).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&answer).contains("plain") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("an answer to the declined upgrade")
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    // Half a head, then silence: closed at the header timeout (1 s), not held open.
+    s.write_all(b"GET / HTTP/1.1\r\nHost:").await.unwrap();
+    let started = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "a half-sent head after a declined upgrade was still open after 5 s"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(500));
+}
