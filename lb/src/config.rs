@@ -172,6 +172,11 @@ pub const SETTINGS: &[Setting] = &[
         "answer every plain-HTTP request with a 308 to HTTPS (per route: tag lb.redirect=https)",
     ),
     (
+        "LB_UPGRADE_PROTOCOLS",
+        "websocket",
+        "protocols a client may switch to through the lb (Upgrade); others are not forwarded, h2c never",
+    ),
+    (
         "LB_HTTPS_PORT",
         "443",
         "the port clients reach HTTPS on, for redirect locations",
@@ -237,6 +242,8 @@ pub struct Config {
     pub http2: bool,
     pub h2c: bool,
     pub https_redirect: bool,
+    /// Lower-case protocol names an `Upgrade` may ask for; never `h2c`.
+    pub upgrade_protocols: Vec<String>,
     pub https_port: u16,
 }
 
@@ -386,6 +393,19 @@ impl Config {
             http2: p.get("LB_HTTP2", parse_bool, "true or false"),
             h2c: p.get("LB_H2C", parse_bool, "true or false"),
             https_redirect: p.get("LB_HTTPS_REDIRECT", parse_bool, "true or false"),
+            upgrade_protocols: p.get(
+                "LB_UPGRADE_PROTOCOLS",
+                |s| {
+                    let names: Vec<String> = s
+                        .split(',')
+                        .map(|p| p.trim().to_ascii_lowercase())
+                        .filter(|p| !p.is_empty())
+                        .collect();
+                    // h2c through a proxy is request smuggling past its per-route policy.
+                    (!names.iter().any(|p| p == "h2c")).then_some(names)
+                },
+                "comma-separated protocol names, not h2c",
+            ),
             https_port: p.get(
                 "LB_HTTPS_PORT",
                 |s| s.parse().ok().filter(|p| *p > 0),

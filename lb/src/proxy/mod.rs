@@ -85,8 +85,12 @@ pub async fn handle(
         );
     }
 
-    let upgrade =
-        upgrade_request(&parts.headers, parts.version).map(|p| (p, UpgradePin::new(&peer)));
+    let upgrade = upgrade_request(
+        &parts.headers,
+        parts.version,
+        &shared.config.upgrade_protocols,
+    )
+    .map(|p| (p, UpgradePin::new(&peer)));
     strip_request_hop_by_hop(&mut parts.headers);
     let upgrade = upgrade.and_then(|(protocol, pin)| {
         let on_client = parts.extensions.remove::<OnUpgrade>()?;

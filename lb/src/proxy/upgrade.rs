@@ -43,13 +43,29 @@ impl Drop for UpgradePin {
 }
 
 /// The `Upgrade` header of an HTTP/1.1 request whose `Connection` header asks for it.
-pub(super) fn upgrade_request(headers: &HeaderMap, version: Version) -> Option<HeaderValue> {
-    if version != Version::HTTP_11 {
+/// Only protocols in `allowed` pass, and only when the client offers nothing else: an offer of
+/// `h2c` (never allowed) would reach the backend as a plain request it might switch on anyway.
+/// A request whose upgrade does not pass is forwarded without it (`Upgrade` is hop-by-hop).
+pub(super) fn upgrade_request(
+    headers: &HeaderMap,
+    version: Version,
+    allowed: &[String],
+) -> Option<HeaderValue> {
+    if version != Version::HTTP_11 || !field_list::contains(headers, header::CONNECTION, "upgrade")
+    {
         return None;
     }
-    let asks = field_list::contains(headers, header::CONNECTION, "upgrade");
-    asks.then(|| headers.get(header::UPGRADE).cloned())
-        .flatten()
+    let value = headers.get(header::UPGRADE)?;
+    let mut offered = field_list::items(value).peekable();
+    offered.peek()?;
+    offered
+        .all(|p| {
+            // `protocol-name ["/" protocol-version]` (RFC 9110 7.8)
+            let name = p.split('/').next().unwrap_or(p);
+            !name.eq_ignore_ascii_case("h2c")
+                && allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
+        })
+        .then(|| value.clone())
 }
 
 /// Copies bytes both ways between the client and the backend once both sides switched
@@ -116,6 +132,7 @@ mod tests {
 
     #[test]
     fn upgrade_requests_and_protocol_forms() {
+        let ws = vec!["websocket".to_string()];
         let mut h = HeaderMap::new();
         h.insert(
             header::CONNECTION,
@@ -123,14 +140,30 @@ mod tests {
         );
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         assert_eq!(
-            upgrade_request(&h, Version::HTTP_11)
+            upgrade_request(&h, Version::HTTP_11, &ws)
                 .as_ref()
                 .map(|v| v.as_bytes()),
             Some(&b"websocket"[..])
         );
-        assert_eq!(upgrade_request(&h, Version::HTTP_10), None);
+        assert_eq!(upgrade_request(&h, Version::HTTP_10, &ws), None);
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));
-        assert_eq!(upgrade_request(&h, Version::HTTP_11), None);
+        assert_eq!(upgrade_request(&h, Version::HTTP_11, &ws), None);
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        let offer = |h: &mut HeaderMap, v: &'static str, allowed: &[String]| {
+            h.insert(header::UPGRADE, HeaderValue::from_static(v));
+            upgrade_request(h, Version::HTTP_11, allowed).is_some()
+        };
+        assert!(offer(&mut h, "WebSocket", &ws));
+        assert!(!offer(&mut h, "h2c", &ws), "h2c is never forwarded");
+        assert!(
+            !offer(&mut h, "websocket, h2c", &ws),
+            "nor offered beside another"
+        );
+        assert!(!offer(&mut h, "foo/2", &ws), "only allowed protocols");
+        let foo = vec!["foo".to_string(), "h2c".to_string()];
+        assert!(offer(&mut h, "foo/2", &foo));
+        assert!(!offer(&mut h, "h2c", &foo), "not even when listed");
+        assert!(!offer(&mut h, "", &foo));
 
         let (mut parts, ()) = Request::get("/a?b=1").body(()).unwrap().into_parts();
         parts

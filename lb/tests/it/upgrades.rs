@@ -358,3 +358,51 @@ async fn a_declined_upgrade_leaves_the_header_timeout_in_force() {
     );
     assert!(started.elapsed() >= Duration::from_millis(500));
 }
+
+/// `Upgrade: h2c` through a proxy smuggles an HTTP/2 connection past its per-request policy;
+/// an upgrade to a protocol not allowed (`LB_UPGRADE_PROTOCOLS`, default websocket) is not
+/// forwarded either. Both reach the backend as plain requests without the upgrade.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_and_unlisted_upgrades_are_not_forwarded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let consul = Consul::start().await;
+    let backend = crate::support::Backend::start("plain").await;
+    consul
+        .register("plain", "web", backend.port(), &["lb.route=/"])
+        .await;
+    let lb = Lb::start(&consul, &[]).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 1).await;
+    for (upgrade, connection) in [
+        ("h2c", "Upgrade, HTTP2-Settings"),
+        ("websocket, h2c", "upgrade"),
+        ("foo/1", "upgrade"),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(lb.proxy).await.unwrap();
+        let req = format!(
+            "GET /headers HTTP/1.1\r\nHost: x\r\nConnection: {connection}, close\r\n\
+             Upgrade: {upgrade}\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer))
+            .await
+            .expect("an answer")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer).to_lowercase();
+        assert!(answer.starts_with("http/1.1 200"), "{upgrade}: {answer}");
+        let (_, echoed) = answer.split_once("\r\n\r\n").unwrap();
+        assert!(
+            !echoed.contains("upgrade:"),
+            "{upgrade} was forwarded: {echoed}"
+        );
+        if connection.contains("HTTP2-Settings") {
+            // Named in Connection: hop-by-hop, like the Upgrade it goes with.
+            assert!(!echoed.contains("http2-settings"), "{upgrade}: {echoed}");
+        }
+        assert!(
+            !echoed.contains("connection: upgrade"),
+            "{upgrade}: {echoed}"
+        );
+    }
+}
