@@ -24,10 +24,10 @@ pub(super) const HOP_BY_HOP: [HeaderName; 7] = [
 /// host in `:authority` only).
 pub(super) fn to_http1_form(parts: &mut http::request::Parts) {
     if let Some(authority) = parts.uri.authority() {
-        if !parts.headers.contains_key(header::HOST) {
-            if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
-                parts.headers.insert(header::HOST, v);
-            }
+        // The target's authority is what the request was routed on: it replaces any Host the
+        // client sent (RFC 9112 3.2.2), so the backend sees the same name.
+        if let Ok(v) = HeaderValue::from_str(super::without_userinfo(authority)) {
+            parts.headers.insert(header::HOST, v);
         }
         let pq = parts
             .uri

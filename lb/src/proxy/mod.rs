@@ -41,14 +41,9 @@ pub async fn handle(
     let request_id = request_id(req.headers());
     let (mut parts, body) = req.into_parts();
 
-    let Some(host) = request_host(&parts.uri, &parts.headers, parts.version) else {
-        return local(
-            &shared,
-            LocalReason::BadRequest,
-            "",
-            "missing or invalid Host header",
-            request_id,
-        );
+    let host = match request_host(&parts.uri, &parts.headers, parts.version) {
+        Ok(host) => host,
+        Err(why) => return local(&shared, LocalReason::BadRequest, "", why, request_id),
     };
     if !peer.tls && shared.config.https_redirect {
         return redirect_to_https(&shared, &host, &parts.uri, request_id);
@@ -114,32 +109,56 @@ pub async fn handle(
 /// The request's host, lower-case and without port. `None` when an HTTP/1.1 request has no
 /// usable host, which RFC 9112 makes a 400. Borrowed unless it needs lower-casing, so the
 /// common request allocates nothing here.
+///
+/// The name routed on is the name the backend gets (`to_http1_form` sets `Host` from the
+/// same source): an absolute-form target's authority wins over a `Host` field (RFC 9112
+/// 3.2.2); in HTTP/2, a `Host` naming another authority than `:authority` is malformed (RFC
+/// 9113 8.3.1); two `Host` fields are a 400 (RFC 9112 3.2).
 fn request_host<'a>(
     uri: &'a Uri,
     headers: &'a HeaderMap,
     version: Version,
-) -> Option<Cow<'a, str>> {
-    let raw = match uri.host() {
-        Some(h) => h,
-        None => match headers.get(header::HOST) {
-            Some(v) => {
-                let s = v.to_str().ok()?;
-                // Strip a port, keeping bracketed IPv6 literals whole.
-                match s.rfind(':') {
-                    Some(i) if !s[i..].contains(']') => &s[..i],
-                    _ => s,
-                }
+) -> Result<Cow<'a, str>, &'static str> {
+    let mut fields = headers.get_all(header::HOST).iter();
+    let field = fields.next();
+    if fields.next().is_some() {
+        return Err("more than one Host header");
+    }
+    let raw = match (uri.authority(), field) {
+        (Some(authority), field) => {
+            if version == Version::HTTP_2
+                && field.is_some_and(|f| {
+                    !f.as_bytes()
+                        .eq_ignore_ascii_case(without_userinfo(authority).as_bytes())
+                })
+            {
+                return Err("the Host header names another authority than :authority");
             }
-            None if version == Version::HTTP_11 => return None,
-            None => "",
-        },
+            authority.host()
+        }
+        (None, Some(v)) => {
+            let s = v.to_str().map_err(|_| "invalid Host header")?;
+            // Strip a port, keeping bracketed IPv6 literals whole.
+            match s.rfind(':') {
+                Some(i) if !s[i..].contains(']') => &s[..i],
+                _ => s,
+            }
+        }
+        (None, None) if version == Version::HTTP_11 => return Err("missing Host header"),
+        (None, None) => "",
     };
     let host = raw.trim_end_matches('.');
-    Some(if host.bytes().any(|b| b.is_ascii_uppercase()) {
+    Ok(if host.bytes().any(|b| b.is_ascii_uppercase()) {
         Cow::Owned(host.to_ascii_lowercase())
     } else {
         Cow::Borrowed(host)
     })
+}
+
+/// `host[:port]` of an authority; userinfo is never forwarded (RFC 9110 4.2.4).
+pub(super) fn without_userinfo(authority: &http::uri::Authority) -> &str {
+    let a = authority.as_str();
+    a.rsplit_once('@').map_or(a, |(_, host)| host)
 }
 
 fn request_id(headers: &HeaderMap) -> HeaderValue {
@@ -168,7 +187,9 @@ mod tests {
             if let Some(host) = host {
                 headers.insert(header::HOST, HeaderValue::from_str(host).unwrap());
             }
-            request_host(&uri.parse().unwrap(), &headers, v).map(Cow::into_owned)
+            request_host(&uri.parse().unwrap(), &headers, v)
+                .ok()
+                .map(Cow::into_owned)
         };
         assert_eq!(
             h("/", Some("API.example.com:8080"), Version::HTTP_11).as_deref(),
@@ -188,12 +209,44 @@ mod tests {
         );
         assert_eq!(h("/", None, Version::HTTP_11), None);
         assert_eq!(h("/", None, Version::HTTP_10).as_deref(), Some(""));
+        // The target's authority wins over Host in HTTP/1.1; in HTTP/2 they must agree.
+        assert_eq!(
+            h(
+                "http://public.example/",
+                Some("admin.internal"),
+                Version::HTTP_11
+            )
+            .as_deref(),
+            Some("public.example")
+        );
+        assert_eq!(
+            h(
+                "http://u:p@a.example:81/",
+                Some("a.example:81"),
+                Version::HTTP_2
+            )
+            .as_deref(),
+            Some("a.example")
+        );
+        assert_eq!(
+            h(
+                "http://public.example/",
+                Some("admin.internal"),
+                Version::HTTP_2
+            ),
+            None
+        );
+        let mut two = HeaderMap::new();
+        two.append(header::HOST, HeaderValue::from_static("a.example"));
+        two.append(header::HOST, HeaderValue::from_static("a.example"));
+        let uri: Uri = "/".parse().unwrap();
+        assert!(request_host(&uri, &two, Version::HTTP_11).is_err());
         let mut headers = HeaderMap::new();
         headers.insert(header::HOST, HeaderValue::from_static("api.example.com:80"));
-        let uri: Uri = "/".parse().unwrap();
+
         assert!(matches!(
             request_host(&uri, &headers, Version::HTTP_11),
-            Some(Cow::Borrowed("api.example.com"))
+            Ok(Cow::Borrowed("api.example.com"))
         ));
     }
 

@@ -2,6 +2,7 @@
 
 mod balancing;
 mod discovery;
+mod hostile;
 mod keepalive;
 mod resilience;
 mod support;
