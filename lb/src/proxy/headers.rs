@@ -9,13 +9,15 @@ use crate::field_list;
 pub(super) const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 pub(super) const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Hop-by-hop fields (RFC 9110 7.6.1) besides those a `Connection` header names.
-pub(super) const HOP_BY_HOP: [HeaderName; 7] = [
+/// Hop-by-hop fields (RFC 9110 7.6.1) besides those a `Connection` header names. `Trailer`
+/// is not one (it was in RFC 2616's list): it declares the trailer fields end to end, and
+/// hyper sends an HTTP/1.1 client the trailers it declares, when the client asked for them
+/// with `TE: trailers`.
+pub(super) const HOP_BY_HOP: [HeaderName; 6] = [
     header::CONNECTION,
     KEEP_ALIVE,
     PROXY_CONNECTION,
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];

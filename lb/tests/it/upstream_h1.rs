@@ -28,6 +28,11 @@ fn script(method: &str, path: &str, body: &[u8]) -> (Vec<u8>, bool) {
             "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n\
              5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
         ),
+        // Chunked with a declared trailer.
+        "/declared-trailer" => fixed(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n\
+             5\r\nhello\r\n0\r\nX-Checksum: c0ffee\r\n\r\n",
+        ),
         "/interim" => fixed(
             "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n\
              HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nfinally",
@@ -358,4 +363,36 @@ async fn a_length_beside_a_chunked_coding_is_removed_not_obeyed() {
         assert_eq!(r.body, "hello world");
     }
     assert_eq!(accepted.load(Ordering::SeqCst) - before, 2);
+}
+
+/// Trailers of a chunked response reach an HTTP/1.1 client that asked for them (`TE:
+/// trailers`) when the backend declares them (`Trailer`), as RFC 9110 6.5 lets a proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declared_trailers_reach_http1_clients_that_ask_for_them() {
+    let consul = Consul::start().await;
+    let (port, _) = scripted_backend().await;
+    consul.register("s", "web", port, &["lb.route=/"]).await;
+    let lb = Lb::start(&consul, &[]).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 1).await;
+
+    let asked = raw(
+        lb.proxy,
+        "GET /declared-trailer HTTP/1.1\r\nHost: x\r\nTE: trailers\r\nConnection: close\r\n\r\n",
+    )
+    .to_lowercase();
+    assert!(asked.contains("trailer: x-checksum"), "{asked}");
+    let (_, body) = asked.split_once("\r\n\r\n").unwrap();
+    assert!(body.contains("hello"), "{asked}");
+    assert!(body.contains("0\r\nx-checksum: c0ffee\r\n"), "{asked}");
+    // A client that did not ask gets the body without them.
+    let plain = raw(
+        lb.proxy,
+        "GET /declared-trailer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .to_lowercase();
+    assert!(
+        plain.contains("hello") && !plain.contains("c0ffee"),
+        "{plain}"
+    );
 }
