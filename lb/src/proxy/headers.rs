@@ -22,6 +22,20 @@ pub(super) const HOP_BY_HOP: [HeaderName; 6] = [
     header::UPGRADE,
 ];
 
+/// Why an HTTP/2 request is malformed (RFC 9113 8.1.1), for what the HTTP/2 layer lets
+/// through: a field value with leading or trailing whitespace (8.2.1). Connection-specific
+/// fields and bad pseudo-fields are refused below us, as stream errors.
+pub(super) fn malformed_h2(headers: &HeaderMap) -> Option<&'static str> {
+    let padded = |v: &HeaderValue| {
+        let b = v.as_bytes();
+        matches!(b.first(), Some(b' ' | b'\t')) || matches!(b.last(), Some(b' ' | b'\t'))
+    };
+    headers
+        .values()
+        .any(padded)
+        .then_some("malformed HTTP/2 request: a field value with leading or trailing whitespace")
+}
+
 /// HTTP/1.1 to the backend: origin-form target and a Host header (HTTP/2 clients carry the
 /// host in `:authority` only).
 pub(super) fn to_http1_form(parts: &mut http::request::Parts) {

@@ -16,7 +16,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use http::header::{self, HeaderMap, HeaderValue};
-use http::{Request, Response, Uri, Version};
+use http::{Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 
@@ -41,6 +41,9 @@ pub async fn handle(
     let request_id = request_id(req.headers());
     let (mut parts, body) = req.into_parts();
 
+    if let Some(why) = refused(&parts) {
+        return local(&shared, LocalReason::BadRequest, "", why, request_id);
+    }
     let host = match request_host(&parts.uri, &parts.headers, parts.version) {
         Ok(host) => host,
         Err(why) => return local(&shared, LocalReason::BadRequest, "", why, request_id),
@@ -153,6 +156,19 @@ fn request_host<'a>(
     } else {
         Cow::Borrowed(host)
     })
+}
+
+/// Requests no backend may see. CONNECT asks a forward proxy for a tunnel: a reverse proxy
+/// that passed it on would open one to wherever the backend reaches (and an HTTP/2 CONNECT
+/// without `:authority` is malformed besides, RFC 9113 8.5).
+fn refused(parts: &http::request::Parts) -> Option<&'static str> {
+    if parts.method == Method::CONNECT {
+        return Some("CONNECT is not served: this is a reverse proxy");
+    }
+    if parts.version == Version::HTTP_2 {
+        return headers::malformed_h2(&parts.headers);
+    }
+    None
 }
 
 /// `host[:port]` of an authority; userinfo is never forwarded (RFC 9110 4.2.4).

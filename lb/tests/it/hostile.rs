@@ -101,3 +101,119 @@ async fn the_host_routed_on_is_the_host_forwarded() {
         "{agree}"
     );
 }
+
+/// How the lb answered one raw HTTP/2 request.
+#[derive(Debug, PartialEq)]
+enum H2Answer {
+    /// A response head; the first byte of its header block (HPACK: `0x88` is `:status: 200`,
+    /// `0x8c` is `:status: 400`, both from the static table).
+    Head(u8),
+    /// RST_STREAM with this error code (1: PROTOCOL_ERROR).
+    Reset(u32),
+    /// GOAWAY: the connection was refused whole.
+    GoAway,
+}
+
+/// Sends one request on a new prior-knowledge HTTP/2 connection, its header block written by
+/// hand (HPACK literals without indexing), so that fields no polite client would send can be.
+fn h2_raw(addr: SocketAddr, fields: &[(&str, &str)]) -> H2Answer {
+    let mut block = Vec::new();
+    for (name, value) in fields {
+        block.push(0x00);
+        assert!(name.len() < 127 && value.len() < 127);
+        block.push(name.len() as u8);
+        block.extend_from_slice(name.as_bytes());
+        block.push(value.len() as u8);
+        block.extend_from_slice(value.as_bytes());
+    }
+    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend_from_slice(&[kind, flags]);
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    };
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(0x4, 0, 0, &[])); // SETTINGS
+    out.extend(frame(0x1, 0x5, 1, &block)); // HEADERS, END_STREAM | END_HEADERS
+    s.write_all(&out).unwrap();
+    loop {
+        let mut head = [0u8; 9];
+        s.read_exact(&mut head).expect("a frame from the lb");
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let mut payload = vec![0; len];
+        s.read_exact(&mut payload).unwrap();
+        match (head[3], stream) {
+            (0x1, 1) => return H2Answer::Head(payload[0]),
+            (0x3, 1) => {
+                return H2Answer::Reset(u32::from_be_bytes(payload[..4].try_into().unwrap()))
+            }
+            (0x7, _) => return H2Answer::GoAway,
+            (0x4, 0) if head[4] & 1 == 0 => s.write_all(&frame(0x4, 1, 0, &[])).unwrap(),
+            _ => {}
+        }
+    }
+}
+
+/// Requests RFC 9113 calls malformed, and CONNECT, never reach a backend: a 400 or a stream
+/// error, and the connection serves the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_http2_requests_and_connect_never_reach_a_backend() {
+    let consul = Consul::start().await;
+    let backend = Backend::start("web").await;
+    consul
+        .register("web", "web", backend.port(), &["lb.route=/"])
+        .await;
+    let lb = Lb::start(&consul, &[("LB_H2C", "true")]).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 1).await;
+    let get = [
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":authority", "a.example"),
+        (":path", "/"),
+    ];
+    assert_eq!(
+        h2_raw(lb.proxy, &get),
+        H2Answer::Head(0x88),
+        "a sane request passes"
+    );
+    let served = backend.served();
+
+    let refused = |answer: &H2Answer| matches!(answer, H2Answer::Head(0x8c) | H2Answer::Reset(1));
+    let connect = h2_raw(lb.proxy, &[(":method", "CONNECT")]);
+    assert!(refused(&connect), "CONNECT without :authority: {connect:?}");
+    let connect = h2_raw(
+        lb.proxy,
+        &[(":method", "CONNECT"), (":authority", "admin.internal:22")],
+    );
+    assert!(refused(&connect), "CONNECT: {connect:?}");
+    let mut padded = get.to_vec();
+    padded.push(("x-pad", " leading"));
+    let answer = h2_raw(lb.proxy, &padded);
+    assert!(refused(&answer), "leading whitespace: {answer:?}");
+    let mut padded = get.to_vec();
+    padded.push(("x-pad", "trailing\t"));
+    let answer = h2_raw(lb.proxy, &padded);
+    assert!(refused(&answer), "trailing whitespace: {answer:?}");
+    let mut hop = get.to_vec();
+    hop.push(("connection", "keep-alive"));
+    let answer = h2_raw(lb.proxy, &hop);
+    assert!(refused(&answer), "a connection-specific field: {answer:?}");
+    assert_eq!(
+        backend.served(),
+        served,
+        "a malformed request reached the backend"
+    );
+
+    // HTTP/1.1 CONNECT asks for a tunnel the lb does not give.
+    let a = raw(
+        lb.proxy,
+        "CONNECT admin.internal:22 HTTP/1.1\r\nHost: admin.internal:22\r\n\r\n",
+    );
+    assert!(a.starts_with("HTTP/1.1 400"), "{a}");
+    assert_eq!(backend.served(), served);
+}
