@@ -9,6 +9,7 @@ mod forward;
 mod forwarded;
 mod headers;
 mod local;
+mod path;
 mod peer;
 mod upgrade;
 
@@ -41,7 +42,7 @@ pub async fn handle(
     let request_id = request_id(req.headers());
     let (mut parts, body) = req.into_parts();
 
-    if let Some(why) = refused(&parts) {
+    if let Err(why) = admit(&mut parts) {
         return local(&shared, LocalReason::BadRequest, "", why, request_id);
     }
     let host = match request_host(&parts.uri, &parts.headers, parts.version) {
@@ -158,17 +159,29 @@ fn request_host<'a>(
     })
 }
 
-/// Requests no backend may see. CONNECT asks a forward proxy for a tunnel: a reverse proxy
-/// that passed it on would open one to wherever the backend reaches (and an HTTP/2 CONNECT
-/// without `:authority` is malformed besides, RFC 9113 8.5).
-fn refused(parts: &http::request::Parts) -> Option<&'static str> {
+/// Refuses requests no backend may see, and puts the path in the one form it is both routed
+/// and forwarded in (`path`). CONNECT asks a forward proxy for a tunnel: a reverse proxy that
+/// passed it on would open one to wherever the backend reaches (and an HTTP/2 CONNECT without
+/// `:authority` is malformed besides, RFC 9113 8.5).
+fn admit(parts: &mut http::request::Parts) -> Result<(), &'static str> {
     if parts.method == Method::CONNECT {
-        return Some("CONNECT is not served: this is a reverse proxy");
+        return Err("CONNECT is not served: this is a reverse proxy");
     }
     if parts.version == Version::HTTP_2 {
-        return headers::malformed_h2(&parts.headers);
+        if let Some(why) = headers::malformed_h2(&parts.headers) {
+            return Err(why);
+        }
     }
-    None
+    if let Cow::Owned(normal) = path::normalize(parts.uri.path())? {
+        let mut uri = std::mem::take(&mut parts.uri).into_parts();
+        let target = match uri.path_and_query.as_ref().and_then(|pq| pq.query()) {
+            Some(q) => format!("{normal}?{q}"),
+            None => normal,
+        };
+        uri.path_and_query = Some(target.parse().map_err(|_| "invalid request target")?);
+        parts.uri = Uri::from_parts(uri).map_err(|_| "invalid request target")?;
+    }
+    Ok(())
 }
 
 /// `host[:port]` of an authority; userinfo is never forwarded (RFC 9110 4.2.4).

@@ -217,3 +217,57 @@ async fn malformed_http2_requests_and_connect_never_reach_a_backend() {
     assert!(a.starts_with("HTTP/1.1 400"), "{a}");
     assert_eq!(backend.served(), served);
 }
+
+/// A path that climbs out of its route's prefix (`/api/../admin`, however it is written) is
+/// routed by where it lands, which is also the path forwarded; what a backend might still read
+/// as a separator after the lb matched is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_cannot_climb_out_of_their_route() {
+    let consul = Consul::start().await;
+    let api = Backend::start("api").await;
+    let admin = Backend::start("admin").await;
+    consul
+        .register("api", "api", api.port(), &["lb.route=/api"])
+        .await;
+    consul
+        .register("admin", "admin", admin.port(), &["lb.route=/admin"])
+        .await;
+    let lb = Lb::start(&consul, &[]).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/api", 1).await;
+    wait_routed(&lb, &http, "*/admin", 1).await;
+    let get = |target: &str| {
+        raw(
+            lb.proxy,
+            &format!("GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        )
+        .to_lowercase()
+    };
+    for target in [
+        "/api/../admin",
+        "/api/%2e%2e/admin",
+        "/api/.%2E/admin",
+        "/api/./../admin?x=1",
+        "/api//..//admin",
+    ] {
+        let a = get(target);
+        assert!(a.starts_with("http/1.1 200"), "{target}: {a}");
+        assert!(a.contains("x-backend: admin"), "{target} reached {a}");
+    }
+    let api_served = api.served();
+    for target in [
+        "/api/..;/admin",
+        "/api/x%2f..%2f..%2fadmin",
+        "/api/x%5c..%5cadmin",
+    ] {
+        let a = get(target);
+        assert!(a.starts_with("http/1.1 400"), "{target}: {a}");
+    }
+    assert_eq!(
+        api.served(),
+        api_served,
+        "a refused path reached the api backend"
+    );
+    let a = get("/api/./users");
+    assert!(a.contains("x-backend: api"), "{a}");
+}

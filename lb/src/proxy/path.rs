@@ -1,0 +1,136 @@
+//! The request path as the lb routes and forwards it: one normal form, so that the path a
+//! route matched is the path its backend gets. Dot segments are removed (RFC 3986 5.2.4, with
+//! `%2E` read as the dot it encodes) and empty segments merged; what could still cross a route
+//! boundary on a backend that reads paths differently is refused.
+//!
+//! Refused with a 400: an encoded slash or backslash (`%2F`, `%5C`), which some backends decode
+//! into a separator after the lb matched, and a dot segment carrying `;` parameters (`/..;/`),
+//! which servlet containers read as a plain dot segment.
+
+use std::borrow::Cow;
+
+/// The normal form of `path` (the path of a request target, without its query), borrowed when
+/// it is already normal, as nearly every path is.
+pub(super) fn normalize(path: &str) -> Result<Cow<'_, str>, &'static str> {
+    // `*` (OPTIONS) and the like are not paths to normalise.
+    if is_plain(path) || !path.starts_with('/') {
+        return Ok(Cow::Borrowed(path));
+    }
+    let mut out: Vec<&str> = Vec::new();
+    let mut trailing_slash = path.ends_with('/');
+    for raw in path.split('/').filter(|s| !s.is_empty()) {
+        let (name, params) = raw
+            .split_once(';')
+            .map_or((raw, None), |(n, p)| (n, Some(p)));
+        let dots = dot_segment(name)?;
+        if dots.is_some() && params.is_some() {
+            return Err("a dot segment with parameters in the path");
+        }
+        match dots {
+            Some(1) => trailing_slash = true,
+            Some(_) => {
+                out.pop();
+                trailing_slash = true;
+            }
+            None => {
+                out.push(raw);
+                trailing_slash = path.ends_with('/');
+            }
+        }
+    }
+    let mut normal = String::with_capacity(path.len());
+    for segment in &out {
+        normal.push('/');
+        normal.push_str(segment);
+    }
+    if trailing_slash || normal.is_empty() {
+        normal.push('/');
+    }
+    Ok(if normal == path {
+        Cow::Borrowed(path)
+    } else {
+        Cow::Owned(normal)
+    })
+}
+
+/// Whether a path needs no work: no percent sign, no `;`, no `//` and no segment that starts
+/// with a dot. One pass over the bytes.
+fn is_plain(path: &str) -> bool {
+    let b = path.as_bytes();
+    !b.iter().enumerate().any(|(i, &c)| {
+        c == b'%' || c == b';' || (c == b'/' && matches!(b.get(i + 1), Some(b'/' | b'.')))
+    })
+}
+
+/// `Some(1)` for `.`, `Some(2)` for `..` (either written with `%2E`), `None` for any other
+/// segment; an error for an encoded separator.
+fn dot_segment(segment: &str) -> Result<Option<u8>, &'static str> {
+    let mut dots = 0u8;
+    let mut other = false;
+    let b = segment.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            let code = [b[i + 1].to_ascii_uppercase(), b[i + 2].to_ascii_uppercase()];
+            match &code {
+                b"2F" | b"5C" => return Err("an encoded slash or backslash in the path"),
+                b"2E" => dots += 1,
+                _ => other = true,
+            }
+            i += 3;
+            continue;
+        }
+        if b[i] == b'.' {
+            dots += 1;
+        } else {
+            other = true;
+        }
+        i += 1;
+    }
+    Ok((!other && (1..=2).contains(&dots)).then_some(dots))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths() {
+        let n = |p: &str| normalize(p).map(Cow::into_owned);
+        for same in [
+            "/",
+            "/api",
+            "/api/users/",
+            "/a.b/c",
+            "/.well-known/x",
+            "/a;v=1/b",
+            "/x%20y",
+        ] {
+            assert_eq!(n(same).as_deref(), Ok(same), "{same}");
+        }
+        assert!(matches!(normalize("/api/users"), Ok(Cow::Borrowed(_))));
+        for (path, normal) in [
+            ("/api/../admin", "/admin"),
+            ("/api/%2e%2e/admin", "/admin"),
+            ("/api/%2E./admin", "/admin"),
+            ("/api/./x", "/api/x"),
+            ("//admin", "/admin"),
+            ("/api//x//", "/api/x/"),
+            ("/a/b/..", "/a/"),
+            ("/a/b/.", "/a/b/"),
+            ("/../../x", "/x"),
+            ("/..", "/"),
+        ] {
+            assert_eq!(n(path).as_deref(), Ok(normal), "{path}");
+        }
+        for refused in [
+            "/api%2fadmin",
+            "/api/%2F/x",
+            "/api/..;/admin",
+            "/a/.;x/b",
+            "/a%5Cb",
+        ] {
+            assert!(n(refused).is_err(), "{refused}");
+        }
+    }
+}
