@@ -8,11 +8,12 @@
 //! each. HTTP/2 (h2c) backends get one shared connection that multiplexes every request, made
 //! again when it closes.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use crossbeam_queue::SegQueue;
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use switchyard_consul::tags::UpstreamProto;
@@ -71,10 +72,12 @@ pub struct Backend {
     /// `now_ms()` until which the backend is ejected; 0 when it is not.
     ejected_until: AtomicU64,
     requests: AtomicU64,
-    /// Grows in small blocks only when used: a table of thousands of backends that are rarely
-    /// hit costs no pool memory up front.
-    idle: SegQueue<Idle>,
-    idle_len: AtomicUsize,
+    /// Idle connections, the most recently used at the back, where checkout takes from:
+    /// reusing the freshest one keeps clear of backends' short keep-alive timeouts (uvicorn and
+    /// Node close after about 5 s), which the oldest one races. Allocates only when used, so
+    /// a table of thousands of rarely hit backends costs no pool memory up front. The lock is
+    /// held for a push or a pop, never across an await.
+    idle: Mutex<VecDeque<Idle>>,
     max_idle: usize,
 }
 
@@ -96,8 +99,7 @@ impl Backend {
             ejections: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
             requests: AtomicU64::new(0),
-            idle: SegQueue::new(),
-            idle_len: AtomicUsize::new(0),
+            idle: Mutex::new(VecDeque::new()),
             max_idle: max_idle.max(1),
         }
     }
@@ -157,7 +159,7 @@ impl Backend {
         self.ejected_until
             .store(now + length.as_millis() as u64, Ordering::Relaxed);
         // Idle connections to a failing backend are suspect; new ones will be made on return.
-        while self.pop_idle().is_some() {}
+        self.pool().clear();
         self.h2.store(None);
         true
     }
@@ -181,10 +183,15 @@ impl Backend {
     fn pooled_h1(&self, s: &BackendSettings) -> Option<Box<h1::Conn>> {
         let now = now_ms();
         let max_idle_ms = s.idle_timeout.as_millis() as u64;
-        while let Some(mut idle) = self.pop_idle() {
-            if now.saturating_sub(idle.since_ms) >= max_idle_ms {
-                continue;
-            }
+        let mut pool = self.pool();
+        // The oldest wait at the front: those past the idle timeout go.
+        while pool
+            .front()
+            .is_some_and(|i| now.saturating_sub(i.since_ms) >= max_idle_ms)
+        {
+            pool.pop_front();
+        }
+        while let Some(mut idle) = pool.pop_back() {
             // Sees a close by the backend that arrived while the connection was pooled.
             if idle.conn.is_usable() {
                 return Some(idle.conn);
@@ -265,26 +272,26 @@ impl Backend {
             return;
         }
         conn.shrink();
-        // A full pool means the backend has more idle connections than we keep; dropping this
-        // one closes it.
-        if self.idle_len.fetch_add(1, Ordering::AcqRel) >= self.max_idle {
-            self.idle_len.fetch_sub(1, Ordering::AcqRel);
-            return;
+        let mut pool = self.pool();
+        // A full pool means the backend has more idle connections than we keep: the oldest,
+        // the likeliest to be closed by the backend soon, makes room (dropping it closes it).
+        if pool.len() >= self.max_idle {
+            pool.pop_front();
         }
-        self.idle.push(Idle {
+        pool.push_back(Idle {
             conn,
             since_ms: now_ms(),
         });
     }
 
-    fn pop_idle(&self) -> Option<Idle> {
-        let idle = self.idle.pop()?;
-        self.idle_len.fetch_sub(1, Ordering::AcqRel);
-        Some(idle)
+    /// The pool, whether or not a thread panicked while holding it (a push or a pop leaves
+    /// it consistent either way).
+    fn pool(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle>> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn idle_connections(&self) -> usize {
-        self.idle_len.load(Ordering::Relaxed)
+        self.pool().len()
     }
 }
 

@@ -396,3 +396,99 @@ async fn declared_trailers_reach_http1_clients_that_ask_for_them() {
         "{plain}"
     );
 }
+
+/// A backend whose keep-alive timeout is `idle` (uvicorn and Node close after about 5 s), as
+/// a proxy meets it at its worst: a request on a connection idle that long finds it closing,
+/// and gets no answer (the close and the request crossed). `/slow` answers after 300 ms.
+async fn closing_backend(idle: Duration) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (r, mut w) = stream.into_split();
+                let mut r = TokioBufReader::new(r);
+                let mut last = std::time::Instant::now();
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).await.unwrap_or(0) == 0 || last.elapsed() >= idle {
+                        return;
+                    }
+                    loop {
+                        let mut h = String::new();
+                        if r.read_line(&mut h).await.unwrap_or(0) == 0 || h == "\r\n" {
+                            break;
+                        }
+                    }
+                    if line.contains("/slow") {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
+                    let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                    if w.write_all(ok).await.is_err() {
+                        return;
+                    }
+                    last = std::time::Instant::now();
+                }
+            });
+        }
+    });
+    port
+}
+
+/// Under a paced load, the pool hands out its most recently used connection: the oldest ones
+/// are the ones a backend's short keep-alive timeout closes, and reusing them means a stale
+/// connection to retry or a new one to open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_reuses_its_freshest_connection() {
+    let consul = Consul::start().await;
+    let port = closing_backend(Duration::from_secs(2)).await;
+    consul.register("s", "web", port, &["lb.route=/"]).await;
+    let lb = Lb::start(&consul, &[]).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 1).await;
+
+    // Four connections into the pool at once.
+    let burst: Vec<_> = (0..4)
+        .map(|_| {
+            let (http, url) = (http.clone(), lb.url("/slow"));
+            tokio::spawn(async move { http.get(&url).await.unwrap().status })
+        })
+        .collect();
+    for b in burst {
+        assert_eq!(b.await.unwrap(), StatusCode::OK);
+    }
+    let before = churn(&lb, &http).await;
+    // One request every 700 ms for 7 s: the freshest connection is never 2 s idle.
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let r = http.get(&lb.url("/")).await.unwrap();
+        assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "ok"));
+    }
+    let after = churn(&lb, &http).await;
+    assert_eq!(
+        after - before,
+        0.0,
+        "stale or new upstream connections under a paced load"
+    );
+}
+
+/// Pooled connections found closing (stale, or reset under a request) plus upstream
+/// connections opened, so far.
+async fn churn(lb: &Lb, http: &Http) -> f64 {
+    let mut total = 0.0;
+    for kind in ["stale_connection", "reset"] {
+        let labels = [("kind", kind)];
+        total += lb
+            .metric(http, "lb_upstream_errors_total", &labels)
+            .await
+            .unwrap_or(0.0);
+    }
+    let opened = lb
+        .metric(http, "lb_upstream_connections_total", &[])
+        .await
+        .unwrap_or(0.0);
+    total + opened
+}
