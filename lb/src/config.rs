@@ -72,7 +72,12 @@ pub const SETTINGS: &[Setting] = &[
     (
         "LB_RESPONSE_TIMEOUT",
         "30s",
-        "upstream time to response headers",
+        "upstream time to response headers, from when the backend has the whole request",
+    ),
+    (
+        "LB_CLIENT_BODY_TIMEOUT",
+        "30s",
+        "longest wait for the next bytes of a request body the client is sending (408 after)",
     ),
     (
         "LB_UPSTREAM_IDLE_TIMEOUT",
@@ -219,6 +224,7 @@ pub struct Config {
     pub balance: Balance,
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
+    pub client_body_timeout: Duration,
     pub upstream_idle_timeout: Duration,
     pub upstream_max_idle: usize,
     pub client_header_timeout: Duration,
@@ -312,6 +318,11 @@ impl Config {
             ),
             response_timeout: p.get(
                 "LB_RESPONSE_TIMEOUT",
+                positive_duration,
+                "a duration like 30s",
+            ),
+            client_body_timeout: p.get(
+                "LB_CLIENT_BODY_TIMEOUT",
                 positive_duration,
                 "a duration like 30s",
             ),

@@ -120,6 +120,8 @@ label!(
         NoRoute => "no_route",
         NoBackend => "no_backend",
         BadRequest => "bad_request",
+        /// The client's request body stalled (408).
+        ClientTimeout => "client_timeout",
         UpstreamConnect => "upstream_connect",
         UpstreamTimeout => "upstream_timeout",
         UpstreamError => "upstream_error",

@@ -10,7 +10,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::routing::RoutingTable;
 use crate::time::unix_ms;
-use crate::upstream::{BackendSettings, RetryBudget};
+use crate::upstream::{BackendSettings, RetryBudget, Timeouts};
 
 /// What the rest of the lb may know about discovery's contact with Consul. Discovery's
 /// watches report to it; admin and metrics read it.
@@ -81,6 +81,10 @@ impl Shared {
     pub fn new(config: Config) -> Shared {
         Shared {
             backend_settings: BackendSettings {
+                send: Timeouts {
+                    response: config.response_timeout,
+                    client_body: config.client_body_timeout,
+                },
                 connect_timeout: config.connect_timeout,
                 idle_timeout: config.upstream_idle_timeout,
                 max_idle: config.upstream_max_idle,

@@ -76,7 +76,10 @@ pub(super) async fn forward(
         // In flight until the response's guard drops, the send fails, or the client leaves
         // and this future is dropped while it waits.
         let in_flight = InFlight::start(shared, backend);
-        match sender.send(&parts, &fwd, body, cfg.response_timeout).await {
+        match sender
+            .send(&parts, &fwd, body, &shared.backend_settings.send)
+            .await
+        {
             Ok(resp) => {
                 let sent = Sent {
                     route,
@@ -158,6 +161,12 @@ impl Attempts {
                 // Nothing to retry and no backend to blame.
                 self.last = LocalReason::BadRequest;
                 tracing::debug!(backend = %backend.addr, error = %e, "client request body broke off");
+                return false;
+            }
+            SendError::ClientBodyTimedOut => {
+                // The client stopped sending its body: a 408, never held against the backend.
+                self.last = LocalReason::ClientTimeout;
+                tracing::debug!(backend = %backend.addr, "client request body timed out");
                 return false;
             }
             SendError::TimedOut => {
@@ -268,6 +277,7 @@ fn give_up(
         LocalReason::UpstreamTimeout => "the backend did not answer in time",
         LocalReason::UpstreamError => "the backend closed the connection without a response",
         LocalReason::BadRequest => "the request body broke off or was malformed",
+        LocalReason::ClientTimeout => "the request body did not arrive in time",
         _ => "no backend available",
     };
     local(shared, last, &route.name, msg, request_id)

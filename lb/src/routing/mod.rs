@@ -199,6 +199,10 @@ mod tests {
         let (t, _, _) = table(&[("/", &[("a:1", 1), ("b:1", 1), ("c:1", 1)])]);
         let r = t.lookup("h", "/").unwrap();
         let s = crate::upstream::BackendSettings {
+            send: crate::upstream::Timeouts {
+                response: std::time::Duration::from_secs(1),
+                client_body: std::time::Duration::from_secs(1),
+            },
             connect_timeout: std::time::Duration::from_secs(1),
             idle_timeout: std::time::Duration::from_secs(1),
             max_idle: 1,

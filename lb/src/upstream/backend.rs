@@ -49,6 +49,8 @@ struct Idle {
 /// Settings that govern every backend, from the config.
 #[derive(Debug, Clone)]
 pub struct BackendSettings {
+    /// How long a send waits for the backend, and for the client's body.
+    pub send: super::Timeouts,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_idle: usize,
@@ -301,6 +303,10 @@ mod tests {
 
     fn settings(failures: u32) -> BackendSettings {
         BackendSettings {
+            send: crate::upstream::Timeouts {
+                response: Duration::from_secs(1),
+                client_body: Duration::from_secs(1),
+            },
             connect_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(1),
             max_idle: 4,

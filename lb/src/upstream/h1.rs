@@ -18,7 +18,6 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll, Waker};
-use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -27,7 +26,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
-use super::{HeadFields, SendError, UpstreamBody};
+use super::{HeadFields, SendError, Timeouts, UpstreamBody};
 use crate::field_list;
 use crate::time::LazyTimer;
 
@@ -151,17 +150,23 @@ impl Conn {
         (self.io, self.rbuf.freeze())
     }
 
-    /// Sends a request and waits at most `timeout` for its response head. The head is written
-    /// from `parts`, which stay with the caller for a retry; the body streams while the
-    /// response is awaited. The response's body is then read with `poll_frame`.
+    /// Sends a request and waits for its response head. The head is written from `parts`,
+    /// which stay with the caller for a retry; the body streams while the response is awaited.
+    /// The response's body is then read with `poll_frame`.
+    ///
+    /// Whose turn it is decides the deadline: while every byte the client sent is written and
+    /// more of its body is awaited, the client's (`timeouts.client_body`, restarted by each
+    /// frame); otherwise the backend's (`timeouts.response`, restarted each time the wait
+    /// passes back to it), so a slow upload is never blamed on the backend.
     pub async fn send(
         &mut self,
         parts: &http::request::Parts,
         fields: &impl HeadFields,
         body: UpstreamBody,
-        timeout: Duration,
+        timeouts: &Timeouts,
     ) -> Result<Response<()>, SendError> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let mut deadline = tokio::time::Instant::now() + timeouts.response;
+        let mut on_client = false;
         let head_request = parts.method == Method::HEAD;
         let chunked = self.encode_head(parts, fields, &body);
         let mut body = if body.is_end_stream() {
@@ -171,7 +176,10 @@ impl Conn {
         };
         let mut sent_any = false;
         poll_fn(|cx| {
-            if let Err(e) = self.poll_send_body(cx, &mut body, chunked, &mut sent_any) {
+            let mut took_frame = false;
+            if let Err(e) =
+                self.poll_send_body(cx, &mut body, chunked, &mut sent_any, &mut took_frame)
+            {
                 self.reusable = false;
                 return Poll::Ready(Err(match (sent_any, e) {
                     // The body is taken only once the head is out: it is untouched.
@@ -194,10 +202,24 @@ impl Conn {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(SendError::Failed(e.into()))),
                 Poll::Pending => {}
             }
+            let waits_on_client = body.is_some() && self.wbuf.is_empty();
+            if waits_on_client != on_client || (waits_on_client && took_frame) {
+                on_client = waits_on_client;
+                let limit = if on_client {
+                    timeouts.client_body
+                } else {
+                    timeouts.response
+                };
+                deadline = tokio::time::Instant::now() + limit;
+            }
             // Most responses come long before the timeout: see `LazyTimer`.
             if self.timer.poll_until(cx, deadline).is_ready() {
                 self.reusable = false;
-                return Poll::Ready(Err(SendError::TimedOut));
+                return Poll::Ready(Err(if on_client {
+                    SendError::ClientBodyTimedOut
+                } else {
+                    SendError::TimedOut
+                }));
             }
             Poll::Pending
         })
@@ -253,6 +275,7 @@ impl Conn {
         body: &mut Option<UpstreamBody>,
         chunked: bool,
         sent_any: &mut bool,
+        took_frame: &mut bool,
     ) -> Result<(), Error> {
         loop {
             while !self.wbuf.is_empty() {
@@ -272,28 +295,31 @@ impl Conn {
             // Takes frames until the buffer is worth a write or the body has nothing ready.
             while self.wbuf.len() < WRITE_HIGH {
                 match Pin::new(&mut *b).poll_frame(cx) {
-                    Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                        Ok(data) if data.is_empty() => {}
-                        Ok(data) => {
-                            if chunked {
-                                self.wbuf.put_slice(hex(data.len(), &mut [0; 16]));
-                                self.wbuf.put_slice(b"\r\n");
-                                self.wbuf.put_slice(&data);
-                                self.wbuf.put_slice(b"\r\n");
-                            } else {
-                                self.wbuf.put_slice(&data);
+                    Poll::Ready(Some(Ok(frame))) => {
+                        *took_frame = true;
+                        match frame.into_data() {
+                            Ok(data) if data.is_empty() => {}
+                            Ok(data) => {
+                                if chunked {
+                                    self.wbuf.put_slice(hex(data.len(), &mut [0; 16]));
+                                    self.wbuf.put_slice(b"\r\n");
+                                    self.wbuf.put_slice(&data);
+                                    self.wbuf.put_slice(b"\r\n");
+                                } else {
+                                    self.wbuf.put_slice(&data);
+                                }
+                            }
+                            Err(frame) => {
+                                if let (true, Ok(trailers)) = (chunked, frame.into_trailers()) {
+                                    self.wbuf.put_slice(b"0\r\n");
+                                    put_fields(&mut self.wbuf, &trailers);
+                                    self.wbuf.put_slice(b"\r\n");
+                                    *body = None;
+                                    break;
+                                }
                             }
                         }
-                        Err(frame) => {
-                            if let (true, Ok(trailers)) = (chunked, frame.into_trailers()) {
-                                self.wbuf.put_slice(b"0\r\n");
-                                put_fields(&mut self.wbuf, &trailers);
-                                self.wbuf.put_slice(b"\r\n");
-                                *body = None;
-                                break;
-                            }
-                        }
-                    },
+                    }
                     Poll::Ready(Some(Err(e))) => {
                         // The client's body broke off: the backend has an incomplete request.
                         self.reusable = false;

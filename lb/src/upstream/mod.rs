@@ -48,28 +48,42 @@ pub enum SendError {
     ClientBody(hyper::Error),
     /// No response head within the response timeout.
     TimedOut,
+    /// The client sent no more of its request body within the body timeout: the client's
+    /// fault, not the backend's.
+    ClientBodyTimedOut,
+}
+
+/// How long a send may wait, and on whom.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// For the response head, counted while the backend holds the exchange up: once it has
+    /// every byte of the request the client has sent so far.
+    pub response: Duration,
+    /// For the next bytes of the client's request body.
+    pub client_body: Duration,
 }
 
 impl Sender {
-    /// Sends a request with its fields rendered by `fields`, and waits at most `timeout` for the
-    /// response head. `parts` stay with the caller, for a retry.
+    /// Sends a request with its fields rendered by `fields`, and waits for the response head
+    /// within `timeouts`. `parts` stay with the caller, for a retry. (HTTP/2 backends: the
+    /// response timeout covers the whole send.)
     pub async fn send(
         &mut self,
         parts: &http::request::Parts,
         fields: &impl HeadFields,
         body: UpstreamBody,
-        timeout: Duration,
+        timeouts: &Timeouts,
     ) -> Result<Response<Upstream>, SendError> {
         match self {
             Sender::H1(conn) => Ok(conn
-                .send(parts, fields, body, timeout)
+                .send(parts, fields, body, timeouts)
                 .await?
                 .map(|()| Upstream::H1)),
             Sender::H2(s) => {
                 let mut parts = clone_parts(parts);
                 fields.apply(&mut parts.headers);
                 let req = Request::from_parts(parts, body);
-                match tokio::time::timeout(timeout, s.try_send_request(req)).await {
+                match tokio::time::timeout(timeouts.response, s.try_send_request(req)).await {
                     Err(_) => Err(SendError::TimedOut),
                     Ok(Ok(resp)) => Ok(resp.map(Upstream::H2)),
                     Ok(Err(mut e)) => Err(match e.take_message() {

@@ -114,7 +114,10 @@ async fn scripted_backend() -> (u16, Arc<AtomicUsize>) {
                         }
                     }
                     let mut body = vec![0; length];
-                    r.read_exact(&mut body).await.unwrap();
+                    // A request whose body never came whole (the lb gave up on its client).
+                    if r.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
                     if chunked {
                         // Kept raw, framing and all: the test checks the lb's chunked coding.
                         while !body.ends_with(b"0\r\n\r\n") {
@@ -491,4 +494,94 @@ async fn churn(lb: &Lb, http: &Http) -> f64 {
         .await
         .unwrap_or(0.0);
     total + opened
+}
+
+/// A slow upload is the client's time, not the backend's: the response timeout runs only while
+/// the backend holds the exchange up, and a stalled body is the client's fault (a 408), never
+/// a backend failure or an ejection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_uploads_are_not_blamed_on_the_backend() {
+    use tokio::io::AsyncWriteExt as _;
+    let consul = Consul::start().await;
+    let (port, _) = scripted_backend().await;
+    consul.register("s", "web", port, &["lb.route=/"]).await;
+    let lb = Lb::start(
+        &consul,
+        &[
+            ("LB_RESPONSE_TIMEOUT", "1s"),
+            ("LB_CLIENT_BODY_TIMEOUT", "1s"),
+            ("LB_EJECT_FAILURES", "1"),
+        ],
+    )
+    .await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 1).await;
+    let upload = |body: &'static [&'static str], gap: Duration| {
+        let addr = lb.proxy;
+        async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let len: usize = body.iter().map(|p| p.len()).sum();
+            let head = format!(
+                "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+            );
+            s.write_all(head.as_bytes()).await.unwrap();
+            for part in body {
+                tokio::time::sleep(gap).await;
+                if s.write_all(part.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+            let mut out = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+            String::from_utf8_lossy(&out).into_owned()
+        }
+    };
+
+    // Ten parts 400 ms apart: 4 s in all, four times the response timeout, each gap well
+    // inside the body timeout. The backend answers once it has it all.
+    let parts: &'static [&'static str] = &["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"];
+    let answer = upload(parts, Duration::from_millis(400)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("abcdefghij"), "{answer}");
+
+    // Three parts, then silence: the client's fault, answered 408 at the body timeout.
+    let stalled: &'static [&'static str] = &["a", "b", "c"];
+    let answer = {
+        let addr = lb.proxy;
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+            .await
+            .unwrap();
+        for part in stalled {
+            s.write_all(part.as_bytes()).await.unwrap();
+        }
+        let mut out = vec![0; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut out))
+            .await
+            .expect("an answer within the body timeout")
+            .unwrap();
+        String::from_utf8_lossy(&out[..n]).into_owned()
+    };
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    for (name, labels) in [
+        ("lb_backend_ejections_total", &[][..]),
+        (
+            "lb_upstream_errors_total",
+            &[("kind", "response_timeout")][..],
+        ),
+    ] {
+        assert_eq!(lb.metric(&http, name, labels).await, Some(0.0), "{name}");
+    }
+    assert_eq!(
+        lb.metric(
+            &http,
+            "lb_local_responses_total",
+            &[("reason", "client_timeout")]
+        )
+        .await,
+        Some(1.0)
+    );
+    // The backend is in service.
+    let r = http.get(&lb.url("/plain")).await.unwrap();
+    assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "plain"));
 }
