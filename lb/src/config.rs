@@ -177,6 +177,11 @@ pub const SETTINGS: &[Setting] = &[
         "answer every plain-HTTP request with a 308 to HTTPS (per route: tag lb.redirect=https)",
     ),
     (
+        "LB_TRUSTED_PROXIES",
+        "",
+        "networks (CIDR, comma-separated) whose X-Forwarded-For, Forwarded and X-Real-IP are kept; from others they are replaced or dropped",
+    ),
+    (
         "LB_UPGRADE_PROTOCOLS",
         "websocket",
         "protocols a client may switch to through the lb (Upgrade); others are not forwarded, h2c never",
@@ -248,6 +253,8 @@ pub struct Config {
     pub http2: bool,
     pub h2c: bool,
     pub https_redirect: bool,
+    /// Peers whose forwarding fields are believed.
+    pub trusted_proxies: Vec<IpNet>,
     /// Lower-case protocol names an `Upgrade` may ask for; never `h2c`.
     pub upgrade_protocols: Vec<String>,
     pub https_port: u16,
@@ -404,6 +411,17 @@ impl Config {
             http2: p.get("LB_HTTP2", parse_bool, "true or false"),
             h2c: p.get("LB_H2C", parse_bool, "true or false"),
             https_redirect: p.get("LB_HTTPS_REDIRECT", parse_bool, "true or false"),
+            trusted_proxies: p.get(
+                "LB_TRUSTED_PROXIES",
+                |s| {
+                    s.split(',')
+                        .map(str::trim)
+                        .filter(|n| !n.is_empty())
+                        .map(IpNet::parse)
+                        .collect()
+                },
+                "comma-separated networks like 10.0.0.0/8, 2001:db8::/32 or 192.0.2.7",
+            ),
             upgrade_protocols: p.get(
                 "LB_UPGRADE_PROTOCOLS",
                 |s| {
@@ -487,6 +505,48 @@ impl CertSource {
     }
 }
 
+/// A network in CIDR notation (`10.0.0.0/8`, `2001:db8::/32`); a bare address is a host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl IpNet {
+    pub fn parse(s: &str) -> Option<IpNet> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a.parse().ok()?, Some(p.parse().ok()?)),
+            None => (s.parse().ok()?, None),
+        };
+        let max = if matches!(addr, std::net::IpAddr::V4(_)) {
+            32
+        } else {
+            128
+        };
+        let prefix = prefix.unwrap_or(max);
+        (prefix <= max).then_some(IpNet { addr, prefix })
+    }
+
+    /// Whether `ip` is in the network; an IPv4 address written as IPv6 (`::ffff:a.b.c.d`)
+    /// counts as the IPv4 address.
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr::{V4, V6};
+        let bits = |a: u128, width: u8| {
+            let shift = width - self.prefix;
+            if shift >= 128 {
+                0
+            } else {
+                a >> shift
+            }
+        };
+        match (self.addr, ip.to_canonical()) {
+            (V4(net), V4(ip)) => bits(u32::from(net).into(), 32) == bits(u32::from(ip).into(), 32),
+            (V6(net), V6(ip)) => bits(u128::from(net), 128) == bits(u128::from(ip), 128),
+            _ => false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -564,5 +624,24 @@ mod tests {
         assert_eq!(l[0].cert, l[0].key);
         assert_eq!(l[1].key, PathBuf::from("/b.key"));
         assert_eq!(CertSource::parse_list("/a.pem:"), None);
+    }
+
+    #[test]
+    fn networks() {
+        let net = |s| IpNet::parse(s).unwrap();
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert!(net("10.0.0.0/8").contains(ip("10.200.1.2")));
+        assert!(!net("10.0.0.0/8").contains(ip("11.0.0.1")));
+        assert!(net("10.0.0.0/8").contains(ip("::ffff:10.1.2.3")));
+        assert!(net("192.0.2.7").contains(ip("192.0.2.7")));
+        assert!(!net("192.0.2.7").contains(ip("192.0.2.8")));
+        assert!(net("0.0.0.0/0").contains(ip("203.0.113.1")));
+        assert!(net("2001:db8::/32").contains(ip("2001:db8:1::5")));
+        assert!(!net("2001:db8::/32").contains(ip("10.0.0.1")));
+        assert_eq!(IpNet::parse("10.0.0.0/33"), None);
+        assert_eq!(IpNet::parse("nope"), None);
+        let c = from(&[("LB_TRUSTED_PROXIES", "10.0.0.0/8, ::1")]).unwrap();
+        assert_eq!(c.trusted_proxies.len(), 2);
+        assert!(from(&[("LB_TRUSTED_PROXIES", "10.0.0.0/8,bad")]).is_err());
     }
 }

@@ -70,6 +70,7 @@ pub(super) async fn forward(
         let fwd = Forwarded {
             client_ip: &peer.ip,
             tls: peer.tls,
+            trusted: peer.trusted,
             request_id: &request_id,
         };
         // The parts stay here: a retry sends them again.

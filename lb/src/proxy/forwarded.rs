@@ -11,15 +11,20 @@ pub(super) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-i
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub(super) const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub(super) const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
-/// The fields the lb adds to every request it forwards: `X-Forwarded-For` (appended to),
-/// `X-Forwarded-Proto`, `X-Forwarded-Host` (from `Host`) and `X-Request-Id` (replacing what
-/// the client sent). An HTTP/1.1 head gets them as it is encoded, with no insert into the
+/// The fields the lb adds to every request it forwards: `X-Forwarded-For` (appended to when
+/// the peer is a trusted proxy, else replaced), `X-Forwarded-Proto`, `X-Forwarded-Host` (from
+/// `Host`) and `X-Request-Id` (replacing what the client sent). From a peer that is not a
+/// trusted proxy, `Forwarded` and `X-Real-IP` do not pass either: a client must not name its
+/// own address to the backend. An HTTP/1.1 head gets them as it is encoded, with no insert into the
 /// request's header map; an HTTP/2 request gets them through `apply`.
 pub struct Forwarded<'a> {
     /// The client's address, rendered once per connection.
     pub client_ip: &'a HeaderValue,
     pub tls: bool,
+    /// The peer is a trusted proxy: the client's forwarding fields are believed.
+    pub trusted: bool,
     pub request_id: &'a HeaderValue,
 }
 
@@ -32,9 +37,12 @@ impl Forwarded<'_> {
         }
     }
 
-    /// Whether the lb sets this field itself, replacing the client's.
-    pub fn replaces(name: &HeaderName) -> bool {
-        *name == X_FORWARDED_PROTO || *name == X_FORWARDED_HOST || *name == X_REQUEST_ID
+    /// Whether the lb sets this field itself, replacing the client's, or drops it.
+    pub fn replaces(&self, name: &HeaderName) -> bool {
+        *name == X_FORWARDED_PROTO
+            || *name == X_FORWARDED_HOST
+            || *name == X_REQUEST_ID
+            || (!self.trusted && (*name == header::FORWARDED || *name == X_REAL_IP))
     }
 }
 
@@ -46,7 +54,7 @@ impl HeadFields for Forwarded<'_> {
         let (mut xff_open, mut xff_done) = (false, false);
         for (name, value) in headers {
             if *name == X_FORWARDED_FOR {
-                if value.to_str().is_ok() {
+                if self.trusted && value.to_str().is_ok() {
                     b.put_slice(if xff_open {
                         b", "
                     } else {
@@ -62,7 +70,7 @@ impl HeadFields for Forwarded<'_> {
                 (xff_open, xff_done) = (false, true);
             }
             // A body's framing is the codec's to state, from what it will send.
-            if (own_length && name == header::CONTENT_LENGTH) || Forwarded::replaces(name) {
+            if (own_length && name == header::CONTENT_LENGTH) || self.replaces(name) {
                 continue;
             }
             if name == header::HOST && host.is_none() {
@@ -92,11 +100,14 @@ impl HeadFields for Forwarded<'_> {
     }
 
     fn apply(&self, headers: &mut HeaderMap) {
-        let prev: Vec<&str> = headers
-            .get_all(X_FORWARDED_FOR)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
+        let prev: Vec<&str> = match self.trusted {
+            true => headers
+                .get_all(X_FORWARDED_FOR)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect(),
+            false => Vec::new(),
+        };
         let xff = if prev.is_empty() {
             self.client_ip.clone()
         } else {
@@ -111,6 +122,10 @@ impl HeadFields for Forwarded<'_> {
             None => headers.remove(X_FORWARDED_HOST),
         };
         headers.insert(X_REQUEST_ID, self.request_id.clone());
+        if !self.trusted {
+            headers.remove(header::FORWARDED);
+            headers.remove(X_REAL_IP);
+        }
     }
 }
 
@@ -133,6 +148,7 @@ mod tests {
         Peer::new(
             "127.0.0.2:5555".parse().unwrap(),
             tls,
+            true,
             Drain { alive, close },
         )
     }
@@ -158,6 +174,7 @@ mod tests {
         let fwd = Forwarded {
             client_ip: &peer.ip,
             tls: peer.tls,
+            trusted: peer.trusted,
             request_id: &id,
         };
         fwd.apply(&mut headers);
@@ -211,11 +228,18 @@ mod tests {
                 ("host", "b.example:8080"),
             ],
             &[("host", "first.example"), ("host", "second.example")],
+            &[
+                ("x-forwarded-for", "198.51.100.1"),
+                ("forwarded", "for=198.51.100.1"),
+                ("x-real-ip", "198.51.100.1"),
+                ("accept", "*/*"),
+            ],
         ];
-        for tls in [false, true] {
+        for (tls, trusted) in [(false, false), (false, true), (true, false), (true, true)] {
             let fwd = Forwarded {
                 client_ip: &peer.ip,
                 tls,
+                trusted,
                 request_id: &id,
             };
             for case in cases {
@@ -245,9 +269,36 @@ mod tests {
                     if own_length {
                         h2.remove(header::CONTENT_LENGTH);
                     }
-                    assert_eq!(pairs(&h1), pairs(&h2), "{case:?}, tls {tls}");
+                    assert_eq!(
+                        pairs(&h1),
+                        pairs(&h2),
+                        "{case:?}, tls {tls}, trusted {trusted}"
+                    );
                 }
             }
         }
+    }
+
+    #[test]
+    fn untrusted_peers_cannot_name_their_own_address() {
+        let peer = test_peer(false);
+        let id = HeaderValue::from_static("abc");
+        let fwd = Forwarded {
+            client_ip: &peer.ip,
+            tls: false,
+            trusted: false,
+            request_id: &id,
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("198.51.100.1"));
+        headers.insert(
+            header::FORWARDED,
+            HeaderValue::from_static("for=198.51.100.1"),
+        );
+        headers.insert(X_REAL_IP, HeaderValue::from_static("198.51.100.1"));
+        fwd.apply(&mut headers);
+        assert_eq!(headers["x-forwarded-for"], "127.0.0.2");
+        assert!(!headers.contains_key(header::FORWARDED));
+        assert!(!headers.contains_key(X_REAL_IP));
     }
 }

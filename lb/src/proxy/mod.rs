@@ -308,6 +308,7 @@ mod tests {
         let peer = Arc::new(Peer::new(
             "127.0.0.1:1".parse().unwrap(),
             false,
+            false,
             Drain { alive, close },
         ));
         let size = Arc::new(AtomicUsize::new(0));

@@ -22,18 +22,21 @@ pub struct Peer {
     pub addr: SocketAddr,
     pub(super) ip: HeaderValue,
     pub tls: bool,
+    /// A trusted proxy (`LB_TRUSTED_PROXIES`): its forwarding fields are believed.
+    pub(super) trusted: bool,
     pub(super) drain: Drain,
     pub exchanges: Exchanges,
 }
 
 impl Peer {
-    pub fn new(addr: SocketAddr, tls: bool, drain: Drain) -> Peer {
+    pub fn new(addr: SocketAddr, tls: bool, trusted: bool, drain: Drain) -> Peer {
         let ip = HeaderValue::from_str(&addr.ip().to_string())
             .expect("an IP address is a valid header value");
         Peer {
             addr,
             ip,
             tls,
+            trusted,
             drain,
             exchanges: Default::default(),
         }

@@ -156,7 +156,12 @@ impl Listener {
     /// follow each other.
     async fn serve_parking(&self, mut stream: TcpStream, addr: SocketAddr) {
         self.count_protocol(false, false);
-        let peer = Arc::new(Peer::new(addr, false, self.drain.clone()));
+        let peer = Arc::new(Peer::new(
+            addr,
+            false,
+            self.trusted(addr),
+            self.drain.clone(),
+        ));
         let mut stop = self.stop.clone();
         let mut leftover = Bytes::new();
         let mut served_before = false;
@@ -275,7 +280,7 @@ impl Listener {
     {
         let shared = &self.shared;
         self.count_protocol(tls, h2);
-        let peer = Arc::new(Peer::new(addr, tls, self.drain.clone()));
+        let peer = Arc::new(Peer::new(addr, tls, self.trusted(addr), self.drain.clone()));
         let shared2 = shared.clone();
         let svc = service_fn(move |req| {
             let (shared, peer) = (shared2.clone(), peer.clone());
@@ -304,6 +309,12 @@ impl Listener {
         if let Err(e) = result {
             self.count_hyper_error(&e, addr);
         }
+    }
+
+    /// Whether a client address is a trusted proxy's (its forwarding fields are kept).
+    fn trusted(&self, addr: SocketAddr) -> bool {
+        let nets = &self.shared.config.trusted_proxies;
+        !nets.is_empty() && nets.iter().any(|n| n.contains(addr.ip()))
     }
 
     fn count_protocol(&self, tls: bool, h2: bool) {

@@ -271,3 +271,54 @@ async fn paths_cannot_climb_out_of_their_route() {
     let a = get("/api/./users");
     assert!(a.contains("x-backend: api"), "{a}");
 }
+
+/// A client that is not a trusted proxy cannot name its own address to the backend: its
+/// `X-Forwarded-For` is replaced by its peer address, and its `Forwarded` and `X-Real-IP`
+/// do not pass. Over HTTP/1.1 and HTTP/2 alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusted_clients_cannot_forge_their_address() {
+    let consul = Consul::start().await;
+    let backend = Backend::start("web").await;
+    consul
+        .register("web", "web", backend.port(), &["lb.route=/"])
+        .await;
+    // Trusted: only a network the test client is not in.
+    let lb = Lb::start(
+        &consul,
+        &[("LB_H2C", "true"), ("LB_TRUSTED_PROXIES", "192.0.2.0/24")],
+    )
+    .await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 1).await;
+    let forged = "X-Forwarded-For: 198.51.100.1\r\nForwarded: for=198.51.100.1\r\nX-Real-IP: 198.51.100.1\r\n";
+    let a = raw(
+        lb.proxy,
+        &format!("GET /headers HTTP/1.1\r\nHost: x\r\n{forged}Connection: close\r\n\r\n"),
+    );
+    let body = echoed(&a);
+    assert!(body.contains("x-forwarded-for: 127.0.0.1\n"), "{body}");
+    assert!(
+        !body.contains("198.51.100.1"),
+        "a forged address passed: {body}"
+    );
+
+    // nghttp without -v prints just the response body: the backend's echo of what it got.
+    let url = format!("http://127.0.0.1:{}/headers", lb.proxy.port());
+    let out = std::process::Command::new("nghttp")
+        .args(["--no-dep", "-H", "x-forwarded-for: 198.51.100.1"])
+        .args([
+            "-H",
+            "forwarded: for=198.51.100.1",
+            "-H",
+            "x-real-ip: 198.51.100.1",
+        ])
+        .arg(&url)
+        .output()
+        .expect("nghttp runs");
+    let body = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    assert!(body.contains("x-forwarded-for: 127.0.0.1\n"), "{body}");
+    assert!(
+        !body.contains("198.51.100.1"),
+        "a forged address passed: {body}"
+    );
+}

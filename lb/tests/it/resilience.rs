@@ -207,7 +207,8 @@ async fn forwarding_headers_and_hop_by_hop() {
     let consul = Consul::start().await;
     let a = Backend::start("a").await;
     consul.register("a", "web", a.port(), &["lb.route=/"]).await;
-    let lb = Lb::start(&consul, &[]).await;
+    // The test client is a trusted proxy here: its X-Forwarded-For is appended to.
+    let lb = Lb::start(&consul, &[("LB_TRUSTED_PROXIES", "127.0.0.0/8")]).await;
     let http = Http::new();
     wait_routed(&lb, &http, "*/", 1).await;
     let req = http::Request::get(lb.url("/headers"))
