@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::metrics::BackendState;
+use crate::server::accept::Acceptor;
 use crate::time::now_ms;
 use crate::Shared;
 
@@ -26,10 +27,10 @@ pub async fn serve_admin(
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(std::time::Duration::from_secs(10));
+    let mut acceptor = Acceptor::new(listener, "admin");
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+            (stream, _, _) = acceptor.accept(None, &shared.metrics) => {
                 let shared = shared.clone();
                 let svc = service_fn(move |req| {
                     let shared = shared.clone();

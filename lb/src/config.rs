@@ -100,6 +100,11 @@ pub const SETTINGS: &[Setting] = &[
         "largest request head accepted (431 above)",
     ),
     (
+        "LB_MAX_CONNECTIONS",
+        "auto",
+        "most client connections open at once; accepting waits above (auto: 3/4 of the descriptor limit)",
+    ),
+    (
         "LB_MAX_HEADERS",
         "100",
         "most request header fields accepted (431 above)",
@@ -235,6 +240,8 @@ pub struct Config {
     pub client_header_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_headers: usize,
+    /// `None`: from the descriptor limit at start.
+    pub max_connections: Option<usize>,
     pub retries: u32,
     pub retry_budget: f64,
     pub eject_failures: u32,
@@ -352,6 +359,14 @@ impl Config {
                 "LB_MAX_HEADER_BYTES",
                 |s| s.parse().ok().filter(|n| *n >= 8192),
                 "an integer >= 8192",
+            ),
+            max_connections: p.get(
+                "LB_MAX_CONNECTIONS",
+                |s| match s {
+                    "auto" => Some(None),
+                    n => n.parse().ok().filter(|n| *n >= 1).map(Some),
+                },
+                "auto or an integer >= 1",
             ),
             max_headers: p.get(
                 "LB_MAX_HEADERS",

@@ -42,6 +42,7 @@ pub const TLS_CERTIFICATE_NOT_AFTER: &str = "lb_tls_certificate_not_after_timest
 pub const UPGRADES_TOTAL: &str = "lb_upgrades_total";
 pub const UPGRADED_CONNECTIONS_OPEN: &str = "lb_upgraded_connections_open";
 pub const HTTPS_REDIRECTS_TOTAL: &str = "lb_https_redirects_total";
+pub const ACCEPT_PAUSED_TOTAL: &str = "lb_accept_paused_total";
 
 /// A label whose values are known in advance. Declared once, as an enum; call sites name a
 /// variant, never a string.
@@ -298,6 +299,7 @@ pub struct Metrics {
     pub upgrades: ByLabel<UpgradeProtocol>,
     pub upgraded_open: IntGauge,
     pub https_redirects: IntCounter,
+    pub accept_paused: IntCounter,
 }
 
 impl Metrics {
@@ -364,6 +366,7 @@ impl Metrics {
             upgrades: ByLabel::new(&counter_vec(UPGRADES_TOTAL, "Connections upgraded (101) and tunnelled to a backend, by protocol.", &["protocol"])),
             upgraded_open: gauge(UPGRADED_CONNECTIONS_OPEN, "Upgraded connections (WebSocket...) open now."),
             https_redirects: counter(HTTPS_REDIRECTS_TOTAL, "Plain-HTTP requests redirected to HTTPS."),
+            accept_paused: counter(ACCEPT_PAUSED_TOTAL, "Times accepting waited because LB_MAX_CONNECTIONS client connections were open."),
             registry,
         };
         for watch in WatchName::ALL {

@@ -4,7 +4,10 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
+use std::sync::Arc;
+
 use arc_swap::ArcSwapOption;
+use tokio::sync::Semaphore;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -75,6 +78,9 @@ pub struct Shared {
     pub consul: ConsulContact,
     /// Set when shutdown begins: readiness turns false while the listeners still accept.
     pub shutting_down: AtomicBool,
+    /// One permit per client connection that may be open (`LB_MAX_CONNECTIONS`), shared by
+    /// every listener.
+    pub connection_slots: Arc<Semaphore>,
 }
 
 impl Shared {
@@ -97,7 +103,25 @@ impl Shared {
             metrics: Metrics::new(),
             consul: ConsulContact::default(),
             shutting_down: AtomicBool::new(false),
+            connection_slots: Arc::new(Semaphore::new(
+                config.max_connections.unwrap_or_else(descriptor_share),
+            )),
             config,
         }
     }
+}
+
+/// Three quarters of the soft descriptor limit: the rest is for upstream connections, Consul
+/// and files. 10,000 when the limit cannot be read.
+fn descriptor_share() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes only the struct it is given.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
+    if !ok || limit.rlim_cur == libc::RLIM_INFINITY {
+        return 10_000;
+    }
+    (limit.rlim_cur as usize / 4 * 3).max(1)
 }

@@ -7,6 +7,7 @@
 //! the receiver sees all of them dropped. Plain HTTP/1.1 connections are parked between
 //! requests ([`parking`]); a drain closes a parked connection at once.
 
+pub mod accept;
 pub mod parking;
 pub mod tls;
 
@@ -23,6 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
+use self::accept::Acceptor;
 use self::tls::{Tls, ALPN_H2};
 use crate::metrics::{ClientErrorKind, ClientProtocol};
 use crate::proxy::{Drain, Peer};
@@ -87,32 +89,23 @@ pub async fn serve_proxy(
             close: tunnels_closed,
         },
     });
+    let mut acceptor = Acceptor::new(listener, if ctx.tls.is_some() { "tls" } else { "proxy" });
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Out of file descriptors and the like: pause rather than spin.
-                        shared.metrics.client_connection_errors.inc(ClientErrorKind::Accept);
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
+            (stream, peer, slot) = acceptor.accept(Some(&shared.connection_slots), &shared.metrics) => {
                 let _ = stream.set_nodelay(true);
                 // Two task types: a plain connection's task then holds none of the TLS and
                 // HTTP/2 state, which would otherwise size every connection's future.
                 if ctx.tls.is_some() {
-                    tokio::spawn(ctx.clone().tls_connection(stream, peer));
+                    tokio::spawn(ctx.clone().tls_connection(stream, peer, slot));
                 } else {
-                    tokio::spawn(ctx.clone().plain_connection(stream, peer));
+                    tokio::spawn(ctx.clone().plain_connection(stream, peer, slot));
                 }
             }
             _ = stop.changed() => break,
         }
     }
-    drop(listener);
+    drop(acceptor);
     // Connection tasks hold the listener context, and with it a drain sender; tunnels hold
     // their own. Ours goes now, so `recv` returns `None` once the last of them ends.
     drop(ctx);
@@ -131,8 +124,8 @@ pub async fn serve_proxy(
 }
 
 impl Listener {
-    async fn tls_connection(self: Arc<Self>, stream: TcpStream, addr: SocketAddr) {
-        let _open = OpenConnection::new(&self.shared);
+    async fn tls_connection(self: Arc<Self>, stream: TcpStream, addr: SocketAddr, slot: Slot) {
+        let _open = OpenConnection::new(&self.shared, slot);
         let Some(tls) = &self.tls else { return };
         let Some(stream) = tls.accept(stream, &self.shared.metrics).await else {
             return;
@@ -141,8 +134,8 @@ impl Listener {
         self.serve(TokioIo::new(stream), addr, true, h2).await;
     }
 
-    async fn plain_connection(self: Arc<Self>, stream: TcpStream, addr: SocketAddr) {
-        let _open = OpenConnection::new(&self.shared);
+    async fn plain_connection(self: Arc<Self>, stream: TcpStream, addr: SocketAddr, slot: Slot) {
+        let _open = OpenConnection::new(&self.shared, slot);
         let config = &self.shared.config;
         if config.h2c && starts_with_h2_preface(&stream, config.client_header_timeout).await {
             Box::pin(self.serve(TokioIo::new(stream), addr, false, true)).await;
@@ -351,12 +344,16 @@ impl Listener {
     }
 }
 
-struct OpenConnection(Arc<Shared>);
+/// A connection's place under `LB_MAX_CONNECTIONS`, given back when the connection ends.
+type Slot = Option<tokio::sync::OwnedSemaphorePermit>;
+
+/// Counts a client connection open, and holds its slot, for the connection task's life.
+struct OpenConnection(Arc<Shared>, #[allow(dead_code)] Slot);
 
 impl OpenConnection {
-    fn new(shared: &Arc<Shared>) -> OpenConnection {
+    fn new(shared: &Arc<Shared>, slot: Slot) -> OpenConnection {
         shared.metrics.client_connections_open.inc();
-        OpenConnection(shared.clone())
+        OpenConnection(shared.clone(), slot)
     }
 }
 

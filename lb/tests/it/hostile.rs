@@ -322,3 +322,122 @@ async fn untrusted_clients_cannot_forge_their_address() {
         "a forged address passed: {body}"
     );
 }
+
+/// With `LB_MAX_CONNECTIONS` client connections open, accepting waits (the kernel's backlog
+/// holds the next one) instead of failing, and resumes when one ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_limit_holds_accepting_and_releases_it() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let consul = Consul::start().await;
+    let backend = Backend::start("web").await;
+    consul
+        .register("web", "web", backend.port(), &["lb.route=/"])
+        .await;
+    let lb = Lb::start(&consul, &[("LB_MAX_CONNECTIONS", "3")]).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 1).await;
+    // The readiness and routing checks above used connections of their own; let them end.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(tokio::net::TcpStream::connect(lb.proxy).await.unwrap());
+    }
+    let mut waiting = tokio::net::TcpStream::connect(lb.proxy).await.unwrap();
+    waiting
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let early =
+        tokio::time::timeout(Duration::from_secs(1), waiting.read_to_end(&mut answer)).await;
+    assert!(
+        early.is_err(),
+        "served past the limit: {}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert!(
+        lb.metric(&http, "lb_accept_paused_total", &[]).await >= Some(1.0),
+        "the pause was not counted"
+    );
+    drop(held.pop());
+    tokio::time::timeout(Duration::from_secs(5), waiting.read_to_end(&mut answer))
+        .await
+        .expect("served once a connection ended")
+        .unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+}
+
+/// Out of file descriptors, neither listener spins on its failing accept, and both serve
+/// again once descriptors are free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_descriptors_does_not_spin_the_listeners() {
+    let consul = Consul::start().await;
+    let backend = Backend::start("web").await;
+    consul
+        .register("web", "web", backend.port(), &["lb.route=/"])
+        .await;
+    let lb = Lb::start(&consul, &[("LB_WORKERS", "1")]).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 1).await;
+    let pid = lb.pid();
+    // The soft limit only: a lowered hard limit could not be raised again without privilege.
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .unwrap()
+        .to_string();
+    let set_soft = |soft: &str| {
+        let status = std::process::Command::new("prlimit")
+            .args(["--pid", &pid.to_string(), &format!("--nofile={soft}:")])
+            .status()
+            .expect("prlimit runs");
+        assert!(status.success());
+    };
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    set_soft(&(open + 8).to_string());
+
+    // More connections than descriptors left, to both listeners.
+    let mut clients = Vec::new();
+    for _ in 0..30 {
+        clients.push(tokio::net::TcpStream::connect(lb.proxy).await.unwrap());
+    }
+    clients.push(tokio::net::TcpStream::connect(lb.admin).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cpu = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let after_name = stat.rsplit_once(')').unwrap().1;
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        // utime and stime, in clock ticks (fields 14 and 15 of the whole line).
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    };
+    let before = cpu();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ticks = cpu() - before;
+    // 2 s is 200 ticks at 100 Hz; a spinning accept loop takes nearly all of them.
+    assert!(
+        ticks < 40,
+        "the lb used {ticks} ticks of CPU in 2 s while out of descriptors"
+    );
+
+    drop(clients);
+    set_soft(&soft);
+    crate::support::eventually("the lb serves again", Duration::from_secs(10), || async {
+        http.get(&lb.url("/"))
+            .await
+            .is_ok_and(|r| r.status.is_success())
+            && http
+                .get(&lb.admin_url("/healthz"))
+                .await
+                .is_ok_and(|r| r.status.is_success())
+    })
+    .await;
+}
