@@ -95,6 +95,7 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
 /// Gauges derived from the live table are computed at scrape time, not on the request path.
 fn refresh_gauges(shared: &Shared) {
     let m = &shared.metrics;
+    let _series = shared.series.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(table) = shared.table.load_full() {
         for route in table.routes.iter() {
             let healthy = route.healthy_count();

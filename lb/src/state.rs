@@ -78,6 +78,11 @@ pub struct Shared {
     pub consul: ConsulContact,
     /// Set when shutdown begins: readiness turns false while the listeners still accept.
     pub shutting_down: AtomicBool,
+    /// Held while per-route series are created or removed outside the request path: by
+    /// discovery while it builds and publishes a table (removing the series of routes that
+    /// left), and by admin while it refreshes the backend gauges from the table it loaded, so
+    /// a refresh never re-creates the series of a route that just left.
+    pub series: std::sync::Mutex<()>,
     /// One permit per client connection that may be open (`LB_MAX_CONNECTIONS`), shared by
     /// every listener.
     pub connection_slots: Arc<Semaphore>,
@@ -103,6 +108,7 @@ impl Shared {
             metrics: Metrics::new(),
             consul: ConsulContact::default(),
             shutting_down: AtomicBool::new(false),
+            series: std::sync::Mutex::new(()),
             connection_slots: Arc::new(Semaphore::new(
                 config.max_connections.unwrap_or_else(descriptor_share),
             )),

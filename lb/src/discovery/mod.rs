@@ -55,7 +55,7 @@ pub async fn watch_consul(
         published: false,
         cache: BuildCache::default(),
         generation: 0,
-        warned: HashSet::new(),
+        warned: Warned::default(),
     };
     loop {
         let deadline = publisher
@@ -96,74 +96,83 @@ struct Publisher {
     published: bool,
     cache: BuildCache,
     generation: u64,
-    /// (service, tag) pairs already warned about, so a bad tag is logged and counted once.
-    warned: HashSet<(String, String)>,
+    warned: Warned,
 }
 
 impl Publisher {
     fn apply(&mut self, update: Update) {
         match update {
-            Update::Services(names) => {
-                self.catalog_seen_at.get_or_insert_with(Instant::now);
-                self.watchers.retain(|name, handle| {
-                    let keep = names.contains(name);
-                    if !keep {
-                        handle.abort();
-                    }
-                    keep
-                });
-                self.desired.retain(|name| names.contains(name));
-                self.shared
-                    .metrics
-                    .consul_watches
-                    .set(names.len() as i64 + 1);
-                self.awaiting_first.retain(|name| names.contains(name));
-                for name in names {
-                    if !self.watchers.contains_key(&name) {
-                        if self.watchers.len() == WATCHES_WARN_AT {
-                            tracing::warn!(
-                                watches = WATCHES_WARN_AT,
-                                "many routed services: the lb holds one blocking query (one HTTP \
-                                 connection) per routed service, and Consul refuses more than \
-                                 limits.http_max_conns_per_client (default 200) per client \
-                                 address; raise that limit on the agent the lb talks to"
-                            );
-                        }
-                        tracing::info!(service = %name, "watching routed service");
-                        let task = watch_service(
-                            self.shared.clone(),
-                            self.client.clone(),
-                            name.clone(),
-                            self.tx.clone(),
-                        );
-                        self.watchers.insert(name.clone(), tokio::spawn(task));
-                        self.awaiting_first.insert(name);
-                    }
-                }
+            Update::Services(names) => self.apply_services(names),
+            Update::Health { service, entries } => self.apply_health(service, entries),
+        }
+    }
+
+    /// The routed services changed: stop the watches of those gone, start the new ones.
+    fn apply_services(&mut self, names: BTreeSet<String>) {
+        self.catalog_seen_at.get_or_insert_with(Instant::now);
+        self.watchers.retain(|name, handle| {
+            let keep = names.contains(name);
+            if !keep {
+                handle.abort();
             }
-            Update::Health { service, entries } => {
-                // A late answer from a watch that was just stopped must not resurrect it.
-                if self.watchers.contains_key(&service) {
-                    self.awaiting_first.remove(&service);
-                    let (warned, shared) = (&mut self.warned, &self.shared);
-                    self.desired.set(
-                        &service,
-                        &entries,
-                        &shared.config.tag_prefix,
-                        |service, instance, err| {
-                            if warned.insert((instance.to_string(), err.tag.clone())) {
-                                tracing::warn!(service, instance, tag = %err.tag, reason = err.detail, "ignoring malformed routing tag");
-                                shared
-                                    .metrics
-                                    .route_tag_errors
-                                    .with_label_values(&[err.kind.as_str()])
-                                    .inc();
-                            }
-                        },
+            keep
+        });
+        self.desired.retain(|name| names.contains(name));
+        self.warned.keep_services(|name| names.contains(name));
+        self.shared
+            .metrics
+            .consul_watches
+            .set(names.len() as i64 + 1);
+        self.awaiting_first.retain(|name| names.contains(name));
+        for name in names {
+            if !self.watchers.contains_key(&name) {
+                if self.watchers.len() == WATCHES_WARN_AT {
+                    tracing::warn!(
+                        watches = WATCHES_WARN_AT,
+                        "many routed services: the lb holds one blocking query (one HTTP \
+                         connection) per routed service, and Consul refuses more than \
+                         limits.http_max_conns_per_client (default 200) per client \
+                         address; raise that limit on the agent the lb talks to"
                     );
                 }
+                tracing::info!(service = %name, "watching routed service");
+                let task = watch_service(
+                    self.shared.clone(),
+                    self.client.clone(),
+                    name.clone(),
+                    self.tx.clone(),
+                );
+                self.watchers.insert(name.clone(), tokio::spawn(task));
+                self.awaiting_first.insert(name);
             }
         }
+    }
+
+    /// A routed service's instances changed: its share of the desired table is parsed anew.
+    fn apply_health(&mut self, service: String, entries: Vec<ServiceEntry>) {
+        // A late answer from a watch that was just stopped must not resurrect it.
+        if !self.watchers.contains_key(&service) {
+            return;
+        }
+        self.awaiting_first.remove(&service);
+        let (warned, shared) = (&mut self.warned, &self.shared);
+        let ids: HashSet<&str> = entries.iter().map(|e| e.service.id.as_str()).collect();
+        warned.keep_instances(&service, &ids);
+        self.desired.set(
+            &service,
+            &entries,
+            &shared.config.tag_prefix,
+            |service, instance, err| {
+                if warned.first(service, instance, &err.tag) {
+                    tracing::warn!(service, instance, tag = %err.tag, reason = err.detail, "ignoring malformed routing tag");
+                    shared
+                        .metrics
+                        .route_tag_errors
+                        .with_label_values(&[err.kind.as_str()])
+                        .inc();
+                }
+            },
+        );
     }
 
     fn maybe_publish(&mut self, force: bool) {
@@ -183,6 +192,8 @@ impl Publisher {
         }
         self.generation += 1;
         let m = &self.shared.metrics;
+        // Build and publish under the series lock: see `Shared::series`.
+        let series = self.shared.series.lock().unwrap_or_else(|e| e.into_inner());
         let table = RoutingTable::build(
             self.desired.spec(),
             Some(&changed),
@@ -193,6 +204,7 @@ impl Publisher {
         );
         let routes = table.routes.len();
         self.shared.table.store(Some(Arc::new(table)));
+        drop(series);
         m.table_reloads.inc();
         m.table_routes.set(routes as i64);
         m.table_reload_duration
@@ -234,4 +246,56 @@ fn log_diff(changed: &Changes, spec: &TableSpec) {
         changes = %added.iter().chain(removed.iter()).take(8).cloned().collect::<Vec<_>>().join(", "),
         "routing table changed"
     );
+}
+/// Malformed tags already warned about, by service, then instance and tag: each is logged and
+/// counted once, and forgotten with its instance or service, so the set follows what Consul
+/// holds instead of growing with every instance that ever had a bad tag.
+#[derive(Default)]
+struct Warned(HashMap<String, HashSet<(String, String)>>);
+
+impl Warned {
+    /// Whether this is the first warning of `tag` on `instance`.
+    fn first(&mut self, service: &str, instance: &str, tag: &str) -> bool {
+        let seen = match self.0.get_mut(service) {
+            Some(seen) => seen,
+            None => self.0.entry(service.to_string()).or_default(),
+        };
+        seen.insert((instance.to_string(), tag.to_string()))
+    }
+
+    fn keep_instances(&mut self, service: &str, ids: &HashSet<&str>) {
+        if let Some(seen) = self.0.get_mut(service) {
+            seen.retain(|(instance, _)| ids.contains(instance.as_str()));
+            if seen.is_empty() {
+                self.0.remove(service);
+            }
+        }
+    }
+
+    fn keep_services(&mut self, keep: impl Fn(&str) -> bool) {
+        self.0.retain(|service, _| keep(service));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warnings_are_forgotten_with_their_instance_and_service() {
+        let mut w = Warned::default();
+        assert!(w.first("web", "web-1", "lb.weight=x"));
+        assert!(!w.first("web", "web-1", "lb.weight=x"), "warned once");
+        assert!(w.first("web", "web-2", "lb.weight=x"));
+        assert!(w.first("api", "api-1", "lb.route=?"));
+        w.keep_instances("web", &HashSet::from(["web-2"]));
+        assert!(
+            w.first("web", "web-1", "lb.weight=x"),
+            "web-1 left and came back"
+        );
+        w.keep_instances("web", &HashSet::new());
+        assert!(!w.0.contains_key("web"), "an empty service is dropped");
+        w.keep_services(|s| s != "api");
+        assert!(w.0.is_empty());
+    }
 }

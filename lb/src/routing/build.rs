@@ -9,7 +9,7 @@ use std::sync::Arc;
 use switchyard_consul::tags::{RouteKey, UpstreamProto};
 
 use super::{BackendSpec, Route, RouteBackend, RoutingTable, TableSpec};
-use crate::metrics::{BackendState, Label, Metrics, StatusClass};
+use crate::metrics::{BackendState, Label, LocalReason, Metrics, StatusClass};
 use crate::upstream::Backend;
 
 /// What the last build produced, so the next one rebuilds only the routes whose backends
@@ -79,6 +79,11 @@ impl RoutingTable {
         for key in gone {
             let old = cache.routes.remove(&key).expect("listed above");
             let _ = metrics.request_duration.remove_label_values(&[&old.name]);
+            for reason in LocalReason::ALL {
+                let _ = metrics
+                    .local_responses
+                    .remove_label_values(&[&old.name, reason.as_str()]);
+            }
             for state in BackendState::ALL {
                 let _ = metrics
                     .backends

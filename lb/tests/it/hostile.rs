@@ -441,3 +441,61 @@ async fn running_out_of_descriptors_does_not_spin_the_listeners() {
     })
     .await;
 }
+
+/// The number of series `/metrics` exposes.
+async fn series(lb: &Lb, http: &Http) -> usize {
+    let text = http.get(&lb.admin_url("/metrics")).await.unwrap().body;
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .count()
+}
+
+/// Metric series belong to what Consul holds: routes that come and go, and requests for
+/// hosts and paths nobody routes, leave the number of series where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metric_series_leave_with_their_routes() {
+    let consul = Consul::start().await;
+    let backend = Backend::start("web").await;
+    consul
+        .register("web", "web", backend.port(), &["lb.route=/"])
+        .await;
+    let lb = Lb::start(&consul, &[("LB_EJECT_FAILURES", "100")]).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 1).await;
+    let _ = http.get(&lb.url("/")).await;
+    let baseline = series(&lb, &http).await;
+
+    // 40 services whose instances refuse connections: every request to them is an answer of
+    // the lb's own, counted under its route.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_port = dead.local_addr().unwrap().port();
+    drop(dead);
+    for i in 0..40 {
+        let route = format!("lb.route=svc-{i}.example/");
+        let (id, tags) = (format!("svc-{i}"), [route.as_str()]);
+        // No check: the instance passes, and the lb finds its port closed.
+        consul.register_with(&id, &id, dead_port, &tags, None).await;
+    }
+    wait_routed(&lb, &http, "svc-39.example/", 1).await;
+    for i in 0..40 {
+        let r = http
+            .get_host(&lb.url(&format!("/x/{i}")), &format!("svc-{i}.example"))
+            .await
+            .unwrap();
+        assert_eq!(r.status.as_u16(), 502);
+    }
+    for i in 0..200 {
+        let host = format!("{:x}.random.example", fastrand::u64(..));
+        let _ = http.get_host(&lb.url(&format!("/{i}/{host}")), &host).await;
+    }
+    assert!(series(&lb, &http).await > baseline);
+    for i in 0..40 {
+        consul.deregister(&format!("svc-{i}")).await;
+    }
+    crate::support::eventually(
+        "the series of the routes that left to go",
+        Duration::from_secs(10),
+        || async { series(&lb, &http).await <= baseline },
+    )
+    .await;
+}
