@@ -75,6 +75,11 @@ pub const SETTINGS: &[Setting] = &[
         "upstream time to response headers, from when the backend has the whole request",
     ),
     (
+        "LB_MAX_BODY_BYTES",
+        "0",
+        "largest request body accepted, in bytes (413 above); 0: no limit",
+    ),
+    (
         "LB_CLIENT_BODY_TIMEOUT",
         "30s",
         "longest wait for the next bytes of a request body the client is sending (408 after)",
@@ -235,6 +240,8 @@ pub struct Config {
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
     pub client_body_timeout: Duration,
+    /// `None`: no limit.
+    pub max_body_bytes: Option<u64>,
     pub upstream_idle_timeout: Duration,
     pub upstream_max_idle: usize,
     pub client_header_timeout: Duration,
@@ -334,6 +341,11 @@ impl Config {
                 "LB_RESPONSE_TIMEOUT",
                 positive_duration,
                 "a duration like 30s",
+            ),
+            max_body_bytes: p.get(
+                "LB_MAX_BODY_BYTES",
+                |s| s.parse::<u64>().ok().map(|n| (n > 0).then_some(n)),
+                "a number of bytes (0: no limit)",
             ),
             client_body_timeout: p.get(
                 "LB_CLIENT_BODY_TIMEOUT",

@@ -123,6 +123,8 @@ label!(
         BadRequest => "bad_request",
         /// The client's request body stalled (408).
         ClientTimeout => "client_timeout",
+        /// The request body is over `LB_MAX_BODY_BYTES` (413).
+        BodyTooLarge => "body_too_large",
         UpstreamConnect => "upstream_connect",
         UpstreamTimeout => "upstream_timeout",
         UpstreamError => "upstream_error",

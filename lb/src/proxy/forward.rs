@@ -15,9 +15,12 @@ use super::headers::{strip_hop_by_hop, to_http1_form, to_http2_form};
 use super::local::local;
 use super::peer::Peer;
 use super::upgrade::{spawn_tunnel, Upgrade};
+use crate::config::Config;
 use crate::metrics::{LocalReason, RetryReason, StatusClass, UpstreamErrorKind};
 use crate::routing::{Route, RouteBackend, Tried};
-use crate::upstream::{Backend, ConnectError, SendError, Sender, Upstream, UpstreamBody};
+use crate::upstream::{
+    Backend, BodyError, ConnectError, SendError, Sender, Upstream, UpstreamBody,
+};
 use crate::Shared;
 
 /// Pooled connections found closed at send time, retried without spending a retry: nothing
@@ -35,7 +38,7 @@ pub(super) async fn forward(
 ) -> Response<ProxyBody> {
     let cfg = &shared.config;
     let start = Instant::now();
-    let mut attempts = Attempts::new(&parts, body, cfg.retries);
+    let mut attempts = Attempts::new(&parts, body, cfg);
     while let Some(i) = route.pick(cfg.balance, &attempts.tried) {
         attempts.tried.push(i);
         let rb = &route.backends[i];
@@ -116,17 +119,17 @@ struct Attempts {
 }
 
 impl Attempts {
-    fn new(parts: &http::request::Parts, body: Incoming, retries: u32) -> Attempts {
+    fn new(parts: &http::request::Parts, body: Incoming, cfg: &Config) -> Attempts {
         let bodyless = http_body::Body::is_end_stream(&body);
         Attempts {
             tried: Tried::default(),
             retries: 0,
             stale: 0,
-            replayable: bodyless && is_idempotent(&parts.method) && retries > 0,
+            replayable: bodyless && is_idempotent(&parts.method) && cfg.retries > 0,
             body: Some(if bodyless {
                 UpstreamBody::Empty
             } else {
-                UpstreamBody::Incoming(body)
+                UpstreamBody::limited(body, cfg.max_body_bytes)
             }),
             last: LocalReason::NoBackend,
         }
@@ -156,6 +159,11 @@ impl Attempts {
                 m.upstream_errors.inc(UpstreamErrorKind::Reset);
                 tracing::debug!(backend = %backend.addr, error = %e, "upstream request failed");
                 RetryReason::Reset
+            }
+            SendError::ClientBody(BodyError::TooLarge) => {
+                // Past LB_MAX_BODY_BYTES: the backend's request is cut off unfinished.
+                self.last = LocalReason::BodyTooLarge;
+                return false;
             }
             SendError::ClientBody(e) => {
                 // The client stopped sending its body; hyper counts its connection's error.
@@ -279,6 +287,7 @@ fn give_up(
         LocalReason::UpstreamError => "the backend closed the connection without a response",
         LocalReason::BadRequest => "the request body broke off or was malformed",
         LocalReason::ClientTimeout => "the request body did not arrive in time",
+        LocalReason::BodyTooLarge => "the request body is larger than this route accepts",
         _ => "no backend available",
     };
     local(shared, last, &route.name, msg, request_id)

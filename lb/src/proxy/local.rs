@@ -16,6 +16,7 @@ fn status(reason: LocalReason) -> StatusCode {
         LocalReason::NoRoute => StatusCode::NOT_FOUND,
         LocalReason::BadRequest => StatusCode::BAD_REQUEST,
         LocalReason::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
+        LocalReason::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         LocalReason::NoTable | LocalReason::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
         LocalReason::UpstreamConnect | LocalReason::UpstreamError => StatusCode::BAD_GATEWAY,
         LocalReason::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,

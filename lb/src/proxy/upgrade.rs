@@ -24,6 +24,29 @@ pub(super) struct Upgrade {
     pub(super) pin: UpgradePin,
 }
 
+impl Upgrade {
+    /// Carries a client's offer to switch protocols to the backend: the request keeps its
+    /// `Upgrade` (hop-by-hop fields were just stripped) and hyper's handle on the client side
+    /// of the switch. `None` when hyper gives no such handle (then the pin goes too).
+    pub(super) fn carry(
+        (protocol, pin): (HeaderValue, UpgradePin),
+        parts: &mut http::request::Parts,
+        peer: &Arc<Peer>,
+    ) -> Option<Upgrade> {
+        let on_client = parts.extensions.remove::<OnUpgrade>()?;
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, protocol.clone());
+        Some(Upgrade {
+            protocol,
+            on_client,
+            peer: peer.clone(),
+            pin,
+        })
+    }
+}
+
 /// Keeps the client's connection from parking while it may become a tunnel (a parked read
 /// would make up an end of input under it), and no longer: dropping it, when the backend
 /// declines the upgrade or the request fails, gives the connection back its timeouts.

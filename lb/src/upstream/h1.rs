@@ -26,7 +26,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
-use super::{HeadFields, SendError, Timeouts, UpstreamBody};
+use super::{BodyError, HeadFields, SendError, Timeouts, UpstreamBody};
 use crate::field_list;
 use crate::time::LazyTimer;
 
@@ -58,7 +58,7 @@ pub enum Error {
     #[error("the backend closed the connection before the end of the response body")]
     BodyCut,
     #[error("reading the client's request body: {0}")]
-    RequestBody(hyper::Error),
+    RequestBody(BodyError),
 }
 
 /// How the body of the response in progress is delimited, and how far it has been read.

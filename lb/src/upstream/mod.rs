@@ -14,7 +14,7 @@ use http::{HeaderMap, Request, Response};
 use hyper::client::conn::http2;
 
 pub use backend::{Backend, BackendSettings, ConnectError};
-pub use body::{BoxError, Upstream, UpstreamBody};
+pub use body::{BodyError, BoxError, Upstream, UpstreamBody};
 pub use retry_budget::RetryBudget;
 
 /// Renders a request's fields for the backend: the client's, less what the caller replaces,
@@ -45,7 +45,7 @@ pub enum SendError {
     Failed(Box<dyn std::error::Error + Send + Sync>),
     /// The client's request body broke off while it was being sent: the client's fault,
     /// not the backend's.
-    ClientBody(hyper::Error),
+    ClientBody(BodyError),
     /// No response head within the response timeout.
     TimedOut,
     /// The client sent no more of its request body within the body timeout: the client's

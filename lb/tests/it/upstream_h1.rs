@@ -585,3 +585,52 @@ async fn slow_uploads_are_not_blamed_on_the_backend() {
     let r = http.get(&lb.url("/plain")).await.unwrap();
     assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "plain"));
 }
+
+/// `LB_MAX_BODY_BYTES`: a declared length over it is a 413 before any backend sees the
+/// request; a chunked body is cut off where it passes it, also a 413.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_over_the_limit_get_413() {
+    let consul = Consul::start().await;
+    let (port, accepted) = scripted_backend().await;
+    consul.register("s", "web", port, &["lb.route=/"]).await;
+    let lb = Lb::start(&consul, &[("LB_MAX_BODY_BYTES", "10")]).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 1).await;
+    let _ = http.get(&lb.url("/plain")).await.unwrap();
+    let before = accepted.load(Ordering::SeqCst);
+
+    let small = raw(
+        lb.proxy,
+        "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\nConnection: close\r\n\r\n0123456789",
+    );
+    assert!(
+        small.starts_with("HTTP/1.1 200") && small.ends_with("0123456789"),
+        "{small}"
+    );
+    let big = raw(
+        lb.proxy,
+        "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\nConnection: close\r\n\r\n0123456789a",
+    );
+    assert!(big.starts_with("HTTP/1.1 413"), "{big}");
+    let chunked = raw(
+        lb.proxy,
+        "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+         6\r\n012345\r\n6\r\n6789ab\r\n0\r\n\r\n",
+    );
+    assert!(chunked.starts_with("HTTP/1.1 413"), "{chunked}");
+    assert_eq!(
+        lb.metric(
+            &http,
+            "lb_local_responses_total",
+            &[("reason", "body_too_large")]
+        )
+        .await,
+        Some(2.0)
+    );
+    // The declared one never reached the backend; the backend is not blamed for either.
+    assert!(accepted.load(Ordering::SeqCst) - before <= 1);
+    assert_eq!(
+        lb.metric(&http, "lb_backend_ejections_total", &[]).await,
+        Some(0.0)
+    );
+}
