@@ -187,6 +187,11 @@ pub const SETTINGS: &[Setting] = &[
         "answer every plain-HTTP request with a 308 to HTTPS (per route: tag lb.redirect=https)",
     ),
     (
+        "LB_TUNNEL_IDLE_TIMEOUT",
+        "1h",
+        "upgraded connections (WebSocket...) with no byte either way this long are closed",
+    ),
+    (
         "LB_TRUSTED_PROXIES",
         "",
         "networks (CIDR, comma-separated) whose X-Forwarded-For, Forwarded and X-Real-IP are kept; from others they are replaced or dropped",
@@ -267,6 +272,7 @@ pub struct Config {
     pub http2: bool,
     pub h2c: bool,
     pub https_redirect: bool,
+    pub tunnel_idle_timeout: Duration,
     /// Peers whose forwarding fields are believed.
     pub trusted_proxies: Vec<IpNet>,
     /// Lower-case protocol names an `Upgrade` may ask for; never `h2c`.
@@ -438,6 +444,11 @@ impl Config {
             http2: p.get("LB_HTTP2", parse_bool, "true or false"),
             h2c: p.get("LB_H2C", parse_bool, "true or false"),
             https_redirect: p.get("LB_HTTPS_REDIRECT", parse_bool, "true or false"),
+            tunnel_idle_timeout: p.get(
+                "LB_TUNNEL_IDLE_TIMEOUT",
+                positive_duration,
+                "a duration like 1h",
+            ),
             trusted_proxies: p.get(
                 "LB_TRUSTED_PROXIES",
                 |s| {

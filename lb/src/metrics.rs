@@ -43,6 +43,7 @@ pub const UPGRADES_TOTAL: &str = "lb_upgrades_total";
 pub const UPGRADED_CONNECTIONS_OPEN: &str = "lb_upgraded_connections_open";
 pub const HTTPS_REDIRECTS_TOTAL: &str = "lb_https_redirects_total";
 pub const ACCEPT_PAUSED_TOTAL: &str = "lb_accept_paused_total";
+pub const TUNNEL_IDLE_TIMEOUTS_TOTAL: &str = "lb_tunnel_idle_timeouts_total";
 
 /// A label whose values are known in advance. Declared once, as an enum; call sites name a
 /// variant, never a string.
@@ -302,6 +303,7 @@ pub struct Metrics {
     pub upgraded_open: IntGauge,
     pub https_redirects: IntCounter,
     pub accept_paused: IntCounter,
+    pub tunnel_idle_timeouts: IntCounter,
 }
 
 impl Metrics {
@@ -368,6 +370,7 @@ impl Metrics {
             upgrades: ByLabel::new(&counter_vec(UPGRADES_TOTAL, "Connections upgraded (101) and tunnelled to a backend, by protocol.", &["protocol"])),
             upgraded_open: gauge(UPGRADED_CONNECTIONS_OPEN, "Upgraded connections (WebSocket...) open now."),
             https_redirects: counter(HTTPS_REDIRECTS_TOTAL, "Plain-HTTP requests redirected to HTTPS."),
+            tunnel_idle_timeouts: counter(TUNNEL_IDLE_TIMEOUTS_TOTAL, "Upgraded connections (tunnels) closed after LB_TUNNEL_IDLE_TIMEOUT without a byte either way."),
             accept_paused: counter(ACCEPT_PAUSED_TOTAL, "Times accepting waited because LB_MAX_CONNECTIONS client connections were open."),
             registry,
         };

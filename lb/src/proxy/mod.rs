@@ -22,6 +22,7 @@ use hyper::body::Incoming;
 
 pub use body::{ProxyBody, ResponseGuard};
 pub use forwarded::{Forwarded, X_FORWARDED_FOR};
+pub use path::normalize as normalize_path;
 pub use peer::{Drain, Exchanges, Peer};
 
 use crate::metrics::LocalReason;

@@ -11,7 +11,7 @@ use std::borrow::Cow;
 
 /// The normal form of `path` (the path of a request target, without its query), borrowed when
 /// it is already normal, as nearly every path is.
-pub(super) fn normalize(path: &str) -> Result<Cow<'_, str>, &'static str> {
+pub fn normalize(path: &str) -> Result<Cow<'_, str>, &'static str> {
     // `*` (OPTIONS) and the like are not paths to normalise.
     if is_plain(path) || !path.starts_with('/') {
         return Ok(Cow::Borrowed(path));

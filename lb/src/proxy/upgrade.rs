@@ -1,17 +1,23 @@
 //! Protocol switches (WebSocket and the like): the client's request to switch, carried to the
 //! backend, and the tunnel that copies bytes both ways once both sides switched.
 
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::Version;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::peer::{Drain, Peer};
 use crate::field_list;
 use crate::metrics::UpgradeProtocol;
+use crate::time::now_ms;
 use crate::Shared;
 
 /// A client's request to switch protocols (WebSocket and the like), carried to the backend.
@@ -96,7 +102,7 @@ pub(super) fn upgrade_request(
 pub(super) fn spawn_tunnel(
     shared: Arc<Shared>,
     up: Upgrade,
-    (mut upstream, early): (tokio::net::TcpStream, Bytes),
+    (upstream, early): (tokio::net::TcpStream, Bytes),
     backend: String,
 ) {
     let label = if up.protocol.as_bytes().eq_ignore_ascii_case(b"websocket") {
@@ -127,7 +133,12 @@ pub(super) fn spawn_tunnel(
         let metrics = &shared.metrics;
         metrics.upgrades.inc(label);
         metrics.upgraded_open.inc();
-        let mut client = TokioIo::new(client);
+        // Either direction's bytes keep the tunnel alive; `LB_TUNNEL_IDLE_TIMEOUT` of
+        // neither closes it.
+        let last = Arc::new(AtomicU64::new(now_ms()));
+        let mut client = Active::new(TokioIo::new(client), &last);
+        let mut upstream = Active::new(upstream, &last);
+        let idle_ms = shared.config.tunnel_idle_timeout.as_millis() as u64;
         tokio::select! {
             r = async {
                 // What the backend sent right behind its 101 head goes first.
@@ -142,9 +153,74 @@ pub(super) fn spawn_tunnel(
                 let _ = client.shutdown().await;
                 let _ = upstream.shutdown().await;
             }
+            _ = idle(&last, idle_ms) => {
+                metrics.tunnel_idle_timeouts.inc();
+                tracing::debug!(%backend, client = %client_addr, "tunnel idle; closed");
+                let _ = client.shutdown().await;
+                let _ = upstream.shutdown().await;
+            }
         }
         metrics.upgraded_open.dec();
     });
+}
+
+/// Resolves once `last` (ms on `now_ms`'s clock) is `idle_ms` behind.
+async fn idle(last: &AtomicU64, idle_ms: u64) {
+    loop {
+        let quiet = now_ms().saturating_sub(last.load(Ordering::Relaxed));
+        if quiet >= idle_ms {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(idle_ms - quiet)).await;
+    }
+}
+
+/// One side of a tunnel, noting when bytes last came in from it.
+struct Active<T> {
+    io: T,
+    last: Arc<AtomicU64>,
+}
+
+impl<T> Active<T> {
+    fn new(io: T, last: &Arc<AtomicU64>) -> Active<T> {
+        Active {
+            io,
+            last: last.clone(),
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Active<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.last.store(now_ms(), Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Active<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 #[cfg(test)]
