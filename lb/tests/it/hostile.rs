@@ -499,3 +499,63 @@ async fn metric_series_leave_with_their_routes() {
     )
     .await;
 }
+
+/// An HTTP/2 client that resets its stream (RST_STREAM) while the lb waits for the head
+/// leaves nothing counted in flight, with its connection still open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_http2_stream_leaves_nothing_in_flight() {
+    let consul = Consul::start().await;
+    let backend = Backend::start("web").await;
+    consul
+        .register("web", "web", backend.port(), &["lb.route=/"])
+        .await;
+    let lb = Lb::start(&consul, &[("LB_H2C", "true")]).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 1).await;
+
+    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend_from_slice(&[kind, flags]);
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    };
+    let mut block = Vec::new();
+    for (name, value) in [
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":authority", "a.example"),
+        (":path", "/slow?ms=3000"),
+    ] {
+        block.extend_from_slice(&[0x00, name.len() as u8]);
+        block.extend_from_slice(name.as_bytes());
+        block.push(value.len() as u8);
+        block.extend_from_slice(value.as_bytes());
+    }
+    let mut s = TcpStream::connect(lb.proxy).unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(0x4, 0, 0, &[]));
+    for stream in [1u32, 3, 5] {
+        out.extend(frame(0x1, 0x5, stream, &block));
+    }
+    s.write_all(&out).unwrap();
+    let in_flight = || async { lb.metric(&http, "lb_requests_in_flight", &[]).await };
+    crate::support::eventually(
+        "three requests in flight",
+        Duration::from_secs(2),
+        || async { in_flight().await == Some(3.0) },
+    )
+    .await;
+    let mut resets = Vec::new();
+    for stream in [1u32, 3, 5] {
+        resets.extend(frame(0x3, 0, stream, &8u32.to_be_bytes())); // CANCEL
+    }
+    s.write_all(&resets).unwrap();
+    crate::support::eventually(
+        "nothing in flight after the resets",
+        Duration::from_secs(2),
+        || async { in_flight().await == Some(0.0) },
+    )
+    .await;
+    drop(s);
+}
