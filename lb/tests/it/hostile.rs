@@ -27,6 +27,20 @@ fn echoed(answer: &str) -> String {
         .to_lowercase()
 }
 
+/// A Consul agent, one backend named `web` on route `/`, and an lb with `extra` settings
+/// that routes to it.
+async fn one_backend(extra: &[(&str, &str)]) -> (Consul, Backend, Lb, Http) {
+    let consul = Consul::start().await;
+    let backend = Backend::start("web").await;
+    consul
+        .register("web", "web", backend.port(), &["lb.route=/"])
+        .await;
+    let lb = Lb::start(&consul, extra).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 1).await;
+    (consul, backend, lb, http)
+}
+
 /// A public and an internal host on two backends: what the lb routes on must be what the
 /// backend is told (Host, X-Forwarded-Host), whatever mix of names the client sends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -102,6 +116,35 @@ async fn the_host_routed_on_is_the_host_forwarded() {
     );
 }
 
+/// An HTTP/2 frame: 9-byte header, then the payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    f.extend_from_slice(&[kind, flags]);
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A header block of HPACK literals without indexing, so any field can be written.
+fn hpack_literals(fields: &[(&str, &str)]) -> Vec<u8> {
+    let mut block = Vec::new();
+    for (name, value) in fields {
+        assert!(name.len() < 127 && value.len() < 127);
+        block.extend_from_slice(&[0x00, name.len() as u8]);
+        block.extend_from_slice(name.as_bytes());
+        block.push(value.len() as u8);
+        block.extend_from_slice(value.as_bytes());
+    }
+    block
+}
+
+/// The client preface and an empty SETTINGS frame.
+fn h2_preface() -> Vec<u8> {
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2_frame(0x4, 0, 0, &[]));
+    out
+}
+
 /// How the lb answered one raw HTTP/2 request.
 #[derive(Debug, PartialEq)]
 enum H2Answer {
@@ -117,27 +160,10 @@ enum H2Answer {
 /// Sends one request on a new prior-knowledge HTTP/2 connection, its header block written by
 /// hand (HPACK literals without indexing), so that fields no polite client would send can be.
 fn h2_raw(addr: SocketAddr, fields: &[(&str, &str)]) -> H2Answer {
-    let mut block = Vec::new();
-    for (name, value) in fields {
-        block.push(0x00);
-        assert!(name.len() < 127 && value.len() < 127);
-        block.push(name.len() as u8);
-        block.extend_from_slice(name.as_bytes());
-        block.push(value.len() as u8);
-        block.extend_from_slice(value.as_bytes());
-    }
-    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
-        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
-        f.extend_from_slice(&[kind, flags]);
-        f.extend_from_slice(&stream.to_be_bytes());
-        f.extend_from_slice(payload);
-        f
-    };
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    out.extend(frame(0x4, 0, 0, &[])); // SETTINGS
-    out.extend(frame(0x1, 0x5, 1, &block)); // HEADERS, END_STREAM | END_HEADERS
+    let mut out = h2_preface();
+    out.extend(h2_frame(0x1, 0x5, 1, &hpack_literals(fields))); // HEADERS, END_STREAM | END_HEADERS
     s.write_all(&out).unwrap();
     loop {
         let mut head = [0u8; 9];
@@ -152,7 +178,7 @@ fn h2_raw(addr: SocketAddr, fields: &[(&str, &str)]) -> H2Answer {
                 return H2Answer::Reset(u32::from_be_bytes(payload[..4].try_into().unwrap()))
             }
             (0x7, _) => return H2Answer::GoAway,
-            (0x4, 0) if head[4] & 1 == 0 => s.write_all(&frame(0x4, 1, 0, &[])).unwrap(),
+            (0x4, 0) if head[4] & 1 == 0 => s.write_all(&h2_frame(0x4, 1, 0, &[])).unwrap(),
             _ => {}
         }
     }
@@ -162,14 +188,7 @@ fn h2_raw(addr: SocketAddr, fields: &[(&str, &str)]) -> H2Answer {
 /// error, and the connection serves the next request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_http2_requests_and_connect_never_reach_a_backend() {
-    let consul = Consul::start().await;
-    let backend = Backend::start("web").await;
-    consul
-        .register("web", "web", backend.port(), &["lb.route=/"])
-        .await;
-    let lb = Lb::start(&consul, &[("LB_H2C", "true")]).await;
-    let http = Http::new();
-    wait_routed(&lb, &http, "*/", 1).await;
+    let (_consul, backend, lb, _http) = one_backend(&[("LB_H2C", "true")]).await;
     let get = [
         (":method", "GET"),
         (":scheme", "http"),
@@ -328,14 +347,7 @@ async fn untrusted_clients_cannot_forge_their_address() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_limit_holds_accepting_and_releases_it() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let consul = Consul::start().await;
-    let backend = Backend::start("web").await;
-    consul
-        .register("web", "web", backend.port(), &["lb.route=/"])
-        .await;
-    let lb = Lb::start(&consul, &[("LB_MAX_CONNECTIONS", "3")]).await;
-    let http = Http::new();
-    wait_routed(&lb, &http, "*/", 1).await;
+    let (_consul, _backend, lb, http) = one_backend(&[("LB_MAX_CONNECTIONS", "3")]).await;
     // The readiness and routing checks above used connections of their own; let them end.
     tokio::time::sleep(Duration::from_millis(300)).await;
 
@@ -376,14 +388,7 @@ async fn a_connection_limit_holds_accepting_and_releases_it() {
 /// again once descriptors are free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_out_of_descriptors_does_not_spin_the_listeners() {
-    let consul = Consul::start().await;
-    let backend = Backend::start("web").await;
-    consul
-        .register("web", "web", backend.port(), &["lb.route=/"])
-        .await;
-    let lb = Lb::start(&consul, &[("LB_WORKERS", "1")]).await;
-    let http = Http::new();
-    wait_routed(&lb, &http, "*/", 1).await;
+    let (_consul, _backend, lb, http) = one_backend(&[("LB_WORKERS", "1")]).await;
     let pid = lb.pid();
     // The soft limit only: a lowered hard limit could not be raised again without privilege.
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
@@ -454,14 +459,7 @@ async fn series(lb: &Lb, http: &Http) -> usize {
 /// hosts and paths nobody routes, leave the number of series where it was.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metric_series_leave_with_their_routes() {
-    let consul = Consul::start().await;
-    let backend = Backend::start("web").await;
-    consul
-        .register("web", "web", backend.port(), &["lb.route=/"])
-        .await;
-    let lb = Lb::start(&consul, &[("LB_EJECT_FAILURES", "100")]).await;
-    let http = Http::new();
-    wait_routed(&lb, &http, "*/", 1).await;
+    let (consul, _backend, lb, http) = one_backend(&[("LB_EJECT_FAILURES", "100")]).await;
     let _ = http.get(&lb.url("/")).await;
     let baseline = series(&lb, &http).await;
 
@@ -504,39 +502,18 @@ async fn metric_series_leave_with_their_routes() {
 /// leaves nothing counted in flight, with its connection still open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_http2_stream_leaves_nothing_in_flight() {
-    let consul = Consul::start().await;
-    let backend = Backend::start("web").await;
-    consul
-        .register("web", "web", backend.port(), &["lb.route=/"])
-        .await;
-    let lb = Lb::start(&consul, &[("LB_H2C", "true")]).await;
-    let http = Http::new();
-    wait_routed(&lb, &http, "*/", 1).await;
+    let (_consul, _backend, lb, http) = one_backend(&[("LB_H2C", "true")]).await;
 
-    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
-        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
-        f.extend_from_slice(&[kind, flags]);
-        f.extend_from_slice(&stream.to_be_bytes());
-        f.extend_from_slice(payload);
-        f
-    };
-    let mut block = Vec::new();
-    for (name, value) in [
+    let block = hpack_literals(&[
         (":method", "GET"),
         (":scheme", "http"),
         (":authority", "a.example"),
         (":path", "/slow?ms=3000"),
-    ] {
-        block.extend_from_slice(&[0x00, name.len() as u8]);
-        block.extend_from_slice(name.as_bytes());
-        block.push(value.len() as u8);
-        block.extend_from_slice(value.as_bytes());
-    }
+    ]);
     let mut s = TcpStream::connect(lb.proxy).unwrap();
-    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    out.extend(frame(0x4, 0, 0, &[]));
+    let mut out = h2_preface();
     for stream in [1u32, 3, 5] {
-        out.extend(frame(0x1, 0x5, stream, &block));
+        out.extend(h2_frame(0x1, 0x5, stream, &block));
     }
     s.write_all(&out).unwrap();
     let in_flight = || async { lb.metric(&http, "lb_requests_in_flight", &[]).await };
@@ -548,7 +525,7 @@ async fn a_reset_http2_stream_leaves_nothing_in_flight() {
     .await;
     let mut resets = Vec::new();
     for stream in [1u32, 3, 5] {
-        resets.extend(frame(0x3, 0, stream, &8u32.to_be_bytes())); // CANCEL
+        resets.extend(h2_frame(0x3, 0, stream, &8u32.to_be_bytes())); // CANCEL
     }
     s.write_all(&resets).unwrap();
     crate::support::eventually(
