@@ -192,6 +192,16 @@ pub const SETTINGS: &[Setting] = &[
         "upgraded connections (WebSocket...) with no byte either way this long are closed",
     ),
     (
+        "LB_PROXY_PROTOCOL",
+        "false",
+        "the plain listener expects a PROXY protocol header (v1 or v2) on every connection, as behind an L4 balancer",
+    ),
+    (
+        "LB_TLS_PROXY_PROTOCOL",
+        "false",
+        "the TLS listener expects a PROXY protocol header (v1 or v2) on every connection",
+    ),
+    (
         "LB_TRUSTED_PROXIES",
         "",
         "networks (CIDR, comma-separated) whose X-Forwarded-For, Forwarded and X-Real-IP are kept; from others they are replaced or dropped",
@@ -273,6 +283,8 @@ pub struct Config {
     pub h2c: bool,
     pub https_redirect: bool,
     pub tunnel_idle_timeout: Duration,
+    pub proxy_protocol: bool,
+    pub tls_proxy_protocol: bool,
     /// Peers whose forwarding fields are believed.
     pub trusted_proxies: Vec<IpNet>,
     /// Lower-case protocol names an `Upgrade` may ask for; never `h2c`.
@@ -449,6 +461,8 @@ impl Config {
                 positive_duration,
                 "a duration like 1h",
             ),
+            proxy_protocol: p.get("LB_PROXY_PROTOCOL", parse_bool, "true or false"),
+            tls_proxy_protocol: p.get("LB_TLS_PROXY_PROTOCOL", parse_bool, "true or false"),
             trusted_proxies: p.get(
                 "LB_TRUSTED_PROXIES",
                 |s| {

@@ -169,6 +169,8 @@ label!(
         Malformed => "malformed",
         Incomplete => "incomplete",
         Io => "io",
+        /// A listener that expects a PROXY protocol header got none, or a malformed one.
+        ProxyHeader => "proxy_header",
     }
 );
 

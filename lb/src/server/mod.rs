@@ -9,6 +9,7 @@
 
 pub mod accept;
 pub mod parking;
+pub mod proxy_header;
 pub mod tls;
 
 use std::convert::Infallible;
@@ -124,9 +125,12 @@ pub async fn serve_proxy(
 }
 
 impl Listener {
-    async fn tls_connection(self: Arc<Self>, stream: TcpStream, addr: SocketAddr, slot: Slot) {
+    async fn tls_connection(self: Arc<Self>, mut stream: TcpStream, addr: SocketAddr, slot: Slot) {
         let _open = OpenConnection::new(&self.shared, slot);
         let Some(tls) = &self.tls else { return };
+        let Some(addr) = self.client_addr(&mut stream, addr).await else {
+            return;
+        };
         let Some(stream) = tls.accept(stream, &self.shared.metrics).await else {
             return;
         };
@@ -134,8 +138,16 @@ impl Listener {
         self.serve(TokioIo::new(stream), addr, true, h2).await;
     }
 
-    async fn plain_connection(self: Arc<Self>, stream: TcpStream, addr: SocketAddr, slot: Slot) {
+    async fn plain_connection(
+        self: Arc<Self>,
+        mut stream: TcpStream,
+        addr: SocketAddr,
+        slot: Slot,
+    ) {
         let _open = OpenConnection::new(&self.shared, slot);
+        let Some(addr) = self.client_addr(&mut stream, addr).await else {
+            return;
+        };
         let config = &self.shared.config;
         if config.h2c && starts_with_h2_preface(&stream, config.client_header_timeout).await {
             Box::pin(self.serve(TokioIo::new(stream), addr, false, true)).await;
@@ -301,6 +313,28 @@ impl Listener {
         };
         if let Err(e) = result {
             self.count_hyper_error(&e, addr);
+        }
+    }
+
+    /// The client's address: the connection's peer, or, on a listener behind an L4 balancer
+    /// (`LB_PROXY_PROTOCOL`, `LB_TLS_PROXY_PROTOCOL`), the one its PROXY header names. `None`
+    /// when that header is missing or malformed: the connection is refused.
+    async fn client_addr(&self, stream: &mut TcpStream, peer: SocketAddr) -> Option<SocketAddr> {
+        let config = &self.shared.config;
+        let expected = if self.tls.is_some() {
+            config.tls_proxy_protocol
+        } else {
+            config.proxy_protocol
+        };
+        if !expected {
+            return Some(peer);
+        }
+        match proxy_header::read(stream, config.client_header_timeout).await {
+            Ok(addr) => Some(addr.unwrap_or(peer)),
+            Err(e) => {
+                self.count_error(ClientErrorKind::ProxyHeader, peer, e);
+                None
+            }
         }
     }
 

@@ -536,3 +536,54 @@ async fn a_reset_http2_stream_leaves_nothing_in_flight() {
     .await;
     drop(s);
 }
+
+/// Behind an L4 balancer (`LB_PROXY_PROTOCOL`), the client's address comes from the PROXY
+/// header, v1 or v2, into `X-Forwarded-For`; a connection without a valid header is refused
+/// and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_protocol_carries_the_client_address() {
+    let (_consul, _backend, lb, http) = one_backend(&[("LB_PROXY_PROTOCOL", "true")]).await;
+    let get = b"GET /headers HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let send = |prefix: Vec<u8>| {
+        let mut bytes = prefix;
+        bytes.extend_from_slice(get);
+        let mut s = TcpStream::connect(lb.proxy).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(&bytes).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).to_lowercase()
+    };
+    let v1 = send(b"PROXY TCP4 203.0.113.7 192.0.2.1 5555 80\r\n".to_vec());
+    assert!(v1.contains("x-forwarded-for: 203.0.113.7\n"), "{v1}");
+    let mut v2 = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    v2.extend_from_slice(&[
+        0x21, 0x11, 0, 12, 198, 51, 100, 9, 192, 0, 2, 1, 0x1f, 0x90, 0, 80,
+    ]);
+    let v2 = send(v2);
+    assert!(v2.contains("x-forwarded-for: 198.51.100.9\n"), "{v2}");
+    let mut local = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    local.extend_from_slice(&[0x20, 0x00, 0, 0]);
+    let local = send(local);
+    assert!(
+        local.contains("x-forwarded-for: 127.0.0.1\n"),
+        "LOCAL: {local}"
+    );
+
+    for refused in [
+        b"PROXY SCTP 1 2 3 4\r\n".to_vec(),
+        Vec::new(), // plain HTTP where a header is expected
+    ] {
+        let answer = send(refused);
+        assert!(answer.is_empty(), "served without a valid header: {answer}");
+    }
+    assert_eq!(
+        lb.metric(
+            &http,
+            "lb_client_connection_errors_total",
+            &[("kind", "proxy_header")]
+        )
+        .await,
+        Some(2.0)
+    );
+}
