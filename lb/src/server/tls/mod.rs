@@ -224,7 +224,7 @@ impl Tls {
                 next.push(old.clone());
                 continue;
             }
-            match load_from(&old.source, files) {
+            match load_settled(&old.source, files) {
                 Ok(new) => {
                     tracing::info!(cert = %new.source.cert.display(), names = ?new.info.dns_names,
                         not_after = %format_utc(new.info.not_after), "certificate reloaded");
@@ -340,6 +340,27 @@ fn handshake_failure_reason(e: &io::Error) -> HandshakeFailure {
         }
         E::AlertReceived(_) => F::Alert,
         _ => F::Other,
+    }
+}
+
+/// How long a reload waits for the second file of a pair that is being replaced.
+const PAIR_SETTLE: Duration = Duration::from_millis(250);
+
+/// Loads a certificate from files just read; when its key does not match, reads both again
+/// once after `PAIR_SETTLE`. Certificate and key are replaced as two files (each atomically,
+/// as secret managers do), and a reload between the two sees a new chain with the old key:
+/// that is a pair in the middle of its replacement, not a bad one.
+fn load_settled(s: &CertSource, files: (Vec<u8>, Vec<u8>)) -> Result<Loaded, CertError> {
+    match load_from(s, files.clone()) {
+        Err(CertError::KeyMismatch { .. }) => {
+            std::thread::sleep(PAIR_SETTLE);
+            let again = read_files(s)?;
+            if again == files {
+                return load_from(s, files);
+            }
+            load_from(s, again)
+        }
+        loaded => loaded,
     }
 }
 
