@@ -3,9 +3,10 @@
 //! `%2E` read as the dot it encodes) and empty segments merged; what could still cross a route
 //! boundary on a backend that reads paths differently is refused.
 //!
-//! Refused with a 400: an encoded slash or backslash (`%2F`, `%5C`), which some backends decode
-//! into a separator after the lb matched, and a dot segment carrying `;` parameters (`/..;/`),
-//! which servlet containers read as a plain dot segment.
+//! Refused with a 400: a backslash, plain or encoded, and an encoded slash (`\`, `%5C`, `%2F`,
+//! in a segment or its `;` parameters), which some backends read as a separator after the lb
+//! matched, and a dot segment carrying `;` parameters (`/..;/`), which servlet containers read
+//! as a plain dot segment.
 
 use std::borrow::Cow;
 
@@ -19,10 +20,11 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, &'static str> {
     let mut out: Vec<&str> = Vec::new();
     let mut trailing_slash = path.ends_with('/');
     for raw in path.split('/').filter(|s| !s.is_empty()) {
+        separator_free(raw)?;
         let (name, params) = raw
             .split_once(';')
             .map_or((raw, None), |(n, p)| (n, Some(p)));
-        let dots = dot_segment(name)?;
+        let dots = dot_segment(name);
         if dots.is_some() && params.is_some() {
             return Err("a dot segment with parameters in the path");
         }
@@ -53,18 +55,39 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, &'static str> {
     })
 }
 
-/// Whether a path needs no work: no percent sign, no `;`, no `//` and no segment that starts
-/// with a dot. One pass over the bytes.
+/// Whether a path needs no work: no percent sign, no `;`, no backslash, no `//` and no
+/// segment that starts with a dot. One pass over the bytes.
 fn is_plain(path: &str) -> bool {
     let b = path.as_bytes();
     !b.iter().enumerate().any(|(i, &c)| {
-        c == b'%' || c == b';' || (c == b'/' && matches!(b.get(i + 1), Some(b'/' | b'.')))
+        c == b'%'
+            || c == b';'
+            || c == b'\\'
+            || (c == b'/' && matches!(b.get(i + 1), Some(b'/' | b'.')))
     })
 }
 
+/// Refuses a segment (parameters included) that a backend could read as two: a backslash,
+/// which WHATWG URL parsers and IIS take for a slash, or an encoded slash or backslash.
+fn separator_free(segment: &str) -> Result<(), &'static str> {
+    let b = segment.as_bytes();
+    for (i, &c) in b.iter().enumerate() {
+        if c == b'\\' {
+            return Err("a backslash in the path");
+        }
+        if c == b'%' && i + 2 < b.len() {
+            let code = [b[i + 1], b[i + 2].to_ascii_uppercase()];
+            if code == *b"2F" || code == *b"5C" {
+                return Err("an encoded slash or backslash in the path");
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `Some(1)` for `.`, `Some(2)` for `..` (either written with `%2E`), `None` for any other
-/// segment; an error for an encoded separator.
-fn dot_segment(segment: &str) -> Result<Option<u8>, &'static str> {
+/// segment.
+fn dot_segment(segment: &str) -> Option<u8> {
     let mut dots = 0u8;
     let mut other = false;
     let b = segment.as_bytes();
@@ -73,21 +96,20 @@ fn dot_segment(segment: &str) -> Result<Option<u8>, &'static str> {
         if b[i] == b'%' && i + 2 < b.len() {
             let code = [b[i + 1].to_ascii_uppercase(), b[i + 2].to_ascii_uppercase()];
             match &code {
-                b"2F" | b"5C" => return Err("an encoded slash or backslash in the path"),
-                b"2E" => dots += 1,
+                b"2E" => dots = dots.saturating_add(1),
                 _ => other = true,
             }
             i += 3;
             continue;
         }
         if b[i] == b'.' {
-            dots += 1;
+            dots = dots.saturating_add(1);
         } else {
             other = true;
         }
         i += 1;
     }
-    Ok((!other && (1..=2).contains(&dots)).then_some(dots))
+    (!other && (1..=2).contains(&dots)).then_some(dots)
 }
 
 #[cfg(test)]
@@ -123,12 +145,21 @@ mod tests {
         ] {
             assert_eq!(n(path).as_deref(), Ok(normal), "{path}");
         }
+        let dots = format!("/a/{}/b", ".".repeat(300));
+        assert_eq!(
+            n(&dots).as_deref(),
+            Ok(&*dots),
+            "300 dots are a name, not a climb"
+        );
         for refused in [
             "/api%2fadmin",
             "/api/%2F/x",
             "/api/..;/admin",
             "/a/.;x/b",
             "/a%5Cb",
+            "/api/..\\internal",
+            "/api/x;a=%2F..%2F..%2Finternal",
+            "/api/x;a=%5c",
         ] {
             assert!(n(refused).is_err(), "{refused}");
         }

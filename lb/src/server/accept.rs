@@ -68,8 +68,10 @@ impl Acceptor {
                     metrics
                         .client_connection_errors
                         .inc(ClientErrorKind::Accept);
+                    // Logged at the start of a streak; its end is logged above.
+                    let first = !self.backoff.failing();
                     let delay = self.backoff.next_delay();
-                    if !self.backoff.failing() || delay >= Duration::from_millis(500) {
+                    if first {
                         tracing::warn!(listener = self.name, error = %e, retry_in = ?delay, "accept failed; pausing");
                     }
                     tokio::time::sleep(delay).await;
