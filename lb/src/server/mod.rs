@@ -317,8 +317,10 @@ impl Listener {
     }
 
     /// The client's address: the connection's peer, or, on a listener behind an L4 balancer
-    /// (`LB_PROXY_PROTOCOL`, `LB_TLS_PROXY_PROTOCOL`), the one its PROXY header names. `None`
-    /// when that header is missing or malformed: the connection is refused.
+    /// (`LB_PROXY_PROTOCOL`, `LB_TLS_PROXY_PROTOCOL`), the one its PROXY header names when the
+    /// peer that sent it is a trusted proxy (as nginx's `set_real_ip_from`): anyone else who
+    /// reaches the listener could name any address. `None` when the header is missing or
+    /// malformed: the connection is refused.
     async fn client_addr(&self, stream: &mut TcpStream, peer: SocketAddr) -> Option<SocketAddr> {
         let config = &self.shared.config;
         let expected = if self.tls.is_some() {
@@ -330,7 +332,8 @@ impl Listener {
             return Some(peer);
         }
         match proxy_header::read(stream, config.client_header_timeout).await {
-            Ok(addr) => Some(addr.unwrap_or(peer)),
+            Ok(Some(addr)) if self.trusted(peer) => Some(addr),
+            Ok(_) => Some(peer),
             Err(e) => {
                 self.count_error(ClientErrorKind::ProxyHeader, peer, e);
                 None

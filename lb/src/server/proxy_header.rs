@@ -1,7 +1,8 @@
 //! The PROXY protocol header (HAProxy's; v1 text, v2 binary) on a listener behind an L4
 //! balancer: the client's own address arrives first on each connection, before any byte of
 //! HTTP or TLS. It is read exactly (nothing behind it is consumed) within a deadline; a
-//! connection without a valid header is refused. Knows nothing of what follows it.
+//! connection without a valid header is refused. Whether to believe it is the listener's
+//! call, not this module's. Knows nothing of what follows it.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
@@ -12,6 +13,9 @@ use tokio::net::TcpStream;
 /// v1's longest header (`PROXY TCP6` with the longest addresses and ports, and CRLF).
 const V1_MAX: usize = 107;
 const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+/// The largest v2 address block (with its TLVs) accepted; the format allows 64 KiB, real
+/// balancers send a few hundred bytes.
+const V2_MAX_BLOCK: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyHeaderError {
@@ -38,40 +42,47 @@ pub async fn read(
 }
 
 async fn read_header(stream: &mut TcpStream) -> Result<Option<SocketAddr>, ProxyHeaderError> {
-    let mut buf = [0u8; 232];
-    // Peek until the header is whole, so that nothing behind it is taken from the socket.
-    loop {
-        stream.readable().await?;
-        let n = stream.peek(&mut buf).await?;
-        if n == 0 {
-            return Err(ProxyHeaderError::Closed);
+    // Read, not peeked: a connection without a header is refused anyway, and reads wait for
+    // bytes where a peek would have to poll. Exact lengths: nothing behind the header is taken.
+    let mut start = [0u8; 6];
+    read_exact(stream, &mut start).await?;
+    if &start == b"PROXY " {
+        // v1: one line, at most 107 bytes with its CRLF, read a byte at a time to its end.
+        let mut line = start.to_vec();
+        while !line.ends_with(b"\r\n") {
+            if line.len() == V1_MAX {
+                return Err(ProxyHeaderError::Invalid("v1 header longer than 107 bytes"));
+            }
+            let mut byte = [0u8; 1];
+            read_exact(stream, &mut byte).await?;
+            line.push(byte[0]);
         }
-        let seen = &buf[..n];
-        if seen.starts_with(b"PROXY ") || b"PROXY ".starts_with(seen) {
-            if let Some(end) = seen.windows(2).position(|w| w == b"\r\n") {
-                let len = end + 2;
-                let addr = parse_v1(&seen[..end])?;
-                stream.read_exact(&mut buf[..len]).await?;
-                return Ok(addr);
-            }
-            if n >= V1_MAX {
-                return Err(ProxyHeaderError::Invalid("v1 header without CRLF"));
-            }
-        } else if seen.len() >= 16 && seen.starts_with(V2_SIGNATURE) {
-            let len = 16 + u16::from_be_bytes([seen[14], seen[15]]) as usize;
-            if len > buf.len() {
-                return Err(ProxyHeaderError::Invalid("v2 header too long"));
-            }
-            if n >= len {
-                let addr = parse_v2(&seen[..len])?;
-                stream.read_exact(&mut buf[..len]).await?;
-                return Ok(addr);
-            }
-        } else if !V2_SIGNATURE.starts_with(&seen[..seen.len().min(12)]) {
-            return Err(ProxyHeaderError::Invalid("no PROXY signature"));
-        }
-        // Part of a header so far: wait for more bytes (a peek does not clear readiness).
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        return parse_v1(&line[..line.len() - 2]);
+    }
+    if start != V2_SIGNATURE[..6] {
+        return Err(ProxyHeaderError::Invalid("no PROXY signature"));
+    }
+    let mut head = [0u8; 16];
+    head[..6].copy_from_slice(&start);
+    read_exact(stream, &mut head[6..]).await?;
+    if head[..12] != V2_SIGNATURE[..] {
+        return Err(ProxyHeaderError::Invalid("no PROXY signature"));
+    }
+    let len = u16::from_be_bytes([head[14], head[15]]) as usize;
+    if len > V2_MAX_BLOCK {
+        return Err(ProxyHeaderError::Invalid("v2 address block over 4 KiB"));
+    }
+    let mut header = head.to_vec();
+    header.resize(16 + len, 0);
+    read_exact(stream, &mut header[16..]).await?;
+    parse_v2(&header)
+}
+
+async fn read_exact(stream: &mut TcpStream, buf: &mut [u8]) -> Result<(), ProxyHeaderError> {
+    match stream.read_exact(buf).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(ProxyHeaderError::Closed),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -82,11 +93,12 @@ fn parse_v1(line: &[u8]) -> Result<Option<SocketAddr>, ProxyHeaderError> {
     let line = std::str::from_utf8(line).map_err(|_| bad("v1 header is not text"))?;
     let mut words = line.split(' ');
     let _proxy = words.next();
-    match words.next() {
+    let v6 = match words.next() {
         Some("UNKNOWN") => return Ok(None),
-        Some("TCP4") | Some("TCP6") => {}
+        Some("TCP4") => false,
+        Some("TCP6") => true,
         _ => return Err(bad("v1 protocol is not TCP4, TCP6 or UNKNOWN")),
-    }
+    };
     let (Some(src), Some(_dst), Some(sport), Some(_dport), None) = (
         words.next(),
         words.next(),
@@ -97,6 +109,12 @@ fn parse_v1(line: &[u8]) -> Result<Option<SocketAddr>, ProxyHeaderError> {
         return Err(bad("v1 header has the wrong number of fields"));
     };
     let ip: IpAddr = src.parse().map_err(|_| bad("v1 source address"))?;
+    if ip.is_ipv6() != v6 {
+        return Err(bad("v1 source address is not of the protocol named"));
+    }
+    if !sport.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad("v1 source port"));
+    }
     let port: u16 = sport.parse().map_err(|_| bad("v1 source port"))?;
     Ok(Some(SocketAddr::new(ip, port)))
 }
@@ -152,6 +170,8 @@ mod tests {
             "PROXY TCP4 1.2.3.4 5.6.7.8 1",
             "PROXY UDP4 a b 1 2",
             "PROXY TCP4 x y 1 2",
+            "PROXY TCP4 2001:db8::1 2001:db8::2 1 2",
+            "PROXY TCP4 1.2.3.4 5.6.7.8 +80 80",
         ] {
             assert!(parse_v1(bad.as_bytes()).is_err(), "{bad}");
         }

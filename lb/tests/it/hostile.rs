@@ -544,7 +544,12 @@ async fn a_reset_http2_stream_leaves_nothing_in_flight() {
 /// and counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_proxy_protocol_carries_the_client_address() {
-    let (_consul, _backend, lb, http) = one_backend(&[("LB_PROXY_PROTOCOL", "true")]).await;
+    // The balancer (here the test, on loopback) is a trusted proxy: its headers are believed.
+    let (consul, _backend, lb, http) = one_backend(&[
+        ("LB_PROXY_PROTOCOL", "true"),
+        ("LB_TRUSTED_PROXIES", "127.0.0.0/8"),
+    ])
+    .await;
     let get = b"GET /headers HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
     let send = |prefix: Vec<u8>| {
         let mut bytes = prefix;
@@ -588,4 +593,18 @@ async fn the_proxy_protocol_carries_the_client_address() {
         .await,
         Some(2.0)
     );
+
+    // From a peer that is not a trusted proxy the header is read, but its address is not
+    // believed: anyone who reaches the listener could name any address.
+    let untrusting = Lb::start(&consul, &[("LB_PROXY_PROTOCOL", "true")]).await;
+    wait_routed(&untrusting, &http, "*/", 1).await;
+    let mut s = TcpStream::connect(untrusting.proxy).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"PROXY TCP4 203.0.113.7 192.0.2.1 5555 80\r\n")
+        .unwrap();
+    s.write_all(get).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let out = String::from_utf8_lossy(&out).to_lowercase();
+    assert!(out.contains("x-forwarded-for: 127.0.0.1\n"), "{out}");
 }
