@@ -150,6 +150,7 @@ mod tests {
             tls,
             true,
             Drain { alive, close },
+            None,
         )
     }
 

@@ -316,6 +316,7 @@ mod tests {
             false,
             false,
             Drain { alive, close },
+            None,
         ));
         let size = Arc::new(AtomicUsize::new(0));
         let (client, server) = tokio::io::duplex(4096);

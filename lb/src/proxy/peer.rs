@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use http::header::HeaderValue;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 
 /// A listener's drain, as connections and tunnels see it: holding `alive` keeps the drain
 /// waiting; `close` turns true when the drain's time is up.
@@ -26,10 +26,19 @@ pub struct Peer {
     pub(super) trusted: bool,
     pub(super) drain: Drain,
     pub exchanges: Exchanges,
+    /// The connection's place under the connection limit: a tunnel holds the peer, so it
+    /// counts as long as the tunnel lasts.
+    _slot: Option<OwnedSemaphorePermit>,
 }
 
 impl Peer {
-    pub fn new(addr: SocketAddr, tls: bool, trusted: bool, drain: Drain) -> Peer {
+    pub fn new(
+        addr: SocketAddr,
+        tls: bool,
+        trusted: bool,
+        drain: Drain,
+        slot: Option<OwnedSemaphorePermit>,
+    ) -> Peer {
         let ip = HeaderValue::from_str(&addr.ip().to_string())
             .expect("an IP address is a valid header value");
         Peer {
@@ -39,6 +48,7 @@ impl Peer {
             trusted,
             drain,
             exchanges: Default::default(),
+            _slot: slot,
         }
     }
 }

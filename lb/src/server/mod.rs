@@ -126,7 +126,7 @@ pub async fn serve_proxy(
 
 impl Listener {
     async fn tls_connection(self: Arc<Self>, mut stream: TcpStream, addr: SocketAddr, slot: Slot) {
-        let _open = OpenConnection::new(&self.shared, slot);
+        let _open = OpenConnection::new(&self.shared);
         let Some(tls) = &self.tls else { return };
         let Some(addr) = self.client_addr(&mut stream, addr).await else {
             return;
@@ -135,7 +135,7 @@ impl Listener {
             return;
         };
         let h2 = stream.get_ref().1.alpn_protocol() == Some(ALPN_H2);
-        self.serve(TokioIo::new(stream), addr, true, h2).await;
+        self.serve(TokioIo::new(stream), addr, true, h2, slot).await;
     }
 
     async fn plain_connection(
@@ -144,29 +144,25 @@ impl Listener {
         addr: SocketAddr,
         slot: Slot,
     ) {
-        let _open = OpenConnection::new(&self.shared, slot);
+        let _open = OpenConnection::new(&self.shared);
         let Some(addr) = self.client_addr(&mut stream, addr).await else {
             return;
         };
         let config = &self.shared.config;
         if config.h2c && starts_with_h2_preface(&stream, config.client_header_timeout).await {
-            Box::pin(self.serve(TokioIo::new(stream), addr, false, true)).await;
+            Box::pin(self.serve(TokioIo::new(stream), addr, false, true, slot)).await;
             return;
         }
-        self.serve_parking(stream, addr).await;
+        self.serve_parking(stream, addr, slot).await;
     }
 
     /// Plain HTTP/1.1, parked between requests (see [`parking`]): the task waits for
     /// each next request holding only the socket, and runs hyper for as long as requests
     /// follow each other.
-    async fn serve_parking(&self, mut stream: TcpStream, addr: SocketAddr) {
+    async fn serve_parking(&self, mut stream: TcpStream, addr: SocketAddr, slot: Slot) {
         self.count_protocol(false, false);
-        let peer = Arc::new(Peer::new(
-            addr,
-            false,
-            self.trusted(addr),
-            self.drain.clone(),
-        ));
+        let trusted = self.trusted(addr);
+        let peer = Arc::new(Peer::new(addr, false, trusted, self.drain.clone(), slot));
         let mut stop = self.stop.clone();
         let mut leftover = Bytes::new();
         let mut served_before = false;
@@ -279,13 +275,14 @@ impl Listener {
         }
     }
 
-    async fn serve<I>(&self, io: I, addr: SocketAddr, tls: bool, h2: bool)
+    async fn serve<I>(&self, io: I, addr: SocketAddr, tls: bool, h2: bool, slot: Slot)
     where
         I: Read + Write + Unpin + Send + 'static,
     {
         let shared = &self.shared;
         self.count_protocol(tls, h2);
-        let peer = Arc::new(Peer::new(addr, tls, self.trusted(addr), self.drain.clone()));
+        let trusted = self.trusted(addr);
+        let peer = Arc::new(Peer::new(addr, tls, trusted, self.drain.clone(), slot));
         let shared2 = shared.clone();
         let svc = service_fn(move |req| {
             let (shared, peer) = (shared2.clone(), peer.clone());
@@ -381,16 +378,17 @@ impl Listener {
     }
 }
 
-/// A connection's place under `LB_MAX_CONNECTIONS`, given back when the connection ends.
+/// A connection's place under `LB_MAX_CONNECTIONS`: held by its `Peer`, so a tunnel the
+/// connection becomes keeps it too, and given back when the last of them ends.
 type Slot = Option<tokio::sync::OwnedSemaphorePermit>;
 
-/// Counts a client connection open, and holds its slot, for the connection task's life.
-struct OpenConnection(Arc<Shared>, #[allow(dead_code)] Slot);
+/// Counts a client connection open for the connection task's life.
+struct OpenConnection(Arc<Shared>);
 
 impl OpenConnection {
-    fn new(shared: &Arc<Shared>, slot: Slot) -> OpenConnection {
+    fn new(shared: &Arc<Shared>) -> OpenConnection {
         shared.metrics.client_connections_open.inc();
-        OpenConnection(shared.clone(), slot)
+        OpenConnection(shared.clone())
     }
 }
 

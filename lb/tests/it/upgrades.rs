@@ -448,3 +448,43 @@ async fn idle_tunnels_are_closed_and_busy_ones_kept() {
         Some(1.0)
     );
 }
+
+/// A tunnel keeps its connection's place under `LB_MAX_CONNECTIONS` for as long as it lasts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_count_against_the_connection_limit() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let consul = Consul::start().await;
+    let (port, _backend) = ws_echo_backend().await;
+    consul
+        .register_with("ws-0", "ws", port, &["lb.route=/ws"], None)
+        .await;
+    let lb = Lb::start(&consul, &[("LB_MAX_CONNECTIONS", "2")]).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/ws", 1).await;
+    let url = format!("ws://{}/ws/chat", lb.proxy);
+    let (mut first, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let (second, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    first.send(Message::text("still here")).await.unwrap();
+    assert_eq!(
+        first.next().await.unwrap().unwrap().into_text().unwrap(),
+        "still here"
+    );
+
+    let mut third = tokio::net::TcpStream::connect(lb.proxy).await.unwrap();
+    third
+        .write_all(b"GET /ws/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let early = tokio::time::timeout(Duration::from_secs(1), third.read_to_end(&mut answer)).await;
+    assert!(
+        early.is_err(),
+        "served past the limit while two tunnels were open"
+    );
+    drop(second);
+    tokio::time::timeout(Duration::from_secs(5), third.read_to_end(&mut answer))
+        .await
+        .expect("served once a tunnel ended")
+        .unwrap();
+    assert!(!answer.is_empty());
+}
