@@ -90,7 +90,8 @@ impl HeadFields for Forwarded<'_> {
         }
         b.put_slice(b"x-forwarded-proto: ");
         b.put_slice(self.proto().as_bytes());
-        if let Some(host) = host {
+        // An empty Host (a request with no authority) names nothing to forward.
+        if let Some(host) = host.filter(|h| !h.is_empty()) {
             b.put_slice(b"\r\nx-forwarded-host: ");
             b.put_slice(host.as_bytes());
         }
@@ -117,7 +118,7 @@ impl HeadFields for Forwarded<'_> {
         };
         headers.insert(X_FORWARDED_FOR, xff);
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(self.proto()));
-        match headers.get(header::HOST).cloned() {
+        match headers.get(header::HOST).filter(|h| !h.is_empty()).cloned() {
             Some(host) => headers.insert(X_FORWARDED_HOST, host),
             None => headers.remove(X_FORWARDED_HOST),
         };
@@ -229,6 +230,7 @@ mod tests {
                 ("host", "b.example:8080"),
             ],
             &[("host", "first.example"), ("host", "second.example")],
+            &[("host", ""), ("x-forwarded-host", "forged")],
             &[
                 ("x-forwarded-for", "198.51.100.1"),
                 ("forwarded", "for=198.51.100.1"),

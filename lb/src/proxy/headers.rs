@@ -51,8 +51,36 @@ pub(super) fn to_http1_form(parts: &mut http::request::Parts) {
             .map(|p| p.as_str())
             .unwrap_or("/");
         parts.uri = Uri::try_from(pq).unwrap_or_else(|_| Uri::from_static("/"));
+    } else if !parts.headers.contains_key(header::HOST) {
+        // HTTP/1.1 requires a Host field; with no authority to name, it is empty (RFC 9112
+        // 3.2), as for an HTTP/1.0 client that sent none.
+        parts
+            .headers
+            .insert(header::HOST, HeaderValue::from_static(""));
+    }
+    if parts.version == Version::HTTP_2 {
+        join_cookies(&mut parts.headers);
     }
     parts.version = Version::HTTP_11;
+}
+
+/// HTTP/2 may split `Cookie` into one field per cookie; an HTTP/1.1 message carries one,
+/// joined with `; ` (RFC 9113 8.2.3).
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut cookies = headers.get_all(header::COOKIE).iter();
+    if cookies.next().is_none() || cookies.next().is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for v in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, v);
+    }
 }
 
 /// HTTP/2 to the backend: the host moves from the Host header into `:authority`, and the
@@ -111,5 +139,35 @@ pub(super) fn strip_request_hop_by_hop(headers: &mut HeaderMap) {
     strip_hop_by_hop(headers);
     if trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Request;
+
+    #[test]
+    fn http1_form_has_one_host_and_one_cookie() {
+        let (mut parts, ()) = Request::get("/").body(()).unwrap().into_parts();
+        parts.version = Version::HTTP_10;
+        to_http1_form(&mut parts);
+        assert_eq!(
+            parts.headers[header::HOST],
+            "",
+            "HTTP/1.1 needs a Host, empty here"
+        );
+
+        let (mut parts, ()) = Request::get("http://a.example/x")
+            .version(Version::HTTP_2)
+            .header("cookie", "a=1")
+            .header("cookie", "b=2")
+            .body(())
+            .unwrap()
+            .into_parts();
+        to_http1_form(&mut parts);
+        let cookies: Vec<_> = parts.headers.get_all(header::COOKIE).iter().collect();
+        assert_eq!(cookies, ["a=1; b=2"]);
+        assert_eq!(parts.headers[header::HOST], "a.example");
     }
 }
