@@ -137,6 +137,18 @@ async fn scripted_backend() -> (u16, Arc<AtomicUsize>) {
     (port, accepted)
 }
 
+/// A Consul agent, the scripted backend on route `/`, and an lb with `extra` settings that
+/// routes to it; with the count of connections the backend accepted.
+async fn scripted_lb(extra: &[(&str, &str)]) -> (Consul, Arc<AtomicUsize>, Lb, Http) {
+    let consul = Consul::start().await;
+    let (port, accepted) = scripted_backend().await;
+    consul.register("s", "web", port, &["lb.route=/"]).await;
+    let lb = Lb::start(&consul, extra).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 1).await;
+    (consul, accepted, lb, http)
+}
+
 /// One raw exchange with the lb on a new connection: the whole response as text, read to
 /// the close (the request asks for one).
 fn raw(addr: SocketAddr, request: &str) -> String {
@@ -339,12 +351,7 @@ async fn request_bodies_of_unknown_length_go_chunked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_length_beside_a_chunked_coding_is_removed_not_obeyed() {
-    let consul = Consul::start().await;
-    let (port, accepted) = scripted_backend().await;
-    consul.register("s", "web", port, &["lb.route=/"]).await;
-    let lb = Lb::start(&consul, &[]).await;
-    let http = Http::new();
-    wait_routed(&lb, &http, "*/", 1).await;
+    let (_consul, accepted, lb, http) = scripted_lb(&[]).await;
 
     // The whole body, by its chunks; the contradicting length never reaches the client.
     let r = http.get(&lb.url("/length-and-chunked")).await.unwrap();
@@ -372,12 +379,7 @@ async fn a_length_beside_a_chunked_coding_is_removed_not_obeyed() {
 /// trailers`) when the backend declares them (`Trailer`), as RFC 9110 6.5 lets a proxy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn declared_trailers_reach_http1_clients_that_ask_for_them() {
-    let consul = Consul::start().await;
-    let (port, _) = scripted_backend().await;
-    consul.register("s", "web", port, &["lb.route=/"]).await;
-    let lb = Lb::start(&consul, &[]).await;
-    let http = Http::new();
-    wait_routed(&lb, &http, "*/", 1).await;
+    let (_consul, _, lb, _http) = scripted_lb(&[]).await;
 
     let asked = raw(
         lb.proxy,
@@ -502,20 +504,12 @@ async fn churn(lb: &Lb, http: &Http) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_uploads_are_not_blamed_on_the_backend() {
     use tokio::io::AsyncWriteExt as _;
-    let consul = Consul::start().await;
-    let (port, _) = scripted_backend().await;
-    consul.register("s", "web", port, &["lb.route=/"]).await;
-    let lb = Lb::start(
-        &consul,
-        &[
-            ("LB_RESPONSE_TIMEOUT", "1s"),
-            ("LB_CLIENT_BODY_TIMEOUT", "1s"),
-            ("LB_EJECT_FAILURES", "1"),
-        ],
-    )
+    let (_consul, _, lb, http) = scripted_lb(&[
+        ("LB_RESPONSE_TIMEOUT", "1s"),
+        ("LB_CLIENT_BODY_TIMEOUT", "1s"),
+        ("LB_EJECT_FAILURES", "1"),
+    ])
     .await;
-    let http = Http::new();
-    wait_routed(&lb, &http, "*/", 1).await;
     let upload = |body: &'static [&'static str], gap: Duration| {
         let addr = lb.proxy;
         async move {
@@ -590,12 +584,7 @@ async fn slow_uploads_are_not_blamed_on_the_backend() {
 /// request; a chunked body is cut off where it passes it, also a 413.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_bodies_over_the_limit_get_413() {
-    let consul = Consul::start().await;
-    let (port, accepted) = scripted_backend().await;
-    consul.register("s", "web", port, &["lb.route=/"]).await;
-    let lb = Lb::start(&consul, &[("LB_MAX_BODY_BYTES", "10")]).await;
-    let http = Http::new();
-    wait_routed(&lb, &http, "*/", 1).await;
+    let (_consul, accepted, lb, http) = scripted_lb(&[("LB_MAX_BODY_BYTES", "10")]).await;
     let _ = http.get(&lb.url("/plain")).await.unwrap();
     let before = accepted.load(Ordering::SeqCst);
 
