@@ -465,15 +465,20 @@ async fn metric_series_leave_with_their_routes() {
     let _ = http.get(&lb.url("/")).await;
     let baseline = series(&lb, &http).await;
 
-    // 40 services whose instances refuse connections: every request to them is an answer of
-    // the lb's own, counted under its route.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead_port = dead.local_addr().unwrap().port();
-    drop(dead);
+    // 40 services on one instance that closes every connection unanswered: each request to
+    // them is an answer of the lb's own (502), counted under its route. (A port held open
+    // this way cannot be taken by another test's listener, as a freed one could.)
+    let closer = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_port = closer.local_addr().unwrap().port();
+    let closing = tokio::spawn(async move {
+        while let Ok((stream, _)) = closer.accept().await {
+            drop(stream);
+        }
+    });
     for i in 0..40 {
         let route = format!("lb.route=svc-{i}.example/");
         let (id, tags) = (format!("svc-{i}"), [route.as_str()]);
-        // No check: the instance passes, and the lb finds its port closed.
+        // No check: the instance passes, and the lb finds it closing every connection.
         consul.register_with(&id, &id, dead_port, &tags, None).await;
     }
     wait_routed(&lb, &http, "svc-39.example/", 1).await;
@@ -498,6 +503,7 @@ async fn metric_series_leave_with_their_routes() {
         || async { series(&lb, &http).await <= baseline },
     )
     .await;
+    closing.abort();
 }
 
 /// An HTTP/2 client that resets its stream (RST_STREAM) while the lb waits for the head
