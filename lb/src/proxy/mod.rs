@@ -98,7 +98,7 @@ fn find_route(
     let Some(table) = shared.table.load_full() else {
         return Err((LocalReason::NoTable, "no routing table loaded yet".into()));
     };
-    match table.lookup(host, path) {
+    match table.lookup(host, &path::without_params(path)) {
         Some(route) => Ok(route.clone()),
         None => {
             let msg = format!("no route for host {host:?} path {path:?}");

@@ -43,7 +43,7 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, &'static str> {
     let mut normal = String::with_capacity(path.len());
     for segment in &out {
         normal.push('/');
-        normal.push_str(segment);
+        push_decoding_unreserved(&mut normal, segment)?;
     }
     if trailing_slash || normal.is_empty() {
         normal.push('/');
@@ -53,6 +53,58 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, &'static str> {
     } else {
         Cow::Owned(normal)
     })
+}
+
+/// Appends `segment` with its percent-encoded unreserved characters decoded (RFC 3986
+/// 6.2.2.2: `%61` is `a`), so that a name cannot hide from a route's prefix; other escapes stay
+/// as they are. A `%` not followed by two hex digits is malformed (and could be decoded into
+/// a new escape by a second pass), so it is refused.
+fn push_decoding_unreserved(out: &mut String, segment: &str) -> Result<(), &'static str> {
+    let b = segment.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] != b'%' {
+            let run = b[i..]
+                .iter()
+                .position(|&c| c == b'%')
+                .unwrap_or(b.len() - i);
+            out.push_str(&segment[i..i + run]);
+            i += run;
+            continue;
+        }
+        let hex = |c: u8| (c as char).to_digit(16);
+        let (Some(hi), Some(lo)) = (
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) else {
+            return Err("a malformed percent-encoding in the path");
+        };
+        let c = (hi * 16 + lo) as u8;
+        if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+            out.push(c as char);
+        } else {
+            out.push_str(&segment[i..i + 3]);
+        }
+        i += 3;
+    }
+    Ok(())
+}
+
+/// The path as routes match it: each segment without its `;` parameters, which servlet
+/// containers drop before they route (`/admin;x/y` is their `/admin/y`). Borrowed when there
+/// are none.
+pub fn without_params(path: &str) -> Cow<'_, str> {
+    if !path.contains(';') {
+        return Cow::Borrowed(path);
+    }
+    let mut out = String::with_capacity(path.len());
+    for (i, segment) in path.split('/').enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        out.push_str(segment.split(';').next().unwrap_or(""));
+    }
+    Cow::Owned(out)
 }
 
 /// Whether a path needs no work: no percent sign, no `;`, no backslash, no `//` and no
@@ -131,6 +183,13 @@ mod tests {
             assert_eq!(n(same).as_deref(), Ok(same), "{same}");
         }
         assert!(matches!(normalize("/api/users"), Ok(Cow::Borrowed(_))));
+        assert_eq!(
+            n("/%61dmin/%7Euser/%20x").as_deref(),
+            Ok("/admin/~user/%20x")
+        );
+        assert!(n("/100%").is_err() && n("/%%361").is_err() && n("/%zz").is_err());
+        assert_eq!(without_params("/admin;x/y;v=1"), "/admin/y");
+        assert!(matches!(without_params("/a/b"), Cow::Borrowed(_)));
         for (path, normal) in [
             ("/api/../admin", "/admin"),
             ("/api/%2e%2e/admin", "/admin"),

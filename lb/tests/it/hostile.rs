@@ -268,6 +268,9 @@ async fn paths_cannot_climb_out_of_their_route() {
         "/api/.%2E/admin",
         "/api/./../admin?x=1",
         "/api//..//admin",
+        // Nor can a name hide from the route that owns it.
+        "/%61dmin",
+        "/admin;jsessionid=1/x",
     ] {
         let a = get(target);
         assert!(a.starts_with("http/1.1 200"), "{target}: {a}");
@@ -280,6 +283,7 @@ async fn paths_cannot_climb_out_of_their_route() {
         "/api/x%5c..%5cadmin",
         "/api/..\\admin",
         "/api/x;p=%2f..%2f..%2fadmin",
+        "/api/100%",
     ] {
         let a = get(target);
         assert!(a.starts_with("http/1.1 400"), "{target}: {a}");
