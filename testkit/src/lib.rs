@@ -110,21 +110,58 @@ impl Consul {
     }
 
     pub async fn start() -> Consul {
-        let http_port = free_port();
-        let ports = [free_port(), free_port(), free_port()];
-        let (log, _) = log_file("consul");
-        let mut c = Consul {
-            child: None,
-            http_port,
-            ports,
-            log,
-            client: ConsulClient::new(&format!("http://127.0.0.1:{http_port}"), None).unwrap(),
-        };
-        c.spawn().await;
-        c
+        // A port picked free can be taken by another test before the agent binds it: an agent
+        // that does not come up in time is replaced once, on new ports.
+        for attempt in 0..2 {
+            let http_port = free_port();
+            let ports = [free_port(), free_port(), free_port()];
+            let (log, _) = log_file("consul");
+            let mut c = Consul {
+                child: None,
+                http_port,
+                ports,
+                log,
+                client: ConsulClient::new(&format!("http://127.0.0.1:{http_port}"), None).unwrap(),
+            };
+            if attempt == 1 || c.try_spawn(Duration::from_secs(20)).await {
+                if attempt == 1 {
+                    c.spawn().await;
+                }
+                return c;
+            }
+            c.stop();
+        }
+        unreachable!("the second attempt returns or panics")
+    }
+
+    /// Starts the agent and waits up to `patience` for it to lead; false when it does not.
+    async fn try_spawn(&mut self, patience: Duration) -> bool {
+        self.launch();
+        let deadline = tokio::time::Instant::now() + patience;
+        while tokio::time::Instant::now() < deadline {
+            if self.client.leader().await.is_ok_and(|l| !l.is_empty()) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
     }
 
     async fn spawn(&mut self) {
+        self.launch();
+        let client = self.client.clone();
+        eventually(
+            "Consul to elect itself leader",
+            Duration::from_secs(20),
+            || {
+                let client = client.clone();
+                async move { client.leader().await.is_ok_and(|l| !l.is_empty()) }
+            },
+        )
+        .await;
+    }
+
+    fn launch(&mut self) {
         let file = std::fs::OpenOptions::new()
             .append(true)
             .open(&self.log)
@@ -154,16 +191,6 @@ impl Consul {
                 )
             });
         self.child = Some(child);
-        let client = self.client.clone();
-        eventually(
-            "Consul to elect itself leader",
-            Duration::from_secs(20),
-            || {
-                let client = client.clone();
-                async move { client.leader().await.is_ok_and(|l| !l.is_empty()) }
-            },
-        )
-        .await;
     }
 
     pub fn addr(&self) -> String {
