@@ -394,9 +394,15 @@ impl Config {
                 "LB_MAX_CONNECTIONS",
                 |s| match s {
                     "auto" => Some(None),
-                    n => n.parse().ok().filter(|n| *n >= 1).map(Some),
+                    // Bounded: the limit becomes a semaphore, which refuses (panics on) more
+                    // permits than about 2^61; no machine holds 10^7 connections anyway.
+                    n => n
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=10_000_000).contains(n))
+                        .map(Some),
                 },
-                "auto or an integer >= 1",
+                "auto or an integer from 1 to 10000000",
             ),
             max_headers: p.get(
                 "LB_MAX_HEADERS",
@@ -695,5 +701,25 @@ mod tests {
         let c = from(&[("LB_TRUSTED_PROXIES", "10.0.0.0/8, ::1")]).unwrap();
         assert_eq!(c.trusted_proxies.len(), 2);
         assert!(from(&[("LB_TRUSTED_PROXIES", "10.0.0.0/8,bad")]).is_err());
+    }
+
+    #[test]
+    fn connection_limits_are_bounded() {
+        assert_eq!(
+            from(&[("LB_MAX_CONNECTIONS", "auto")])
+                .unwrap()
+                .max_connections,
+            None
+        );
+        assert_eq!(
+            from(&[("LB_MAX_CONNECTIONS", "500")])
+                .unwrap()
+                .max_connections,
+            Some(500)
+        );
+        for bad in ["0", "18446744073709551615", "lots"] {
+            let e = from(&[("LB_MAX_CONNECTIONS", bad)]).unwrap_err();
+            assert!(e.0.contains("LB_MAX_CONNECTIONS"), "{bad}: {}", e.0);
+        }
     }
 }
