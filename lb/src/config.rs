@@ -100,6 +100,16 @@ pub const SETTINGS: &[Setting] = &[
         "time for a client to send a request head; also bounds client keep-alive idle time",
     ),
     (
+        "LB_CLIENT_WRITE_TIMEOUT",
+        "60s",
+        "longest a response may wait for a client to read more of it (the connection, or an HTTP/2 stream, is closed after)",
+    ),
+    (
+        "LB_H2_IDLE_TIMEOUT",
+        "3m",
+        "HTTP/2 client connections with no open stream this long are closed (GOAWAY)",
+    ),
+    (
         "LB_MAX_HEADER_BYTES",
         "65536",
         "largest request head accepted (431 above)",
@@ -260,6 +270,8 @@ pub struct Config {
     pub upstream_idle_timeout: Duration,
     pub upstream_max_idle: usize,
     pub client_header_timeout: Duration,
+    pub client_write_timeout: Duration,
+    pub h2_idle_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_headers: usize,
     /// `None`: from the descriptor limit at start.
@@ -384,6 +396,16 @@ impl Config {
                 "LB_CLIENT_HEADER_TIMEOUT",
                 positive_duration,
                 "a duration",
+            ),
+            client_write_timeout: p.get(
+                "LB_CLIENT_WRITE_TIMEOUT",
+                positive_duration,
+                "a duration like 60s",
+            ),
+            h2_idle_timeout: p.get(
+                "LB_H2_IDLE_TIMEOUT",
+                positive_duration,
+                "a duration like 3m",
             ),
             max_header_bytes: p.get(
                 "LB_MAX_HEADER_BYTES",

@@ -171,6 +171,9 @@ label!(
         Io => "io",
         /// A listener that expects a PROXY protocol header got none, or a malformed one.
         ProxyHeader => "proxy_header",
+        /// A response waited longer than `LB_CLIENT_WRITE_TIMEOUT` for the client to read more
+        /// of it: the connection, or the HTTP/2 stream, was closed.
+        WriteTimeout => "write_timeout",
     }
 );
 

@@ -1,7 +1,8 @@
 //! Accepting client connections on the plain and TLS listeners: HTTP/1.1 with keep-alive and
 //! upgrades, HTTP/2 (ALPN `h2` over TLS, or prior knowledge on the plain port when enabled),
-//! head-size and header-count limits, a header-read timeout, and a graceful drain that lets
-//! in-flight requests and upgraded tunnels finish.
+//! head-size and header-count limits, a header-read timeout (for HTTP/2: preface and first
+//! request) and an HTTP/2 idle timeout, a write timeout for clients that stop reading
+//! ([`stall`]), and a graceful drain that lets in-flight requests and upgraded tunnels finish.
 //!
 //! Every connection task and tunnel holds a clone of one `mpsc::Sender`; the drain is over when
 //! the receiver sees all of them dropped. Plain HTTP/1.1 connections are parked between
@@ -10,6 +11,7 @@
 pub mod accept;
 pub mod parking;
 pub mod proxy_header;
+pub mod stall;
 pub mod tls;
 
 use std::convert::Infallible;
@@ -21,11 +23,12 @@ use bytes::Bytes;
 use hyper::rt::{Read, Write};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
 use self::accept::Acceptor;
+use self::stall::{StallIo, StreamExec, StreamStall};
 use self::tls::{Tls, ALPN_H2};
 use crate::metrics::{ClientErrorKind, ClientProtocol};
 use crate::proxy::{Drain, Peer};
@@ -44,7 +47,7 @@ struct Listener {
     /// For parked connections: their `ParkingIo` keeps the header timeout, with a timer that
     /// is not remade for every request as hyper's is.
     h1_parking: http1::Builder,
-    h2: http2::Builder<TokioExecutor>,
+    h2: http2::Builder<StreamExec>,
     stop: watch::Receiver<bool>,
     drain: Drain,
 }
@@ -69,7 +72,10 @@ pub async fn serve_proxy(
         .max_buf_size(MAX_BUF.max(cfg.max_header_bytes));
     let mut h1_parking = h1.clone();
     h1_parking.header_read_timeout(None);
-    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    let mut h2 = http2::Builder::new(StreamExec {
+        timeout: cfg.client_write_timeout,
+        shared: shared.clone(),
+    });
     h2.timer(TokioTimer::new())
         // Pings find clients that vanished without a FIN; HTTP/2 has no header timeout.
         .keep_alive_interval(Duration::from_secs(30))
@@ -233,19 +239,14 @@ impl Listener {
         addr: SocketAddr,
     ) -> Option<(TcpStream, Bytes)> {
         let shared = &self.shared;
-        let io = ParkingIo::new(
-            stream,
-            leftover,
-            peer.clone(),
-            shared.config.client_header_timeout,
-        );
+        let io = ParkingIo::new(stream, leftover, peer.clone(), &shared.config);
         let (shared2, peer2) = (shared.clone(), peer.clone());
         let svc = service_fn(move |req| {
             let exchange = Exchange::start(peer2.clone());
             let (shared, peer) = (shared2.clone(), peer2.clone());
             async move {
                 let resp = crate::proxy::handle(shared, req, peer).await;
-                Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, exchange)))
+                Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, exchange, None)))
             }
         });
         let mut conn = self.h1_parking.serve_connection(io, svc).with_upgrades();
@@ -283,11 +284,18 @@ impl Listener {
         self.count_protocol(tls, h2);
         let trusted = self.trusted(addr);
         let peer = Arc::new(Peer::new(addr, tls, trusted, self.drain.clone(), slot));
-        let shared2 = shared.clone();
+        let (shared2, peer2) = (shared.clone(), peer.clone());
         let svc = service_fn(move |req| {
-            let (shared, peer) = (shared2.clone(), peer.clone());
-            async move { Ok::<_, Infallible>(crate::proxy::handle(shared, req, peer).await) }
+            let exchange = Exchange::start(peer2.clone());
+            let (shared, peer) = (shared2.clone(), peer2.clone());
+            async move {
+                // Inside an HTTP/2 stream's task: its stall cell, for the write timeout.
+                let stall = StreamStall::current();
+                let resp = crate::proxy::handle(shared, req, peer).await;
+                Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, exchange, stall)))
+            }
         });
+        let io = StallIo::new(io, shared.config.client_write_timeout);
         let mut stop = self.stop.clone();
         // Both connection types finish in-flight requests after `graceful_shutdown`.
         macro_rules! drive {
@@ -304,13 +312,80 @@ impl Listener {
             }};
         }
         let result = if h2 {
-            drive!(self.h2.serve_connection(io, svc))
+            self.drive_h2(self.h2.serve_connection(io, svc), &peer, addr)
+                .await
         } else {
             drive!(self.h1.serve_connection(io, svc).with_upgrades())
         };
         if let Err(e) = result {
             self.count_hyper_error(&e, addr);
         }
+    }
+
+    /// Drives an HTTP/2 connection, which has no header timeout of its own: a client must send
+    /// the preface and a first request within the header timeout, and a connection with no
+    /// open stream for `LB_H2_IDLE_TIMEOUT` is closed with a GOAWAY. Keep-alive pings alone
+    /// would keep an idle client, or one that never sent the preface, for good.
+    async fn drive_h2<I, S, B>(
+        &self,
+        conn: http2::Connection<I, S, StreamExec>,
+        peer: &Peer,
+        addr: SocketAddr,
+    ) -> Result<(), hyper::Error>
+    where
+        S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        I: Read + Write + Unpin,
+        B: http_body::Body + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        StreamExec: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+    {
+        let config = &self.shared.config;
+        let mut stop = self.stop.clone();
+        tokio::pin!(conn);
+        let exchanges = &peer.exchanges;
+        let mut seen = exchanges.done();
+        let mut first = true;
+        // Idle is checked four times per timeout: a connection closes between one and one
+        // and a quarter timeouts after its last stream, with one timer wake per check.
+        let tick = config.h2_idle_timeout / 4;
+        let mut deadline = tokio::time::Instant::now() + config.client_header_timeout;
+        let mut idle = Duration::ZERO;
+        loop {
+            tokio::select! {
+                r = conn.as_mut() => return r,
+                _ = async { let _ = stop.wait_for(|s| *s).await; } => {
+                    conn.as_mut().graceful_shutdown();
+                    return conn.await;
+                }
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+            let done = exchanges.done();
+            let busy = exchanges.open.load(std::sync::atomic::Ordering::Relaxed) != 0;
+            if busy || done != seen {
+                (seen, first, idle) = (done, false, Duration::ZERO);
+            } else if first {
+                self.count_error(
+                    ClientErrorKind::HeaderTimeout,
+                    addr,
+                    "no HTTP/2 request in time",
+                );
+                break;
+            } else {
+                idle += tick;
+                if idle >= config.h2_idle_timeout {
+                    tracing::debug!(peer = %addr, "idle HTTP/2 connection closed");
+                    break;
+                }
+            }
+            deadline = tokio::time::Instant::now() + tick;
+        }
+        // A GOAWAY, then a bounded wait: a client that never completed the preface, or does
+        // not answer the GOAWAY's ping, must not hold the connection.
+        conn.as_mut().graceful_shutdown();
+        tokio::time::timeout(GOAWAY_GRACE, conn)
+            .await
+            .unwrap_or(Ok(()))
     }
 
     /// The client's address: the connection's peer, or, on a listener behind an L4 balancer
@@ -358,7 +433,9 @@ impl Listener {
     }
 
     fn count_hyper_error(&self, e: &hyper::Error, addr: SocketAddr) {
-        let kind = if e.is_timeout() {
+        let kind = if stall::is_write_timeout(e) {
+            ClientErrorKind::WriteTimeout
+        } else if e.is_timeout() {
             ClientErrorKind::HeaderTimeout
         } else if e.is_parse_too_large() {
             ClientErrorKind::HeadTooLarge
@@ -377,6 +454,9 @@ impl Listener {
         tracing::debug!(peer = %addr, error = %e, kind = kind.as_str(), "client connection ended with an error");
     }
 }
+
+/// How long a closing HTTP/2 connection may take to end after its GOAWAY.
+const GOAWAY_GRACE: Duration = Duration::from_secs(2);
 
 /// A connection's place under `LB_MAX_CONNECTIONS`: held by its `Peer`, so a tunnel the
 /// connection becomes keeps it too, and given back when the last of them ends.

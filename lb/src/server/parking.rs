@@ -30,6 +30,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::config::Config;
+use crate::server::stall::{StreamStall, WriteStall};
 use crate::time::LazyTimer;
 
 use crate::proxy::Peer;
@@ -64,13 +66,16 @@ impl Drop for Exchange {
 pub struct Tracked {
     body: ProxyBody,
     _exchange: Exchange,
+    /// On HTTP/2: the stream's stall cell, told what the body hands hyper.
+    stall: Option<Arc<StreamStall>>,
 }
 
 impl Tracked {
-    pub fn new(body: ProxyBody, exchange: Exchange) -> Tracked {
+    pub fn new(body: ProxyBody, exchange: Exchange, stall: Option<Arc<StreamStall>>) -> Tracked {
         Tracked {
             body,
             _exchange: exchange,
+            stall,
         }
     }
 }
@@ -83,7 +88,12 @@ impl Body for Tracked {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if let Some(stall) = &this.stall {
+            stall.polled(&polled);
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -120,6 +130,7 @@ pub struct ParkingIo {
     head_timeout: Duration,
     /// Wakes the task by the end of the current spell.
     timer: LazyTimer,
+    write_stall: WriteStall,
     parked: bool,
     timed_out: bool,
 }
@@ -135,12 +146,7 @@ enum Between {
 }
 
 impl ParkingIo {
-    pub fn new(
-        stream: TcpStream,
-        prefix: Bytes,
-        peer: Arc<Peer>,
-        head_timeout: Duration,
-    ) -> ParkingIo {
+    pub fn new(stream: TcpStream, prefix: Bytes, peer: Arc<Peer>, config: &Config) -> ParkingIo {
         let seen = peer.exchanges.done();
         ParkingIo {
             stream,
@@ -151,8 +157,9 @@ impl ParkingIo {
             read_waiting: false,
             spell: seen,
             spell_start: Instant::now(),
-            head_timeout,
+            head_timeout: config.client_header_timeout,
             timer: LazyTimer::default(),
+            write_stall: WriteStall::new(config.client_write_timeout),
             parked: false,
             timed_out: false,
         }
@@ -292,6 +299,7 @@ impl Write for ParkingIo {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.stream).poll_write(cx, buf);
+        let polled = this.write_stall.check(cx, polled);
         this.after_write(cx, polled)
     }
 
@@ -302,6 +310,7 @@ impl Write for ParkingIo {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        let polled = this.write_stall.check(cx, polled);
         this.after_write(cx, polled)
     }
 

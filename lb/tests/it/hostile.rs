@@ -618,3 +618,158 @@ async fn the_proxy_protocol_carries_the_client_address() {
     let out = String::from_utf8_lossy(&out).to_lowercase();
     assert!(out.contains("x-forwarded-for: 127.0.0.1\n"), "{out}");
 }
+
+/// Reads HTTP/2 frames until `wanted` returns true for one (kind, flags, stream, payload);
+/// acknowledges the lb's SETTINGS on the way. `false` when the connection ends first.
+fn h2_until(s: &mut TcpStream, mut wanted: impl FnMut(u8, u8, u32, &[u8]) -> bool) -> bool {
+    loop {
+        let mut head = [0u8; 9];
+        if s.read_exact(&mut head).is_err() {
+            return false;
+        }
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let mut payload = vec![0; len];
+        if s.read_exact(&mut payload).is_err() {
+            return false;
+        }
+        if wanted(head[3], head[4], stream, &payload) {
+            return true;
+        }
+        if head[3] == 0x4 && stream == 0 && head[4] & 1 == 0 {
+            let _ = s.write_all(&h2_frame(0x4, 1, 0, &[]));
+        }
+    }
+}
+
+/// A client that stops reading lets go of its backend: a response that waits on the client
+/// for `LB_CLIENT_WRITE_TIMEOUT` ends its connection (HTTP/1.1) or its stream (HTTP/2, whose
+/// connection serves on), counted, with nothing left in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_lets_go_of_its_backend() {
+    let (_consul, _backend, lb, http) =
+        one_backend(&[("LB_H2C", "true"), ("LB_CLIENT_WRITE_TIMEOUT", "1s")]).await;
+    let timeouts = || async {
+        lb.metric(
+            &http,
+            "lb_client_connection_errors_total",
+            &[("kind", "write_timeout")],
+        )
+        .await
+        .unwrap_or(0.0)
+    };
+    let in_flight = || async { lb.metric(&http, "lb_requests_in_flight", &[]).await };
+
+    // HTTP/1.1: 64 MiB asked for, more than every socket buffer on the way holds; none read.
+    let mut s = TcpStream::connect(lb.proxy).unwrap();
+    s.write_all(b"GET /big?kb=65536 HTTP/1.1\r\nHost: a.example\r\n\r\n")
+        .unwrap();
+    crate::support::eventually(
+        "the stalled HTTP/1.1 response timed out",
+        Duration::from_secs(20),
+        || async { timeouts().await == 1.0 },
+    )
+    .await;
+    crate::support::eventually(
+        "nothing in flight after the write timeout",
+        Duration::from_secs(2),
+        || async { in_flight().await == Some(0.0) },
+    )
+    .await;
+    drop(s);
+
+    // HTTP/2: the client opens no window for its stream (initial window 0) but stays.
+    let mut s = TcpStream::connect(lb.proxy).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2_frame(0x4, 0, 0, &[0, 0x4, 0, 0, 0, 0])); // SETTINGS_INITIAL_WINDOW_SIZE 0
+    let get = |path: &str| {
+        hpack_literals(&[
+            (":method", "GET"),
+            (":scheme", "http"),
+            (":authority", "a.example"),
+            (":path", path),
+        ])
+    };
+    out.extend(h2_frame(0x1, 0x5, 1, &get("/big?kb=64")));
+    s.write_all(&out).unwrap();
+    let reset = h2_until(&mut s, |kind, _, stream, payload| {
+        kind == 0x3 && stream == 1 && payload == 8u32.to_be_bytes() // CANCEL
+    });
+    assert!(reset, "the stalled stream was not reset");
+    assert_eq!(timeouts().await, 2.0);
+    crate::support::eventually(
+        "nothing in flight after the stream's reset",
+        Duration::from_secs(2),
+        || async { in_flight().await == Some(0.0) },
+    )
+    .await;
+    // The connection itself was not at fault: it answers the next stream.
+    s.write_all(&h2_frame(0x1, 0x5, 3, &get("/"))).unwrap();
+    let answered = h2_until(&mut s, |kind, _, stream, payload| {
+        kind == 0x1 && stream == 3 && payload[0] == 0x88
+    });
+    assert!(answered, "the connection did not serve on");
+}
+
+/// HTTP/2 has no header timeout of its own: a client that sends only part of the preface, or
+/// the preface and no request, is closed at the header timeout; an idle connection is closed
+/// at `LB_H2_IDLE_TIMEOUT`, keep-alive pings or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_idle_http2_connections_are_closed() {
+    let (_consul, _backend, lb, http) = one_backend(&[
+        ("LB_H2C", "true"),
+        ("LB_CLIENT_HEADER_TIMEOUT", "1s"),
+        ("LB_H2_IDLE_TIMEOUT", "2s"),
+    ])
+    .await;
+    let closed_within = |mut s: TcpStream, secs: u64| {
+        s.set_read_timeout(Some(Duration::from_secs(secs))).unwrap();
+        // Frames the lb sends (SETTINGS, GOAWAY, pings) are read past, unanswered: an
+        // acknowledgement would complete the partial preface wrongly. The end must come.
+        match s.read_to_end(&mut Vec::new()) {
+            Ok(_) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    };
+    let start = std::time::Instant::now();
+    let mut part = TcpStream::connect(lb.proxy).unwrap();
+    part.write_all(b"PRI * HTTP/2.0\r\n").unwrap();
+    let mut silent = TcpStream::connect(lb.proxy).unwrap();
+    silent.write_all(&h2_preface()).unwrap();
+    let mut idle = TcpStream::connect(lb.proxy).unwrap();
+    let mut out = h2_preface();
+    out.extend(h2_frame(
+        0x1,
+        0x5,
+        1,
+        &hpack_literals(&[
+            (":method", "GET"),
+            (":scheme", "http"),
+            (":authority", "a.example"),
+            (":path", "/"),
+        ]),
+    ));
+    idle.write_all(&out).unwrap();
+    assert!(
+        closed_within(part, 8),
+        "a partial preface kept its connection"
+    );
+    assert!(
+        closed_within(silent, 8),
+        "a preface with no request kept its connection"
+    );
+    assert!(closed_within(idle, 10), "an idle connection was kept");
+    assert!(
+        start.elapsed() >= Duration::from_secs(2),
+        "closed before the idle timeout"
+    );
+    let header_timeouts = lb
+        .metric(
+            &http,
+            "lb_client_connection_errors_total",
+            &[("kind", "header_timeout")],
+        )
+        .await;
+    assert_eq!(header_timeouts, Some(2.0));
+}
