@@ -125,6 +125,11 @@ pub const SETTINGS: &[Setting] = &[
         "most request header fields accepted (431 above)",
     ),
     (
+        "LB_BACKEND_MAX_CONNECTIONS",
+        "0",
+        "most requests in flight to one backend (its busy connections); full backends are passed over, 503 when all are; 0: no limit",
+    ),
+    (
         "LB_RETRIES",
         "2",
         "retries per request on another backend (0 disables)",
@@ -276,6 +281,8 @@ pub struct Config {
     pub max_headers: usize,
     /// `None`: from the descriptor limit at start.
     pub max_connections: Option<usize>,
+    /// `None`: no limit.
+    pub backend_max_connections: Option<usize>,
     pub retries: u32,
     pub retry_budget: f64,
     pub eject_failures: u32,
@@ -406,6 +413,11 @@ impl Config {
                 "LB_H2_IDLE_TIMEOUT",
                 positive_duration,
                 "a duration like 3m",
+            ),
+            backend_max_connections: p.get(
+                "LB_BACKEND_MAX_CONNECTIONS",
+                |s| s.parse::<usize>().ok().map(|n| (n > 0).then_some(n)),
+                "a number of connections (0: no limit)",
             ),
             max_header_bytes: p.get(
                 "LB_MAX_HEADER_BYTES",

@@ -129,6 +129,9 @@ label!(
         UpstreamConnect => "upstream_connect",
         UpstreamTimeout => "upstream_timeout",
         UpstreamError => "upstream_error",
+        /// Every backend of the route had `LB_BACKEND_MAX_CONNECTIONS` requests in flight
+        /// (503 with Retry-After).
+        BackendFull => "backend_full",
     }
 );
 

@@ -92,6 +92,17 @@ pub struct InFlight {
 impl InFlight {
     pub fn start(shared: &Arc<Shared>, backend: &Arc<Backend>) -> InFlight {
         backend.start_request();
+        InFlight::counted(shared, backend)
+    }
+
+    /// Counts the request in flight unless the backend already has `cap` in flight.
+    pub fn admit(shared: &Arc<Shared>, backend: &Arc<Backend>, cap: usize) -> Option<InFlight> {
+        backend
+            .try_start_request(cap)
+            .then(|| InFlight::counted(shared, backend))
+    }
+
+    fn counted(shared: &Arc<Shared>, backend: &Arc<Backend>) -> InFlight {
         shared.metrics.in_flight.inc();
         InFlight {
             backend: backend.clone(),

@@ -39,10 +39,26 @@ pub(super) async fn forward(
     let cfg = &shared.config;
     let start = Instant::now();
     let mut attempts = Attempts::new(&parts, body, cfg);
+    let mut full = 0;
     while let Some(i) = route.pick(cfg.balance, &attempts.tried) {
         attempts.tried.push(i);
         let rb = &route.backends[i];
         let backend = &rb.backend;
+        // With a per-backend cap, the place is taken before connecting, so that racing
+        // requests cannot pass the cap together. A full backend is passed over at no cost
+        // to the retries; when all are, the request is shed, not queued.
+        let mut admitted = None;
+        if let Some(cap) = cfg.backend_max_connections {
+            admitted = InFlight::admit(shared, backend, cap);
+            if admitted.is_none() {
+                attempts.last = LocalReason::BackendFull;
+                full += 1;
+                if full < route.backends.len() {
+                    continue;
+                }
+                break;
+            }
+        }
         let mut sender = match backend.checkout(&shared.backend_settings).await {
             Ok((sender, reused)) => {
                 if !reused {
@@ -79,7 +95,7 @@ pub(super) async fn forward(
         // The parts stay here: a retry sends them again.
         // In flight until the response's guard drops, the send fails, or the client leaves
         // and this future is dropped while it waits.
-        let in_flight = InFlight::start(shared, backend);
+        let in_flight = admitted.unwrap_or_else(|| InFlight::start(shared, backend));
         match sender
             .send(&parts, &fwd, body, &shared.backend_settings.send)
             .await
@@ -288,6 +304,7 @@ fn give_up(
         LocalReason::BadRequest => "the request body broke off or was malformed",
         LocalReason::ClientTimeout => "the request body did not arrive in time",
         LocalReason::BodyTooLarge => "the request body is larger than this route accepts",
+        LocalReason::BackendFull => "every backend is at its connection limit",
         _ => "no backend available",
     };
     local(shared, last, &route.name, msg, request_id)

@@ -17,7 +17,9 @@ fn status(reason: LocalReason) -> StatusCode {
         LocalReason::BadRequest => StatusCode::BAD_REQUEST,
         LocalReason::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
         LocalReason::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-        LocalReason::NoTable | LocalReason::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
+        LocalReason::NoTable | LocalReason::NoBackend | LocalReason::BackendFull => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         LocalReason::UpstreamConnect | LocalReason::UpstreamError => StatusCode::BAD_GATEWAY,
         LocalReason::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
     }
@@ -82,6 +84,10 @@ pub(super) fn local(
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     h.insert(X_REQUEST_ID, request_id);
+    if reason == LocalReason::BackendFull {
+        // Full is a moment, not an outage: clients may come back soon.
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
     h.insert(
         HeaderName::from_static("x-switchyard-error"),
         HeaderValue::from_static(reason.as_str()),

@@ -129,6 +129,21 @@ impl Backend {
         self.requests.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts a request in flight if fewer than `cap` are: a backend's cap is never passed,
+    /// however many requests race for its last place.
+    pub fn try_start_request(&self, cap: usize) -> bool {
+        let admitted = self
+            .in_flight
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < cap).then_some(n + 1)
+            })
+            .is_ok();
+        if admitted {
+            self.requests.fetch_add(1, Ordering::Relaxed);
+        }
+        admitted
+    }
+
     pub fn end_request(&self) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
     }

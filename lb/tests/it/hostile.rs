@@ -348,6 +348,68 @@ async fn untrusted_clients_cannot_forge_their_address() {
     );
 }
 
+/// `LB_BACKEND_MAX_CONNECTIONS` caps what one backend is sent at once: a full backend is
+/// passed over for one with room, and when every backend is full the request is shed with a
+/// 503 and Retry-After, never reaching a backend and never counted against one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_never_gets_more_than_its_cap() {
+    let consul = Consul::start().await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    for backend in [&a, &b] {
+        consul
+            .register(&backend.name, "web", backend.port(), &["lb.route=/"])
+            .await;
+    }
+    let lb = Lb::start(&consul, &[("LB_BACKEND_MAX_CONNECTIONS", "2")]).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 2).await;
+    let (a0, b0) = (a.served(), b.served());
+
+    let url = lb.url("/slow?ms=1500");
+    let answers = futures_util::future::join_all((0..7).map(|_| http.get(&url))).await;
+    let statuses: Vec<_> = answers
+        .iter()
+        .map(|r| r.as_ref().map(|r| r.status.as_u16()))
+        .collect();
+    let ok = answers
+        .iter()
+        .filter(|r| r.as_ref().is_ok_and(|r| r.status == 200))
+        .count();
+    let shed: Vec<_> = answers
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .filter(|r| r.status == 503)
+        .collect();
+    assert_eq!(ok, 4, "two per backend: {statuses:?}");
+    assert_eq!(shed.len(), 3, "{statuses:?}");
+    for r in &shed {
+        assert_eq!(r.headers["x-switchyard-error"], "backend_full");
+        assert_eq!(r.headers["retry-after"], "1");
+    }
+    assert_eq!(
+        (a.served() - a0, b.served() - b0),
+        (2, 2),
+        "a backend got more than its cap"
+    );
+    assert_eq!(
+        lb.metric(
+            &http,
+            "lb_local_responses_total",
+            &[("reason", "backend_full")]
+        )
+        .await,
+        Some(3.0)
+    );
+    assert_eq!(
+        lb.metric(&http, "lb_backend_ejections_total", &[]).await,
+        Some(0.0)
+    );
+    // The places come back with the responses.
+    let r = http.get(&lb.url("/")).await.unwrap();
+    assert_eq!(r.status, 200);
+}
+
 /// With `LB_MAX_CONNECTIONS` client connections open, accepting waits (the kernel's backlog
 /// holds the next one) instead of failing, and resumes when one ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
