@@ -39,26 +39,29 @@ pub(super) async fn forward(
     let cfg = &shared.config;
     let start = Instant::now();
     let mut attempts = Attempts::new(&parts, body, cfg);
-    let mut full = 0;
     while let Some(i) = route.pick(cfg.balance, &attempts.tried) {
         attempts.tried.push(i);
         let rb = &route.backends[i];
         let backend = &rb.backend;
-        // With a per-backend cap, the place is taken before connecting, so that racing
-        // requests cannot pass the cap together. A full backend is passed over at no cost
-        // to the retries; when all are, the request is shed, not queued.
-        let mut admitted = None;
-        if let Some(cap) = cfg.backend_max_connections {
-            admitted = InFlight::admit(shared, backend, cap);
-            if admitted.is_none() {
-                attempts.last = LocalReason::BackendFull;
-                full += 1;
-                if full < route.backends.len() {
-                    continue;
+        // In flight from before connecting (a backend slow to accept is busy too) until the
+        // response's guard drops, the attempt fails, or the client leaves and this future is
+        // dropped while it waits. With a per-backend cap, taking the place first means racing
+        // requests cannot pass the cap together. A full backend is passed over at no cost to
+        // the retries; when all are, the request is shed, not queued.
+        let in_flight = match cfg.backend_max_connections {
+            None => InFlight::start(shared, backend),
+            Some(cap) => match InFlight::admit(shared, backend, cap) {
+                Some(in_flight) => in_flight,
+                None => {
+                    attempts.last = LocalReason::BackendFull;
+                    attempts.full += 1;
+                    if (attempts.full as usize) < route.backends.len() {
+                        continue;
+                    }
+                    break;
                 }
-                break;
-            }
-        }
+            },
+        };
         let mut sender = match backend.checkout(&shared.backend_settings).await {
             Ok((sender, reused)) => {
                 if !reused {
@@ -93,9 +96,6 @@ pub(super) async fn forward(
             request_id: &request_id,
         };
         // The parts stay here: a retry sends them again.
-        // In flight until the response's guard drops, the send fails, or the client leaves
-        // and this future is dropped while it waits.
-        let in_flight = admitted.unwrap_or_else(|| InFlight::start(shared, backend));
         match sender
             .send(&parts, &fwd, body, &shared.backend_settings.send)
             .await
@@ -127,6 +127,8 @@ struct Attempts {
     tried: Tried,
     retries: u32,
     stale: u32,
+    /// Backends passed over for being at their cap.
+    full: u32,
     /// A request may be replayed after it reached a backend only when it is idempotent and has
     /// no body we would have streamed away; a connect failure is retried whatever the method.
     replayable: bool,
@@ -141,6 +143,7 @@ impl Attempts {
             tried: Tried::default(),
             retries: 0,
             stale: 0,
+            full: 0,
             replayable: bodyless && is_idempotent(&parts.method) && cfg.retries > 0,
             body: Some(if bodyless {
                 UpstreamBody::Empty
