@@ -27,6 +27,20 @@ impl ProxyBody {
     pub fn local(text: impl Into<Bytes>) -> ProxyBody {
         ProxyBody::Local(Some(text.into()))
     }
+
+    /// The client is not taking the response as fast as the backend sends it: read the
+    /// backend in small pieces (see `h1::Conn::consumer_lags`).
+    pub fn client_lags(&mut self) {
+        if let ProxyBody::Upstream {
+            inner: Upstream::H1,
+            guard,
+        } = self
+        {
+            if let Some(Sender::H1(conn)) = &mut guard.sender {
+                conn.consumer_lags();
+            }
+        }
+    }
 }
 
 impl Body for ProxyBody {
@@ -81,9 +95,10 @@ impl Body for ProxyBody {
     }
 }
 
-/// A request counted in flight, for its backend (which p2c balances on) and for the gauge,
-/// from just before it is sent until this is dropped: when its response ends, when the send
-/// fails, or when the client leaves and the request's future is dropped mid-await.
+/// A request counted in flight, for its backend (which p2c balances on, and which
+/// `LB_BACKEND_MAX_CONNECTIONS` caps) and for the gauge, from just before it connects (or
+/// checks out a pooled connection) until this is dropped: when its response ends, when the
+/// attempt fails, or when the client leaves and the request's future is dropped mid-await.
 pub struct InFlight {
     pub backend: Arc<Backend>,
     pub shared: Arc<Shared>,

@@ -3,7 +3,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
 use http::header::HeaderValue;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
@@ -62,7 +62,18 @@ pub struct Exchanges {
     pub(crate) done: AtomicU32,
     /// The connection may be handed over to another protocol: never park it.
     pub(crate) pinned: AtomicBool,
+    /// HTTP/1.1: response body bytes handed to hyper that have not reached the socket yet.
+    /// hyper takes body frames until it holds 64 KiB whether or not the client reads them;
+    /// the connection's response body waits while this is over [`UNSENT_HIGH`].
+    unsent: AtomicUsize,
+    /// A response body is waiting for `unsent` to fall.
+    held: AtomicBool,
+    /// The client's socket has more queued than is on its way: the client is not keeping up.
+    lagging: AtomicBool,
 }
+
+/// Most response bytes an HTTP/1.1 connection holds for a client that is not taking them.
+pub const UNSENT_HIGH: usize = 32 * 1024;
 
 impl Exchanges {
     /// Called for an upgrade request: the socket may become a tunnel, whose reads must never
@@ -79,5 +90,43 @@ impl Exchanges {
 
     pub(crate) fn done(&self) -> u32 {
         self.done.load(Ordering::Acquire)
+    }
+
+    /// Whether a response body must wait before handing hyper more: the client has not taken
+    /// what it already has. The connection's next write that brings it down wakes the task.
+    /// (The body and the socket are polled by one task: no two threads race on these.)
+    pub fn hold_body(&self) -> bool {
+        if self.unsent.load(Ordering::Relaxed) < UNSENT_HIGH {
+            return false;
+        }
+        self.held.store(true, Ordering::Relaxed);
+        true
+    }
+
+    /// Whether the client was last seen not keeping up with its response.
+    pub fn lagging(&self) -> bool {
+        self.lagging.load(Ordering::Relaxed)
+    }
+
+    pub fn set_lagging(&self, lagging: bool) {
+        self.lagging.store(lagging, Ordering::Relaxed);
+    }
+
+    /// A response body handed hyper `n` bytes.
+    pub fn handed(&self, n: usize) {
+        let u = self.unsent.load(Ordering::Relaxed);
+        self.unsent.store(u + n, Ordering::Relaxed);
+    }
+
+    /// The socket took `n` bytes (head and framing bytes count too, so `unsent` errs low);
+    /// `true` when a held body may go on and the task must be woken for it.
+    pub fn wrote(&self, n: usize) -> bool {
+        let u = self.unsent.load(Ordering::Relaxed);
+        if u == 0 {
+            return false;
+        }
+        let left = u.saturating_sub(n);
+        self.unsent.store(left, Ordering::Relaxed);
+        left < UNSENT_HIGH && self.held.swap(false, Ordering::Relaxed)
     }
 }

@@ -81,6 +81,9 @@ pub async fn serve_proxy(
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(20))
         .max_concurrent_streams(256)
+        // What a stream may hold for a client that does not take it (hyper's default is
+        // about 400 KiB per stream), as an HTTP/1.1 connection holds (`UNSENT_HIGH`).
+        .max_send_buf_size(64 * 1024)
         .max_header_list_size(cfg.max_header_bytes as u32);
     let (alive, mut all_gone) = mpsc::channel::<Infallible>(1);
     let (close_tunnels, tunnels_closed) = watch::channel(false);
@@ -295,7 +298,11 @@ impl Listener {
                 Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, exchange, stall)))
             }
         });
-        let io = StallIo::new(io, shared.config.client_write_timeout);
+        let io = StallIo::new(
+            io,
+            shared.config.client_write_timeout,
+            (!h2).then(|| peer.clone()),
+        );
         let mut stop = self.stop.clone();
         // Both connection types finish in-flight requests after `graceful_shutdown`.
         macro_rules! drive {

@@ -65,16 +65,19 @@ impl Drop for Exchange {
 /// A response body that ends its exchange when hyper drops it.
 pub struct Tracked {
     body: ProxyBody,
-    _exchange: Exchange,
+    exchange: Exchange,
     /// On HTTP/2: the stream's stall cell, told what the body hands hyper.
     stall: Option<Arc<StreamStall>>,
 }
 
 impl Tracked {
+    /// `stall`: on HTTP/2, the stream's stall cell. Without one, the connection is HTTP/1.1
+    /// and its socket reports what it wrote ([`Exchanges::wrote`]): the body holds back while
+    /// the client is not taking what hyper has.
     pub fn new(body: ProxyBody, exchange: Exchange, stall: Option<Arc<StreamStall>>) -> Tracked {
         Tracked {
             body,
-            _exchange: exchange,
+            exchange,
             stall,
         }
     }
@@ -89,9 +92,23 @@ impl Body for Tracked {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        let exchanges = &this.exchange.0.exchanges;
         if let Some(stall) = &this.stall {
+            let polled = Pin::new(&mut this.body).poll_frame(cx);
             stall.polled(&polled);
+            return polled;
+        }
+        if exchanges.hold_body() {
+            return Poll::Pending;
+        }
+        if exchanges.lagging() {
+            this.body.client_lags();
+        }
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                exchanges.handed(data.len());
+            }
         }
         polled
     }
@@ -133,6 +150,31 @@ pub struct ParkingIo {
     write_stall: WriteStall,
     parked: bool,
     timed_out: bool,
+}
+
+/// A write this large is part of a large response: worth a look at the client's pace.
+const LARGE_WRITE: usize = 16 * 1024;
+
+/// Bytes queued in the kernel for a client, not yet sent, above which the client is lagging.
+/// A client that keeps up leaves next to nothing unsent (bytes on the wire do not count); one
+/// that reads slowly lets the kernel's send buffer fill, which on loopback holds megabytes
+/// before a write would wait: without this, the lb would read the backend in its largest
+/// pieces and hold one for as long as the client takes to drain the kernel's queue.
+const KERNEL_BACKLOG: usize = 64 * 1024;
+
+/// The bytes a socket's send queue holds that have not been sent (`SIOCOUTQNSD`); 0 when it
+/// cannot be told.
+fn unsent_in_kernel(stream: &TcpStream) -> usize {
+    use std::os::fd::AsRawFd;
+    const SIOCOUTQNSD: libc::c_ulong = 0x894B;
+    let mut unsent: libc::c_int = 0;
+    // SAFETY: a valid socket, and an int for the ioctl to fill.
+    let ok = unsafe { libc::ioctl(stream.as_raw_fd(), SIOCOUTQNSD as _, &mut unsent) } == 0;
+    if ok {
+        unsent.max(0) as usize
+    } else {
+        0
+    }
 }
 
 /// Why a connection was closed for a slow request head, in its error and in the log.
@@ -212,6 +254,18 @@ impl ParkingIo {
         }
     }
 
+    /// Accounts for `n` bytes the socket took; `true` when a response body held back for this
+    /// client may go on. After a large write, or while the client lags, looks at how much the
+    /// kernel holds that is not on its way yet: a client that does not keep up makes the
+    /// response's backend reads small (see `Exchanges`).
+    fn after_progress(&mut self, n: usize) -> bool {
+        let e = &self.peer.exchanges;
+        if n >= LARGE_WRITE || e.lagging() {
+            e.set_lagging(unsent_in_kernel(&self.stream) > KERNEL_BACKLOG);
+        }
+        e.wrote(n)
+    }
+
     /// Tracks whether hyper still holds response bytes: a connection parks only once they
     /// have all reached the socket.
     fn after_write(
@@ -221,6 +275,11 @@ impl ParkingIo {
     ) -> Poll<io::Result<usize>> {
         match polled {
             Poll::Pending => self.write_blocked = true,
+            Poll::Ready(Ok(n)) if self.after_progress(n) => {
+                // A response body held back for this client can go on.
+                self.write_blocked = false;
+                cx.waker().wake_by_ref();
+            }
             Poll::Ready(Ok(n)) if n > 0 && std::mem::take(&mut self.write_blocked) => {
                 // hyper polls for the next request only once; the response's last bytes may
                 // have left after that poll. Poll again so an idle connection still parks.

@@ -27,6 +27,7 @@ use hyper::rt::{Read, ReadBufCursor, Write};
 use tokio::time::Instant;
 
 use crate::metrics::ClientErrorKind;
+use crate::proxy::Peer;
 use crate::time::{now_ms, LazyTimer};
 use crate::Shared;
 
@@ -105,13 +106,25 @@ impl WriteStall {
 pub struct StallIo<I> {
     inner: I,
     stall: WriteStall,
+    /// HTTP/1.1: the connection's client end, told what the socket took, so that a response
+    /// body held back for a slow client goes on (see `Tracked`).
+    peer: Option<Arc<Peer>>,
 }
 
 impl<I> StallIo<I> {
-    pub fn new(inner: I, timeout: Duration) -> StallIo<I> {
+    pub fn new(inner: I, timeout: Duration, peer: Option<Arc<Peer>>) -> StallIo<I> {
         StallIo {
             inner,
             stall: WriteStall::new(timeout),
+            peer,
+        }
+    }
+
+    fn wrote(&self, cx: &mut Context<'_>, polled: &Poll<io::Result<usize>>) {
+        if let (Some(peer), Poll::Ready(Ok(n))) = (&self.peer, polled) {
+            if peer.exchanges.wrote(*n) {
+                cx.waker().wake_by_ref();
+            }
         }
     }
 }
@@ -134,6 +147,7 @@ impl<I: Write + Unpin> Write for StallIo<I> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.wrote(cx, &polled);
         this.stall.check(cx, polled)
     }
 
@@ -144,6 +158,7 @@ impl<I: Write + Unpin> Write for StallIo<I> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.wrote(cx, &polled);
         this.stall.check(cx, polled)
     }
 

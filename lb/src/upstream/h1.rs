@@ -502,11 +502,13 @@ impl Conn {
         if self.rbuf.capacity() - self.rbuf.len() < self.read_size / 2 {
             self.rbuf.reserve(self.read_size);
         }
-        let room = self.rbuf.capacity() - self.rbuf.len();
+        // At most `read_size`, whatever room the buffer has: a read is a frame handed on, and
+        // a consumer that lags (`consumer_lags`) gets small ones.
+        let room = (self.rbuf.capacity() - self.rbuf.len()).min(self.read_size);
         let n = ready!(tokio_util::io::poll_read_buf(
             Pin::new(&mut self.io),
             cx,
-            &mut self.rbuf
+            &mut (&mut self.rbuf).limit(room)
         ))?;
         // A read that fills the room asks for larger reads (a large body); else back down.
         self.read_size = if n == room {
@@ -515,6 +517,13 @@ impl Conn {
             MIN_READ
         };
         Poll::Ready(Ok(n))
+    }
+
+    /// Whoever takes the body is not keeping up: the next reads are small again, so that what
+    /// waits for it (the frames handed on, and the buffer they are cut from) stays small and
+    /// the rest of the response stays in the backend's socket.
+    pub fn consumer_lags(&mut self) {
+        self.read_size = MIN_READ;
     }
 
     /// Whether the response body has been read to its end.

@@ -835,3 +835,51 @@ async fn silent_and_idle_http2_connections_are_closed() {
         .await;
     assert_eq!(header_timeouts, Some(2.0));
 }
+
+/// The lb's resident memory, in KiB.
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Clients that read a large response very slowly cost the lb little each: the backend is
+/// read in small pieces once a client lags, and what waits for a client in the lb is bounded,
+/// while the rest of the response stays in the backend's socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_readers_hold_little_in_the_lb() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_consul, _backend, lb, http) = one_backend(&[]).await;
+    // Warm up: the first large response, read at once, sizes the allocator's arenas.
+    let r = http.get(&lb.url("/big?kb=4096")).await.unwrap();
+    assert_eq!(r.body.len(), 4096 * 1024);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rss_kib(lb.pid());
+    const READERS: u64 = 24;
+    let mut readers = Vec::new();
+    for _ in 0..READERS {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        // A small receive window, set before connecting so the handshake offers it.
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut s = socket.connect(lb.proxy).await.unwrap();
+        s.write_all(b"GET /big?kb=4096 HTTP/1.1\r\nHost: a.example\r\n\r\n")
+            .await
+            .unwrap();
+        let mut first = [0u8; 1024];
+        let _ = s.read(&mut first).await.unwrap();
+        readers.push(s);
+    }
+    // Every reader's response has filled what the kernel takes by now.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let held = rss_kib(lb.pid()).saturating_sub(before);
+    println!("{READERS} slow readers: {held} KiB held in the lb");
+    drop(readers);
+    assert!(
+        held < READERS * 160,
+        "{READERS} slow readers hold {held} KiB in the lb ({} KiB each)",
+        held / READERS
+    );
+}
