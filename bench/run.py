@@ -495,6 +495,95 @@ def idle_rss(stack, order, n):
     return out
 
 
+def steal_pct(fn):
+    """Runs `fn`; returns its result and the hypervisor steal over it, in % of all CPU time."""
+    def stat():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return v[7], sum(v)
+    s0, t0 = stat()
+    out = fn()
+    s1, t1 = stat()
+    return out, 100.0 * (s1 - s0) / max(t1 - t0, 1)
+
+
+def run_floods(stack, target, kind, n, flood_s, probe_s, rate):
+    """One flood of `n` connections against `target` with a normal client probing it from a
+    second process, both on the load CPU; the proxy's peak RSS over the flood."""
+    port, proc = stack.targets[target]
+    tool = [sys.executable, str(BENCH / "floods.py")]
+    cpu = ["taskset", "-c", LOAD_CPU]
+    before = rss_kib(proc.pids())
+    with Sampler(proc) as sampler:
+        flood = subprocess.Popen(cpu + tool + ["flood", kind, str(port), str(n), str(flood_s)],
+                                 stdout=subprocess.PIPE, text=True)
+        try:
+            # Connections open in about a second; the probe then runs inside the flood.
+            time.sleep(min(5, flood_s / 3))
+            probe = subprocess.run(cpu + tool + ["probe", str(port), str(probe_s), str(rate)],
+                                   capture_output=True, text=True, timeout=probe_s + 30, check=True)
+            out, _ = flood.communicate(timeout=flood_s + 60)
+        finally:
+            if flood.poll() is None:
+                flood.kill()
+                flood.wait()
+    p = json.loads(probe.stdout)
+    f = json.loads(out)
+    lat = sorted(p["latencies_ms"]) or [float("nan")]
+    return {"opened": f["opened"], "closed_at": f["closed_at"], "rss_before_kib": before,
+            "rss_peak_kib": sampler.peak, "probe_p50_ms": lat[len(lat) // 2],
+            "probe_p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))], "probe_max_ms": lat[-1],
+            "probe_failures": p["failures"], "probes": len(p["latencies_ms"]) + p["failures"]}
+
+
+FLOOD_KINDS = ("slow-header", "slow-body", "slow-read")
+
+
+def floods(stack, order, n):
+    """Each flood kind against each target, interleaved: what a normal client gets meanwhile
+    and what the flood costs the proxy in memory."""
+    out = {}
+    for kind in FLOOD_KINDS:
+        for t in order:
+            r, steal = steal_pct(lambda: run_floods(stack, t, kind, n, 20, 10, 20))
+            r["steal_pct"] = steal
+            out.setdefault(kind, {})[t] = r
+            log(f"flood {kind} x{n} | {t}: probe p99 {r['probe_p99_ms']:.1f} ms, max "
+                f"{r['probe_max_ms']:.1f} ms, failures {r['probe_failures']}/{r['probes']}, RSS "
+                f"{r['rss_before_kib'] / 1024:.1f} -> {r['rss_peak_kib'] / 1024:.1f} MiB, "
+                f"closed by the target {len(r['closed_at'])}/{r['opened']}, steal {steal:.1f}%")
+            time.sleep(3)
+    return out
+
+
+def slowloris(stack, order, n, rounds):
+    """`n` slowloris connections (a header line every 5 s, the head never ends) for 40 s, and
+    a paced normal load without and then with them, per target, interleaved over rounds."""
+    out = {t: {"quiet": [], "flood": []} for t in order}
+    tool = [sys.executable, str(BENCH / "floods.py")]
+    cpu = ["taskset", "-c", LOAD_CPU]
+    for rnd in range(rounds):
+        k = rnd % len(order)
+        for t in order[k:] + order[:k]:
+            port, _ = stack.targets[t]
+            quiet, steal_q = steal_pct(lambda: subprocess.run(
+                cpu + tool + ["probe", str(port), "10", "50"], capture_output=True, text=True,
+                timeout=60, check=True))
+            r, steal = steal_pct(lambda: run_floods(stack, t, "slowloris", n, 40, 10, 50))
+            q = sorted(json.loads(quiet.stdout)["latencies_ms"]) or [float("nan")]
+            out[t]["quiet"].append({"p99_ms": q[min(len(q) - 1, int(len(q) * 0.99))],
+                                    "steal_pct": steal_q})
+            r["steal_pct"] = steal
+            out[t]["flood"].append(r)
+            closed = r["closed_at"]
+            log(f"slowloris x{n} | round {rnd + 1} | {t}: probe p99 quiet "
+                f"{out[t]['quiet'][-1]['p99_ms']:.1f} ms, under the flood {r['probe_p99_ms']:.1f} ms "
+                f"(failures {r['probe_failures']}); closed by the target {len(closed)}/{r['opened']}"
+                f"{f', median at {statistics.median(closed):.1f} s' if closed else ''}; steal {steal:.1f}%")
+            time.sleep(3)
+    return out
+
+
 def churn(stack, rounds, duration, rate):
     """p99 of the lb with and without Consul churning one instance of the routed service.
 
@@ -707,6 +796,34 @@ def report(res, order, args, pinning):
             lines.append(f"| {t} | {v['before_kib'] / 1024:.1f} | {v['after_kib'] / 1024:.1f} "
                          f"| {v['per_conn_kib']:.2f} |")
         lines.append("")
+    if "floods" in res:
+        lines += [f"**Floods of {args.flood_conns} hostile connections** (20 s each; a normal "
+                  "client meanwhile: a new connection and `GET /` 20 times a second for 10 s)", "",
+                  "| flood | target | normal p50 ms | normal p99 ms | normal max ms | normal failed "
+                  "| RSS before MiB | peak RSS MiB | closed by the target | steal % |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for kind, per in res["floods"].items():
+            for t, v in per.items():
+                lines.append(f"| {kind} | {t} | {v['probe_p50_ms']:.1f} | {v['probe_p99_ms']:.1f} "
+                             f"| {v['probe_max_ms']:.1f} | {v['probe_failures']}/{v['probes']} "
+                             f"| {v['rss_before_kib'] / 1024:.1f} | {v['rss_peak_kib'] / 1024:.1f} "
+                             f"| {len(v['closed_at'])}/{v['opened']} | {v['steal_pct']:.1f} |")
+        lines.append("")
+    if "slowloris" in res:
+        lines += [f"**{args.slowloris} slowloris connections** (a header line every 5 s, for "
+                  "40 s; a normal client: a new connection and `GET /` 50 times a second for "
+                  "10 s, without and then with the flood; medians over rounds)", "",
+                  "| target | normal p99 ms quiet | under the flood | rise ms | closed by the target "
+                  "within 40 s | median close s | steal % |", "|---|---|---|---|---|---|---|"]
+        for t, v in res["slowloris"].items():
+            q = statistics.median(r["p99_ms"] for r in v["quiet"])
+            f = statistics.median(r["probe_p99_ms"] for r in v["flood"])
+            closed = [c for r in v["flood"] for c in r["closed_at"]]
+            opened = sum(r["opened"] for r in v["flood"])
+            steal = max(r["steal_pct"] for r in v["flood"])
+            lines.append(f"| {t} | {q:.1f} | {f:.1f} | {f - q:.1f} | {len(closed)}/{opened} "
+                         f"| {statistics.median(closed) if closed else '-'} | {steal:.1f} |")
+        lines.append("")
     if "instructions" in res:
         ins = res["instructions"]
         lines += [f"**User-space instructions per request** (callgrind; HTTP/1.1 keep-alive, "
@@ -760,6 +877,8 @@ def main():
                     help="scenario keys to run (default all): " + ",".join(s[0] for s in SCENARIOS))
     ap.add_argument("--idle", type=int, default=9900,
                     help="idle client connections (HAProxy holds at most 9,980 under the 20,000 descriptor limit here)")
+    ap.add_argument("--flood-conns", type=int, default=1000, help="connections per flood")
+    ap.add_argument("--slowloris", type=int, default=5000, help="slowloris connections")
     ap.add_argument("--churn-rate", type=int, default=100, help="instance changes per second")
     ap.add_argument("--churn-duration", type=int, default=30)
     ap.add_argument("--services", type=int, default=1000)
@@ -818,6 +937,12 @@ def main():
                                                                set(filter(None, args.scenarios.split(",")))))
         if "idle" in stages:
             text = stage("idle", lambda: idle_rss(stack, [t for t in order if t != "direct"], args.idle))
+        hostile = [t for t in order if t not in ("direct", "lb-base")]
+        if "floods" in stages:
+            text = stage("floods", lambda: floods(stack, hostile, args.flood_conns))
+        if "slowloris" in stages:
+            text = stage("slowloris", lambda: slowloris(stack, hostile, args.slowloris,
+                                                        max(1, args.rounds)))
         if "churn" in stages and "lb" in order:
             text = stage("churn", lambda: churn(stack, max(3, args.rounds - 1), args.churn_duration,
                                                 args.churn_rate))

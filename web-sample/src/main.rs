@@ -149,7 +149,7 @@ async fn run(listen: String, drain: Duration, state: Arc<State>) -> Result<(), S
     Ok(())
 }
 
-const MAX_PAYLOAD: usize = 4 << 20;
+const MAX_PAYLOAD: usize = 8 << 20;
 
 /// N bytes sliced from one shared buffer: the benchmark measures the proxy, not this server.
 fn payload(state: &State, n: &str) -> Response<Full<Bytes>> {
