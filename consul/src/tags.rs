@@ -9,6 +9,9 @@
 //! - `P.proto=http1|h2c`: how the lb talks to this instance: HTTP/1.1 (default) or HTTP/2 with
 //!   prior knowledge, which gRPC backends need (`h2` is accepted for `h2c`).
 //! - `P.redirect=https`: plain-HTTP requests to this instance's routes get a 308 to HTTPS.
+//! - `P.upgrade=PROTO[,PROTO]`: protocol switches (RFC 9110 7.8) this instance accepts beyond
+//!   the lb's own list, e.g. `P.upgrade=mqtt`. `h2c` is never accepted: an h2c upgrade would
+//!   carry requests past the lb's per-request policy.
 //!
 //! Tags without the prefix are not ours and are ignored; a malformed tag of ours is reported and
 //! ignored, the instance's other tags still apply.
@@ -20,6 +23,9 @@ pub const DEFAULT_WEIGHT: u32 = 100;
 pub const MAX_WEIGHT: u32 = 1000;
 const MAX_HOST_LEN: usize = 253;
 const MAX_PATH_LEN: usize = 1024;
+/// An upgrade tag names a few protocols, each a short token; more is a mistake.
+const MAX_UPGRADES: usize = 8;
+const MAX_UPGRADE_LEN: usize = 32;
 
 /// Where a route applies: an exact host or any host, and a path prefix.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -65,6 +71,8 @@ pub struct InstanceRouting {
     pub enabled: bool,
     pub proto: UpstreamProto,
     pub redirect_https: bool,
+    /// Lower-case protocol names this instance accepts as upgrades, beyond the lb's list.
+    pub upgrades: Vec<String>,
 }
 
 /// One tag of ours that could not be understood.
@@ -82,17 +90,19 @@ pub enum TagErrorKind {
     BadEnable,
     BadProto,
     BadRedirect,
+    BadUpgrade,
     UnknownKey,
 }
 
 impl TagErrorKind {
     /// A bounded metric label.
-    pub const ALL: [TagErrorKind; 6] = [
+    pub const ALL: [TagErrorKind; 7] = [
         TagErrorKind::BadRoute,
         TagErrorKind::BadWeight,
         TagErrorKind::BadEnable,
         TagErrorKind::BadProto,
         TagErrorKind::BadRedirect,
+        TagErrorKind::BadUpgrade,
         TagErrorKind::UnknownKey,
     ];
 
@@ -103,6 +113,7 @@ impl TagErrorKind {
             TagErrorKind::BadEnable => "bad_enable",
             TagErrorKind::BadProto => "bad_proto",
             TagErrorKind::BadRedirect => "bad_redirect",
+            TagErrorKind::BadUpgrade => "bad_upgrade",
             TagErrorKind::UnknownKey => "unknown_key",
         }
     }
@@ -126,6 +137,7 @@ pub fn parse_tags<'a>(
         enabled: true,
         proto: UpstreamProto::Http1,
         redirect_https: false,
+        upgrades: Vec::new(),
     };
     let mut errors = Vec::new();
     for tag in tags {
@@ -169,9 +181,19 @@ pub fn parse_tags<'a>(
                 "false" | "none" => routing.redirect_https = false,
                 _ => errors.push(err(TagErrorKind::BadRedirect, "redirect must be https")),
             },
+            "upgrade" => match parse_upgrades(value) {
+                Ok(protocols) => {
+                    for p in protocols {
+                        if !routing.upgrades.contains(&p) {
+                            routing.upgrades.push(p);
+                        }
+                    }
+                }
+                Err(detail) => errors.push(err(TagErrorKind::BadUpgrade, detail)),
+            },
             _ => errors.push(err(
                 TagErrorKind::UnknownKey,
-                "unknown key (expected route, weight, enable, proto or redirect)",
+                "unknown key (expected route, weight, enable, proto, redirect or upgrade)",
             )),
         }
     }
@@ -179,6 +201,31 @@ pub fn parse_tags<'a>(
 }
 
 /// Parses the value of a route tag: `[HOST][/PATH]`.
+/// `PROTO[,PROTO]`: protocol names (RFC 9110 7.8 `protocol-name`, a token), lower-cased.
+/// The whole tag is refused when any name is bad, so a typo never half-applies.
+fn parse_upgrades(value: &str) -> Result<Vec<String>, &'static str> {
+    let names: Vec<&str> = value.split(',').map(str::trim).collect();
+    if names.len() > MAX_UPGRADES {
+        return Err("upgrade names at most 8 protocols");
+    }
+    let mut out = Vec::with_capacity(names.len());
+    for name in names {
+        if name.is_empty() || name.len() > MAX_UPGRADE_LEN || !name.bytes().all(is_tchar) {
+            return Err("upgrade must be protocol names (tokens) separated by commas");
+        }
+        if name.eq_ignore_ascii_case("h2c") {
+            return Err("h2c upgrades are never forwarded");
+        }
+        out.push(name.to_ascii_lowercase());
+    }
+    Ok(out)
+}
+
+/// RFC 9110 5.6.2 `tchar`.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
 pub fn parse_route(value: &str) -> Result<RouteKey, &'static str> {
     if value.is_empty() {
         return Err("empty route (use / for every request)");
@@ -325,6 +372,19 @@ mod tests {
         assert!(!r.redirect_https);
         let kinds: Vec<_> = errs.iter().map(|e| e.kind).collect();
         assert_eq!(kinds, [TagErrorKind::BadProto, TagErrorKind::BadRedirect]);
+    }
+
+    #[test]
+    fn upgrades() {
+        let tags = ["lb.upgrade=MQTT, irc", "lb.upgrade=mqtt"];
+        let (r, errs) = parse_tags("lb", tags);
+        assert!(errs.is_empty(), "{errs:?}");
+        assert_eq!(r.upgrades, ["mqtt", "irc"]);
+        for bad in ["", "h2c", "mqtt,H2C", "a b", "mqtt,", "irc/2", "x\\"] {
+            let (r, errs) = parse_tags("lb", [format!("lb.upgrade={bad}").as_str()]);
+            assert!(r.upgrades.is_empty(), "{bad:?}");
+            assert_eq!(errs[0].kind, TagErrorKind::BadUpgrade, "{bad:?}");
+        }
     }
 
     #[test]

@@ -224,7 +224,7 @@ pub const SETTINGS: &[Setting] = &[
     (
         "LB_UPGRADE_PROTOCOLS",
         "websocket",
-        "protocols a client may switch to through the lb (Upgrade); others are not forwarded, h2c never",
+        "protocols a client may switch to through the lb (Upgrade; routes add theirs with tag lb.upgrade=); others are not forwarded, h2c never",
     ),
     (
         "LB_HTTPS_PORT",

@@ -40,6 +40,7 @@ impl DesiredTable {
     ) {
         let name: Arc<str> = service.into();
         let mut part = Vec::new();
+        let none: Arc<[String]> = Arc::new([]);
         for e in entries {
             let (routing, errors) = parse_tags(prefix, e.service.tags.iter().map(String::as_str));
             for err in &errors {
@@ -57,6 +58,11 @@ impl DesiredTable {
                     instance_id: e.service.id.as_str().into(),
                     proto: routing.proto,
                     redirect_https: routing.redirect_https,
+                    upgrades: if routing.upgrades.is_empty() {
+                        none.clone()
+                    } else {
+                        routing.upgrades.into()
+                    },
                 });
             for key in routing.routes {
                 part.push((key, backend.clone()));

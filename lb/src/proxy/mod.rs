@@ -79,6 +79,7 @@ pub async fn handle(
         &parts.headers,
         parts.version,
         &shared.config.upgrade_protocols,
+        &route.upgrades,
     )
     .map(|protocol| (protocol, UpgradePin::new(&peer)));
     strip_request_hop_by_hop(&mut parts.headers);

@@ -72,13 +72,15 @@ impl Drop for UpgradePin {
 }
 
 /// The `Upgrade` header of an HTTP/1.1 request whose `Connection` header asks for it.
-/// Only protocols in `allowed` pass, and only when the client offers nothing else: an offer of
+/// Only protocols in `allowed` (the lb's list) or `route_allowed` (what every backend of the
+/// route opted in to) pass, and only when the client offers nothing else: an offer of
 /// `h2c` (never allowed) would reach the backend as a plain request it might switch on anyway.
 /// A request whose upgrade does not pass is forwarded without it (`Upgrade` is hop-by-hop).
 pub(super) fn upgrade_request(
     headers: &HeaderMap,
     version: Version,
     allowed: &[String],
+    route_allowed: &[String],
 ) -> Option<HeaderValue> {
     if version != Version::HTTP_11 || !field_list::contains(headers, header::CONNECTION, "upgrade")
     {
@@ -92,7 +94,7 @@ pub(super) fn upgrade_request(
             // `protocol-name ["/" protocol-version]` (RFC 9110 7.8)
             let name = p.split('/').next().unwrap_or(p);
             !name.eq_ignore_ascii_case("h2c")
-                && allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
+                && (allowed.iter().chain(route_allowed)).any(|a| a.eq_ignore_ascii_case(name))
         })
         .then(|| value.clone())
 }
@@ -239,18 +241,18 @@ mod tests {
         );
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         assert_eq!(
-            upgrade_request(&h, Version::HTTP_11, &ws)
+            upgrade_request(&h, Version::HTTP_11, &ws, &[])
                 .as_ref()
                 .map(|v| v.as_bytes()),
             Some(&b"websocket"[..])
         );
-        assert_eq!(upgrade_request(&h, Version::HTTP_10, &ws), None);
+        assert_eq!(upgrade_request(&h, Version::HTTP_10, &ws, &[]), None);
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));
-        assert_eq!(upgrade_request(&h, Version::HTTP_11, &ws), None);
+        assert_eq!(upgrade_request(&h, Version::HTTP_11, &ws, &[]), None);
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         let offer = |h: &mut HeaderMap, v: &'static str, allowed: &[String]| {
             h.insert(header::UPGRADE, HeaderValue::from_static(v));
-            upgrade_request(h, Version::HTTP_11, allowed).is_some()
+            upgrade_request(h, Version::HTTP_11, allowed, &[]).is_some()
         };
         assert!(offer(&mut h, "WebSocket", &ws));
         assert!(!offer(&mut h, "h2c", &ws), "h2c is never forwarded");
@@ -263,6 +265,12 @@ mod tests {
         assert!(offer(&mut h, "foo/2", &foo));
         assert!(!offer(&mut h, "h2c", &foo), "not even when listed");
         assert!(!offer(&mut h, "", &foo));
+        // A route's own list adds to the lb's.
+        let mqtt = vec!["mqtt".to_string()];
+        h.insert(header::UPGRADE, HeaderValue::from_static("MQTT, websocket"));
+        assert!(upgrade_request(&h, Version::HTTP_11, &ws, &mqtt).is_some());
+        assert!(upgrade_request(&h, Version::HTTP_11, &ws, &[]).is_none());
+        assert!(upgrade_request(&h, Version::HTTP_11, &[], &mqtt).is_none());
 
         let (mut parts, ()) = Request::get("/a?b=1").body(()).unwrap().into_parts();
         parts

@@ -211,7 +211,21 @@ fn build_route(
         next: AtomicUsize::new(0),
         latency,
         redirect_https: specs.iter().any(|s| s.redirect_https),
+        upgrades: common_upgrades(specs),
     }
+}
+
+/// The upgrade protocols every spec accepts.
+fn common_upgrades(specs: &[BackendSpec]) -> Box<[String]> {
+    let Some((first, rest)) = specs.split_first() else {
+        return Box::new([]);
+    };
+    first
+        .upgrades
+        .iter()
+        .filter(|p| rest.iter().all(|s| s.upgrades.contains(p)))
+        .cloned()
+        .collect()
 }
 
 /// Whether two specs share backend state (pool, ejection): same address, same protocol.

@@ -30,6 +30,8 @@ pub struct BackendSpec {
     pub instance_id: Arc<str>,
     pub proto: UpstreamProto,
     pub redirect_https: bool,
+    /// Upgrade protocols this instance accepts beyond the lb's list (tag `upgrade`).
+    pub upgrades: Arc<[String]>,
 }
 
 /// The whole desired routing, as plain data: comparing two specs tells whether a rebuild would
@@ -70,6 +72,9 @@ pub struct Route {
     pub latency: Histogram,
     /// Some instance of the route asked for plain HTTP to be redirected to HTTPS.
     pub redirect_https: bool,
+    /// Upgrade protocols that every backend of the route accepts beyond the lb's list: a
+    /// switch must not reach an instance that did not ask for it, whichever one is picked.
+    pub upgrades: Box<[String]>,
 }
 
 pub struct RoutingTable {
@@ -122,6 +127,7 @@ mod tests {
                             instance_id: (*addr).into(),
                             proto: Default::default(),
                             redirect_https: false,
+                            upgrades: Arc::new([]),
                         })
                         .collect(),
                 )

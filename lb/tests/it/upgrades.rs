@@ -407,6 +407,145 @@ async fn h2c_and_unlisted_upgrades_are_not_forwarded() {
     }
 }
 
+/// A raw backend that switches to protocol `foo` when asked (then echoes bytes) and otherwise
+/// answers 200 with `plain` and closes: what it was offered shows in its answer.
+async fn foo_switching_backend() -> (u16, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).to_lowercase();
+                if head.contains("\r\nupgrade: foo") {
+                    let switch = "HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n\
+                                  Upgrade: foo\r\n\r\n";
+                    if s.write_all(switch.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                } else {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nplain")
+                        .await;
+                }
+            });
+        }
+    });
+    (port, task)
+}
+
+/// Beyond the lb's list (`LB_UPGRADE_PROTOCOLS`), a route opts in to a protocol with the tag
+/// `lb.upgrade=`, and only when every instance of the route carries it: a switch must not
+/// reach an instance that did not ask for it. Elsewhere the offer is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_opts_in_to_an_upgrade_protocol() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let consul = Consul::start().await;
+    let (a, _ta) = foo_switching_backend().await;
+    let (b, _tb) = foo_switching_backend().await;
+    let (c, _tc) = foo_switching_backend().await;
+    let (d, _td) = foo_switching_backend().await;
+    consul
+        .register_with(
+            "foo-0",
+            "foo",
+            a,
+            &["lb.route=/foo", "lb.upgrade=FOO"],
+            None,
+        )
+        .await;
+    consul
+        .register_with("plain-0", "plain", b, &["lb.route=/plain"], None)
+        .await;
+    // Two instances of one route; only one asked for `foo`.
+    consul
+        .register_with(
+            "mixed-0",
+            "mixed",
+            c,
+            &["lb.route=/mixed", "lb.upgrade=foo"],
+            None,
+        )
+        .await;
+    consul
+        .register_with("mixed-1", "mixed", d, &["lb.route=/mixed"], None)
+        .await;
+    let lb = Lb::start(&consul, &[]).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/foo", 1).await;
+    wait_routed(&lb, &http, "*/plain", 1).await;
+    wait_routed(&lb, &http, "*/mixed", 2).await;
+
+    for (path, switched) in [("/foo/x", true), ("/plain/x", false), ("/mixed/x", false)] {
+        let mut s = tokio::net::TcpStream::connect(lb.proxy).await.unwrap();
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: foo\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+                .await
+                .expect("an answer")
+                .unwrap();
+            assert!(n > 0, "{path}: closed");
+            answer.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&answer).to_lowercase();
+        if switched {
+            assert!(text.starts_with("http/1.1 101"), "{path}: {text}");
+            assert!(text.contains("upgrade: foo"), "{path}: {text}");
+            s.write_all(b"ping").await.unwrap();
+            let mut echo = [0u8; 4];
+            tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut echo))
+                .await
+                .expect("the tunnel echoes")
+                .unwrap();
+            assert_eq!(&echo, b"ping");
+        } else {
+            assert!(text.starts_with("http/1.1 200"), "{path}: {text}");
+        }
+    }
+    let other = lb
+        .metric(&http, "lb_upgrades_total", &[("protocol", "other")])
+        .await;
+    assert_eq!(other, Some(1.0));
+
+    // A malformed or h2c opt-in is refused per tag and counted, as any bad tag.
+    consul
+        .register_with(
+            "bad-0",
+            "bad",
+            a,
+            &["lb.route=/bad", "lb.upgrade=h2c"],
+            None,
+        )
+        .await;
+    wait_routed(&lb, &http, "*/bad", 1).await;
+    let refused = lb
+        .metric(
+            &http,
+            "lb_route_tag_errors_total",
+            &[("reason", "bad_upgrade")],
+        )
+        .await;
+    assert_eq!(refused, Some(1.0));
+}
+
 /// A tunnel that carries bytes stays up however long it lasts; one idle for
 /// `LB_TUNNEL_IDLE_TIMEOUT` is closed and counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
