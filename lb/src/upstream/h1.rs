@@ -62,9 +62,10 @@ pub enum Error {
 }
 
 /// How the body of the response in progress is delimited, and how far it has been read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 enum Framing {
     /// No response body in progress: ended, or none.
+    #[default]
     Done,
     Length(u64),
     /// Chunked coding, at a chunk-size line.
@@ -82,27 +83,37 @@ enum Framing {
 /// One HTTP/1.1 connection to a backend.
 pub struct Conn {
     io: TcpStream,
-    /// Bytes read and not yet handed out: a response head in the making, or body bytes.
-    rbuf: BytesMut,
+    /// What was read, and how far the response in progress got.
+    dec: Decoder,
     /// The request head and body bytes not yet written.
     wbuf: BytesMut,
     read_size: usize,
+    /// Bounds the wait for each response head.
+    timer: LazyTimer,
+}
+
+/// The response side of a connection without its socket: bytes in, a head and body frames
+/// out. Kept apart so that it can be driven from a buffer (the fuzz target does).
+#[derive(Default)]
+struct Decoder {
+    /// Bytes read and not yet handed out: a response head in the making, or body bytes.
+    rbuf: BytesMut,
     framing: Framing,
     /// Whether the connection may carry another exchange once this one ends.
     reusable: bool,
-    /// Bounds the wait for each response head.
-    timer: LazyTimer,
 }
 
 impl Conn {
     pub fn new(io: TcpStream) -> Conn {
         Conn {
             io,
-            rbuf: BytesMut::new(),
+            dec: Decoder {
+                rbuf: BytesMut::new(),
+                framing: Framing::Done,
+                reusable: true,
+            },
             wbuf: BytesMut::new(),
             read_size: MIN_READ,
-            framing: Framing::Done,
-            reusable: true,
             timer: LazyTimer::default(),
         }
     }
@@ -111,7 +122,7 @@ impl Conn {
     /// backend has neither closed it nor sent anything since. Makes no system call unless
     /// the socket was reported readable since the last read.
     pub fn is_usable(&mut self) -> bool {
-        if !self.reusable || self.framing != Framing::Done || !self.rbuf.is_empty() {
+        if !self.dec.reusable || self.dec.framing != Framing::Done || !self.dec.rbuf.is_empty() {
             return false;
         }
         let mut probe = [MaybeUninit::<u8>::uninit(); 1];
@@ -121,7 +132,7 @@ impl Conn {
             Poll::Pending => true,
             // A close (0 bytes), an error, or bytes nobody asked for.
             Poll::Ready(_) => {
-                self.reusable = false;
+                self.dec.reusable = false;
                 false
             }
         }
@@ -130,14 +141,14 @@ impl Conn {
     /// Whether the response in progress has been read to its end and the connection may go
     /// back to the pool.
     pub fn is_reusable(&self) -> bool {
-        self.reusable && self.framing == Framing::Done && self.rbuf.is_empty()
+        self.dec.reusable && self.dec.framing == Framing::Done && self.dec.rbuf.is_empty()
     }
 
     /// Lets go of buffers a large body or upload grew, before the connection waits in the
     /// pool: an idle connection keeps at most a small read buffer.
     pub fn shrink(&mut self) {
-        if self.rbuf.capacity() > 2 * MIN_READ {
-            self.rbuf = BytesMut::new();
+        if self.dec.rbuf.capacity() > 2 * MIN_READ {
+            self.dec.rbuf = BytesMut::new();
         }
         if self.wbuf.capacity() > 2 * MIN_READ {
             self.wbuf = BytesMut::new();
@@ -147,7 +158,7 @@ impl Conn {
 
     /// The socket and the bytes the backend sent after its `101` head, for a tunnel.
     pub fn into_tunnel(self) -> (TcpStream, Bytes) {
-        (self.io, self.rbuf.freeze())
+        (self.io, self.dec.rbuf.freeze())
     }
 
     /// Sends a request and waits for its response head. The head is written from `parts`,
@@ -180,7 +191,7 @@ impl Conn {
             if let Err(e) =
                 self.poll_send_body(cx, &mut body, chunked, &mut sent_any, &mut took_frame)
             {
-                self.reusable = false;
+                self.dec.reusable = false;
                 return Poll::Ready(Err(match (sent_any, e) {
                     // The body is taken only once the head is out: it is untouched.
                     (false, Error::Io(_)) => {
@@ -195,7 +206,7 @@ impl Conn {
                     if body.is_some() || !self.wbuf.is_empty() {
                         // The backend answered before it had the whole request: the rest is
                         // not sent, and the connection cannot carry another request.
-                        self.reusable = false;
+                        self.dec.reusable = false;
                     }
                     return Poll::Ready(Ok(resp));
                 }
@@ -214,7 +225,7 @@ impl Conn {
             }
             // Most responses come long before the timeout: see `LazyTimer`.
             if self.timer.poll_until(cx, deadline).is_ready() {
-                self.reusable = false;
+                self.dec.reusable = false;
                 return Poll::Ready(Err(if on_client {
                     SendError::ClientBodyTimedOut
                 } else {
@@ -322,7 +333,7 @@ impl Conn {
                     }
                     Poll::Ready(Some(Err(e))) => {
                         // The client's body broke off: the backend has an incomplete request.
-                        self.reusable = false;
+                        self.dec.reusable = false;
                         return Err(Error::RequestBody(e));
                     }
                     Poll::Ready(None) => {
@@ -348,30 +359,103 @@ impl Conn {
         head_request: bool,
     ) -> Poll<Result<Response<()>, Error>> {
         loop {
-            if !self.rbuf.is_empty() {
-                match self.parse_head(head_request) {
+            if !self.dec.rbuf.is_empty() {
+                match self.dec.parse_head(head_request) {
                     Ok(Some(resp)) => return Poll::Ready(Ok(resp)),
                     Ok(None) => {}
                     Err(e) => {
-                        self.reusable = false;
+                        self.dec.reusable = false;
                         return Poll::Ready(Err(e));
                     }
                 }
-                if !self.rbuf.is_empty() {
+                if !self.dec.rbuf.is_empty() {
                     // A head in the making: it must fit.
-                    if self.rbuf.len() >= MAX_HEAD {
-                        self.reusable = false;
+                    if self.dec.rbuf.len() >= MAX_HEAD {
+                        self.dec.reusable = false;
                         return Poll::Ready(Err(Error::HeadTooLarge));
                     }
                 }
             }
             if ready!(self.poll_fill(cx))? == 0 {
-                self.reusable = false;
+                self.dec.reusable = false;
                 return Poll::Ready(Err(Error::Closed));
             }
         }
     }
 
+    /// Reads more bytes into the read buffer; 0 means the backend closed.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.dec.rbuf.capacity() - self.dec.rbuf.len() < self.read_size / 2 {
+            self.dec.rbuf.reserve(self.read_size);
+        }
+        // At most `read_size`, whatever room the buffer has: a read is a frame handed on, and
+        // a consumer that lags (`consumer_lags`) gets small ones.
+        let room = (self.dec.rbuf.capacity() - self.dec.rbuf.len()).min(self.read_size);
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.io),
+            cx,
+            &mut (&mut self.dec.rbuf).limit(room)
+        ))?;
+        // A read that fills the room asks for larger reads (a large body); else back down.
+        self.read_size = if n == room {
+            (self.read_size * 2).min(MAX_READ)
+        } else {
+            MIN_READ
+        };
+        Poll::Ready(Ok(n))
+    }
+
+    /// Whoever takes the body is not keeping up: the next reads are small again, so that what
+    /// waits for it (the frames handed on, and the buffer they are cut from) stays small and
+    /// the rest of the response stays in the backend's socket.
+    pub fn consumer_lags(&mut self) {
+        self.read_size = MIN_READ;
+    }
+
+    /// Whether the response body has been read to its end.
+    pub fn body_done(&self) -> bool {
+        self.dec.framing == Framing::Done
+    }
+
+    pub fn body_size_hint(&self) -> SizeHint {
+        match self.dec.framing {
+            Framing::Done => SizeHint::with_exact(0),
+            Framing::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+
+    /// The next frame of the response body: data cut from the read buffer without a copy,
+    /// or the trailers of a chunked body.
+    pub fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        loop {
+            if let Some(frame) = self.dec.decode_buffered() {
+                return Poll::Ready(frame);
+            }
+            // Needs more bytes.
+            match ready!(self.poll_fill(cx)) {
+                Ok(0) if self.dec.framing == Framing::UntilClose => {
+                    self.dec.framing = Framing::Done;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    self.dec.reusable = false;
+                    return Poll::Ready(Some(Err(Error::BodyCut)));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.dec.reusable = false;
+                    return Poll::Ready(Some(Err(Error::Io(e))));
+                }
+            }
+        }
+    }
+}
+
+impl Decoder {
     /// Parses a response head at the start of the read buffer. `None` when it is incomplete,
     /// or was an interim response (taken off the buffer).
     fn parse_head(&mut self, head_request: bool) -> Result<Option<Response<()>>, Error> {
@@ -493,77 +577,6 @@ impl Conn {
             None => {
                 self.reusable = false;
                 Ok(Framing::UntilClose)
-            }
-        }
-    }
-
-    /// Reads more bytes into the read buffer; 0 means the backend closed.
-    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.rbuf.capacity() - self.rbuf.len() < self.read_size / 2 {
-            self.rbuf.reserve(self.read_size);
-        }
-        // At most `read_size`, whatever room the buffer has: a read is a frame handed on, and
-        // a consumer that lags (`consumer_lags`) gets small ones.
-        let room = (self.rbuf.capacity() - self.rbuf.len()).min(self.read_size);
-        let n = ready!(tokio_util::io::poll_read_buf(
-            Pin::new(&mut self.io),
-            cx,
-            &mut (&mut self.rbuf).limit(room)
-        ))?;
-        // A read that fills the room asks for larger reads (a large body); else back down.
-        self.read_size = if n == room {
-            (self.read_size * 2).min(MAX_READ)
-        } else {
-            MIN_READ
-        };
-        Poll::Ready(Ok(n))
-    }
-
-    /// Whoever takes the body is not keeping up: the next reads are small again, so that what
-    /// waits for it (the frames handed on, and the buffer they are cut from) stays small and
-    /// the rest of the response stays in the backend's socket.
-    pub fn consumer_lags(&mut self) {
-        self.read_size = MIN_READ;
-    }
-
-    /// Whether the response body has been read to its end.
-    pub fn body_done(&self) -> bool {
-        self.framing == Framing::Done
-    }
-
-    pub fn body_size_hint(&self) -> SizeHint {
-        match self.framing {
-            Framing::Done => SizeHint::with_exact(0),
-            Framing::Length(n) => SizeHint::with_exact(n),
-            _ => SizeHint::default(),
-        }
-    }
-
-    /// The next frame of the response body: data cut from the read buffer without a copy,
-    /// or the trailers of a chunked body.
-    pub fn poll_frame(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
-        loop {
-            if let Some(frame) = self.decode_buffered() {
-                return Poll::Ready(frame);
-            }
-            // Needs more bytes.
-            match ready!(self.poll_fill(cx)) {
-                Ok(0) if self.framing == Framing::UntilClose => {
-                    self.framing = Framing::Done;
-                    return Poll::Ready(None);
-                }
-                Ok(0) => {
-                    self.reusable = false;
-                    return Poll::Ready(Some(Err(Error::BodyCut)));
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    self.reusable = false;
-                    return Poll::Ready(Some(Err(Error::Io(e))));
-                }
             }
         }
     }
