@@ -359,22 +359,8 @@ impl Conn {
         head_request: bool,
     ) -> Poll<Result<Response<()>, Error>> {
         loop {
-            if !self.dec.rbuf.is_empty() {
-                match self.dec.parse_head(head_request) {
-                    Ok(Some(resp)) => return Poll::Ready(Ok(resp)),
-                    Ok(None) => {}
-                    Err(e) => {
-                        self.dec.reusable = false;
-                        return Poll::Ready(Err(e));
-                    }
-                }
-                if !self.dec.rbuf.is_empty() {
-                    // A head in the making: it must fit.
-                    if self.dec.rbuf.len() >= MAX_HEAD {
-                        self.dec.reusable = false;
-                        return Poll::Ready(Err(Error::HeadTooLarge));
-                    }
-                }
+            if let Some(head) = self.dec.head(head_request).transpose() {
+                return Poll::Ready(head);
             }
             if ready!(self.poll_fill(cx))? == 0 {
                 self.dec.reusable = false;
@@ -456,6 +442,31 @@ impl Conn {
 }
 
 impl Decoder {
+    /// The final response head, once the buffer holds it whole; `None` while more bytes are
+    /// needed. Interim responses are dropped on the way, however many arrived in one read:
+    /// a `103` and the final head in one segment must not wait for another byte.
+    fn head(&mut self, head_request: bool) -> Result<Option<Response<()>>, Error> {
+        while !self.rbuf.is_empty() {
+            let before = self.rbuf.len();
+            match self.parse_head(head_request) {
+                Ok(Some(resp)) => return Ok(Some(resp)),
+                // An interim response was taken off: parse what follows it.
+                Ok(None) if self.rbuf.len() < before => continue,
+                Ok(None) if self.rbuf.len() >= MAX_HEAD => {
+                    // A head in the making: it must fit.
+                    self.reusable = false;
+                    return Err(Error::HeadTooLarge);
+                }
+                Ok(None) => return Ok(None),
+                Err(e) => {
+                    self.reusable = false;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(None)
+    }
+
     /// Parses a response head at the start of the read buffer. `None` when it is incomplete,
     /// or was an interim response (taken off the buffer).
     fn parse_head(&mut self, head_request: bool) -> Result<Option<Response<()>>, Error> {
