@@ -140,11 +140,14 @@ impl Listener {
         let Some(addr) = self.client_addr(&mut stream, addr).await else {
             return;
         };
+        // The socket under the TLS layer, for a look at how fast the client takes responses.
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
         let Some(stream) = tls.accept(stream, &self.shared.metrics).await else {
             return;
         };
         let h2 = stream.get_ref().1.alpn_protocol() == Some(ALPN_H2);
-        self.serve(TokioIo::new(stream), addr, true, h2, slot).await;
+        self.serve(TokioIo::new(stream), (addr, fd), true, h2, slot)
+            .await;
     }
 
     async fn plain_connection(
@@ -159,7 +162,8 @@ impl Listener {
         };
         let config = &self.shared.config;
         if config.h2c && starts_with_h2_preface(&stream, config.client_header_timeout).await {
-            Box::pin(self.serve(TokioIo::new(stream), addr, false, true, slot)).await;
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+            Box::pin(self.serve(TokioIo::new(stream), (addr, fd), false, true, slot)).await;
             return;
         }
         self.serve_parking(stream, addr, slot).await;
@@ -279,8 +283,16 @@ impl Listener {
         }
     }
 
-    async fn serve<I>(&self, io: I, addr: SocketAddr, tls: bool, h2: bool, slot: Slot)
-    where
+    /// Serves a TLS connection, or a cleartext HTTP/2 one; `fd` is the client's socket
+    /// under `io`.
+    async fn serve<I>(
+        &self,
+        io: I,
+        (addr, fd): (SocketAddr, std::os::fd::RawFd),
+        tls: bool,
+        h2: bool,
+        slot: Slot,
+    ) where
         I: Read + Write + Unpin + Send + 'static,
     {
         let shared = &self.shared;
@@ -301,7 +313,7 @@ impl Listener {
         let io = StallIo::new(
             io,
             shared.config.client_write_timeout,
-            (!h2).then(|| peer.clone()),
+            (!h2).then(|| (peer.clone(), fd)),
         );
         let mut stop = self.stop.clone();
         // Both connection types finish in-flight requests after `graceful_shutdown`.

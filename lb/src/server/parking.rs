@@ -31,7 +31,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::config::Config;
-use crate::server::stall::{StreamStall, WriteStall};
+use crate::server::stall::{client_took, StreamStall, WriteStall};
 use crate::time::LazyTimer;
 
 use crate::proxy::Peer;
@@ -152,31 +152,6 @@ pub struct ParkingIo {
     timed_out: bool,
 }
 
-/// A write this large is part of a large response: worth a look at the client's pace.
-const LARGE_WRITE: usize = 16 * 1024;
-
-/// Bytes queued in the kernel for a client, not yet sent, above which the client is lagging.
-/// A client that keeps up leaves next to nothing unsent (bytes on the wire do not count); one
-/// that reads slowly lets the kernel's send buffer fill, which on loopback holds megabytes
-/// before a write would wait: without this, the lb would read the backend in its largest
-/// pieces and hold one for as long as the client takes to drain the kernel's queue.
-const KERNEL_BACKLOG: usize = 64 * 1024;
-
-/// The bytes a socket's send queue holds that have not been sent (`SIOCOUTQNSD`); 0 when it
-/// cannot be told.
-fn unsent_in_kernel(stream: &TcpStream) -> usize {
-    use std::os::fd::AsRawFd;
-    const SIOCOUTQNSD: libc::c_ulong = 0x894B;
-    let mut unsent: libc::c_int = 0;
-    // SAFETY: a valid socket, and an int for the ioctl to fill.
-    let ok = unsafe { libc::ioctl(stream.as_raw_fd(), SIOCOUTQNSD as _, &mut unsent) } == 0;
-    if ok {
-        unsent.max(0) as usize
-    } else {
-        0
-    }
-}
-
 /// Why a connection was closed for a slow request head, in its error and in the log.
 pub const HEAD_TIMEOUT: &str = "no complete request head in time";
 
@@ -259,11 +234,8 @@ impl ParkingIo {
     /// kernel holds that is not on its way yet: a client that does not keep up makes the
     /// response's backend reads small (see `Exchanges`).
     fn after_progress(&mut self, n: usize) -> bool {
-        let e = &self.peer.exchanges;
-        if n >= LARGE_WRITE || e.lagging() {
-            e.set_lagging(unsent_in_kernel(&self.stream) > KERNEL_BACKLOG);
-        }
-        e.wrote(n)
+        use std::os::fd::AsRawFd;
+        client_took(&self.peer, self.stream.as_raw_fd(), n)
     }
 
     /// Tracks whether hyper still holds response bytes: a connection parks only once they

@@ -15,6 +15,7 @@
 
 use std::future::Future;
 use std::io;
+use std::os::fd::RawFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -30,6 +31,43 @@ use crate::metrics::ClientErrorKind;
 use crate::proxy::Peer;
 use crate::time::{now_ms, LazyTimer};
 use crate::Shared;
+
+/// A write this large is part of a large response: worth a look at the client's pace.
+const LARGE_WRITE: usize = 16 * 1024;
+
+/// Bytes queued in the kernel for a client, not yet sent, above which the client is lagging.
+/// A client that keeps up leaves next to nothing unsent (bytes on the wire do not count); one
+/// that reads slowly lets the kernel's send buffer fill, which on loopback holds megabytes
+/// before a write would wait: without this, the lb would read the backend in its largest
+/// pieces and hold one for as long as the client takes to drain the kernel's queue.
+const KERNEL_BACKLOG: usize = 64 * 1024;
+
+/// The bytes a socket's send queue holds that have not been sent (`SIOCOUTQNSD`); 0 when it
+/// cannot be told.
+fn unsent_in_kernel(fd: RawFd) -> usize {
+    const SIOCOUTQNSD: libc::c_ulong = 0x894B;
+    let mut unsent: libc::c_int = 0;
+    // SAFETY: a valid socket, and an int for the ioctl to fill.
+    let ok = unsafe { libc::ioctl(fd, SIOCOUTQNSD as _, &mut unsent) } == 0;
+    if ok {
+        unsent.max(0) as usize
+    } else {
+        0
+    }
+}
+
+/// Accounts for `n` bytes the client's socket (`fd`) took; `true` when a response body held
+/// back for this client may go on. After a large write, or while the client lags, looks at
+/// how much the kernel holds that is not on its way yet: a client that does not keep up makes
+/// the response's backend reads small (see `Exchanges`). Plain and TLS connections alike: the
+/// TLS layer writes what it encrypts straight on, so the kernel's queue tells the same.
+pub fn client_took(peer: &Peer, fd: RawFd, n: usize) -> bool {
+    let e = &peer.exchanges;
+    if n >= LARGE_WRITE || e.lagging() {
+        e.set_lagging(unsent_in_kernel(fd) > KERNEL_BACKLOG);
+    }
+    e.wrote(n)
+}
 
 /// The error a connection ends with when the client took nothing for the write timeout.
 #[derive(Debug)]
@@ -106,13 +144,13 @@ impl WriteStall {
 pub struct StallIo<I> {
     inner: I,
     stall: WriteStall,
-    /// HTTP/1.1: the connection's client end, told what the socket took, so that a response
-    /// body held back for a slow client goes on (see `Tracked`).
-    peer: Option<Arc<Peer>>,
+    /// HTTP/1.1: the connection's client end and its socket, told what the socket took, so
+    /// that a response body held back for a slow client goes on (see `Tracked`).
+    peer: Option<(Arc<Peer>, RawFd)>,
 }
 
 impl<I> StallIo<I> {
-    pub fn new(inner: I, timeout: Duration, peer: Option<Arc<Peer>>) -> StallIo<I> {
+    pub fn new(inner: I, timeout: Duration, peer: Option<(Arc<Peer>, RawFd)>) -> StallIo<I> {
         StallIo {
             inner,
             stall: WriteStall::new(timeout),
@@ -121,8 +159,8 @@ impl<I> StallIo<I> {
     }
 
     fn wrote(&self, cx: &mut Context<'_>, polled: &Poll<io::Result<usize>>) {
-        if let (Some(peer), Poll::Ready(Ok(n))) = (&self.peer, polled) {
-            if peer.exchanges.wrote(*n) {
+        if let (Some((peer, fd)), Poll::Ready(Ok(n))) = (&self.peer, polled) {
+            if client_took(peer, *fd, *n) {
                 cx.waker().wake_by_ref();
             }
         }
