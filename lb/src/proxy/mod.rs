@@ -140,6 +140,11 @@ fn request_host<'a>(
         }
         (None, Some(v)) => {
             let s = v.to_str().map_err(|_| "invalid Host header")?;
+            if !valid_host(s) {
+                // RFC 9112 3.2: a Host that is no `uri-host [":" port]` is a 400; passed on,
+                // the backend could read another name in it than the one routed on.
+                return Err("invalid Host header");
+            }
             // Strip a port, keeping bracketed IPv6 literals whole.
             match s.rfind(':') {
                 Some(i) if !s[i..].contains(']') => &s[..i],
@@ -155,6 +160,41 @@ fn request_host<'a>(
     } else {
         Cow::Borrowed(host)
     })
+}
+
+/// Whether a Host field value is `uri-host [":" port]` (RFC 9110 7.2, RFC 3986 3.2.2): a
+/// reg-name (unreserved, pct-encoded, sub-delims) or a bracketed IP literal, then digits.
+/// Empty is allowed (a target without an authority).
+fn valid_host(s: &str) -> bool {
+    let (host, port) = if s.starts_with('[') {
+        match s.find(']') {
+            Some(end) => {
+                let inner = &s[1..end];
+                let ok = !inner.is_empty()
+                    && inner
+                        .bytes()
+                        .all(|b| b == b':' || reg_name_byte(b) && b != b'%');
+                if !ok {
+                    return false;
+                }
+                ("", &s[end + 1..])
+            }
+            None => return false,
+        }
+    } else {
+        match s.find(':') {
+            Some(i) => (&s[..i], &s[i..]),
+            None => (s, ""),
+        }
+    };
+    host.bytes().all(reg_name_byte)
+        && (port.is_empty()
+            || port.as_bytes()[0] == b':' && port[1..].bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// unreserved / pct-encoded (its `%`) / sub-delims (RFC 3986 2).
+fn reg_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b)
 }
 
 /// Refuses requests no backend may see, and puts the path in the one form it is both routed
@@ -244,6 +284,28 @@ mod tests {
         );
         assert_eq!(h("/", None, Version::HTTP_11), None);
         assert_eq!(h("/", None, Version::HTTP_10).as_deref(), Some(""));
+        assert_eq!(h("/", Some(""), Version::HTTP_11).as_deref(), Some(""));
+        assert_eq!(
+            h("/", Some("a-b.example.:8080"), Version::HTTP_11).as_deref(),
+            Some("a-b.example")
+        );
+        // Not `uri-host [":" port]`: refused.
+        for bad in [
+            "a b",
+            "a/b",
+            "a?b",
+            "a#b",
+            "u@a.example",
+            "a.example:8o",
+            "a:1:2",
+            "[::1",
+            "[]",
+            "[::1]x",
+            "a\\b",
+            "a\"b",
+        ] {
+            assert_eq!(h("/", Some(bad), Version::HTTP_11), None, "{bad}");
+        }
         // The target's authority wins over Host in HTTP/1.1; in HTTP/2 they must agree.
         assert_eq!(
             h(

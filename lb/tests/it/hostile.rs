@@ -93,6 +93,19 @@ async fn the_host_routed_on_is_the_host_forwarded() {
     assert!(a.starts_with("HTTP/1.1 400"), "{a}");
     assert!(a.contains("more than one Host"), "{a}");
     assert_eq!(public.served() + admin.served(), served);
+    // A Host that is no host and port: 400 (RFC 9112 3.2), not a guess at what it names.
+    for host in [
+        "public.example admin.internal",
+        "admin.internal/x",
+        "u@public.example",
+    ] {
+        let a = raw(
+            lb.proxy,
+            &format!("GET /headers HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+        );
+        assert!(a.starts_with("HTTP/1.1 400"), "{host}: {a}");
+    }
+    assert_eq!(public.served() + admin.served(), served);
 
     // HTTP/2 (prior knowledge): a host field naming another authority is malformed.
     let url = format!("http://127.0.0.1:{}/headers", lb.proxy.port());
