@@ -7,6 +7,7 @@ mod body;
 pub mod h1;
 mod retry_budget;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -15,6 +16,7 @@ use hyper::client::conn::http2;
 
 pub use backend::{Backend, BackendSettings, ConnectError};
 pub use body::{BodyError, BoxError, Upstream, UpstreamBody};
+use body::{BodyWatch, Overdue};
 pub use retry_budget::RetryBudget;
 
 /// Renders a request's fields for the backend: the client's, less what the caller replaces,
@@ -65,8 +67,9 @@ pub struct Timeouts {
 
 impl Sender {
     /// Sends a request with its fields rendered by `fields`, and waits for the response head
-    /// within `timeouts`. `parts` stay with the caller, for a retry. (HTTP/2 backends: the
-    /// response timeout covers the whole send.)
+    /// within `timeouts`: the client's body timeout while its next bytes are awaited, the
+    /// response timeout while the backend holds the exchange up. `parts` stay with the
+    /// caller, for a retry.
     pub async fn send(
         &mut self,
         parts: &http::request::Parts,
@@ -82,13 +85,31 @@ impl Sender {
             Sender::H2(s) => {
                 let mut parts = clone_parts(parts);
                 fields.apply(&mut parts.headers);
-                let req = Request::from_parts(parts, body);
-                match tokio::time::timeout(timeouts.response, s.try_send_request(req)).await {
-                    Err(_) => Err(SendError::TimedOut),
-                    Ok(Ok(resp)) => Ok(resp.map(Upstream::H2)),
-                    Ok(Err(mut e)) => Err(match e.take_message() {
-                        Some(req) => SendError::NotSent(req.into_body()),
-                        None => SendError::Failed(e.into_error().into()),
+                let watch = Arc::new(BodyWatch::new());
+                let req = Request::from_parts(parts, body.watched(&watch));
+                let sent = s.try_send_request(req);
+                tokio::pin!(sent);
+                // hyper's connection task streams the body: the watch says whose turn it is.
+                let answer = loop {
+                    let (ms, _) = watch.remaining(timeouts.client_body, timeouts.response);
+                    let wait = Duration::from_millis(ms);
+                    match tokio::time::timeout(wait, sent.as_mut()).await {
+                        Ok(answer) => break answer,
+                        // The turn may have passed meanwhile: look again.
+                        Err(_) => match watch.remaining(timeouts.client_body, timeouts.response) {
+                            (0, Overdue::Client) => return Err(SendError::ClientBodyTimedOut),
+                            (0, Overdue::Backend) => return Err(SendError::TimedOut),
+                            _ => continue,
+                        },
+                    }
+                };
+                match answer {
+                    Ok(resp) => Ok(resp.map(Upstream::H2)),
+                    Err(mut e) => Err(match (e.take_message(), watch.fault()) {
+                        (Some(req), _) => SendError::NotSent(req.into_body()),
+                        // hyper reset the stream for the client's body: the client's fault.
+                        (None, Some(fault)) => SendError::ClientBody(fault),
+                        (None, None) => SendError::Failed(e.into_error().into()),
                     }),
                 }
             }

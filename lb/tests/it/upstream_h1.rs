@@ -628,3 +628,120 @@ async fn request_bodies_over_the_limit_get_413() {
         Some(0.0)
     );
 }
+
+/// An HTTP/2 (prior knowledge) backend that reads each request body whole and echoes it.
+async fn h2c_echo_backend() -> u16 {
+    use http_body_util::{BodyExt, Full};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let body = req.into_body().collect().await;
+                        let body = body.map(|b| b.to_bytes()).unwrap_or_default();
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(body)))
+                    },
+                );
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+            });
+        }
+    });
+    port
+}
+
+/// With an HTTP/2 backend too, a slow upload runs on the client's time (the body timeout
+/// between its bytes), a stalled one is a 408 that is not held against the backend, and a
+/// body cut off at `LB_MAX_BODY_BYTES` is a 413, not a backend error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_uploads_and_body_limits_with_an_h2c_backend() {
+    let consul = Consul::start().await;
+    let port = h2c_echo_backend().await;
+    consul
+        .register_with("h2", "h2", port, &["lb.route=/", "lb.proto=h2c"], None)
+        .await;
+    let lb = Lb::start(
+        &consul,
+        &[
+            ("LB_RESPONSE_TIMEOUT", "1s"),
+            ("LB_CLIENT_BODY_TIMEOUT", "2s"),
+            ("LB_EJECT_FAILURES", "1"),
+            ("LB_MAX_BODY_BYTES", "20"),
+        ],
+    )
+    .await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 1).await;
+
+    let send = |head: &'static str, parts: &'static [&'static str], gap: Duration| {
+        let addr = lb.proxy;
+        async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(head.as_bytes()).await.unwrap();
+            for part in parts {
+                tokio::time::sleep(gap).await;
+                if s.write_all(part.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+            let mut out = vec![0; 4096];
+            let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut out))
+                .await
+                .expect("an answer")
+                .unwrap_or(0);
+            String::from_utf8_lossy(&out[..n]).into_owned()
+        }
+    };
+
+    // Ten parts 400 ms apart: four times the response timeout, each gap inside the body's.
+    let answer = send(
+        "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\nConnection: close\r\n\r\n",
+        &["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"],
+        Duration::from_millis(400),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("abcdefghij"), "{answer}");
+
+    // Three parts, then silence: a 408 at the body timeout.
+    let answer = send(
+        "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n",
+        &["a", "b", "c"],
+        Duration::ZERO,
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+
+    // A chunked body that passes the limit on its way: 413.
+    let answer = send(
+        "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+        &[
+            "10\r\n0123456789abcdef\r\n",
+            "10\r\n0123456789abcdef\r\n",
+            "0\r\n\r\n",
+        ],
+        Duration::from_millis(100),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+
+    for (name, labels) in [
+        ("lb_backend_ejections_total", &[][..]),
+        (
+            "lb_upstream_errors_total",
+            &[("kind", "response_timeout")][..],
+        ),
+        ("lb_upstream_errors_total", &[("kind", "reset")][..]),
+    ] {
+        assert_eq!(lb.metric(&http, name, labels).await, Some(0.0), "{name}");
+    }
+    let r = http.get(&lb.url("/plain")).await.unwrap();
+    assert_eq!(r.status, StatusCode::OK, "the backend is in service");
+}
