@@ -684,6 +684,102 @@ impl Decoder {
     }
 }
 
+/// What the response decoder made of a byte stream: see `decode`.
+#[derive(Debug)]
+pub struct Decoded {
+    /// The final head, or why there is none (`Error::Closed` when the input ended first).
+    pub head: Result<Response<()>, Error>,
+    /// Body data frames, in order.
+    pub data: Vec<Bytes>,
+    pub trailers: Option<HeaderMap>,
+    /// How the body ended: `Ok(true)` read to its end, `Ok(false)` the input ended first
+    /// (a cut body), `Err` refused.
+    pub body: Result<bool, Error>,
+    /// Whether the connection could carry another exchange afterwards.
+    pub reusable: bool,
+    /// Bytes of the input after the response (read ahead, never handed out).
+    pub leftover: usize,
+}
+
+/// Decodes one response from `input` arriving in pieces (`cuts` gives their lengths; the
+/// rest comes last, and then the backend closes), exactly as a connection reads it: the
+/// parsing a backend's bytes meet, without a socket. For the fuzz target and tests.
+pub fn decode(input: &[u8], cuts: &[usize], head_request: bool) -> Decoded {
+    let mut pieces = Vec::with_capacity(cuts.len() + 1);
+    let mut rest = input;
+    for &c in cuts {
+        let (piece, r) = rest.split_at(c.min(rest.len()));
+        pieces.push(piece);
+        rest = r;
+    }
+    pieces.push(rest);
+    let mut pieces = pieces.into_iter();
+    let mut dec = Decoder {
+        rbuf: BytesMut::new(),
+        framing: Framing::Done,
+        reusable: true,
+    };
+    let mut out = Decoded {
+        head: Err(Error::Closed),
+        data: Vec::new(),
+        trailers: None,
+        body: Ok(false),
+        reusable: false,
+        leftover: 0,
+    };
+    // The head: parse what is buffered, else read the next piece.
+    loop {
+        match dec.head(head_request) {
+            Ok(Some(resp)) => {
+                out.head = Ok(resp);
+                break;
+            }
+            Ok(None) => match pieces.next() {
+                Some(p) => dec.rbuf.extend_from_slice(p),
+                None => return out,
+            },
+            Err(e) => {
+                out.head = Err(e);
+                return out;
+            }
+        }
+    }
+    // The body, as `Conn::poll_frame` reads it.
+    let mut closed = false;
+    loop {
+        match dec.decode_buffered() {
+            Some(None) => {
+                out.body = Ok(true);
+                break;
+            }
+            Some(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) => out.data.push(data),
+                Err(frame) => out.trailers = frame.into_trailers().ok(),
+            },
+            Some(Some(Err(e))) => {
+                out.body = Err(e);
+                break;
+            }
+            None if closed => {
+                if dec.framing == Framing::UntilClose {
+                    dec.framing = Framing::Done;
+                    out.body = Ok(true);
+                }
+                dec.reusable = false;
+                break;
+            }
+            None => match pieces.next() {
+                Some(p) => dec.rbuf.extend_from_slice(p),
+                None => closed = true,
+            },
+        }
+    }
+    out.leftover = dec.rbuf.len() + pieces.map(<[u8]>::len).sum::<usize>();
+    // Bytes after the response, read or not, make the connection unusable (`is_usable`).
+    out.reusable = dec.reusable && dec.framing == Framing::Done && out.leftover == 0;
+    out
+}
+
 fn parse_length(s: &[u8]) -> Option<u64> {
     let s = s.trim_ascii();
     if s.is_empty() || s.len() > 19 || !s.iter().all(u8::is_ascii_digit) {
@@ -740,5 +836,49 @@ mod tests {
         assert_eq!(parse_length(b"+1"), None);
         assert_eq!(parse_length(b""), None);
         assert_eq!(parse_length(b"99999999999999999999"), None);
+    }
+
+    #[test]
+    fn interim_heads_and_the_final_one_in_one_read() {
+        let input = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n\
+                      HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        for cuts in [&[][..], &[10], &[47, 1]] {
+            let d = decode(input, cuts, false);
+            assert_eq!(d.head.unwrap().status(), 200, "{cuts:?}");
+            assert_eq!(d.data.concat(), b"ok");
+            assert!(matches!(d.body, Ok(true)));
+            assert!(d.reusable);
+        }
+    }
+
+    #[test]
+    fn the_decoder_reads_every_framing() {
+        let d = decode(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nTransfer-Encoding: chunked\r\n\r\n\
+              2\r\nhi\r\n0\r\nX-T: 1\r\n\r\n",
+            &[30],
+            false,
+        );
+        let head = d.head.unwrap();
+        assert!(!head.headers().contains_key(header::CONTENT_LENGTH));
+        assert_eq!(d.data.concat(), b"hi");
+        assert_eq!(d.trailers.unwrap()["x-t"], "1");
+        assert!(!d.reusable, "a length beside a coding: not reused");
+        let d = decode(b"HTTP/1.1 200 OK\r\n\r\nto the close", &[], false);
+        assert_eq!(d.data.concat(), b"to the close");
+        assert!(matches!(d.body, Ok(true)));
+        let d = decode(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nabc",
+            &[],
+            false,
+        );
+        assert!(matches!(d.body, Ok(false)), "cut short");
+        let d = decode(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nabcd",
+            &[],
+            false,
+        );
+        assert_eq!((d.data.concat(), d.leftover), (b"ab".to_vec(), 2));
+        assert!(decode(b"SMTP ready\r\n\r\n", &[], false).head.is_err());
     }
 }
