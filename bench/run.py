@@ -908,6 +908,8 @@ def main():
         log(f"descriptor limit {hard}: the idle-connection stage may fall short")
     pinning = f"proxy pinned to CPU {PROXY_CPU}, wrk and backends to CPU {LOAD_CPU}"
     log(pinning)
+    # nginx reads its files relative to its prefix: hand every target absolute paths.
+    args.out = os.path.abspath(args.out)
     os.makedirs(args.out, exist_ok=True)
     work = os.path.join(args.out, "work")
     shutil.rmtree(work, ignore_errors=True)
