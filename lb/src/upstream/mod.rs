@@ -82,42 +82,52 @@ impl Sender {
                 .send(parts, fields, body, timeouts)
                 .await?
                 .map(|()| Upstream::H1)),
-            Sender::H2(s) => {
-                let mut parts = clone_parts(parts);
-                fields.apply(&mut parts.headers);
-                let watch = Arc::new(BodyWatch::new());
-                let req = Request::from_parts(parts, body.watched(&watch));
-                let sent = s.try_send_request(req);
-                tokio::pin!(sent);
-                // hyper's connection task streams the body: the watch says whose turn it is.
-                let answer = loop {
-                    let (ms, _) = watch.remaining(timeouts.client_body, timeouts.response);
-                    let wait = Duration::from_millis(ms);
-                    match tokio::time::timeout(wait, sent.as_mut()).await {
-                        Ok(answer) => break answer,
-                        // The turn may have passed meanwhile: look again.
-                        Err(_) => match watch.remaining(timeouts.client_body, timeouts.response) {
-                            (0, Overdue::Client) => return Err(SendError::ClientBodyTimedOut),
-                            (0, Overdue::Backend) => return Err(SendError::TimedOut),
-                            _ => continue,
-                        },
-                    }
-                };
-                match answer {
-                    Ok(resp) => Ok(resp.map(Upstream::H2)),
-                    Err(mut e) => Err(match (e.take_message(), watch.fault()) {
-                        (Some(req), _) => SendError::NotSent(req.into_body()),
-                        // hyper reset the stream for the client's body: the client's fault.
-                        (None, Some(fault)) => SendError::ClientBody(fault),
-                        (None, None) => SendError::Failed(e.into_error().into()),
-                    }),
-                }
-            }
+            // Boxed: its deadline loop would otherwise grow every request's future, HTTP/1.1
+            // ones included.
+            Sender::H2(s) => Box::pin(send_h2(s, parts, fields, body, timeouts)).await,
         }
     }
 
     pub fn is_h2(&self) -> bool {
         matches!(self, Sender::H2(_))
+    }
+}
+
+/// `Sender::send` over the backend's HTTP/2 connection: hyper's connection task streams the
+/// body, and a watch on the body says whose turn it is.
+async fn send_h2(
+    s: &mut http2::SendRequest<UpstreamBody>,
+    parts: &http::request::Parts,
+    fields: &impl HeadFields,
+    body: UpstreamBody,
+    timeouts: &Timeouts,
+) -> Result<Response<Upstream>, SendError> {
+    let mut parts = clone_parts(parts);
+    fields.apply(&mut parts.headers);
+    let watch = Arc::new(BodyWatch::new());
+    let req = Request::from_parts(parts, body.watched(&watch));
+    let sent = s.try_send_request(req);
+    tokio::pin!(sent);
+    let answer = loop {
+        let (ms, _) = watch.remaining(timeouts.client_body, timeouts.response);
+        match tokio::time::timeout(Duration::from_millis(ms), sent.as_mut()).await {
+            Ok(answer) => break answer,
+            // The turn may have passed meanwhile: look again.
+            Err(_) => match watch.remaining(timeouts.client_body, timeouts.response) {
+                (0, Overdue::Client) => return Err(SendError::ClientBodyTimedOut),
+                (0, Overdue::Backend) => return Err(SendError::TimedOut),
+                _ => continue,
+            },
+        }
+    };
+    match answer {
+        Ok(resp) => Ok(resp.map(Upstream::H2)),
+        Err(mut e) => Err(match (e.take_message(), watch.fault()) {
+            (Some(req), _) => SendError::NotSent(req.into_body()),
+            // hyper reset the stream for the client's body: the client's fault.
+            (None, Some(fault)) => SendError::ClientBody(fault),
+            (None, None) => SendError::Failed(e.into_error().into()),
+        }),
     }
 }
 
