@@ -16,6 +16,12 @@ pub struct ServiceEntry {
 }
 
 impl ServiceEntry {
+    /// Whether every check of the instance (its node's `serfHealth` too) passes: only then
+    /// may it get traffic; `warning` counts as not passing.
+    pub fn is_passing(&self) -> bool {
+        self.checks.iter().all(|c| c.status == "passing")
+    }
+
     /// The address to send traffic to: `Service.Address`, or the node's when it is empty.
     pub fn address(&self) -> &str {
         if self.service.address.is_empty() {

@@ -140,6 +140,8 @@ struct BackendView {
     in_flight: usize,
     requests: u64,
     idle_connections: usize,
+    /// Kept over a Consul that lost its state, which no longer lists it.
+    held: bool,
 }
 
 fn routes_view(shared: &Shared) -> RoutesView {
@@ -176,6 +178,7 @@ fn routes_view(shared: &Shared) -> RoutesView {
                             in_flight: b.backend.in_flight(),
                             requests: b.backend.requests(),
                             idle_connections: b.backend.idle_connections(),
+                            held: b.spec.held,
                         }
                     })
                     .collect(),

@@ -59,6 +59,16 @@ pub const SETTINGS: &[Setting] = &[
         "publish the first table after this even if some services have not answered",
     ),
     (
+        "LB_STATE_LOSS_GRACE",
+        "1m",
+        "instances a Consul that lost its state (index gone backwards) no longer lists stay routed this long, or until their service is registered again",
+    ),
+    (
+        "LB_ROUTE_LINGER",
+        "5m",
+        "a route whose last instance left answers 503 (Retry-After) this long before it is gone (404); 0 drops it at once",
+    ),
+    (
         "LB_TAG_PREFIX",
         "lb",
         "prefix of the routing tags (lb.route=, lb.weight=, lb.enable=)",
@@ -265,6 +275,8 @@ pub struct Config {
     pub consul_burst: u32,
     pub consul_backoff_max: Duration,
     pub initial_sync_timeout: Duration,
+    pub route_linger: Duration,
+    pub state_loss_grace: Duration,
     pub tag_prefix: String,
     pub balance: Balance,
     pub connect_timeout: Duration,
@@ -354,6 +366,16 @@ impl Config {
                 "a duration like 30s",
             ),
             initial_sync_timeout: p.get("LB_INITIAL_SYNC_TIMEOUT", positive_duration, "a duration"),
+            route_linger: p.get(
+                "LB_ROUTE_LINGER",
+                parse_duration,
+                "a duration like 5m, or 0",
+            ),
+            state_loss_grace: p.get(
+                "LB_STATE_LOSS_GRACE",
+                parse_duration,
+                "a duration like 1m, or 0",
+            ),
             tag_prefix: p.get(
                 "LB_TAG_PREFIX",
                 |s| Some(s.to_string()).filter(|s| !s.is_empty() && !s.contains(['=', ' '])),

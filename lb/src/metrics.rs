@@ -22,10 +22,12 @@ pub const UPSTREAM_ERRORS_TOTAL: &str = "lb_upstream_errors_total";
 pub const UPSTREAM_CONNECTIONS_TOTAL: &str = "lb_upstream_connections_total";
 pub const BACKEND_EJECTIONS_TOTAL: &str = "lb_backend_ejections_total";
 pub const BACKENDS: &str = "lb_backends";
+pub const CONSUL_HELD: &str = "lb_consul_held";
 pub const TABLE_RELOADS_TOTAL: &str = "lb_table_reloads_total";
 pub const TABLE_RELOAD_DURATION_SECONDS: &str = "lb_table_reload_duration_seconds";
 pub const TABLE_AGE_SECONDS: &str = "lb_table_age_seconds";
 pub const TABLE_ROUTES: &str = "lb_table_routes";
+pub const ROUTES_LINGERING: &str = "lb_routes_lingering";
 pub const CONSUL_WATCH_ERRORS_TOTAL: &str = "lb_consul_watch_errors_total";
 pub const CONSUL_UP: &str = "lb_consul_up";
 pub const CONSUL_WATCHES: &str = "lb_consul_watches";
@@ -285,10 +287,12 @@ pub struct Metrics {
     pub ejections: IntCounter,
     /// route, state
     pub backends: IntGaugeVec,
+    pub consul_held: IntGaugeVec,
     pub table_reloads: IntCounter,
     pub table_reload_duration: Histogram,
     pub table_age: prometheus::Gauge,
     pub table_routes: IntGauge,
+    pub routes_lingering: IntGauge,
     /// watch, kind
     pub consul_watch_errors: IntCounterVec,
     pub consul_up: IntGauge,
@@ -356,12 +360,14 @@ impl Metrics {
             upstream_connections: counter(UPSTREAM_CONNECTIONS_TOTAL, "Upstream connections opened (pooled connections are reused)."),
             ejections: counter(BACKEND_EJECTIONS_TOTAL, "Backends ejected by passive health checking."),
             backends: reg(&registry, IntGaugeVec::new(Opts::new(BACKENDS, "Backends per route and state (healthy, ejected)."), &["route", "state"]).expect("valid metric")),
+            consul_held: reg(&registry, IntGaugeVec::new(Opts::new(CONSUL_HELD, "What a Consul that lost its state forgot and the lb holds for LB_STATE_LOSS_GRACE: routed services (watch=catalog) and instances (watch=health)."), &["watch"]).expect("valid metric")),
             table_reloads: counter(TABLE_RELOADS_TOTAL, "Routing tables published."),
             table_reload_duration: reg(&registry, Histogram::with_opts(
                 HistogramOpts::new(TABLE_RELOAD_DURATION_SECONDS, "Time to build and publish a routing table.")
                     .buckets(vec![0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0])).expect("valid metric")),
             table_age: fgauge(TABLE_AGE_SECONDS, "Seconds since Consul last confirmed the routing table (0 while the watches are healthy)."),
             table_routes: gauge(TABLE_ROUTES, "Routes in the live table."),
+            routes_lingering: gauge(ROUTES_LINGERING, "Routes whose last instance left, answering 503 until LB_ROUTE_LINGER passes."),
             consul_watch_errors: counter_vec(CONSUL_WATCH_ERRORS_TOTAL, "Failed Consul reads, by watch (catalog, health) and kind.", &["watch", "kind"]),
             consul_up: gauge(CONSUL_UP, "1 while the last Consul read succeeded."),
             consul_watches: gauge(CONSUL_WATCHES, "Blocking queries the lb keeps open on Consul (the catalog, and one per routed service); each holds one HTTP connection."),

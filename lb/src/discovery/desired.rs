@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use switchyard_consul::tags::{parse_tags, RouteKey, TagError};
 use switchyard_consul::ServiceEntry;
@@ -22,12 +23,53 @@ pub struct DesiredTable {
     spec: TableSpec,
     /// Routes whose services changed since the last `take_changed`.
     dirty: BTreeSet<RouteKey>,
+    /// How long a route whose last instance left stays, without backends (`503`), before it
+    /// goes (`404`): during a deploy or an outage "try again" is the truthful answer, where
+    /// "no such resource" would be cached by clients. Zero: routes go at once.
+    linger: Duration,
+    /// Routes kept without instances, and until when.
+    lingering: BTreeMap<RouteKey, Instant>,
+    /// Lingering routes whose time is up, to go at the next `take_changed`.
+    expired: BTreeSet<RouteKey>,
 }
 
 /// The routes that changed, with their backends before (`None`: the route is new).
 pub type Changes = BTreeMap<RouteKey, Option<Vec<BackendSpec>>>;
 
 impl DesiredTable {
+    /// An empty table whose routes linger for `linger` after their last instance left.
+    pub fn with_linger(linger: Duration) -> DesiredTable {
+        DesiredTable {
+            linger,
+            ..DesiredTable::default()
+        }
+    }
+
+    /// When the next lingering route's time is up.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.lingering.values().min().copied()
+    }
+
+    /// Lets lingering routes whose time is up go (at the next `take_changed`).
+    pub fn expire(&mut self, now: Instant) {
+        let due: Vec<RouteKey> = self
+            .lingering
+            .iter()
+            .filter(|(_, until)| **until <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in due {
+            self.lingering.remove(&key);
+            self.expired.insert(key.clone());
+            self.dirty.insert(key);
+        }
+    }
+
+    /// How many routes linger without instances now.
+    pub fn lingering(&self) -> usize {
+        self.lingering.len()
+    }
+
     /// Replaces a service's share from its instances. Routes exist for every routed instance;
     /// only passing ones become backends, so a route whose instances all fail answers 503.
     /// `on_tag_error(service, instance, error)` hears of every malformed tag.
@@ -35,6 +77,19 @@ impl DesiredTable {
         &mut self,
         service: &str,
         entries: &[ServiceEntry],
+        prefix: &str,
+        on_tag_error: impl FnMut(&str, &str, &TagError),
+    ) {
+        self.set_held(service, entries, &BTreeSet::new(), prefix, on_tag_error);
+    }
+
+    /// `set`, where the instances whose service IDs are in `held` are kept over a Consul
+    /// that lost its state (shown as such; routed as before).
+    pub fn set_held(
+        &mut self,
+        service: &str,
+        entries: &[ServiceEntry],
+        held: &BTreeSet<String>,
         prefix: &str,
         mut on_tag_error: impl FnMut(&str, &str, &TagError),
     ) {
@@ -49,7 +104,7 @@ impl DesiredTable {
             if !routing.enabled {
                 continue;
             }
-            let passing = e.checks.iter().all(|c| c.status == "passing");
+            let passing = e.is_passing();
             let backend =
                 (passing && routing.weight > 0 && e.service.port != 0).then(|| BackendSpec {
                     addr: backend_addr(e).into(),
@@ -58,6 +113,7 @@ impl DesiredTable {
                     instance_id: e.service.id.as_str().into(),
                     proto: routing.proto,
                     redirect_https: routing.redirect_https,
+                    held: held.contains(&e.service.id),
                     upgrades: if routing.upgrades.is_empty() {
                         none.clone()
                     } else {
@@ -122,6 +178,24 @@ impl DesiredTable {
             backends.dedup_by(|a, b| a.addr == b.addr);
             backends
         });
+        let expired = self.expired.remove(&key);
+        let value = match value {
+            Some(v) => {
+                self.lingering.remove(&key);
+                Some(v)
+            }
+            // The route's last instance left: it stays, empty, for the linger period.
+            None if !expired && !self.linger.is_zero() && self.spec.contains_key(&key) => {
+                self.lingering
+                    .entry(key.clone())
+                    .or_insert_with(|| Instant::now() + self.linger);
+                Some(Vec::new())
+            }
+            None => {
+                self.lingering.remove(&key);
+                None
+            }
+        };
         if self.spec.get(&key) == value.as_ref() {
             return None;
         }
@@ -244,5 +318,36 @@ mod tests {
         ]
         .into();
         assert_eq!(&table_spec(&all, "lb", none), p.spec());
+    }
+
+    #[test]
+    fn routes_linger_without_instances_then_go() {
+        let mut p = DesiredTable::with_linger(Duration::from_secs(60));
+        let none = |_: &str, _: &str, _: &TagError| {};
+        p.set("a", &[entry("a", "a1", 1, "/a", "passing")], "lb", none);
+        p.take_changed();
+        // Every instance deregistered: the route stays, empty.
+        p.set("a", &[], "lb", none);
+        assert_eq!(p.take_changed().len(), 1);
+        assert_eq!(addrs(&p, "/a"), Some(vec![]));
+        assert_eq!(p.lingering(), 1);
+        // The service leaves the catalog too: still lingering, no change.
+        p.retain(|_| false);
+        assert!(p.take_changed().is_empty());
+        // Back within the linger period: routed again, no longer lingering.
+        p.set("a", &[entry("a", "a2", 2, "/a", "passing")], "lb", none);
+        p.take_changed();
+        assert_eq!(addrs(&p, "/a"), Some(vec!["10.0.0.1:2".into()]));
+        assert_eq!(p.lingering(), 0);
+        // Gone again, and the period passes: the route goes.
+        p.set("a", &[], "lb", none);
+        p.take_changed();
+        let until = p.next_expiry().unwrap();
+        p.expire(until - Duration::from_secs(1));
+        assert!(p.take_changed().is_empty(), "not yet");
+        p.expire(until);
+        assert_eq!(p.take_changed().len(), 1);
+        assert_eq!(addrs(&p, "/a"), None);
+        assert_eq!((p.lingering(), p.next_expiry()), (0, None));
     }
 }

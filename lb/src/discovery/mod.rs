@@ -14,7 +14,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use switchyard_consul::{Client, ServiceEntry};
+use switchyard_consul::Client;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -22,17 +22,17 @@ use crate::routing::{BackendSpec, BuildCache, RoutingTable, TableSpec};
 use crate::Shared;
 pub use desired::{table_spec, Changes, DesiredTable};
 pub use pace::Pace;
-use watches::{watch_catalog, watch_service};
+use watches::{watch_catalog, watch_service, Instances, Routed};
 
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
 /// Consul's default `limits.http_max_conns_per_client` is 200: warn before the lb reaches it.
 const WATCHES_WARN_AT: usize = 180;
 
 enum Update {
-    Services(BTreeSet<String>),
+    Services(Routed),
     Health {
         service: String,
-        entries: Vec<ServiceEntry>,
+        instances: Instances,
     },
 }
 
@@ -48,7 +48,7 @@ pub async fn watch_consul(
         shared: shared.clone(),
         client,
         tx,
-        desired: DesiredTable::default(),
+        desired: DesiredTable::with_linger(shared.config.route_linger),
         watchers: HashMap::new(),
         awaiting_first: HashSet::new(),
         catalog_seen_at: None,
@@ -62,6 +62,7 @@ pub async fn watch_consul(
             .catalog_seen_at
             .filter(|_| !publisher.published)
             .map(|t| t + shared.config.initial_sync_timeout);
+        let linger_end = publisher.desired.next_expiry();
         tokio::select! {
             update = rx.recv() => {
                 let Some(update) = update else { break };
@@ -70,6 +71,10 @@ pub async fn watch_consul(
                 while let Ok(update) = rx.try_recv() {
                     publisher.apply(update);
                 }
+                publisher.maybe_publish(false);
+            }
+            _ = async { tokio::time::sleep_until(linger_end.expect("guarded").into()).await }, if linger_end.is_some() => {
+                publisher.desired.expire(Instant::now());
                 publisher.maybe_publish(false);
             }
             _ = async { tokio::time::sleep_until(deadline.expect("guarded").into()).await }, if deadline.is_some() => {
@@ -102,8 +107,8 @@ struct Publisher {
 impl Publisher {
     fn apply(&mut self, update: Update) {
         match update {
-            Update::Services(names) => self.apply_services(names),
-            Update::Health { service, entries } => self.apply_health(service, entries),
+            Update::Services(routed) => self.apply_services(routed.names),
+            Update::Health { service, instances } => self.apply_health(service, instances),
         }
     }
 
@@ -149,7 +154,7 @@ impl Publisher {
     }
 
     /// A routed service's instances changed: its share of the desired table is parsed anew.
-    fn apply_health(&mut self, service: String, entries: Vec<ServiceEntry>) {
+    fn apply_health(&mut self, service: String, Instances { entries, held }: Instances) {
         // A late answer from a watch that was just stopped must not resurrect it.
         if !self.watchers.contains_key(&service) {
             return;
@@ -158,9 +163,10 @@ impl Publisher {
         let (warned, shared) = (&mut self.warned, &self.shared);
         let ids: HashSet<&str> = entries.iter().map(|e| e.service.id.as_str()).collect();
         warned.keep_instances(&service, &ids);
-        self.desired.set(
+        self.desired.set_held(
             &service,
             &entries,
+            &held,
             &shared.config.tag_prefix,
             |service, instance, err| {
                 if warned.first(service, instance, &err.tag) {
@@ -184,6 +190,11 @@ impl Publisher {
         }
         let started = Instant::now();
         let changed = self.desired.take_changed();
+        // A route may start lingering without a change to the table (it had no backend).
+        self.shared
+            .metrics
+            .routes_lingering
+            .set(self.desired.lingering() as i64);
         if self.published && changed.is_empty() {
             return;
         }

@@ -1,8 +1,10 @@
 //! Consul's blocking queries, one loop for every watch: pacing, index handling, backoff with
-//! jitter, and reporting only real changes. Knows nothing of routing tables.
+//! jitter, reporting only real changes, and holding what a Consul that lost its state forgot.
+//! Knows nothing of routing tables.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Instant;
 
 use switchyard_consul::{next_index, Client, QueryMeta, QueryOptions, ServiceEntry};
 use switchyard_daemon::backoff::Backoff;
@@ -48,6 +50,107 @@ impl Drop for FailingWatch<'_> {
     }
 }
 
+/// A watch's value as reported: what Consul said, plus what it forgot and the watch holds.
+///
+/// When a watch's index goes backwards (a Consul restarted without its state, a server
+/// rescheduled without its volume, a restored snapshot), an answer that lacks what the last
+/// one had says nothing about those instances: they are held, still reported, until their
+/// service is registered again or `LB_STATE_LOSS_GRACE` passes. An answer with the index
+/// moving forward is news, and applies at once.
+pub(super) trait Holdable: Clone + PartialEq {
+    /// `self` (the last report) held in where `fresh` lacks it; `None` when nothing vanished.
+    fn hold_over(&self, fresh: &Self) -> Option<Self>;
+    /// Whether `fresh`, read while holding, ends the hold: what was held is back.
+    fn registered_again(&self, fresh: &Self) -> bool;
+    /// How many entries of this report are held.
+    fn held(&self) -> usize;
+}
+
+/// A routed service's instances, and which of them are held (`Holdable`).
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Instances {
+    pub entries: Vec<ServiceEntry>,
+    /// Service IDs of the held entries.
+    pub held: BTreeSet<String>,
+}
+
+impl Holdable for Instances {
+    /// Instances passing in the last report that Consul now lacks, or lists without passing
+    /// (re-registered, its checks not yet run): the last report's version is kept.
+    fn hold_over(&self, fresh: &Self) -> Option<Self> {
+        let key = |e: &ServiceEntry| (e.node.node.clone(), e.service.id.clone());
+        let fresh_ok: BTreeSet<_> = fresh
+            .entries
+            .iter()
+            .filter(|e| e.is_passing())
+            .map(key)
+            .collect();
+        let kept: Vec<&ServiceEntry> = self
+            .entries
+            .iter()
+            .filter(|e| e.is_passing() && !fresh_ok.contains(&key(e)))
+            .collect();
+        if kept.is_empty() {
+            return None;
+        }
+        let kept_keys: BTreeSet<_> = kept.iter().map(|e| key(e)).collect();
+        let mut entries: Vec<ServiceEntry> = fresh
+            .entries
+            .iter()
+            .filter(|e| !kept_keys.contains(&key(e)))
+            .cloned()
+            .collect();
+        entries.extend(kept.iter().map(|e| (*e).clone()));
+        sort_entries(&mut entries);
+        Some(Instances {
+            entries,
+            held: kept.iter().map(|e| e.service.id.clone()).collect(),
+        })
+    }
+
+    /// The service is registered again once Consul has a passing instance of it.
+    fn registered_again(&self, fresh: &Self) -> bool {
+        fresh.entries.iter().any(ServiceEntry::is_passing)
+    }
+
+    fn held(&self) -> usize {
+        self.held.len()
+    }
+}
+
+/// The routed services, and which of them are held (`Holdable`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub(super) struct Routed {
+    pub names: BTreeSet<String>,
+    pub held: BTreeSet<String>,
+}
+
+impl Holdable for Routed {
+    fn hold_over(&self, fresh: &Self) -> Option<Self> {
+        let vanished: BTreeSet<String> = self.names.difference(&fresh.names).cloned().collect();
+        if vanished.is_empty() {
+            return None;
+        }
+        let mut merged = fresh.clone();
+        merged.names.extend(vanished.iter().cloned());
+        merged.held = vanished;
+        Some(merged)
+    }
+
+    /// Each service is held until it is back: `hold_over` lets go of those that are.
+    fn registered_again(&self, _fresh: &Self) -> bool {
+        false
+    }
+
+    fn held(&self) -> usize {
+        self.held.len()
+    }
+}
+
+fn sort_entries(entries: &mut [ServiceEntry]) {
+    entries.sort_by(|a, b| (&a.node.node, &a.service.id).cmp(&(&b.node.node, &b.service.id)));
+}
+
 /// What a watch does with one successful read.
 enum Verdict<T> {
     /// A value to compare with the last one and report when it differs.
@@ -58,8 +161,9 @@ enum Verdict<T> {
 
 /// The blocking-query loop shared by every watch: pace the reads, carry `X-Consul-Index`
 /// (reset when it goes backwards, and after any failure so the first read after an outage
-/// returns at once), back off with jitter on errors forever, keep the last value, and report
-/// only real changes. `on_change` returns false when nobody listens any more.
+/// returns at once), back off with jitter on errors forever, keep the last value, hold what a
+/// Consul that lost its state forgot (`Holdable`), and report only real changes.
+/// `on_change` returns false when nobody listens any more.
 async fn watch<Raw, T, R, ReadFut, J, C, ChangeFut>(
     shared: &Shared,
     watch: WatchName,
@@ -68,7 +172,7 @@ async fn watch<Raw, T, R, ReadFut, J, C, ChangeFut>(
     mut judge: J,
     mut on_change: C,
 ) where
-    T: PartialEq + Clone,
+    T: Holdable,
     R: FnMut(QueryOptions) -> ReadFut,
     ReadFut: std::future::Future<
         Output = Result<switchyard_consul::Response<Raw>, switchyard_consul::Error>,
@@ -85,7 +189,16 @@ async fn watch<Raw, T, R, ReadFut, J, C, ChangeFut>(
         failing: false,
     };
     let mut index = 0;
+    // The highest index of an answer taken: an answer below it comes from a Consul that
+    // lost its state (the query index is reset after errors; this is not).
+    let mut high = 0;
+    // The last report, and what Consul itself said last when they differ (a hold).
     let mut last: Option<T> = None;
+    let mut hold: Option<(T, Instant)> = None;
+    let held = shared
+        .metrics
+        .consul_held
+        .with_label_values(&[watch.as_str()]);
     loop {
         pace.acquire().await;
         let q = QueryOptions {
@@ -93,7 +206,20 @@ async fn watch<Raw, T, R, ReadFut, J, C, ChangeFut>(
             wait: Some(cfg.consul_wait),
             stale: cfg.consul_stale,
         };
-        match read(q).await {
+        let until = hold.as_ref().map(|(_, until)| *until);
+        let answer = tokio::select! {
+            answer = read(q) => answer,
+            // The grace is over: report what Consul says (the read starts again).
+            _ = async { tokio::time::sleep_until(until.expect("guarded").into()).await }, if until.is_some() => {
+                let (fresh, _) = hold.take().expect("guarded");
+                tracing::info!(watch = watch.as_str(), name, "state-loss grace over; applying Consul's answer");
+                if !report(&mut last, fresh, &held, &mut on_change).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        match answer {
             Ok(resp) => {
                 health.ok(shared, resp.meta);
                 let got = resp.meta.index;
@@ -113,7 +239,7 @@ async fn watch<Raw, T, R, ReadFut, J, C, ChangeFut>(
                         index = 0;
                         tokio::time::sleep(backoff.next_delay()).await;
                     }
-                    Verdict::Value(value) => {
+                    Verdict::Value(fresh) => {
                         if backoff.failing() {
                             tracing::info!(watch = watch.as_str(), name, "Consul watch recovered");
                         }
@@ -126,11 +252,49 @@ async fn watch<Raw, T, R, ReadFut, J, C, ChangeFut>(
                             "Consul read"
                         );
                         index = next_index(index, got);
-                        if last.as_ref() != Some(&value) {
-                            last = Some(value.clone());
-                            if !on_change(value).await {
-                                return;
+                        let backwards = got < high;
+                        high = got;
+                        let holding = hold.is_some();
+                        let value = match (backwards, holding, last.as_ref()) {
+                            // A Consul that lost its state: hold what it forgot.
+                            (true, _, Some(reported)) => match reported.hold_over(&fresh) {
+                                Some(merged) => {
+                                    let until = hold.as_ref().map_or_else(
+                                        || Instant::now() + cfg.state_loss_grace,
+                                        |(_, until)| *until,
+                                    );
+                                    tracing::warn!(
+                                        watch = watch.as_str(),
+                                        name,
+                                        held = merged.held(),
+                                        grace = ?cfg.state_loss_grace,
+                                        "Consul's index went backwards: it lost state; holding what it forgot"
+                                    );
+                                    hold = Some((fresh, until));
+                                    merged
+                                }
+                                None => fresh,
+                            },
+                            // News while holding: what is back ends the hold.
+                            (false, true, Some(reported)) => {
+                                let merged = (!reported.registered_again(&fresh))
+                                    .then(|| reported.hold_over(&fresh))
+                                    .flatten();
+                                match merged {
+                                    Some(merged) => {
+                                        hold.as_mut().expect("matched").0 = fresh;
+                                        merged
+                                    }
+                                    None => {
+                                        hold = None;
+                                        fresh
+                                    }
+                                }
                             }
+                            _ => fresh,
+                        };
+                        if !report(&mut last, value, &held, &mut on_change).await {
+                            return;
                         }
                     }
                 }
@@ -151,6 +315,27 @@ async fn watch<Raw, T, R, ReadFut, J, C, ChangeFut>(
     }
 }
 
+/// Reports `value` when it differs from the last report, keeping the held gauge in step.
+async fn report<T, C, ChangeFut>(
+    last: &mut Option<T>,
+    value: T,
+    held: &prometheus::IntGauge,
+    on_change: &mut C,
+) -> bool
+where
+    T: Holdable,
+    C: FnMut(T) -> ChangeFut,
+    ChangeFut: std::future::Future<Output = bool>,
+{
+    if last.as_ref() == Some(&value) {
+        return true;
+    }
+    let before = last.as_ref().map_or(0, Holdable::held);
+    held.add(value.held() as i64 - before as i64);
+    *last = Some(value.clone());
+    on_change(value).await
+}
+
 /// Follows `/v1/catalog/services` and reports the set of routed services when it changes.
 pub(super) async fn watch_catalog(shared: Arc<Shared>, client: Client, tx: mpsc::Sender<Update>) {
     let route_tag = format!("{}.route=", shared.config.tag_prefix);
@@ -164,13 +349,15 @@ pub(super) async fn watch_catalog(shared: Arc<Shared>, client: Client, tx: mpsc:
         },
         |resp, _| {
             shared.consul.catalog_answered();
-            Verdict::Value(
-                resp.value
+            Verdict::Value(Routed {
+                names: resp
+                    .value
                     .into_iter()
                     .filter(|(_, tags)| tags.iter().any(|t| t.starts_with(&route_tag)))
                     .map(|(name, _)| name)
-                    .collect::<BTreeSet<String>>(),
-            )
+                    .collect(),
+                held: BTreeSet::new(),
+            })
         },
         |routed| {
             let tx = tx.clone();
@@ -196,21 +383,25 @@ pub(super) async fn watch_service(
             let (client, service) = (client.clone(), service.clone());
             async move { client.health_service(&service, false, &q).await }
         },
-        |resp, last: Option<&Vec<ServiceEntry>>| {
+        |resp, last: Option<&Instances>| {
             // An empty answer at index <= 1 is how a racing ACL token or a freshly restarted
             // server looks; do not let it wipe instances we know about.
-            if resp.value.is_empty() && resp.meta.index <= 1 && last.is_some_and(|l| !l.is_empty())
+            if resp.value.is_empty()
+                && resp.meta.index <= 1
+                && last.is_some_and(|l| !l.entries.is_empty())
             {
                 return Verdict::Distrust(crate::metrics::DISTRUSTED_ANSWER);
             }
             let mut entries = resp.value;
-            entries
-                .sort_by(|a, b| (&a.node.node, &a.service.id).cmp(&(&b.node.node, &b.service.id)));
-            Verdict::Value(entries)
+            sort_entries(&mut entries);
+            Verdict::Value(Instances {
+                entries,
+                held: BTreeSet::new(),
+            })
         },
-        |entries| {
+        |instances| {
             let (tx, service) = (tx.clone(), service.clone());
-            async move { tx.send(Update::Health { service, entries }).await.is_ok() }
+            async move { tx.send(Update::Health { service, instances }).await.is_ok() }
         },
     )
     .await;

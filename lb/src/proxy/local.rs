@@ -84,9 +84,16 @@ pub(super) fn local(
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     h.insert(X_REQUEST_ID, request_id);
-    if reason == LocalReason::BackendFull {
+    match reason {
         // Full is a moment, not an outage: clients may come back soon.
-        h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        LocalReason::BackendFull => {
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        // A deploy or an outage: instances come back in seconds.
+        LocalReason::NoBackend | LocalReason::NoTable => {
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        }
+        _ => {}
     }
     h.insert(
         HeaderName::from_static("x-switchyard-error"),

@@ -30,6 +30,8 @@ pub struct BackendSpec {
     pub instance_id: Arc<str>,
     pub proto: UpstreamProto,
     pub redirect_https: bool,
+    /// Kept over a Consul that lost its state (see discovery's state-loss guard).
+    pub held: bool,
     /// Upgrade protocols this instance accepts beyond the lb's list (tag `upgrade`).
     pub upgrades: Arc<[String]>,
 }
@@ -127,6 +129,7 @@ mod tests {
                             instance_id: (*addr).into(),
                             proto: Default::default(),
                             redirect_https: false,
+                            held: false,
                             upgrades: Arc::new([]),
                         })
                         .collect(),

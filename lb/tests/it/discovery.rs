@@ -40,7 +40,7 @@ async fn critical_and_deregistered_instances_get_nothing() {
     let b = Backend::start("b").await;
     consul.register("a", "web", a.port(), &["lb.route=/"]).await;
     consul.register("b", "web", b.port(), &["lb.route=/"]).await;
-    let lb = Lb::start(&consul, &[]).await;
+    let lb = Lb::start(&consul, &[("LB_ROUTE_LINGER", "3s")]).await;
     let http = Http::new();
     wait_routed(&lb, &http, "*/", 2).await;
 
@@ -65,8 +65,26 @@ async fn critical_and_deregistered_instances_get_nothing() {
     let r = http.get(&lb.url("/")).await.unwrap();
     assert!(r.body.contains("no healthy backend"), "{}", r.body);
     assert_eq!(r.headers["x-switchyard-error"], "no_backend");
+    assert_eq!(r.headers["retry-after"], "5");
 
+    // The last instance deregistered: the route lingers as a 503 (a deploy or an outage is
+    // "try again", not "no such thing"), then goes after LB_ROUTE_LINGER.
     consul.deregister("b").await;
+    let lingering = || async {
+        lb.metric(&http, "lb_routes_lingering", &[])
+            .await
+            .unwrap_or(0.0)
+    };
+    eventually(
+        "the route to linger once its last instance left",
+        Duration::from_secs(10),
+        || async { lingering().await == 1.0 },
+    )
+    .await;
+    let r = http.get(&lb.url("/")).await.unwrap();
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.body);
+    assert_eq!(r.headers["retry-after"], "5");
+    assert_eq!(r.headers["x-switchyard-error"], "no_backend");
     eventually(
         "404 once the route is gone",
         Duration::from_secs(10),
@@ -77,6 +95,7 @@ async fn critical_and_deregistered_instances_get_nothing() {
         },
     )
     .await;
+    assert_eq!(lingering().await, 0.0);
     let r = http.get(&lb.url("/nothing")).await.unwrap();
     assert!(r.body.contains("no route for host"), "{}", r.body);
     assert!(
@@ -151,6 +170,122 @@ async fn consul_down_keeps_the_last_table_and_a_fresh_consul_resyncs() {
             && lb.metric(&http, "lb_table_age_seconds", &[]).await == Some(0.0)
     })
     .await;
+}
+
+/// Consul restarted with no state (a dev agent, a server rescheduled without its volume)
+/// answers with its index gone backwards: what it forgot is held, still routed, until its
+/// service is registered again or `LB_STATE_LOSS_GRACE` passes, so a paced load through the
+/// restart and the re-registration 5 s later loses no request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_restarted_empty_loses_no_request() {
+    let mut consul = Consul::start().await;
+    let (a, b, c) = futures_join3().await;
+    consul.register("a", "web", a.port(), &["lb.route=/"]).await;
+    consul.register("b", "web", b.port(), &["lb.route=/"]).await;
+    consul
+        .register("c", "api", c.port(), &["lb.route=/api"])
+        .await;
+    let lb = Lb::start(
+        &consul,
+        &[
+            ("LB_STATE_LOSS_GRACE", "9s"),
+            ("LB_ROUTE_LINGER", "0s"),
+            ("LB_CONSUL_BACKOFF_MAX", "500ms"),
+        ],
+    )
+    .await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 2).await;
+    wait_routed(&lb, &http, "*/api", 1).await;
+
+    // A paced load on `/` from before the restart until after the re-registration.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (sent, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let load = {
+        let (stop, sent, failed, url) = (stop.clone(), sent.clone(), failed.clone(), lb.url("/"));
+        tokio::spawn(async move {
+            let http = Http::new();
+            while !stop.load(Ordering::Relaxed) && sent.load(Ordering::Relaxed) < 2000 {
+                sent.fetch_add(1, Ordering::Relaxed);
+                if !http
+                    .get(&url)
+                    .await
+                    .is_ok_and(|r| r.status == StatusCode::OK)
+                {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    consul.stop();
+    consul.start_again().await;
+    let restarted = std::time::Instant::now();
+    let held = |watch: &'static str| {
+        let (lb, http) = (&lb, &http);
+        async move {
+            lb.metric(http, "lb_consul_held", &[("watch", watch)])
+                .await
+                .unwrap_or(0.0)
+        }
+    };
+    eventually(
+        "the lb to hold what the empty Consul forgot",
+        Duration::from_secs(5),
+        || async { held("health").await == 3.0 && held("catalog").await == 2.0 },
+    )
+    .await;
+    let routes = http.get(&lb.admin_url("/routes")).await.unwrap().body;
+    assert_eq!(routes.matches("\"held\": true").count(), 3, "{routes}");
+    assert_eq!(
+        http.get(&lb.url("/api/x")).await.unwrap().status,
+        StatusCode::OK,
+        "a held instance is still routed"
+    );
+
+    // The registrar's part, 5 s after the restart: `web` again, `api` never.
+    tokio::time::sleep(Duration::from_secs(5).saturating_sub(restarted.elapsed())).await;
+    consul.register("a", "web", a.port(), &["lb.route=/"]).await;
+    consul.register("b", "web", b.port(), &["lb.route=/"]).await;
+    eventually(
+        "web's hold to end once it is registered again",
+        Duration::from_secs(5),
+        || async { held("health").await == 1.0 },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    println!("{sent} requests through a Consul restart, {failed} failed");
+    assert!(sent > 100, "{sent}");
+    assert_eq!(failed, 0, "{failed} of {sent} requests failed");
+
+    // `api` is never registered again: its route goes when the grace is over (`/api/x` then
+    // belongs to `/`).
+    eventually(
+        "api to go after the grace",
+        Duration::from_secs(15),
+        || async {
+            let routes = http.get(&lb.admin_url("/routes")).await.unwrap().body;
+            !routes.contains("\"*/api\"")
+        },
+    )
+    .await;
+    let r = http.get(&lb.url("/api/x")).await.unwrap();
+    assert_ne!(r.headers["x-backend"], "c");
+    assert!(restarted.elapsed() >= Duration::from_secs(8));
+    assert_eq!(held("health").await + held("catalog").await, 0.0);
+}
+
+async fn futures_join3() -> (Backend, Backend, Backend) {
+    tokio::join!(
+        Backend::start("a"),
+        Backend::start("b"),
+        Backend::start("c")
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
