@@ -195,10 +195,13 @@ async fn watch<Raw, T, R, ReadFut, J, C, ChangeFut>(
     // The last report, and what Consul itself said last when they differ (a hold).
     let mut last: Option<T> = None;
     let mut hold: Option<(T, Instant)> = None;
-    let held = shared
-        .metrics
-        .consul_held
-        .with_label_values(&[watch.as_str()]);
+    let mut held = HeldGauge {
+        gauge: shared
+            .metrics
+            .consul_held
+            .with_label_values(&[watch.as_str()]),
+        count: 0,
+    };
     loop {
         pace.acquire().await;
         let q = QueryOptions {
@@ -213,7 +216,7 @@ async fn watch<Raw, T, R, ReadFut, J, C, ChangeFut>(
             _ = async { tokio::time::sleep_until(until.expect("guarded").into()).await }, if until.is_some() => {
                 let (fresh, _) = hold.take().expect("guarded");
                 tracing::info!(watch = watch.as_str(), name, "state-loss grace over; applying Consul's answer");
-                if !report(&mut last, fresh, &held, &mut on_change).await {
+                if !report(&mut last, fresh, &mut held, &mut on_change).await {
                     return;
                 }
                 continue;
@@ -293,7 +296,7 @@ async fn watch<Raw, T, R, ReadFut, J, C, ChangeFut>(
                             }
                             _ => fresh,
                         };
-                        if !report(&mut last, value, &held, &mut on_change).await {
+                        if !report(&mut last, value, &mut held, &mut on_change).await {
                             return;
                         }
                     }
@@ -315,11 +318,31 @@ async fn watch<Raw, T, R, ReadFut, J, C, ChangeFut>(
     }
 }
 
+/// A watch's share of `lb_consul_held`, given back when the watch stops (a service that
+/// leaves takes its held instances with it).
+struct HeldGauge {
+    gauge: prometheus::IntGauge,
+    count: usize,
+}
+
+impl HeldGauge {
+    fn set(&mut self, count: usize) {
+        self.gauge.add(count as i64 - self.count as i64);
+        self.count = count;
+    }
+}
+
+impl Drop for HeldGauge {
+    fn drop(&mut self) {
+        self.gauge.sub(self.count as i64);
+    }
+}
+
 /// Reports `value` when it differs from the last report, keeping the held gauge in step.
 async fn report<T, C, ChangeFut>(
     last: &mut Option<T>,
     value: T,
-    held: &prometheus::IntGauge,
+    held: &mut HeldGauge,
     on_change: &mut C,
 ) -> bool
 where
@@ -330,8 +353,7 @@ where
     if last.as_ref() == Some(&value) {
         return true;
     }
-    let before = last.as_ref().map_or(0, Holdable::held);
-    held.add(value.held() as i64 - before as i64);
+    held.set(value.held());
     *last = Some(value.clone());
     on_change(value).await
 }

@@ -540,7 +540,9 @@ async fn series(lb: &Lb, http: &Http) -> usize {
 /// hosts and paths nobody routes, leave the number of series where it was.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metric_series_leave_with_their_routes() {
-    let (consul, _backend, lb, http) = one_backend(&[("LB_EJECT_FAILURES", "100")]).await;
+    // Routes go as soon as their instances do (no linger): their series must go with them.
+    let (consul, _backend, lb, http) =
+        one_backend(&[("LB_EJECT_FAILURES", "100"), ("LB_ROUTE_LINGER", "0s")]).await;
     let _ = http.get(&lb.url("/")).await;
     let baseline = series(&lb, &http).await;
 
