@@ -75,13 +75,19 @@ pub async fn handle(
         return answer(LocalReason::NoBackend, &route.name, msg);
     }
 
-    let offer = upgrade_request(
-        &parts.headers,
-        parts.version,
-        &shared.config.upgrade_protocols,
-        &route.upgrades,
-    )
-    .map(|protocol| (protocol, UpgradePin::new(&peer)));
+    // `Connection` and `Upgrade` are hop-by-hop: most requests carry neither, and one pass
+    // over the names is cheaper than looking them up.
+    let offer = headers::has_hop_by_hop(&parts.headers)
+        .then(|| {
+            upgrade_request(
+                &parts.headers,
+                parts.version,
+                &shared.config.upgrade_protocols,
+                &route.upgrades,
+            )
+        })
+        .flatten()
+        .map(|protocol| (protocol, UpgradePin::new(&peer)));
     strip_request_hop_by_hop(&mut parts.headers);
     let upgrade = offer.and_then(|offer| Upgrade::carry(offer, &mut parts, &peer));
     to_http1_form(&mut parts);
@@ -140,16 +146,9 @@ fn request_host<'a>(
         }
         (None, Some(v)) => {
             let s = v.to_str().map_err(|_| "invalid Host header")?;
-            if !valid_host(s) {
-                // RFC 9112 3.2: a Host that is no `uri-host [":" port]` is a 400; passed on,
-                // the backend could read another name in it than the one routed on.
-                return Err("invalid Host header");
-            }
-            // Strip a port, keeping bracketed IPv6 literals whole.
-            match s.rfind(':') {
-                Some(i) if !s[i..].contains(']') => &s[..i],
-                _ => s,
-            }
+            // RFC 9112 3.2: a Host that is no `uri-host [":" port]` is a 400; passed on, the
+            // backend could read another name in it than the one routed on.
+            host_of(s).ok_or("invalid Host header")?
         }
         (None, None) if version == Version::HTTP_11 => return Err("missing Host header"),
         (None, None) => "",
@@ -162,39 +161,39 @@ fn request_host<'a>(
     })
 }
 
-/// Whether a Host field value is `uri-host [":" port]` (RFC 9110 7.2, RFC 3986 3.2.2): a
-/// reg-name (unreserved, pct-encoded, sub-delims) or a bracketed IP literal, then digits.
-/// Empty is allowed (a target without an authority).
-fn valid_host(s: &str) -> bool {
-    let (host, port) = if s.starts_with('[') {
-        match s.find(']') {
-            Some(end) => {
-                let inner = &s[1..end];
-                let ok = !inner.is_empty()
-                    && inner
-                        .bytes()
-                        .all(|b| b == b':' || reg_name_byte(b) && b != b'%');
-                if !ok {
-                    return false;
-                }
-                ("", &s[end + 1..])
-            }
-            None => return false,
+/// The host of a Host field value without its port, when the value is `uri-host [":" port]`
+/// (RFC 9110 7.2, RFC 3986 3.2.2): a reg-name (unreserved, pct-encoded, sub-delims) or a
+/// bracketed IP literal, then digits. Empty is allowed (a target without an authority). One
+/// pass over the bytes: this runs for every request.
+fn host_of(s: &str) -> Option<&str> {
+    let b = s.as_bytes();
+    let end = if b.first() == Some(&b'[') {
+        let close = b.iter().position(|&c| c == b']')?;
+        let inner = &b[1..close];
+        if inner.is_empty()
+            || !inner
+                .iter()
+                .all(|&c| c == b':' || c != b'%' && reg_name_byte(c))
+        {
+            return None;
         }
+        close + 1
     } else {
-        match s.find(':') {
-            Some(i) => (&s[..i], &s[i..]),
-            None => (s, ""),
-        }
+        b.iter().position(|&c| !reg_name_byte(c)).unwrap_or(b.len())
     };
-    host.bytes().all(reg_name_byte)
-        && (port.is_empty()
-            || port.as_bytes()[0] == b':' && port[1..].bytes().all(|b| b.is_ascii_digit()))
+    match &b[end..] {
+        [] => Some(&s[..end]),
+        [b':', port @ ..] if port.iter().all(u8::is_ascii_digit) => Some(&s[..end]),
+        _ => None,
+    }
 }
 
 /// unreserved / pct-encoded (its `%`) / sub-delims (RFC 3986 2).
 fn reg_name_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b)
+    matches!(b,
+        b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9'
+        | b'-' | b'.' | b'_' | b'~' | b'%'
+        | b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'=')
 }
 
 /// Refuses requests no backend may see, and puts the path in the one form it is both routed

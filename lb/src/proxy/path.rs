@@ -94,7 +94,8 @@ fn push_decoding_unreserved(out: &mut String, segment: &str) -> Result<(), &'sta
 /// containers drop before they route (`/admin;x/y` is their `/admin/y`). Borrowed when there
 /// are none.
 pub fn without_params(path: &str) -> Cow<'_, str> {
-    if !path.contains(';') {
+    // A byte scan: `str::contains(char)` costs a searcher's setup on every request.
+    if !path.as_bytes().contains(&b';') {
         return Cow::Borrowed(path);
     }
     let mut out = String::with_capacity(path.len());
