@@ -100,6 +100,22 @@ pub struct QueryMeta {
 pub struct Response<T> {
     pub value: T,
     pub meta: QueryMeta,
+    /// Entries of a list answer that did not decode, each with why: left out, so that one
+    /// odd instance (a port out of range, a field of the wrong type) cannot hold up the
+    /// rest of its service.
+    pub skipped: Vec<String>,
+}
+
+/// A list element that decodes, or says why it does not (without failing the list).
+struct Lenient<T>(Result<T, String>);
+
+impl<'de, T: serde::de::DeserializeOwned> serde::Deserialize<'de> for Lenient<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        Ok(Lenient(
+            serde_json::from_value(v).map_err(|e| e.to_string()),
+        ))
+    }
 }
 
 /// A cheap-to-clone handle on one Consul agent.
@@ -168,6 +184,7 @@ impl Client {
                 .map(|(k, v)| (k, v.unwrap_or_default()))
                 .collect(),
             meta: raw.meta,
+            skipped: raw.skipped,
         })
     }
 
@@ -180,10 +197,18 @@ impl Client {
     ) -> Result<Response<Vec<ServiceEntry>>, Error> {
         let path = format!("/v1/health/service/{}", utf8_percent_encode(name, SEGMENT));
         let extra: &[&str] = if passing { &["passing"] } else { &[] };
-        let raw: Response<Option<Vec<ServiceEntry>>> = self.read(path, extra, q).await?;
+        let raw: Response<Option<Vec<Lenient<ServiceEntry>>>> = self.read(path, extra, q).await?;
+        let mut skipped = Vec::new();
+        let value = raw
+            .value
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|Lenient(entry)| entry.map_err(|e| skipped.push(e)).ok())
+            .collect();
         Ok(Response {
-            value: raw.value.unwrap_or_default(),
+            value,
             meta: raw.meta,
+            skipped,
         })
     }
 
@@ -286,7 +311,11 @@ impl Client {
         };
         let value =
             serde_json::from_slice(&body).map_err(|source| Error::Decode { path, source })?;
-        Ok(Response { value, meta })
+        Ok(Response {
+            value,
+            meta,
+            skipped: Vec::new(),
+        })
     }
 
     async fn write(&self, path: String, body: Bytes) -> Result<(), Error> {

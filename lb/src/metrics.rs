@@ -164,6 +164,9 @@ label!(
 
 /// Not a Consul error kind: an answer the watch refused to believe (see discovery).
 pub const DISTRUSTED_ANSWER: &str = "suspicious_empty";
+/// Not a Consul error kind either: instances of an answer left out because they did not
+/// decode (a port out of range, a field of the wrong type).
+pub const BAD_ENTRY: &str = "bad_entry";
 
 label!(
     /// How a client connection ended in error (`lb_client_connection_errors_total{kind}`).
@@ -391,7 +394,7 @@ impl Metrics {
         for watch in WatchName::ALL {
             for kind in switchyard_consul::Error::KINDS
                 .into_iter()
-                .chain([DISTRUSTED_ANSWER])
+                .chain([DISTRUSTED_ANSWER, BAD_ENTRY])
             {
                 m.consul_watch_errors
                     .with_label_values(&[watch.as_str(), kind]);

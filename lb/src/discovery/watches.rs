@@ -414,6 +414,20 @@ pub(super) async fn watch_service(
             {
                 return Verdict::Distrust(crate::metrics::DISTRUSTED_ANSWER);
             }
+            if let Some(first) = resp.skipped.first() {
+                // One odd instance must not hold up the rest of its service: it is left out.
+                shared
+                    .metrics
+                    .consul_watch_errors
+                    .with_label_values(&[WatchName::Health.as_str(), crate::metrics::BAD_ENTRY])
+                    .inc_by(resp.skipped.len() as u64);
+                tracing::warn!(
+                    service = %service,
+                    skipped = resp.skipped.len(),
+                    error = %first,
+                    "left out instances Consul describes in a form the lb cannot read"
+                );
+            }
             let mut entries = resp.value;
             sort_entries(&mut entries);
             Verdict::Value(Instances {

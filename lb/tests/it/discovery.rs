@@ -280,6 +280,41 @@ async fn consul_restarted_empty_loses_no_request() {
     assert_eq!(held("health").await + held("catalog").await, 0.0);
 }
 
+/// One instance Consul describes in a form the lb cannot read (a port past 65535) is left
+/// out with a warning and a metric; the rest of its service still follows Consul.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_odd_instance_does_not_freeze_its_service() {
+    let consul = Consul::start().await;
+    let (a, b, _c) = futures_join3().await;
+    consul.register("a", "web", a.port(), &["lb.route=/"]).await;
+    let lb = Lb::start(&consul, &[]).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 1).await;
+
+    let odd = r#"{"ID": "odd", "Name": "web", "Address": "127.0.0.1", "Port": 70000,
+                  "Tags": ["lb.route=/"]}"#;
+    let put = http::Request::put(format!("{}/v1/agent/service/register", consul.addr()))
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            odd.as_bytes(),
+        )))
+        .unwrap();
+    let r = http.send(put).await.unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    // A change after it: the service must still follow Consul.
+    consul.register("b", "web", b.port(), &["lb.route=/"]).await;
+    wait_routed(&lb, &http, "*/", 2).await;
+    let skipped = lb
+        .metric(
+            &http,
+            "lb_consul_watch_errors_total",
+            &[("watch", "health"), ("kind", "bad_entry")],
+        )
+        .await
+        .unwrap_or(0.0);
+    assert!(skipped >= 1.0, "{skipped}");
+    assert!(lb.log().contains("left out instances"), "{}", lb.log());
+}
+
 async fn futures_join3() -> (Backend, Backend, Backend) {
     tokio::join!(
         Backend::start("a"),
