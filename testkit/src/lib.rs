@@ -197,6 +197,11 @@ impl Consul {
         format!("http://127.0.0.1:{}", self.http_port)
     }
 
+    /// The agent's process id, while it runs (to pause it with SIGSTOP, say).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Stops the agent; dev mode keeps no state, so a later `start_again` is a fresh Consul.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

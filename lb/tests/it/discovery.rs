@@ -315,6 +315,77 @@ async fn one_odd_instance_does_not_freeze_its_service() {
     assert!(lb.log().contains("left out instances"), "{}", lb.log());
 }
 
+/// Consul paused (SIGSTOP: its socket still accepts, nothing answers) for three blocking
+/// waits: the lb notices within a wait and its margin, serves its table meanwhile without a
+/// failed request, and follows Consul again once it resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_consul_is_noticed_and_costs_no_request() {
+    let consul = Consul::start().await;
+    let (a, b, _c) = futures_join3().await;
+    consul.register("a", "web", a.port(), &["lb.route=/"]).await;
+    let lb = Lb::start(&consul, &[("LB_CONSUL_WAIT", "2s")]).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 1).await;
+    let pid = consul.pid().expect("Consul runs").to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {pid}");
+    };
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (sent, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let load = {
+        let (stop, sent, failed, url) = (stop.clone(), sent.clone(), failed.clone(), lb.url("/"));
+        tokio::spawn(async move {
+            let http = Http::new();
+            while !stop.load(Ordering::Relaxed) && sent.load(Ordering::Relaxed) < 3000 {
+                sent.fetch_add(1, Ordering::Relaxed);
+                if !http
+                    .get(&url)
+                    .await
+                    .is_ok_and(|r| r.status == StatusCode::OK)
+                {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+
+    signal("-STOP");
+    let paused = std::time::Instant::now();
+    // Every read is bounded by wait + wait/16 + 7 s (as Consul's own client): 9.1 s here.
+    eventually(
+        "the lb to notice the paused Consul",
+        Duration::from_secs(15),
+        || async { lb.metric(&http, "lb_consul_up", &[]).await == Some(0.0) },
+    )
+    .await;
+    let noticed = paused.elapsed();
+    println!("a paused Consul noticed after {noticed:?}");
+    assert!(noticed < Duration::from_secs(12), "{noticed:?}");
+    // Three waits in all.
+    tokio::time::sleep(Duration::from_secs(6).saturating_sub(paused.elapsed())).await;
+    signal("-CONT");
+    consul.register("b", "web", b.port(), &["lb.route=/"]).await;
+    wait_routed(&lb, &http, "*/", 2).await;
+    eventually(
+        "the lb to see Consul up again",
+        Duration::from_secs(15),
+        || async { lb.metric(&http, "lb_consul_up", &[]).await == Some(1.0) },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    println!("{sent} requests through a paused Consul, {failed} failed");
+    assert!(sent > 100, "{sent}");
+    assert_eq!(failed, 0, "{failed} of {sent} requests failed");
+}
+
 async fn futures_join3() -> (Backend, Backend, Backend) {
     tokio::join!(
         Backend::start("a"),
