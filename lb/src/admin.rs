@@ -118,6 +118,8 @@ struct RoutesView {
     generation: u64,
     table_age_seconds: Option<f64>,
     consul_up: bool,
+    /// The table is the snapshot's: Consul has not answered for all of it since the start.
+    from_snapshot: bool,
     routes: Vec<RouteView>,
 }
 
@@ -151,6 +153,7 @@ fn routes_view(shared: &Shared) -> RoutesView {
         generation: table.as_ref().map_or(0, |t| t.generation),
         table_age_seconds: shared.consul.table_age(),
         consul_up: shared.consul.consul_up(),
+        from_snapshot: shared.metrics.table_from_snapshot.get() == 1,
         routes: table
             .iter()
             .flat_map(|t| t.routes.iter())

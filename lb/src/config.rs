@@ -59,6 +59,11 @@ pub const SETTINGS: &[Setting] = &[
         "publish the first table after this even if some services have not answered",
     ),
     (
+        "LB_SNAPSHOT_FILE",
+        "",
+        "file the lb keeps what it last learned from Consul in, and serves from when started while Consul does not answer (off when empty)",
+    ),
+    (
         "LB_STATE_LOSS_GRACE",
         "1m",
         "instances a Consul that lost its state (index gone backwards) no longer lists stay routed this long, or until their service is registered again",
@@ -277,6 +282,7 @@ pub struct Config {
     pub initial_sync_timeout: Duration,
     pub route_linger: Duration,
     pub state_loss_grace: Duration,
+    pub snapshot_file: Option<std::path::PathBuf>,
     pub tag_prefix: String,
     pub balance: Balance,
     pub connect_timeout: Duration,
@@ -376,6 +382,9 @@ impl Config {
                 parse_duration,
                 "a duration like 1m, or 0",
             ),
+            snapshot_file: Some(p.raw("LB_SNAPSHOT_FILE", None))
+                .filter(|f| !f.is_empty())
+                .map(std::path::PathBuf::from),
             tag_prefix: p.get(
                 "LB_TAG_PREFIX",
                 |s| Some(s.to_string()).filter(|s| !s.is_empty() && !s.contains(['=', ' '])),

@@ -8,13 +8,14 @@
 
 mod desired;
 mod pace;
+mod snapshot;
 mod watches;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use switchyard_consul::Client;
+use switchyard_consul::{Client, ServiceEntry};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -25,6 +26,10 @@ pub use pace::Pace;
 use watches::{watch_catalog, watch_service, Instances, Routed};
 
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
+/// With a snapshot file and no answer from Consul this long after the start, the lb serves
+/// the snapshot: a reachable Consul answers in milliseconds, and a restarted lb should serve
+/// within a second.
+const SNAPSHOT_AFTER: Duration = Duration::from_millis(400);
 /// Consul's default `limits.http_max_conns_per_client` is 200: warn before the lb reaches it.
 const WATCHES_WARN_AT: usize = 180;
 
@@ -44,6 +49,17 @@ pub async fn watch_consul(
 ) {
     let (tx, mut rx) = mpsc::channel::<Update>(1024);
     let catalog = tokio::spawn(watch_catalog(shared.clone(), client.clone(), tx.clone()));
+    let snapshot_file = shared.config.snapshot_file.clone();
+    let (snapshot_tx, writer) = match &snapshot_file {
+        Some(path) => {
+            let (stx, srx) = watch::channel(Arc::new(snapshot::Services::new()));
+            (Some(stx), Some(snapshot::spawn_writer(path.clone(), srx)))
+        }
+        None => (None, None),
+    };
+    let mut snapshot_due = snapshot_file
+        .as_ref()
+        .map(|_| tokio::time::Instant::now() + SNAPSHOT_AFTER);
     let mut publisher = Publisher {
         shared: shared.clone(),
         client,
@@ -56,6 +72,9 @@ pub async fn watch_consul(
         cache: BuildCache::default(),
         generation: 0,
         warned: Warned::default(),
+        raw: snapshot_tx.as_ref().map(|_| snapshot::Services::new()),
+        snapshot_tx,
+        from_snapshot: false,
     };
     loop {
         let deadline = publisher
@@ -73,6 +92,13 @@ pub async fn watch_consul(
                 }
                 publisher.maybe_publish(false);
             }
+            _ = async { tokio::time::sleep_until(snapshot_due.expect("guarded")).await }, if snapshot_due.is_some() => {
+                snapshot_due = None;
+                if !publisher.published && publisher.catalog_seen_at.is_none() {
+                    let path = snapshot_file.as_deref().expect("due only with a file");
+                    publisher.serve_snapshot(path);
+                }
+            }
             _ = async { tokio::time::sleep_until(linger_end.expect("guarded").into()).await }, if linger_end.is_some() => {
                 publisher.desired.expire(Instant::now());
                 publisher.maybe_publish(false);
@@ -86,6 +112,9 @@ pub async fn watch_consul(
     }
     catalog.abort();
     for (_, w) in publisher.watchers.drain() {
+        w.abort();
+    }
+    if let Some(w) = writer {
         w.abort();
     }
 }
@@ -102,9 +131,66 @@ struct Publisher {
     cache: BuildCache,
     generation: u64,
     warned: Warned,
+    /// With a snapshot file: every routed service's instances as Consul described them.
+    raw: Option<snapshot::Services>,
+    snapshot_tx: Option<watch::Sender<Arc<snapshot::Services>>>,
+    /// The table came from the snapshot and Consul has not answered for all of it yet.
+    from_snapshot: bool,
 }
 
 impl Publisher {
+    /// Consul has not answered since the start: the snapshot's services are taken as if
+    /// Consul had described them, and published, marked as from the snapshot. Consul's
+    /// answers replace them service by service as they come.
+    fn serve_snapshot(&mut self, path: &std::path::Path) {
+        let (services, written) = match snapshot::load(path) {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                tracing::error!(error = %e, "refusing the snapshot; starting without a table until Consul answers");
+                return;
+            }
+        };
+        let age_s = crate::time::unix_ms().saturating_sub(written) / 1000;
+        tracing::warn!(
+            path = %path.display(),
+            services = services.len(),
+            age_s,
+            "Consul has not answered: serving the snapshot until it does"
+        );
+        for (service, entries) in services {
+            self.set_service(&service, entries, &Default::default());
+        }
+        self.from_snapshot = true;
+        self.shared.metrics.table_from_snapshot.set(1);
+        self.maybe_publish(true);
+    }
+
+    /// A service's instances into the desired table (and the snapshot's copy).
+    fn set_service(&mut self, service: &str, entries: Vec<ServiceEntry>, held: &BTreeSet<String>) {
+        let (warned, shared) = (&mut self.warned, &self.shared);
+        let ids: HashSet<&str> = entries.iter().map(|e| e.service.id.as_str()).collect();
+        warned.keep_instances(service, &ids);
+        self.desired.set_held(
+            service,
+            &entries,
+            held,
+            &shared.config.tag_prefix,
+            |service, instance, err| {
+                if warned.first(service, instance, &err.tag) {
+                    tracing::warn!(service, instance, tag = %err.tag, reason = err.detail, "ignoring malformed routing tag");
+                    shared
+                        .metrics
+                        .route_tag_errors
+                        .with_label_values(&[err.kind.as_str()])
+                        .inc();
+                }
+            },
+        );
+        if let Some(raw) = &mut self.raw {
+            raw.insert(service.to_string(), Arc::new(entries));
+        }
+    }
+
     fn apply(&mut self, update: Update) {
         match update {
             Update::Services(routed) => self.apply_services(routed.names),
@@ -123,6 +209,9 @@ impl Publisher {
             keep
         });
         self.desired.retain(|name| names.contains(name));
+        if let Some(raw) = &mut self.raw {
+            raw.retain(|name, _| names.contains(name));
+        }
         self.warned.keep_services(|name| names.contains(name));
         self.shared
             .metrics
@@ -160,30 +249,32 @@ impl Publisher {
             return;
         }
         self.awaiting_first.remove(&service);
-        let (warned, shared) = (&mut self.warned, &self.shared);
-        let ids: HashSet<&str> = entries.iter().map(|e| e.service.id.as_str()).collect();
-        warned.keep_instances(&service, &ids);
-        self.desired.set_held(
-            &service,
-            &entries,
-            &held,
-            &shared.config.tag_prefix,
-            |service, instance, err| {
-                if warned.first(service, instance, &err.tag) {
-                    tracing::warn!(service, instance, tag = %err.tag, reason = err.detail, "ignoring malformed routing tag");
-                    shared
-                        .metrics
-                        .route_tag_errors
-                        .with_label_values(&[err.kind.as_str()])
-                        .inc();
-                }
-            },
-        );
+        self.set_service(&service, entries, &held);
     }
 
     fn maybe_publish(&mut self, force: bool) {
-        if self.catalog_seen_at.is_none() {
+        if self.catalog_seen_at.is_none() && !self.from_snapshot {
             return;
+        }
+        if self.from_snapshot && self.catalog_seen_at.is_some() && self.awaiting_first.is_empty() {
+            // Consul has answered for everything: the table is Consul's own again.
+            self.from_snapshot = false;
+            self.shared.metrics.table_from_snapshot.set(0);
+            tracing::info!("Consul answered for every service; the snapshot is replaced");
+        }
+        if let (Some(tx), Some(raw), Some(_)) = (&self.snapshot_tx, &self.raw, self.catalog_seen_at)
+        {
+            // What Consul said, for the next start, once every service has answered (a first
+            // sync half done is not worth keeping); written at the writer's pace.
+            if !self.from_snapshot && self.awaiting_first.is_empty() {
+                tx.send_if_modified(|current| {
+                    let changed = current.as_ref() != raw;
+                    if changed {
+                        *current = Arc::new(raw.clone());
+                    }
+                    changed
+                });
+            }
         }
         if !self.published && !force && !self.awaiting_first.is_empty() {
             return;

@@ -386,6 +386,100 @@ async fn a_paused_consul_is_noticed_and_costs_no_request() {
     assert_eq!(failed, 0, "{failed} of {sent} requests failed");
 }
 
+/// With `LB_SNAPSHOT_FILE`, an lb started while Consul does not answer serves what it last
+/// learned at once, marked as from the snapshot, and takes Consul's answer the moment it
+/// comes; a file that is not a snapshot is refused, by name, and the lb starts empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_serves_a_cold_start_without_consul() {
+    let mut consul = Consul::start().await;
+    let (a, b, _c) = futures_join3().await;
+    consul.register("a", "web", a.port(), &["lb.route=/"]).await;
+    let dir = std::env::temp_dir().join(format!("lb-snapshot-it-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let snap = dir.join("lb.snapshot");
+    let snap_s = snap.to_str().unwrap().to_string();
+    let settings = [("LB_SNAPSHOT_FILE", snap_s.as_str())];
+    let http = Http::new();
+    {
+        let lb = Lb::start(&consul, &settings).await;
+        wait_routed(&lb, &http, "*/", 1).await;
+        eventually(
+            "the snapshot to hold `a` passing",
+            Duration::from_secs(5),
+            // The writer follows the table at most once a second.
+            || async {
+                std::fs::read_to_string(&snap)
+                    .is_ok_and(|s| s.contains("\"ID\":\"a\"") && !s.contains("critical"))
+            },
+        )
+        .await;
+    }
+
+    // Consul gone; the lb restarted.
+    consul.stop();
+    let started = std::time::Instant::now();
+    let lb = Lb::spawn(&consul, &settings);
+    eventually(
+        "a proxied answer from the snapshot",
+        Duration::from_secs(10),
+        || async {
+            http.get(&lb.url("/"))
+                .await
+                .is_ok_and(|r| r.status == StatusCode::OK && r.body == "a")
+        },
+    )
+    .await;
+    println!(
+        "first proxied request {:?} after the lb's start",
+        started.elapsed()
+    );
+    let routes = http.get(&lb.admin_url("/routes")).await.unwrap().body;
+    assert!(routes.contains("\"from_snapshot\": true"), "{routes}");
+    assert_eq!(
+        lb.metric(&http, "lb_table_from_snapshot", &[]).await,
+        Some(1.0)
+    );
+    let ready = http.get(&lb.admin_url("/readyz")).await.unwrap();
+    assert_eq!(
+        ready.status,
+        StatusCode::OK,
+        "an lb serving a snapshot is ready"
+    );
+
+    // Consul back (a dev agent: empty) with `b` only: its answer replaces the snapshot.
+    consul.start_again().await;
+    consul.register("b", "web", b.port(), &["lb.route=/"]).await;
+    eventually(
+        "Consul's answer to replace the snapshot",
+        Duration::from_secs(15),
+        || async { spread(&http, &lb.url("/"), 10).await.get("b") == Some(&10) },
+    )
+    .await;
+    assert_eq!(
+        lb.metric(&http, "lb_table_from_snapshot", &[]).await,
+        Some(0.0)
+    );
+    drop(lb);
+
+    // Not a snapshot: refused with a line naming the file; no table until Consul answers.
+    std::fs::write(&snap, b"not a snapshot").unwrap();
+    consul.stop();
+    let lb = Lb::spawn(&consul, &settings);
+    eventually(
+        "the refusal in the log",
+        Duration::from_secs(10),
+        || async {
+            let log = lb.log();
+            log.contains("refusing the snapshot") && log.contains("lb.snapshot")
+        },
+    )
+    .await;
+    let ready = http.get(&lb.admin_url("/readyz")).await.unwrap();
+    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
+    drop(lb);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 async fn futures_join3() -> (Backend, Backend, Backend) {
     tokio::join!(
         Backend::start("a"),

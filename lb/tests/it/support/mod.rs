@@ -167,6 +167,23 @@ pub struct Lb {
 
 impl Lb {
     pub async fn start(consul: &Consul, extra: &[(&str, &str)]) -> Lb {
+        let lb = Lb::spawn(consul, extra);
+        let http = Http::new();
+        let url = lb.admin_url("/readyz");
+        eventually("lb to become ready", Duration::from_secs(20), || {
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                http.get(&url)
+                    .await
+                    .is_ok_and(|r| r.status == StatusCode::OK)
+            }
+        })
+        .await;
+        lb
+    }
+
+    /// Starts the lb without waiting for it to be ready.
+    pub fn spawn(consul: &Consul, extra: &[(&str, &str)]) -> Lb {
         let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let (log, file) = log_file("lb");
@@ -191,24 +208,12 @@ impl Lb {
             .stderr(file)
             .spawn()
             .expect("start the lb binary");
-        let lb = Lb {
+        Lb {
             child: Some(child),
             proxy,
             admin,
             log,
-        };
-        let http = Http::new();
-        let url = lb.admin_url("/readyz");
-        eventually("lb to become ready", Duration::from_secs(20), || {
-            let (http, url) = (http.clone(), url.clone());
-            async move {
-                http.get(&url)
-                    .await
-                    .is_ok_and(|r| r.status == StatusCode::OK)
-            }
-        })
-        .await;
-        lb
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
