@@ -117,6 +117,13 @@ pub async fn watch_consul(
     if let Some(w) = writer {
         w.abort();
     }
+    // The writer keeps its pace; what changed since its last write is written now.
+    if let (Some(path), Some(raw), false) = (snapshot_file, publisher.raw, publisher.from_snapshot)
+    {
+        if publisher.catalog_seen_at.is_some() && publisher.awaiting_first.is_empty() {
+            let _ = tokio::task::spawn_blocking(move || snapshot::write_now(&path, &raw)).await;
+        }
+    }
 }
 
 struct Publisher {

@@ -73,6 +73,16 @@ pub fn spawn_writer(
     })
 }
 
+/// Writes the snapshot now (at shutdown), logging a failure.
+pub fn write_now(path: &Path, services: &Services) {
+    match write(path, services) {
+        Ok(()) => tracing::info!(path = %path.display(), "snapshot written"),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "could not write the snapshot")
+        }
+    }
+}
+
 /// Writes the snapshot to a temporary file beside `path`, syncs it and renames it over `path`.
 fn write(path: &Path, services: &Services) -> std::io::Result<()> {
     let file = File {
