@@ -83,13 +83,13 @@ impl DesiredTable {
         self.set_held(service, entries, &BTreeSet::new(), prefix, on_tag_error);
     }
 
-    /// `set`, where the instances whose service IDs are in `held` are kept over a Consul
-    /// that lost its state (shown as such; routed as before).
+    /// `set`, where the instances in `held` (node, service ID) are kept over a Consul that
+    /// lost its state (shown as such; routed as before).
     pub fn set_held(
         &mut self,
         service: &str,
         entries: &[ServiceEntry],
-        held: &BTreeSet<String>,
+        held: &BTreeSet<(String, String)>,
         prefix: &str,
         mut on_tag_error: impl FnMut(&str, &str, &TagError),
     ) {
@@ -113,7 +113,8 @@ impl DesiredTable {
                     instance_id: e.service.id.as_str().into(),
                     proto: routing.proto,
                     redirect_https: routing.redirect_https,
-                    held: held.contains(&e.service.id),
+                    held: !held.is_empty()
+                        && held.contains(&(e.node.node.clone(), e.service.id.clone())),
                     upgrades: if routing.upgrades.is_empty() {
                         none.clone()
                     } else {

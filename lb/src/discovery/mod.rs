@@ -114,13 +114,21 @@ pub async fn watch_consul(
     for (_, w) in publisher.watchers.drain() {
         w.abort();
     }
+    // The writer ends once its channel closes (after the write it may be doing: two writers
+    // must not share the temporary file); what changed since is written now.
+    drop(publisher.snapshot_tx.take());
     if let Some(w) = writer {
-        w.abort();
+        if tokio::time::timeout(Duration::from_secs(5), w)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the snapshot writer did not finish; not writing at shutdown");
+            return;
+        }
     }
-    // The writer keeps its pace; what changed since its last write is written now.
     if let (Some(path), Some(raw), false) = (snapshot_file, publisher.raw, publisher.from_snapshot)
     {
-        if publisher.catalog_seen_at.is_some() && publisher.awaiting_first.is_empty() {
+        if publisher.catalog_seen_at.is_some() {
             let _ = tokio::task::spawn_blocking(move || snapshot::write_now(&path, &raw)).await;
         }
     }
@@ -173,7 +181,12 @@ impl Publisher {
     }
 
     /// A service's instances into the desired table (and the snapshot's copy).
-    fn set_service(&mut self, service: &str, entries: Vec<ServiceEntry>, held: &BTreeSet<String>) {
+    fn set_service(
+        &mut self,
+        service: &str,
+        entries: Vec<ServiceEntry>,
+        held: &BTreeSet<(String, String)>,
+    ) {
         let (warned, shared) = (&mut self.warned, &self.shared);
         let ids: HashSet<&str> = entries.iter().map(|e| e.service.id.as_str()).collect();
         warned.keep_instances(service, &ids);
@@ -194,6 +207,15 @@ impl Publisher {
             },
         );
         if let Some(raw) = &mut self.raw {
+            // As Consul described them: what is only held is not kept for the next start.
+            let entries = if held.is_empty() {
+                entries
+            } else {
+                entries
+                    .into_iter()
+                    .filter(|e| !held.contains(&watches::instance_key(e)))
+                    .collect()
+            };
             raw.insert(service.to_string(), Arc::new(entries));
         }
     }
@@ -263,7 +285,13 @@ impl Publisher {
         if self.catalog_seen_at.is_none() && !self.from_snapshot {
             return;
         }
-        if self.from_snapshot && self.catalog_seen_at.is_some() && self.awaiting_first.is_empty() {
+        // Every service answered, or the first sync's time is up (a service whose watch
+        // keeps failing must not keep the table marked, nor stop the snapshot, for good).
+        let synced = self.awaiting_first.is_empty()
+            || self
+                .catalog_seen_at
+                .is_some_and(|t| t.elapsed() >= self.shared.config.initial_sync_timeout);
+        if self.from_snapshot && self.catalog_seen_at.is_some() && synced {
             // Consul has answered for everything: the table is Consul's own again.
             self.from_snapshot = false;
             self.shared.metrics.table_from_snapshot.set(0);
@@ -271,9 +299,9 @@ impl Publisher {
         }
         if let (Some(tx), Some(raw), Some(_)) = (&self.snapshot_tx, &self.raw, self.catalog_seen_at)
         {
-            // What Consul said, for the next start, once every service has answered (a first
-            // sync half done is not worth keeping); written at the writer's pace.
-            if !self.from_snapshot && self.awaiting_first.is_empty() {
+            // What Consul said, for the next start, once the first sync is done (one half
+            // done is not worth keeping); written at the writer's pace.
+            if !self.from_snapshot && synced {
                 tx.send_if_modified(|current| {
                     let changed = current.as_ref() != raw;
                     if changed {

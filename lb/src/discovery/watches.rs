@@ -59,7 +59,9 @@ impl Drop for FailingWatch<'_> {
 /// moving forward is news, and applies at once.
 pub(super) trait Holdable: Clone + PartialEq {
     /// `self` (the last report) held in where `fresh` lacks it; `None` when nothing vanished.
-    fn hold_over(&self, fresh: &Self) -> Option<Self>;
+    /// With `only_held`, only what `self` already holds is kept: an answer with the index
+    /// moving forward is news for everything else, which applies at once.
+    fn hold_over(&self, fresh: &Self, only_held: bool) -> Option<Self>;
     /// Whether `fresh`, read while holding, ends the hold: what was held is back.
     fn registered_again(&self, fresh: &Self) -> bool;
     /// How many entries of this report are held.
@@ -70,15 +72,20 @@ pub(super) trait Holdable: Clone + PartialEq {
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct Instances {
     pub entries: Vec<ServiceEntry>,
-    /// Service IDs of the held entries.
-    pub held: BTreeSet<String>,
+    /// (node, service ID) of the held entries: IDs are unique per node only.
+    pub held: BTreeSet<(String, String)>,
+}
+
+/// An instance's identity in Consul: its node and its service ID.
+pub(super) fn instance_key(e: &ServiceEntry) -> (String, String) {
+    (e.node.node.clone(), e.service.id.clone())
 }
 
 impl Holdable for Instances {
     /// Instances passing in the last report that Consul now lacks, or lists without passing
     /// (re-registered, its checks not yet run): the last report's version is kept.
-    fn hold_over(&self, fresh: &Self) -> Option<Self> {
-        let key = |e: &ServiceEntry| (e.node.node.clone(), e.service.id.clone());
+    fn hold_over(&self, fresh: &Self, only_held: bool) -> Option<Self> {
+        let key = instance_key;
         let fresh_ok: BTreeSet<_> = fresh
             .entries
             .iter()
@@ -88,7 +95,10 @@ impl Holdable for Instances {
         let kept: Vec<&ServiceEntry> = self
             .entries
             .iter()
-            .filter(|e| e.is_passing() && !fresh_ok.contains(&key(e)))
+            .filter(|e| {
+                let k = key(e);
+                e.is_passing() && !fresh_ok.contains(&k) && (!only_held || self.held.contains(&k))
+            })
             .collect();
         if kept.is_empty() {
             return None;
@@ -104,7 +114,7 @@ impl Holdable for Instances {
         sort_entries(&mut entries);
         Some(Instances {
             entries,
-            held: kept.iter().map(|e| e.service.id.clone()).collect(),
+            held: kept_keys,
         })
     }
 
@@ -126,8 +136,13 @@ pub(super) struct Routed {
 }
 
 impl Holdable for Routed {
-    fn hold_over(&self, fresh: &Self) -> Option<Self> {
-        let vanished: BTreeSet<String> = self.names.difference(&fresh.names).cloned().collect();
+    fn hold_over(&self, fresh: &Self, only_held: bool) -> Option<Self> {
+        let vanished: BTreeSet<String> = self
+            .names
+            .difference(&fresh.names)
+            .filter(|n| !only_held || self.held.contains(*n))
+            .cloned()
+            .collect();
         if vanished.is_empty() {
             return None;
         }
@@ -189,8 +204,10 @@ async fn watch<Raw, T, R, ReadFut, J, C, ChangeFut>(
         failing: false,
     };
     let mut index = 0;
-    // The highest index of an answer taken: an answer below it comes from a Consul that
-    // lost its state (the query index is reset after errors; this is not).
+    // The index of the last answer taken (the query index is reset after errors; this is
+    // not): an answer below it comes from a Consul that lost its state, whose indices are
+    // the baseline from then on. (With stale reads, a follower that lags looks the same:
+    // holding what it does not know yet is right then too.)
     let mut high = 0;
     // The last report, and what Consul itself said last when they differ (a hold).
     let mut last: Option<T> = None;
@@ -260,7 +277,12 @@ async fn watch<Raw, T, R, ReadFut, J, C, ChangeFut>(
                         let holding = hold.is_some();
                         let value = match (backwards, holding, last.as_ref()) {
                             // A Consul that lost its state: hold what it forgot.
-                            (true, _, Some(reported)) => match reported.hold_over(&fresh) {
+                            // ... unless it already has what the hold waits for.
+                            (true, _, Some(reported)) if reported.registered_again(&fresh) => {
+                                hold = None;
+                                fresh
+                            }
+                            (true, _, Some(reported)) => match reported.hold_over(&fresh, false) {
                                 Some(merged) => {
                                     let until = hold.as_ref().map_or_else(
                                         || Instant::now() + cfg.state_loss_grace,
@@ -276,12 +298,16 @@ async fn watch<Raw, T, R, ReadFut, J, C, ChangeFut>(
                                     hold = Some((fresh, until));
                                     merged
                                 }
-                                None => fresh,
+                                None => {
+                                    // Nothing forgotten: an earlier hold is over too.
+                                    hold = None;
+                                    fresh
+                                }
                             },
                             // News while holding: what is back ends the hold.
                             (false, true, Some(reported)) => {
                                 let merged = (!reported.registered_again(&fresh))
-                                    .then(|| reported.hold_over(&fresh))
+                                    .then(|| reported.hold_over(&fresh, true))
                                     .flatten();
                                 match merged {
                                     Some(merged) => {
@@ -441,4 +467,67 @@ pub(super) async fn watch_service(
         },
     )
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, node: &str, status: &str) -> ServiceEntry {
+        serde_json::from_value(serde_json::json!({
+            "Node": {"Node": node, "Address": "10.0.0.1"},
+            "Service": {"ID": id, "Service": "web", "Port": 80},
+            "Checks": [{"CheckID": "c", "Status": status}]
+        }))
+        .unwrap()
+    }
+
+    fn instances(entries: Vec<ServiceEntry>) -> Instances {
+        Instances {
+            entries,
+            held: BTreeSet::new(),
+        }
+    }
+
+    #[test]
+    fn holds_keep_what_consul_forgot_and_only_that() {
+        let before = instances(vec![
+            entry("a", "n1", "passing"),
+            entry("b", "n2", "passing"),
+        ]);
+        // A Consul that lost its state knows `a` again, not yet passing, and not `b`.
+        let fresh = instances(vec![entry("a", "n1", "critical")]);
+        let held = before.hold_over(&fresh, false).unwrap();
+        assert_eq!(held.entries.len(), 2);
+        assert!(held.held.contains(&("n1".into(), "a".into())));
+        assert!(held.held.contains(&("n2".into(), "b".into())));
+        assert!(!before.registered_again(&fresh));
+        // The same ID on another node is another instance.
+        let other = instances(vec![entry("a", "n3", "critical")]);
+        let h = before.hold_over(&other, false).unwrap();
+        assert_eq!(h.held.len(), 2);
+
+        // News while holding applies to what is not held: `c`, reported after the restart,
+        // goes at once when a forward answer lacks it.
+        let mut reported = held.clone();
+        reported.entries.push(entry("c", "n4", "passing"));
+        let forward = instances(vec![entry("a", "n1", "critical")]);
+        let next = reported.hold_over(&forward, true).unwrap();
+        assert!(next.entries.iter().all(|e| e.service.id != "c"));
+        assert_eq!(next.held.len(), 2);
+
+        // A passing instance of the service is back: the hold ends.
+        assert!(held.registered_again(&instances(vec![entry("a", "n1", "passing")])));
+
+        // Services: only the held ones are kept on a forward answer.
+        let routed = |names: &[&str], held: &[&str]| Routed {
+            names: names.iter().map(|s| s.to_string()).collect(),
+            held: held.iter().map(|s| s.to_string()).collect(),
+        };
+        let r = routed(&["web", "api", "new"], &["web", "api"]);
+        let next = r.hold_over(&routed(&["api"], &[]), true).unwrap();
+        assert_eq!(next.names, routed(&["web", "api"], &[]).names);
+        assert_eq!(next.held, routed(&[], &["web"]).held);
+        assert!(r.hold_over(&routed(&["web", "api"], &[]), true).is_none());
+    }
 }

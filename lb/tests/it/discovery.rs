@@ -403,16 +403,24 @@ async fn a_snapshot_serves_a_cold_start_without_consul() {
     {
         let lb = Lb::start(&consul, &settings).await;
         wait_routed(&lb, &http, "*/", 1).await;
-        eventually(
-            "the snapshot to hold `a` passing",
-            Duration::from_secs(5),
-            // The writer follows the table at most once a second.
-            || async {
-                std::fs::read_to_string(&snap)
-                    .is_ok_and(|s| s.contains("\"ID\":\"a\"") && !s.contains("critical"))
-            },
-        )
+        // Stopped at once after it routes `a`: what the writer's pace has not written yet is
+        // written when the lb stops.
+        let pid = lb.pid().to_string();
+        assert!(std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .is_ok_and(|s| s.success()));
+        eventually("the lb to stop", Duration::from_secs(15), || async {
+            !std::path::Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|s| s.contains(") Z "))
+        })
         .await;
+        let written = std::fs::read_to_string(&snap).unwrap();
+        assert!(
+            written.contains("\"ID\":\"a\"") && !written.contains("critical"),
+            "{written}"
+        );
     }
 
     // Consul gone; the lb restarted.
