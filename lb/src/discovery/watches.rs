@@ -257,7 +257,7 @@ async fn watch<Raw, T, R, ReadFut, J, C, ChangeFut>(
                             "ignoring a Consul answer; keeping the last one"
                         );
                         index = 0;
-                        tokio::time::sleep(backoff.next_delay()).await;
+                        backoff_within(backoff.next_delay(), &hold).await;
                     }
                     Verdict::Value(fresh) => {
                         if backoff.failing() {
@@ -338,10 +338,19 @@ async fn watch<Raw, T, R, ReadFut, J, C, ChangeFut>(
                 let delay = backoff.next_delay();
                 tracing::warn!(watch = watch.as_str(), name, error = %e, retry_in = ?delay, "Consul watch failed; keeping the last answer");
                 index = 0;
-                tokio::time::sleep(delay).await;
+                backoff_within(delay, &hold).await;
             }
         }
     }
+}
+
+/// Waits `delay`, but no longer than a hold's grace: a hold must not outlast it by a backoff.
+async fn backoff_within<T>(delay: std::time::Duration, hold: &Option<(T, Instant)>) {
+    let delay = match hold {
+        Some((_, until)) => delay.min(until.saturating_duration_since(Instant::now())),
+        None => delay,
+    };
+    tokio::time::sleep(delay).await;
 }
 
 /// A watch's share of `lb_consul_held`, given back when the watch stops (a service that
