@@ -274,54 +274,23 @@ async fn watch<Raw, T, R, ReadFut, J, C, ChangeFut>(
                         index = next_index(index, got);
                         let backwards = got < high;
                         high = got;
-                        let holding = hold.is_some();
-                        let value = match (backwards, holding, last.as_ref()) {
-                            // A Consul that lost its state: hold what it forgot.
-                            // ... unless it already has what the hold waits for.
-                            (true, _, Some(reported)) if reported.registered_again(&fresh) => {
-                                hold = None;
-                                fresh
-                            }
-                            (true, _, Some(reported)) => match reported.hold_over(&fresh, false) {
-                                Some(merged) => {
-                                    let until = hold.as_ref().map_or_else(
-                                        || Instant::now() + cfg.state_loss_grace,
-                                        |(_, until)| *until,
-                                    );
-                                    tracing::warn!(
-                                        watch = watch.as_str(),
-                                        name,
-                                        held = merged.held(),
-                                        grace = ?cfg.state_loss_grace,
-                                        "Consul's index went backwards: it lost state; holding what it forgot"
-                                    );
-                                    hold = Some((fresh, until));
-                                    merged
-                                }
-                                None => {
-                                    // Nothing forgotten: an earlier hold is over too.
-                                    hold = None;
-                                    fresh
-                                }
-                            },
-                            // News while holding: what is back ends the hold.
-                            (false, true, Some(reported)) => {
-                                let merged = (!reported.registered_again(&fresh))
-                                    .then(|| reported.hold_over(&fresh, true))
-                                    .flatten();
-                                match merged {
-                                    Some(merged) => {
-                                        hold.as_mut().expect("matched").0 = fresh;
-                                        merged
-                                    }
-                                    None => {
-                                        hold = None;
-                                        fresh
-                                    }
-                                }
-                            }
-                            _ => fresh,
-                        };
+                        let was_holding = hold.is_some();
+                        let value = with_hold(
+                            &mut hold,
+                            last.as_ref(),
+                            fresh,
+                            backwards,
+                            cfg.state_loss_grace,
+                        );
+                        if hold.is_some() && !was_holding {
+                            tracing::warn!(
+                                watch = watch.as_str(),
+                                name,
+                                held = value.held(),
+                                grace = ?cfg.state_loss_grace,
+                                "Consul's index went backwards: it lost state; holding what it forgot"
+                            );
+                        }
                         if !report(&mut last, value, &mut held, &mut on_change).await {
                             return;
                         }
@@ -340,6 +309,44 @@ async fn watch<Raw, T, R, ReadFut, J, C, ChangeFut>(
                 index = 0;
                 backoff_within(delay, &hold).await;
             }
+        }
+    }
+}
+
+/// What a watch reports for a `fresh` answer, given its last report, and the hold it keeps
+/// (Consul's own answer and the grace's end). An answer with the index gone `backwards`
+/// starts a hold of what it forgot, unless it already has what a hold waits for; while
+/// holding, a forward answer's news applies to everything not held, and what is back, or
+/// nothing left to hold, ends the hold. Without a hold, an answer is reported as it is.
+fn with_hold<T: Holdable>(
+    hold: &mut Option<(T, Instant)>,
+    last: Option<&T>,
+    fresh: T,
+    backwards: bool,
+    grace: std::time::Duration,
+) -> T {
+    let Some(reported) = last else {
+        return fresh;
+    };
+    if !backwards && hold.is_none() {
+        return fresh;
+    }
+    let merged = if reported.registered_again(&fresh) {
+        None
+    } else {
+        reported.hold_over(&fresh, !backwards)
+    };
+    match merged {
+        Some(merged) => {
+            let until = hold
+                .as_ref()
+                .map_or_else(|| Instant::now() + grace, |(_, until)| *until);
+            *hold = Some((fresh, until));
+            merged
+        }
+        None => {
+            *hold = None;
+            fresh
         }
     }
 }
@@ -538,5 +545,32 @@ mod tests {
         assert_eq!(next.names, routed(&["web", "api"], &[]).names);
         assert_eq!(next.held, routed(&[], &["web"]).held);
         assert!(r.hold_over(&routed(&["web", "api"], &[]), true).is_none());
+    }
+
+    #[test]
+    fn a_hold_starts_backwards_and_ends_with_what_it_waits_for() {
+        let grace = std::time::Duration::from_secs(60);
+        let mut hold = None;
+        let before = instances(vec![entry("a", "n1", "passing")]);
+        let empty = instances(vec![]);
+        // Forward and empty: news, applied.
+        let v = with_hold(&mut hold, Some(&before), empty.clone(), false, grace);
+        assert!(v.entries.is_empty() && hold.is_none());
+        // Backwards and empty: held.
+        let v = with_hold(&mut hold, Some(&before), empty.clone(), true, grace);
+        assert_eq!(v.held(), 1);
+        let until = hold.as_ref().unwrap().1;
+        // Forward, still nothing passing: held on, same grace.
+        let v2 = with_hold(&mut hold, Some(&v), empty.clone(), false, grace);
+        assert_eq!((v2.held(), hold.as_ref().unwrap().1), (1, until));
+        // A second restart whose answer has everything: the hold ends (it must not bring
+        // the older answer back when the grace runs out).
+        let v3 = with_hold(&mut hold, Some(&v2), before.clone(), true, grace);
+        assert_eq!((v3.held(), hold.is_none()), (0, true));
+        // Backwards with a passing instance already: no hold at all.
+        let other = instances(vec![entry("b", "n2", "passing")]);
+        let v4 = with_hold(&mut hold, Some(&before), other.clone(), true, grace);
+        assert_eq!(v4, other);
+        assert!(hold.is_none());
     }
 }
