@@ -29,6 +29,7 @@ pub const TABLE_AGE_SECONDS: &str = "lb_table_age_seconds";
 pub const TABLE_ROUTES: &str = "lb_table_routes";
 pub const ROUTES_LINGERING: &str = "lb_routes_lingering";
 pub const TABLE_FROM_SNAPSHOT: &str = "lb_table_from_snapshot";
+pub const SNAPSHOT_ERRORS_TOTAL: &str = "lb_snapshot_errors_total";
 pub const CONSUL_WATCH_ERRORS_TOTAL: &str = "lb_consul_watch_errors_total";
 pub const CONSUL_UP: &str = "lb_consul_up";
 pub const CONSUL_WATCHES: &str = "lb_consul_watches";
@@ -298,6 +299,7 @@ pub struct Metrics {
     pub table_routes: IntGauge,
     pub routes_lingering: IntGauge,
     pub table_from_snapshot: IntGauge,
+    pub snapshot_errors: IntCounterVec,
     /// watch, kind
     pub consul_watch_errors: IntCounterVec,
     pub consul_up: IntGauge,
@@ -372,6 +374,7 @@ impl Metrics {
                     .buckets(vec![0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0])).expect("valid metric")),
             table_age: fgauge(TABLE_AGE_SECONDS, "Seconds since Consul last confirmed the routing table (0 while the watches are healthy)."),
             table_routes: gauge(TABLE_ROUTES, "Routes in the live table."),
+            snapshot_errors: counter_vec(SNAPSHOT_ERRORS_TOTAL, "LB_SNAPSHOT_FILE that could not be read (op=load: refused, the lb started without it) or written (op=write).", &["op"]),
             table_from_snapshot: gauge(TABLE_FROM_SNAPSHOT, "1 while the table is served from LB_SNAPSHOT_FILE because Consul has not answered for all of it since the start."),
             routes_lingering: gauge(ROUTES_LINGERING, "Routes whose last instance left, answering 503 until LB_ROUTE_LINGER passes."),
             consul_watch_errors: counter_vec(CONSUL_WATCH_ERRORS_TOTAL, "Failed Consul reads, by watch (catalog, health) and kind.", &["watch", "kind"]),

@@ -53,7 +53,11 @@ pub async fn watch_consul(
     let (snapshot_tx, writer) = match &snapshot_file {
         Some(path) => {
             let (stx, srx) = watch::channel(Arc::new(snapshot::Services::new()));
-            (Some(stx), Some(snapshot::spawn_writer(path.clone(), srx)))
+            let failed = shared.metrics.snapshot_errors.with_label_values(&["write"]);
+            (
+                Some(stx),
+                Some(snapshot::spawn_writer(path.clone(), srx, failed)),
+            )
         }
         None => (None, None),
     };
@@ -129,7 +133,9 @@ pub async fn watch_consul(
     if let (Some(path), Some(raw), false) = (snapshot_file, publisher.raw, publisher.from_snapshot)
     {
         if publisher.catalog_seen_at.is_some() {
-            let _ = tokio::task::spawn_blocking(move || snapshot::write_now(&path, &raw)).await;
+            let failed = shared.metrics.snapshot_errors.with_label_values(&["write"]);
+            let _ = tokio::task::spawn_blocking(move || snapshot::write_now(&path, &raw, &failed))
+                .await;
         }
     }
 }
@@ -159,8 +165,17 @@ impl Publisher {
     /// answers replace them service by service as they come.
     fn serve_snapshot(&mut self, path: &std::path::Path) {
         let (services, written) = match snapshot::load(path) {
-            Ok(loaded) => loaded,
+            Ok(Some(loaded)) => loaded,
+            Ok(None) => {
+                tracing::info!(path = %path.display(), "Consul has not answered and there is no snapshot yet");
+                return;
+            }
             Err(e) => {
+                self.shared
+                    .metrics
+                    .snapshot_errors
+                    .with_label_values(&["load"])
+                    .inc();
                 tracing::error!(error = %e, "refusing the snapshot; starting without a table until Consul answers");
                 return;
             }

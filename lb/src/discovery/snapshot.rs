@@ -36,9 +36,17 @@ struct File {
     services: BTreeMap<String, Vec<ServiceEntry>>,
 }
 
-/// Reads a snapshot; the error says which file and why, for the log.
-pub fn load(path: &Path) -> Result<(BTreeMap<String, Vec<ServiceEntry>>, u64), String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+/// A snapshot's services and when it was written (Unix ms).
+pub type Loaded = (BTreeMap<String, Vec<ServiceEntry>>, u64);
+
+/// Reads a snapshot: `None` when there is none yet (a first start); the error says which
+/// file and why, for the log.
+pub fn load(path: &Path) -> Result<Option<Loaded>, String> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
     let file: File = serde_json::from_slice(&bytes)
         .map_err(|e| format!("{}: not a snapshot the lb wrote: {e}", path.display()))?;
     if file.format != FORMAT {
@@ -48,13 +56,14 @@ pub fn load(path: &Path) -> Result<(BTreeMap<String, Vec<ServiceEntry>>, u64), S
             file.format
         ));
     }
-    Ok((file.services, file.written_unix_ms))
+    Ok(Some((file.services, file.written_unix_ms)))
 }
 
 /// Keeps `path` up to date with what `rx` holds, at most once a second, until `rx` closes.
 pub fn spawn_writer(
     path: PathBuf,
     mut rx: watch::Receiver<Arc<Services>>,
+    failed: prometheus::IntCounter,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         while rx.changed().await.is_ok() {
@@ -64,20 +73,25 @@ pub fn spawn_writer(
             match written {
                 Ok(Ok(())) => tracing::debug!(path = %path.display(), "snapshot written"),
                 Ok(Err(e)) => {
+                    failed.inc();
                     tracing::warn!(path = %path.display(), error = %e, "could not write the snapshot")
                 }
-                Err(e) => tracing::warn!(error = %e, "the snapshot writer failed"),
+                Err(e) => {
+                    failed.inc();
+                    tracing::warn!(error = %e, "the snapshot writer failed")
+                }
             }
             tokio::time::sleep(MIN_INTERVAL).await;
         }
     })
 }
 
-/// Writes the snapshot now (at shutdown), logging a failure.
-pub fn write_now(path: &Path, services: &Services) {
+/// Writes the snapshot now (at shutdown), logging and counting a failure.
+pub fn write_now(path: &Path, services: &Services, failed: &prometheus::IntCounter) {
     match write(path, services) {
         Ok(()) => tracing::info!(path = %path.display(), "snapshot written"),
         Err(e) => {
+            failed.inc();
             tracing::warn!(path = %path.display(), error = %e, "could not write the snapshot")
         }
     }
@@ -120,7 +134,7 @@ mod tests {
         .unwrap();
         let services: Services = [("web".to_string(), Arc::new(vec![entry.clone()]))].into();
         write(&path, &services).unwrap();
-        let (back, written) = load(&path).unwrap();
+        let (back, written) = load(&path).unwrap().unwrap();
         assert_eq!(back["web"], vec![entry]);
         assert!(written > 0);
 
@@ -136,7 +150,8 @@ mod tests {
             e.contains("snap.json") && e.contains("not a snapshot"),
             "{e}"
         );
-        assert!(load(&dir.join("missing")).is_err());
+        assert!(load(&dir.join("missing")).unwrap().is_none(), "none yet");
+        assert!(load(&dir).is_err(), "a directory is no snapshot");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

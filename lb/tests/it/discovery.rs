@@ -440,6 +440,11 @@ async fn a_snapshot_serves_a_cold_start_without_consul() {
     .await;
     let ready = http.get(&lb.admin_url("/readyz")).await.unwrap();
     assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        lb.metric(&http, "lb_snapshot_errors_total", &[("op", "load")])
+            .await,
+        Some(1.0)
+    );
     drop(lb);
     let _ = std::fs::remove_dir_all(&dir);
 }
