@@ -296,36 +296,41 @@ impl Publisher {
         self.set_service(&service, entries, &held);
     }
 
-    fn maybe_publish(&mut self, force: bool) {
-        if self.catalog_seen_at.is_none() && !self.from_snapshot {
+    /// The snapshot's side of a change: the table stops being the snapshot's once Consul
+    /// has answered for all of it, and what Consul said goes to the writer.
+    fn follow_snapshot(&mut self) {
+        let Some(seen) = self.catalog_seen_at else {
             return;
-        }
+        };
         // Every service answered, or the first sync's time is up (a service whose watch
         // keeps failing must not keep the table marked, nor stop the snapshot, for good).
         let synced = self.awaiting_first.is_empty()
-            || self
-                .catalog_seen_at
-                .is_some_and(|t| t.elapsed() >= self.shared.config.initial_sync_timeout);
-        if self.from_snapshot && self.catalog_seen_at.is_some() && synced {
-            // Consul has answered for everything: the table is Consul's own again.
+            || seen.elapsed() >= self.shared.config.initial_sync_timeout;
+        if !synced {
+            return;
+        }
+        if self.from_snapshot {
             self.from_snapshot = false;
             self.shared.metrics.table_from_snapshot.set(0);
             tracing::info!("Consul answered for every service; the snapshot is replaced");
         }
-        if let (Some(tx), Some(raw), Some(_)) = (&self.snapshot_tx, &self.raw, self.catalog_seen_at)
-        {
-            // What Consul said, for the next start, once the first sync is done (one half
-            // done is not worth keeping); written at the writer's pace.
-            if !self.from_snapshot && synced {
-                tx.send_if_modified(|current| {
-                    let changed = current.as_ref() != raw;
-                    if changed {
-                        *current = Arc::new(raw.clone());
-                    }
-                    changed
-                });
-            }
+        // What Consul said, for the next start; written at the writer's pace.
+        if let (Some(tx), Some(raw)) = (&self.snapshot_tx, &self.raw) {
+            tx.send_if_modified(|current| {
+                let changed = current.as_ref() != raw;
+                if changed {
+                    *current = Arc::new(raw.clone());
+                }
+                changed
+            });
         }
+    }
+
+    fn maybe_publish(&mut self, force: bool) {
+        if self.catalog_seen_at.is_none() && !self.from_snapshot {
+            return;
+        }
+        self.follow_snapshot();
         if !self.published && !force && !self.awaiting_first.is_empty() {
             return;
         }
