@@ -75,9 +75,10 @@ pub async fn handle(
         return answer(LocalReason::NoBackend, &route.name, msg);
     }
 
-    // `Connection` and `Upgrade` are hop-by-hop: most requests carry neither, and one pass
-    // over the names is cheaper than looking them up.
-    let offer = headers::has_hop_by_hop(&parts.headers)
+    // Most requests carry no hop-by-hop field (`Connection`, `Upgrade`...): one pass over the
+    // names, cheaper than looking each up, spares them both the upgrade and the removal.
+    let hop = headers::has_hop_by_hop(&parts.headers);
+    let offer = hop
         .then(|| {
             upgrade_request(
                 &parts.headers,
@@ -88,7 +89,9 @@ pub async fn handle(
         })
         .flatten()
         .map(|protocol| (protocol, UpgradePin::new(&peer)));
-    strip_request_hop_by_hop(&mut parts.headers);
+    if hop {
+        strip_request_hop_by_hop(&mut parts.headers);
+    }
     let upgrade = offer.and_then(|offer| Upgrade::carry(offer, &mut parts, &peer));
     to_http1_form(&mut parts);
     shared.retry_budget.deposit();
