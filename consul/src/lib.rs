@@ -19,6 +19,6 @@ mod types;
 pub use client::{Client, Error, QueryMeta, QueryOptions, Response};
 pub use index::next_index;
 pub use types::{
-    AgentCheck, AgentService, CheckRegistration, CheckStatus, HealthCheck, Node, Service,
-    ServiceEntry, ServiceRegistration,
+    AgentCheck, AgentService, CheckRegistration, CheckState, CheckStatus, HealthCheck, Node,
+    Service, ServiceEntry, ServiceRegistration,
 };

@@ -66,6 +66,22 @@ pub struct HealthCheck {
     pub service_name: String,
 }
 
+/// One check as `/v1/health/state/any` lists it: enough to tell which service a change of
+/// check state touched. `ModifyIndex` moves when the status or the output changes.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct CheckState {
+    pub node: String,
+    #[serde(rename = "CheckID")]
+    pub check_id: String,
+    /// Empty for a node's own checks (`serfHealth`, maintenance).
+    #[serde(default)]
+    pub service_name: String,
+    pub status: String,
+    #[serde(default)]
+    pub modify_index: u64,
+}
+
 /// The status a TTL check is set to, and the `Status` a new check may start with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
