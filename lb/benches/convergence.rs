@@ -5,6 +5,12 @@
 //! probe loop through the lb records the moment its answers change (200 once the instance is
 //! passing; not 200 once it is deregistered). The difference is the lb's delay.
 //!
+//! With `SERVICES=n`, n more routed services of 4 instances each (with passing checks, on
+//! external catalog nodes) are in Consul first: the lb must follow one service's changes among
+//! them. The run then also reports the lb's connections to Consul and the CPU time Consul
+//! spent per change (over an idle stretch of the same length, which is subtracted).
+//! `IT_LB_BIN` runs another lb build (the previous release, say) in place of this one.
+//!
 //! `cargo bench -p lb --bench convergence` (CYCLES=50 by default).
 
 #[path = "../tests/it/support/mod.rs"]
@@ -13,7 +19,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
-use support::{Backend, Consul, Http, Lb};
+use support::{catalog_write, connections_to, Backend, CatalogInstance, Consul, Http, Lb};
 use switchyard_consul::QueryOptions;
 
 const SERVICE: &str = "conv";
@@ -24,7 +30,30 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(50);
+    let services: usize = std::env::var("SERVICES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let consul = Consul::start().await;
+    if services > 0 {
+        let all: Vec<_> = (0..services * 4)
+            .map(|n| CatalogInstance {
+                node: format!("ext-{}", n % 50),
+                id: format!("bg{}-{}", n / 4, n % 4),
+                service: format!("bg{}", n / 4),
+                tags: vec![format!("lb.route=bg{}.test/", n / 4)],
+                port: 1 + (n % 4) as u16,
+                check: Some("passing"),
+            })
+            .collect();
+        let t = Instant::now();
+        catalog_write(&consul, &all).await;
+        eprintln!(
+            "{} instances of {services} services registered in {:.1?}",
+            all.len(),
+            t.elapsed()
+        );
+    }
     let backend = Backend::start("conv").await;
     // An unrelated catch-all route keeps the table non-trivial; `/conv` falls through to it
     // while the conv instance is not registered.
@@ -33,9 +62,37 @@ async fn main() {
         .register_ttl("other", "other", other.port(), &["lb.route=/"])
         .await;
     consul.set_ttl("other", true).await;
+    let started = Instant::now();
     let lb = Lb::start(&consul, &[]).await;
     let http = Http::new();
     let url = lb.url("/conv");
+    if services > 0 {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let routes = lb
+                .metric(&http, "lb_table_routes", &[])
+                .await
+                .unwrap_or(0.0);
+            if routes >= services as f64 + 1.0 {
+                eprintln!(
+                    "lb routes {routes} {:.1?} after its start",
+                    started.elapsed()
+                );
+                break;
+            }
+            if Instant::now() > deadline {
+                println!("the lb did not route all {services} services within 120 s (it routes {routes})");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let consul_pid = consul.pid().expect("consul runs") as i32;
+    // Consul's CPU with the lb connected and nothing changing, over a stretch as long as the
+    // cycles take, is what the changes did not cost.
+    let idle_for = Duration::from_millis(300 * cycles as u64 + 2000);
+    let idle = cpu_over(consul_pid, idle_for).await;
+    let cycles_began = (cpu_ticks(consul_pid), Instant::now());
 
     let mut up = Vec::new();
     let mut down = Vec::new();
@@ -66,6 +123,17 @@ async fn main() {
         }
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
+    let (ticks, elapsed) = (
+        cpu_ticks(consul_pid) - cycles_began.0,
+        cycles_began.1.elapsed(),
+    );
+    let idle_share = idle.0 as f64 * elapsed.as_secs_f64() / idle.1.as_secs_f64();
+    let per_change_ms = (ticks as f64 - idle_share) * 10.0 / (3 * cycles) as f64;
+    println!(
+        "{services} more routed services; the lb holds {} connections to Consul; Consul CPU per change: {per_change_ms:.2} ms ({ticks} ticks over {elapsed:.1?}, {:.0} idle)",
+        connections_to(lb.pid(), consul.http_port),
+        idle_share
+    );
     println!("convergence over {cycles} changes each (Consul reports -> lb traffic follows):");
     println!("| change | median | p99 | max |");
     println!("|---|---|---|---|");
@@ -87,6 +155,23 @@ async fn main() {
         );
     }
     drop(lb);
+}
+
+/// utime + stime of `pid`, in clock ticks (1/100 s).
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 of stat(5); `after` starts at field 3.
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
+/// Ticks `pid` spends over `d`, and `d`.
+async fn cpu_over(pid: i32, d: Duration) -> (u64, Duration) {
+    let (before, t) = (cpu_ticks(pid), Instant::now());
+    tokio::time::sleep(d).await;
+    (cpu_ticks(pid) - before, t.elapsed())
 }
 
 fn ms(d: Duration) -> f64 {

@@ -33,6 +33,8 @@ pub const SNAPSHOT_ERRORS_TOTAL: &str = "lb_snapshot_errors_total";
 pub const CONSUL_WATCH_ERRORS_TOTAL: &str = "lb_consul_watch_errors_total";
 pub const CONSUL_UP: &str = "lb_consul_up";
 pub const CONSUL_WATCHES: &str = "lb_consul_watches";
+pub const CONSUL_SERVICE_READS_TOTAL: &str = "lb_consul_service_reads_total";
+pub const CONSUL_SWEEPS_TOTAL: &str = "lb_consul_sweeps_total";
 pub const CONSUL_LAST_CONTACT_SECONDS: &str = "lb_consul_last_contact_seconds";
 pub const CONSUL_KNOWN_LEADER: &str = "lb_consul_known_leader";
 pub const ROUTE_TAG_ERRORS_TOTAL: &str = "lb_route_tag_errors_total";
@@ -160,6 +162,7 @@ label!(
     /// Consul watches (`lb_consul_watch_errors_total{watch}`).
     WatchName {
         Catalog => "catalog",
+        Checks => "checks",
         Health => "health",
     }
 );
@@ -169,6 +172,14 @@ pub const DISTRUSTED_ANSWER: &str = "suspicious_empty";
 /// Not a Consul error kind either: instances of an answer left out because they did not
 /// decode (a port out of range, a field of the wrong type).
 pub const BAD_ENTRY: &str = "bad_entry";
+
+label!(
+    /// Why every routed service was read again (`lb_consul_sweeps_total{reason}`).
+    SweepReason {
+        Unexplained => "unexplained",
+        Periodic => "periodic",
+    }
+);
 
 label!(
     /// How a client connection ended in error (`lb_client_connection_errors_total{kind}`).
@@ -304,6 +315,9 @@ pub struct Metrics {
     pub consul_watch_errors: IntCounterVec,
     pub consul_up: IntGauge,
     pub consul_watches: IntGauge,
+    pub consul_service_reads: IntCounter,
+    /// reason
+    pub consul_sweeps: ByLabel<SweepReason>,
     pub consul_last_contact: prometheus::Gauge,
     pub consul_known_leader: IntGauge,
     /// reason
@@ -377,9 +391,11 @@ impl Metrics {
             snapshot_errors: counter_vec(SNAPSHOT_ERRORS_TOTAL, "LB_SNAPSHOT_FILE that could not be read (op=load: refused, the lb started without it) or written (op=write).", &["op"]),
             table_from_snapshot: gauge(TABLE_FROM_SNAPSHOT, "1 while the table is served from LB_SNAPSHOT_FILE because Consul has not answered for all of it since the start."),
             routes_lingering: gauge(ROUTES_LINGERING, "Routes whose last instance left, answering 503 until LB_ROUTE_LINGER passes."),
-            consul_watch_errors: counter_vec(CONSUL_WATCH_ERRORS_TOTAL, "Failed Consul reads, by watch (catalog, health) and kind.", &["watch", "kind"]),
+            consul_watch_errors: counter_vec(CONSUL_WATCH_ERRORS_TOTAL, "Failed Consul reads, by watch (catalog, checks, health) and kind.", &["watch", "kind"]),
             consul_up: gauge(CONSUL_UP, "1 while the last Consul read succeeded."),
-            consul_watches: gauge(CONSUL_WATCHES, "Blocking queries the lb keeps open on Consul (the catalog, and one per routed service); each holds one HTTP connection."),
+            consul_watches: gauge(CONSUL_WATCHES, "Blocking queries the lb keeps open on Consul: the catalog and every check's state, whatever the number of services."),
+            consul_service_reads: counter(CONSUL_SERVICE_READS_TOTAL, "Reads of one routed service's instances (/v1/health/service), made when a blocking query shows that service changed."),
+            consul_sweeps: ByLabel::new(&counter_vec(CONSUL_SWEEPS_TOTAL, "Times every routed service was read again: a catalog change no check explained (unexplained), or the backstop timer (periodic).", &["reason"])),
             consul_last_contact: fgauge(CONSUL_LAST_CONTACT_SECONDS, "X-Consul-LastContact of the last read: staleness of the answering server."),
             consul_known_leader: gauge(CONSUL_KNOWN_LEADER, "X-Consul-KnownLeader of the last read."),
             route_tag_errors: counter_vec(ROUTE_TAG_ERRORS_TOTAL, "Malformed routing tags ignored, by reason (counted once per distinct tag).", &["reason"]),

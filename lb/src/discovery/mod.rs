@@ -1,11 +1,15 @@
-//! Consul in, routing tables out. One blocking watch on the catalog finds routed services, one
-//! blocking watch per routed service follows its instances' health, and a single publisher task
-//! turns what they report into a new `RoutingTable`, published with one `ArcSwap::store`.
+//! Consul in, routing tables out. Two blocking queries, whatever the number of services: the
+//! catalog finds routed services, and every check's state tells which of them changed
+//! (`attribute`); each routed service's watch then reads its instances again, through a few
+//! connections shared by all. A single publisher task turns what they report into a new
+//! `RoutingTable`, published with one `ArcSwap::store`.
 //!
 //! Invariants: a watch that fails keeps its last answer (the table never empties because Consul
 //! is down); a watch return that changes nothing builds nothing; updates that arrive together
-//! are applied in one build.
+//! are applied in one build; the connections to Consul do not grow with the services (its
+//! agents refuse more than `limits.http_max_conns_per_client`, 200 by default, per client).
 
+mod attribute;
 mod desired;
 mod pace;
 mod snapshot;
@@ -16,25 +20,29 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use switchyard_consul::{Client, ServiceEntry};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::routing::{BackendSpec, BuildCache, RoutingTable, TableSpec};
 use crate::Shared;
+use attribute::{Attribution, Checks, Sweep};
 pub use desired::{table_spec, Changes, DesiredTable};
 pub use pace::Pace;
-use watches::{watch_catalog, watch_service, Instances, Routed};
+use watches::{watch_catalog, watch_checks, watch_service, Instances, Routed, ServiceReads};
 
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
 /// With a snapshot file and no answer from Consul this long after the start, the lb serves
 /// the snapshot: a reachable Consul answers in milliseconds, and a restarted lb should serve
 /// within a second.
 const SNAPSHOT_AFTER: Duration = Duration::from_millis(400);
-/// Consul's default `limits.http_max_conns_per_client` is 200: warn before the lb reaches it.
-const WATCHES_WARN_AT: usize = 180;
+/// Service reads in flight at once, so connections to Consul: with the two blocking queries,
+/// six, far below an agent's default limit of 200 per client. Four reads of a few
+/// milliseconds each follow a burst of changes as fast as Consul writes them.
+const CONCURRENT_READS: usize = 4;
 
 enum Update {
     Services(Routed),
+    Checks(Checks),
     Health {
         service: String,
         instances: Instances,
@@ -49,6 +57,8 @@ pub async fn watch_consul(
 ) {
     let (tx, mut rx) = mpsc::channel::<Update>(1024);
     let catalog = tokio::spawn(watch_catalog(shared.clone(), client.clone(), tx.clone()));
+    let checks = tokio::spawn(watch_checks(shared.clone(), client.clone(), tx.clone()));
+    shared.metrics.consul_watches.set(2);
     let snapshot_file = shared.config.snapshot_file.clone();
     let (snapshot_tx, writer) = match &snapshot_file {
         Some(path) => {
@@ -70,6 +80,8 @@ pub async fn watch_consul(
         tx,
         desired: DesiredTable::with_linger(shared.config.route_linger),
         watchers: HashMap::new(),
+        reads: Arc::new(Semaphore::new(CONCURRENT_READS)),
+        attribution: Attribution::new(Instant::now()),
         awaiting_first: HashSet::new(),
         catalog_seen_at: None,
         published: false,
@@ -86,6 +98,7 @@ pub async fn watch_consul(
             .filter(|_| !publisher.published)
             .map(|t| t + shared.config.initial_sync_timeout);
         let linger_end = publisher.desired.next_expiry();
+        let sweep_due = publisher.attribution.due();
         tokio::select! {
             update = rx.recv() => {
                 let Some(update) = update else { break };
@@ -103,6 +116,7 @@ pub async fn watch_consul(
                     publisher.serve_snapshot(path);
                 }
             }
+            _ = tokio::time::sleep_until(sweep_due.into()) => publisher.sweep(),
             _ = async { tokio::time::sleep_until(linger_end.expect("guarded").into()).await }, if linger_end.is_some() => {
                 publisher.desired.expire(Instant::now());
                 publisher.maybe_publish(false);
@@ -115,8 +129,9 @@ pub async fn watch_consul(
         }
     }
     catalog.abort();
+    checks.abort();
     for (_, w) in publisher.watchers.drain() {
-        w.abort();
+        w.task.abort();
     }
     // The writer ends once its channel closes (after the write it may be doing: two writers
     // must not share the temporary file); what changed since is written now.
@@ -140,12 +155,21 @@ pub async fn watch_consul(
     }
 }
 
+/// A routed service's watch, and how to tell it that the service changed.
+struct Watcher {
+    task: JoinHandle<()>,
+    trigger: Arc<Notify>,
+}
+
 struct Publisher {
     shared: Arc<Shared>,
     client: Client,
     tx: mpsc::Sender<Update>,
     desired: DesiredTable,
-    watchers: HashMap<String, JoinHandle<()>>,
+    watchers: HashMap<String, Watcher>,
+    /// Permits for service reads: `CONCURRENT_READS`.
+    reads: Arc<Semaphore>,
+    attribution: Attribution,
     awaiting_first: HashSet<String>,
     catalog_seen_at: Option<Instant>,
     published: bool,
@@ -237,18 +261,58 @@ impl Publisher {
 
     fn apply(&mut self, update: Update) {
         match update {
-            Update::Services(routed) => self.apply_services(routed.names),
+            Update::Services(routed) => {
+                let touched = self
+                    .attribution
+                    .catalog(routed.index, &routed.tags, Instant::now());
+                self.apply_services(routed.names);
+                self.touch(touched);
+            }
+            Update::Checks(checks) => {
+                let touched = self.attribution.checks(&checks);
+                self.touch(touched);
+            }
             Update::Health { service, instances } => self.apply_health(service, instances),
+        }
+    }
+
+    /// Tells the watches of `services` to read again (those routed; a read already asked
+    /// for and not yet made is not asked for twice).
+    fn touch(&self, services: BTreeSet<String>) {
+        for name in services {
+            if let Some(w) = self.watchers.get(&name) {
+                w.trigger.notify_one();
+            }
+        }
+    }
+
+    /// Every routed service is read again, if a sweep is due (see `attribute`).
+    fn sweep(&mut self) {
+        let Some(why) = self.attribution.sweep(Instant::now()) else {
+            return;
+        };
+        let reason = match why {
+            Sweep::Unexplained => crate::metrics::SweepReason::Unexplained,
+            Sweep::Periodic => crate::metrics::SweepReason::Periodic,
+        };
+        self.shared.metrics.consul_sweeps.inc(reason);
+        tracing::debug!(
+            reason = reason.as_str(),
+            services = self.watchers.len(),
+            "reading every routed service again"
+        );
+        for w in self.watchers.values() {
+            w.trigger.notify_one();
         }
     }
 
     /// The routed services changed: stop the watches of those gone, start the new ones.
     fn apply_services(&mut self, names: BTreeSet<String>) {
         self.catalog_seen_at.get_or_insert_with(Instant::now);
-        self.watchers.retain(|name, handle| {
+        self.watchers.retain(|name, w| {
             let keep = names.contains(name);
             if !keep {
-                handle.abort();
+                w.task.abort();
             }
             keep
         });
@@ -257,30 +321,25 @@ impl Publisher {
             raw.retain(|name, _| names.contains(name));
         }
         self.warned.keep_services(|name| names.contains(name));
-        self.shared
-            .metrics
-            .consul_watches
-            .set(names.len() as i64 + 1);
         self.awaiting_first.retain(|name| names.contains(name));
         for name in names {
             if !self.watchers.contains_key(&name) {
-                if self.watchers.len() == WATCHES_WARN_AT {
-                    tracing::warn!(
-                        watches = WATCHES_WARN_AT,
-                        "many routed services: the lb holds one blocking query (one HTTP \
-                         connection) per routed service, and Consul refuses more than \
-                         limits.http_max_conns_per_client (default 200) per client \
-                         address; raise that limit on the agent the lb talks to"
-                    );
-                }
                 tracing::info!(service = %name, "watching routed service");
+                let trigger = Arc::new(Notify::new());
+                let how = ServiceReads {
+                    trigger: trigger.clone(),
+                    reads: self.reads.clone(),
+                };
                 let task = watch_service(
                     self.shared.clone(),
                     self.client.clone(),
                     name.clone(),
+                    how,
                     self.tx.clone(),
                 );
-                self.watchers.insert(name.clone(), tokio::spawn(task));
+                let task = tokio::spawn(task);
+                self.watchers
+                    .insert(name.clone(), Watcher { task, trigger });
                 self.awaiting_first.insert(name);
             }
         }

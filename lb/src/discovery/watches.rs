@@ -1,15 +1,18 @@
-//! Consul's blocking queries, one loop for every watch: pacing, index handling, backoff with
-//! jitter, reporting only real changes, and holding what a Consul that lost its state forgot.
-//! Knows nothing of routing tables.
+//! Consul's reads, one loop for every watch: pacing, index handling, backoff with jitter,
+//! reporting only real changes, and holding what a Consul that lost its state forgot. Two
+//! watches are blocking queries (the catalog, every check's state); each routed service's
+//! watch reads its instances when told that they changed, through a few connections shared
+//! by all. Knows nothing of routing tables, nor of how a change is traced to a service.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Instant;
 
 use switchyard_consul::{next_index, Client, QueryMeta, QueryOptions, ServiceEntry};
 use switchyard_daemon::backoff::Backoff;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify, Semaphore};
 
+use super::attribute::{CheckSeen, Checks};
 use super::{Pace, Update, BACKOFF_BASE};
 use crate::metrics::WatchName;
 use crate::state::ConsulContact;
@@ -133,6 +136,11 @@ impl Holdable for Instances {
 pub(super) struct Routed {
     pub names: BTreeSet<String>,
     pub held: BTreeSet<String>,
+    /// Each routed service's tags (the union over its instances), to tell which changed.
+    pub tags: BTreeMap<String, Vec<String>>,
+    /// The catalog's index: an answer at a new index is news even when nothing above moved,
+    /// since a change it does not show may be behind it.
+    pub index: u64,
 }
 
 impl Holdable for Routed {
@@ -159,6 +167,22 @@ impl Holdable for Routed {
 
     fn held(&self) -> usize {
         self.held.len()
+    }
+}
+
+/// Nothing to hold: a checks answer only says which services to read again, and each
+/// service's watch holds its own instances.
+impl Holdable for Checks {
+    fn hold_over(&self, _fresh: &Self, _only_held: bool) -> Option<Self> {
+        None
+    }
+
+    fn registered_again(&self, _fresh: &Self) -> bool {
+        false
+    }
+
+    fn held(&self) -> usize {
+        0
     }
 }
 
@@ -233,6 +257,8 @@ async fn watch<Raw, T, R, ReadFut, J, C, ChangeFut>(
             _ = async { tokio::time::sleep_until(until.expect("guarded").into()).await }, if until.is_some() => {
                 let (fresh, _) = hold.take().expect("guarded");
                 tracing::info!(watch = watch.as_str(), name, "state-loss grace over; applying Consul's answer");
+                // A read this cut short is made again at once.
+                index = 0;
                 if !report(&mut last, fresh, &mut held, &mut on_change).await {
                     return;
                 }
@@ -413,14 +439,16 @@ pub(super) async fn watch_catalog(shared: Arc<Shared>, client: Client, tx: mpsc:
         },
         |resp, _| {
             shared.consul.catalog_answered();
+            let tags: BTreeMap<String, Vec<String>> = resp
+                .value
+                .into_iter()
+                .filter(|(_, tags)| tags.iter().any(|t| t.starts_with(&route_tag)))
+                .collect();
             Verdict::Value(Routed {
-                names: resp
-                    .value
-                    .into_iter()
-                    .filter(|(_, tags)| tags.iter().any(|t| t.starts_with(&route_tag)))
-                    .map(|(name, _)| name)
-                    .collect(),
+                names: tags.keys().cloned().collect(),
                 held: BTreeSet::new(),
+                tags,
+                index: resp.meta.index,
             })
         },
         |routed| {
@@ -431,21 +459,94 @@ pub(super) async fn watch_catalog(shared: Arc<Shared>, client: Client, tx: mpsc:
     .await;
 }
 
-/// Follows `/v1/health/service/<name>` (every instance, passing or not) and reports its
-/// instances when they change.
+/// Follows `/v1/health/state/any`, every check in the datacenter, and reports each answer
+/// at a new index: which services it touched is for the caller to tell.
+pub(super) async fn watch_checks(shared: Arc<Shared>, client: Client, tx: mpsc::Sender<Update>) {
+    watch(
+        &shared,
+        WatchName::Checks,
+        "checks",
+        |q| {
+            let client = client.clone();
+            async move { client.health_state_any(&q).await }
+        },
+        |resp, _| {
+            if let Some(first) = resp.skipped.first() {
+                shared
+                    .metrics
+                    .consul_watch_errors
+                    .with_label_values(&[WatchName::Checks.as_str(), crate::metrics::BAD_ENTRY])
+                    .inc_by(resp.skipped.len() as u64);
+                tracing::warn!(skipped = resp.skipped.len(), error = %first, "left out checks Consul describes in a form the lb cannot read");
+            }
+            let checks = resp
+                .value
+                .into_iter()
+                .map(|c| {
+                    let seen = CheckSeen {
+                        service: c.service_name,
+                        status: c.status,
+                        modify_index: c.modify_index,
+                    };
+                    ((c.node, c.check_id), seen)
+                })
+                .collect();
+            Verdict::Value(Checks {
+                index: resp.meta.index,
+                checks: Arc::new(checks),
+            })
+        },
+        |checks| {
+            let tx = tx.clone();
+            async move { tx.send(Update::Checks(checks)).await.is_ok() }
+        },
+    )
+    .await;
+}
+
+/// How a routed service's watch reads: when `trigger` says the service changed (and at its
+/// start, and again after a failed read), `/v1/health/service/<name>` with every instance,
+/// passing or not, through one of the `reads` permits that bound the connections to Consul.
+pub(super) struct ServiceReads {
+    pub trigger: Arc<Notify>,
+    pub reads: Arc<Semaphore>,
+}
+
+/// Follows one routed service's instances and reports them when they change.
 pub(super) async fn watch_service(
     shared: Arc<Shared>,
     client: Client,
     service: String,
+    how: ServiceReads,
     tx: mpsc::Sender<Update>,
 ) {
+    let reads_total = shared.metrics.consul_service_reads.clone();
     watch(
         &shared,
         WatchName::Health,
         &service,
         |q| {
             let (client, service) = (client.clone(), service.clone());
-            async move { client.health_service(&service, false, &q).await }
+            let (trigger, reads) = (how.trigger.clone(), how.reads.clone());
+            let reads_total = reads_total.clone();
+            async move {
+                // Index 0 is a first read, or one after a failure: it goes at once. Otherwise
+                // the last answer stands until a change touches this service.
+                if q.index > 0 {
+                    trigger.notified().await;
+                }
+                let _permit = reads
+                    .acquire()
+                    .await
+                    .expect("the semaphore is never closed");
+                reads_total.inc();
+                let now = QueryOptions {
+                    index: 0,
+                    wait: None,
+                    stale: q.stale,
+                };
+                client.health_service(&service, false, &now).await
+            }
         },
         |resp, last: Option<&Instances>| {
             // An empty answer at index <= 1 is how a racing ACL token or a freshly restarted
@@ -539,6 +640,7 @@ mod tests {
         let routed = |names: &[&str], held: &[&str]| Routed {
             names: names.iter().map(|s| s.to_string()).collect(),
             held: held.iter().map(|s| s.to_string()).collect(),
+            ..Routed::default()
         };
         let r = routed(&["web", "api", "new"], &["web", "api"]);
         let next = r.hold_over(&routed(&["api"], &[]), true).unwrap();

@@ -8,7 +8,10 @@ use std::time::Duration;
 use http::StatusCode;
 
 use crate::balancing::wait_routed;
-use crate::support::{eventually, spread, spread_ok, Backend, Consul, Http, Lb};
+use crate::support::{
+    catalog_delete, catalog_write, connections_to, eventually, spread, spread_ok, Backend,
+    CatalogInstance, Consul, Http, Lb,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_instance_gets_traffic_once_passing() {
@@ -629,4 +632,107 @@ async fn futures_join<const N: usize>(names: [&str; N]) -> Vec<Backend> {
         out.push(Backend::start(n).await);
     }
     out
+}
+
+/// 5,000 routed services of 4 instances each, on an agent with Consul's default limits (200
+/// connections per client address, which one blocking query per service overran past about
+/// 190 services): every service is routed through a handful of connections, and each kind of
+/// change is followed: an instance's check, a new instance, one deregistered, and an instance
+/// without checks that changes its port (which only the catalog's index shows).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_services_through_a_handful_of_connections() {
+    const SERVICES: usize = 5_000;
+    const PER: usize = 4;
+    let consul = Consul::start().await;
+    let instance = |s: usize, i: usize| CatalogInstance {
+        node: format!("ext-{}", (s * PER + i) % 50),
+        id: format!("s{s}-{i}"),
+        service: format!("s{s}"),
+        tags: vec![format!("lb.route=s{s}.test/")],
+        port: 1 + i as u16,
+        check: Some("passing"),
+    };
+    let all: Vec<_> = (0..SERVICES)
+        .flat_map(|s| (0..PER).map(move |i| (s, i)))
+        .map(|(s, i)| instance(s, i))
+        .collect();
+    catalog_write(&consul, &all).await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let lb = Lb::start(&consul, &[]).await;
+    let http = Http::new();
+    eventually("every service routed", Duration::from_secs(120), || async {
+        lb.metric(&http, "lb_table_routes", &[])
+            .await
+            .is_some_and(|n| n >= SERVICES as f64)
+    })
+    .await;
+    let held = connections_to(lb.pid(), consul.http_port);
+    eprintln!("{SERVICES} services routed; the lb holds {held} connections to Consul");
+    assert!(held <= 12, "{held} connections to Consul");
+    let served_by = |host: &'static str, want: &'static str| {
+        let (http, url) = (http.clone(), lb.url("/"));
+        async move {
+            eventually(
+                &format!("{host} served by {want}"),
+                Duration::from_secs(20),
+                || {
+                    let (http, url) = (http.clone(), url.clone());
+                    async move {
+                        http.get_host(&url, host).await.is_ok_and(|r| {
+                            r.status == StatusCode::OK
+                                && r.headers.get("x-backend").is_some_and(|v| v == want)
+                        })
+                    }
+                },
+            )
+            .await;
+        }
+    };
+    let gone = |s: usize| -> Vec<CatalogInstance> { (0..PER).map(|i| instance(s, i)).collect() };
+
+    // s42: its instances replaced by a real one with a passing check, then that check fails.
+    let mut real = instance(42, 0);
+    (real.node, real.id, real.port) = ("real".into(), "s42-a".into(), a.port());
+    catalog_write(&consul, &[real]).await;
+    catalog_delete(&consul, &gone(42)).await;
+    served_by("s42.test", "a").await;
+    let mut failing = instance(42, 0);
+    (failing.node, failing.id, failing.port) = ("real".into(), "s42-a".into(), a.port());
+    failing.check = Some("critical");
+    catalog_write(&consul, &[failing]).await;
+    eventually("s42 to answer 503", Duration::from_secs(20), || async {
+        http.get_host(&lb.url("/"), "s42.test")
+            .await
+            .is_ok_and(|r| r.status == StatusCode::SERVICE_UNAVAILABLE)
+    })
+    .await;
+
+    // s77: an instance without checks comes, then changes its port: only the catalog moves.
+    catalog_delete(&consul, &gone(77)).await;
+    let mut bare = instance(77, 0);
+    (bare.node, bare.id, bare.port, bare.check) = ("real".into(), "s77-b".into(), b.port(), None);
+    catalog_write(&consul, &[bare]).await;
+    served_by("s77.test", "b").await;
+    let mut moved = instance(77, 0);
+    (moved.node, moved.id, moved.port, moved.check) =
+        ("real".into(), "s77-b".into(), a.port(), None);
+    catalog_write(&consul, &[moved]).await;
+    served_by("s77.test", "a").await;
+    let sweeps = lb
+        .metric(
+            &http,
+            "lb_consul_sweeps_total",
+            &[("reason", "unexplained")],
+        )
+        .await
+        .unwrap_or(0.0);
+    assert!(sweeps >= 1.0, "the port change was found by a sweep");
+    let reads = lb
+        .metric(&http, "lb_consul_service_reads_total", &[])
+        .await
+        .unwrap_or(0.0);
+    let held = connections_to(lb.pid(), consul.http_port);
+    eprintln!("after the changes: {held} connections, {reads} service reads, {sweeps} sweeps");
+    assert!(held <= 12, "{held} connections to Consul");
 }

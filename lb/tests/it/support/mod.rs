@@ -187,7 +187,9 @@ impl Lb {
         let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let (log, file) = log_file("lb");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lb"));
+        // A benchmark may run another build (the previous release) in its place.
+        let bin = std::env::var("IT_LB_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_lb").into());
+        let mut cmd = Command::new(bin);
         cmd.env_clear()
             .env(
                 "RUST_LOG",
@@ -329,4 +331,90 @@ pub async fn spread_ok(http: &Http, url: &str, n: usize) -> HashMap<String, usiz
         "failed requests: {seen:?}"
     );
     seen
+}
+
+/// One instance registered straight into Consul's catalog, on an external node of its own
+/// (no agent runs its checks: the check's status is whatever was written).
+pub struct CatalogInstance {
+    pub node: String,
+    pub id: String,
+    pub service: String,
+    pub tags: Vec<String>,
+    pub port: u16,
+    /// A check with this status, or none at all.
+    pub check: Option<&'static str>,
+}
+
+/// Writes `instances` to the catalog through `/v1/txn`, 64 operations at a time (Consul's
+/// limit per transaction): 20,000 instances in a few hundred writes instead of 20,000.
+pub async fn catalog_write(consul: &Consul, instances: &[CatalogInstance]) {
+    let http = Http::new();
+    let mut ops = Vec::new();
+    let mut nodes = std::collections::HashSet::new();
+    for i in instances {
+        if nodes.insert(i.node.clone()) {
+            ops.push(serde_json::json!({"Node": {"Verb": "set", "Node": {"Node": i.node, "Address": "127.0.0.1"}}}));
+        }
+        ops.push(serde_json::json!({"Service": {"Verb": "set", "Node": i.node, "Service": {
+            "ID": i.id, "Service": i.service, "Tags": i.tags, "Address": "127.0.0.1", "Port": i.port}}}));
+        if let Some(status) = i.check {
+            ops.push(serde_json::json!({"Check": {"Verb": "set", "Check": {
+                "Node": i.node, "CheckID": format!("c-{}", i.id), "Name": "check",
+                "Status": status, "ServiceID": i.id}}}));
+        }
+    }
+    txn(&http, consul, ops).await;
+}
+
+/// Deletes instances (and their checks) from the catalog.
+pub async fn catalog_delete(consul: &Consul, instances: &[CatalogInstance]) {
+    let http = Http::new();
+    let ops = instances
+        .iter()
+        .map(|i| {
+            serde_json::json!({"Service": {"Verb": "delete", "Node": i.node,
+            "Service": {"ID": i.id, "Service": i.service}}})
+        })
+        .collect();
+    txn(&http, consul, ops).await;
+}
+
+async fn txn(http: &Http, consul: &Consul, ops: Vec<serde_json::Value>) {
+    for chunk in ops.chunks(64) {
+        let body = serde_json::to_vec(chunk).unwrap();
+        let req = Request::put(format!("{}/v1/txn", consul.addr()))
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        let r = http.send(req).await.expect("txn");
+        assert_eq!(r.status, StatusCode::OK, "txn: {}", r.body);
+    }
+}
+
+/// TCP connections process `pid` has open to `port` on loopback (from /proc).
+pub fn connections_to(pid: i32, port: u16) -> usize {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter_map(|l| {
+                    let l = l.to_string_lossy().into_owned();
+                    Some(
+                        l.strip_prefix("socket:[")?
+                            .trim_end_matches(']')
+                            .to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let want = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // remote address, state 01 = ESTABLISHED, inode
+            f.len() > 9 && f[2].ends_with(&want) && f[3] == "01" && inodes.contains(f[9])
+        })
+        .count()
 }
