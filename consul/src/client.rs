@@ -202,14 +202,16 @@ impl Client {
         self.read_list(path, extra, q).await
     }
 
-    /// `GET /v1/health/state/any`: every check in the datacenter, one blocking query that
-    /// wakes on any change of check state, whichever service it belongs to.
-    pub async fn health_state_any(
+    /// `GET /v1/health/state/<state>`: the checks in that state (`any` for every check in the
+    /// datacenter). A blocking read of `critical` wakes only when the set of critical checks
+    /// changes, and its answer is as small as that set.
+    pub async fn health_state(
         &self,
+        state: &str,
         q: &QueryOptions,
     ) -> Result<Response<Vec<CheckState>>, Error> {
-        self.read_list("/v1/health/state/any".to_string(), &[], q)
-            .await
+        let path = format!("/v1/health/state/{}", utf8_percent_encode(state, SEGMENT));
+        self.read_list(path, &[], q).await
     }
 
     /// `GET /v1/agent/services`: what this agent itself has registered, keyed by service ID.

@@ -1,7 +1,7 @@
-//! Consul in, routing tables out. Two blocking queries, whatever the number of services: the
-//! catalog finds routed services, and every check's state tells which of them changed
-//! (`attribute`); each routed service's watch then reads its instances again, through a few
-//! connections shared by all. A single publisher task turns what they report into a new
+//! Consul in, routing tables out. Three blocking queries, whatever the number of services: the
+//! catalog finds routed services, and it and the critical and warning checks tell which of
+//! them changed (`attribute`); each routed service's watch then reads its instances again,
+//! through a few connections shared by all. A single publisher task turns what they report into a new
 //! `RoutingTable`, published with one `ArcSwap::store`.
 //!
 //! Invariants: a watch that fails keeps its last answer (the table never empties because Consul
@@ -25,24 +25,31 @@ use tokio::task::JoinHandle;
 
 use crate::routing::{BackendSpec, BuildCache, RoutingTable, TableSpec};
 use crate::Shared;
-use attribute::{Attribution, Checks, Sweep};
+use attribute::{Attribution, CheckList, Checks, Sweep};
 pub use desired::{table_spec, Changes, DesiredTable};
 pub use pace::Pace;
-use watches::{watch_catalog, watch_checks, watch_service, Instances, Routed, ServiceReads};
+use watches::{
+    watch_catalog, watch_census, watch_check_list, watch_service, Instances, Routed, ServiceReads,
+};
 
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
 /// With a snapshot file and no answer from Consul this long after the start, the lb serves
 /// the snapshot: a reachable Consul answers in milliseconds, and a restarted lb should serve
 /// within a second.
 const SNAPSHOT_AFTER: Duration = Duration::from_millis(400);
-/// Service reads in flight at once, so connections to Consul: with the two blocking queries,
-/// six, far below an agent's default limit of 200 per client. Four reads of a few
+/// Service reads in flight at once, so connections to Consul: with the three blocking
+/// queries and the census, eight, far below an agent's default limit of 200 per client. Four reads of a few
 /// milliseconds each follow a burst of changes as fast as Consul writes them.
 const CONCURRENT_READS: usize = 4;
 
+/// Services with instances without checks read on every catalog change, at most; with more,
+/// the sweep that follows a change nothing explains finds theirs.
+const UNCHECKED_READ_MAX: usize = 64;
+
 enum Update {
     Services(Routed),
-    Checks(Checks),
+    Status(CheckList, Checks),
+    Census(Checks),
     Health {
         service: String,
         instances: Instances,
@@ -57,8 +64,18 @@ pub async fn watch_consul(
 ) {
     let (tx, mut rx) = mpsc::channel::<Update>(1024);
     let catalog = tokio::spawn(watch_catalog(shared.clone(), client.clone(), tx.clone()));
-    let checks = tokio::spawn(watch_checks(shared.clone(), client.clone(), tx.clone()));
-    shared.metrics.consul_watches.set(2);
+    let mut background = vec![catalog];
+    for list in CheckList::ALL {
+        let task = watch_check_list(shared.clone(), client.clone(), list, tx.clone());
+        background.push(tokio::spawn(task));
+    }
+    let census = Arc::new(Notify::new());
+    let task = watch_census(shared.clone(), client.clone(), census.clone(), tx.clone());
+    background.push(tokio::spawn(task));
+    shared
+        .metrics
+        .consul_watches
+        .set(1 + CheckList::ALL.len() as i64);
     let snapshot_file = shared.config.snapshot_file.clone();
     let (snapshot_tx, writer) = match &snapshot_file {
         Some(path) => {
@@ -82,6 +99,8 @@ pub async fn watch_consul(
         watchers: HashMap::new(),
         reads: Arc::new(Semaphore::new(CONCURRENT_READS)),
         attribution: Attribution::new(Instant::now()),
+        census,
+        unchecked: HashSet::new(),
         awaiting_first: HashSet::new(),
         catalog_seen_at: None,
         published: false,
@@ -128,8 +147,9 @@ pub async fn watch_consul(
             _ = shutdown.changed() => break,
         }
     }
-    catalog.abort();
-    checks.abort();
+    for task in background {
+        task.abort();
+    }
     for (_, w) in publisher.watchers.drain() {
         w.task.abort();
     }
@@ -170,6 +190,10 @@ struct Publisher {
     /// Permits for service reads: `CONCURRENT_READS`.
     reads: Arc<Semaphore>,
     attribution: Attribution,
+    /// Asks for a census (see `attribute`).
+    census: Arc<Notify>,
+    /// Routed services with an instance that has no checks of its own.
+    unchecked: HashSet<String>,
     awaiting_first: HashSet<String>,
     catalog_seen_at: Option<Instant>,
     published: bool,
@@ -262,14 +286,25 @@ impl Publisher {
     fn apply(&mut self, update: Update) {
         match update {
             Update::Services(routed) => {
-                let touched = self
+                let news = self
                     .attribution
                     .catalog(routed.index, &routed.tags, Instant::now());
                 self.apply_services(routed.names);
+                self.touch(news.touched);
+                if news.census {
+                    self.census.notify_one();
+                    // Few, or a sweep is cheaper (it is spaced; these reads would not be).
+                    if self.unchecked.len() <= UNCHECKED_READ_MAX {
+                        self.touch(self.unchecked.iter().cloned().collect());
+                    }
+                }
+            }
+            Update::Status(list, checks) => {
+                let touched = self.attribution.status(list, &checks);
                 self.touch(touched);
             }
-            Update::Checks(checks) => {
-                let touched = self.attribution.checks(&checks);
+            Update::Census(checks) => {
+                let touched = self.attribution.census(&checks, Instant::now());
                 self.touch(touched);
             }
             Update::Health { service, instances } => self.apply_health(service, instances),
@@ -322,6 +357,7 @@ impl Publisher {
         }
         self.warned.keep_services(|name| names.contains(name));
         self.awaiting_first.retain(|name| names.contains(name));
+        self.unchecked.retain(|name| names.contains(name));
         for name in names {
             if !self.watchers.contains_key(&name) {
                 tracing::info!(service = %name, "watching routed service");
@@ -352,6 +388,16 @@ impl Publisher {
             return;
         }
         self.awaiting_first.remove(&service);
+        // An instance without checks of its own: its changes show only in the catalog's
+        // index (see `attribute`).
+        let unchecked = entries
+            .iter()
+            .any(|e| !e.checks.iter().any(|c| !c.service_name.is_empty()));
+        if unchecked {
+            self.unchecked.insert(service.clone());
+        } else {
+            self.unchecked.remove(&service);
+        }
         self.set_service(&service, entries, &held);
     }
 

@@ -1,8 +1,8 @@
 //! Consul's reads, one loop for every watch: pacing, index handling, backoff with jitter,
-//! reporting only real changes, and holding what a Consul that lost its state forgot. Two
-//! watches are blocking queries (the catalog, every check's state); each routed service's
-//! watch reads its instances when told that they changed, through a few connections shared
-//! by all. Knows nothing of routing tables, nor of how a change is traced to a service.
+//! reporting only real changes, and holding what a Consul that lost its state forgot. Three
+//! watches are blocking queries (the catalog, the critical and the warning checks); the
+//! census of every check, and each routed service's instances, are read when told that they
+//! changed, through a few connections shared by all. Knows nothing of routing tables, nor of how a change is traced to a service.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use switchyard_consul::{next_index, Client, QueryMeta, QueryOptions, ServiceEntr
 use switchyard_daemon::backoff::Backoff;
 use tokio::sync::{mpsc, Notify, Semaphore};
 
-use super::attribute::{CheckSeen, Checks};
+use super::attribute::{CheckList, CheckSeen, Checks};
 use super::{Pace, Update, BACKOFF_BASE};
 use crate::metrics::WatchName;
 use crate::state::ConsulContact;
@@ -459,49 +459,117 @@ pub(super) async fn watch_catalog(shared: Arc<Shared>, client: Client, tx: mpsc:
     .await;
 }
 
-/// Follows `/v1/health/state/any`, every check in the datacenter, and reports each answer
-/// at a new index: which services it touched is for the caller to tell.
-pub(super) async fn watch_checks(shared: Arc<Shared>, client: Client, tx: mpsc::Sender<Update>) {
+/// Follows one check state (`critical`, `warning`) with a blocking query and reports each
+/// answer that differs.
+pub(super) async fn watch_check_list(
+    shared: Arc<Shared>,
+    client: Client,
+    list: CheckList,
+    tx: mpsc::Sender<Update>,
+) {
     watch(
         &shared,
         WatchName::Checks,
-        "checks",
+        list.as_str(),
         |q| {
             let client = client.clone();
-            async move { client.health_state_any(&q).await }
+            async move { client.health_state(list.as_str(), &q).await }
         },
-        |resp, _| {
-            if let Some(first) = resp.skipped.first() {
-                shared
-                    .metrics
-                    .consul_watch_errors
-                    .with_label_values(&[WatchName::Checks.as_str(), crate::metrics::BAD_ENTRY])
-                    .inc_by(resp.skipped.len() as u64);
-                tracing::warn!(skipped = resp.skipped.len(), error = %first, "left out checks Consul describes in a form the lb cannot read");
-            }
-            let checks = resp
-                .value
-                .into_iter()
-                .map(|c| {
-                    let seen = CheckSeen {
-                        service: c.service_name,
-                        status: c.status,
-                        modify_index: c.modify_index,
-                    };
-                    ((c.node, c.check_id), seen)
-                })
-                .collect();
-            Verdict::Value(Checks {
-                index: resp.meta.index,
-                checks: Arc::new(checks),
-            })
-        },
+        |resp, _| checks_of(&shared, resp, Instant::now()),
         |checks| {
             let tx = tx.clone();
-            async move { tx.send(Update::Checks(checks)).await.is_ok() }
+            async move { tx.send(Update::Status(list, checks)).await.is_ok() }
         },
     )
     .await;
+}
+
+/// A census is read no more than this share of the time: at 20,000 checks one costs Consul
+/// about 100 ms, and instances coming and going without pause must not keep it busy.
+const CENSUS_SPACING: u32 = 3;
+
+/// Reads every check in the datacenter (`/v1/health/state/any`) when `trigger` says
+/// instances may have come or gone (and at the start), each read spaced from the last by
+/// `CENSUS_SPACING` times what that one took, and reports each answer.
+pub(super) async fn watch_census(
+    shared: Arc<Shared>,
+    client: Client,
+    trigger: Arc<Notify>,
+    tx: mpsc::Sender<Update>,
+) {
+    let last: Arc<std::sync::Mutex<Option<(Instant, std::time::Duration)>>> = Arc::default();
+    watch(
+        &shared,
+        WatchName::Checks,
+        "any",
+        |q| {
+            let (client, trigger, last) = (client.clone(), trigger.clone(), last.clone());
+            async move {
+                if q.index > 0 {
+                    trigger.notified().await;
+                }
+                let spaced = *last.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some((ended, took)) = spaced {
+                    tokio::time::sleep_until((ended + took * CENSUS_SPACING).into()).await;
+                }
+                let began = Instant::now();
+                let now = QueryOptions {
+                    index: 0,
+                    wait: None,
+                    stale: q.stale,
+                };
+                let answer = client.health_state("any", &now).await;
+                *last.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((Instant::now(), began.elapsed()));
+                answer
+            }
+        },
+        |resp, _| {
+            // The read just ended: `last` is its own.
+            let (ended, took) = last
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .unwrap_or((Instant::now(), std::time::Duration::ZERO));
+            checks_of(&shared, resp, ended - took)
+        },
+        |checks| {
+            let tx = tx.clone();
+            async move { tx.send(Update::Census(checks)).await.is_ok() }
+        },
+    )
+    .await;
+}
+
+/// A checks answer as the lb keeps it; entries that do not decode are left out and counted.
+fn checks_of(
+    shared: &Shared,
+    resp: switchyard_consul::Response<Vec<switchyard_consul::CheckState>>,
+    began: Instant,
+) -> Verdict<Checks> {
+    if let Some(first) = resp.skipped.first() {
+        shared
+            .metrics
+            .consul_watch_errors
+            .with_label_values(&[WatchName::Checks.as_str(), crate::metrics::BAD_ENTRY])
+            .inc_by(resp.skipped.len() as u64);
+        tracing::warn!(skipped = resp.skipped.len(), error = %first, "left out checks Consul describes in a form the lb cannot read");
+    }
+    let checks = resp
+        .value
+        .into_iter()
+        .map(|c| {
+            let seen = CheckSeen {
+                service: c.service_name,
+                status: c.status,
+            };
+            ((c.node, c.check_id), seen)
+        })
+        .collect();
+    Verdict::Value(Checks {
+        index: resp.meta.index,
+        checks: Arc::new(checks),
+        began,
+    })
 }
 
 /// How a routed service's watch reads: when `trigger` says the service changed (and at its

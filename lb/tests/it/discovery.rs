@@ -708,17 +708,12 @@ async fn thousands_of_services_through_a_handful_of_connections() {
     })
     .await;
 
-    // s77: an instance without checks comes, then changes its port: only the catalog moves.
-    catalog_delete(&consul, &gone(77)).await;
+    // s77: an instance without checks joins a service whose instances all have checks: only
+    // the catalog moves, and a sweep finds it.
     let mut bare = instance(77, 0);
     (bare.node, bare.id, bare.port, bare.check) = ("real".into(), "s77-b".into(), b.port(), None);
     catalog_write(&consul, &[bare]).await;
     served_by("s77.test", "b").await;
-    let mut moved = instance(77, 0);
-    (moved.node, moved.id, moved.port, moved.check) =
-        ("real".into(), "s77-b".into(), a.port(), None);
-    catalog_write(&consul, &[moved]).await;
-    served_by("s77.test", "a").await;
     let sweeps = lb
         .metric(
             &http,
@@ -727,7 +722,15 @@ async fn thousands_of_services_through_a_handful_of_connections() {
         )
         .await
         .unwrap_or(0.0);
-    assert!(sweeps >= 1.0, "the port change was found by a sweep");
+    assert!(sweeps >= 1.0, "the new instance was found by a sweep");
+    catalog_delete(&consul, &gone(77)).await;
+    // It changes its port: the lb knows s77 has an instance without checks, and reads it on
+    // the catalog's change.
+    let mut moved = instance(77, 0);
+    (moved.node, moved.id, moved.port, moved.check) =
+        ("real".into(), "s77-b".into(), a.port(), None);
+    catalog_write(&consul, &[moved]).await;
+    served_by("s77.test", "a").await;
     let reads = lb
         .metric(&http, "lb_consul_service_reads_total", &[])
         .await
