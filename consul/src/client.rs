@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::{header, Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client as HyperClient};
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::de::DeserializeOwned;
 
@@ -154,17 +154,38 @@ impl Client {
                 reason: "expected http://host:port".into(),
             });
         }
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_secs(3)));
-        connector.set_nodelay(true);
-        let http = HyperClient::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
         Ok(Client {
-            http,
+            http: Self::http(),
             base,
             token: token.filter(|t| !t.is_empty()),
         })
+    }
+
+    /// The same agent through connections of its own: reads that are bounded in number
+    /// (a few at a time) are kept apart from long polls, whose connections stay busy for
+    /// minutes, so that they reuse their own few connections instead of opening new ones
+    /// whenever the long polls hold every idle one.
+    pub fn with_own_pool(&self) -> Client {
+        Client {
+            http: Self::http(),
+            base: self.base.clone(),
+            token: self.token.clone(),
+        }
+    }
+
+    fn http() -> HyperClient<HttpConnector, Full<Bytes>> {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_secs(3)));
+        connector.set_nodelay(true);
+        // A request made just as another's connection goes back to the pool opens a new
+        // one; idle connections close soon, so that the count follows what is in use (an
+        // agent refuses more than `limits.http_max_conns_per_client`, 200 by default).
+        // (Without a timer the pool only drops an expired connection when it next looks
+        // at it, and idle ones stay open for good.)
+        HyperClient::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(3))
+            .pool_timer(TokioTimer::new())
+            .build(connector)
     }
 
     pub fn base(&self) -> &str {

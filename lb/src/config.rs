@@ -49,6 +49,12 @@ pub const SETTINGS: &[Setting] = &[
         "blocking queries a watch may make back to back",
     ),
     (
+        "LB_CONSUL_SERVICE_WATCHES",
+        "64",
+        "routed services followed by a blocking query (one Consul connection) each; the rest \
+         through the checks' queries",
+    ),
+    (
         "LB_CONSUL_BACKOFF_MAX",
         "10s",
         "longest wait between retries when Consul fails",
@@ -278,6 +284,7 @@ pub struct Config {
     pub consul_stale: bool,
     pub consul_rate: f64,
     pub consul_burst: u32,
+    pub consul_service_watches: usize,
     pub consul_backoff_max: Duration,
     pub initial_sync_timeout: Duration,
     pub route_linger: Duration,
@@ -365,6 +372,11 @@ impl Config {
                 "LB_CONSUL_BURST",
                 |s| s.parse().ok().filter(|b| *b >= 1),
                 "an integer >= 1",
+            ),
+            consul_service_watches: p.get(
+                "LB_CONSUL_SERVICE_WATCHES",
+                |s| s.parse().ok(),
+                "an integer >= 0",
             ),
             consul_backoff_max: p.get(
                 "LB_CONSUL_BACKOFF_MAX",

@@ -393,7 +393,7 @@ impl Metrics {
             routes_lingering: gauge(ROUTES_LINGERING, "Routes whose last instance left, answering 503 until LB_ROUTE_LINGER passes."),
             consul_watch_errors: counter_vec(CONSUL_WATCH_ERRORS_TOTAL, "Failed Consul reads, by watch (catalog, checks, health) and kind.", &["watch", "kind"]),
             consul_up: gauge(CONSUL_UP, "1 while the last Consul read succeeded."),
-            consul_watches: gauge(CONSUL_WATCHES, "Blocking queries the lb keeps open on Consul: the catalog, the critical and the warning checks, whatever the number of services."),
+            consul_watches: gauge(CONSUL_WATCHES, "Blocking queries the lb keeps open on Consul: the catalog, the critical and the warning checks, and one per routed service up to LB_CONSUL_SERVICE_WATCHES."),
             consul_service_reads: counter(CONSUL_SERVICE_READS_TOTAL, "Reads of one routed service's instances (/v1/health/service), made when a blocking query shows that service changed."),
             consul_sweeps: ByLabel::new(&counter_vec(CONSUL_SWEEPS_TOTAL, "Times every routed service was read again: a catalog change after which no check came or went (unexplained), or the 5-minute backstop (periodic).", &["reason"])),
             consul_last_contact: fgauge(CONSUL_LAST_CONTACT_SECONDS, "X-Consul-LastContact of the last read: staleness of the answering server."),

@@ -1,13 +1,15 @@
-//! Consul in, routing tables out. Three blocking queries, whatever the number of services: the
-//! catalog finds routed services, and it and the critical and warning checks tell which of
-//! them changed (`attribute`); each routed service's watch then reads its instances again,
-//! through a few connections shared by all. A single publisher task turns what they report into a new
+//! Consul in, routing tables out. The first routed services (`LB_CONSUL_SERVICE_WATCHES`)
+//! are each followed by a blocking query of their own; the rest through three blocking
+//! queries whatever their number (the catalog, the critical and the warning checks) that
+//! tell which of them changed (`attribute`), each then read again through a few connections
+//! shared by all. A single publisher task turns what the watches report into a new
 //! `RoutingTable`, published with one `ArcSwap::store`.
 //!
 //! Invariants: a watch that fails keeps its last answer (the table never empties because Consul
 //! is down); a watch return that changes nothing builds nothing; updates that arrive together
-//! are applied in one build; the connections to Consul do not grow with the services (its
-//! agents refuse more than `limits.http_max_conns_per_client`, 200 by default, per client).
+//! are applied in one build; the connections to Consul do not grow past the setting with the
+//! services (an agent refuses more than `limits.http_max_conns_per_client`, 200 by default,
+//! per client address).
 
 mod attribute;
 mod desired;
@@ -45,6 +47,8 @@ const CONCURRENT_READS: usize = 4;
 /// Services with instances without checks read on every catalog change, at most; with more,
 /// the sweep that follows a change nothing explains finds theirs.
 const UNCHECKED_READ_MAX: usize = 64;
+/// Blocking queries held whatever the services: the catalog and the check lists.
+const LONG_POLLS: i64 = 1 + CheckList::ALL.len() as i64;
 
 enum Update {
     Services(Routed),
@@ -70,12 +74,17 @@ pub async fn watch_consul(
         background.push(tokio::spawn(task));
     }
     let census = Arc::new(Notify::new());
-    let task = watch_census(shared.clone(), client.clone(), census.clone(), tx.clone());
+    // Reads made a few at a time (the census, services without a blocking query) go through
+    // connections of their own, apart from the long polls'.
+    let reads_client = client.with_own_pool();
+    let task = watch_census(
+        shared.clone(),
+        reads_client.clone(),
+        census.clone(),
+        tx.clone(),
+    );
     background.push(tokio::spawn(task));
-    shared
-        .metrics
-        .consul_watches
-        .set(1 + CheckList::ALL.len() as i64);
+    shared.metrics.consul_watches.set(LONG_POLLS);
     let snapshot_file = shared.config.snapshot_file.clone();
     let (snapshot_tx, writer) = match &snapshot_file {
         Some(path) => {
@@ -94,6 +103,7 @@ pub async fn watch_consul(
     let mut publisher = Publisher {
         shared: shared.clone(),
         client,
+        reads_client,
         tx,
         desired: DesiredTable::with_linger(shared.config.route_linger),
         watchers: HashMap::new(),
@@ -101,6 +111,7 @@ pub async fn watch_consul(
         attribution: Attribution::new(Instant::now()),
         census,
         unchecked: HashSet::new(),
+        blocking: 0,
         awaiting_first: HashSet::new(),
         catalog_seen_at: None,
         published: false,
@@ -175,15 +186,20 @@ pub async fn watch_consul(
     }
 }
 
-/// A routed service's watch, and how to tell it that the service changed.
+/// A routed service's watch, and how to tell it that the service changed (unless it follows
+/// the service with a blocking query of its own).
 struct Watcher {
     task: JoinHandle<()>,
     trigger: Arc<Notify>,
+    blocking: bool,
 }
 
 struct Publisher {
     shared: Arc<Shared>,
+    /// For blocking queries.
     client: Client,
+    /// For the reads made a few at a time.
+    reads_client: Client,
     tx: mpsc::Sender<Update>,
     desired: DesiredTable,
     watchers: HashMap<String, Watcher>,
@@ -194,6 +210,8 @@ struct Publisher {
     census: Arc<Notify>,
     /// Routed services with an instance that has no checks of its own.
     unchecked: HashSet<String>,
+    /// Watchers with a blocking query of their own (`LB_CONSUL_SERVICE_WATCHES` at most).
+    blocking: usize,
     awaiting_first: HashSet<String>,
     catalog_seen_at: Option<Instant>,
     published: bool,
@@ -291,7 +309,8 @@ impl Publisher {
                     .catalog(routed.index, &routed.tags, Instant::now());
                 self.apply_services(routed.names);
                 self.touch(news.touched);
-                if news.census {
+                // Only watches without a blocking query of their own need the census.
+                if news.census && self.watchers.len() > self.blocking {
                     self.census.notify_one();
                     // Few, or a sweep is cheaper (it is spaced; these reads would not be).
                     if self.unchecked.len() <= UNCHECKED_READ_MAX {
@@ -311,11 +330,11 @@ impl Publisher {
         }
     }
 
-    /// Tells the watches of `services` to read again (those routed; a read already asked
-    /// for and not yet made is not asked for twice).
+    /// Tells the watches of `services` to read again (those routed and without a blocking
+    /// query of their own; a read already asked for and not yet made is not asked twice).
     fn touch(&self, services: BTreeSet<String>) {
         for name in services {
-            if let Some(w) = self.watchers.get(&name) {
+            if let Some(w) = self.watchers.get(&name).filter(|w| !w.blocking) {
                 w.trigger.notify_one();
             }
         }
@@ -333,10 +352,10 @@ impl Publisher {
         self.shared.metrics.consul_sweeps.inc(reason);
         tracing::debug!(
             reason = reason.as_str(),
-            services = self.watchers.len(),
+            services = self.watchers.len() - self.blocking,
             "reading every routed service again"
         );
-        for w in self.watchers.values() {
+        for w in self.watchers.values().filter(|w| !w.blocking) {
             w.trigger.notify_one();
         }
     }
@@ -344,13 +363,16 @@ impl Publisher {
     /// The routed services changed: stop the watches of those gone, start the new ones.
     fn apply_services(&mut self, names: BTreeSet<String>) {
         self.catalog_seen_at.get_or_insert_with(Instant::now);
+        let mut blocking = self.blocking;
         self.watchers.retain(|name, w| {
             let keep = names.contains(name);
             if !keep {
                 w.task.abort();
+                blocking -= usize::from(w.blocking);
             }
             keep
         });
+        self.blocking = blocking;
         self.desired.retain(|name| names.contains(name));
         if let Some(raw) = &mut self.raw {
             raw.retain(|name, _| names.contains(name));
@@ -362,23 +384,41 @@ impl Publisher {
             if !self.watchers.contains_key(&name) {
                 tracing::info!(service = %name, "watching routed service");
                 let trigger = Arc::new(Notify::new());
+                // The first services each get a blocking query (the cheapest way to follow
+                // one service, for Consul and for convergence), as many as the setting allows.
+                let blocking = self.blocking < self.shared.config.consul_service_watches;
+                self.blocking += usize::from(blocking);
                 let how = ServiceReads {
+                    blocking,
                     trigger: trigger.clone(),
                     reads: self.reads.clone(),
                 };
+                let client = if blocking {
+                    &self.client
+                } else {
+                    &self.reads_client
+                };
                 let task = watch_service(
                     self.shared.clone(),
-                    self.client.clone(),
+                    client.clone(),
                     name.clone(),
                     how,
                     self.tx.clone(),
                 );
                 let task = tokio::spawn(task);
-                self.watchers
-                    .insert(name.clone(), Watcher { task, trigger });
+                let watcher = Watcher {
+                    task,
+                    trigger,
+                    blocking,
+                };
+                self.watchers.insert(name.clone(), watcher);
                 self.awaiting_first.insert(name);
             }
         }
+        self.shared
+            .metrics
+            .consul_watches
+            .set(LONG_POLLS + self.blocking as i64);
     }
 
     /// A routed service's instances changed: its share of the desired table is parsed anew.

@@ -572,10 +572,12 @@ fn checks_of(
     })
 }
 
-/// How a routed service's watch reads: when `trigger` says the service changed (and at its
-/// start, and again after a failed read), `/v1/health/service/<name>` with every instance,
-/// passing or not, through one of the `reads` permits that bound the connections to Consul.
+/// How a routed service's watch reads `/v1/health/service/<name>` (every instance, passing
+/// or not): with a blocking query of its own when `blocking`; otherwise when `trigger` says
+/// the service changed (and at its start, and again after a failed read), through one of the
+/// `reads` permits that bound the connections to Consul.
 pub(super) struct ServiceReads {
+    pub blocking: bool,
     pub trigger: Arc<Notify>,
     pub reads: Arc<Semaphore>,
 }
@@ -597,7 +599,11 @@ pub(super) async fn watch_service(
             let (client, service) = (client.clone(), service.clone());
             let (trigger, reads) = (how.trigger.clone(), how.reads.clone());
             let reads_total = reads_total.clone();
+            let blocking = how.blocking;
             async move {
+                if blocking {
+                    return client.health_service(&service, false, &q).await;
+                }
                 // Index 0 is a first read, or one after a failure: it goes at once. Otherwise
                 // the last answer stands until a change touches this service.
                 if q.index > 0 {
