@@ -177,6 +177,7 @@ label!(
     /// Why every routed service was read again (`lb_consul_sweeps_total{reason}`).
     SweepReason {
         Unexplained => "unexplained",
+        Resync => "resync",
         Periodic => "periodic",
     }
 );
@@ -395,7 +396,7 @@ impl Metrics {
             consul_up: gauge(CONSUL_UP, "1 while the last Consul read succeeded."),
             consul_watches: gauge(CONSUL_WATCHES, "Blocking queries the lb keeps open on Consul: the catalog, the critical and the warning checks, and one per routed service up to LB_CONSUL_SERVICE_WATCHES."),
             consul_service_reads: counter(CONSUL_SERVICE_READS_TOTAL, "Reads of one routed service's instances (/v1/health/service), made when a blocking query shows that service changed."),
-            consul_sweeps: ByLabel::new(&counter_vec(CONSUL_SWEEPS_TOTAL, "Times every routed service was read again: a catalog change after which no check came or went (unexplained), or the 5-minute backstop (periodic).", &["reason"])),
+            consul_sweeps: ByLabel::new(&counter_vec(CONSUL_SWEEPS_TOTAL, "Times every routed service without a blocking query of its own was read again: a catalog change nothing explained (unexplained), Consul answering again after failed reads (resync), or the 5-minute backstop (periodic).", &["reason"])),
             consul_last_contact: fgauge(CONSUL_LAST_CONTACT_SECONDS, "X-Consul-LastContact of the last read: staleness of the answering server."),
             consul_known_leader: gauge(CONSUL_KNOWN_LEADER, "X-Consul-KnownLeader of the last read."),
             route_tag_errors: counter_vec(ROUTE_TAG_ERRORS_TOTAL, "Malformed routing tags ignored, by reason (counted once per distinct tag).", &["reason"]),

@@ -25,6 +25,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// How long a catalog change waits for a check list to explain it before a census is read:
+/// the lists and the catalog wake on the same write, milliseconds apart.
+const EXPLAIN_WITHIN: Duration = Duration::from_millis(50);
 /// A catalog change whose census has not come by then (Consul failing) is swept.
 const CENSUS_WITHIN: Duration = Duration::from_secs(5);
 /// Sweeps at most this often: a Consul where unexplained changes keep coming is read in
@@ -86,19 +89,41 @@ impl CheckList {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Sweep {
     Unexplained,
+    /// Consul answers again after failed reads.
+    Resync,
     Periodic,
 }
 
 /// What a catalog answer says.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(super) struct CatalogNews {
-    /// Services that stayed and whose tags changed.
+    /// Services that came, went or changed their tags.
     pub touched: BTreeSet<String>,
-    /// Instances may have come or gone: a census is wanted.
+    /// A census is wanted now.
     pub census: bool,
+    /// The catalog's index moved: an instance came, went or changed, somewhere.
+    pub moved: bool,
 }
 
 type CheckMap = Arc<HashMap<CheckKey, CheckSeen>>;
+
+/// A catalog change on its way to being explained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pending {
+    /// Waiting for a check list to show a check that came or went, until `until`.
+    Lists { since: Instant, until: Instant },
+    /// A census was asked for: one read after `since` settles it; `until` bounds the wait.
+    Census { since: Instant, until: Instant },
+    /// Nothing explained it: a sweep.
+    Sweep(Sweep),
+}
+
+/// What the caller is to do now (`Attribution::next`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Action {
+    Census,
+    Sweep(Sweep),
+}
 
 #[derive(Debug)]
 pub(super) struct Attribution {
@@ -106,8 +131,9 @@ pub(super) struct Attribution {
     lists: [Option<CheckMap>; 2],
     tags: Option<BTreeMap<String, Vec<String>>>,
     catalog_index: u64,
-    /// A catalog change that waits for a census read after it (since when, and until when).
-    pending: Option<(Instant, Instant)>,
+    pending: Option<Pending>,
+    /// When a check list last showed an instance registered (a check no census had).
+    listed_came_or_went: Option<Instant>,
     last_sweep: Instant,
 }
 
@@ -119,16 +145,23 @@ impl Attribution {
             tags: None,
             catalog_index: 0,
             pending: None,
+            listed_came_or_went: None,
             last_sweep: now,
         }
     }
 
-    /// A catalog answer (the routed services and their tags). Every answer at a new index
-    /// wants a census; one that changes no service's tags waits for it to be explained.
+    /// A catalog answer (the routed services and their tags): the services that came, went
+    /// or changed their tags. An answer at a new index (an instance came or went, somewhere) that the
+    /// check lists do not explain within `EXPLAIN_WITHIN` asks for a census (`next`).
+    ///
+    /// The first answer after failed reads (`recovered`) asks for a sweep: anything may have
+    /// changed while Consul was away, and a Consul that restarted may even be back at the
+    /// same index.
     pub fn catalog(
         &mut self,
         index: u64,
         tags: &BTreeMap<String, Vec<String>>,
+        recovered: bool,
         now: Instant,
     ) -> CatalogNews {
         let moved = std::mem::replace(&mut self.catalog_index, index) != index;
@@ -138,63 +171,92 @@ impl Attribution {
             return CatalogNews {
                 touched: BTreeSet::new(),
                 census: true,
+                moved: false,
             };
         };
-        if old == *tags {
-            if moved {
-                // The census must be read after the latest such change; the wait runs from
-                // the first.
-                let until = self.pending.map_or(now + CENSUS_WITHIN, |(_, until)| until);
-                self.pending = Some((now, until));
-            }
-            return CatalogNews {
-                touched: BTreeSet::new(),
-                census: moved,
+        let mut news = CatalogNews {
+            moved,
+            ..CatalogNews::default()
+        };
+        if old != *tags {
+            // Services that came, went or changed their tags. (One that went may still be
+            // routed, held after a Consul lost its state: its watch reads what is left.)
+            news.touched = tags
+                .keys()
+                .chain(old.keys())
+                .filter(|name| old.get(*name) != tags.get(*name))
+                .cloned()
+                .collect();
+        }
+        if recovered {
+            self.pending = Some(Pending::Sweep(Sweep::Resync));
+        }
+        // A change of tags explains the move.
+        if moved && news.touched.is_empty() && !recovered {
+            let listed = self
+                .listed_came_or_went
+                .is_some_and(|t| now.saturating_duration_since(t) <= EXPLAIN_WITHIN);
+            self.pending = match self.pending {
+                // A census already asked for must be read after this change too.
+                Some(Pending::Census { until, .. }) => {
+                    news.census = true;
+                    Some(Pending::Census { since: now, until })
+                }
+                Some(Pending::Lists { until, .. }) => Some(Pending::Lists { since: now, until }),
+                Some(Pending::Sweep(why)) => Some(Pending::Sweep(why)),
+                None if listed => None,
+                None => Some(Pending::Lists {
+                    since: now,
+                    until: now + EXPLAIN_WITHIN,
+                }),
             };
         }
-        CatalogNews {
-            touched: tags
-                .iter()
-                .filter(|(name, t)| old.get(*name).is_some_and(|o| o != *t))
-                .map(|(name, _)| name.clone())
-                .collect(),
-            census: true,
-        }
+        news
     }
 
     /// A census, every check in the datacenter: the services whose checks appeared,
     /// vanished or changed since the last one. A catalog change waiting for it is explained
     /// when a check came or went (an instance registered or deregistered with its checks);
-    /// when none did, the sweep is due.
-    pub fn census(&mut self, answer: &Checks, now: Instant) -> BTreeSet<String> {
+    /// when none did, a sweep is due.
+    pub fn census(&mut self, answer: &Checks) -> BTreeSet<String> {
         let (touched, came_or_went) = match self.census.replace(answer.checks.clone()) {
             Some(old) => {
                 let new = &answer.checks;
-                let came_or_went =
-                    old.len() != new.len() || old.keys().any(|k| !new.contains_key(k));
-                (self.diff(&old, new), came_or_went)
+                (self.diff(&old, new), came_or_went(&old, new))
             }
             None => (BTreeSet::new(), true),
         };
-        if let Some((since, _)) = self.pending {
+        if let Some(Pending::Lists { since, .. } | Pending::Census { since, .. }) = self.pending {
             if answer.began >= since {
-                self.pending = if came_or_went {
-                    None
-                } else {
-                    Some((since, now))
-                };
+                self.pending = (!came_or_went).then_some(Pending::Sweep(Sweep::Unexplained));
             }
         }
         touched
     }
 
     /// A critical or warning list: the services whose checks entered it, left it or
-    /// changed in it.
-    pub fn status(&mut self, list: CheckList, answer: &Checks) -> BTreeSet<String> {
-        match self.lists[list as usize].replace(answer.checks.clone()) {
-            Some(old) => self.diff(&old, &answer.checks),
-            None => BTreeSet::new(),
+    /// changed in it. A check never seen before (in no census) that enters it is an
+    /// instance registered failing: that explains a catalog change still waiting for the
+    /// lists. (A check that leaves a list may have recovered or left the catalog: only a
+    /// census can tell.)
+    pub fn status(&mut self, list: CheckList, answer: &Checks, now: Instant) -> BTreeSet<String> {
+        let Some(old) = self.lists[list as usize].replace(answer.checks.clone()) else {
+            return BTreeSet::new();
+        };
+        let census = self.census.as_deref();
+        let registered = census.is_some_and(|census| {
+            answer
+                .checks
+                .keys()
+                .any(|k| !old.contains_key(k) && !census.contains_key(k))
+        });
+        if registered {
+            self.listed_came_or_went = Some(now);
+            if matches!(self.pending, Some(Pending::Lists { .. })) {
+                self.pending = None;
+            }
         }
+        self.diff(&old, &answer.checks)
     }
 
     /// The services touched between two answers: by their own checks, and through their
@@ -235,29 +297,47 @@ impl Attribution {
         touched
     }
 
-    /// When the next sweep is due: a catalog change went unexplained (but not sooner than
-    /// `SWEEP_GAP` after the last sweep), or the backstop.
+    /// When `next` has something to do: a wait for the lists or for a census is over, a
+    /// sweep is due (not sooner than `SWEEP_GAP` after the last one), or the backstop.
     pub fn due(&self) -> Instant {
         let periodic = self.last_sweep + SWEEP_EVERY;
+        let gap = self.last_sweep + SWEEP_GAP;
         match self.pending {
-            Some((_, until)) => until.max(self.last_sweep + SWEEP_GAP).min(periodic),
+            Some(Pending::Lists { until, .. }) => until.min(periodic),
+            Some(Pending::Census { until, .. }) => until.max(gap).min(periodic),
+            Some(Pending::Sweep(_)) => gap.min(periodic),
             None => periodic,
         }
     }
 
-    /// Whether a sweep is due at `now`, and why; a sweep taken resets the timers.
-    pub fn sweep(&mut self, now: Instant) -> Option<Sweep> {
+    /// What to do at `now`, if anything: read a census, or sweep (and why). A sweep taken
+    /// resets the timers.
+    pub fn next(&mut self, now: Instant) -> Option<Action> {
         if now < self.due() {
             return None;
         }
-        let why = if self.pending.take().is_some() {
-            Sweep::Unexplained
-        } else {
-            Sweep::Periodic
+        if let Some(Pending::Lists { since, .. }) = self.pending {
+            if now < self.last_sweep + SWEEP_EVERY {
+                self.pending = Some(Pending::Census {
+                    since,
+                    until: now + CENSUS_WITHIN,
+                });
+                return Some(Action::Census);
+            }
+        }
+        let why = match self.pending.take() {
+            Some(Pending::Sweep(why)) => why,
+            Some(_) => Sweep::Unexplained,
+            None => Sweep::Periodic,
         };
         self.last_sweep = now;
-        Some(why)
+        Some(Action::Sweep(why))
     }
+}
+
+/// Whether a check is in one map and not the other.
+fn came_or_went(old: &HashMap<CheckKey, CheckSeen>, new: &HashMap<CheckKey, CheckSeen>) -> bool {
+    old.len() != new.len() || old.keys().any(|k| !new.contains_key(k))
 }
 
 #[cfg(test)]
@@ -312,92 +392,133 @@ mod tests {
     fn status_lists_name_the_services_whose_checks_moved() {
         let t0 = Instant::now();
         let mut a = Attribution::new(t0);
-        a.census(&checks(6, &BASE), t0);
+        a.census(&checks(6, &BASE));
         let critical = CheckList::Critical;
         assert!(
-            a.status(critical, &checks(6, &[])).is_empty(),
+            a.status(critical, &checks(6, &[]), t0).is_empty(),
             "first answer"
         );
         // web fails, then recovers.
         let failing = [("n1", "c-web-1", "web", "critical")];
-        assert_eq!(a.status(critical, &checks(7, &failing)), set(&["web"]));
-        assert_eq!(a.status(critical, &checks(8, &[])), set(&["web"]));
+        assert_eq!(a.status(critical, &checks(7, &failing), t0), set(&["web"]));
+        assert_eq!(a.status(critical, &checks(8, &[]), t0), set(&["web"]));
         // n2's agent is gone: every service with a check on n2.
         let node = [("n2", "serfHealth", "", "critical")];
-        assert_eq!(a.status(critical, &checks(9, &node)), set(&["api", "db"]));
+        assert_eq!(
+            a.status(critical, &checks(9, &node), t0),
+            set(&["api", "db"])
+        );
         // The warning list is its own.
-        assert!(a.status(CheckList::Warning, &checks(9, &[])).is_empty());
+        assert!(a.status(CheckList::Warning, &checks(9, &[]), t0).is_empty());
+        assert_eq!(a.listed_came_or_went, None, "no new check so far");
     }
 
     #[test]
     fn a_census_names_instances_that_came_or_went() {
         let t0 = Instant::now();
         let mut a = Attribution::new(t0);
-        assert!(a.census(&checks(6, &BASE), t0).is_empty(), "first census");
-        assert!(a.census(&checks(7, &BASE), t0).is_empty(), "same checks");
+        assert!(a.census(&checks(6, &BASE)).is_empty(), "first census");
+        assert!(a.census(&checks(7, &BASE)).is_empty(), "same checks");
         let mut next = BASE.to_vec();
         next.push(("n1", "c-api-2", "api", "passing"));
         next.retain(|c| c.1 != "c-db-1");
-        assert_eq!(a.census(&checks(8, &next), t0), set(&["api", "db"]));
+        assert_eq!(a.census(&checks(8, &next)), set(&["api", "db"]));
     }
 
     #[test]
-    fn a_catalog_change_no_census_explains_asks_for_one_sweep() {
+    fn a_catalog_change_is_explained_by_the_lists_a_census_or_a_sweep() {
         let t0 = Instant::now();
         let mut a = Attribution::new(t0);
         let t = tags(&[("web", "lb.route=a/"), ("api", "lb.route=b/")]);
-        assert_eq!(
-            a.catalog(5, &t, t0),
-            CatalogNews {
-                touched: set(&[]),
-                census: true
-            },
-            "the first answer wants the baseline census"
-        );
-        a.census(&checks(5, &BASE), t0);
+        let first = a.catalog(5, &t, false, t0);
+        assert!(first.census, "the first answer wants the baseline census");
+        a.census(&read_at(5, &BASE, t0));
         assert_eq!(a.due(), t0 + SWEEP_EVERY);
         // A timeout's answer at the same index: nothing.
-        assert!(!a.catalog(5, &t, t0).census);
+        assert!(!a.catalog(5, &t, false, t0).moved);
 
-        // A new instance of web with its check: the census explains the catalog's change.
+        // An instance registered failing: the critical list explains it, no census.
         let t1 = t0 + Duration::from_secs(10);
-        assert!(a.catalog(8, &t, t1).census);
-        assert_eq!(a.due(), t1 + CENSUS_WITHIN);
+        assert!(a.catalog(8, &t, false, t1).moved);
+        assert_eq!(a.due(), t1 + EXPLAIN_WITHIN);
+        let new = [("n1", "c-web-2", "web", "critical")];
+        a.status(CheckList::Critical, &checks(7, &[]), t1);
+        assert_eq!(
+            a.status(CheckList::Critical, &checks(8, &new), t1),
+            set(&["web"])
+        );
+        assert_eq!(a.next(t1 + EXPLAIN_WITHIN), None);
+        // In the other order too: the list first, then the catalog.
+        let newer = [new[0], ("n1", "c-web-3", "web", "critical")];
+        a.status(CheckList::Critical, &checks(9, &newer), t1);
+        a.catalog(9, &t, false, t1);
+        assert_eq!(a.next(t1 + EXPLAIN_WITHIN), None);
+
+        // An instance registered passing: the lists say nothing, a census is read, and it
+        // explains the change.
+        let t2 = t1 + Duration::from_secs(10);
+        a.catalog(10, &t, false, t2);
+        assert_eq!(a.next(t2), None, "waits for the lists");
+        assert_eq!(a.next(t2 + EXPLAIN_WITHIN), Some(Action::Census));
         let mut more = BASE.to_vec();
-        more.push(("n1", "c-web-2", "web", "passing"));
-        assert_eq!(a.census(&read_at(8, &more, t1), t1), set(&["web"]));
+        more.push(("n1", "c-web-4", "web", "passing"));
+        assert_eq!(
+            a.census(&read_at(10, &more, t2 + EXPLAIN_WITHIN)),
+            set(&["web"])
+        );
         assert_eq!(a.due(), t0 + SWEEP_EVERY);
 
         // A tag change names its service.
-        let t2 = tags(&[("web", "lb.route=a/"), ("api", "lb.route=c/")]);
-        assert_eq!(a.catalog(10, &t2, t1).touched, set(&["api"]));
+        let t3 = tags(&[("web", "lb.route=a/"), ("api", "lb.route=c/")]);
+        assert_eq!(a.catalog(11, &t3, false, t2).touched, set(&["api"]));
+        // A service that goes (or is held after a Consul lost its state) and comes back.
+        let only_web = tags(&[("web", "lb.route=a/")]);
+        assert_eq!(a.catalog(12, &only_web, false, t2).touched, set(&["api"]));
+        assert_eq!(a.catalog(13, &t3, false, t2).touched, set(&["api"]));
+        assert_eq!(a.next(t2 + EXPLAIN_WITHIN), None);
 
-        // An instance without checks changes its port: the catalog moves, the census shows
-        // nothing, and one sweep follows, only one.
-        let t3 = t1 + Duration::from_secs(5);
-        assert!(a.catalog(11, &t2, t3).census);
-        assert_eq!(a.sweep(t3), None, "waits for the census");
+        // An instance without checks changes its port: the catalog moves, neither the lists
+        // nor the census show anything, and one sweep follows, only one.
+        let t4 = t2 + Duration::from_secs(5);
+        a.catalog(14, &t3, false, t4);
+        assert_eq!(a.next(t4 + EXPLAIN_WITHIN), Some(Action::Census));
         // A census read before the change settles nothing.
-        a.census(&read_at(10, &more, t1), t3);
-        assert_eq!(a.sweep(t3), None);
-        a.census(&read_at(10, &more, t3), t3);
-        assert_eq!(a.sweep(t3), Some(Sweep::Unexplained));
-        assert_eq!(a.sweep(t3), None);
+        a.census(&read_at(11, &more, t2));
+        assert_eq!(a.next(t4 + EXPLAIN_WITHIN), None);
+        a.census(&read_at(11, &more, t4 + EXPLAIN_WITHIN));
+        let t5 = t4 + EXPLAIN_WITHIN;
+        assert_eq!(a.next(t5), Some(Action::Sweep(Sweep::Unexplained)));
+        assert_eq!(a.next(t5), None);
 
         // Another right after waits out the gap between sweeps; one whose census never
         // comes (Consul failing) is swept when the wait for it is over.
-        let t4 = t3 + Duration::from_millis(10);
-        a.catalog(12, &t2, t4);
-        a.census(&read_at(10, &more, t4), t4);
-        assert_eq!(a.due(), t3 + SWEEP_GAP);
-        a.sweep(t3 + SWEEP_GAP);
-        let t5 = t3 + Duration::from_secs(10);
-        a.catalog(13, &t2, t5);
-        assert_eq!(a.sweep(t5 + CENSUS_WITHIN), Some(Sweep::Unexplained));
+        a.catalog(15, &t3, false, t5);
+        a.next(t5 + EXPLAIN_WITHIN);
+        a.census(&read_at(11, &more, t5 + EXPLAIN_WITHIN));
+        assert_eq!(a.due(), t5 + SWEEP_GAP);
+        assert_eq!(
+            a.next(t5 + SWEEP_GAP),
+            Some(Action::Sweep(Sweep::Unexplained))
+        );
+        let t6 = t5 + Duration::from_secs(10);
+        a.catalog(16, &t3, false, t6);
+        assert_eq!(a.next(t6 + EXPLAIN_WITHIN), Some(Action::Census));
+        assert_eq!(
+            a.next(t6 + EXPLAIN_WITHIN + CENSUS_WITHIN),
+            Some(Action::Sweep(Sweep::Unexplained))
+        );
+
+        // Back after failed reads: a sweep, even at the same index.
+        let t7 = t6 + Duration::from_secs(10);
+        a.catalog(16, &t3, true, t7);
+        assert_eq!(a.next(t7), Some(Action::Sweep(Sweep::Resync)));
 
         // The backstop.
         let mut b = Attribution::new(t0);
-        assert_eq!(b.sweep(t0 + SWEEP_EVERY), Some(Sweep::Periodic));
+        assert_eq!(
+            b.next(t0 + SWEEP_EVERY),
+            Some(Action::Sweep(Sweep::Periodic))
+        );
         assert_eq!(b.due(), t0 + SWEEP_EVERY + SWEEP_EVERY);
     }
 }

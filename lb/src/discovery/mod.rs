@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 
 use crate::routing::{BackendSpec, BuildCache, RoutingTable, TableSpec};
 use crate::Shared;
-use attribute::{Attribution, CheckList, Checks, Sweep};
+use attribute::{Action, Attribution, CheckList, Checks, Sweep};
 pub use desired::{table_spec, Changes, DesiredTable};
 pub use pace::Pace;
 use watches::{
@@ -146,7 +146,7 @@ pub async fn watch_consul(
                     publisher.serve_snapshot(path);
                 }
             }
-            _ = tokio::time::sleep_until(sweep_due.into()) => publisher.sweep(),
+            _ = tokio::time::sleep_until(sweep_due.into()) => publisher.attribute_later(),
             _ = async { tokio::time::sleep_until(linger_end.expect("guarded").into()).await }, if linger_end.is_some() => {
                 publisher.desired.expire(Instant::now());
                 publisher.maybe_publish(false);
@@ -304,26 +304,32 @@ impl Publisher {
     fn apply(&mut self, update: Update) {
         match update {
             Update::Services(routed) => {
-                let news = self
-                    .attribution
-                    .catalog(routed.index, &routed.tags, Instant::now());
                 self.apply_services(routed.names);
-                self.touch(news.touched);
-                // Only watches without a blocking query of their own need the census.
-                if news.census && self.watchers.len() > self.blocking {
-                    self.census.notify_one();
-                    // Few, or a sweep is cheaper (it is spaced; these reads would not be).
-                    if self.unchecked.len() <= UNCHECKED_READ_MAX {
+                // Watches with a blocking query of their own need none of this.
+                if self.watchers.len() > self.blocking {
+                    let news = self.attribution.catalog(
+                        routed.index,
+                        &routed.tags,
+                        routed.recovered,
+                        Instant::now(),
+                    );
+                    self.touch(news.touched);
+                    if news.census {
+                        self.census.notify_one();
+                    }
+                    // Few, or the sweep that follows a change nothing explains is cheaper
+                    // (it is spaced; these reads would not be).
+                    if news.moved && self.unchecked.len() <= UNCHECKED_READ_MAX {
                         self.touch(self.unchecked.iter().cloned().collect());
                     }
                 }
             }
             Update::Status(list, checks) => {
-                let touched = self.attribution.status(list, &checks);
+                let touched = self.attribution.status(list, &checks, Instant::now());
                 self.touch(touched);
             }
             Update::Census(checks) => {
-                let touched = self.attribution.census(&checks, Instant::now());
+                let touched = self.attribution.census(&checks);
                 self.touch(touched);
             }
             Update::Health { service, instances } => self.apply_health(service, instances),
@@ -340,13 +346,22 @@ impl Publisher {
         }
     }
 
-    /// Every routed service is read again, if a sweep is due (see `attribute`).
-    fn sweep(&mut self) {
-        let Some(why) = self.attribution.sweep(Instant::now()) else {
-            return;
-        };
+    /// What the attribution has to do once time has passed (see `attribute`): read a
+    /// census, or sweep.
+    fn attribute_later(&mut self) {
+        while let Some(action) = self.attribution.next(Instant::now()) {
+            match action {
+                Action::Census => self.census.notify_one(),
+                Action::Sweep(why) => self.sweep(why),
+            }
+        }
+    }
+
+    /// Every routed service without a blocking query of its own is read again.
+    fn sweep(&mut self, why: Sweep) {
         let reason = match why {
             Sweep::Unexplained => crate::metrics::SweepReason::Unexplained,
+            Sweep::Resync => crate::metrics::SweepReason::Resync,
             Sweep::Periodic => crate::metrics::SweepReason::Periodic,
         };
         self.shared.metrics.consul_sweeps.inc(reason);

@@ -141,6 +141,9 @@ pub(super) struct Routed {
     /// The catalog's index: an answer at a new index is news even when nothing above moved,
     /// since a change it does not show may be behind it.
     pub index: u64,
+    /// The first answer after failed reads: anything may have changed meanwhile (the index
+    /// of a Consul that restarted can even come back the same).
+    pub recovered: bool,
 }
 
 impl Holdable for Routed {
@@ -190,6 +193,10 @@ fn sort_entries(entries: &mut [ServiceEntry]) {
     entries.sort_by(|a, b| (&a.node.node, &a.service.id).cmp(&(&b.node.node, &b.service.id)));
 }
 
+/// Whether the reads before this one failed (`watch` tells its judge).
+#[derive(Debug, Clone, Copy)]
+struct Recovered(bool);
+
 /// What a watch does with one successful read.
 enum Verdict<T> {
     /// A value to compare with the last one and report when it differs.
@@ -216,7 +223,7 @@ async fn watch<Raw, T, R, ReadFut, J, C, ChangeFut>(
     ReadFut: std::future::Future<
         Output = Result<switchyard_consul::Response<Raw>, switchyard_consul::Error>,
     >,
-    J: FnMut(switchyard_consul::Response<Raw>, Option<&T>) -> Verdict<T>,
+    J: FnMut(switchyard_consul::Response<Raw>, Option<&T>, Recovered) -> Verdict<T>,
     C: FnMut(T) -> ChangeFut,
     ChangeFut: std::future::Future<Output = bool>,
 {
@@ -269,7 +276,8 @@ async fn watch<Raw, T, R, ReadFut, J, C, ChangeFut>(
             Ok(resp) => {
                 health.ok(shared, resp.meta);
                 let got = resp.meta.index;
-                match judge(resp, last.as_ref()) {
+                let recovered = Recovered(backoff.failing());
+                match judge(resp, last.as_ref(), recovered) {
                     Verdict::Distrust(why) => {
                         shared
                             .metrics
@@ -437,7 +445,7 @@ pub(super) async fn watch_catalog(shared: Arc<Shared>, client: Client, tx: mpsc:
             let client = client.clone();
             async move { client.catalog_services(&q).await }
         },
-        |resp, _| {
+        |resp, _, Recovered(recovered)| {
             shared.consul.catalog_answered();
             let tags: BTreeMap<String, Vec<String>> = resp
                 .value
@@ -449,6 +457,7 @@ pub(super) async fn watch_catalog(shared: Arc<Shared>, client: Client, tx: mpsc:
                 held: BTreeSet::new(),
                 tags,
                 index: resp.meta.index,
+                recovered,
             })
         },
         |routed| {
@@ -475,7 +484,7 @@ pub(super) async fn watch_check_list(
             let client = client.clone();
             async move { client.health_state(list.as_str(), &q).await }
         },
-        |resp, _| checks_of(&shared, resp, Instant::now()),
+        |resp, _, _| checks_of(&shared, resp, Instant::now()),
         |checks| {
             let tx = tx.clone();
             async move { tx.send(Update::Status(list, checks)).await.is_ok() }
@@ -524,7 +533,7 @@ pub(super) async fn watch_census(
                 answer
             }
         },
-        |resp, _| {
+        |resp, _, _| {
             // The read just ended: `last` is its own.
             let (ended, took) = last
                 .lock()
@@ -622,7 +631,7 @@ pub(super) async fn watch_service(
                 client.health_service(&service, false, &now).await
             }
         },
-        |resp, last: Option<&Instances>| {
+        |resp, last: Option<&Instances>, _| {
             // An empty answer at index <= 1 is how a racing ACL token or a freshly restarted
             // server looks; do not let it wipe instances we know about.
             if resp.value.is_empty()
