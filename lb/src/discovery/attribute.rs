@@ -243,14 +243,21 @@ impl Attribution {
         let Some(old) = self.lists[list as usize].replace(answer.checks.clone()) else {
             return BTreeSet::new();
         };
-        let census = self.census.as_deref();
-        let registered = census.is_some_and(|census| {
-            answer
+        let registered: Vec<(&CheckKey, &CheckSeen)> = match self.census.as_deref() {
+            Some(census) => answer
                 .checks
-                .keys()
-                .any(|k| !old.contains_key(k) && !census.contains_key(k))
-        });
-        if registered {
+                .iter()
+                .filter(|(k, _)| !old.contains_key(*k) && !census.contains_key(*k))
+                .collect(),
+            None => Vec::new(),
+        };
+        if !registered.is_empty() {
+            // The census learns of them here: the next one must see them go when they are
+            // deregistered.
+            let census = Arc::make_mut(self.census.as_mut().expect("checked above"));
+            for (key, seen) in registered {
+                census.insert(key.clone(), seen.clone());
+            }
             self.listed_came_or_went = Some(now);
             if matches!(self.pending, Some(Pending::Lists { .. })) {
                 self.pending = None;
@@ -520,5 +527,31 @@ mod tests {
             Some(Action::Sweep(Sweep::Periodic))
         );
         assert_eq!(b.due(), t0 + SWEEP_EVERY + SWEEP_EVERY);
+    }
+
+    #[test]
+    fn an_instance_the_lists_saw_come_is_seen_going_by_the_census() {
+        let t0 = Instant::now();
+        let mut a = Attribution::new(t0);
+        let t = tags(&[("web", "lb.route=a/")]);
+        a.catalog(5, &t, false, t0);
+        a.census(&read_at(5, &BASE, t0));
+        a.status(CheckList::Critical, &checks(5, &[]), t0);
+        // Registered failing: the list explains it, no census is read.
+        let new = [("n1", "c-web-2", "web", "critical")];
+        a.catalog(6, &t, false, t0);
+        a.status(CheckList::Critical, &checks(6, &new), t0);
+        assert_eq!(a.next(t0 + EXPLAIN_WITHIN), None);
+        // It passes, then is deregistered: the census does not have it, and must still see
+        // it go (else a sweep would read every service).
+        a.status(CheckList::Critical, &checks(7, &[]), t0);
+        let t1 = t0 + Duration::from_secs(10);
+        a.catalog(8, &t, false, t1);
+        assert_eq!(a.next(t1 + EXPLAIN_WITHIN), Some(Action::Census));
+        assert_eq!(
+            a.census(&read_at(8, &BASE, t1 + EXPLAIN_WITHIN)),
+            set(&["web"])
+        );
+        assert_eq!(a.due(), t0 + SWEEP_EVERY);
     }
 }
