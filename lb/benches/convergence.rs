@@ -5,6 +5,10 @@
 //! probe loop through the lb records the moment its answers change (200 once the instance is
 //! passing; not 200 once it is deregistered). The difference is the lb's delay.
 //!
+//! With `SIBLING=1` a second instance of the service, never passing, stays registered, so
+//! that each change is an instance's within a service that stays (scaling, a deploy)
+//! rather than the whole service coming and going (which waits for the catalog's answer).
+//!
 //! With `SERVICES=n`, n more routed services of 4 instances each (with passing checks, on
 //! external catalog nodes) are in Consul first: the lb must follow one service's changes among
 //! them. The run then also reports the lb's connections to Consul and the CPU time Consul
@@ -63,6 +67,11 @@ async fn main() {
         .await;
     consul.set_ttl("other", true).await;
     let started = Instant::now();
+    if std::env::var("SIBLING").is_ok_and(|v| v == "1") {
+        consul
+            .register_ttl("conv-0", SERVICE, 1, &["lb.route=/conv"])
+            .await;
+    }
     let lb = Lb::start(&consul, &[]).await;
     let http = Http::new();
     let url = lb.url("/conv");
