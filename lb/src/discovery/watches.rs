@@ -549,18 +549,29 @@ pub(super) async fn watch_census(
     .await;
 }
 
+/// Counts the entries of an answer left out because they did not decode (`bad_entry`), and
+/// gives the first one's reason to log.
+fn count_left_out<'a>(
+    shared: &Shared,
+    watch: WatchName,
+    skipped: &'a [String],
+) -> Option<&'a String> {
+    let first = skipped.first()?;
+    shared
+        .metrics
+        .consul_watch_errors
+        .with_label_values(&[watch.as_str(), crate::metrics::BAD_ENTRY])
+        .inc_by(skipped.len() as u64);
+    Some(first)
+}
+
 /// A checks answer as the lb keeps it; entries that do not decode are left out and counted.
 fn checks_of(
     shared: &Shared,
     resp: switchyard_consul::Response<Vec<switchyard_consul::CheckState>>,
     began: Instant,
 ) -> Verdict<Checks> {
-    if let Some(first) = resp.skipped.first() {
-        shared
-            .metrics
-            .consul_watch_errors
-            .with_label_values(&[WatchName::Checks.as_str(), crate::metrics::BAD_ENTRY])
-            .inc_by(resp.skipped.len() as u64);
+    if let Some(first) = count_left_out(shared, WatchName::Checks, &resp.skipped) {
         tracing::warn!(skipped = resp.skipped.len(), error = %first, "left out checks Consul describes in a form the lb cannot read");
     }
     let checks = resp
@@ -640,13 +651,8 @@ pub(super) async fn watch_service(
             {
                 return Verdict::Distrust(crate::metrics::DISTRUSTED_ANSWER);
             }
-            if let Some(first) = resp.skipped.first() {
-                // One odd instance must not hold up the rest of its service: it is left out.
-                shared
-                    .metrics
-                    .consul_watch_errors
-                    .with_label_values(&[WatchName::Health.as_str(), crate::metrics::BAD_ENTRY])
-                    .inc_by(resp.skipped.len() as u64);
+            // One odd instance must not hold up the rest of its service: it is left out.
+            if let Some(first) = count_left_out(&shared, WatchName::Health, &resp.skipped) {
                 tracing::warn!(
                     service = %service,
                     skipped = resp.skipped.len(),
