@@ -224,7 +224,8 @@ impl Attribution {
                 let new = &answer.checks;
                 (self.diff(&old, new), came_or_went(&old, new))
             }
-            None => (BTreeSet::new(), true),
+            // The first is a baseline: what it would explain, it cannot tell.
+            None => (BTreeSet::new(), false),
         };
         if let Some(Pending::Lists { since, .. } | Pending::Census { since, .. }) = self.pending {
             if answer.began >= since {

@@ -39,9 +39,9 @@ const BACKOFF_BASE: Duration = Duration::from_millis(200);
 /// the snapshot: a reachable Consul answers in milliseconds, and a restarted lb should serve
 /// within a second.
 const SNAPSHOT_AFTER: Duration = Duration::from_millis(400);
-/// Service reads in flight at once, so connections to Consul: with the three blocking
-/// queries and the census, eight, far below an agent's default limit of 200 per client. Four reads of a few
-/// milliseconds each follow a burst of changes as fast as Consul writes them.
+/// Reads in flight at once of services without a blocking query of their own: with the three
+/// long polls and the census, eight connections whatever the number of such services. Four
+/// reads of a few milliseconds each follow a burst of changes as fast as Consul writes them.
 const CONCURRENT_READS: usize = 4;
 
 /// Services with instances without checks read on every catalog change, at most; with more,

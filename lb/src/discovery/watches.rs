@@ -507,14 +507,19 @@ pub(super) async fn watch_census(
     tx: mpsc::Sender<Update>,
 ) {
     let last: Arc<std::sync::Mutex<Option<(Instant, std::time::Duration)>>> = Arc::default();
+    // Not even the first census is read before it is asked for: with every routed service
+    // on a blocking query of its own, none is.
+    let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
     watch(
         &shared,
         WatchName::Checks,
         "any",
         |q| {
             let (client, trigger, last) = (client.clone(), trigger.clone(), last.clone());
+            let asked = asked.clone();
             async move {
-                if q.index > 0 {
+                // Index 0 after the first read is a retry after a failure: it goes at once.
+                if q.index > 0 || !asked.swap(true, std::sync::atomic::Ordering::Relaxed) {
                     trigger.notified().await;
                 }
                 let spaced = *last.lock().unwrap_or_else(|e| e.into_inner());
