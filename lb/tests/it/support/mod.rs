@@ -201,6 +201,10 @@ impl Lb {
             .env("LB_CONSUL_BACKOFF_MAX", "1s")
             .env("LB_DRAIN_DELAY", "0s")
             .env("LB_SHUTDOWN_TIMEOUT", "10s");
+        // The test script runs the discovery suite again with another value.
+        if let Ok(n) = std::env::var("IT_LB_CONSUL_SERVICE_WATCHES") {
+            cmd.env("LB_CONSUL_SERVICE_WATCHES", n);
+        }
         for (k, v) in extra {
             cmd.env(k, v);
         }
