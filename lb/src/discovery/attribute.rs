@@ -134,6 +134,8 @@ pub(super) struct Attribution {
     pending: Option<Pending>,
     /// When a check list last showed an instance registered (a check no census had).
     listed_came_or_went: Option<Instant>,
+    /// A node's own check changed since `take_node_changed` was last asked.
+    node_changed: std::cell::Cell<bool>,
     last_sweep: Instant,
 }
 
@@ -146,6 +148,7 @@ impl Attribution {
             catalog_index: 0,
             pending: None,
             listed_came_or_went: None,
+            node_changed: std::cell::Cell::new(false),
             last_sweep: now,
         }
     }
@@ -164,7 +167,11 @@ impl Attribution {
         recovered: bool,
         now: Instant,
     ) -> CatalogNews {
-        let moved = std::mem::replace(&mut self.catalog_index, index) != index;
+        let before = std::mem::replace(&mut self.catalog_index, index);
+        let moved = before != index;
+        // An index gone backwards without a failed read (a restored snapshot, a server back
+        // without its data) says as little about what changed as an outage does.
+        let recovered = recovered || index < before;
         let Some(old) = self.tags.replace(tags.clone()) else {
             // The first: every service is read as its watch starts; the census is the
             // baseline the next ones are compared with.
@@ -295,6 +302,9 @@ impl Attribution {
             }
         }
         if !nodes.is_empty() {
+            // Instances without checks of their own depend on their node's checks too, and
+            // no check names them: the caller reads the services it knows have such.
+            self.node_changed.set(true);
             let census = self.census.iter().flat_map(|c| c.iter());
             for ((node, _), seen) in census.chain(old.iter()).chain(new.iter()) {
                 if !seen.service.is_empty() && nodes.contains(node) {
@@ -303,6 +313,11 @@ impl Attribution {
             }
         }
         touched
+    }
+
+    /// Whether a node's own check changed since the last time this was asked.
+    pub fn take_node_changed(&mut self) -> bool {
+        self.node_changed.take()
     }
 
     /// When `next` has something to do: a wait for the lists or for a census is over, a
@@ -416,6 +431,7 @@ mod tests {
             a.status(critical, &checks(9, &node), t0),
             set(&["api", "db"])
         );
+        assert!(a.take_node_changed() && !a.take_node_changed());
         // The warning list is its own.
         assert!(a.status(CheckList::Warning, &checks(9, &[]), t0).is_empty());
         assert_eq!(a.listed_came_or_went, None, "no new check so far");
@@ -520,6 +536,10 @@ mod tests {
         let t7 = t6 + Duration::from_secs(10);
         a.catalog(16, &t3, true, t7);
         assert_eq!(a.next(t7), Some(Action::Sweep(Sweep::Resync)));
+        // An index gone backwards, with no failed read: a sweep too, whatever the tags say.
+        let t8 = t7 + Duration::from_secs(10);
+        a.catalog(3, &only_web, false, t8);
+        assert_eq!(a.next(t8), Some(Action::Sweep(Sweep::Resync)));
 
         // The backstop.
         let mut b = Attribution::new(t0);

@@ -327,10 +327,12 @@ impl Publisher {
             Update::Status(list, checks) => {
                 let touched = self.attribution.status(list, &checks, Instant::now());
                 self.touch(touched);
+                self.touch_unchecked_on_node_change();
             }
             Update::Census(checks) => {
                 let touched = self.attribution.census(&checks);
                 self.touch(touched);
+                self.touch_unchecked_on_node_change();
             }
             Update::Health { service, instances } => self.apply_health(service, instances),
         }
@@ -346,12 +348,22 @@ impl Publisher {
         }
     }
 
+    /// A node's own check changed: instances without checks of their own depend on it, and
+    /// no check names their services.
+    fn touch_unchecked_on_node_change(&mut self) {
+        if self.attribution.take_node_changed() && self.unchecked.len() <= UNCHECKED_READ_MAX {
+            self.touch(self.unchecked.iter().cloned().collect());
+        }
+    }
+
     /// What the attribution has to do once time has passed (see `attribute`): read a
     /// census, or sweep.
     fn attribute_later(&mut self) {
         while let Some(action) = self.attribution.next(Instant::now()) {
             match action {
                 Action::Census => self.census.notify_one(),
+                // With every service on a blocking query of its own there is nothing to read.
+                Action::Sweep(_) if self.watchers.len() == self.blocking => {}
                 Action::Sweep(why) => self.sweep(why),
             }
         }
