@@ -672,39 +672,29 @@ async fn thousands_of_services_through_a_handful_of_connections() {
     // A handful besides the blocking queries, once connections opened in a burst and left
     // idle have closed.
     let few = || async {
-        let mut held = 0;
-        for _ in 0..100 {
-            held = connections_to(lb.pid(), consul.http_port);
-            if held <= BLOCKING + 12 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        held
+        eventually(
+            "a handful of connections to Consul",
+            Duration::from_secs(10),
+            || async { connections_to(lb.pid(), consul.http_port) <= BLOCKING + 12 },
+        )
+        .await;
+        connections_to(lb.pid(), consul.http_port)
     };
-    let held = few().await;
-    eprintln!("{SERVICES} services routed; the lb holds {held} connections to Consul");
-    assert!(held <= BLOCKING + 12, "{held} connections to Consul");
-    let served_by = |host: &'static str, want: &'static str| {
-        let (http, url) = (http.clone(), lb.url("/"));
-        async move {
-            eventually(
-                &format!("{host} served by {want}"),
-                Duration::from_secs(20),
-                || {
-                    let (http, url) = (http.clone(), url.clone());
-                    async move {
-                        http.get_host(&url, host).await.is_ok_and(|r| {
-                            r.status == StatusCode::OK
-                                && r.headers.get("x-backend").is_some_and(|v| v == want)
-                        })
-                    }
-                },
-            )
-            .await;
-        }
-    };
+    eprintln!(
+        "{SERVICES} services routed; the lb holds {} connections to Consul",
+        few().await
+    );
     let gone = |s: usize| -> Vec<CatalogInstance> { (0..PER).map(|i| instance(s, i)).collect() };
+    // An instance of service `s` on a node of its own.
+    let real = |s: usize, id: &str, port: u16, check: Option<&'static str>| CatalogInstance {
+        node: "real".into(),
+        id: id.into(),
+        port,
+        check,
+        ..instance(s, 0)
+    };
+    let ok = StatusCode::OK;
+    let unavailable = StatusCode::SERVICE_UNAVAILABLE;
 
     // s0 has a blocking query of its own (the first in name order): its checks fail.
     let mut failing: Vec<_> = (0..PER).map(|i| instance(0, i)).collect();
@@ -712,36 +702,19 @@ async fn thousands_of_services_through_a_handful_of_connections() {
         f.check = Some("critical");
     }
     catalog_write(&consul, &failing).await;
-    eventually("s0 to answer 503", Duration::from_secs(20), || async {
-        http.get_host(&lb.url("/"), "s0.test")
-            .await
-            .is_ok_and(|r| r.status == StatusCode::SERVICE_UNAVAILABLE)
-    })
-    .await;
+    host_answers(&lb, &http, "s0.test", unavailable, None).await;
 
     // s42: its instances replaced by a real one with a passing check, then that check fails.
-    let mut real = instance(42, 0);
-    (real.node, real.id, real.port) = ("real".into(), "s42-a".into(), a.port());
-    catalog_write(&consul, &[real]).await;
+    catalog_write(&consul, &[real(42, "s42-a", a.port(), Some("passing"))]).await;
     catalog_delete(&consul, &gone(42)).await;
-    served_by("s42.test", "a").await;
-    let mut failing = instance(42, 0);
-    (failing.node, failing.id, failing.port) = ("real".into(), "s42-a".into(), a.port());
-    failing.check = Some("critical");
-    catalog_write(&consul, &[failing]).await;
-    eventually("s42 to answer 503", Duration::from_secs(20), || async {
-        http.get_host(&lb.url("/"), "s42.test")
-            .await
-            .is_ok_and(|r| r.status == StatusCode::SERVICE_UNAVAILABLE)
-    })
-    .await;
+    host_answers(&lb, &http, "s42.test", ok, Some("a")).await;
+    catalog_write(&consul, &[real(42, "s42-a", a.port(), Some("critical"))]).await;
+    host_answers(&lb, &http, "s42.test", unavailable, None).await;
 
     // s77: an instance without checks joins a service whose instances all have checks: only
     // the catalog moves, and a sweep finds it.
-    let mut bare = instance(77, 0);
-    (bare.node, bare.id, bare.port, bare.check) = ("real".into(), "s77-b".into(), b.port(), None);
-    catalog_write(&consul, &[bare]).await;
-    served_by("s77.test", "b").await;
+    catalog_write(&consul, &[real(77, "s77-b", b.port(), None)]).await;
+    host_answers(&lb, &http, "s77.test", ok, Some("b")).await;
     let sweeps = lb
         .metric(
             &http,
@@ -754,16 +727,24 @@ async fn thousands_of_services_through_a_handful_of_connections() {
     catalog_delete(&consul, &gone(77)).await;
     // It changes its port: the lb knows s77 has an instance without checks, and reads it on
     // the catalog's change.
-    let mut moved = instance(77, 0);
-    (moved.node, moved.id, moved.port, moved.check) =
-        ("real".into(), "s77-b".into(), a.port(), None);
-    catalog_write(&consul, &[moved]).await;
-    served_by("s77.test", "a").await;
+    catalog_write(&consul, &[real(77, "s77-b", a.port(), None)]).await;
+    host_answers(&lb, &http, "s77.test", ok, Some("a")).await;
     let reads = lb
         .metric(&http, "lb_consul_service_reads_total", &[])
         .await
         .unwrap_or(0.0);
     let held = few().await;
     eprintln!("after the changes: {held} connections, {reads} service reads, {sweeps} sweeps");
-    assert!(held <= BLOCKING + 12, "{held} connections to Consul");
+}
+
+/// Waits until a GET for `host` through the lb answers `status`, from `backend` when given.
+async fn host_answers(lb: &Lb, http: &Http, host: &str, status: StatusCode, backend: Option<&str>) {
+    let what = format!("{host} to answer {status} from {backend:?}");
+    eventually(&what, Duration::from_secs(20), || async {
+        http.get_host(&lb.url("/"), host).await.is_ok_and(|r| {
+            r.status == status
+                && backend.is_none_or(|b| r.headers.get("x-backend").is_some_and(|v| v == b))
+        })
+    })
+    .await;
 }
