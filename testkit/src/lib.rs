@@ -18,6 +18,8 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client as HyperClient};
 use hyper_util::rt::TokioExecutor;
 use switchyard_consul::{CheckRegistration, Client as ConsulClient, ServiceRegistration};
 
+pub mod pki;
+
 /// Multiplies every wait; raise it on a slow machine (`IT_PATIENCE=3`).
 pub fn patience() -> f64 {
     std::env::var("IT_PATIENCE")

@@ -1,39 +1,17 @@
 //! TLS termination with real clients: curl over HTTP/1.1 and HTTP/2 with SNI, h2load, a rustls
 //! client counting certificates through rotations, and refusals of bad certificate files.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use rustls::pki_types::{CertificateDer, ServerName};
+pub use testkit::pki::{write_atomically, Ca, Leaf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::balancing::wait_routed;
 use crate::support::{eventually, free_port, Backend, Consul, Http, Lb};
-
-/// A test CA that signs leaf certificates into PEM files.
-pub struct Ca {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-    pub dir: PathBuf,
-}
-
-/// A leaf certificate written to `<name>.crt` and `<name>.key`.
-pub struct Leaf {
-    pub der: CertificateDer<'static>,
-    pub crt: PathBuf,
-    pub key: PathBuf,
-}
-
-impl Leaf {
-    /// The `LB_TLS_CERTS` entry for this leaf.
-    pub fn source(&self) -> String {
-        format!("{}:{}", self.crt.display(), self.key.display())
-    }
-}
 
 /// One plain HTTP backend, `web-0`, routed at `/`.
 async fn routed_backend(consul: &Consul) -> Backend {
@@ -42,78 +20,6 @@ async fn routed_backend(consul: &Consul) -> Backend {
         .register("web-0", "web", b.port(), &["lb.route=/"])
         .await;
     b
-}
-
-impl Ca {
-    pub fn new(tag: &str) -> Ca {
-        let dir = testkit::workspace_root()
-            .join("target")
-            .join("it-certs")
-            .join(format!("{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let key = KeyPair::generate().unwrap();
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.distinguished_name
-            .push(DnType::CommonName, format!("switchyard test CA {tag}"));
-        let cert = p.self_signed(&key).unwrap();
-        std::fs::write(dir.join("ca.pem"), cert.pem()).unwrap();
-        Ca { cert, key, dir }
-    }
-
-    pub fn ca_pem(&self) -> PathBuf {
-        self.dir.join("ca.pem")
-    }
-
-    /// A leaf for `names`, valid from `from` to `to` (years), written as `file`.crt/.key.
-    pub fn leaf_valid(&self, file: &str, names: &[&str], from: i32, to: i32) -> Leaf {
-        let key = KeyPair::generate().unwrap();
-        let mut p = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-            .unwrap();
-        p.distinguished_name.push(DnType::CommonName, names[0]);
-        p.not_before = rcgen::date_time_ymd(from, 1, 1);
-        p.not_after = rcgen::date_time_ymd(to, 1, 1);
-        let cert = p.signed_by(&key, &self.cert, &self.key).unwrap();
-        let (crt, keyf) = (
-            self.dir.join(format!("{file}.crt")),
-            self.dir.join(format!("{file}.key")),
-        );
-        write_atomically(&crt, cert.pem().as_bytes());
-        write_atomically(&keyf, key.serialize_pem().as_bytes());
-        Leaf {
-            der: cert.der().clone(),
-            crt,
-            key: keyf,
-        }
-    }
-
-    pub fn leaf(&self, file: &str, names: &[&str]) -> Leaf {
-        self.leaf_valid(file, names, 2024, 2049)
-    }
-
-    /// A rustls client config that trusts this CA.
-    pub fn client(&self) -> tokio_rustls::TlsConnector {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.cert.der().clone()).unwrap();
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        // A resumed session shows the certificate of the first handshake, not the current one.
-        config.resumption = rustls::client::Resumption::disabled();
-        tokio_rustls::TlsConnector::from(Arc::new(config))
-    }
-}
-
-/// Replaces a file the way secret managers do: write beside it, then rename over it.
-pub fn write_atomically(path: &Path, data: &[u8]) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, data).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
 }
 
 /// One request on a new TLS connection: the certificate the server presented and the status.
