@@ -2,16 +2,19 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::{connect::HttpConnector, Client as HyperClient};
+use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::de::DeserializeOwned;
 
+use crate::connect::{Connector, TlsError, TlsFiles};
 use crate::types::{
     AgentCheck, AgentService, CheckState, CheckStatus, ServiceEntry, ServiceRegistration,
 };
@@ -31,7 +34,13 @@ const MAX_BODY: usize = 64 << 20;
 pub enum Error {
     #[error("invalid Consul address {addr:?}: {reason}")]
     InvalidAddress { addr: String, reason: String },
-    #[error("Consul request {path} failed: {source}")]
+    #[error("Consul TLS file {0}")]
+    Tls(#[from] TlsError),
+    #[error("invalid Consul TLS server name {name:?}: {reason}")]
+    ServerName { name: String, reason: String },
+    #[error("Consul token file {file}: {reason}")]
+    TokenFile { file: String, reason: String },
+    #[error("Consul request {path} failed: {}", chain(source))]
     Transport {
         path: String,
         #[source]
@@ -57,8 +66,9 @@ pub enum Error {
 
 impl Error {
     /// Every value `kind()` returns, so metrics can start each series at zero.
-    pub const KINDS: [&'static str; 7] = [
+    pub const KINDS: [&'static str; 8] = [
         "config",
+        "acl_denied",
         "transport",
         "timeout",
         "body",
@@ -67,14 +77,35 @@ impl Error {
         "decode",
     ];
 
+    /// For an error in the settings, which one (after its prefix: `LB_` + this).
+    pub fn setting(&self) -> Option<&'static str> {
+        match self {
+            Error::InvalidAddress { .. } => Some("CONSUL_ADDR"),
+            Error::Tls(e) => Some(e.setting),
+            Error::ServerName { .. } => Some("CONSUL_TLS_SERVER_NAME"),
+            Error::TokenFile { .. } => Some("CONSUL_TOKEN_FILE"),
+            _ => None,
+        }
+    }
+
     /// A short, bounded label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
-            Error::InvalidAddress { .. } => "config",
+            Error::InvalidAddress { .. }
+            | Error::Tls(_)
+            | Error::ServerName { .. }
+            | Error::TokenFile { .. } => "config",
             Error::Transport { .. } => "transport",
             Error::Timeout { .. } => "timeout",
             Error::Body { .. } => "body",
             Error::Status { status, .. } if status.is_server_error() => "status_5xx",
+            // Consul answers 403 ("ACL not found", "Permission denied") to a token it does
+            // not know or that may not do this; 401 is not used by the API but means the same.
+            Error::Status { status, .. }
+                if *status == StatusCode::FORBIDDEN || *status == StatusCode::UNAUTHORIZED =>
+            {
+                "acl_denied"
+            }
             Error::Status { .. } => "status_4xx",
             Error::Decode { .. } => "decode",
         }
@@ -120,10 +151,59 @@ impl<'de, T: serde::de::DeserializeOwned> serde::Deserialize<'de> for Lenient<T>
     }
 }
 
+/// How to reach one agent and who to be to it.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    /// `http://host:port`, `https://host:port`, or `host:port` (HTTP).
+    pub addr: String,
+    /// The ACL token sent with every request.
+    pub token: Option<String>,
+    /// A file holding the token (a swarm secret, say), read once at start; set this or
+    /// `token`, not both.
+    pub token_file: Option<PathBuf>,
+    /// For an `https://` address.
+    pub tls: TlsFiles,
+}
+
+impl Settings {
+    /// The settings' names after `prefix` (`LB` reads `LB_CONSUL_ADDR`, ...), each with the
+    /// variable Consul's own tools read as its fallback, paired so help and reading agree.
+    pub const NAMES: [(&'static str, &'static str); 7] = [
+        ("CONSUL_ADDR", "CONSUL_HTTP_ADDR"),
+        ("CONSUL_TOKEN", "CONSUL_HTTP_TOKEN"),
+        ("CONSUL_TOKEN_FILE", "CONSUL_HTTP_TOKEN_FILE"),
+        ("CONSUL_CACERT", "CONSUL_CACERT"),
+        ("CONSUL_CLIENT_CERT", "CONSUL_CLIENT_CERT"),
+        ("CONSUL_CLIENT_KEY", "CONSUL_CLIENT_KEY"),
+        ("CONSUL_TLS_SERVER_NAME", "CONSUL_TLS_SERVER_NAME"),
+    ];
+
+    /// Reads every connection setting through `get(name, fallback)`, which answers a
+    /// non-empty value or nothing.
+    pub fn read(prefix: &str, mut get: impl FnMut(&str, &str) -> Option<String>) -> Settings {
+        let mut value = |i: usize| {
+            let (name, fallback) = Self::NAMES[i];
+            get(&format!("{prefix}_{name}"), fallback)
+        };
+        Settings {
+            addr: value(0).unwrap_or_default(),
+            token: value(1),
+            token_file: value(2).map(PathBuf::from),
+            tls: TlsFiles {
+                ca_file: value(3).map(PathBuf::from),
+                cert_file: value(4).map(PathBuf::from),
+                key_file: value(5).map(PathBuf::from),
+                server_name: value(6),
+            },
+        }
+    }
+}
+
 /// A cheap-to-clone handle on one Consul agent.
 #[derive(Clone)]
 pub struct Client {
-    http: HyperClient<HttpConnector, Full<Bytes>>,
+    http: HyperClient<Connector, Full<Bytes>>,
+    connector: Connector,
     base: String,
     token: Option<String>,
 }
@@ -135,8 +215,19 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    /// `addr` is `http://host:port` (or `host:port`). HTTPS to Consul is not supported yet.
+    /// `addr` is `http://host:port` (or `host:port`), with no TLS settings.
     pub fn new(addr: &str, token: Option<String>) -> Result<Self, Error> {
+        Self::connect(&Settings {
+            addr: addr.to_string(),
+            token,
+            ..Settings::default()
+        })
+    }
+
+    /// A client for `s`: every file it names is read now, and an unusable one is an error
+    /// that names it.
+    pub fn connect(s: &Settings) -> Result<Self, Error> {
+        let addr = s.addr.as_str();
         let base = if addr.contains("://") {
             addr.trim_end_matches('/').to_string()
         } else {
@@ -148,16 +239,54 @@ impl Client {
                 addr: addr.to_string(),
                 reason: e.to_string(),
             })?;
-        if uri.scheme_str() != Some("http") || uri.host().is_none() {
+        let https = match (uri.scheme_str(), uri.host()) {
+            (Some("http"), Some(_)) => false,
+            (Some("https"), Some(_)) => true,
+            _ => {
+                return Err(Error::InvalidAddress {
+                    addr: addr.to_string(),
+                    reason: "expected http://host:port or https://host:port".into(),
+                })
+            }
+        };
+        if !https && !s.tls.is_empty() {
             return Err(Error::InvalidAddress {
                 addr: addr.to_string(),
-                reason: "expected http://host:port".into(),
+                reason: "TLS files are set but the address is not https://".into(),
             });
         }
+        let tls = if https {
+            let name = match &s.tls.server_name {
+                Some(name) => Some(
+                    rustls::pki_types::ServerName::try_from(name.clone()).map_err(|e| {
+                        Error::ServerName {
+                            name: name.clone(),
+                            reason: e.to_string(),
+                        }
+                    })?,
+                ),
+                None => None,
+            };
+            Some((Arc::new(crate::connect::tls_config(&s.tls)?), name))
+        } else {
+            None
+        };
+        let token = match (&s.token, &s.token_file) {
+            (Some(t), Some(file)) if !t.is_empty() => {
+                return Err(Error::TokenFile {
+                    file: file.display().to_string(),
+                    reason: "a token is also set; set one or the other".into(),
+                })
+            }
+            (_, Some(file)) => Some(read_token(file)?),
+            (token, None) => token.clone().filter(|t| !t.is_empty()),
+        };
+        let connector = Connector::new(tls);
         Ok(Client {
-            http: Self::http(),
+            http: Self::http(connector.clone()),
+            connector,
             base,
-            token: token.filter(|t| !t.is_empty()),
+            token,
         })
     }
 
@@ -167,16 +296,14 @@ impl Client {
     /// whenever the long polls hold every idle one.
     pub fn with_own_pool(&self) -> Client {
         Client {
-            http: Self::http(),
+            http: Self::http(self.connector.clone()),
+            connector: self.connector.clone(),
             base: self.base.clone(),
             token: self.token.clone(),
         }
     }
 
-    fn http() -> HyperClient<HttpConnector, Full<Bytes>> {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_secs(3)));
-        connector.set_nodelay(true);
+    fn http(connector: Connector) -> HyperClient<Connector, Full<Bytes>> {
         // A request made just as another's connection goes back to the pool opens a new
         // one; idle connections close soon, so that the count follows what is in use (an
         // agent refuses more than `limits.http_max_conns_per_client`, 200 by default).
@@ -449,6 +576,32 @@ impl Client {
     }
 }
 
+/// An error with its causes: the HTTP client's own says only "client error (Connect)", and
+/// the cause (refused, a certificate the agent did not accept) is what an operator needs.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let _ = write!(out, ": {c}");
+        cause = c.source();
+    }
+    out
+}
+
+/// The first line of `file`, trimmed: secrets written by hand often end in a newline.
+fn read_token(file: &std::path::Path) -> Result<String, Error> {
+    let fail = |reason: String| Error::TokenFile {
+        file: file.display().to_string(),
+        reason,
+    };
+    let text = std::fs::read_to_string(file).map_err(|e| fail(e.to_string()))?;
+    let token = text.lines().next().unwrap_or_default().trim();
+    if token.is_empty() {
+        return Err(fail("is empty".into()));
+    }
+    Ok(token.to_string())
+}
+
 fn header_u64(headers: &http::HeaderMap, name: &str) -> u64 {
     headers
         .get(name)
@@ -476,7 +629,7 @@ mod tests {
             Client::new("http://consul:8500/", None).unwrap().base(),
             "http://consul:8500"
         );
-        assert!(Client::new("https://consul:8501", None).is_err());
+        assert!(Client::new("ftp://consul:8501", None).is_err());
         assert!(Client::new("http://", None).is_err());
     }
 }

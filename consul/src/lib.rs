@@ -12,11 +12,13 @@
 //! that the lb already links.
 
 mod client;
+mod connect;
 mod index;
 pub mod tags;
 mod types;
 
-pub use client::{Client, Error, QueryMeta, QueryOptions, Response};
+pub use client::{Client, Error, QueryMeta, QueryOptions, Response, Settings};
+pub use connect::{TlsError, TlsFiles};
 pub use index::next_index;
 pub use types::{
     AgentCheck, AgentService, CheckRegistration, CheckState, CheckStatus, HealthCheck, Node,

@@ -93,6 +93,11 @@ impl<'a, F: Fn(&str) -> Option<String>> Reader<'a, F> {
             .unwrap_or_else(|| self.default_of(name).to_string())
     }
 
+    /// The raw value when it is not empty.
+    pub fn optional(&mut self, name: &str, alias: Option<&str>) -> Option<String> {
+        Some(self.raw(name, alias)).filter(|v| !v.is_empty())
+    }
+
     /// A parsed value; an unparsable one is recorded as an error and the default is used.
     pub fn get<T>(&mut self, name: &str, parse: impl Fn(&str) -> Option<T>, expected: &str) -> T {
         let default = self.default_of(name);

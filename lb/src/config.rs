@@ -21,12 +21,37 @@ pub const SETTINGS: &[Setting] = &[
     (
         "LB_CONSUL_ADDR",
         "http://127.0.0.1:8500",
-        "Consul agent HTTP address (CONSUL_HTTP_ADDR is honoured)",
+        "Consul agent address, http:// or https:// (CONSUL_HTTP_ADDR is honoured)",
     ),
     (
         "LB_CONSUL_TOKEN",
         "",
         "ACL token, needs service:read and node:read (CONSUL_HTTP_TOKEN is honoured)",
+    ),
+    (
+        "LB_CONSUL_TOKEN_FILE",
+        "",
+        "file holding the ACL token, e.g. a swarm secret; read at start (CONSUL_HTTP_TOKEN_FILE is honoured)",
+    ),
+    (
+        "LB_CONSUL_CACERT",
+        "",
+        "PEM CA certificates an https:// agent is verified against (default: the system's; CONSUL_CACERT is honoured)",
+    ),
+    (
+        "LB_CONSUL_CLIENT_CERT",
+        "",
+        "PEM certificate chain shown to an agent that verifies clients (CONSUL_CLIENT_CERT is honoured)",
+    ),
+    (
+        "LB_CONSUL_CLIENT_KEY",
+        "",
+        "PEM private key of LB_CONSUL_CLIENT_CERT (CONSUL_CLIENT_KEY is honoured)",
+    ),
+    (
+        "LB_CONSUL_TLS_SERVER_NAME",
+        "",
+        "name the agent's certificate must carry when it is not the address's host (CONSUL_TLS_SERVER_NAME is honoured)",
     ),
     (
         "LB_CONSUL_WAIT",
@@ -278,8 +303,8 @@ pub enum LogFormat {
 pub struct Config {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
-    pub consul_addr: String,
-    pub consul_token: Option<String>,
+    /// Where Consul is and who the lb is to it.
+    pub consul: switchyard_consul::Settings,
     pub consul_wait: Duration,
     pub consul_stale: bool,
     pub consul_rate: f64,
@@ -351,9 +376,9 @@ impl Config {
                 "a socket address like 0.0.0.0:8080",
             ),
             admin_listen: p.get("LB_ADMIN_LISTEN", |s| s.parse().ok(), "a socket address"),
-            consul_addr: p.raw("LB_CONSUL_ADDR", Some("CONSUL_HTTP_ADDR")),
-            consul_token: Some(p.raw("LB_CONSUL_TOKEN", Some("CONSUL_HTTP_TOKEN")))
-                .filter(|t| !t.is_empty()),
+            consul: switchyard_consul::Settings::read("LB", |name, alias| {
+                p.optional(name, Some(alias))
+            }),
             consul_wait: p.get(
                 "LB_CONSUL_WAIT",
                 |s| {
@@ -585,8 +610,10 @@ impl Config {
                 "text or json",
             ),
         };
-        if let Err(e) = switchyard_consul::Client::new(&cfg.consul_addr, None) {
-            p.error(format!("LB_CONSUL_ADDR: {e}"));
+        // Builds a client once, so that an unusable address or file is an error now.
+        if let Err(e) = switchyard_consul::Client::connect(&cfg.consul) {
+            let setting = e.setting().unwrap_or("CONSUL_ADDR");
+            p.error(format!("LB_{setting}: {e}"));
         }
         if cfg.tls_listen.is_some() && cfg.tls_certs.is_empty() {
             p.error(
@@ -701,7 +728,8 @@ mod tests {
         assert_eq!(c.listen, "0.0.0.0:8080".parse().unwrap());
         assert_eq!(c.balance, Balance::P2c);
         assert_eq!(c.consul_wait, Duration::from_secs(60));
-        assert_eq!(c.consul_token, None);
+        assert_eq!(c.consul.token, None);
+        assert_eq!(c.consul.addr, "http://127.0.0.1:8500");
     }
 
     #[test]
@@ -710,7 +738,7 @@ mod tests {
             ("LB_LISTEN", "nope"),
             ("LB_BALANCE", "random"),
             ("LB_CONSUL_WAIT", "11m"),
-            ("LB_CONSUL_ADDR", "https://x:1"),
+            ("LB_CONSUL_ADDR", "ftp://x:1"),
             ("LB_WORKERS", "0"),
         ])
         .unwrap_err()
@@ -735,8 +763,27 @@ mod tests {
             ("CONSUL_HTTP_TOKEN", "t"),
         ])
         .unwrap();
-        assert_eq!(c.consul_addr, "http://c:8500");
-        assert_eq!(c.consul_token.as_deref(), Some("t"));
+        assert_eq!(c.consul.addr, "http://c:8500");
+        assert_eq!(c.consul.token.as_deref(), Some("t"));
+    }
+
+    #[test]
+    fn unusable_consul_files_are_named() {
+        let err = from(&[
+            ("LB_CONSUL_ADDR", "https://c:8501"),
+            ("LB_CONSUL_CACERT", "/nonexistent/ca.pem"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+        let err = from(&[("LB_CONSUL_TOKEN_FILE", "/nonexistent/token")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/token"), "{err}");
+        let err = from(&[("LB_CONSUL_CACERT", "/etc/hostname")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not https://"), "{err}");
     }
 
     #[test]

@@ -47,8 +47,7 @@ pub use crate::state::Shared;
 /// keeps accepting for `drain_delay` (so load balancers in front notice), stops accepting, and
 /// waits up to `shutdown_timeout` for in-flight requests.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let client = switchyard_consul::Client::new(&config.consul_addr, config.consul_token.clone())
-        .context("Consul client")?;
+    let client = switchyard_consul::Client::connect(&config.consul).context("Consul client")?;
     let shared = Arc::new(Shared::new(config));
     let listeners = Listeners::bind(&shared).await?;
     let config = &shared.config;

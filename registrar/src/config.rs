@@ -8,8 +8,13 @@ use std::time::Duration;
 use switchyard_daemon::settings::{positive_duration, Reader, Setting};
 
 pub const SETTINGS: &[Setting] = &[
-    ("REGISTRAR_CONSUL_ADDR", "http://127.0.0.1:8500", "the node's Consul agent (CONSUL_HTTP_ADDR is honoured)"),
+    ("REGISTRAR_CONSUL_ADDR", "http://127.0.0.1:8500", "the node's Consul agent, http:// or https:// (CONSUL_HTTP_ADDR is honoured)"),
     ("REGISTRAR_CONSUL_TOKEN", "", "ACL token, needs service:write and node:read (CONSUL_HTTP_TOKEN is honoured)"),
+    ("REGISTRAR_CONSUL_TOKEN_FILE", "", "file holding the ACL token, e.g. a swarm secret; read at start (CONSUL_HTTP_TOKEN_FILE is honoured)"),
+    ("REGISTRAR_CONSUL_CACERT", "", "PEM CA certificates an https:// agent is verified against (default: the system's; CONSUL_CACERT is honoured)"),
+    ("REGISTRAR_CONSUL_CLIENT_CERT", "", "PEM certificate chain shown to an agent that verifies clients (CONSUL_CLIENT_CERT is honoured)"),
+    ("REGISTRAR_CONSUL_CLIENT_KEY", "", "PEM private key of REGISTRAR_CONSUL_CLIENT_CERT (CONSUL_CLIENT_KEY is honoured)"),
+    ("REGISTRAR_CONSUL_TLS_SERVER_NAME", "", "name the agent's certificate must carry when it is not the address's host (CONSUL_TLS_SERVER_NAME is honoured)"),
     ("REGISTRAR_NODE", "", "this node's name in service IDs and ownership meta (default: the swarm node ID, else the engine's hostname)"),
     ("REGISTRAR_LABEL_PREFIX", "switchyard", "prefix of the container labels read (switchyard.enable=true opts in)"),
     ("REGISTRAR_TAG_PREFIX", "lb", "prefix of the routing tags written (must match the lb's LB_TAG_PREFIX)"),
@@ -26,8 +31,8 @@ pub const SETTINGS: &[Setting] = &[
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub consul_addr: String,
-    pub consul_token: Option<String>,
+    /// Where the node's agent is and who the registrar is to it.
+    pub consul: switchyard_consul::Settings,
     pub node: Option<String>,
     pub label_prefix: String,
     pub tag_prefix: String,
@@ -55,8 +60,9 @@ impl Config {
         let mut p = Reader::new(SETTINGS, lookup);
         let optional = |s: String| Some(s).filter(|s| !s.is_empty());
         let cfg = Config {
-            consul_addr: p.raw("REGISTRAR_CONSUL_ADDR", Some("CONSUL_HTTP_ADDR")),
-            consul_token: optional(p.raw("REGISTRAR_CONSUL_TOKEN", Some("CONSUL_HTTP_TOKEN"))),
+            consul: switchyard_consul::Settings::read("REGISTRAR", |name, alias| {
+                p.optional(name, Some(alias))
+            }),
             node: optional(p.raw("REGISTRAR_NODE", None)),
             label_prefix: p.get(
                 "REGISTRAR_LABEL_PREFIX",
@@ -114,8 +120,10 @@ impl Config {
         if cfg.ttl <= cfg.resync {
             p.error(format!("REGISTRAR_TTL ({:?}) must be longer than REGISTRAR_RESYNC ({:?}), which refreshes it", cfg.ttl, cfg.resync));
         }
-        if let Err(e) = switchyard_consul::Client::new(&cfg.consul_addr, None) {
-            p.error(format!("REGISTRAR_CONSUL_ADDR: {e}"));
+        // Builds a client once, so that an unusable address or file is an error now.
+        if let Err(e) = switchyard_consul::Client::connect(&cfg.consul) {
+            let setting = e.setting().unwrap_or("CONSUL_ADDR");
+            p.error(format!("REGISTRAR_{setting}: {e}"));
         }
         p.finish().map_err(ConfigError)?;
         Ok(cfg)

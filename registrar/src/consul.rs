@@ -71,6 +71,10 @@ impl Consul {
     ) -> bool {
         match self.call(op, call).await {
             Ok(()) => true,
+            Err(e) if e.kind() == "acl_denied" => {
+                tracing::warn!(id = %id, error = %e, "{} refused: the registrar's Consul token needs service:write on its services and node:read; the next resync retries", op.as_str());
+                false
+            }
             Err(e) => {
                 tracing::warn!(id = %id, error = %e, "{} failed; the next resync retries", op.as_str());
                 false
@@ -87,9 +91,14 @@ impl Consul {
     ) -> Result<T, Error> {
         let result = call.await;
         // A TTL refresh also fails for a check the agent no longer holds, with the agent up,
-        // so it does not move `consul_up`.
+        // so it does not move `consul_up`; nor does a refusal (a token without the right to
+        // write): an agent that answers is up, and the failure is counted under `op`.
         if op != FailureOp::Ttl {
-            self.metrics.consul_up.set(i64::from(result.is_ok()));
+            let up = match &result {
+                Ok(_) => true,
+                Err(e) => !matches!(e.kind(), "transport" | "timeout" | "status_5xx"),
+            };
+            self.metrics.consul_up.set(i64::from(up));
         }
         if result.is_err() {
             self.metrics.failed(op);

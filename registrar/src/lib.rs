@@ -55,8 +55,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         .await
         .with_context(|| format!("binding the admin listener {}", cfg.admin_listen))?;
     tokio::spawn(admin::serve(admin_listener, metrics.clone(), ready.clone()));
-    let client =
-        Client::new(&cfg.consul_addr, cfg.consul_token.clone()).context("Consul client")?;
+    let client = Client::connect(&cfg.consul).context("Consul client")?;
     tokio::pin!(shutdown);
     let connected =
         docker::connect_retrying(cfg.node.as_deref(), &metrics, shutdown.as_mut()).await;

@@ -90,12 +90,19 @@ pub fn print_tail_if_panicking(what: &str, path: &PathBuf) {
     }
 }
 
+/// The management token of agents started with [`Consul::start_secured`].
+pub const MANAGEMENT_TOKEN: &str = "3f0c2a1e-5b7d-4c9e-8a6f-0d1b2c3e4f50";
+
 /// A real `consul agent -dev` on loopback ports of its own.
 pub struct Consul {
     child: Option<Child>,
     pub http_port: u16,
     ports: [u16; 3],
     log: PathBuf,
+    /// An HCL file the agent reads besides dev mode's settings (ACLs, TLS).
+    config: Option<PathBuf>,
+    /// The management token, when the test's HCL turns ACLs on.
+    token: Option<String>,
     pub client: ConsulClient,
 }
 
@@ -112,6 +119,51 @@ impl Consul {
     }
 
     pub async fn start() -> Consul {
+        Self::start_with("", None).await
+    }
+
+    /// An agent with ACLs in default-deny ([`MANAGEMENT_TOKEN`] manages them) and HTTPS on a
+    /// port of its own that asks every client for a certificate `ca` signed; its plain HTTP
+    /// port stays for the test's own calls. Returns the agent and its HTTPS address.
+    pub async fn start_secured(ca: &pki::Ca) -> (Consul, String) {
+        let server = ca.leaf("consul-server", &["localhost", "127.0.0.1"]);
+        let https = free_port();
+        let hcl = format!(
+            r#"
+acl {{
+  enabled = true
+  default_policy = "deny"
+  tokens {{
+    master = "{MANAGEMENT_TOKEN}"
+    agent = "{MANAGEMENT_TOKEN}"
+  }}
+}}
+ports {{
+  https = {https}
+}}
+ca_file = "{ca}"
+cert_file = "{crt}"
+key_file = "{key}"
+verify_incoming_https = true
+"#,
+            ca = ca.ca_pem().display(),
+            crt = server.crt.display(),
+            key = server.key.display(),
+        );
+        let consul = Self::start_with(&hcl, Some(MANAGEMENT_TOKEN)).await;
+        (consul, format!("https://127.0.0.1:{https}"))
+    }
+
+    /// An agent that also reads `hcl` (ACLs, TLS on a port of the test's); `token` is the
+    /// management token it sets, which the test's own calls then send.
+    pub async fn start_with(hcl: &str, token: Option<&str>) -> Consul {
+        let config = (!hcl.is_empty()).then(|| {
+            let (path, _) = log_file("consul-config");
+            let path = path.with_extension("hcl");
+            std::fs::write(&path, hcl).expect("Consul config file");
+            path
+        });
+        let token = token.map(str::to_string);
         // A port picked free can be taken by another test before the agent binds it: an agent
         // that does not come up in time is replaced once, on new ports.
         for attempt in 0..2 {
@@ -123,7 +175,10 @@ impl Consul {
                 http_port,
                 ports,
                 log,
-                client: ConsulClient::new(&format!("http://127.0.0.1:{http_port}"), None).unwrap(),
+                config: config.clone(),
+                token: token.clone(),
+                client: ConsulClient::new(&format!("http://127.0.0.1:{http_port}"), token.clone())
+                    .unwrap(),
             };
             if attempt == 1 || c.try_spawn(Duration::from_secs(20)).await {
                 if attempt == 1 {
@@ -168,20 +223,24 @@ impl Consul {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(Self::binary())
-            .args([
-                "agent",
-                "-dev",
-                "-bind",
-                "127.0.0.1",
-                "-client",
-                "127.0.0.1",
-            ])
-            .args(["-http-port", &self.http_port.to_string()])
-            .args(["-server-port", &self.ports[0].to_string()])
-            .args(["-serf-lan-port", &self.ports[1].to_string()])
-            .args(["-serf-wan-port", &self.ports[2].to_string()])
-            .args(["-dns-port", "-1", "-grpc-port", "-1", "-log-level", "warn"])
+        let mut cmd = Command::new(Self::binary());
+        cmd.args([
+            "agent",
+            "-dev",
+            "-bind",
+            "127.0.0.1",
+            "-client",
+            "127.0.0.1",
+        ])
+        .args(["-http-port", &self.http_port.to_string()])
+        .args(["-server-port", &self.ports[0].to_string()])
+        .args(["-serf-lan-port", &self.ports[1].to_string()])
+        .args(["-serf-wan-port", &self.ports[2].to_string()])
+        .args(["-dns-port", "-1", "-grpc-port", "-1", "-log-level", "warn"]);
+        if let Some(config) = &self.config {
+            cmd.arg("-config-file").arg(config);
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
             .stderr(file)
@@ -197,6 +256,48 @@ impl Consul {
 
     pub fn addr(&self) -> String {
         format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    /// A new ACL policy of `rules` and a token holding only it: (accessor ID, secret).
+    pub async fn acl_token(&self, name: &str, rules: &str) -> (String, String) {
+        let policy = serde_json::json!({"Name": name, "Rules": rules});
+        self.acl_put("/v1/acl/policy", policy).await;
+        let token = serde_json::json!({"Description": name, "Policies": [{"Name": name}]});
+        let made = self.acl_put("/v1/acl/token", token).await;
+        let field = |k: &str| made[k].as_str().expect("token fields").to_string();
+        (field("AccessorID"), field("SecretID"))
+    }
+
+    /// Deletes the token with `accessor` ID: whoever holds its secret is refused from now on.
+    pub async fn acl_token_delete(&self, accessor: &str) {
+        let req = self.acl_request(http::Method::DELETE, &format!("/v1/acl/token/{accessor}"));
+        let reply = Http::new().send(req.body(Full::default()).unwrap()).await;
+        assert!(
+            reply.as_ref().is_ok_and(|r| r.status == StatusCode::OK),
+            "delete token: {:?}",
+            reply.map(|r| r.body)
+        );
+    }
+
+    async fn acl_put(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
+        let req = self
+            .acl_request(http::Method::PUT, path)
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap();
+        let reply = Http::new().send(req).await.expect("Consul ACL call");
+        assert_eq!(reply.status, StatusCode::OK, "{path}: {}", reply.body);
+        serde_json::from_str(&reply.body).expect("Consul ACL answer")
+    }
+
+    fn acl_request(&self, method: http::Method, path: &str) -> http::request::Builder {
+        let token = self
+            .token
+            .as_deref()
+            .expect("ACL calls need the management token");
+        Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.addr()))
+            .header("x-consul-token", token)
     }
 
     /// The agent's process id, while it runs (to pause it with SIGSTOP, say).

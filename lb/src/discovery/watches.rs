@@ -339,7 +339,11 @@ async fn watch<Raw, T, R, ReadFut, J, C, ChangeFut>(
                     .with_label_values(&[watch.as_str(), e.kind()])
                     .inc();
                 let delay = backoff.next_delay();
-                tracing::warn!(watch = watch.as_str(), name, error = %e, retry_in = ?delay, "Consul watch failed; keeping the last answer");
+                if e.kind() == "acl_denied" {
+                    tracing::warn!(watch = watch.as_str(), name, error = %e, retry_in = ?delay, "Consul refuses the lb's token (it needs service:read and node:read; LB_CONSUL_TOKEN or LB_CONSUL_TOKEN_FILE); keeping the last answer");
+                } else {
+                    tracing::warn!(watch = watch.as_str(), name, error = %e, retry_in = ?delay, "Consul watch failed; keeping the last answer");
+                }
                 index = 0;
                 backoff_within(delay, &hold).await;
             }

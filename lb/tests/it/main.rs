@@ -1,6 +1,7 @@
 //! The lb's integration tests: a real Consul agent, real HTTP backends and the real lb binary.
 
 mod balancing;
+mod consul_auth;
 mod discovery;
 mod hostile;
 mod keepalive;

@@ -310,3 +310,66 @@ async fn swarm_tasks_are_registered_by_service_and_removed_before_they_exit_on_s
         "the stopping task should still be running while deregistered"
     );
 }
+
+/// Consul with ACLs in default-deny and HTTPS that verifies clients. A token that may only
+/// read gets every write refused: the registrar counts and logs it, stays up and ready, and
+/// does not call Consul down. With the minimal policy (write on the services it registers,
+/// read on nodes), a CA and a client certificate, it registers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_acls_and_tls_a_read_only_token_is_reported_and_the_minimal_one_registers() {
+    let ca = testkit::pki::Ca::new("registrar-acl");
+    let (consul, https) = Consul::start_secured(&ca).await;
+    let (_, reader) = consul
+        .acl_token("registrar-read", r#"service_prefix "" { policy = "read" }"#)
+        .await;
+    let minimal = r#"
+service "web" { policy = "write" }
+node_prefix "" { policy = "read" }
+"#;
+    let (_, writer) = consul.acl_token("registrar", minimal).await;
+    let cert = ca.leaf("registrar-client", &["registrar"]);
+    let (ca_pem, crt, key) = (
+        ca.ca_pem().display().to_string(),
+        cert.crt.display().to_string(),
+        cert.key.display().to_string(),
+    );
+    let secure = |token: &str| {
+        let token_file = ca.dir.join(format!("token-{}", &token[..8]));
+        std::fs::write(&token_file, format!("{token}\n")).unwrap();
+        [
+            ("REGISTRAR_CONSUL_ADDR", https.clone()),
+            ("REGISTRAR_CONSUL_CACERT", ca_pem.clone()),
+            ("REGISTRAR_CONSUL_CLIENT_CERT", crt.clone()),
+            ("REGISTRAR_CONSUL_CLIENT_KEY", key.clone()),
+            (
+                "REGISTRAR_CONSUL_TOKEN_FILE",
+                token_file.display().to_string(),
+            ),
+        ]
+    };
+    let s = scope("acl");
+    let _c = Container::run(&s, "a", WEB, &[], &["--no-healthcheck"]);
+
+    let read_only = secure(&reader);
+    let pairs: Vec<(&str, &str)> = read_only.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut reg = Registrar::start(&consul, &s, &pairs).await;
+    eventually(
+        "the refused registration to be counted",
+        Duration::from_secs(20),
+        || async {
+            reg.metric("registrar_failures_total", Some(("op", "register")))
+                .await
+                >= 1.0
+        },
+    )
+    .await;
+    assert_eq!(reg.metric("registrar_consul_up", None).await, 1.0);
+    assert!(reg.log().contains("register refused"), "{}", reg.log());
+    assert!(instances(&consul, "web").await.is_empty());
+    reg.crash();
+
+    let minimal = secure(&writer);
+    let pairs: Vec<(&str, &str)> = minimal.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let _reg = Registrar::start(&consul, &s, &pairs).await;
+    wait_passing(&consul, "web", 1).await;
+}
