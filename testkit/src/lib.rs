@@ -18,6 +18,7 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client as HyperClient};
 use hyper_util::rt::TokioExecutor;
 use switchyard_consul::{CheckRegistration, Client as ConsulClient, ServiceRegistration};
 
+pub mod cluster;
 pub mod pki;
 
 /// Multiplies every wait; raise it on a slow machine (`IT_PATIENCE=3`).
@@ -103,6 +104,8 @@ pub struct Consul {
     config: Option<PathBuf>,
     /// The management token, when the test's HCL turns ACLs on.
     token: Option<String>,
+    /// What the agent is: `-dev`, or a server or client of a cluster (see [`cluster`]).
+    role: Vec<String>,
     pub client: ConsulClient,
 }
 
@@ -167,19 +170,7 @@ verify_incoming_https = true
         // A port picked free can be taken by another test before the agent binds it: an agent
         // that does not come up in time is replaced once, on new ports.
         for attempt in 0..2 {
-            let http_port = free_port();
-            let ports = [free_port(), free_port(), free_port()];
-            let (log, _) = log_file("consul");
-            let mut c = Consul {
-                child: None,
-                http_port,
-                ports,
-                log,
-                config: config.clone(),
-                token: token.clone(),
-                client: ConsulClient::new(&format!("http://127.0.0.1:{http_port}"), token.clone())
-                    .unwrap(),
-            };
+            let mut c = Consul::unstarted(vec!["-dev".into()], config.clone(), token.clone());
             if attempt == 1 || c.try_spawn(Duration::from_secs(20)).await {
                 if attempt == 1 {
                     c.spawn().await;
@@ -189,6 +180,38 @@ verify_incoming_https = true
             c.stop();
         }
         unreachable!("the second attempt returns or panics")
+    }
+
+    /// An agent on free ports of its own, not started yet.
+    pub(crate) fn unstarted(
+        role: Vec<String>,
+        config: Option<PathBuf>,
+        token: Option<String>,
+    ) -> Consul {
+        let http_port = free_port();
+        let ports = [free_port(), free_port(), free_port()];
+        let (log, _) = log_file("consul");
+        Consul {
+            child: None,
+            http_port,
+            ports,
+            log,
+            config,
+            client: ConsulClient::new(&format!("http://127.0.0.1:{http_port}"), token.clone())
+                .unwrap(),
+            token,
+            role,
+        }
+    }
+
+    /// The port its servers' RPC (raft) listens on, which `/v1/status/leader` names.
+    pub fn server_port(&self) -> u16 {
+        self.ports[0]
+    }
+
+    /// The port other agents join it on.
+    pub fn serf_lan_port(&self) -> u16 {
+        self.ports[1]
     }
 
     /// Starts the agent and waits up to `patience` for it to lead; false when it does not.
@@ -218,25 +241,20 @@ verify_incoming_https = true
         .await;
     }
 
-    fn launch(&mut self) {
+    pub(crate) fn launch(&mut self) {
         let file = std::fs::OpenOptions::new()
             .append(true)
             .open(&self.log)
             .unwrap();
         let mut cmd = Command::new(Self::binary());
-        cmd.args([
-            "agent",
-            "-dev",
-            "-bind",
-            "127.0.0.1",
-            "-client",
-            "127.0.0.1",
-        ])
-        .args(["-http-port", &self.http_port.to_string()])
-        .args(["-server-port", &self.ports[0].to_string()])
-        .args(["-serf-lan-port", &self.ports[1].to_string()])
-        .args(["-serf-wan-port", &self.ports[2].to_string()])
-        .args(["-dns-port", "-1", "-grpc-port", "-1", "-log-level", "warn"]);
+        cmd.arg("agent")
+            .args(&self.role)
+            .args(["-bind", "127.0.0.1", "-client", "127.0.0.1"])
+            .args(["-http-port", &self.http_port.to_string()])
+            .args(["-server-port", &self.ports[0].to_string()])
+            .args(["-serf-lan-port", &self.ports[1].to_string()])
+            .args(["-serf-wan-port", &self.ports[2].to_string()])
+            .args(["-dns-port", "-1", "-grpc-port", "-1", "-log-level", "warn"]);
         if let Some(config) = &self.config {
             cmd.arg("-config-file").arg(config);
         }

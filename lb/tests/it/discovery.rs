@@ -12,6 +12,7 @@ use crate::support::{
     catalog_delete, catalog_write, connections_to, eventually, spread, spread_ok, Backend,
     CatalogInstance, Consul, Http, Lb,
 };
+use testkit::cluster::ConsulCluster;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_instance_gets_traffic_once_passing() {
@@ -349,6 +350,78 @@ async fn a_paused_consul_is_noticed_and_costs_no_request() {
     .await;
     let (sent, failed) = load.finish().await;
     println!("{sent} requests through a paused Consul, {failed} failed");
+    assert!(sent > 100, "{sent}");
+    assert_eq!(failed, 0, "{failed} of {sent} requests failed");
+}
+
+/// A real cluster of three servers and a client agent, as on a node: the leader is killed
+/// (SIGKILL) under load. The lb reads with `?stale` through the client agent, so any server
+/// answers: through the election its table stays as it was (the same generation, the same
+/// backends) and no request fails; under the new leader it follows Consul again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_consul_leader_under_load_changes_nothing_and_fails_no_request() {
+    let mut cluster = ConsulCluster::start().await;
+    let agent = &cluster.agent;
+    let (a, b, c) = futures_join3().await;
+    agent.register("a", "web", a.port(), &["lb.route=/"]).await;
+    agent.register("b", "web", b.port(), &["lb.route=/"]).await;
+    let lb = Lb::start(agent, &[("LB_CONSUL_WAIT", "2s")]).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 2).await;
+    // Settled: the generation stays put while nothing changes.
+    // The table's generation and each route's backends with their state (not the counters).
+    let table = || async {
+        let v = lb.routes(&http).await;
+        let mut backends: Vec<String> = v["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r["backends"].as_array().unwrap().iter())
+            .map(|b| {
+                format!(
+                    "{} {} {} {}",
+                    b["instance"], b["addr"], b["state"], b["held"]
+                )
+            })
+            .collect();
+        backends.sort();
+        (v["generation"].as_u64().unwrap(), backends)
+    };
+    let mut before = table().await;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = table().await;
+        if now == before {
+            break;
+        }
+        before = now;
+    }
+    let load = PacedLoad::start(lb.url("/"));
+
+    let old = cluster.kill_leader().await;
+    let killed = std::time::Instant::now();
+    // Through the election and three blocking waits after it, the table does not move.
+    let mut elected = None;
+    while killed.elapsed() < Duration::from_secs(30) {
+        assert_eq!(table().await, before, "the table moved during the election");
+        if elected.is_none() && cluster.leader().await.is_some_and(|l| l != old) {
+            elected = Some(killed.elapsed());
+        }
+        if elected.is_some_and(|e| killed.elapsed() > e + Duration::from_secs(6)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let elected = elected.expect("a new leader within 30 s");
+    println!("a new Consul leader after {elected:?}");
+
+    cluster
+        .agent
+        .register("c", "web", c.port(), &["lb.route=/"])
+        .await;
+    wait_routed(&lb, &http, "*/", 3).await;
+    let (sent, failed) = load.finish().await;
+    println!("{sent} requests through a Consul leader election, {failed} failed");
     assert!(sent > 100, "{sent}");
     assert_eq!(failed, 0, "{failed} of {sent} requests failed");
 }

@@ -373,3 +373,37 @@ node_prefix "" { policy = "read" }
     let _reg = Registrar::start(&consul, &s, &pairs).await;
     wait_passing(&consul, "web", 1).await;
 }
+
+/// A real cluster of three servers and a client agent, as on a node: the leader is killed
+/// (SIGKILL) and, during the election, one container starts and another is killed. The
+/// registrar writes to its node's agent, which takes the writes without a leader and syncs
+/// them once one is elected: afterwards Consul, read from a surviving server, matches Docker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_a_consul_leader_election_registrations_and_deregistrations_land() {
+    let mut cluster = testkit::cluster::ConsulCluster::start().await;
+    let s = scope("election");
+    let _reg = Registrar::start(&cluster.agent, &s, &[]).await;
+    let a = Container::run(&s, "a", WEB, &[], &["--no-healthcheck"]);
+    wait_passing(&cluster.agent, "web", 1).await;
+
+    let old = cluster.kill_leader().await;
+    let killed = Instant::now();
+    let b = Container::run(&s, "b", WEB, &[], &["--no-healthcheck"]);
+    a.kill();
+    let changed = killed.elapsed();
+    let new = cluster.wait_for_leader(Some(old)).await;
+    let elected = killed.elapsed();
+    println!("containers changed {changed:?} after the leader was killed, a new leader after {elected:?}");
+    assert!(
+        changed < elected,
+        "the changes were not made during the election"
+    );
+    let survivor = &cluster.servers[new];
+    let want = vec![(b.ip(), 8000, "passing".to_string())];
+    eventually(
+        "Consul to match Docker after the election",
+        Duration::from_secs(30),
+        || async { instances(survivor, "web").await == want },
+    )
+    .await;
+}
