@@ -397,6 +397,18 @@ impl Client {
         self.write(path, Bytes::new()).await
     }
 
+    /// `PUT /v1/agent/service/maintenance/<id>?enable=true`: the agent adds a critical check
+    /// to the instance, so that it leaves every healthy list at once, and Consul's lists of
+    /// critical checks name it (a deregistration alone shows only in the catalog's index).
+    pub async fn enable_maintenance(&self, id: &str, reason: &str) -> Result<(), Error> {
+        let path = format!(
+            "/v1/agent/service/maintenance/{}?enable=true&reason={}",
+            utf8_percent_encode(id, SEGMENT),
+            utf8_percent_encode(reason, SEGMENT)
+        );
+        self.write(path, Bytes::new()).await
+    }
+
     /// `PUT /v1/agent/check/update/<id>`: sets a TTL check's status and output.
     pub async fn update_ttl(
         &self,

@@ -37,7 +37,18 @@ impl Consul {
     }
 
     /// A failure leaves the entry ours in Consul, so the next resync removes it.
+    ///
+    /// The instance is first put in maintenance: that makes it critical, which Consul's list
+    /// of critical checks shows, so that an lb following many services through that list
+    /// (rather than a query per service) stops routing to it as fast as to a failing one. A
+    /// deregistration alone moves only the catalog's index, which does not say which service
+    /// changed. A failed maintenance call (an instance the agent no longer has) changes
+    /// nothing: the deregistration follows either way.
     pub async fn deregister(&self, id: &str, why: &str, drift: Drift) {
+        let reason = format!("switchyard: {why}");
+        if let Err(e) = self.client.enable_maintenance(id, &reason).await {
+            tracing::debug!(id = %id, error = %e, "maintenance before deregistration failed");
+        }
         let op = self.client.deregister_service(id);
         if !self.write(FailureOp::Deregister, id, op).await {
             return;

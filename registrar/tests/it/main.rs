@@ -80,6 +80,61 @@ async fn docker_stop_deregisters_before_the_container_exits() {
     stop.join().unwrap();
 }
 
+/// A stopping container is first put in maintenance, then deregistered: Consul's list of
+/// critical checks names it on the way out, which is what an lb that follows many services
+/// through that list (not a query each) needs to stop routing to it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_container_shows_in_the_critical_checks_before_it_is_deregistered() {
+    let consul = Consul::start().await;
+    let s = scope("maint");
+    let _reg = Registrar::start(&consul, &s, &[]).await;
+    let c = Container::run(&s, "a", WEB, &[], &["--no-healthcheck"]);
+    wait_passing(&consul, "web", 1).await;
+    let client = consul.client.clone();
+    let critical = move |index: u64| {
+        let client = client.clone();
+        async move {
+            let q = QueryOptions {
+                index,
+                wait: Some(Duration::from_secs(10)),
+                ..QueryOptions::default()
+            };
+            client.health_state("critical", &q).await.unwrap()
+        }
+    };
+    let mut index = critical(0).await.meta.index;
+    // Follows the list as an lb does, from before the stop until the instance is gone.
+    let watch = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        for _ in 0..20 {
+            let answer = critical(index).await;
+            index = answer.meta.index;
+            seen.extend(
+                answer
+                    .value
+                    .into_iter()
+                    .map(|c| (c.service_name, c.check_id)),
+            );
+            if seen.iter().any(|(service, _)| service == "web") {
+                break;
+            }
+        }
+        seen
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    c.kill();
+    wait_count(&consul, "web", 0).await;
+    let seen = tokio::time::timeout(Duration::from_secs(15), watch)
+        .await
+        .expect("the critical list to answer")
+        .unwrap();
+    assert!(
+        seen.iter()
+            .any(|(service, check)| service == "web" && check.starts_with("_service_maintenance:")),
+        "{seen:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn docker_kill_deregisters() {
     let consul = Consul::start().await;
