@@ -263,12 +263,12 @@ async fn stack_end_to_end() {
                 containers("consul").is_empty()
             })
             .await;
-            let lbs = lb_addrs().await;
+            let noticing = lb_addrs().await;
             eventually(
                 "both lbs notice Consul is down",
                 Duration::from_secs(120),
                 || async {
-                    for lb in &lbs {
+                    for lb in &noticing {
                         if lb_metric(&http, *lb, "lb_consul_up").await != Some(0.0) {
                             return false;
                         }
@@ -277,6 +277,48 @@ async fn stack_end_to_end() {
                 },
             )
             .await;
+            // An lb restarted while Consul is away serves the snapshot its replica slot's
+            // volume holds: swarm's replacement gets the same slot, so the same volume.
+            let before = containers("lb");
+            let killed = Instant::now();
+            docker(&["kill", &before[0]]);
+            let cold = Cell::new(None);
+            eventually(
+                "the replacement lb serves its snapshot while Consul is down",
+                Duration::from_secs(90),
+                || async {
+                    let Some(new) = containers("lb").into_iter().find(|c| !before.contains(c))
+                    else {
+                        return false;
+                    };
+                    let Some(ip) = gwbridge_ip(&new) else {
+                        return false;
+                    };
+                    let addr = SocketAddr::new(ip, 8080);
+                    let ok = http
+                        .get(&format!("http://{addr}/"))
+                        .await
+                        .is_ok_and(|r| r.status == 200)
+                        && lb_metric(&http, addr, "lb_table_from_snapshot").await == Some(1.0);
+                    if ok {
+                        cold.set(Some(killed.elapsed()));
+                    }
+                    ok
+                },
+            )
+            .await;
+            report.add(format!(
+                "lb killed while Consul is down: kill -> its replacement proxying from its \
+                 snapshot: {}",
+                ms(cold.get().unwrap())
+            ));
+            eventually(
+                "two healthy lb replicas",
+                Duration::from_secs(60),
+                || async { lb_addrs().await.len() == 2 },
+            )
+            .await;
+            let lbs = lb_addrs().await;
             tokio::time::sleep(Duration::from_secs(outage)).await;
             let mut ages = Vec::new();
             for lb in &lbs {
