@@ -40,11 +40,12 @@ pub enum Error {
     ServerName { name: String, reason: String },
     #[error("Consul token file {file}: {reason}")]
     TokenFile { file: String, reason: String },
-    #[error("Consul request {path} failed: {}", chain(source))]
+    // The message carries the causes already, so they are not also its `source`: a
+    // report that walks the sources would say each twice.
+    #[error("Consul request {path} failed: {}", chain(cause))]
     Transport {
         path: String,
-        #[source]
-        source: hyper_util::client::legacy::Error,
+        cause: hyper_util::client::legacy::Error,
     },
     #[error("Consul request {path} timed out after {after:?}")]
     Timeout { path: String, after: Duration },
@@ -158,8 +159,8 @@ pub struct Settings {
     pub addr: String,
     /// The ACL token sent with every request.
     pub token: Option<String>,
-    /// A file holding the token (a swarm secret, say), read once at start; set this or
-    /// `token`, not both.
+    /// A file holding the token (a swarm secret, say), read once at start; it wins over
+    /// `token`.
     pub token_file: Option<PathBuf>,
     /// For an `https://` address.
     pub tls: TlsFiles,
@@ -249,12 +250,8 @@ impl Client {
                 })
             }
         };
-        if !https && !s.tls.is_empty() {
-            return Err(Error::InvalidAddress {
-                addr: addr.to_string(),
-                reason: "TLS files are set but the address is not https://".into(),
-            });
-        }
+        // TLS settings apply to `https://` addresses only, as with Consul's own tools: a
+        // `CONSUL_CACERT` exported for them must not stop an `http://` client.
         let tls = if https {
             let name = match &s.tls.server_name {
                 Some(name) => Some(
@@ -271,15 +268,10 @@ impl Client {
         } else {
             None
         };
-        let token = match (&s.token, &s.token_file) {
-            (Some(t), Some(file)) if !t.is_empty() => {
-                return Err(Error::TokenFile {
-                    file: file.display().to_string(),
-                    reason: "a token is also set; set one or the other".into(),
-                })
-            }
-            (_, Some(file)) => Some(read_token(file)?),
-            (token, None) => token.clone().filter(|t| !t.is_empty()),
+        // The file wins over a token, as with Consul's own tools.
+        let token = match &s.token_file {
+            Some(file) => Some(read_token(file)?),
+            None => s.token.clone().filter(|t| !t.is_empty()),
         };
         let connector = Connector::new(tls);
         Ok(Client {
@@ -564,9 +556,9 @@ impl Client {
                 .http
                 .request(req)
                 .await
-                .map_err(|source| Error::Transport {
+                .map_err(|cause| Error::Transport {
                     path: path.to_string(),
-                    source,
+                    cause,
                 })?;
             let (parts, body) = resp.into_parts();
             let body = http_body_util::Limited::new(body, MAX_BODY)

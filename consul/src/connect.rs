@@ -21,8 +21,10 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 /// Where a CA bundle sits on Debian, Ubuntu and Alpine: an `https://` address without a CA
-/// file of its own is verified against the system's roots, as Consul's own CLI does.
+/// file of its own is verified against the system's roots (`SSL_CERT_FILE`, else this).
 const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// A TLS handshake that takes longer is an agent that accepted and stalled.
+const HANDSHAKE_WITHIN: Duration = Duration::from_secs(5);
 
 /// How to reach an `https://` agent. Every file is read once, when the client is built.
 #[derive(Debug, Clone, Default)]
@@ -36,15 +38,6 @@ pub struct TlsFiles {
     /// The name the agent's certificate must carry, when the address's host is not it
     /// (`CONSUL_TLS_SERVER_NAME`; Consul's own certificates name `server.<dc>.consul`).
     pub server_name: Option<String>,
-}
-
-impl TlsFiles {
-    pub fn is_empty(&self) -> bool {
-        self.ca_file.is_none()
-            && self.cert_file.is_none()
-            && self.key_file.is_none()
-            && self.server_name.is_none()
-    }
 }
 
 /// Why a TLS file cannot be used; names the file, and the setting (after its prefix) that
@@ -89,10 +82,23 @@ fn certificates(
 
 /// The rustls side of an `https://` client, from `files`.
 pub(crate) fn tls_config(files: &TlsFiles) -> Result<rustls::ClientConfig, TlsError> {
-    let ca = files
-        .ca_file
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(SYSTEM_ROOTS));
+    let ca = match &files.ca_file {
+        Some(file) => file.clone(),
+        None => {
+            let system = std::env::var_os("SSL_CERT_FILE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(SYSTEM_ROOTS));
+            if !system.exists() {
+                return Err(tls_error(
+                    CA,
+                    &system,
+                    "no CA file is set and the system has no CA bundle here (the Switchyard \
+                     images have none): set the CA file the agent's certificate chains to",
+                ));
+            }
+            system
+        }
+    };
     let mut roots = rustls::RootCertStore::empty();
     for cert in certificates(CA, &ca)? {
         roots
@@ -185,7 +191,11 @@ impl tower_service::Service<Uri> for Connector {
                     ServerName::try_from(host.to_string())?
                 }
             };
-            let stream = tls.connect(name, tcp).await?;
+            let stream = tokio::time::timeout(HANDSHAKE_WITHIN, tls.connect(name, tcp))
+                .await
+                .map_err(|_| {
+                    io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")
+                })??;
             Ok(TokioIo::new(Stream::Tls(Box::new(stream))))
         })
     }
