@@ -354,6 +354,17 @@ impl Client {
         self.read_list(path, &[], q).await
     }
 
+    /// `GET /v1/health/checks/<name>`: the checks of every instance of a service, as the
+    /// catalog holds them (what the servers have, not the agent's own view).
+    pub async fn health_checks(
+        &self,
+        name: &str,
+        q: &QueryOptions,
+    ) -> Result<Response<Vec<CheckState>>, Error> {
+        let path = format!("/v1/health/checks/{}", utf8_percent_encode(name, SEGMENT));
+        self.read_list(path, &[], q).await
+    }
+
     /// `GET /v1/agent/services`: what this agent itself has registered, keyed by service ID.
     pub async fn agent_services(&self) -> Result<HashMap<String, AgentService>, Error> {
         let r: Response<HashMap<String, AgentService>> = self

@@ -11,6 +11,10 @@ use switchyard_consul::{AgentService, CheckStatus, Client, Error, ServiceRegistr
 use crate::metrics::{FailureOp, Metrics};
 use crate::reconcile::Drift;
 
+/// How long a stopping container's instance may wait in maintenance for the catalog to show
+/// it before it is deregistered (about a millisecond on a healthy agent).
+const MAINTENANCE_WITHIN: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// The node's Consul agent, with the metrics every call reports to.
 pub struct Consul {
     client: Client,
@@ -36,19 +40,45 @@ impl Consul {
         true
     }
 
-    /// A failure leaves the entry ours in Consul, so the next resync removes it.
+    /// Deregisters a stopping container's instance, putting it in maintenance first.
     ///
-    /// The instance is first put in maintenance: that makes it critical, which Consul's list
-    /// of critical checks shows, so that an lb following many services through that list
-    /// (rather than a query per service) stops routing to it as fast as to a failing one. A
-    /// deregistration alone moves only the catalog's index, which does not say which service
-    /// changed. A failed maintenance call (an instance the agent no longer has) changes
-    /// nothing: the deregistration follows either way.
-    pub async fn deregister(&self, id: &str, why: &str, drift: Drift) {
+    /// Maintenance makes the instance critical, which Consul's list of critical checks
+    /// shows, so that an lb following many services through that list (rather than a query
+    /// per service) stops routing to it as fast as to a failing one: a deregistration alone
+    /// moves only the catalog's index, which does not say which service changed. The agent
+    /// syncs its changes to the servers in the background, and would merge a maintenance
+    /// followed at once by a deregistration into the deregistration alone: so the
+    /// deregistration waits until the catalog holds the maintenance check, for
+    /// `MAINTENANCE_WITHIN` at most (traffic stops at the maintenance already). Maintenance
+    /// that fails or is not seen in time changes nothing else: the deregistration follows.
+    pub async fn drain_and_deregister(&self, reg: &ServiceRegistration, why: &str) {
+        let started = tokio::time::Instant::now();
         let reason = format!("switchyard: {why}");
-        if let Err(e) = self.client.enable_maintenance(id, &reason).await {
-            tracing::debug!(id = %id, error = %e, "maintenance before deregistration failed");
+        let check = format!("_service_maintenance:{}", reg.id);
+        let seen = async {
+            self.client.enable_maintenance(&reg.id, &reason).await?;
+            let mut q = switchyard_consul::QueryOptions::default();
+            loop {
+                let r = self.client.health_checks(&reg.name, &q).await?;
+                if r.value.iter().any(|c| c.check_id == check) {
+                    return Ok::<_, Error>(());
+                }
+                q.index = r.meta.index.max(1);
+                q.wait = Some(MAINTENANCE_WITHIN);
+            }
+        };
+        match tokio::time::timeout(MAINTENANCE_WITHIN, seen).await {
+            Ok(Ok(())) => {
+                tracing::debug!(id = %reg.id, took = ?started.elapsed(), "in maintenance")
+            }
+            Ok(Err(e)) => tracing::debug!(id = %reg.id, error = %e, "maintenance failed"),
+            Err(_) => tracing::debug!(id = %reg.id, "maintenance not seen in the catalog in time"),
         }
+        self.deregister(&reg.id, why, Drift::None).await;
+    }
+
+    /// A failure leaves the entry ours in Consul, so the next resync removes it.
+    pub async fn deregister(&self, id: &str, why: &str, drift: Drift) {
         let op = self.client.deregister_service(id);
         if !self.write(FailureOp::Deregister, id, op).await {
             return;
@@ -107,7 +137,7 @@ impl Consul {
         if op != FailureOp::Ttl {
             let up = match &result {
                 Ok(_) => true,
-                Err(e) => !matches!(e.kind(), "transport" | "timeout" | "status_5xx"),
+                Err(e) => !matches!(e.kind(), "transport" | "timeout" | "body" | "status_5xx"),
             };
             self.metrics.consul_up.set(i64::from(up));
         }

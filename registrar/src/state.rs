@@ -247,7 +247,7 @@ impl Registrar {
         };
         self.metrics.registered.set(self.registered.len() as i64);
         self.consul
-            .deregister(&instance.registration.id, why, Drift::None)
+            .drain_and_deregister(&instance.registration, why)
             .await;
     }
 
