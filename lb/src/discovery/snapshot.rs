@@ -107,8 +107,10 @@ fn write(path: &Path, services: &Services) -> std::io::Result<()> {
             .map(|(name, entries)| (name.clone(), entries.as_ref().clone()))
             .collect(),
     };
+    // Named after this process: during a rolling update the old and the new replica of a
+    // swarm slot share its volume, and must not write into one file at once.
     let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
+    tmp.push(format!(".{}.tmp", std::process::id()));
     let tmp = PathBuf::from(tmp);
     let mut f = std::fs::File::create(&tmp)?;
     serde_json::to_writer(std::io::BufWriter::new(&mut f), &file)?;
