@@ -77,7 +77,14 @@ pub struct CheckState {
     /// Empty for a node's own checks (`serfHealth`, maintenance).
     #[serde(default)]
     pub service_name: String,
+    /// The instance's ID, empty for a node's own checks.
+    #[serde(default, rename = "ServiceID")]
+    pub service_id: String,
     pub status: String,
+    /// The index of the write that registered it: a check registered with its instance has
+    /// the catalog's index of that registration.
+    #[serde(default)]
+    pub create_index: u64,
     #[serde(default)]
     pub modify_index: u64,
 }

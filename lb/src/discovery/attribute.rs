@@ -8,11 +8,14 @@
 //!   recovers or is removed while failing shows here, naming its service; a node's own check
 //!   (its agent gone) names every service with a check on that node.
 //! - the catalog's service list (names and tags): it wakes when an instance is registered or
-//!   deregistered, but does not say which. Each such answer asks for a census, every check in
-//!   the datacenter (`/v1/health/state/any`), read once and compared with the last census: an
-//!   instance with a check that came or went names its service. The census is what costs
-//!   Consul (about 8 MB at 20,000 checks), so it follows the catalog and is spaced by its own
-//!   cost (`watches`).
+//!   deregistered, but does not say which. A list answer explains such a change when it
+//!   covers its index and shows an instance registered failing (a check no census had) or
+//!   leaving maintenance by deregistration (the registrar puts every instance in maintenance
+//!   before it deregisters it). Any other asks for a census, every check in the datacenter
+//!   (`/v1/health/state/any`), read once and compared with the last census: an instance with
+//!   a check that came or went names its service. The census is what costs Consul (about
+//!   8 MB at 20,000 checks), so it follows the catalog and is spaced by its own cost
+//!   (`watches`); the 5-minute backstop renews it too.
 //!
 //! What none of them shows: a change to an instance without checks whose service's tags stay
 //! the same (a new port, say). Services known to have such instances are read again on every
@@ -26,8 +29,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long a catalog change waits for a check list to explain it before a census is read:
-/// the lists and the catalog wake on the same write, milliseconds apart.
+/// the lists and the catalog wake on the same write, milliseconds apart (the lists usually
+/// first: at 5,000 services the catalog's answer takes some 40 ms to make and read).
 const EXPLAIN_WITHIN: Duration = Duration::from_millis(50);
+/// The check Consul adds to an instance in maintenance (`<prefix><service ID>`). The
+/// registrar puts every instance in maintenance before it deregisters it.
+const MAINTENANCE: &str = "_service_maintenance:";
+/// Indexes at which list answers showed an instance come or go, remembered to explain the
+/// catalog's changes.
+const LISTED_KEPT: usize = 64;
 /// A catalog change whose census has not come by then (Consul failing) is swept.
 const CENSUS_WITHIN: Duration = Duration::from_secs(5);
 /// Sweeps at most this often: a Consul where unexplained changes keep coming is read in
@@ -40,12 +50,25 @@ pub(super) const SWEEP_EVERY: Duration = Duration::from_secs(300);
 pub(super) type CheckKey = (String, String);
 
 /// What the lb needs of one check: whose it is and its status.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(super) struct CheckSeen {
     /// Empty for a node's own checks.
     pub service: String,
     pub status: String,
+    /// The instance's ID (empty for a node's own checks).
+    pub instance: String,
+    /// The index of the write that registered the check.
+    pub created: u64,
 }
+
+/// A check changed when its service or its status did.
+impl PartialEq for CheckSeen {
+    fn eq(&self, other: &Self) -> bool {
+        self.service == other.service && self.status == other.status
+    }
+}
+
+impl Eq for CheckSeen {}
 
 /// One answer of a checks read.
 #[derive(Debug, Clone)]
@@ -110,8 +133,12 @@ type CheckMap = Arc<HashMap<CheckKey, CheckSeen>>;
 /// A catalog change on its way to being explained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pending {
-    /// Waiting for a check list to show a check that came or went, until `until`.
-    Lists { since: Instant, until: Instant },
+    /// Waiting for a check list to show a check that came or went at `index`, until `until`.
+    Lists {
+        since: Instant,
+        until: Instant,
+        index: u64,
+    },
     /// A census was asked for: one read after `since` settles it; `until` bounds the wait.
     Census { since: Instant, until: Instant },
     /// Nothing explained it: a sweep.
@@ -132,8 +159,11 @@ pub(super) struct Attribution {
     tags: Option<BTreeMap<String, Vec<String>>>,
     catalog_index: u64,
     pending: Option<Pending>,
-    /// When a check list last showed an instance registered (a check no census had).
-    listed_came_or_went: Option<Instant>,
+    /// Indexes of the writes the lists showed registering an instance (its new check's
+    /// `CreateIndex`) or deregistering one from maintenance (the index of the answer in
+    /// which its maintenance check left: a deregistration removes the checks in the same
+    /// write as the instance): a catalog change at exactly one of them is explained.
+    listed: std::collections::VecDeque<u64>,
     /// A node's own check changed since `take_node_changed` was last asked.
     node_changed: std::cell::Cell<bool>,
     last_sweep: Instant,
@@ -147,7 +177,7 @@ impl Attribution {
             tags: None,
             catalog_index: 0,
             pending: None,
-            listed_came_or_went: None,
+            listed: Default::default(),
             node_changed: std::cell::Cell::new(false),
             last_sweep: now,
         }
@@ -200,21 +230,24 @@ impl Attribution {
         }
         // A change of tags explains the move.
         if moved && news.touched.is_empty() && !recovered {
-            let listed = self
-                .listed_came_or_went
-                .is_some_and(|t| now.saturating_duration_since(t) <= EXPLAIN_WITHIN);
+            let listed = self.listed_at(index);
             self.pending = match self.pending {
                 // A census already asked for must be read after this change too.
                 Some(Pending::Census { until, .. }) => {
                     news.census = true;
                     Some(Pending::Census { since: now, until })
                 }
-                Some(Pending::Lists { until, .. }) => Some(Pending::Lists { since: now, until }),
+                Some(Pending::Lists { until, .. }) => Some(Pending::Lists {
+                    since: now,
+                    until,
+                    index,
+                }),
                 Some(Pending::Sweep(why)) => Some(Pending::Sweep(why)),
                 None if listed => None,
                 None => Some(Pending::Lists {
                     since: now,
                     until: now + EXPLAIN_WITHIN,
+                    index,
                 }),
             };
         }
@@ -242,33 +275,77 @@ impl Attribution {
         touched
     }
 
+    /// Whether a list answer showed an instance come or go at `index`.
+    fn listed_at(&self, index: u64) -> bool {
+        self.listed.contains(&index)
+    }
+
+    fn listed(&mut self, index: u64) {
+        if index == 0 || self.listed_at(index) {
+            return;
+        }
+        if self.listed.len() == LISTED_KEPT {
+            self.listed.pop_front();
+        }
+        self.listed.push_back(index);
+    }
+
     /// A critical or warning list: the services whose checks entered it, left it or
     /// changed in it. A check never seen before (in no census) that enters it is an
-    /// instance registered failing: that explains a catalog change still waiting for the
-    /// lists. (A check that leaves a list may have recovered or left the catalog: only a
-    /// census can tell.)
-    pub fn status(&mut self, list: CheckList, answer: &Checks, now: Instant) -> BTreeSet<String> {
+    /// instance registered failing; an instance's maintenance check that leaves it, an
+    /// instance deregistered (the registrar puts instances in maintenance first). Either
+    /// explains a catalog change at an index this answer covers. (Any other check that
+    /// leaves a list may have recovered or left the catalog: only a census can tell.)
+    pub fn status(&mut self, list: CheckList, answer: &Checks) -> BTreeSet<String> {
         let Some(old) = self.lists[list as usize].replace(answer.checks.clone()) else {
             return BTreeSet::new();
         };
+        // A maintenance check is no registration: the instance was there before it.
         let registered: Vec<(&CheckKey, &CheckSeen)> = match self.census.as_deref() {
             Some(census) => answer
                 .checks
                 .iter()
-                .filter(|(k, _)| !old.contains_key(*k) && !census.contains_key(*k))
+                .filter(|(k, _)| {
+                    !old.contains_key(*k)
+                        && !census.contains_key(*k)
+                        && !k.1.starts_with(MAINTENANCE)
+                })
                 .collect(),
             None => Vec::new(),
         };
-        if !registered.is_empty() {
-            // The census learns of them here: the next one must see them go when they are
-            // deregistered.
-            let census = Arc::make_mut(self.census.as_mut().expect("checked above"));
-            for (key, seen) in registered {
-                census.insert(key.clone(), seen.clone());
+        let deregistered: Vec<(String, String)> = old
+            .keys()
+            .filter(|k| !answer.checks.contains_key(*k))
+            .filter_map(|(node, id)| {
+                let instance = id.strip_prefix(MAINTENANCE)?;
+                Some((node.clone(), instance.to_string()))
+            })
+            .collect();
+        if !registered.is_empty() || !deregistered.is_empty() {
+            let created: Vec<u64> = registered.iter().map(|(_, seen)| seen.created).collect();
+            if let Some(census) = self.census.as_mut() {
+                let census = Arc::make_mut(census);
+                // The census learns of the new checks here, so that the next one sees them
+                // go when their instance is deregistered; and forgets the checks of an
+                // instance deregistered, so that the next one does not take their going
+                // for a change it explains.
+                for (key, seen) in registered {
+                    census.insert(key.clone(), seen.clone());
+                }
+                for (node, instance) in &deregistered {
+                    census.retain(|(n, _), seen| n != node || seen.instance != *instance);
+                }
             }
-            self.listed_came_or_went = Some(now);
-            if matches!(self.pending, Some(Pending::Lists { .. })) {
-                self.pending = None;
+            for index in created {
+                self.listed(index);
+            }
+            if !deregistered.is_empty() {
+                self.listed(answer.index);
+            }
+            if let Some(Pending::Lists { index, .. }) = self.pending {
+                if self.listed_at(index) {
+                    self.pending = None;
+                }
             }
         }
         self.diff(&old, &answer.checks)
@@ -385,6 +462,12 @@ mod tests {
                             CheckSeen {
                                 service: service.to_string(),
                                 status: status.to_string(),
+                                instance: id
+                                    .trim_start_matches(MAINTENANCE)
+                                    .trim_start_matches("c-")
+                                    .to_string(),
+                                // As if registered in this answer's write.
+                                created: index,
                             },
                         )
                     })
@@ -418,23 +501,20 @@ mod tests {
         a.census(&checks(6, &BASE));
         let critical = CheckList::Critical;
         assert!(
-            a.status(critical, &checks(6, &[]), t0).is_empty(),
+            a.status(critical, &checks(6, &[])).is_empty(),
             "first answer"
         );
         // web fails, then recovers.
         let failing = [("n1", "c-web-1", "web", "critical")];
-        assert_eq!(a.status(critical, &checks(7, &failing), t0), set(&["web"]));
-        assert_eq!(a.status(critical, &checks(8, &[]), t0), set(&["web"]));
+        assert_eq!(a.status(critical, &checks(7, &failing)), set(&["web"]));
+        assert_eq!(a.status(critical, &checks(8, &[])), set(&["web"]));
         // n2's agent is gone: every service with a check on n2.
         let node = [("n2", "serfHealth", "", "critical")];
-        assert_eq!(
-            a.status(critical, &checks(9, &node), t0),
-            set(&["api", "db"])
-        );
+        assert_eq!(a.status(critical, &checks(9, &node)), set(&["api", "db"]));
         assert!(a.take_node_changed() && !a.take_node_changed());
         // The warning list is its own.
-        assert!(a.status(CheckList::Warning, &checks(9, &[]), t0).is_empty());
-        assert_eq!(a.listed_came_or_went, None, "no new check so far");
+        assert!(a.status(CheckList::Warning, &checks(9, &[])).is_empty());
+        assert!(a.listed.is_empty(), "no new check so far");
     }
 
     #[test]
@@ -466,15 +546,15 @@ mod tests {
         assert!(a.catalog(8, &t, false, t1).moved);
         assert_eq!(a.due(), t1 + EXPLAIN_WITHIN);
         let new = [("n1", "c-web-2", "web", "critical")];
-        a.status(CheckList::Critical, &checks(7, &[]), t1);
+        a.status(CheckList::Critical, &checks(7, &[]));
         assert_eq!(
-            a.status(CheckList::Critical, &checks(8, &new), t1),
+            a.status(CheckList::Critical, &checks(8, &new)),
             set(&["web"])
         );
         assert_eq!(a.next(t1 + EXPLAIN_WITHIN), None);
         // In the other order too: the list first, then the catalog.
         let newer = [new[0], ("n1", "c-web-3", "web", "critical")];
-        a.status(CheckList::Critical, &checks(9, &newer), t1);
+        a.status(CheckList::Critical, &checks(9, &newer));
         a.catalog(9, &t, false, t1);
         assert_eq!(a.next(t1 + EXPLAIN_WITHIN), None);
 
@@ -551,21 +631,72 @@ mod tests {
     }
 
     #[test]
+    fn by_index_a_slow_catalog_answer_is_explained_and_so_is_a_deregistration_from_maintenance() {
+        let t0 = Instant::now();
+        let mut a = Attribution::new(t0);
+        let t = tags(&[("web", "lb.route=a/")]);
+        a.catalog(5, &t, false, t0);
+        a.census(&read_at(5, &BASE, t0));
+        a.status(CheckList::Critical, &checks(5, &[]));
+        // Registered failing at 6; the catalog's answer comes long after the list's.
+        let new = [("n1", "c-web-2", "web", "critical")];
+        assert_eq!(
+            a.status(CheckList::Critical, &checks(6, &new)),
+            set(&["web"])
+        );
+        let late = t0 + Duration::from_secs(1);
+        assert!(a.catalog(6, &t, false, late).moved);
+        assert_eq!(a.next(late + EXPLAIN_WITHIN), None, "explained, no census");
+        // It passes (7), is put in maintenance (8) and deregistered (9): the maintenance
+        // check leaving the list explains the catalog's move, whichever answers first.
+        a.status(CheckList::Critical, &checks(7, &[]));
+        let maintenance = [("n1", "_service_maintenance:web-2", "web", "critical")];
+        assert_eq!(
+            a.status(CheckList::Critical, &checks(8, &maintenance)),
+            set(&["web"])
+        );
+        let t1 = late + Duration::from_secs(1);
+        a.catalog(9, &t, false, t1);
+        assert_eq!(
+            a.status(CheckList::Critical, &checks(9, &[])),
+            set(&["web"])
+        );
+        assert_eq!(a.next(t1 + EXPLAIN_WITHIN), None, "explained, no census");
+        // A check that recovers explains nothing: a catalog change at its index (a passing
+        // instance deregistered in the same answer) still asks for a census.
+        let failing = [("n2", "c-api-1", "api", "critical")];
+        a.status(CheckList::Critical, &checks(10, &failing));
+        let t2 = t1 + Duration::from_secs(1);
+        a.catalog(11, &t, false, t2);
+        a.status(CheckList::Critical, &checks(11, &[]));
+        assert_eq!(a.next(t2 + EXPLAIN_WITHIN), Some(Action::Census));
+        // That census finds the passing instance gone; the instance deregistered from
+        // maintenance was forgotten already, so it alone does not explain the change.
+        let mut after = BASE.to_vec();
+        after.retain(|c| c.1 != "c-db-1");
+        assert_eq!(
+            a.census(&read_at(11, &after, t2 + EXPLAIN_WITHIN)),
+            set(&["db"])
+        );
+        assert_eq!(a.due(), t0 + SWEEP_EVERY);
+    }
+
+    #[test]
     fn an_instance_the_lists_saw_come_is_seen_going_by_the_census() {
         let t0 = Instant::now();
         let mut a = Attribution::new(t0);
         let t = tags(&[("web", "lb.route=a/")]);
         a.catalog(5, &t, false, t0);
         a.census(&read_at(5, &BASE, t0));
-        a.status(CheckList::Critical, &checks(5, &[]), t0);
+        a.status(CheckList::Critical, &checks(5, &[]));
         // Registered failing: the list explains it, no census is read.
         let new = [("n1", "c-web-2", "web", "critical")];
         a.catalog(6, &t, false, t0);
-        a.status(CheckList::Critical, &checks(6, &new), t0);
+        a.status(CheckList::Critical, &checks(6, &new));
         assert_eq!(a.next(t0 + EXPLAIN_WITHIN), None);
         // It passes, then is deregistered: the census does not have it, and must still see
         // it go (else a sweep would read every service).
-        a.status(CheckList::Critical, &checks(7, &[]), t0);
+        a.status(CheckList::Critical, &checks(7, &[]));
         let t1 = t0 + Duration::from_secs(10);
         a.catalog(8, &t, false, t1);
         assert_eq!(a.next(t1 + EXPLAIN_WITHIN), Some(Action::Census));

@@ -325,7 +325,7 @@ impl Publisher {
                 }
             }
             Update::Status(list, checks) => {
-                let touched = self.attribution.status(list, &checks, Instant::now());
+                let touched = self.attribution.status(list, &checks);
                 self.touch(touched);
                 self.touch_unchecked_on_node_change();
             }
@@ -364,7 +364,15 @@ impl Publisher {
                 Action::Census => self.census.notify_one(),
                 // With every service on a blocking query of its own there is nothing to read.
                 Action::Sweep(_) if self.watchers.len() == self.blocking => {}
-                Action::Sweep(why) => self.sweep(why),
+                Action::Sweep(why) => {
+                    // The backstop also renews the census: instances the lists saw come and
+                    // go join and leave it only through a census, and it must not keep
+                    // them for good when every change is explained without one.
+                    if why == Sweep::Periodic {
+                        self.census.notify_one();
+                    }
+                    self.sweep(why)
+                }
             }
         }
     }

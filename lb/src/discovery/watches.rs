@@ -590,6 +590,8 @@ fn checks_of(
             let seen = CheckSeen {
                 service: c.service_name,
                 status: c.status,
+                instance: c.service_id,
+                created: c.create_index,
             };
             ((c.node, c.check_id), seen)
         })
