@@ -169,6 +169,10 @@ label!(
 
 /// Not a Consul error kind: an answer the watch refused to believe (see discovery).
 pub const DISTRUSTED_ANSWER: &str = "suspicious_empty";
+/// Nor this: a catalog that lists no service at all, not even Consul's own (`consul`),
+/// which every datacenter with servers has. Consul answers so to a token that may read
+/// nothing (none set, with ACLs in default-deny): the lb keeps what it has.
+pub const NOTHING_VISIBLE: &str = "nothing_visible";
 /// Not a Consul error kind either: instances of an answer left out because they did not
 /// decode (a port out of range, a field of the wrong type).
 pub const BAD_ENTRY: &str = "bad_entry";
@@ -415,10 +419,11 @@ impl Metrics {
             registry,
         };
         for watch in WatchName::ALL {
-            for kind in switchyard_consul::Error::KINDS
-                .into_iter()
-                .chain([DISTRUSTED_ANSWER, BAD_ENTRY])
-            {
+            for kind in switchyard_consul::Error::KINDS.into_iter().chain([
+                DISTRUSTED_ANSWER,
+                NOTHING_VISIBLE,
+                BAD_ENTRY,
+            ]) {
                 m.consul_watch_errors
                     .with_label_values(&[watch.as_str(), kind]);
             }

@@ -284,12 +284,21 @@ async fn watch<Raw, T, R, ReadFut, J, C, ChangeFut>(
                             .consul_watch_errors
                             .with_label_values(&[watch.as_str(), why])
                             .inc();
-                        tracing::warn!(
-                            watch = watch.as_str(),
-                            name,
-                            reason = why,
-                            "ignoring a Consul answer; keeping the last one"
-                        );
+                        if why == crate::metrics::NOTHING_VISIBLE {
+                            tracing::warn!(
+                                watch = watch.as_str(),
+                                name,
+                                reason = why,
+                                "Consul lists no service, not even its own: the lb's token may read nothing (it needs service:read and node:read; LB_CONSUL_TOKEN or LB_CONSUL_TOKEN_FILE); keeping the last answer"
+                            );
+                        } else {
+                            tracing::warn!(
+                                watch = watch.as_str(),
+                                name,
+                                reason = why,
+                                "ignoring a Consul answer; keeping the last one"
+                            );
+                        }
                         index = 0;
                         backoff_within(backoff.next_delay(), &hold).await;
                     }
@@ -450,6 +459,12 @@ pub(super) async fn watch_catalog(shared: Arc<Shared>, client: Client, tx: mpsc:
             async move { client.catalog_services(&q).await }
         },
         |resp, _, Recovered(recovered)| {
+            // Consul's own service is in every datacenter's catalog: a catalog without any
+            // service is one the lb's token may not read (none set, under a default-deny
+            // policy), not a datacenter that emptied.
+            if resp.value.is_empty() {
+                return Verdict::Distrust(crate::metrics::NOTHING_VISIBLE);
+            }
             shared.consul.catalog_answered();
             let tags: BTreeMap<String, Vec<String>> = resp
                 .value

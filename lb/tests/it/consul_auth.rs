@@ -66,6 +66,30 @@ async fn with_acls_and_tls_a_minimal_token_routes_and_a_deleted_token_keeps_the_
     assert_eq!(ready.status.as_u16(), 503, "{}", ready.body);
     drop(bare);
 
+    // With no token at all, default-deny filters every list to nothing (200, not 403): the
+    // lb takes no table from it, says why, and is not ready.
+    let anonymous = Lb::spawn(&consul, &secure[..4]);
+    let nothing = [("watch", "catalog"), ("kind", "nothing_visible")];
+    eventually(
+        "an lb without a token to say it sees nothing",
+        Duration::from_secs(20),
+        || async {
+            anonymous
+                .metric(&http, "lb_consul_watch_errors_total", &nothing)
+                .await
+                > Some(0.0)
+        },
+    )
+    .await;
+    let ready = http.get(&anonymous.admin_url("/readyz")).await.unwrap();
+    assert_eq!(ready.status.as_u16(), 503, "{}", ready.body);
+    assert!(
+        anonymous.log().contains("the lb's token may read nothing"),
+        "{}",
+        anonymous.log()
+    );
+    drop(anonymous);
+
     // The token is deleted: Consul refuses it (403 "ACL not found"). The lb keeps routing
     // what it knew, counts why, and says so in its log.
     consul.acl_token_delete(&accessor).await;
