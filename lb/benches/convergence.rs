@@ -1,7 +1,7 @@
 //! Convergence delay: how long after Consul reports a change the lb's traffic follows it.
 //!
-//! For each cycle an instance is registered (critical), its TTL check set to passing, and later
-//! deregistered. A blocking query of our own records the moment Consul reports each change; a
+//! For each cycle an instance with a new ID is registered (critical), its TTL check set to
+//! passing, and later deregistered. A blocking query of our own records the moment Consul reports each change; a
 //! probe loop through the lb records the moment its answers change (200 once the instance is
 //! passing; not 200 once it is deregistered). The difference is the lb's delay.
 //!
@@ -13,6 +13,8 @@
 //! external catalog nodes) are in Consul first: the lb must follow one service's changes among
 //! them. The run then also reports the lb's connections to Consul and the CPU time Consul
 //! spent per change (over an idle stretch of the same length, which is subtracted).
+//! With `MAINTENANCE=1` the instance is put in maintenance and deregistered once the catalog
+//! shows it, as the registrar does when a container stops.
 //! `IT_LB_BIN` runs another lb build (the previous release, say) in place of this one.
 //!
 //! `cargo bench -p lb --bench convergence` (CYCLES=50 by default).
@@ -27,6 +29,10 @@ use support::{catalog_write, connections_to, Backend, CatalogInstance, Consul, H
 use switchyard_consul::QueryOptions;
 
 const SERVICE: &str = "conv";
+/// Between the steps of a cycle: a cycle makes up to 4 changes to the service (register,
+/// passing, maintenance, deregister), which must stay under the lb's per-watch read rate
+/// (`LB_CONSUL_RATE`, 10/s) so that this measures convergence, not the pacing.
+const PAUSE: Duration = Duration::from_millis(250);
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
@@ -103,34 +109,60 @@ async fn main() {
     let idle = cpu_over(consul_pid, idle_for).await;
     let cycles_began = (cpu_ticks(consul_pid), Instant::now());
 
+    let maintenance = std::env::var("MAINTENANCE").is_ok_and(|v| v == "1");
     let mut up = Vec::new();
     let mut down = Vec::new();
     let mut up_from_put = Vec::new();
     for i in 0..cycles {
+        // A new ID each time, as each container (a deploy's, a scaled-up one's) has.
+        // (`conv-0` is the sibling's.)
+        let id = format!("conv-c{i}");
         consul
-            .register_ttl("conv-1", SERVICE, backend.port(), &["lb.route=/conv"])
+            .register_ttl(&id, SERVICE, backend.port(), &["lb.route=/conv"])
             .await;
         // The route exists once the critical instance is known: wait for its 503.
         probe_status(&http, &url, StatusCode::SERVICE_UNAVAILABLE).await;
 
         let seen = consul_reports(&consul, true);
         let put = Instant::now();
-        consul.set_ttl("conv-1", true).await;
+        consul.set_ttl(&id, true).await;
         let lb_at = probe_until(&http, &url, |by_conv| by_conv).await;
         let consul_at = seen.await.expect("watch task");
         up.push(lb_at.saturating_duration_since(consul_at));
         up_from_put.push(lb_at - put);
 
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        tokio::time::sleep(PAUSE).await;
         let seen = consul_reports(&consul, false);
-        consul.deregister("conv-1").await;
+        if maintenance {
+            // As the registrar stops an instance: maintenance, then the deregistration once
+            // the catalog shows it (else the agent may merge the two writes into one).
+            consul
+                .client
+                .enable_maintenance(&id, "stopping")
+                .await
+                .expect("maintenance");
+            let check = format!("_service_maintenance:{id}");
+            let deadline = Instant::now() + Duration::from_millis(500);
+            while Instant::now() < deadline {
+                let q = QueryOptions::default();
+                let r = consul
+                    .client
+                    .health_checks(SERVICE, &q)
+                    .await
+                    .expect("checks");
+                if r.value.iter().any(|c| c.check_id == check) {
+                    break;
+                }
+            }
+        }
+        consul.deregister(&id).await;
         let lb_at = probe_until(&http, &url, |by_conv| !by_conv).await;
         let consul_at = seen.await.expect("watch task");
         down.push(lb_at.saturating_duration_since(consul_at));
         if (i + 1) % 10 == 0 {
             eprintln!("{} cycles", i + 1);
         }
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        tokio::time::sleep(PAUSE).await;
     }
     let (ticks, elapsed) = (
         cpu_ticks(consul_pid) - cycles_began.0,
@@ -163,7 +195,46 @@ async fn main() {
             ms(*v.last().unwrap())
         );
     }
+    linger(&consul, &lb, &http, &backend).await;
     drop(lb);
+}
+
+/// A route whose every instance is deregistered (Consul's index moving forward) lingers as a
+/// `503` with `Retry-After`: how soon after the deregistration the first `503` comes, and
+/// what those answers cost beside the same lb's proxied `200`s, sequential requests each.
+async fn linger(consul: &Consul, lb: &Lb, http: &Http, backend: &Backend) {
+    const N: usize = 2000;
+    let url = lb.url("/gone");
+    consul
+        .register_ttl("gone-1", "gone", backend.port(), &["lb.route=/gone"])
+        .await;
+    consul.set_ttl("gone-1", true).await;
+    probe_status(http, &url, StatusCode::OK).await;
+    let url = url.as_str();
+    let timed = |want: StatusCode| async move {
+        let mut v = Vec::with_capacity(N);
+        for _ in 0..N {
+            let t = Instant::now();
+            let r = http.get(url).await.expect("an answer");
+            v.push(t.elapsed());
+            assert_eq!(r.status, want);
+        }
+        v.sort();
+        v
+    };
+    let ok = timed(StatusCode::OK).await;
+    let gone = Instant::now();
+    consul.deregister("gone-1").await;
+    probe_status(http, url, StatusCode::SERVICE_UNAVAILABLE).await;
+    let first = gone.elapsed();
+    let unavailable = timed(StatusCode::SERVICE_UNAVAILABLE).await;
+    println!("every instance of a route deregistered: the first 503 {:.1} ms after the deregistration was sent", ms(first));
+    println!("| {N} sequential answers | median | p99 |");
+    println!("|---|---|---|");
+    for (what, v) in [("proxied 200", &ok), ("lingering 503", &unavailable)] {
+        let p = |q: f64| v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1];
+        println!("| {what} | {:.3} ms | {:.3} ms |", ms(p(0.5)), ms(p(0.99)));
+    }
 }
 
 /// utime + stime of `pid`, in clock ticks (1/100 s).
