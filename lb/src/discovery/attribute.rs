@@ -494,6 +494,16 @@ mod tests {
         ("n2", "c-db-1", "db", "passing"),
     ];
 
+    /// Past the first answers: a census of `BASE`, the catalog with `web`, no check failing.
+    fn settled(t0: Instant) -> (Attribution, BTreeMap<String, Vec<String>>) {
+        let mut a = Attribution::new(t0);
+        let t = tags(&[("web", "lb.route=a/")]);
+        a.catalog(5, &t, false, t0);
+        a.census(&read_at(5, &BASE, t0));
+        a.status(CheckList::Critical, &checks(5, &[]));
+        (a, t)
+    }
+
     #[test]
     fn status_lists_name_the_services_whose_checks_moved() {
         let t0 = Instant::now();
@@ -633,11 +643,7 @@ mod tests {
     #[test]
     fn by_index_a_slow_catalog_answer_is_explained_and_so_is_a_deregistration_from_maintenance() {
         let t0 = Instant::now();
-        let mut a = Attribution::new(t0);
-        let t = tags(&[("web", "lb.route=a/")]);
-        a.catalog(5, &t, false, t0);
-        a.census(&read_at(5, &BASE, t0));
-        a.status(CheckList::Critical, &checks(5, &[]));
+        let (mut a, t) = settled(t0);
         // Registered failing at 6; the catalog's answer comes long after the list's.
         let new = [("n1", "c-web-2", "web", "critical")];
         assert_eq!(
@@ -684,11 +690,7 @@ mod tests {
     #[test]
     fn an_instance_the_lists_saw_come_is_seen_going_by_the_census() {
         let t0 = Instant::now();
-        let mut a = Attribution::new(t0);
-        let t = tags(&[("web", "lb.route=a/")]);
-        a.catalog(5, &t, false, t0);
-        a.census(&read_at(5, &BASE, t0));
-        a.status(CheckList::Critical, &checks(5, &[]));
+        let (mut a, t) = settled(t0);
         // Registered failing: the list explains it, no census is read.
         let new = [("n1", "c-web-2", "web", "critical")];
         a.catalog(6, &t, false, t0);

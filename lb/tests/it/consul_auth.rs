@@ -14,6 +14,17 @@ service_prefix "" { policy = "read" }
 node_prefix "" { policy = "read" }
 "#;
 
+/// Waits for `lb` to count a failed catalog read of `kind`.
+async fn counted(lb: &Lb, http: &Http, kind: &str, what: &str) {
+    let labels = [("watch", "catalog"), ("kind", kind)];
+    eventually(what, Duration::from_secs(20), || async {
+        lb.metric(http, "lb_consul_watch_errors_total", &labels)
+            .await
+            > Some(0.0)
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_acls_and_tls_a_minimal_token_routes_and_a_deleted_token_keeps_the_table() {
     let ca = Ca::new("consul-acl");
@@ -51,15 +62,11 @@ async fn with_acls_and_tls_a_minimal_token_routes_and_a_deleted_token_keeps_the_
     // Without a client certificate the agent refuses the handshake: the lb says so and
     // never becomes ready on an empty table.
     let bare = Lb::spawn(&consul, &secure[..2]);
-    let transport = [("watch", "catalog"), ("kind", "transport")];
-    eventually(
+    counted(
+        &bare,
+        &http,
+        "transport",
         "an lb without a client certificate to count refused connections",
-        Duration::from_secs(20),
-        || async {
-            bare.metric(&http, "lb_consul_watch_errors_total", &transport)
-                .await
-                > Some(0.0)
-        },
     )
     .await;
     let ready = http.get(&bare.admin_url("/readyz")).await.unwrap();
@@ -69,16 +76,11 @@ async fn with_acls_and_tls_a_minimal_token_routes_and_a_deleted_token_keeps_the_
     // With no token at all, default-deny filters every list to nothing (200, not 403): the
     // lb takes no table from it, says why, and is not ready.
     let anonymous = Lb::spawn(&consul, &secure[..4]);
-    let nothing = [("watch", "catalog"), ("kind", "nothing_visible")];
-    eventually(
+    counted(
+        &anonymous,
+        &http,
+        "nothing_visible",
         "an lb without a token to say it sees nothing",
-        Duration::from_secs(20),
-        || async {
-            anonymous
-                .metric(&http, "lb_consul_watch_errors_total", &nothing)
-                .await
-                > Some(0.0)
-        },
     )
     .await;
     let ready = http.get(&anonymous.admin_url("/readyz")).await.unwrap();
@@ -93,15 +95,11 @@ async fn with_acls_and_tls_a_minimal_token_routes_and_a_deleted_token_keeps_the_
     // The token is deleted: Consul refuses it (403 "ACL not found"). The lb keeps routing
     // what it knew, counts why, and says so in its log.
     consul.acl_token_delete(&accessor).await;
-    let denied = [("watch", "catalog"), ("kind", "acl_denied")];
-    eventually(
+    counted(
+        &lb,
+        &http,
+        "acl_denied",
         "the lb to count its refused token",
-        Duration::from_secs(20),
-        || async {
-            lb.metric(&http, "lb_consul_watch_errors_total", &denied)
-                .await
-                > Some(0.0)
-        },
     )
     .await;
     for _ in 0..20 {
