@@ -298,6 +298,13 @@ impl Attribution {
     /// leaves a list may have recovered or left the catalog: only a census can tell.)
     pub fn status(&mut self, list: CheckList, answer: &Checks) -> BTreeSet<String> {
         let Some(old) = self.lists[list as usize].replace(answer.checks.clone()) else {
+            // A list's first answer is only a baseline: a check that changed between a
+            // service's read and this answer shows in neither. When the catalog answered
+            // first, services may have been read before it (the lists failed at the start,
+            // say): they are read again.
+            if self.tags.is_some() {
+                self.pending = Some(Pending::Sweep(Sweep::Resync));
+            }
             return BTreeSet::new();
         };
         // A maintenance check is no registration: the instance was there before it.
@@ -498,9 +505,9 @@ mod tests {
     fn settled(t0: Instant) -> (Attribution, BTreeMap<String, Vec<String>>) {
         let mut a = Attribution::new(t0);
         let t = tags(&[("web", "lb.route=a/")]);
+        a.status(CheckList::Critical, &checks(5, &[]));
         a.catalog(5, &t, false, t0);
         a.census(&read_at(5, &BASE, t0));
-        a.status(CheckList::Critical, &checks(5, &[]));
         (a, t)
     }
 
@@ -528,6 +535,22 @@ mod tests {
     }
 
     #[test]
+    fn a_list_that_first_answers_after_the_catalog_asks_for_a_sweep() {
+        let t0 = Instant::now();
+        // The usual start: the lists answer before the catalog.
+        let (mut a, _) = settled(t0);
+        a.status(CheckList::Warning, &checks(5, &[]));
+        assert_eq!(a.next(t0), None);
+        // The lists failed at the start and answer after the catalog: services were read
+        // before them, and a check that changed meanwhile would show in neither.
+        let mut b = Attribution::new(t0);
+        b.catalog(5, &tags(&[("web", "lb.route=a/")]), false, t0);
+        b.census(&read_at(5, &BASE, t0));
+        b.status(CheckList::Critical, &checks(6, &[]));
+        assert_eq!(b.next(t0 + SWEEP_GAP), Some(Action::Sweep(Sweep::Resync)));
+    }
+
+    #[test]
     fn a_census_names_instances_that_came_or_went() {
         let t0 = Instant::now();
         let mut a = Attribution::new(t0);
@@ -544,6 +567,7 @@ mod tests {
         let t0 = Instant::now();
         let mut a = Attribution::new(t0);
         let t = tags(&[("web", "lb.route=a/"), ("api", "lb.route=b/")]);
+        a.status(CheckList::Critical, &checks(5, &[]));
         let first = a.catalog(5, &t, false, t0);
         assert!(first.census, "the first answer wants the baseline census");
         a.census(&read_at(5, &BASE, t0));
