@@ -3,6 +3,8 @@
 //!
 //! - `GET /health`: 200 `ok`, or 503 while failing or draining.
 //! - `POST /fault?health=fail|ok&latency_ms=N&error_rate=F`: set knobs; `GET /fault` shows them.
+//!   Only with `WEB_FAULTS=on` (tests and demos): otherwise `403`, so that nobody can make a
+//!   deployed instance fail through the public route.
 //! - `GET /bytes/N`: 200 with N bytes (at most 4 MiB) of payload, for throughput benchmarks.
 //! - anything else: 200 with a JSON line naming the instance (and header `x-backend`), after the
 //!   configured latency; a share `error_rate` of them answers 500 instead.
@@ -14,7 +16,7 @@
 //!
 //! Environment: `WEB_LISTEN` (default `0.0.0.0:8000`), `WEB_NAME` (default the hostname),
 //! `WEB_VERSION` (default the crate version), `WEB_TASK` (default `$TASK_SLOT`/empty),
-//! `WEB_DRAIN_DELAY` seconds (default 2).
+//! `WEB_DRAIN_DELAY` seconds (default 2), `WEB_FAULTS` (`on` enables the fault knobs).
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -39,6 +41,8 @@ struct State {
     /// Error rate in millionths.
     error_ppm: AtomicU32,
     served: AtomicU64,
+    /// `WEB_FAULTS=on`: the fault knobs answer.
+    faults_on: bool,
 }
 
 fn env(name: &str) -> Option<String> {
@@ -73,6 +77,7 @@ fn main() -> std::process::ExitCode {
         latency_ms: AtomicU64::new(0),
         error_ppm: AtomicU32::new(0),
         served: AtomicU64::new(0),
+        faults_on: env("WEB_FAULTS").is_some_and(|v| v == "on"),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -183,6 +188,10 @@ async fn answer(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> 
                 text(StatusCode::OK, "ok\n".into())
             }
         }
+        (_, "/fault") if !state.faults_on => text(
+            StatusCode::FORBIDDEN,
+            "fault knobs are off (WEB_FAULTS=on enables them)\n".into(),
+        ),
         (Method::POST, "/fault") => match set_faults(state, &query) {
             Ok(()) => text(StatusCode::OK, faults(state)),
             Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),

@@ -58,6 +58,17 @@ async fn a_labelled_container_is_registered_with_its_address_and_a_passing_check
         entry.service.tags
     );
     assert_eq!(entry.service.meta["switchyard-container"], c.id);
+    // Without `WEB_FAULTS=on` nobody can make it fail through its public route.
+    let fault = format!("http://{}:8000/fault?health=fail", c.ip());
+    let r = support::Http::new()
+        .send(
+            http::Request::post(&fault)
+                .body(Default::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 403, "{}", r.body);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -284,7 +295,7 @@ async fn docker_health_is_mirrored_into_a_ttl_check() {
     let s = scope("health");
     let _reg = Registrar::start(&consul, &s, &[]).await;
     let labels = [("switchyard.enable", "true"), ("switchyard.service", "web")];
-    let c = Container::run(&s, "a", &labels, &[], &[]);
+    let c = Container::run(&s, "a", &labels, &[("WEB_FAULTS", "on")], &[]);
     // The image's HEALTHCHECK probes every second: starting (critical), then healthy (passing).
     wait_passing(&consul, "web", 1).await;
     let check = &consul
