@@ -512,3 +512,97 @@ async fn without_a_consul_leader_registrations_and_deregistrations_land_once_one
     )
     .await;
 }
+
+/// Real HAProxy with the repo's allow-list (`docker-proxy/haproxy.cfg`) in front of the
+/// engine's socket, killed when dropped.
+struct DockerProxy {
+    child: std::process::Child,
+    socket: std::path::PathBuf,
+}
+
+impl DockerProxy {
+    fn start() -> DockerProxy {
+        let root = testkit::workspace_root();
+        let dir = root
+            .join("target")
+            .join("it-logs")
+            .join(format!("docker-proxy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("docker.sock");
+        let _ = std::fs::remove_file(&socket);
+        let engine = std::env::var("DOCKER_HOST")
+            .ok()
+            .and_then(|h| h.strip_prefix("unix://").map(str::to_string))
+            .unwrap_or_else(|| "/var/run/docker.sock".into());
+        let haproxy = ["/usr/sbin/haproxy", "haproxy"]
+            .into_iter()
+            .find(|p| std::process::Command::new(p).arg("-v").output().is_ok())
+            .expect("haproxy: run scripts/install-deps");
+        let child = std::process::Command::new(haproxy)
+            .arg("-db")
+            .arg("-f")
+            .arg(root.join("docker-proxy/haproxy.cfg"))
+            .env("PROXY_SOCKET", &socket)
+            .env("DOCKER_SOCKET", engine)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start haproxy");
+        for _ in 0..100 {
+            if socket.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(socket.exists(), "haproxy did not bind {socket:?}");
+        DockerProxy { child, socket }
+    }
+
+    /// The status the proxy answers `method path` with.
+    fn status(&self, method: &str, path: &str) -> String {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", method])
+            .args(["-H", "content-type: application/json", "--unix-socket"])
+            .arg(&self.socket)
+            .arg(format!("http://docker{path}"))
+            .args(if method == "POST" {
+                &["-d", "{}"][..]
+            } else {
+                &[][..]
+            })
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for DockerProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The registrar needs no Docker socket: through the allow-list proxy it registers and
+/// deregisters as before, while a write through the same proxy (creating a container,
+/// exec, reading images) gets 403.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_the_docker_allow_list_it_registers_and_writes_are_refused() {
+    let proxy = DockerProxy::start();
+    let consul = Consul::start().await;
+    let s = scope("proxy");
+    let host = format!("unix://{}", proxy.socket.display());
+    let _reg = Registrar::start(&consul, &s, &[("DOCKER_HOST", host.as_str())]).await;
+    let c = Container::run(&s, "a", WEB, &[], &["--no-healthcheck"]);
+    wait_passing(&consul, "web", 1).await;
+    c.kill();
+    wait_count(&consul, "web", 0).await;
+    for (method, path, want) in [
+        ("GET", "/v1.41/containers/json", "200"),
+        ("POST", "/v1.41/containers/create", "403"),
+        ("POST", &format!("/v1.41/containers/{}/exec", c.id), "403"),
+        ("GET", "/v1.41/images/json", "403"),
+        ("DELETE", &format!("/v1.41/containers/{}", c.id), "403"),
+    ] {
+        assert_eq!(proxy.status(method, path), want, "{method} {path}");
+    }
+}
