@@ -21,7 +21,7 @@ use testkit::{eventually, workspace_root, Http};
 use load::{Counts, Load};
 use stack::{
     consul_passing, container_started, containers, docker, gwbridge_ip, lb_addrs, lb_backends,
-    lb_metric, scale, task_since, update_completed, Stack, PROMETHEUS,
+    lb_metric, scale, service, task_since, update_completed, Stack, PROMETHEUS,
 };
 
 /// Phase results, printed together at the end (and as they happen).
@@ -66,6 +66,39 @@ async fn stack_end_to_end() {
     let _stack = Stack::up();
     let http = Http::new();
     let report = Report::default();
+
+    // The registrar has no Docker socket; its node's proxy refuses anything but its reads.
+    let mounts = docker(&[
+        "service",
+        "inspect",
+        &service("registrar"),
+        "-f",
+        "{{json .Spec.TaskTemplate.ContainerSpec.Mounts}}",
+    ]);
+    assert!(!mounts.contains("docker.sock"), "{mounts}");
+    let proxy = docker(&[
+        "volume",
+        "inspect",
+        &service("docker-proxy"),
+        "-f",
+        "{{.Mountpoint}}",
+    ]);
+    let through_proxy = |method: &str, path: &str| {
+        let socket = format!("{proxy}/docker.sock");
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", method])
+            .args(["--unix-socket", &socket, &format!("http://docker{path}")])
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(through_proxy("GET", "/v1.41/containers/json"), "200");
+    assert_eq!(through_proxy("POST", "/v1.41/containers/create"), "403");
+    report.add(
+        "registrar: no Docker socket mounted; through its node's proxy a container list \
+         answers 200 and a container create 403"
+            .into(),
+    );
 
     // 8 workers x 25 requests/s: a steady 200 requests/s, half GET, half POST (2 KiB bodies).
     let load = Load::start(8, 25);
