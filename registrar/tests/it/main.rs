@@ -28,6 +28,13 @@ async fn wait_passing(consul: &Consul, service: &str, n: usize) {
     .await;
 }
 
+/// Asks web-sample in `c` to fail its health (`POST /fault?health=fail`).
+async fn fail_health(c: &Container) -> testkit::Reply {
+    let url = format!("http://{}:8000/fault?health=fail", c.ip());
+    let req = http::Request::post(&url).body(Default::default()).unwrap();
+    support::Http::new().send(req).await.unwrap()
+}
+
 async fn wait_count(consul: &Consul, service: &str, n: usize) {
     eventually(
         &format!("{n} instances of {service}"),
@@ -59,15 +66,7 @@ async fn a_labelled_container_is_registered_with_its_address_and_a_passing_check
     );
     assert_eq!(entry.service.meta["switchyard-container"], c.id);
     // Without `WEB_FAULTS=on` nobody can make it fail through its public route.
-    let fault = format!("http://{}:8000/fault?health=fail", c.ip());
-    let r = support::Http::new()
-        .send(
-            http::Request::post(&fault)
-                .body(Default::default())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let r = fail_health(&c).await;
     assert_eq!(r.status, 403, "{}", r.body);
 }
 
@@ -310,15 +309,7 @@ async fn docker_health_is_mirrored_into_a_ttl_check() {
         "{check:?}"
     );
     // Make the container report unhealthy: Docker says so, and Consul follows.
-    let fault = format!("http://{}:8000/fault?health=fail", c.ip());
-    let r = support::Http::new()
-        .send(
-            http::Request::post(&fault)
-                .body(Default::default())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let r = fail_health(&c).await;
     assert_eq!(r.status, 200);
     eventually(
         "the TTL check to turn critical",
