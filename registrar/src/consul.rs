@@ -71,8 +71,14 @@ impl Consul {
             Ok(Ok(())) => {
                 tracing::debug!(id = %reg.id, took = ?started.elapsed(), "in maintenance")
             }
-            Ok(Err(e)) => tracing::debug!(id = %reg.id, error = %e, "maintenance failed"),
-            Err(_) => tracing::debug!(id = %reg.id, "maintenance not seen in the catalog in time"),
+            Ok(Err(e)) => {
+                self.metrics.failed(FailureOp::Maintenance);
+                tracing::warn!(id = %reg.id, error = %e, "maintenance before deregistration failed; deregistering anyway");
+            }
+            Err(_) => {
+                self.metrics.failed(FailureOp::Maintenance);
+                tracing::warn!(id = %reg.id, within = ?MAINTENANCE_WITHIN, "maintenance not seen in the catalog in time; deregistering anyway");
+            }
         }
         self.deregister(&reg.id, why, Drift::None).await;
     }

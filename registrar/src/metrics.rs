@@ -21,6 +21,8 @@ pub const DOCKER_RECONNECTS_TOTAL: &str = "registrar_docker_reconnects_total";
 pub enum FailureOp {
     Register,
     Deregister,
+    /// Putting a stopping instance in maintenance before deregistering it.
+    Maintenance,
     Ttl,
     ConsulList,
     DockerConnect,
@@ -32,9 +34,10 @@ pub enum FailureOp {
 impl FailureOp {
     /// Known in advance, so every series starts at zero: dashboards read 0, not "no data",
     /// before the first failure.
-    pub const ALL: [FailureOp; 8] = [
+    pub const ALL: [FailureOp; 9] = [
         FailureOp::Register,
         FailureOp::Deregister,
+        FailureOp::Maintenance,
         FailureOp::Ttl,
         FailureOp::ConsulList,
         FailureOp::DockerConnect,
@@ -47,6 +50,7 @@ impl FailureOp {
         match self {
             FailureOp::Register => "register",
             FailureOp::Deregister => "deregister",
+            FailureOp::Maintenance => "maintenance",
             FailureOp::Ttl => "ttl",
             FailureOp::ConsulList => "consul_list",
             FailureOp::DockerConnect => "docker_connect",

@@ -142,6 +142,58 @@ async fn a_stopping_container_shows_in_the_critical_checks_before_it_is_deregist
     );
 }
 
+/// An instance removed from Consul behind the registrar's back cannot be put in maintenance
+/// when its container stops: the failure is counted and logged, the registrar stays ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_maintenance_is_counted_and_the_registrar_lives_on() {
+    let consul = Consul::start().await;
+    let s = scope("maintfail");
+    // No resync during the test: it would register the instance again.
+    let reg = Registrar::start(
+        &consul,
+        &s,
+        &[("REGISTRAR_RESYNC", "1h"), ("REGISTRAR_TTL", "2h")],
+    )
+    .await;
+    let c = Container::run(&s, "a", WEB, &[], &["--no-healthcheck"]);
+    wait_passing(&consul, "web", 1).await;
+    let services = consul.client.agent_services().await.unwrap();
+    let id = services
+        .values()
+        .find(|s| s.service == "web")
+        .unwrap()
+        .id
+        .clone();
+    consul.deregister(&id).await;
+    assert_eq!(
+        reg.metric("registrar_failures_total", Some(("op", "maintenance")))
+            .await,
+        0.0
+    );
+    c.kill();
+    eventually(
+        "the failed maintenance to be counted",
+        Duration::from_secs(20),
+        || async {
+            reg.metric("registrar_failures_total", Some(("op", "maintenance")))
+                .await
+                >= 1.0
+        },
+    )
+    .await;
+    assert!(
+        reg.log()
+            .contains("maintenance before deregistration failed"),
+        "{}",
+        reg.log()
+    );
+    let ready = support::Http::new()
+        .get(&format!("http://{}/readyz", reg.admin))
+        .await
+        .unwrap();
+    assert_eq!(ready.status, 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn docker_kill_deregisters() {
     let consul = Consul::start().await;
