@@ -205,18 +205,22 @@ impl Settings {
 pub struct Client {
     http: HyperClient<Connector, Full<Bytes>>,
     connector: Connector,
+    /// What requests are addressed to: the agent's `http(s)://host:port`, or a fixed
+    /// `http://localhost` when the connector dials a Unix socket.
     base: String,
+    /// The address as given, for logs.
+    shown: String,
     token: Option<String>,
 }
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client").field("base", &self.base).finish()
+        f.debug_struct("Client").field("addr", &self.shown).finish()
     }
 }
 
 impl Client {
-    /// `addr` is `http://host:port` (or `host:port`), with no TLS settings.
+    /// `addr` is `http://host:port` (or `host:port`, or `unix:///path`), with no TLS settings.
     pub fn new(addr: &str, token: Option<String>) -> Result<Self, Error> {
         Self::connect(&Settings {
             addr: addr.to_string(),
@@ -229,6 +233,29 @@ impl Client {
     /// that names it.
     pub fn connect(s: &Settings) -> Result<Self, Error> {
         let addr = s.addr.as_str();
+        // The file wins over a token, as with Consul's own tools.
+        let token = match &s.token_file {
+            Some(file) => Some(read_token(file)?),
+            None => s.token.clone().filter(|t| !t.is_empty()),
+        };
+        // An agent's HTTP API on a Unix socket (`addresses { http = "unix://…" }`): reachable
+        // only by who can open the file, e.g. the services of one node sharing a volume.
+        if let Some(path) = addr.strip_prefix("unix://") {
+            if !path.starts_with('/') {
+                return Err(Error::InvalidAddress {
+                    addr: addr.to_string(),
+                    reason: "expected unix:///absolute/path".into(),
+                });
+            }
+            let connector = Connector::unix(PathBuf::from(path));
+            return Ok(Client {
+                http: Self::http(connector.clone()),
+                connector,
+                base: "http://localhost".to_string(),
+                shown: addr.to_string(),
+                token,
+            });
+        }
         let base = if addr.contains("://") {
             addr.trim_end_matches('/').to_string()
         } else {
@@ -246,7 +273,7 @@ impl Client {
             _ => {
                 return Err(Error::InvalidAddress {
                     addr: addr.to_string(),
-                    reason: "expected http://host:port or https://host:port".into(),
+                    reason: "expected http://host:port, https://host:port or unix:///path".into(),
                 })
             }
         };
@@ -268,15 +295,11 @@ impl Client {
         } else {
             None
         };
-        // The file wins over a token, as with Consul's own tools.
-        let token = match &s.token_file {
-            Some(file) => Some(read_token(file)?),
-            None => s.token.clone().filter(|t| !t.is_empty()),
-        };
         let connector = Connector::new(tls);
         Ok(Client {
             http: Self::http(connector.clone()),
             connector,
+            shown: base.clone(),
             base,
             token,
         })
@@ -291,6 +314,7 @@ impl Client {
             http: Self::http(self.connector.clone()),
             connector: self.connector.clone(),
             base: self.base.clone(),
+            shown: self.shown.clone(),
             token: self.token.clone(),
         }
     }
@@ -307,8 +331,9 @@ impl Client {
             .build(connector)
     }
 
+    /// The agent's address, as given (`http://host:port`, `unix:///path`).
     pub fn base(&self) -> &str {
-        &self.base
+        &self.shown
     }
 
     /// `GET /v1/catalog/services`: every service name with the union of its instances' tags.
@@ -644,6 +669,13 @@ mod tests {
             Client::new("http://consul:8500/", None).unwrap().base(),
             "http://consul:8500"
         );
+        assert_eq!(
+            Client::new("unix:///run/consul/http.sock", None)
+                .unwrap()
+                .base(),
+            "unix:///run/consul/http.sock"
+        );
+        assert!(Client::new("unix://relative.sock", None).is_err());
         assert!(Client::new("ftp://consul:8501", None).is_err());
         assert!(Client::new("http://", None).is_err());
     }

@@ -1,5 +1,5 @@
 //! Connections to the agent: plain TCP for `http://` addresses, TLS (rustls) for `https://`,
-//! with the CA and the optional client certificate read from files once, at start. Owns the
+//! a Unix socket for `unix://`, with the CA and the optional client certificate read from files once, at start. Owns the
 //! byte stream only; knows nothing of Consul's API, tokens or what is read.
 
 use std::future::Future;
@@ -16,7 +16,7 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
@@ -143,11 +143,13 @@ pub(crate) fn tls_config(files: &TlsFiles) -> Result<rustls::ClientConfig, TlsEr
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// What the HTTP client dials through: TCP, then TLS when the client was built for it.
+/// What the HTTP client dials through: TCP, then TLS when the client was built for it; or
+/// the agent's Unix socket, whatever the request's host.
 #[derive(Clone)]
 pub(crate) struct Connector {
     tcp: HttpConnector,
     tls: Option<(TlsConnector, Option<ServerName<'static>>)>,
+    unix: Option<Arc<Path>>,
 }
 
 impl Connector {
@@ -162,6 +164,14 @@ impl Connector {
         Connector {
             tcp,
             tls: tls.map(|(config, name)| (TlsConnector::from(config), name)),
+            unix: None,
+        }
+    }
+
+    pub(crate) fn unix(path: PathBuf) -> Connector {
+        Connector {
+            unix: Some(Arc::from(path)),
+            ..Connector::new(None)
         }
     }
 }
@@ -176,6 +186,14 @@ impl tower_service::Service<Uri> for Connector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
+        if let Some(path) = self.unix.clone() {
+            return Box::pin(async move {
+                let stream = UnixStream::connect(&*path)
+                    .await
+                    .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+                Ok(TokioIo::new(Stream::Unix(stream)))
+            });
+        }
         let connecting = tower_service::Service::<Uri>::call(&mut self.tcp, uri.clone());
         let tls = self.tls.clone();
         Box::pin(async move {
@@ -205,6 +223,7 @@ impl tower_service::Service<Uri> for Connector {
 pub(crate) enum Stream {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+    Unix(UnixStream),
 }
 
 impl Connection for Stream {
@@ -222,6 +241,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -235,6 +255,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -242,6 +263,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -249,6 +271,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }

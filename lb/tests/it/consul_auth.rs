@@ -112,3 +112,32 @@ async fn with_acls_and_tls_a_minimal_token_routes_and_a_deleted_token_keeps_the_
         lb.log()
     );
 }
+
+/// The stack's way to its node's agent: the HTTP API on a Unix socket, which only the
+/// services that mount its volume can open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_the_agents_unix_socket_it_routes() {
+    let socket = std::env::temp_dir().join(format!(
+        "switchyard-consul-{}-{}.sock",
+        std::process::id(),
+        testkit::free_port()
+    ));
+    let hcl = format!(
+        r#"addresses {{ http = "127.0.0.1 unix://{}" }}"#,
+        socket.display()
+    );
+    let consul = Consul::start_with(&hcl, None).await;
+    let web = Backend::start("web-0").await;
+    consul
+        .register("web-0", "web", web.port(), &["lb.route=/"])
+        .await;
+    let addr = format!("unix://{}", socket.display());
+    let http = Http::new();
+    let lb = Lb::start(&consul, &[("LB_CONSUL_ADDR", addr.as_str())]).await;
+    wait_routed(&lb, &http, "*/", 1).await;
+    let reply = http.get(&lb.url("/")).await.unwrap();
+    assert_eq!((reply.status.as_u16(), reply.body.as_str()), (200, "web-0"));
+    assert!(lb.log().contains(&addr), "{}", lb.log());
+    drop(consul);
+    let _ = std::fs::remove_file(&socket);
+}
