@@ -209,13 +209,15 @@ pub struct Client {
     /// `http://localhost` when the connector dials a Unix socket.
     base: String,
     /// The address as given, for logs.
-    shown: String,
+    addr_shown: String,
     token: Option<String>,
 }
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client").field("addr", &self.shown).finish()
+        f.debug_struct("Client")
+            .field("addr", &self.addr_shown)
+            .finish()
     }
 }
 
@@ -252,7 +254,7 @@ impl Client {
                 http: Self::http(connector.clone()),
                 connector,
                 base: "http://localhost".to_string(),
-                shown: addr.to_string(),
+                addr_shown: addr.to_string(),
                 token,
             });
         }
@@ -299,7 +301,7 @@ impl Client {
         Ok(Client {
             http: Self::http(connector.clone()),
             connector,
-            shown: base.clone(),
+            addr_shown: base.clone(),
             base,
             token,
         })
@@ -314,7 +316,7 @@ impl Client {
             http: Self::http(self.connector.clone()),
             connector: self.connector.clone(),
             base: self.base.clone(),
-            shown: self.shown.clone(),
+            addr_shown: self.addr_shown.clone(),
             token: self.token.clone(),
         }
     }
@@ -332,8 +334,8 @@ impl Client {
     }
 
     /// The agent's address, as given (`http://host:port`, `unix:///path`).
-    pub fn base(&self) -> &str {
-        &self.shown
+    pub fn addr(&self) -> &str {
+        &self.addr_shown
     }
 
     /// `GET /v1/catalog/services`: every service name with the union of its instances' tags.
@@ -662,17 +664,17 @@ mod tests {
     #[test]
     fn addresses() {
         assert_eq!(
-            Client::new("127.0.0.1:8500", None).unwrap().base(),
+            Client::new("127.0.0.1:8500", None).unwrap().addr(),
             "http://127.0.0.1:8500"
         );
         assert_eq!(
-            Client::new("http://consul:8500/", None).unwrap().base(),
+            Client::new("http://consul:8500/", None).unwrap().addr(),
             "http://consul:8500"
         );
         assert_eq!(
             Client::new("unix:///run/consul/http.sock", None)
                 .unwrap()
-                .base(),
+                .addr(),
             "unix:///run/consul/http.sock"
         );
         assert!(Client::new("unix://relative.sock", None).is_err());

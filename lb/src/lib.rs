@@ -55,7 +55,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         listen = %listeners.proxy.local_addr()?,
         tls_listen = ?listeners.tls.as_ref().map(|(_, l)| l.local_addr()).transpose()?,
         admin = %listeners.admin.local_addr()?,
-        consul = %client.base(),
+        consul = %client.addr(),
         balance = ?config.balance,
         h2c = config.h2c,
         "lb starting"

@@ -62,7 +62,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let Some((docker, node)) = connected else {
         return Ok(());
     };
-    tracing::info!(node = %node, consul = %client.base(), docker_api = %docker.client_version(), "registrar starting");
+    tracing::info!(node = %node, consul = %client.addr(), docker_api = %docker.client_version(), "registrar starting");
     let consul = Consul::new(client, metrics.clone());
     let mut registrar = Registrar::new(cfg, docker, node, consul, metrics);
     registrar.watch_docker(&ready, shutdown).await;
