@@ -116,6 +116,11 @@ pub const SETTINGS: &[Setting] = &[
     ),
     ("LB_CONNECT_TIMEOUT", "2s", "upstream TCP connect timeout"),
     (
+        "LB_UPSTREAM_USER_TIMEOUT",
+        "5s",
+        "how long data sent to a backend may go unacknowledged before its connection is dropped and the backend ejected (TCP_USER_TIMEOUT: a dead or cut-off host; 0s: the kernel's default, about 15 minutes)",
+    ),
+    (
         "LB_RESPONSE_TIMEOUT",
         "30s",
         "upstream time to response headers, from when the backend has the whole request",
@@ -318,6 +323,8 @@ pub struct Config {
     pub tag_prefix: String,
     pub balance: Balance,
     pub connect_timeout: Duration,
+    /// TCP_USER_TIMEOUT on upstream connections; zero leaves the kernel's.
+    pub upstream_user_timeout: Duration,
     pub response_timeout: Duration,
     pub client_body_timeout: Duration,
     /// `None`: no limit.
@@ -441,6 +448,11 @@ impl Config {
                 "LB_CONNECT_TIMEOUT",
                 positive_duration,
                 "a duration like 2s",
+            ),
+            upstream_user_timeout: p.get(
+                "LB_UPSTREAM_USER_TIMEOUT",
+                parse_duration,
+                "a duration like 5s (0s allowed)",
             ),
             response_timeout: p.get(
                 "LB_RESPONSE_TIMEOUT",

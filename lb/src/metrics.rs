@@ -115,6 +115,9 @@ label!(
         ConnectTimeout => "connect_timeout",
         StaleConnection => "stale_connection",
         Reset => "reset",
+        /// The backend's host stopped acknowledging what was sent (LB_UPSTREAM_USER_TIMEOUT):
+        /// dead or cut off, so it is ejected.
+        Unacknowledged => "unacknowledged",
         ResponseTimeout => "response_timeout",
         /// A response body that broke off or broke its framing after the head was passed on.
         Body => "body",

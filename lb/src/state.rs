@@ -97,6 +97,7 @@ impl Shared {
                     client_body: config.client_body_timeout,
                 },
                 connect_timeout: config.connect_timeout,
+                user_timeout: config.upstream_user_timeout,
                 idle_timeout: config.upstream_idle_timeout,
                 max_idle: config.upstream_max_idle,
                 eject_failures: config.eject_failures,

@@ -173,6 +173,18 @@ impl Attempts {
                 self.last = LocalReason::UpstreamError;
                 return false;
             }
+            SendError::Failed(e) if unacknowledged(&*e) => {
+                // Its host stopped acknowledging (TCP_USER_TIMEOUT): dead or cut off. Its
+                // other connections are as dead, so it is ejected until Consul's failure
+                // detection takes it out of the table.
+                self.last = LocalReason::UpstreamError;
+                m.upstream_errors.inc(UpstreamErrorKind::Unacknowledged);
+                if backend.record_failure(&shared.backend_settings) {
+                    m.ejections.inc();
+                    tracing::warn!(backend = %backend.addr, route = %route.name, "backend ejected: its host stopped acknowledging");
+                }
+                RetryReason::Reset
+            }
             SendError::Failed(e) => {
                 self.last = LocalReason::UpstreamError;
                 m.upstream_errors.inc(UpstreamErrorKind::Reset);
@@ -213,6 +225,20 @@ impl Attempts {
         }
         false
     }
+}
+
+/// Whether a send failed because the peer stopped acknowledging: the kernel's ETIMEDOUT on
+/// an established connection, which only TCP_USER_TIMEOUT (or minutes of retransmission)
+/// produces.
+fn unacknowledged(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return io.raw_os_error() == Some(libc::ETIMEDOUT);
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// A connection to `backend` could not be had: counted, and held against the backend.

@@ -213,6 +213,7 @@ mod tests {
                 client_body: std::time::Duration::from_secs(1),
             },
             connect_timeout: std::time::Duration::from_secs(1),
+            user_timeout: std::time::Duration::from_secs(5),
             idle_timeout: std::time::Duration::from_secs(1),
             max_idle: 1,
             eject_failures: 1,

@@ -46,12 +46,37 @@ struct Idle {
     since_ms: u64,
 }
 
+/// Bounds how long data written to `stream` may stay unacknowledged: past it the kernel
+/// drops the connection with ETIMEDOUT. A live host acknowledges within milliseconds even
+/// when its application is slow, so this tells a dead or cut-off host (which sends no RST)
+/// from a slow backend, long before the response timeout would. A failure here only leaves
+/// the kernel's default (minutes of retransmissions), so it is not an error.
+fn set_user_timeout(stream: &TcpStream, after: Duration) {
+    use std::os::fd::AsRawFd;
+    let ms = libc::c_uint::try_from(after.as_millis()).unwrap_or(libc::c_uint::MAX);
+    // SAFETY: a valid socket descriptor, an option value of the size the kernel expects.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            (&ms as *const libc::c_uint).cast(),
+            std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "TCP_USER_TIMEOUT not set");
+    }
+}
+
 /// Settings that govern every backend, from the config.
 #[derive(Debug, Clone)]
 pub struct BackendSettings {
     /// How long a send waits for the backend, and for the client's body.
     pub send: super::Timeouts,
     pub connect_timeout: Duration,
+    /// How long sent data may go unacknowledged (TCP_USER_TIMEOUT); zero: the kernel's.
+    pub user_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_idle: usize,
     pub eject_failures: u32,
@@ -279,6 +304,9 @@ impl Backend {
                 Ok(Ok(stream)) => stream,
             };
         let _ = stream.set_nodelay(true);
+        if !s.user_timeout.is_zero() {
+            set_user_timeout(&stream, s.user_timeout);
+        }
         Ok(stream)
     }
 
@@ -323,6 +351,7 @@ mod tests {
                 client_body: Duration::from_secs(1),
             },
             connect_timeout: Duration::from_secs(1),
+            user_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(1),
             max_idle: 4,
             eject_failures: failures,

@@ -75,6 +75,97 @@ async fn a_killed_backend_costs_no_failed_get_and_is_ejected_then_returns() {
     .await;
 }
 
+/// Drops every packet sent to a loopback port while it lives: a host that died or was cut
+/// off, which answers nothing, not even a reset.
+struct Blackhole(Vec<String>);
+
+impl Blackhole {
+    fn port(port: u16) -> Blackhole {
+        let rule: Vec<String> = [
+            "INPUT",
+            "-i",
+            "lo",
+            "-p",
+            "tcp",
+            "--dport",
+            &port.to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(["-j", "DROP"].map(String::from))
+        .collect();
+        let status = std::process::Command::new("iptables")
+            .args(["-w", "-I"])
+            .args(&rule)
+            .status()
+            .expect("iptables (scripts/install-deps installs it with Docker)");
+        assert!(status.success(), "iptables -I {rule:?}");
+        Blackhole(rule)
+    }
+}
+
+impl Drop for Blackhole {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("iptables")
+            .args(["-w", "-D"])
+            .args(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_whose_host_goes_silent_is_ejected_and_gets_are_retried() {
+    let consul = Consul::start().await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    for x in [&a, &b] {
+        consul
+            .register_with(&x.name, "web", x.port(), &["lb.route=/"], None)
+            .await;
+    }
+    // A response timeout far past the client's patience: only the unacknowledged send can
+    // tell the lb in time that b's host is gone.
+    let lb = Lb::start(
+        &consul,
+        &[
+            ("LB_BALANCE", "round_robin"),
+            ("LB_UPSTREAM_USER_TIMEOUT", "500ms"),
+            ("LB_CONNECT_TIMEOUT", "500ms"),
+            ("LB_RESPONSE_TIMEOUT", "120s"),
+        ],
+    )
+    .await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 2).await;
+    // Pooled connections to both: the next GET to b goes out on one of them.
+    spread_ok(&http, &lb.url("/"), 20).await;
+
+    let _silent = Blackhole::port(b.port());
+    let seen = tokio::time::timeout(Duration::from_secs(30), spread_ok(&http, &lb.url("/"), 20))
+        .await
+        .expect("GETs answered while b's host is silent");
+    assert_eq!(seen.get("a"), Some(&20), "{seen:?}");
+    let unacked = [("kind", "unacknowledged")];
+    assert!(
+        lb.metric(&http, "lb_upstream_errors_total", &unacked)
+            .await
+            .unwrap()
+            >= 1.0
+    );
+    let timeouts = [("kind", "response_timeout")];
+    assert_eq!(
+        lb.metric(&http, "lb_upstream_errors_total", &timeouts)
+            .await,
+        Some(0.0)
+    );
+    assert!(
+        lb.metric(&http, "lb_backend_ejections_total", &[])
+            .await
+            .unwrap()
+            >= 1.0
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_last_backend_is_never_ejected_out_of_service() {
     let consul = Consul::start().await;
