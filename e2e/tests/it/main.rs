@@ -20,8 +20,8 @@ use testkit::{eventually, workspace_root, Http};
 
 use load::{Counts, Load};
 use stack::{
-    consul_passing, container_started, containers, docker, gwbridge_ip, lb_addrs, lb_backends,
-    lb_metric, scale, service, task_since, update_completed, Stack, PROMETHEUS,
+    consul_call, consul_passing, container_started, containers, docker, gwbridge_ip, lb_addrs,
+    lb_backends, lb_metric, scale, service, task_since, update_completed, Stack, PROMETHEUS,
 };
 
 /// Phase results, printed together at the end (and as they happen).
@@ -99,6 +99,40 @@ async fn stack_end_to_end() {
          answers 200 and a container create 403"
             .into(),
     );
+
+    // Consul denies by default: a registration without a token (anyone on the stack network
+    // could try one, pointing a route at an address of theirs) is refused.
+    let victim = r#"{"Name":"evil","Address":"192.0.2.1","Port":80,"Tags":["lb.route=/"]}"#;
+    let (status, refusal) = consul_call(
+        &http,
+        http::Method::PUT,
+        "/v1/agent/service/register",
+        None,
+        victim,
+    )
+    .await
+    .expect("Consul's API answers on a server's gwbridge address");
+    assert_eq!(status, 403, "{refusal}");
+    let (status, body) = consul_call(&http, http::Method::GET, "/v1/catalog/services", None, "")
+        .await
+        .expect("Consul answers");
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "{}"),
+        "anonymous reads see nothing"
+    );
+    let published = docker(&[
+        "service",
+        "inspect",
+        &service("consul-server"),
+        "-f",
+        "{{json .Endpoint.Ports}}",
+    ]);
+    assert!(!published.contains("8500"), "{published}");
+    report.add(format!(
+        "consul: not published; anonymous register -> 403 ({}), anonymous catalog -> {{}}",
+        refusal.trim()
+    ));
 
     // 8 workers x 25 requests/s: a steady 200 requests/s, half GET, half POST (2 KiB bodies).
     let load = Load::start(8, 25);
@@ -291,9 +325,9 @@ async fn stack_end_to_end() {
         &load,
         &format!("Consul stopped for {outage} s"),
         async {
-            scale("consul", 0);
+            scale("consul-server", 0);
             eventually("Consul is gone", Duration::from_secs(60), || async {
-                containers("consul").is_empty()
+                containers("consul-server").is_empty()
             })
             .await;
             let noticing = lb_addrs().await;
@@ -362,7 +396,7 @@ async fn stack_end_to_end() {
                 );
             }
             let back = Instant::now();
-            scale("consul", 1);
+            scale("consul-server", 1);
             let recovered = Cell::new(None);
             eventually(
                 "Consul is back, both lbs read it again and web has 3 passing instances",

@@ -8,7 +8,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use testkit::{workspace_root, Http};
 
 pub const STACK: &str = "switchyard";
-pub const CONSUL: &str = "http://127.0.0.1:8500";
 pub const PROMETHEUS: &str = "http://127.0.0.1:9099";
 
 /// Runs a command in the workspace root; its trimmed stdout, or the failure with stderr.
@@ -223,13 +222,54 @@ pub fn containers(name: &str) -> Vec<String> {
     .collect()
 }
 
+/// Consul's HTTP API as an operator on a node reaches it: a server task's address on the
+/// node's docker_gwbridge (the stack publishes no Consul port).
+pub fn consul_api() -> Option<String> {
+    let server = containers("consul-server").into_iter().next()?;
+    Some(format!("http://{}:8500", gwbridge_ip(&server)?))
+}
+
+/// The management token `scripts/consul-acl secrets` wrote.
+pub fn management_token() -> String {
+    let file = workspace_root().join(".run/secrets/consul-management-token");
+    std::fs::read_to_string(&file)
+        .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+        .trim()
+        .to_string()
+}
+
+/// A call to Consul's API (`consul_api`), with `token` when there is one: status and body.
+pub async fn consul_call(
+    http: &Http,
+    method: http::Method,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> Option<(u16, String)> {
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(format!("{}{path}", consul_api()?));
+    if let Some(token) = token {
+        req = req.header("x-consul-token", token);
+    }
+    let req = req
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_string(),
+        )))
+        .ok()?;
+    let reply = http.send(req).await.ok()?;
+    Some((reply.status.as_u16(), reply.body))
+}
+
 /// Instances of a Consul service with every check passing.
 pub async fn consul_passing(http: &Http, name: &str) -> Option<usize> {
-    let reply = http
-        .get(&format!("{CONSUL}/v1/health/service/{name}?passing"))
-        .await
-        .ok()?;
-    let v: serde_json::Value = serde_json::from_str(&reply.body).ok()?;
+    let token = management_token();
+    let path = format!("/v1/health/service/{name}?passing");
+    let (status, body) = consul_call(http, http::Method::GET, &path, Some(&token), "").await?;
+    if status != 200 {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
     v.as_array().map(Vec::len)
 }
 
