@@ -38,6 +38,8 @@ pub struct Stats {
     last_seen: Mutex<HashMap<String, Instant>>,
     /// The first failures, for the report.
     failures: Mutex<Vec<String>>,
+    /// Every answered request's time from first attempt to answer, in microseconds.
+    latencies: Mutex<Vec<u32>>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -105,6 +107,35 @@ impl Stats {
         v
     }
 
+    /// The latency at each of `quantiles` (0..=1) of the requests answered so far, and the
+    /// slowest; empty when none was.
+    pub fn latency(&self, quantiles: &[f64]) -> (Vec<Duration>, Duration) {
+        let mut all = self.latencies.lock().unwrap().clone();
+        if all.is_empty() {
+            return (Vec::new(), Duration::ZERO);
+        }
+        all.sort_unstable();
+        let at = |q: f64| {
+            let i = ((all.len() as f64 * q).ceil() as usize).clamp(1, all.len()) - 1;
+            Duration::from_micros(all[i] as u64)
+        };
+        (
+            quantiles.iter().map(|q| at(*q)).collect(),
+            Duration::from_micros(*all.last().unwrap() as u64),
+        )
+    }
+
+    /// Answered requests that took longer than `limit`.
+    pub fn slower_than(&self, limit: Duration) -> usize {
+        let limit = limit.as_micros() as u32;
+        self.latencies
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| **l > limit)
+            .count()
+    }
+
     pub fn failures(&self) -> Vec<String> {
         self.failures.lock().unwrap().clone()
     }
@@ -141,21 +172,35 @@ impl Load {
     /// `workers` loops, each sending `per_worker` requests per second, alternating GET and
     /// POST; the replica list is refreshed every 500 ms.
     pub fn start(workers: usize, per_worker: u32) -> Load {
+        Self::start_with(workers, per_worker, None, true)
+    }
+
+    /// As `start`, to the fixed replicas `edges` when given (a client configured with every
+    /// edge node), else to those `scripts/lb-addrs` finds; GETs only unless `posts`.
+    pub fn start_with(
+        workers: usize,
+        per_worker: u32,
+        edges: Option<Vec<SocketAddr>>,
+        posts: bool,
+    ) -> Load {
         let stats = Arc::new(Stats::default());
-        let lbs = Arc::new(RwLock::new(Vec::new()));
+        let fixed = edges.is_some();
+        let lbs = Arc::new(RwLock::new(edges.unwrap_or_default()));
         let stop = Arc::new(AtomicBool::new(false));
         let mut tasks = Vec::new();
-        tasks.push(tokio::spawn({
-            let (lbs, stop) = (lbs.clone(), stop.clone());
-            async move {
-                while !stop.load(Relaxed) {
-                    let now = stack::lb_addrs().await;
-                    if !now.is_empty() {
-                        *lbs.write().unwrap() = now;
+        tasks.extend((!fixed).then(|| {
+            tokio::spawn({
+                let (lbs, stop) = (lbs.clone(), stop.clone());
+                async move {
+                    while !stop.load(Relaxed) {
+                        let now = stack::lb_addrs().await;
+                        if !now.is_empty() {
+                            *lbs.write().unwrap() = now;
+                        }
+                        tokio::time::sleep(Duration::from_millis(500)).await;
                     }
-                    tokio::time::sleep(Duration::from_millis(500)).await;
                 }
-            }
+            })
         }));
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_secs(1)));
@@ -174,7 +219,7 @@ impl Load {
                 while !stop.load(Relaxed) {
                     tick.tick().await;
                     n += 1;
-                    one_request(&client, &stats, &lbs, n).await;
+                    one_request(&client, &stats, &lbs, n, posts).await;
                 }
             }));
         }
@@ -216,8 +261,9 @@ async fn one_request(
     stats: &Stats,
     lbs: &RwLock<Vec<SocketAddr>>,
     n: usize,
+    posts: bool,
 ) {
-    let post = n % 2 == 1;
+    let post = posts && n % 2 == 1;
     // Counted when done, so a phase's counts always add up (sent = ok + failed).
     let _done = Done { stats, post };
     let started = Instant::now();
@@ -279,6 +325,8 @@ async fn one_request(
                 if let Some(task) = v.get("task").and_then(|t| t.as_str()) {
                     stats.answered_by(task);
                 }
+                let took = started.elapsed().as_micros().min(u32::MAX as u128) as u32;
+                stats.latencies.lock().unwrap().push(took);
                 stats.ok.fetch_add(1, Relaxed);
                 return;
             }

@@ -8,6 +8,7 @@
 //! `E2E_CONSUL_OUTAGE=<seconds>` shortens the Consul outage while iterating (default 60).
 
 mod load;
+mod nodes;
 mod panels;
 mod stack;
 
