@@ -229,12 +229,22 @@ impl Attempts {
 
 /// Whether a send failed because the peer stopped acknowledging: the kernel's ETIMEDOUT on
 /// an established connection, which only TCP_USER_TIMEOUT (or minutes of retransmission)
-/// produces.
+/// produces. By kind, not only by OS code: the HTTP/2 stack rebuilds I/O errors from their
+/// kind. (Connect and response timeouts never get here: they are timers of the lb's own.)
 fn unacknowledged(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cause = Some(e);
     while let Some(c) = cause {
         if let Some(io) = c.downcast_ref::<std::io::Error>() {
-            return io.raw_os_error() == Some(libc::ETIMEDOUT);
+            if io.raw_os_error() == Some(libc::ETIMEDOUT)
+                || io.kind() == std::io::ErrorKind::TimedOut
+            {
+                return true;
+            }
+            // An OS error wrapped in another io::Error is its payload, not its source.
+            cause = io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static));
+            continue;
         }
         cause = c.source();
     }

@@ -53,7 +53,9 @@ struct Idle {
 /// the kernel's default (minutes of retransmissions), so it is not an error.
 fn set_user_timeout(stream: &TcpStream, after: Duration) {
     use std::os::fd::AsRawFd;
-    let ms = libc::c_uint::try_from(after.as_millis()).unwrap_or(libc::c_uint::MAX);
+    // The kernel reads an int of milliseconds: at least 1 (0 would mean its default), at
+    // most i32::MAX (a larger value is refused).
+    let ms = after.as_millis().clamp(1, i32::MAX as u128) as libc::c_uint;
     // SAFETY: a valid socket descriptor, an option value of the size the kernel expects.
     let rc = unsafe {
         libc::setsockopt(
@@ -65,7 +67,7 @@ fn set_user_timeout(stream: &TcpStream, after: Duration) {
         )
     };
     if rc != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "TCP_USER_TIMEOUT not set");
+        tracing::warn!(error = %std::io::Error::last_os_error(), "TCP_USER_TIMEOUT not set: a dead backend host is noticed only by the response timeout");
     }
 }
 

@@ -123,10 +123,74 @@ async fn a_backend_whose_host_goes_silent_is_ejected_and_gets_are_retried() {
             .register_with(&x.name, "web", x.port(), &["lb.route=/"], None)
             .await;
     }
+    a_silent_host_costs_no_get(&consul, b.port()).await;
+}
+
+/// The same over HTTP/2 to the backends: one shared connection each, whose I/O errors the
+/// HTTP/2 stack reports by kind only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_backend_whose_host_goes_silent_is_ejected_and_gets_are_retried() {
+    let consul = Consul::start().await;
+    let (a, _a) = h2c_backend("a").await;
+    let (b, _b) = h2c_backend("b").await;
+    for (name, addr) in [("a", a), ("b", b)] {
+        consul
+            .register_with(
+                name,
+                "web",
+                addr.port(),
+                &["lb.route=/", "lb.proto=h2c"],
+                None,
+            )
+            .await;
+    }
+    a_silent_host_costs_no_get(&consul, b.port()).await;
+}
+
+/// An HTTP/2 backend without TLS that names itself in `x-backend`.
+async fn h2c_backend(name: &'static str) -> (std::net::SocketAddr, AbortOnDrop) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| async move {
+                    Ok::<_, std::convert::Infallible>(
+                        http::Response::builder()
+                            .header("x-backend", name)
+                            .body(http_body_util::Full::new(bytes::Bytes::from(name)))
+                            .unwrap(),
+                    )
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+            });
+        }
+    });
+    (addr, AbortOnDrop(task))
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Routes `/` to backends `a` and `b` (registered by the caller) through an lb, then makes
+/// b's host silent: every GET must still be answered, by a, long before the response timeout,
+/// because b's connections are dropped once what was sent goes unacknowledged.
+async fn a_silent_host_costs_no_get(consul: &Consul, b_port: u16) {
     // A response timeout far past the client's patience: only the unacknowledged send can
     // tell the lb in time that b's host is gone.
     let lb = Lb::start(
-        &consul,
+        consul,
         &[
             ("LB_BALANCE", "round_robin"),
             ("LB_UPSTREAM_USER_TIMEOUT", "500ms"),
@@ -137,10 +201,10 @@ async fn a_backend_whose_host_goes_silent_is_ejected_and_gets_are_retried() {
     .await;
     let http = Http::new();
     wait_routed(&lb, &http, "*/", 2).await;
-    // Pooled connections to both: the next GET to b goes out on one of them.
+    // Connections to both: the next GET to b goes out on one of them.
     spread_ok(&http, &lb.url("/"), 20).await;
 
-    let _silent = Blackhole::port(b.port());
+    let _silent = Blackhole::port(b_port);
     let seen = tokio::time::timeout(Duration::from_secs(30), spread_ok(&http, &lb.url("/"), 20))
         .await
         .expect("GETs answered while b's host is silent");
