@@ -21,7 +21,7 @@ pub const SETTINGS: &[Setting] = &[
     (
         "LB_CONSUL_ADDR",
         "http://127.0.0.1:8500",
-        "Consul agent address, http:// or https:// (CONSUL_HTTP_ADDR is honoured)",
+        "Consul agent address: http://, https://, or unix:///path for an agent's HTTP API on a Unix socket (CONSUL_HTTP_ADDR is honoured)",
     ),
     (
         "LB_CONSUL_TOKEN",
@@ -118,7 +118,7 @@ pub const SETTINGS: &[Setting] = &[
     (
         "LB_UPSTREAM_USER_TIMEOUT",
         "5s",
-        "how long data sent to a backend may go unacknowledged before its connection is dropped and the backend ejected (TCP_USER_TIMEOUT: a dead or cut-off host; 0s: the kernel's default, about 15 minutes)",
+        "how long data sent to a backend may go unacknowledged before the connection is dropped and the backend ejected (TCP_USER_TIMEOUT: a dead or cut-off host; `0s` keeps the kernel's, about 15 minutes)",
     ),
     (
         "LB_RESPONSE_TIMEOUT",

@@ -8,7 +8,7 @@ use std::time::Duration;
 use switchyard_daemon::settings::{positive_duration, Reader, Setting};
 
 pub const SETTINGS: &[Setting] = &[
-    ("REGISTRAR_CONSUL_ADDR", "http://127.0.0.1:8500", "the node's Consul agent, http:// or https:// (CONSUL_HTTP_ADDR is honoured)"),
+    ("REGISTRAR_CONSUL_ADDR", "http://127.0.0.1:8500", "the node's Consul agent: http://, https://, or unix:///path (CONSUL_HTTP_ADDR is honoured)"),
     ("REGISTRAR_CONSUL_TOKEN", "", "ACL token, needs service:write and node:read (CONSUL_HTTP_TOKEN is honoured)"),
     ("REGISTRAR_CONSUL_TOKEN_FILE", "", "file holding the ACL token, e.g. a swarm secret; read at start (CONSUL_HTTP_TOKEN_FILE is honoured)"),
     ("REGISTRAR_CONSUL_CACERT", "", "PEM CA certificates an https:// agent is verified against (default: the system's; CONSUL_CACERT is honoured)"),
