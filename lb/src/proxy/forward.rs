@@ -179,10 +179,7 @@ impl Attempts {
                 // detection takes it out of the table.
                 self.last = LocalReason::UpstreamError;
                 m.upstream_errors.inc(UpstreamErrorKind::Unacknowledged);
-                if backend.record_failure(&shared.backend_settings) {
-                    m.ejections.inc();
-                    tracing::warn!(backend = %backend.addr, route = %route.name, "backend ejected: its host stopped acknowledging");
-                }
+                held_against(shared, route, backend, "its host stopped acknowledging");
                 RetryReason::Reset
             }
             SendError::Failed(e) => {
@@ -212,10 +209,12 @@ impl Attempts {
             SendError::TimedOut => {
                 self.last = LocalReason::UpstreamTimeout;
                 m.upstream_errors.inc(UpstreamErrorKind::ResponseTimeout);
-                if backend.record_failure(&shared.backend_settings) {
-                    m.ejections.inc();
-                    tracing::warn!(backend = %backend.addr, route = %route.name, "backend ejected after response timeout");
-                }
+                held_against(
+                    shared,
+                    route,
+                    backend,
+                    "no response within the response timeout",
+                );
                 RetryReason::Timeout
             }
         };
@@ -224,6 +223,14 @@ impl Attempts {
             return true;
         }
         false
+    }
+}
+
+/// A failure that is the backend's: counted towards its ejection, and said when it ejects.
+fn held_against(shared: &Shared, route: &Route, backend: &Backend, why: &'static str) {
+    if backend.record_failure(&shared.backend_settings) {
+        shared.metrics.ejections.inc();
+        tracing::warn!(backend = %backend.addr, route = %route.name, why, "backend ejected");
     }
 }
 
