@@ -13,10 +13,17 @@
 //!   the lb's own list, e.g. `P.upgrade=mqtt`. `h2c` is never accepted: an h2c upgrade would
 //!   carry requests past the lb's per-request policy.
 //!
+//! - Rewriting of the request and the response: `P.strip`, `P.prepend`, `P.host`,
+//!   `P.request.*`, `P.response.*`, `P.rewrite.*` ([`rewrite`]).
+//!
 //! Tags without the prefix are not ours and are ignored; a malformed tag of ours is reported and
 //! ignored, the instance's other tags still apply.
 
 use std::fmt;
+
+mod rewrite;
+
+pub use rewrite::{HeaderEdits, Rewrite};
 
 pub const DEFAULT_PREFIX: &str = "lb";
 pub const DEFAULT_WEIGHT: u32 = 100;
@@ -73,6 +80,8 @@ pub struct InstanceRouting {
     pub redirect_https: bool,
     /// Lower-case protocol names this instance accepts as upgrades, beyond the lb's list.
     pub upgrades: Vec<String>,
+    /// How requests to this instance and its responses are changed on the way.
+    pub rewrite: Rewrite,
 }
 
 /// One tag of ours that could not be understood.
@@ -91,18 +100,22 @@ pub enum TagErrorKind {
     BadProto,
     BadRedirect,
     BadUpgrade,
+    BadRewrite,
+    BadHeader,
     UnknownKey,
 }
 
 impl TagErrorKind {
     /// A bounded metric label.
-    pub const ALL: [TagErrorKind; 7] = [
+    pub const ALL: [TagErrorKind; 9] = [
         TagErrorKind::BadRoute,
         TagErrorKind::BadWeight,
         TagErrorKind::BadEnable,
         TagErrorKind::BadProto,
         TagErrorKind::BadRedirect,
         TagErrorKind::BadUpgrade,
+        TagErrorKind::BadRewrite,
+        TagErrorKind::BadHeader,
         TagErrorKind::UnknownKey,
     ];
 
@@ -114,6 +127,8 @@ impl TagErrorKind {
             TagErrorKind::BadProto => "bad_proto",
             TagErrorKind::BadRedirect => "bad_redirect",
             TagErrorKind::BadUpgrade => "bad_upgrade",
+            TagErrorKind::BadRewrite => "bad_rewrite",
+            TagErrorKind::BadHeader => "bad_header",
             TagErrorKind::UnknownKey => "unknown_key",
         }
     }
@@ -138,6 +153,7 @@ pub fn parse_tags<'a>(
         proto: UpstreamProto::Http1,
         redirect_https: false,
         upgrades: Vec::new(),
+        rewrite: Rewrite::default(),
     };
     let mut errors = Vec::new();
     for tag in tags {
@@ -191,9 +207,19 @@ pub fn parse_tags<'a>(
                 }
                 Err(detail) => errors.push(err(TagErrorKind::BadUpgrade, detail)),
             },
+            key if rewrite::is_rewrite_key(key) => {
+                if let Err(detail) = rewrite::apply_tag(&mut routing.rewrite, key, value) {
+                    let kind = if rewrite::is_header_key(key) {
+                        TagErrorKind::BadHeader
+                    } else {
+                        TagErrorKind::BadRewrite
+                    };
+                    errors.push(err(kind, detail));
+                }
+            }
             _ => errors.push(err(
                 TagErrorKind::UnknownKey,
-                "unknown key (expected route, weight, enable, proto, redirect or upgrade)",
+                "unknown key (expected route, weight, enable, proto, redirect, upgrade, strip, prepend, host, request.*, response.* or rewrite.*)",
             )),
         }
     }

@@ -101,6 +101,12 @@ fn build(c: &ContainerInfo, wanted: ServiceLabels, s: &InstanceSettings) -> Serv
             .map(|n| format!("{}.weight={n}", s.tag_prefix)),
     );
     tags.extend(wanted.tags);
+    tags.extend(
+        wanted
+            .lb
+            .iter()
+            .map(|(k, v)| format!("{}.{k}={v}", s.tag_prefix)),
+    );
     let mut meta = HashMap::new();
     meta.insert(META_NODE.to_string(), s.node.clone());
     meta.insert(META_CONTAINER.to_string(), c.id.clone());
@@ -357,6 +363,45 @@ mod tests {
             ]
         );
         assert!(errors[1].to_string().contains("switchyard.port"));
+    }
+
+    #[test]
+    fn lb_settings_become_tags_whole_and_bad_ones_are_reported() {
+        let c = container(&[
+            ("switchyard.enable", "true"),
+            ("switchyard.route", "/api"),
+            ("switchyard.lb.strip", "true"),
+            (
+                "switchyard.lb.response.set.cache-control",
+                "private, max-age=0",
+            ),
+        ]);
+        let tags = registered(&c).registration.tags;
+        assert_eq!(
+            tags,
+            [
+                "lb.route=/api",
+                "lb.response.set.cache-control=private, max-age=0",
+                "lb.strip=true",
+            ]
+        );
+        let c = container(&[
+            ("switchyard.enable", "true"),
+            ("switchyard.lb.strip", "maybe"),
+            ("switchyard.lb.request.set.content-length", "0"),
+        ]);
+        let Decision::Invalid(errors) = decide(&c, &settings()) else {
+            panic!("expected errors")
+        };
+        let labels: Vec<_> = errors.iter().map(|e| e.label.as_str()).collect();
+        assert_eq!(
+            labels,
+            [
+                "switchyard.lb.request.set.content-length",
+                "switchyard.lb.strip"
+            ]
+        );
+        assert!(errors.iter().all(|e| e.kind == "bad_lb_setting"));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use switchyard_consul::tags::{parse_route, MAX_WEIGHT};
+use switchyard_consul::tags::{parse_route, parse_tags, DEFAULT_PREFIX, MAX_WEIGHT};
 use switchyard_daemon::settings::parse_duration;
 
 use crate::docker::ContainerInfo;
@@ -47,6 +47,9 @@ pub struct ServiceLabels {
     pub weight: Option<u32>,
     /// Extra tags, as written.
     pub tags: Vec<String>,
+    /// The lb's settings for this instance (`.lb.KEY=VALUE`), each one valid: tag
+    /// `<tag prefix>.KEY=VALUE`, in key order.
+    pub lb: Vec<(String, String)>,
     pub check_path: Option<String>,
     pub check_interval: Option<Duration>,
     pub check_timeout: Option<Duration>,
@@ -56,7 +59,8 @@ pub struct ServiceLabels {
 ///
 /// Labels (prefix `switchyard`, configurable):
 /// `.enable=true` opts in; `.service`, `.port`, `.route` (comma-separated), `.weight`, `.tags`
-/// (comma-separated), `.check.path`, `.check.interval`, `.check.timeout`, `.network`.
+/// (comma-separated), `.lb.KEY` (one lb tag each), `.check.path`, `.check.interval`,
+/// `.check.timeout`, `.network`.
 pub fn parse(
     c: &ContainerInfo,
     prefix: &str,
@@ -72,6 +76,7 @@ pub fn parse(
     let routes = r.routes();
     let weight = r.weight();
     let tags = r.tags();
+    let lb = r.lb_settings();
     let check_interval = r.duration("check.interval");
     let check_timeout = r.duration("check.timeout");
     let check_path = r.check_path();
@@ -89,6 +94,7 @@ pub fn parse(
         routes,
         weight,
         tags,
+        lb,
         check_path,
         check_interval,
         check_timeout,
@@ -210,6 +216,35 @@ impl<'a> Reader<'a> {
             }
         }
         tags
+    }
+
+    /// `.lb.KEY=VALUE` labels: one lb tag each, written whole, so that a value may hold the
+    /// commas `.tags` splits on (`.lb.response.set.cache-control=private, max-age=0`). Each is
+    /// checked against the lb's tag grammar here: a typo is reported on the container, where
+    /// its owner looks, instead of being dropped by every lb.
+    fn lb_settings(&mut self) -> Vec<(String, String)> {
+        let head = format!("{}.lb.", self.prefix);
+        let mut found: Vec<(&str, &str)> = self
+            .c
+            .labels
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix(&head)?, v.trim())))
+            .collect();
+        found.sort_unstable();
+        let mut out = Vec::with_capacity(found.len());
+        for (key, value) in found {
+            let tag = format!("{DEFAULT_PREFIX}.{key}={value}");
+            let (_, errors) = parse_tags(DEFAULT_PREFIX, [tag.as_str()]);
+            match errors.first() {
+                Some(e) => self.err(
+                    &format!("lb.{key}"),
+                    "bad_lb_setting",
+                    format!("{value:?}: {}", e.detail),
+                ),
+                None => out.push((key.to_string(), value.to_string())),
+            }
+        }
+        out
     }
 
     /// `None` when unset or unusable (then with an error).

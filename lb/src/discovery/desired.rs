@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use switchyard_consul::tags::{parse_tags, RouteKey, TagError};
 use switchyard_consul::ServiceEntry;
 
-use crate::routing::{BackendSpec, TableSpec};
+use crate::routing::{BackendSpec, Rewrite, TableSpec};
 
 /// Each routed service's share of the table, parsed once when that service changes, and the
 /// table spec kept up to date route by route: a change to one instance re-parses one service
@@ -120,6 +120,7 @@ impl DesiredTable {
                     } else {
                         routing.upgrades.into()
                     },
+                    rewrite: Rewrite::compile(&routing.rewrite).map(Arc::new),
                 });
             for key in routing.routes {
                 part.push((key, backend.clone()));

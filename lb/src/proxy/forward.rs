@@ -14,6 +14,7 @@ use super::forwarded::{Forwarded, X_REQUEST_ID};
 use super::headers::{strip_hop_by_hop, to_http1_form, to_http2_form};
 use super::local::local;
 use super::peer::Peer;
+use super::rewrite;
 use super::upgrade::{spawn_tunnel, Upgrade};
 use crate::config::Config;
 use crate::metrics::{LocalReason, RetryReason, StatusClass, UpstreamErrorKind};
@@ -90,16 +91,28 @@ pub(super) async fn forward(
             .take()
             .expect("body is restored before every retry");
         let fwd = Forwarded {
-            client_ip: &peer.ip,
-            tls: peer.tls,
-            trusted: peer.trusted,
+            peer,
             request_id: &request_id,
+            client_host: None,
         };
+        let timeouts = &shared.backend_settings.send;
         // The parts stay here: a retry sends them again.
-        match sender
-            .send(&parts, &fwd, body, &shared.backend_settings.send)
-            .await
-        {
+        let sent = match &rb.spec.rewrite {
+            None => sender.send(&parts, &fwd, body, timeouts).await,
+            // Boxed: most requests have no rewrite, and its copy of the head would grow
+            // every request's future.
+            Some(rw) => {
+                let to = (&mut sender, &route.key.prefix[..]);
+                match Box::pin(rewrite::send(rw, to, &parts, fwd, body, timeouts)).await {
+                    Some(sent) => sent,
+                    None => {
+                        let msg = "the request target is too long once rewritten for this route";
+                        return local(shared, LocalReason::BadRequest, "", msg, request_id);
+                    }
+                }
+            }
+        };
+        match sent {
             Ok(resp) => {
                 let sent = Sent {
                     route,

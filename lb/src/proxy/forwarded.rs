@@ -5,6 +5,7 @@
 use bytes::{BufMut, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+use super::peer::Peer;
 use crate::upstream::HeadFields;
 
 pub(super) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -19,18 +20,20 @@ const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 /// trusted proxy, `Forwarded` and `X-Real-IP` do not pass either: a client must not name its
 /// own address to the backend. An HTTP/1.1 head gets them as it is encoded, with no insert into the
 /// request's header map; an HTTP/2 request gets them through `apply`.
+///
+/// The peer is held by reference (its address rendered once per connection, whether it came
+/// over TLS, whether it is a trusted proxy): this value lives in every request's future.
 pub struct Forwarded<'a> {
-    /// The client's address, rendered once per connection.
-    pub client_ip: &'a HeaderValue,
-    pub tls: bool,
-    /// The peer is a trusted proxy: the client's forwarding fields are believed.
-    pub trusted: bool,
+    pub peer: &'a Peer,
     pub request_id: &'a HeaderValue,
+    /// The client's `Host`, when the request's was rewritten for its backend: what
+    /// `X-Forwarded-Host` says.
+    pub client_host: Option<&'a HeaderValue>,
 }
 
 impl Forwarded<'_> {
     pub fn proto(&self) -> &'static str {
-        if self.tls {
+        if self.peer.tls {
             "https"
         } else {
             "http"
@@ -42,7 +45,7 @@ impl Forwarded<'_> {
         *name == X_FORWARDED_PROTO
             || *name == X_FORWARDED_HOST
             || *name == X_REQUEST_ID
-            || (!self.trusted && (*name == header::FORWARDED || *name == X_REAL_IP))
+            || (!self.peer.trusted && (*name == header::FORWARDED || *name == X_REAL_IP))
     }
 }
 
@@ -54,7 +57,7 @@ impl HeadFields for Forwarded<'_> {
         let (mut xff_open, mut xff_done) = (false, false);
         for (name, value) in headers {
             if *name == X_FORWARDED_FOR {
-                if self.trusted && value.to_str().is_ok() {
+                if self.peer.trusted && value.to_str().is_ok() {
                     b.put_slice(if xff_open {
                         b", "
                     } else {
@@ -85,13 +88,13 @@ impl HeadFields for Forwarded<'_> {
             close_xff(b, self);
         } else if !xff_done {
             b.put_slice(b"x-forwarded-for: ");
-            b.put_slice(self.client_ip.as_bytes());
+            b.put_slice(self.peer.ip.as_bytes());
             b.put_slice(b"\r\n");
         }
         b.put_slice(b"x-forwarded-proto: ");
         b.put_slice(self.proto().as_bytes());
         // An empty Host (a request with no authority) names nothing to forward.
-        if let Some(host) = host.filter(|h| !h.is_empty()) {
+        if let Some(host) = self.client_host.or(host).filter(|h| !h.is_empty()) {
             b.put_slice(b"\r\nx-forwarded-host: ");
             b.put_slice(host.as_bytes());
         }
@@ -101,7 +104,7 @@ impl HeadFields for Forwarded<'_> {
     }
 
     fn apply(&self, headers: &mut HeaderMap) {
-        let prev: Vec<&str> = match self.trusted {
+        let prev: Vec<&str> = match self.peer.trusted {
             true => headers
                 .get_all(X_FORWARDED_FOR)
                 .iter()
@@ -110,20 +113,21 @@ impl HeadFields for Forwarded<'_> {
             false => Vec::new(),
         };
         let xff = if prev.is_empty() {
-            self.client_ip.clone()
+            self.peer.ip.clone()
         } else {
-            let ip = self.client_ip.to_str().expect("built from an IP address");
+            let ip = self.peer.ip.to_str().expect("built from an IP address");
             HeaderValue::from_str(&format!("{}, {ip}", prev.join(", ")))
-                .unwrap_or_else(|_| self.client_ip.clone())
+                .unwrap_or_else(|_| self.peer.ip.clone())
         };
         headers.insert(X_FORWARDED_FOR, xff);
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(self.proto()));
-        match headers.get(header::HOST).filter(|h| !h.is_empty()).cloned() {
+        let host = self.client_host.or(headers.get(header::HOST));
+        match host.filter(|h| !h.is_empty()).cloned() {
             Some(host) => headers.insert(X_FORWARDED_HOST, host),
             None => headers.remove(X_FORWARDED_HOST),
         };
         headers.insert(X_REQUEST_ID, self.request_id.clone());
-        if !self.trusted {
+        if !self.peer.trusted {
             headers.remove(header::FORWARDED);
             headers.remove(X_REAL_IP);
         }
@@ -132,7 +136,7 @@ impl HeadFields for Forwarded<'_> {
 
 fn close_xff(b: &mut BytesMut, fwd: &Forwarded<'_>) {
     b.put_slice(b", ");
-    b.put_slice(fwd.client_ip.as_bytes());
+    b.put_slice(fwd.peer.ip.as_bytes());
     b.put_slice(b"\r\n");
 }
 
@@ -140,16 +144,16 @@ fn close_xff(b: &mut BytesMut, fwd: &Forwarded<'_>) {
 mod tests {
     use super::*;
     use crate::proxy::headers::strip_request_hop_by_hop;
-    use crate::proxy::{Drain, Peer};
+    use crate::proxy::Drain;
     use tokio::sync::{mpsc, watch};
 
-    fn test_peer(tls: bool) -> Peer {
+    fn test_peer(tls: bool, trusted: bool) -> Peer {
         let (alive, _) = mpsc::channel(1);
         let (_, close) = watch::channel(false);
         Peer::new(
             "127.0.0.2:5555".parse().unwrap(),
             tls,
-            true,
+            trusted,
             Drain { alive, close },
             None,
         )
@@ -171,13 +175,12 @@ mod tests {
         headers.insert(X_REQUEST_ID, HeaderValue::from_static("from-client"));
         headers.insert("x-kept", HeaderValue::from_static("yes"));
         strip_request_hop_by_hop(&mut headers);
-        let peer = test_peer(false);
+        let peer = test_peer(false, true);
         let id = HeaderValue::from_static("abc");
         let fwd = Forwarded {
-            client_ip: &peer.ip,
-            tls: peer.tls,
-            trusted: peer.trusted,
+            peer: &peer,
             request_id: &id,
+            client_host: None,
         };
         fwd.apply(&mut headers);
         for gone in ["connection", "x-secret", "keep-alive", "te"] {
@@ -193,7 +196,11 @@ mod tests {
         grpc.insert(header::TE, HeaderValue::from_static("gzip, trailers"));
         strip_request_hop_by_hop(&mut grpc);
         assert_eq!(grpc["te"], "trailers", "gRPC's TE: trailers passes");
-        let fwd = Forwarded { tls: true, ..fwd };
+        let tls_peer = test_peer(true, true);
+        let fwd = Forwarded {
+            peer: &tls_peer,
+            ..fwd
+        };
         fwd.apply(&mut grpc);
         assert_eq!(grpc["x-forwarded-proto"], "https");
         assert!(!grpc.contains_key("x-forwarded-host"));
@@ -211,7 +218,6 @@ mod tests {
 
     #[test]
     fn both_renderings_agree() {
-        let peer = test_peer(false);
         let id = HeaderValue::from_static("req-1");
         let cases: &[&[(&str, &str)]] = &[
             &[],
@@ -238,12 +244,17 @@ mod tests {
                 ("accept", "*/*"),
             ],
         ];
-        for (tls, trusted) in [(false, false), (false, true), (true, false), (true, true)] {
+        let rewritten = HeaderValue::from_static("client.example");
+        let combos = [(false, false), (false, true), (true, false), (true, true)];
+        for ((tls, trusted), client_host) in combos
+            .into_iter()
+            .flat_map(|c| [(c, None), (c, Some(&rewritten))])
+        {
+            let peer = test_peer(tls, trusted);
             let fwd = Forwarded {
-                client_ip: &peer.ip,
-                tls,
-                trusted,
+                peer: &peer,
                 request_id: &id,
+                client_host,
             };
             for case in cases {
                 let mut headers = HeaderMap::new();
@@ -277,6 +288,9 @@ mod tests {
                         pairs(&h2),
                         "{case:?}, tls {tls}, trusted {trusted}"
                     );
+                    if client_host.is_some() {
+                        assert_eq!(h2.get(X_FORWARDED_HOST), client_host, "{case:?}");
+                    }
                 }
             }
         }
@@ -284,13 +298,12 @@ mod tests {
 
     #[test]
     fn untrusted_peers_cannot_name_their_own_address() {
-        let peer = test_peer(false);
+        let peer = test_peer(false, false);
         let id = HeaderValue::from_static("abc");
         let fwd = Forwarded {
-            client_ip: &peer.ip,
-            tls: false,
-            trusted: false,
+            peer: &peer,
             request_id: &id,
+            client_host: None,
         };
         let mut headers = HeaderMap::new();
         headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("198.51.100.1"));

@@ -11,6 +11,7 @@ mod headers;
 mod local;
 mod path;
 mod peer;
+mod rewrite;
 mod upgrade;
 
 use std::borrow::Cow;

@@ -6,6 +6,7 @@
 
 mod build;
 mod pick;
+mod rewrite;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::AtomicUsize;
@@ -19,6 +20,7 @@ use crate::upstream::Backend;
 
 pub use build::BuildCache;
 pub use pick::Tried;
+pub use rewrite::{Edits, Rewrite};
 
 /// One backend of a route as discovery sees it. Shared strings: a spec is assembled from
 /// every service's parsed instances on each change, so copies must be cheap.
@@ -34,6 +36,9 @@ pub struct BackendSpec {
     pub held: bool,
     /// Upgrade protocols this instance accepts beyond the lb's list (tag `upgrade`).
     pub upgrades: Arc<[String]>,
+    /// How requests to this instance and its responses change on the way (tags `strip`,
+    /// `prepend`, `host`, `request.*`, `response.*`); `None` for most, at no cost.
+    pub rewrite: Option<Arc<Rewrite>>,
 }
 
 /// The whole desired routing, as plain data: comparing two specs tells whether a rebuild would
@@ -131,6 +136,7 @@ mod tests {
                             redirect_https: false,
                             held: false,
                             upgrades: Arc::new([]),
+                            rewrite: None,
                         })
                         .collect(),
                 )

@@ -131,7 +131,8 @@ async fn send_h2(
     }
 }
 
-fn clone_parts(p: &http::request::Parts) -> http::request::Parts {
+/// A request head without its extensions (which a forwarded request has none of).
+pub fn clone_parts(p: &http::request::Parts) -> http::request::Parts {
     let (mut parts, ()) = Request::new(()).into_parts();
     parts.method = p.method.clone();
     parts.uri = p.uri.clone();

@@ -6,6 +6,7 @@ mod discovery;
 mod hostile;
 mod keepalive;
 mod resilience;
+mod rewrite;
 mod support;
 mod tls;
 mod upgrades;

@@ -227,8 +227,32 @@ async fn unlabelled_and_badly_labelled_containers_are_skipped_and_the_rest_regis
         ("switchyard.port", "http"),
     ];
     let bad = Container::run(&s, "bad", &bad_labels, &[], &["--no-healthcheck"]);
-    let _good = Container::run(&s, "good", WEB, &[], &["--no-healthcheck"]);
+    let bad_lb = [
+        ("switchyard.enable", "true"),
+        ("switchyard.service", "bad-lb"),
+        ("switchyard.lb.strip", "maybe"),
+    ];
+    let _bad_lb = Container::run(&s, "bad-lb", &bad_lb, &[], &["--no-healthcheck"]);
+    // An lb setting becomes one tag, whole, commas and all.
+    let cache = (
+        "switchyard.lb.response.set.cache-control",
+        "private, max-age=0",
+    );
+    let good_labels = [WEB, &[cache]].concat();
+    let _good = Container::run(&s, "good", &good_labels, &[], &["--no-healthcheck"]);
     wait_passing(&consul, "web", 1).await;
+    let entries = consul
+        .client
+        .health_service("web", false, &Default::default())
+        .await
+        .unwrap()
+        .value;
+    let tags = &entries[0].service.tags;
+    assert!(
+        tags.iter()
+            .any(|t| t == "lb.response.set.cache-control=private, max-age=0"),
+        "{tags:?}"
+    );
     eventually(
         "the bad label to be counted",
         Duration::from_secs(10),
@@ -239,7 +263,21 @@ async fn unlabelled_and_badly_labelled_containers_are_skipped_and_the_rest_regis
         },
     )
     .await;
+    eventually(
+        "the bad lb setting to be counted",
+        Duration::from_secs(10),
+        || async {
+            reg.metric(
+                "registrar_label_errors_total",
+                Some(("kind", "bad_lb_setting")),
+            )
+            .await
+                == 1.0
+        },
+    )
+    .await;
     assert!(instances(&consul, "bad").await.is_empty());
+    assert!(instances(&consul, "bad-lb").await.is_empty());
     assert!(instances(&consul, "plain").await.is_empty());
     let log = reg.log();
     assert!(

@@ -119,7 +119,33 @@ async fn backend_answer(
         return r;
     }
     served.fetch_add(1, Ordering::SeqCst);
-    let body = if path == "/headers" {
+    // What the backend saw, for tests of rewriting.
+    let seen = match req.uri().query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.clone(),
+    };
+    if path.ends_with("/redirect") {
+        // `?to=LOCATION&cookie=PATH`: a redirect that sets a cookie.
+        let arg = |k: &str| {
+            query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix(k)?.strip_prefix('='))
+                .unwrap_or("/")
+                .to_string()
+        };
+        return Response::builder()
+            .status(StatusCode::FOUND)
+            .header("location", arg("to"))
+            .header(
+                "set-cookie",
+                format!("sid=1; Path={}; HttpOnly", arg("cookie")),
+            )
+            .header("x-seen", seen)
+            .header("x-backend", name)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+    }
+    let body = if path.ends_with("/headers") {
         let mut s = String::new();
         for (k, v) in req.headers() {
             s.push_str(&format!("{}: {}\n", k, v.to_str().unwrap_or("?")));
@@ -154,6 +180,9 @@ async fn backend_answer(
     };
     let mut r = Response::new(Full::new(Bytes::from(body)));
     r.headers_mut().insert("x-backend", name.parse().unwrap());
+    if let Ok(v) = seen.parse() {
+        r.headers_mut().insert("x-seen", v);
+    }
     r
 }
 
