@@ -13,6 +13,9 @@
 //!   the lb's own list, e.g. `P.upgrade=mqtt`. `h2c` is never accepted: an h2c upgrade would
 //!   carry requests past the lb's per-request policy.
 //!
+//! - `P.sticky=lb-cookie[:NAME]|cookie:NAME|header:NAME`: session affinity on this instance's
+//!   routes, by a cookie the lb issues (default name `sy-affinity`), an existing cookie, or a
+//!   header. Instances of a route should agree; when they differ the smallest setting wins.
 //! - Rewriting of the request and the response: `P.strip`, `P.prepend`, `P.host`,
 //!   `P.request.*`, `P.response.*`, `P.rewrite.*` ([`rewrite`]).
 //!
@@ -82,6 +85,32 @@ pub struct InstanceRouting {
     pub upgrades: Vec<String>,
     /// How requests to this instance and its responses are changed on the way.
     pub rewrite: Rewrite,
+    pub sticky: Option<Sticky>,
+}
+
+/// The cookie name the lb issues by default for `P.sticky=lb-cookie`.
+pub const DEFAULT_AFFINITY_COOKIE: &str = "sy-affinity";
+
+/// What a sticky route keys its requests on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Sticky {
+    /// A cookie of this name, issued by the lb to clients that have none.
+    LbCookie(String),
+    /// An existing cookie of the application's (a session ID); requests without it are
+    /// balanced as on any route.
+    Cookie(String),
+    /// A request header field (lower case); requests without it are balanced as on any route.
+    Header(String),
+}
+
+impl fmt::Display for Sticky {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Sticky::LbCookie(n) => write!(f, "lb-cookie:{n}"),
+            Sticky::Cookie(n) => write!(f, "cookie:{n}"),
+            Sticky::Header(n) => write!(f, "header:{n}"),
+        }
+    }
 }
 
 /// One tag of ours that could not be understood.
@@ -102,12 +131,13 @@ pub enum TagErrorKind {
     BadUpgrade,
     BadRewrite,
     BadHeader,
+    BadSticky,
     UnknownKey,
 }
 
 impl TagErrorKind {
     /// A bounded metric label.
-    pub const ALL: [TagErrorKind; 9] = [
+    pub const ALL: [TagErrorKind; 10] = [
         TagErrorKind::BadRoute,
         TagErrorKind::BadWeight,
         TagErrorKind::BadEnable,
@@ -116,6 +146,7 @@ impl TagErrorKind {
         TagErrorKind::BadUpgrade,
         TagErrorKind::BadRewrite,
         TagErrorKind::BadHeader,
+        TagErrorKind::BadSticky,
         TagErrorKind::UnknownKey,
     ];
 
@@ -129,6 +160,7 @@ impl TagErrorKind {
             TagErrorKind::BadUpgrade => "bad_upgrade",
             TagErrorKind::BadRewrite => "bad_rewrite",
             TagErrorKind::BadHeader => "bad_header",
+            TagErrorKind::BadSticky => "bad_sticky",
             TagErrorKind::UnknownKey => "unknown_key",
         }
     }
@@ -154,6 +186,7 @@ pub fn parse_tags<'a>(
         redirect_https: false,
         upgrades: Vec::new(),
         rewrite: Rewrite::default(),
+        sticky: None,
     };
     let mut errors = Vec::new();
     for tag in tags {
@@ -207,6 +240,10 @@ pub fn parse_tags<'a>(
                 }
                 Err(detail) => errors.push(err(TagErrorKind::BadUpgrade, detail)),
             },
+            "sticky" => match parse_sticky(value) {
+                Ok(s) => routing.sticky = Some(s),
+                Err(detail) => errors.push(err(TagErrorKind::BadSticky, detail)),
+            },
             key if rewrite::is_rewrite_key(key) => {
                 if let Err(detail) = rewrite::apply_tag(&mut routing.rewrite, key, value) {
                     let kind = if rewrite::is_header_key(key) {
@@ -219,11 +256,26 @@ pub fn parse_tags<'a>(
             }
             _ => errors.push(err(
                 TagErrorKind::UnknownKey,
-                "unknown key (expected route, weight, enable, proto, redirect, upgrade, strip, prepend, host, request.*, response.* or rewrite.*)",
+                "unknown key (expected route, weight, enable, proto, redirect, upgrade, sticky, strip, prepend, host, request.*, response.* or rewrite.*)",
             )),
         }
     }
     (routing, errors)
+}
+
+/// `lb-cookie[:NAME]`, `cookie:NAME` or `header:NAME`. Cookie names are RFC 6265 tokens;
+/// header names tokens, lower-cased.
+fn parse_sticky(value: &str) -> Result<Sticky, &'static str> {
+    const BAD: &str = "sticky must be lb-cookie[:NAME], cookie:NAME or header:NAME (NAME a token)";
+    let (kind, name) = value.split_once(':').unwrap_or((value, ""));
+    let token = |n: &str| !n.is_empty() && n.len() <= 64 && n.bytes().all(is_tchar);
+    match kind {
+        "lb-cookie" if name.is_empty() => Ok(Sticky::LbCookie(DEFAULT_AFFINITY_COOKIE.into())),
+        "lb-cookie" if token(name) => Ok(Sticky::LbCookie(name.into())),
+        "cookie" if token(name) => Ok(Sticky::Cookie(name.into())),
+        "header" if token(name) => Ok(Sticky::Header(name.to_ascii_lowercase())),
+        _ => Err(BAD),
+    }
 }
 
 /// Parses the value of a route tag: `[HOST][/PATH]`.
@@ -410,6 +462,29 @@ mod tests {
             let (r, errs) = parse_tags("lb", [format!("lb.upgrade={bad}").as_str()]);
             assert!(r.upgrades.is_empty(), "{bad:?}");
             assert_eq!(errs[0].kind, TagErrorKind::BadUpgrade, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn sticky() {
+        let cases = [
+            (
+                "lb-cookie",
+                Sticky::LbCookie(DEFAULT_AFFINITY_COOKIE.into()),
+            ),
+            ("lb-cookie:route", Sticky::LbCookie("route".into())),
+            ("cookie:JSESSIONID", Sticky::Cookie("JSESSIONID".into())),
+            ("header:X-User", Sticky::Header("x-user".into())),
+        ];
+        for (v, want) in cases {
+            let (r, errs) = parse_tags("lb", [format!("lb.sticky={v}").as_str()]);
+            assert!(errs.is_empty(), "{v}");
+            assert_eq!(r.sticky, Some(want));
+        }
+        for bad in ["", "cookie", "cookie:", "header:a b", "ip", "lb-cookie:a;b"] {
+            let (r, errs) = parse_tags("lb", [format!("lb.sticky={bad}").as_str()]);
+            assert_eq!(r.sticky, None, "{bad}");
+            assert_eq!(errs[0].kind, TagErrorKind::BadSticky, "{bad}");
         }
     }
 

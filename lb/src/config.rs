@@ -114,6 +114,11 @@ pub const SETTINGS: &[Setting] = &[
         "p2c",
         "p2c (least in-flight of two, weighted) | round_robin | weighted",
     ),
+    (
+        "LB_AFFINITY_BALANCE",
+        "1.25",
+        "on sticky routes (tag sticky), no backend takes more than this times its share of the route's requests in flight: a hot session key spills to the next backend on the ring (1.0 to 10)",
+    ),
     ("LB_CONNECT_TIMEOUT", "2s", "upstream TCP connect timeout"),
     (
         "LB_UPSTREAM_USER_TIMEOUT",
@@ -322,6 +327,8 @@ pub struct Config {
     pub snapshot_file: Option<std::path::PathBuf>,
     pub tag_prefix: String,
     pub balance: Balance,
+    /// The bound of consistent hashing with bounded loads, in thousandths (1,250 for 1.25).
+    pub affinity_balance_permille: u64,
     pub connect_timeout: Duration,
     /// TCP_USER_TIMEOUT on upstream connections; zero leaves the kernel's.
     pub upstream_user_timeout: Duration,
@@ -443,6 +450,16 @@ impl Config {
                     _ => None,
                 },
                 "p2c, round_robin or weighted",
+            ),
+            affinity_balance_permille: p.get(
+                "LB_AFFINITY_BALANCE",
+                |s| {
+                    let f: f64 = s.parse().ok()?;
+                    (1.0..=10.0)
+                        .contains(&f)
+                        .then(|| (f * 1000.0).round() as u64)
+                },
+                "a factor from 1.0 to 10, like 1.25",
             ),
             connect_timeout: p.get(
                 "LB_CONNECT_TIMEOUT",

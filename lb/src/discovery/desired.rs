@@ -121,6 +121,7 @@ impl DesiredTable {
                         routing.upgrades.into()
                     },
                     rewrite: Rewrite::compile(&routing.rewrite).map(Arc::new),
+                    sticky: routing.sticky.clone().map(Arc::new),
                 });
             for key in routing.routes {
                 part.push((key, backend.clone()));

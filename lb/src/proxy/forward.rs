@@ -9,6 +9,7 @@ use http::header::{self, HeaderValue};
 use http::{Method, Response, StatusCode, Version};
 use hyper::body::Incoming;
 
+use super::affinity::{self, set_cookie, Affinity};
 use super::body::{InFlight, ProxyBody, ResponseGuard};
 use super::forwarded::{Forwarded, X_REQUEST_ID};
 use super::headers::{strip_hop_by_hop, to_http1_form, to_http2_form};
@@ -23,6 +24,7 @@ use crate::upstream::{
     Backend, BodyError, ConnectError, SendError, Sender, Upstream, UpstreamBody,
 };
 use crate::Shared;
+use switchyard_consul::tags::Sticky;
 
 /// Pooled connections found closed at send time, retried without spending a retry: nothing
 /// reached a backend. Bounded in case every pooled connection of a backend went stale at once.
@@ -40,7 +42,7 @@ pub(super) async fn forward(
     let cfg = &shared.config;
     let start = Instant::now();
     let mut attempts = Attempts::new(&parts, body, cfg);
-    while let Some(i) = route.pick(cfg.balance, &attempts.tried) {
+    while let Some(i) = pick(route, cfg, &parts, &request_id, &attempts.tried) {
         attempts.tried.push(i);
         let rb = &route.backends[i];
         let backend = &rb.backend;
@@ -121,7 +123,12 @@ pub(super) async fn forward(
                     start,
                     in_flight,
                 };
-                return respond(shared, sent, resp, upgrade, request_id);
+                let issue = affinity_of(route, &parts, &request_id).filter(|a| a.issued);
+                let mut resp = respond(shared, sent, resp, upgrade, request_id);
+                if let Some(a) = issue {
+                    issue_cookie(route, a, peer.tls, resp.headers_mut());
+                }
+                return resp;
             }
             Err(e) => {
                 drop(in_flight);
@@ -236,6 +243,40 @@ impl Attempts {
             return true;
         }
         false
+    }
+}
+
+/// A sticky route's session key for this request (see `affinity::of`).
+fn affinity_of(
+    route: &Route,
+    parts: &http::request::Parts,
+    request_id: &HeaderValue,
+) -> Option<Affinity> {
+    let sticky = route.sticky.as_ref()?;
+    affinity::of(sticky, &parts.headers, request_id)
+}
+
+/// The next backend to try: on the ring for a request with a session key, else by the
+/// balancing algorithm.
+fn pick(
+    route: &Route,
+    cfg: &Config,
+    parts: &http::request::Parts,
+    request_id: &HeaderValue,
+    tried: &Tried,
+) -> Option<usize> {
+    match affinity_of(route, parts, request_id) {
+        Some(a) => route.pick_affine(a.key, tried, cfg.affinity_balance_permille),
+        None => route.pick(cfg.balance, tried),
+    }
+}
+
+/// The lb's affinity cookie for a client that had none, on the route's path.
+fn issue_cookie(route: &Route, a: Affinity, tls: bool, headers: &mut http::HeaderMap) {
+    if let Some(Sticky::LbCookie(name)) = &route.sticky {
+        if let Some(c) = set_cookie(name, a.key, &route.key.prefix, tls) {
+            headers.append(header::SET_COOKIE, c);
+        }
     }
 }
 

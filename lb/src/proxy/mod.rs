@@ -4,6 +4,7 @@
 //! It reads the table through one `ArcSwap` load and takes no lock. Errors become responses
 //! (404, 502, 503, 504) counted under a reason; nothing here panics on client input.
 
+mod affinity;
 mod body;
 mod forward;
 mod forwarded;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use switchyard_consul::tags::{RouteKey, UpstreamProto};
 
-use super::{BackendSpec, Route, RouteBackend, RoutingTable, TableSpec};
+use super::{affinity, BackendSpec, Route, RouteBackend, RoutingTable, TableSpec};
 use crate::metrics::{BackendState, Label, LocalReason, Metrics, StatusClass};
 use crate::upstream::Backend;
 
@@ -202,6 +202,15 @@ fn build_route(
             })
             .collect()
     };
+    let sticky = specs
+        .iter()
+        .filter_map(|s| s.sticky.as_deref())
+        .min()
+        .cloned();
+    let ring = match sticky {
+        Some(_) => affinity::ring(rbs.iter().map(|b| (&*b.spec.addr, b.weight))),
+        None => Box::new([]),
+    };
     Route {
         key: key.clone(),
         name,
@@ -212,6 +221,8 @@ fn build_route(
         latency,
         redirect_https: specs.iter().any(|s| s.redirect_https),
         upgrades: common_upgrades(specs),
+        sticky,
+        ring,
     }
 }
 

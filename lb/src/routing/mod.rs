@@ -4,6 +4,7 @@
 //! A table is built whole from a `TableSpec` (what Consul says) and published by one
 //! `ArcSwap::store`; it knows nothing about Consul or hyper servers.
 
+mod affinity;
 mod build;
 mod pick;
 mod rewrite;
@@ -13,11 +14,12 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, OnceLock};
 
 use prometheus::{Histogram, IntCounter};
-use switchyard_consul::tags::{path_matches, RouteKey, UpstreamProto};
+use switchyard_consul::tags::{path_matches, RouteKey, Sticky, UpstreamProto};
 
 use crate::metrics::{Label, Metrics, StatusClass};
 use crate::upstream::Backend;
 
+pub use affinity::hash as affinity_hash;
 pub use build::BuildCache;
 pub use pick::Tried;
 pub use rewrite::{Edits, Rewrite};
@@ -39,6 +41,8 @@ pub struct BackendSpec {
     /// How requests to this instance and its responses change on the way (tags `strip`,
     /// `prepend`, `host`, `request.*`, `response.*`); `None` for most, at no cost.
     pub rewrite: Option<Arc<Rewrite>>,
+    /// Session affinity asked by this instance's tags (tag `sticky`).
+    pub sticky: Option<Arc<Sticky>>,
 }
 
 /// The whole desired routing, as plain data: comparing two specs tells whether a rebuild would
@@ -82,6 +86,10 @@ pub struct Route {
     /// Upgrade protocols that every backend of the route accepts beyond the lb's list: a
     /// switch must not reach an instance that did not ask for it, whichever one is picked.
     pub upgrades: Box<[String]>,
+    /// Session affinity: what requests are keyed on (the smallest setting among the
+    /// backends that ask, so every lb agrees), and the ring the keys are placed on.
+    pub sticky: Option<Sticky>,
+    ring: affinity::Ring,
 }
 
 pub struct RoutingTable {
@@ -137,6 +145,7 @@ mod tests {
                             held: false,
                             upgrades: Arc::new([]),
                             rewrite: None,
+                            sticky: None,
                         })
                         .collect(),
                 )
@@ -213,19 +222,7 @@ mod tests {
     fn ejected_and_tried_backends_are_skipped_but_never_all() {
         let (t, _, _) = table(&[("/", &[("a:1", 1), ("b:1", 1), ("c:1", 1)])]);
         let r = t.lookup("h", "/").unwrap();
-        let s = crate::upstream::BackendSettings {
-            send: crate::upstream::Timeouts {
-                response: std::time::Duration::from_secs(1),
-                client_body: std::time::Duration::from_secs(1),
-            },
-            connect_timeout: std::time::Duration::from_secs(1),
-            user_timeout: std::time::Duration::from_secs(5),
-            idle_timeout: std::time::Duration::from_secs(1),
-            max_idle: 1,
-            eject_failures: 1,
-            eject_base: std::time::Duration::from_secs(60),
-            eject_max: std::time::Duration::from_secs(60),
-        };
+        let s = crate::upstream::BackendSettings::for_tests();
         assert!(r.backends[0].backend.record_failure(&s));
         for balance in [Balance::P2c, Balance::RoundRobin, Balance::Weighted] {
             assert_eq!(counts(r, balance, 300)[0], 0, "{balance:?}");

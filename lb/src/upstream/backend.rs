@@ -86,6 +86,27 @@ pub struct BackendSettings {
     pub eject_max: Duration,
 }
 
+#[cfg(test)]
+impl BackendSettings {
+    /// One failure ejects, for a minute.
+    pub fn for_tests() -> BackendSettings {
+        let s = Duration::from_secs(1);
+        BackendSettings {
+            send: super::Timeouts {
+                response: s,
+                client_body: s,
+            },
+            connect_timeout: s,
+            user_timeout: Duration::from_secs(5),
+            idle_timeout: s,
+            max_idle: 1,
+            eject_failures: 1,
+            eject_base: Duration::from_secs(60),
+            eject_max: Duration::from_secs(60),
+        }
+    }
+}
+
 pub struct Backend {
     /// `host:port`, also the metric label and the pool key.
     pub addr: String,

@@ -7,6 +7,7 @@ mod hostile;
 mod keepalive;
 mod resilience;
 mod rewrite;
+mod sticky;
 mod support;
 mod tls;
 mod upgrades;

@@ -1,0 +1,226 @@
+//! Session affinity: consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam,
+//! "Consistent Hashing with Bounded Loads", SODA 2018).
+//!
+//! Each backend owns points on a ring of 64-bit hashes, as many as its weight asks; a
+//! request's key goes to the first backend clockwise from the key's hash. Adding a fourth
+//! backend to three takes over about a quarter of the ring, so about a quarter of the sessions
+//! move, and removing or ejecting one moves only its own. The bound: a backend whose
+//! requests in flight would pass `factor` times its weight's share of the route's (this one
+//! included) is passed over for the next on the ring, so no key, however hot, loads one
+//! backend past that while others have room.
+//!
+//! Hashes are computed the same way by every lb process (FNV-1a, then a 64-bit finaliser), so
+//! replicas agree on where a key goes without talking to each other.
+
+use super::Route;
+
+/// Ring points of a backend at the default weight (100); a weight of 1000 has ten times as
+/// many. With 160 per backend, three backends' shares are within a few percent of a third.
+const POINTS_PER_100: u32 = 160;
+
+/// The ring of a sticky route: `(point, backend index)`, sorted by point.
+pub type Ring = Box<[(u64, u32)]>;
+
+/// A 64-bit hash that every lb computes alike: FNV-1a over the bytes, then the finaliser of
+/// MurmurHash3 so that nearby inputs spread over the whole ring.
+pub fn hash(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    mix(h)
+}
+
+fn mix(mut h: u64) -> u64 {
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+/// The ring over backends identified by their addresses, with their weights.
+pub fn ring<'a>(backends: impl Iterator<Item = (&'a str, u32)>) -> Ring {
+    let mut points = Vec::new();
+    for (i, (addr, weight)) in backends.enumerate() {
+        let base = hash(addr.as_bytes());
+        let n = (u64::from(POINTS_PER_100) * u64::from(weight.max(1)) / 100).max(1);
+        for k in 0..n {
+            points.push((mix(base ^ k.wrapping_mul(0x9e37_79b9_7f4a_7c15)), i as u32));
+        }
+    }
+    points.sort_unstable();
+    points.into_boxed_slice()
+}
+
+impl Route {
+    /// The backend for a request keyed `key`, not yet tried: the first on the ring from the
+    /// key's point that is not ejected and under its bound; else the first not ejected; else
+    /// the first not tried (ejection never takes a route's last backends out of service).
+    /// `factor_permille`: the bound's factor, 1,250 for 1.25.
+    pub fn pick_affine(
+        &self,
+        key: u64,
+        tried: &super::Tried,
+        factor_permille: u64,
+    ) -> Option<usize> {
+        let ring = &self.ring;
+        if ring.is_empty() {
+            return None;
+        }
+        let now = crate::time::now_ms();
+        let (mut load, mut weight) = (0u64, 0u64);
+        for rb in self.backends.iter() {
+            if !rb.backend.is_ejected(now) {
+                load += rb.backend.in_flight() as u64;
+                weight += u64::from(rb.weight);
+            }
+        }
+        let start = ring.partition_point(|&(p, _)| p < key);
+        let at = |step: usize| ring[(start + step) % ring.len()].1 as usize;
+        let usable = |i: usize| !tried.contains(i) && !self.backends[i].backend.is_ejected(now);
+        // In flight < factor x (load + 1) x weight share, in integers.
+        let under_bound = |i: usize| {
+            let rb = &self.backends[i];
+            (rb.backend.in_flight() as u64) * 1000 * weight
+                < factor_permille * (load + 1) * u64::from(rb.weight)
+        };
+        (0..ring.len())
+            .map(at)
+            .find(|&i| usable(i) && under_bound(i))
+            .or_else(|| (0..ring.len()).map(at).find(|&i| usable(i)))
+            .or_else(|| (0..ring.len()).map(at).find(|&i| !tried.contains(i)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use switchyard_consul::tags::{parse_route, Sticky};
+
+    use super::super::{BackendSpec, BuildCache, RoutingTable, TableSpec, Tried};
+    use super::*;
+    use crate::metrics::Metrics;
+
+    const SESSIONS: u64 = 10_000;
+
+    fn table(addrs: &[&str]) -> RoutingTable {
+        let backends = addrs
+            .iter()
+            .map(|a| BackendSpec {
+                addr: (*a).into(),
+                weight: 100,
+                service: "web".into(),
+                instance_id: (*a).into(),
+                proto: Default::default(),
+                redirect_https: false,
+                held: false,
+                upgrades: Arc::new([]),
+                rewrite: None,
+                sticky: Some(Arc::new(Sticky::LbCookie("s".into()))),
+            })
+            .collect();
+        let spec: TableSpec = [(parse_route("/").unwrap(), backends)].into();
+        let mut cache = BuildCache::default();
+        RoutingTable::build::<()>(&spec, None, 1, &mut cache, &Metrics::new(), 4)
+    }
+
+    /// Where each of the sessions goes, by backend address.
+    fn place(t: &RoutingTable, factor: u64) -> Vec<String> {
+        let r = &t.routes[0];
+        (0..SESSIONS)
+            .map(|s| {
+                let i = r
+                    .pick_affine(hash(&s.to_le_bytes()), &Tried::default(), factor)
+                    .unwrap();
+                r.backends[i].spec.addr.to_string()
+            })
+            .collect()
+    }
+
+    fn moved(a: &[String], b: &[String]) -> f64 {
+        a.iter().zip(b).filter(|(x, y)| x != y).count() as f64 / SESSIONS as f64
+    }
+
+    /// Scaling 3 -> 4 moves about a quarter of the sessions (all to the new backend), 4 -> 3
+    /// and an ejection move only the leaving backend's own. Printed for BENCHMARKS.md.
+    #[test]
+    fn sessions_move_as_little_as_consistent_hashing_allows() {
+        let three = table(&["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]);
+        let four = table(&["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80", "10.0.0.4:80"]);
+        let (p3, p4) = (place(&three, 1250), place(&four, 1250));
+        let up = moved(&p3, &p4);
+        assert!(p3
+            .iter()
+            .zip(&p4)
+            .all(|(a, b)| a == b || b == "10.0.0.4:80"));
+        let own = p4.iter().filter(|a| *a == "10.0.0.4:80").count() as f64 / SESSIONS as f64;
+        let down = moved(&p4, &p3);
+        // Ejecting the fourth: only its own sessions go elsewhere.
+        let s = crate::upstream::BackendSettings::for_tests();
+        assert!(four.routes[0].backends[3].backend.record_failure(&s));
+        let ejected = place(&four, 1250);
+        let eject = moved(&p4, &ejected);
+        assert!(p4
+            .iter()
+            .zip(&ejected)
+            .all(|(a, b)| a == b || a == "10.0.0.4:80"));
+        println!(
+            "sessions moved: 3->4 {up:.4}, 4->3 {down:.4}, one ejection {eject:.4} \
+             (the fourth backend's own share: {own:.4})"
+        );
+        for f in [up, down, eject] {
+            assert!((0.18..=0.32).contains(&f), "{f}");
+        }
+        assert_eq!(down, own);
+        assert_eq!(eject, own);
+    }
+
+    /// Under a skewed key distribution (Zipf, s = 1.1, over 1,000 keys; 10,000 requests held
+    /// in flight), the bound keeps every backend within its factor of the average.
+    #[test]
+    fn a_hot_key_spills_past_the_bound() {
+        let addrs = ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80", "10.0.0.4:80"];
+        let keys = 1_000usize;
+        let weights: Vec<f64> = (1..=keys).map(|k| 1.0 / (k as f64).powf(1.1)).collect();
+        let total: f64 = weights.iter().sum();
+        let mut rng = fastrand::Rng::with_seed(7);
+        let draws: Vec<usize> = (0..SESSIONS)
+            .map(|_| {
+                let mut x = rng.f64() * total;
+                weights
+                    .iter()
+                    .position(|w| {
+                        x -= w;
+                        x <= 0.0
+                    })
+                    .unwrap_or(keys - 1)
+            })
+            .collect();
+        let mut report = Vec::new();
+        for factor in [1250, 10_000] {
+            let t = table(&addrs);
+            let r = &t.routes[0];
+            let mut load = [0u64; 4];
+            for &k in &draws {
+                let i = r
+                    .pick_affine(hash(&k.to_le_bytes()), &Tried::default(), factor)
+                    .unwrap();
+                r.backends[i].backend.start_request();
+                load[i] += 1;
+            }
+            let avg = SESSIONS as f64 / 4.0;
+            let max = *load.iter().max().unwrap() as f64 / avg;
+            report.push(format!(
+                "factor {}: max/avg {max:.3} {load:?}",
+                factor as f64 / 1000.0
+            ));
+            if factor == 1250 {
+                assert!(max <= 1.25 + 4.0 / avg, "{load:?}");
+            }
+        }
+        println!("skewed keys: {}", report.join("; "));
+    }
+}
