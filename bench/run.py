@@ -200,6 +200,10 @@ class Stack:
             # thousands of other instances, run for run.
             for i, port in enumerate(self.backend_ports):
                 self.register(f"web-{i}", "web", port, ["lb.route=/", "small.route=/"])
+                # The same backends on a sticky route, for the instructions stage's
+                # `lb-sticky` row (stickiness is an instance's, so these are other instances).
+                self.register(f"web-sticky-{i}", "web-sticky", port,
+                              ["lb.route=/sticky", "lb.sticky=cookie:sid"])
             lb_port, admin, tls_port = free_port(), free_port(), free_port()
             self.lb_admin = admin
             p = self.start_lb("lb", rel / "lb", lb_port, admin, tls_port)
@@ -317,7 +321,9 @@ class Stack:
 
     def lb_backend_count(self):
         _, body = http("GET", f"http://127.0.0.1:{self.lb_admin}/routes")
-        return sum(len(r["backends"]) for r in json.loads(body)["routes"])
+        # Not the sticky route's: its instances are the same backends again.
+        routes = json.loads(body)["routes"]
+        return sum(len(r["backends"]) for r in routes if r["route"] != "*/sticky")
 
     def wait_backends(self, n, timeout=120):
         deadline = time.time() + timeout
@@ -691,26 +697,34 @@ def table_scale(stack, rounds, duration, services, per_service):
     return res
 
 
-def instructions(stack, order, small, big, conns):
+def instructions(stack, order, small, big, conns, variants=()):
     """User-space instructions per proxied request, counted by callgrind. Wall-clock figures
     here move by about 10% between runs of the same binary; instruction counts do not, so a
     change that saves a few percent shows. Each target runs under callgrind twice, serving
     `small` and then `big` requests (h2load, HTTP/1.1 keep-alive over `conns` connections);
     the difference per request cancels start-up and shutdown. Kernel time (about two thirds
-    of a proxied request here) is not counted."""
+    of a proxied request here) is not counted. `variants` adds runs of the lb with a feature
+    on: `sticky` (`lb-sticky`: a sticky route, a session cookie on every request), `log`
+    (`lb-log`: the JSON access log of every request, to a file; its writer thread counted)."""
     out = {}
     rel = ROOT / "target" / "release"
-    for t in order:
-        if t not in ("lb", "lb-base", "nginx", "haproxy"):
-            continue
+    runs = [t for t in order if t in ("lb", "lb-base", "nginx", "haproxy")]
+    if "lb" in runs:
+        for v in reversed([v for v in variants if v]):
+            runs.insert(runs.index("lb") + 1, f"lb-{v}")
+    for t in runs:
+        path, extra = ("/sticky", ["-H", "cookie: theme=dark; sid=0123456789"]) \
+            if t == "lb-sticky" else ("/", [])
         counts = []
         for n in (small, big):
             port = free_port()
             env = None
-            if t in ("lb", "lb-base"):
-                binary = rel / "lb" if t == "lb" else stack.base_lb
+            if t.startswith("lb"):
+                binary = stack.base_lb if t == "lb-base" else rel / "lb"
                 # One worker thread, as the lb runs on one CPU here.
                 argv, env = [str(binary)], {**stack.lb_env(port, free_port()), "LB_WORKERS": "1"}
+                if t == "lb-log":
+                    env["LB_ACCESS_LOG"] = "json"
             elif t == "nginx":
                 argv = stack.nginx_argv(f"nginx-cg-{n}", port, free_port(), ("-g", "master_process off;"))
             else:
@@ -724,7 +738,7 @@ def instructions(stack, order, small, big, conns):
                 deadline = time.time() + 120
                 while True:  # the lb answers 503 until its table holds the backends
                     try:
-                        if http("GET", f"http://127.0.0.1:{port}/")[0] == 200:
+                        if http("GET", f"http://127.0.0.1:{port}{path}")[0] == 200:
                             break
                     except OSError:
                         pass
@@ -732,7 +746,7 @@ def instructions(stack, order, small, big, conns):
                         raise RuntimeError(f"{t} under callgrind did not serve")
                     time.sleep(0.3)
                 argv = ["taskset", "-c", LOAD_CPU, "h2load", "--h1", "-n", str(n), "-c", str(conns),
-                        "-m", "1", f"http://127.0.0.1:{port}/"]
+                        "-m", "1", *extra, f"http://127.0.0.1:{port}{path}"]
                 res = subprocess.run(argv, capture_output=True, text=True, timeout=600).stdout
                 if f"{n} succeeded" not in res:
                     raise RuntimeError(f"h2load against {t} under callgrind:\n{res}")
@@ -833,6 +847,9 @@ def report(res, order, args, pinning):
             lines.append(f"| {t} | {v['per_request']:.0f} |")
         rat = [f"lb/{peer} {ratio(ins['lb']['per_request'], ins[peer]['per_request'])}"
                for peer in ("nginx", "haproxy", "lb-base") if "lb" in ins and peer in ins]
+        for v in ("lb-sticky", "lb-log"):
+            if v in ins and "lb" in ins:
+                rat.append(f"{v}/lb {ratio(ins[v]['per_request'], ins['lb']['per_request'])}")
         if rat:
             lines += ["", "Ratios: " + ", ".join(rat)]
         lines.append("")
@@ -886,6 +903,9 @@ def main():
     ap.add_argument("--cg-requests", default="5000,25000",
                     help="instructions stage: the two request counts whose difference is measured")
     ap.add_argument("--cg-conns", type=int, default=256)
+    ap.add_argument("--cg-variants", default="",
+                    help="instructions stage: also count the lb with features on: sticky (a sticky "
+                         "route), log (the JSON access log of every request)")
     ap.add_argument("--out", default=str(ROOT / "target" / "bench"))
     ap.add_argument("--base-lb", help="an earlier lb binary, run as target lb-base beside the lb "
                                       "(copy target/release/lb aside before rebuilding)")
@@ -950,7 +970,8 @@ def main():
                                                 args.churn_rate))
         if "instructions" in stages:
             small, big = (int(x) for x in args.cg_requests.split(","))
-            text = stage("instructions", lambda: instructions(stack, order, small, big, args.cg_conns))
+            text = stage("instructions", lambda: instructions(stack, order, small, big, args.cg_conns,
+                                                                    args.cg_variants.split(",")))
         if "scale" in stages and "lb" in order:
             text = stage("scale", lambda: table_scale(stack, args.rounds, args.duration,
                                                       args.services, args.per_service))
