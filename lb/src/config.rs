@@ -151,6 +151,21 @@ pub const SETTINGS: &[Setting] = &[
         "idle pooled connections kept per backend",
     ),
     (
+        "LB_ACCESS_LOG",
+        "off",
+        "one line per request on standard output: off | json | text",
+    ),
+    (
+        "LB_ACCESS_LOG_SAMPLE",
+        "1",
+        "the fraction of requests logged, from 0.000001 to 1 (with LB_ACCESS_LOG)",
+    ),
+    (
+        "LB_ACCESS_LOG_BUFFER",
+        "8192",
+        "lines queued for the access log's writer; a line that finds the queue full is dropped and counted, never waited for",
+    ),
+    (
         "LB_CLIENT_HEADER_TIMEOUT",
         "15s",
         "time for a client to send a request head; also bounds client keep-alive idle time",
@@ -294,6 +309,13 @@ pub const SETTINGS: &[Setting] = &[
     ),
 ];
 
+/// The access log's line format (`LB_ACCESS_LOG`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessLogFormat {
+    Json,
+    Text,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Balance {
     /// Power of two choices on in-flight requests, weighted.
@@ -338,6 +360,10 @@ pub struct Config {
     pub max_body_bytes: Option<u64>,
     pub upstream_idle_timeout: Duration,
     pub upstream_max_idle: usize,
+    /// `None`: no access log.
+    pub access_log: Option<AccessLogFormat>,
+    pub access_log_sample: f64,
+    pub access_log_buffer: usize,
     pub client_header_timeout: Duration,
     pub client_write_timeout: Duration,
     pub h2_idle_timeout: Duration,
@@ -493,6 +519,30 @@ impl Config {
             ),
             upstream_max_idle: p.get(
                 "LB_UPSTREAM_MAX_IDLE",
+                |s| s.parse().ok().filter(|n| *n >= 1),
+                "an integer >= 1",
+            ),
+            access_log: p.get(
+                "LB_ACCESS_LOG",
+                |s| match s {
+                    "off" | "" => Some(None),
+                    "json" => Some(Some(AccessLogFormat::Json)),
+                    "text" => Some(Some(AccessLogFormat::Text)),
+                    _ => None,
+                },
+                "off, json or text",
+            ),
+            access_log_sample: p.get(
+                "LB_ACCESS_LOG_SAMPLE",
+                |s| {
+                    s.parse::<f64>()
+                        .ok()
+                        .filter(|f| (0.000_001..=1.0).contains(f))
+                },
+                "a fraction from 0.000001 to 1",
+            ),
+            access_log_buffer: p.get(
+                "LB_ACCESS_LOG_BUFFER",
                 |s| s.parse().ok().filter(|n| *n >= 1),
                 "an integer >= 1",
             ),

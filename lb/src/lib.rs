@@ -4,6 +4,7 @@
 //! Bottom up; a module imports only from layers below its own (`scripts/check-layers`).
 //! - [`config`], [`metrics`], [`time`], [`field_list`]: the configuration as one value; every
 //!   metric and label value, declared once; the clocks; HTTP's comma-separated lists.
+//! - [`access_log`] (beside `upstream`): the access log's queue and writer thread.
 //! - [`upstream`]: the lb as an HTTP client: per-backend state (in-flight, ejection, the pool),
 //!   the HTTP/1.1 codec, the HTTP/2 handle, the retry budget. No routes, clients or shared
 //!   state.
@@ -18,6 +19,7 @@
 //! Data flows one way: Consul -> `discovery` -> `ArcSwap<RoutingTable>` in [`Shared`] ->
 //! `proxy` -> `upstream` -> a backend's socket.
 
+pub mod access_log;
 pub mod admin;
 pub mod config;
 pub mod discovery;

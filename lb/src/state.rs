@@ -9,6 +9,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwapOption;
 use tokio::sync::Semaphore;
 
+use crate::access_log::AccessLog;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::routing::RoutingTable;
@@ -86,10 +87,25 @@ pub struct Shared {
     /// One permit per client connection that may be open (`LB_MAX_CONNECTIONS`), shared by
     /// every listener.
     pub connection_slots: Arc<Semaphore>,
+    /// `None` when off (`LB_ACCESS_LOG`).
+    pub access_log: Option<AccessLog>,
 }
 
 impl Shared {
     pub fn new(config: Config) -> Shared {
+        let metrics = Metrics::new();
+        let access_log = config.access_log.and_then(|format| {
+            let (lines, dropped) = (&metrics.access_log_lines, &metrics.access_log_dropped);
+            let log = AccessLog::start(
+                format,
+                config.access_log_sample,
+                config.access_log_buffer,
+                lines.clone(),
+                dropped.clone(),
+            );
+            log.map_err(|e| tracing::error!(error = %e, "the access log could not start"))
+                .ok()
+        });
         Shared {
             backend_settings: BackendSettings {
                 send: Timeouts {
@@ -106,7 +122,8 @@ impl Shared {
             },
             retry_budget: RetryBudget::new(config.retry_budget),
             table: ArcSwapOption::empty(),
-            metrics: Metrics::new(),
+            metrics,
+            access_log,
             consul: ConsulContact::default(),
             shutting_down: AtomicBool::new(false),
             series: std::sync::Mutex::new(()),

@@ -1,6 +1,7 @@
 //! The response body the client gets: a backend's response streamed through, or an answer
-//! the lb made itself. Its guard settles the request's accounting when the response ends or is
-//! dropped, and gives the backend connection back to the pool.
+//! the lb made itself, either one counted for the access log when it sampled the request. Its
+//! guard settles the request's accounting when the response ends or is dropped, and gives the
+//! backend connection back to the pool.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
+use crate::access_log::Record;
 use crate::metrics::UpstreamErrorKind;
 use crate::routing::Route;
 use crate::upstream::{Backend, BoxError, Sender, Upstream};
@@ -21,6 +23,8 @@ pub enum ProxyBody {
         guard: ResponseGuard,
     },
     Local(Option<Bytes>),
+    /// A response the access log sampled (`logged`).
+    Logged(Box<Logged>),
 }
 
 impl ProxyBody {
@@ -31,6 +35,9 @@ impl ProxyBody {
     /// The client is not taking the response as fast as the backend sends it: read the
     /// backend in small pieces (see `h1::Conn::consumer_lags`).
     pub fn client_lags(&mut self) {
+        if let ProxyBody::Logged(l) = self {
+            return l.inner.client_lags();
+        }
         if let ProxyBody::Upstream {
             inner: Upstream::H1,
             guard,
@@ -68,6 +75,7 @@ impl Body for ProxyBody {
                 _ => Poll::Ready(None),
             },
             ProxyBody::Local(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ProxyBody::Logged(l) => l.poll_frame(cx),
         }
     }
 
@@ -79,6 +87,7 @@ impl Body for ProxyBody {
                 _ => true,
             },
             ProxyBody::Local(data) => data.is_none(),
+            ProxyBody::Logged(l) => l.is_end_stream(),
         }
     }
 
@@ -91,6 +100,7 @@ impl Body for ProxyBody {
             },
             ProxyBody::Local(Some(d)) => SizeHint::with_exact(d.len() as u64),
             ProxyBody::Local(None) => SizeHint::with_exact(0),
+            ProxyBody::Logged(l) => l.size_hint(),
         }
     }
 }
@@ -141,6 +151,8 @@ pub struct ResponseGuard {
     pub route: Arc<Route>,
     pub start: Instant,
     pub sender: Option<Sender>,
+    /// Backends tried for it (1 when the first answered).
+    pub attempts: u32,
 }
 
 impl Drop for ResponseGuard {
@@ -152,6 +164,73 @@ impl Drop for ResponseGuard {
         // HTTP/1.1 connection whose response was not read to its end is dropped (closed) there.
         if let Some(Sender::H1(conn)) = self.sender.take() {
             self.in_flight.backend.checkin(conn);
+        }
+    }
+}
+
+/// A sampled response's body: the response's own, counted as it goes.
+pub struct Logged {
+    pub(super) inner: ProxyBody,
+    record: Option<Record>,
+    start: Instant,
+    done: bool,
+    shared: Arc<Shared>,
+}
+
+impl Logged {
+    pub(super) fn new(
+        inner: ProxyBody,
+        record: Record,
+        start: Instant,
+        shared: Arc<Shared>,
+    ) -> Logged {
+        Logged {
+            inner,
+            record: Some(record),
+            start,
+            done: false,
+            shared,
+        }
+    }
+
+    pub(super) fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(d), Some(r)) = (frame.data_ref(), self.record.as_mut()) {
+                    r.bytes_out += d.len() as u64;
+                }
+            }
+            Poll::Ready(None) => self.done = true,
+            _ => {}
+        }
+        polled
+    }
+
+    pub(super) fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    pub(super) fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        let Some(mut r) = self.record.take() else {
+            return;
+        };
+        r.duration = self.start.elapsed();
+        // The server stops polling once the body says it has ended.
+        if !(self.done || self.inner.is_end_stream()) && r.error.is_none() {
+            r.error = Some("incomplete");
+        }
+        if let Some(log) = &self.shared.access_log {
+            log.write(r);
         }
     }
 }

@@ -92,38 +92,50 @@ pub(super) async fn forward(
             .body
             .take()
             .expect("body is restored before every retry");
+        // The instance's rewrite works on a copy (boxed: most requests have none, and a copy
+        // in place would grow every request's future); the parts stay as the client sent
+        // them, for a retry elsewhere.
+        let rewritten = match rb.spec.rewrite.as_deref().filter(|rw| rw.touches_request()) {
+            None => None,
+            Some(rw) => match rewrite::request(rw, &parts, &route.key.prefix) {
+                Some(r) => Some(r),
+                None => {
+                    let msg = "the request target is too long once rewritten for this route";
+                    return local(shared, LocalReason::BadRequest, "", msg, request_id);
+                }
+            },
+        };
         let fwd = Forwarded {
             peer,
             request_id: &request_id,
-            client_host: None,
+            client_host: rewritten.as_ref().and_then(|r| r.client_host.as_ref()),
         };
         let timeouts = &shared.backend_settings.send;
-        // The parts stay here: a retry sends them again.
-        let sent = match &rb.spec.rewrite {
-            None => sender.send(&parts, &fwd, body, timeouts).await,
-            // Boxed: most requests have no rewrite, and its copy of the head would grow
-            // every request's future.
-            Some(rw) => {
-                let to = (&mut sender, &route.key.prefix[..]);
-                match Box::pin(rewrite::send(rw, to, &parts, fwd, body, timeouts)).await {
-                    Some(sent) => sent,
-                    None => {
-                        let msg = "the request target is too long once rewritten for this route";
-                        return local(shared, LocalReason::BadRequest, "", msg, request_id);
-                    }
+        match sender
+            .send(rewrite::head(&parts, &rewritten), &fwd, body, timeouts)
+            .await
+        {
+            Ok(mut resp) => {
+                let rewrite = rb.spec.rewrite.as_deref();
+                if let Some(rw) = rewrite.filter(|rw| rw.touches_response()) {
+                    let heads = (&parts, rewrite::head(&parts, &rewritten));
+                    rewrite::response_of(rw, &mut resp, heads, route, peer.tls);
                 }
-            }
-        };
-        match sent {
-            Ok(resp) => {
                 let sent = Sent {
                     route,
                     backend: rb,
                     sender,
                     start,
                     in_flight,
+                    attempts: attempts.retries + 1,
                 };
-                let issue = affinity_of(route, &parts, &request_id).filter(|a| a.issued);
+                // Only the lb's own cookie is ever issued.
+                let issue = match route.sticky {
+                    Some(Sticky::LbCookie(_)) => {
+                        affinity_of(route, &parts, &request_id).filter(|a| a.issued)
+                    }
+                    _ => None,
+                };
                 let mut resp = respond(shared, sent, resp, upgrade, request_id);
                 if let Some(a) = issue {
                     issue_cookie(route, a, peer.tls, resp.headers_mut());
@@ -247,6 +259,7 @@ impl Attempts {
 }
 
 /// A sticky route's session key for this request (see `affinity::of`).
+#[inline]
 fn affinity_of(
     route: &Route,
     parts: &http::request::Parts,
@@ -258,6 +271,7 @@ fn affinity_of(
 
 /// The next backend to try: on the ring for a request with a session key, else by the
 /// balancing algorithm.
+#[inline]
 fn pick(
     route: &Route,
     cfg: &Config,
@@ -335,6 +349,7 @@ struct Sent<'a> {
     sender: Sender,
     start: Instant,
     in_flight: InFlight,
+    attempts: u32,
 }
 
 /// The backend's response on its way to the client: counted, stripped of hop-by-hop fields,
@@ -352,6 +367,7 @@ fn respond(
         sender,
         start,
         in_flight,
+        attempts,
     } = sent;
     let backend = &rb.backend;
     backend.record_success();
@@ -380,6 +396,7 @@ fn respond(
         route: route.clone(),
         start,
         sender,
+        attempts,
     };
     Response::from_parts(
         rparts,

@@ -63,6 +63,13 @@ pub(super) fn redirect_to_https(
     resp
 }
 
+/// What the access log needs of an answer the lb gave itself (a response extension).
+#[derive(Clone)]
+pub(super) struct LocalAnswer {
+    pub reason: LocalReason,
+    pub route: Box<str>,
+}
+
 pub(super) fn local(
     shared: &Shared,
     reason: LocalReason,
@@ -99,5 +106,7 @@ pub(super) fn local(
         HeaderName::from_static("x-switchyard-error"),
         HeaderValue::from_static(reason.as_str()),
     );
+    let route = route.into();
+    resp.extensions_mut().insert(LocalAnswer { reason, route });
     resp
 }

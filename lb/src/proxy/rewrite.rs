@@ -11,10 +11,8 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Response, Version};
 
-use crate::routing::Rewrite;
-use crate::upstream::{clone_parts, SendError, Sender, Timeouts, Upstream, UpstreamBody};
-
-use super::forwarded::Forwarded;
+use crate::routing::{Rewrite, Route};
+use crate::upstream::{clone_parts, Upstream};
 
 /// One attempt's request as the instance gets it, and the client's `Host` for
 /// `X-Forwarded-Host` when `Host` was rewritten.
@@ -23,41 +21,31 @@ pub(super) struct Rewritten {
     pub client_host: Option<HeaderValue>,
 }
 
-/// One attempt at an instance with `rw`, on `sender`, for the route with `prefix`: the
-/// request rewritten from the client's `parts`, the response mapped back. `None` when the
-/// rewritten request cannot be made (see `request`).
-pub(super) async fn send(
+/// The head sent: the rewritten one, else the client's.
+pub(super) fn head<'a>(
+    parts: &'a http::request::Parts,
+    rewritten: &'a Option<Box<Rewritten>>,
+) -> &'a http::request::Parts {
+    rewritten.as_ref().map_or(parts, |r| &r.parts)
+}
+
+/// The response of an instance with `rw` to the request `head`, made from the client's
+/// `parts`, on `route`: mapped back and edited (see `response`).
+pub(super) fn response_of(
     rw: &Rewrite,
-    (sender, prefix): (&mut Sender, &str),
-    parts: &http::request::Parts,
-    fwd: Forwarded<'_>,
-    body: UpstreamBody,
-    timeouts: &Timeouts,
-) -> Option<Result<Response<Upstream>, SendError>> {
-    let rewritten = if rw.touches_request() {
-        Some(request(rw, parts, prefix)?)
-    } else {
-        None
+    resp: &mut Response<Upstream>,
+    (parts, head): (&http::request::Parts, &http::request::Parts),
+    route: &Route,
+    tls: bool,
+) {
+    let (client_host, backend_host) = (host_of(parts), host_of(head));
+    let view = ClientView {
+        prefix: &route.key.prefix,
+        tls,
+        client_host: client_host.as_deref(),
+        backend_host: backend_host.as_deref(),
     };
-    let head = rewritten.as_ref().map_or(parts, |r| &r.parts);
-    let fwd = Forwarded {
-        client_host: rewritten.as_ref().and_then(|r| r.client_host.as_ref()),
-        ..fwd
-    };
-    let mut sent = sender.send(head, &fwd, body, timeouts).await;
-    if let Ok(resp) = &mut sent {
-        if rw.touches_response() {
-            let (client_host, backend_host) = (host_of(parts), host_of(head));
-            let view = ClientView {
-                prefix,
-                tls: fwd.peer.tls,
-                client_host: client_host.as_deref(),
-                backend_host: backend_host.as_deref(),
-            };
-            response(rw, resp.headers_mut(), &view);
-        }
-    }
-    Some(sent)
+    response(rw, resp.headers_mut(), &view);
 }
 
 /// The host a request head names: its target's authority, else its `Host`.

@@ -252,7 +252,11 @@ impl Listener {
             let exchange = Exchange::start(peer2.clone());
             let (shared, peer) = (shared2.clone(), peer2.clone());
             async move {
-                let resp = crate::proxy::handle(shared, req, peer).await;
+                let resp = if crate::proxy::sampled(&shared) {
+                    crate::proxy::handle_logged(shared, req, peer).await
+                } else {
+                    crate::proxy::handle(shared, req, peer).await
+                };
                 Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, exchange, None)))
             }
         });
@@ -306,7 +310,11 @@ impl Listener {
             async move {
                 // Inside an HTTP/2 stream's task: its stall cell, for the write timeout.
                 let stall = StreamStall::current();
-                let resp = crate::proxy::handle(shared, req, peer).await;
+                let resp = if crate::proxy::sampled(&shared) {
+                    crate::proxy::handle_logged(shared, req, peer).await
+                } else {
+                    crate::proxy::handle(shared, req, peer).await
+                };
                 Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, exchange, stall)))
             }
         });

@@ -1,5 +1,6 @@
 //! The lb's integration tests: a real Consul agent, real HTTP backends and the real lb binary.
 
+mod access_log;
 mod balancing;
 mod consul_auth;
 mod discovery;

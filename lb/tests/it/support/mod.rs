@@ -192,6 +192,8 @@ pub struct Lb {
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
     log: PathBuf,
+    /// Standard output apart: the access log's.
+    out: PathBuf,
 }
 
 impl Lb {
@@ -216,6 +218,7 @@ impl Lb {
         let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let (log, file) = log_file("lb");
+        let (out, out_file) = log_file("lb-stdout");
         // A benchmark may run another build (the previous release) in its place.
         let bin = std::env::var("IT_LB_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_lb").into());
         let mut cmd = Command::new(bin);
@@ -239,7 +242,7 @@ impl Lb {
         }
         let child = cmd
             .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
+            .stdout(out_file)
             .stderr(file)
             .spawn()
             .expect("start the lb binary");
@@ -248,6 +251,7 @@ impl Lb {
             proxy,
             admin,
             log,
+            out,
         }
     }
 
@@ -286,8 +290,14 @@ impl Lb {
         }
     }
 
+    /// What the lb wrote: its log, then its standard output.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        log + &self.stdout()
+    }
+
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
     }
 
     /// Sum of every sample of metric `name` whose labels include all of `labels`
