@@ -213,6 +213,12 @@ class Stack:
                 base_port, base_tls = free_port(), free_port()
                 base = self.start_lb("lb-base", self.base_lb, base_port, free_port(), base_tls)
                 self.targets["lb-base"] = (base_port, base)
+            if "lb-log" in targets:
+                # The same lb with the JSON access log of every request (to its log file).
+                log_port, log_tls = free_port(), free_port()
+                logged = self.start_lb("lb-log", rel / "lb", log_port, free_port(), log_tls,
+                                       {"LB_ACCESS_LOG": "json"})
+                self.targets["lb-log"] = (log_port, logged)
             small_port = free_port()
             small = self.spawn("lb-small", [str(rel / "lb")], PROXY_CPU, {
                 "LB_LISTEN": f"127.0.0.1:{small_port}",
@@ -242,8 +248,9 @@ class Stack:
         if "direct" in targets:
             self.targets["direct"] = (self.backend_ports[0], None)
 
-    def start_lb(self, name, binary, port, admin, tls_port):
-        p = self.spawn(name, [str(binary)], PROXY_CPU, self.lb_env(port, admin, tls_port))
+    def start_lb(self, name, binary, port, admin, tls_port, extra_env=None):
+        env = {**self.lb_env(port, admin, tls_port), **(extra_env or {})}
+        p = self.spawn(name, [str(binary)], PROXY_CPU, env)
         wait_port(port)
         wait_port(tls_port)
         self.tls_ports[name] = tls_port
@@ -448,10 +455,12 @@ def scenarios(stack, order, rounds, duration, only):
         for rnd in range(rounds):
             k = rnd % len(targets)
             for t in targets[k:] + targets[:k]:
-                r = measured_run(stack, t, path, conns, duration, close, proto)
+                r, steal = steal_pct(lambda: measured_run(stack, t, path, conns, duration,
+                                                          close, proto))
+                r["steal_pct"] = steal
                 runs[t].append(r)
                 log(f"{name} | round {rnd + 1} | {t}: {r['rps']:.0f} req/s, p99 "
-                    f"{r['p99'] / 1000:.2f} ms, errors {r['errors']}")
+                    f"{r['p99'] / 1000:.2f} ms, errors {r['errors']}, steal {steal:.1f}%")
         results[name] = runs
     return results
 
@@ -499,6 +508,12 @@ def idle_rss(stack, order, n):
         log(f"idle: {t}: {n} connections, RSS {before} -> {after} KiB, "
             f"{(after - before) / n:.2f} KiB per connection")
     return out
+
+
+def steal_cell(runs):
+    """`median, max` of the runs' hypervisor steal, in %."""
+    steal = [r["steal_pct"] for r in runs if "steal_pct" in r]
+    return f"{statistics.median(steal):.1f}, {max(steal):.1f}" if steal else "-"
 
 
 def steal_pct(fn):
@@ -781,8 +796,8 @@ def report(res, order, args, pinning):
              f"({args.rounds} interleaved rounds of {args.duration} s per target; {pinning}).", ""]
     for name, runs in res.get("scenarios", {}).items():
         lines += [f"**{name}**", "",
-                  "| target | req/s | p50 ms | p99 ms | p99.9 ms | CPU s / 100k req | of which user | peak RSS MiB | errors |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| target | req/s | p50 ms | p99 ms | p99.9 ms | CPU s / 100k req | of which user | peak RSS MiB | errors | steal % (median, max) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for t in (t for t in order if t in runs):
             rs = runs[t]
             cpu, user = med(rs, "cpu_per_100k"), med(rs, "user_per_100k")
@@ -791,7 +806,8 @@ def report(res, order, args, pinning):
                 f"| {t} | {med(rs, 'rps'):.0f} | {fmt_ms(med(rs, 'p50'))} | {fmt_ms(med(rs, 'p99'))} "
                 f"| {fmt_ms(med(rs, 'p999'))} | {'-' if cpu is None else f'{cpu:.2f}'} "
                 f"| {'-' if user is None else f'{user:.2f}'} "
-                f"| {'-' if not rss else f'{rss / 1024:.1f}'} | {sum(r['errors'] for r in rs)} |")
+                f"| {'-' if not rss else f'{rss / 1024:.1f}'} | {sum(r['errors'] for r in rs)} "
+                f"| {steal_cell(rs)} |")
         lb = med(runs.get("lb", []), "rps")
         rat = []
         for peer in ("nginx", "haproxy", "direct", "lb-base"):
