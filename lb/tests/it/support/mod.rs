@@ -86,9 +86,17 @@ impl Backend {
         self.served.load(Ordering::SeqCst)
     }
 
-    /// Closes the listener and every open connection, as a crashed process would.
+    /// Closes the listener and every open connection, as a crashed process would. Returns
+    /// once the accept task is gone, and with it every connection's (an abort takes effect
+    /// at the task's next poll: until then a pooled connection could still be answered).
     pub fn kill(&self) {
         self.task.abort();
+        for _ in 0..1000 {
+            if self.task.is_finished() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 }
 
