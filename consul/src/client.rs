@@ -16,11 +16,13 @@ use serde::de::DeserializeOwned;
 
 use crate::connect::{Connector, TlsError, TlsFiles};
 use crate::types::{
-    AgentCheck, AgentService, CheckState, CheckStatus, ServiceEntry, ServiceRegistration,
+    AgentCheck, AgentService, CheckState, CheckStatus, KvPair, ServiceEntry, ServiceRegistration,
 };
 
 /// Path segments (service names, IDs) are escaped; Consul names are usually safe already.
 const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.');
+/// A KV key keeps its `/` separators.
+const KEY: &AsciiSet = &SEGMENT.remove(b'/');
 
 /// Consul's Go client adds this much on top of `wait + wait/16` before it gives up on a long
 /// poll; a shorter client timeout fails every long poll (consul-rust#70).
@@ -427,6 +429,34 @@ impl Client {
         self.write(path, Bytes::new()).await
     }
 
+    /// `GET /v1/kv/<prefix>?recurse`: every key under `prefix`. A prefix without keys is an
+    /// empty list: Consul answers 404 then, with the index to block on.
+    pub async fn kv_list(
+        &self,
+        prefix: &str,
+        q: &QueryOptions,
+    ) -> Result<Response<Vec<KvPair>>, Error> {
+        let path = format!("/v1/kv/{}", utf8_percent_encode(prefix, KEY));
+        let (meta, body) = self.read_body_or_missing(&path, &["recurse"], q).await?;
+        let value = match body {
+            Some(body) => serde_json::from_slice::<Option<Vec<KvPair>>>(&body)
+                .map_err(|source| Error::Decode { path, source })?
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        Ok(Response {
+            value,
+            meta,
+            skipped: Vec::new(),
+        })
+    }
+
+    /// `PUT /v1/kv/<key>` with `value` as the body.
+    pub async fn kv_put(&self, key: &str, value: &[u8]) -> Result<(), Error> {
+        let path = format!("/v1/kv/{}", utf8_percent_encode(key, KEY));
+        self.write(path, Bytes::copy_from_slice(value)).await
+    }
+
     /// `PUT /v1/agent/service/maintenance/<id>?enable=true`: the agent adds a critical check
     /// to the instance, so that it leaves every healthy list at once, and Consul's lists of
     /// critical checks name it (a deregistration alone shows only in the catalog's index).
@@ -517,6 +547,23 @@ impl Client {
         flags: &[&str],
         q: &QueryOptions,
     ) -> Result<(QueryMeta, Bytes), Error> {
+        let (meta, body) = self.read_body_or_missing(path, flags, q).await?;
+        let body = body.ok_or_else(|| Error::Status {
+            path: path.to_string(),
+            status: StatusCode::NOT_FOUND,
+            body: String::new(),
+        })?;
+        Ok((meta, body))
+    }
+
+    /// `read_body`, with `None` for a 404 (a KV prefix without keys), which still carries
+    /// the index to block on.
+    async fn read_body_or_missing(
+        &self,
+        path: &str,
+        flags: &[&str],
+        q: &QueryOptions,
+    ) -> Result<(QueryMeta, Option<Bytes>), Error> {
         let mut uri = path.to_string();
         let mut sep = '?';
         for flag in flags {
@@ -536,7 +583,8 @@ impl Client {
         let (status, headers, body) = self
             .call(Method::GET, path, &uri, Bytes::new(), timeout)
             .await?;
-        if !status.is_success() {
+        let missing = status == StatusCode::NOT_FOUND;
+        if !status.is_success() && !missing {
             return Err(Error::Status {
                 path: path.to_string(),
                 status,
@@ -550,7 +598,7 @@ impl Client {
                 .get("x-consul-knownleader")
                 .is_some_and(|v| v.as_bytes() == b"true"),
         };
-        Ok((meta, body))
+        Ok((meta, (!missing).then_some(body)))
     }
 
     async fn write(&self, path: String, body: Bytes) -> Result<(), Error> {

@@ -21,6 +21,6 @@ pub use client::{Client, Error, QueryMeta, QueryOptions, Response, Settings};
 pub use connect::{TlsError, TlsFiles};
 pub use index::next_index;
 pub use types::{
-    AgentCheck, AgentService, CheckRegistration, CheckState, CheckStatus, HealthCheck, Node,
-    Service, ServiceEntry, ServiceRegistration,
+    AgentCheck, AgentService, CheckRegistration, CheckState, CheckStatus, HealthCheck, KvPair,
+    Node, Service, ServiceEntry, ServiceRegistration,
 };

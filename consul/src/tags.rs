@@ -16,6 +16,8 @@
 //! - `P.sticky=lb-cookie[:NAME]|cookie:NAME|header:NAME`: session affinity on this instance's
 //!   routes, by a cookie the lb issues (default name `sy-affinity`), an existing cookie, or a
 //!   header. Instances of a route should agree; when they differ the smallest setting wins.
+//! - `P.version=NAME`: the version this instance runs (a token, e.g. `v2`): traffic is split
+//!   between a service's versions by the weights in Consul KV, and a request may pin one.
 //! - Rewriting of the request and the response: `P.strip`, `P.prepend`, `P.host`,
 //!   `P.request.*`, `P.response.*`, `P.rewrite.*` ([`rewrite`]).
 //!
@@ -86,6 +88,7 @@ pub struct InstanceRouting {
     /// How requests to this instance and its responses are changed on the way.
     pub rewrite: Rewrite,
     pub sticky: Option<Sticky>,
+    pub version: Option<String>,
 }
 
 /// The cookie name the lb issues by default for `P.sticky=lb-cookie`.
@@ -132,12 +135,13 @@ pub enum TagErrorKind {
     BadRewrite,
     BadHeader,
     BadSticky,
+    BadVersion,
     UnknownKey,
 }
 
 impl TagErrorKind {
     /// A bounded metric label.
-    pub const ALL: [TagErrorKind; 10] = [
+    pub const ALL: [TagErrorKind; 11] = [
         TagErrorKind::BadRoute,
         TagErrorKind::BadWeight,
         TagErrorKind::BadEnable,
@@ -147,6 +151,7 @@ impl TagErrorKind {
         TagErrorKind::BadRewrite,
         TagErrorKind::BadHeader,
         TagErrorKind::BadSticky,
+        TagErrorKind::BadVersion,
         TagErrorKind::UnknownKey,
     ];
 
@@ -161,6 +166,7 @@ impl TagErrorKind {
             TagErrorKind::BadRewrite => "bad_rewrite",
             TagErrorKind::BadHeader => "bad_header",
             TagErrorKind::BadSticky => "bad_sticky",
+            TagErrorKind::BadVersion => "bad_version",
             TagErrorKind::UnknownKey => "unknown_key",
         }
     }
@@ -187,6 +193,7 @@ pub fn parse_tags<'a>(
         upgrades: Vec::new(),
         rewrite: Rewrite::default(),
         sticky: None,
+        version: None,
     };
     let mut errors = Vec::new();
     for tag in tags {
@@ -240,6 +247,13 @@ pub fn parse_tags<'a>(
                 }
                 Err(detail) => errors.push(err(TagErrorKind::BadUpgrade, detail)),
             },
+            "version" => match is_version(value) {
+                true => routing.version = Some(value.to_string()),
+                false => errors.push(err(
+                    TagErrorKind::BadVersion,
+                    "version must be a token of at most 64 characters (letters, digits, '-', '.', '_')",
+                )),
+            },
             "sticky" => match parse_sticky(value) {
                 Ok(s) => routing.sticky = Some(s),
                 Err(detail) => errors.push(err(TagErrorKind::BadSticky, detail)),
@@ -256,11 +270,19 @@ pub fn parse_tags<'a>(
             }
             _ => errors.push(err(
                 TagErrorKind::UnknownKey,
-                "unknown key (expected route, weight, enable, proto, redirect, upgrade, sticky, strip, prepend, host, request.*, response.* or rewrite.*)",
+                "unknown key (expected route, weight, enable, proto, redirect, upgrade, sticky, version, strip, prepend, host, request.*, response.* or rewrite.*)",
             )),
         }
     }
     (routing, errors)
+}
+
+/// A version name: what a KV weights entry and a pinning header name it by.
+pub fn is_version(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 64
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
 }
 
 /// `lb-cookie[:NAME]`, `cookie:NAME` or `header:NAME`. Cookie names are RFC 6265 tokens;

@@ -227,3 +227,65 @@ mod tests {
         );
     }
 }
+
+/// One key of `GET /v1/kv/<prefix>?recurse`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct KvPair {
+    pub key: String,
+    /// Base64, as Consul sends it; `None` for an empty value.
+    #[serde(default)]
+    pub value: Option<String>,
+    #[serde(default)]
+    pub modify_index: u64,
+}
+
+impl KvPair {
+    /// The value's bytes; `None` when it is not valid base64.
+    pub fn bytes(&self) -> Option<Vec<u8>> {
+        decode_base64(self.value.as_deref().unwrap_or(""))
+    }
+}
+
+/// Standard base64 with padding (RFC 4648 4), as Consul encodes KV values.
+fn decode_base64(s: &str) -> Option<Vec<u8>> {
+    let s = s.trim_end_matches('=');
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for c in s.bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod kv_tests {
+    use super::*;
+
+    #[test]
+    fn kv_values_decode() {
+        let pair = |v: &str| KvPair {
+            key: "k".into(),
+            value: Some(v.into()),
+            modify_index: 1,
+        };
+        assert_eq!(pair("eyJ2MSI6OTB9").bytes().unwrap(), br#"{"v1":90}"#);
+        assert_eq!(pair("YQ==").bytes().unwrap(), b"a");
+        assert_eq!(pair("YWI=").bytes().unwrap(), b"ab");
+        assert_eq!(pair("").bytes().unwrap(), b"");
+        assert!(pair("a b").bytes().is_none());
+    }
+}

@@ -115,6 +115,11 @@ pub const SETTINGS: &[Setting] = &[
         "p2c (least in-flight of two, weighted) | round_robin | weighted",
     ),
     (
+        "LB_WEIGHTS_KV_PREFIX",
+        "switchyard/weights/",
+        "Consul KV prefix of the version weights: <prefix><service> holds {\"v1\": 90, \"v2\": 10} (tag version); empty: not watched",
+    ),
+    (
         "LB_AFFINITY_BALANCE",
         "1.25",
         "on sticky routes (tag sticky), no backend takes more than this times its share of the route's requests in flight: a hot session key spills to the next backend on the ring (1.0 to 10)",
@@ -349,6 +354,8 @@ pub struct Config {
     pub snapshot_file: Option<std::path::PathBuf>,
     pub tag_prefix: String,
     pub balance: Balance,
+    /// Empty: version weights are not watched.
+    pub weights_kv_prefix: String,
     /// The bound of consistent hashing with bounded loads, in thousandths (1,250 for 1.25).
     pub affinity_balance_permille: u64,
     pub connect_timeout: Duration,
@@ -477,6 +484,7 @@ impl Config {
                 },
                 "p2c, round_robin or weighted",
             ),
+            weights_kv_prefix: p.raw("LB_WEIGHTS_KV_PREFIX", None),
             affinity_balance_permille: p.get(
                 "LB_AFFINITY_BALANCE",
                 |s| {

@@ -49,6 +49,7 @@ pub const UPGRADES_TOTAL: &str = "lb_upgrades_total";
 pub const UPGRADED_CONNECTIONS_OPEN: &str = "lb_upgraded_connections_open";
 pub const HTTPS_REDIRECTS_TOTAL: &str = "lb_https_redirects_total";
 pub const ACCESS_LOG_LINES_TOTAL: &str = "lb_access_log_lines_total";
+pub const VERSION_WEIGHTS_ERRORS_TOTAL: &str = "lb_version_weights_errors_total";
 pub const ACCESS_LOG_DROPPED_TOTAL: &str = "lb_access_log_dropped_total";
 pub const ACCEPT_PAUSED_TOTAL: &str = "lb_accept_paused_total";
 pub const TUNNEL_IDLE_TIMEOUTS_TOTAL: &str = "lb_tunnel_idle_timeouts_total";
@@ -169,6 +170,7 @@ label!(
         Catalog => "catalog",
         Checks => "checks",
         Health => "health",
+        Weights => "weights",
     }
 );
 
@@ -346,6 +348,7 @@ pub struct Metrics {
     pub upgraded_open: IntGauge,
     pub https_redirects: IntCounter,
     pub access_log_lines: IntCounter,
+    pub version_weights_errors: IntCounter,
     pub access_log_dropped: IntCounter,
     pub accept_paused: IntCounter,
     pub tunnel_idle_timeouts: IntCounter,
@@ -422,6 +425,7 @@ impl Metrics {
             upgraded_open: gauge(UPGRADED_CONNECTIONS_OPEN, "Upgraded connections (WebSocket...) open now."),
             https_redirects: counter(HTTPS_REDIRECTS_TOTAL, "Plain-HTTP requests redirected to HTTPS."),
             access_log_lines: counter(ACCESS_LOG_LINES_TOTAL, "Access log lines written."),
+            version_weights_errors: counter(VERSION_WEIGHTS_ERRORS_TOTAL, "Version weights in Consul KV refused as malformed (the service keeps the weights it had)."),
             access_log_dropped: counter(ACCESS_LOG_DROPPED_TOTAL, "Access log lines dropped because the writer's queue was full (LB_ACCESS_LOG_BUFFER)."),
             tunnel_idle_timeouts: counter(TUNNEL_IDLE_TIMEOUTS_TOTAL, "Upgraded connections (tunnels) closed after LB_TUNNEL_IDLE_TIMEOUT without a byte either way."),
             accept_paused: counter(ACCEPT_PAUSED_TOTAL, "Times accepting waited because LB_MAX_CONNECTIONS client connections were open."),

@@ -31,7 +31,12 @@ pub struct DesiredTable {
     lingering: BTreeMap<RouteKey, Instant>,
     /// Lingering routes whose time is up, to go at the next `take_changed`.
     expired: BTreeSet<RouteKey>,
+    /// Services' traffic split between their versions (Consul KV).
+    weights: HashMap<String, VersionWeights>,
 }
+
+/// A service's traffic split between its versions, by version name (Consul KV).
+pub type VersionWeights = BTreeMap<String, u32>;
 
 /// The routes that changed, with their backends before (`None`: the route is new).
 pub type Changes = BTreeMap<RouteKey, Option<Vec<BackendSpec>>>;
@@ -122,12 +127,32 @@ impl DesiredTable {
                     },
                     rewrite: Rewrite::compile(&routing.rewrite).map(Arc::new),
                     sticky: routing.sticky.clone().map(Arc::new),
+                    version: routing.version.as_deref().map(Into::into),
+                    dark: false,
                 });
             for key in routing.routes {
                 part.push((key, backend.clone()));
             }
         }
         self.replace(service, Some(part));
+    }
+
+    /// The version weights of every service that has some; the routes of services whose
+    /// weights changed are recomputed at the next `take_changed`.
+    pub fn set_weights(&mut self, weights: HashMap<String, VersionWeights>) {
+        let mut changed: BTreeSet<&String> = BTreeSet::new();
+        for (s, w) in &weights {
+            if self.weights.get(s) != Some(w) {
+                changed.insert(s);
+            }
+        }
+        changed.extend(self.weights.keys().filter(|s| !weights.contains_key(*s)));
+        for s in changed {
+            if let Some(part) = self.parts.get(s) {
+                self.dirty.extend(part.iter().map(|(k, _)| k.clone()));
+            }
+        }
+        self.weights = weights;
     }
 
     /// Drops the services `keep` refuses.
@@ -179,6 +204,7 @@ impl DesiredTable {
             backends.sort_unstable();
             // Two instances on one address are one backend to us.
             backends.dedup_by(|a, b| a.addr == b.addr);
+            apply_weights(&mut backends, &self.weights);
             backends
         });
         let expired = self.expired.remove(&key);
@@ -221,6 +247,55 @@ impl DesiredTable {
             .into_iter()
             .filter_map(|key| self.recompute(key))
             .collect()
+    }
+}
+
+/// A service's version weights applied to its backends of one route: each version gets its
+/// weight's share of the service's total weight on the route (so that other services of the
+/// route keep theirs), split between its instances by their own weights. A version without a
+/// weight, or with 0, is dark: only requests pinned to it reach it.
+fn apply_weights(backends: &mut [BackendSpec], weights: &HashMap<String, VersionWeights>) {
+    if weights.is_empty() {
+        return;
+    }
+    let services: BTreeSet<Arc<str>> = backends.iter().map(|b| b.service.clone()).collect();
+    for service in services {
+        let Some(w) = weights.get(&*service) else {
+            continue;
+        };
+        let share = |b: &BackendSpec| {
+            b.version
+                .as_deref()
+                .and_then(|v| w.get(v))
+                .copied()
+                .unwrap_or(0)
+        };
+        let mine = |b: &&mut BackendSpec| b.service == service;
+        let total: u64 = backends
+            .iter_mut()
+            .filter(mine)
+            .map(|b| u64::from(b.weight))
+            .sum();
+        // Each present version's own weight sum, and the shares of the versions present.
+        let mut by_version: BTreeMap<Option<Arc<str>>, u64> = BTreeMap::new();
+        for b in backends.iter_mut().filter(mine) {
+            *by_version.entry(b.version.clone()).or_default() += u64::from(b.weight);
+        }
+        let shares: u64 = by_version
+            .keys()
+            .map(|v| v.as_deref().and_then(|v| w.get(v)).copied().unwrap_or(0))
+            .map(u64::from)
+            .sum();
+        for b in backends.iter_mut().filter(mine) {
+            let s = u64::from(share(b));
+            if s == 0 || shares == 0 {
+                b.dark = true;
+                continue;
+            }
+            let own = by_version[&b.version].max(1);
+            let weight = total * s * u64::from(b.weight) / (shares * own);
+            b.weight = weight.clamp(1, u64::from(u32::MAX)) as u32;
+        }
     }
 }
 
@@ -352,5 +427,57 @@ mod tests {
         assert_eq!(p.take_changed().len(), 1);
         assert_eq!(addrs(&p, "/a"), None);
         assert_eq!((p.lingering(), p.next_expiry()), (0, None));
+    }
+}
+
+#[cfg(test)]
+mod weight_tests {
+    use super::*;
+
+    fn spec(service: &str, addr: &str, version: Option<&str>, weight: u32) -> BackendSpec {
+        BackendSpec {
+            addr: addr.into(),
+            weight,
+            service: service.into(),
+            instance_id: addr.into(),
+            proto: Default::default(),
+            redirect_https: false,
+            held: false,
+            upgrades: Arc::new([]),
+            rewrite: None,
+            sticky: None,
+            version: version.map(Into::into),
+            dark: false,
+        }
+    }
+
+    #[test]
+    fn versions_split_their_service_share_and_other_services_keep_theirs() {
+        let mut b = vec![
+            spec("web", "a:1", Some("v1"), 100),
+            spec("web", "b:1", Some("v1"), 100),
+            spec("web", "c:1", Some("v2"), 100),
+            spec("web", "d:1", None, 100),
+            spec("other", "e:1", None, 100),
+        ];
+        let w: VersionWeights = [("v1".to_string(), 90), ("v2".to_string(), 10)].into();
+        apply_weights(&mut b, &[("web".to_string(), w)].into());
+        let got: Vec<(u32, bool)> = b.iter().map(|b| (b.weight, b.dark)).collect();
+        // web's 400 split 90/10 between v1 (two instances) and v2; the unversioned one is
+        // dark; the other service keeps its 100.
+        assert_eq!(
+            got,
+            [
+                (180, false),
+                (180, false),
+                (40, false),
+                (100, true),
+                (100, false)
+            ]
+        );
+        let mut all_dark = vec![spec("web", "a:1", Some("v1"), 100)];
+        let zero: VersionWeights = [("v1".to_string(), 0)].into();
+        apply_weights(&mut all_dark, &[("web".to_string(), zero)].into());
+        assert!(all_dark[0].dark);
     }
 }

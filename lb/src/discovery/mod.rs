@@ -31,7 +31,8 @@ use attribute::{Action, Attribution, CheckList, Checks, Sweep};
 pub use desired::{table_spec, Changes, DesiredTable};
 pub use pace::Pace;
 use watches::{
-    watch_catalog, watch_census, watch_check_list, watch_service, Instances, Routed, ServiceReads,
+    watch_catalog, watch_census, watch_check_list, watch_service, watch_weights, Instances, Routed,
+    ServiceReads,
 };
 
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
@@ -47,8 +48,13 @@ const CONCURRENT_READS: usize = 4;
 /// Services with instances without checks read on every catalog change, at most; with more,
 /// the sweep that follows a change nothing explains finds theirs.
 const UNCHECKED_READ_MAX: usize = 64;
-/// Blocking queries held whatever the services: the catalog and the check lists.
+/// Blocking queries held whatever the services: the catalog and the check lists (and the
+/// version weights, unless they are not watched).
 const LONG_POLLS: i64 = 1 + CheckList::ALL.len() as i64;
+
+fn long_polls(shared: &Shared) -> i64 {
+    LONG_POLLS + i64::from(!shared.config.weights_kv_prefix.is_empty())
+}
 
 enum Update {
     Services(Routed),
@@ -58,6 +64,7 @@ enum Update {
         service: String,
         instances: Instances,
     },
+    Weights(watches::Weights),
 }
 
 /// Runs discovery until `shutdown` flips.
@@ -84,7 +91,12 @@ pub async fn watch_consul(
         tx.clone(),
     );
     background.push(tokio::spawn(task));
-    shared.metrics.consul_watches.set(LONG_POLLS);
+    let weights_prefix = shared.config.weights_kv_prefix.clone();
+    if !weights_prefix.is_empty() {
+        let task = watch_weights(shared.clone(), client.clone(), weights_prefix, tx.clone());
+        background.push(tokio::spawn(task));
+    }
+    shared.metrics.consul_watches.set(long_polls(&shared));
     let snapshot_file = shared.config.snapshot_file.clone();
     let (snapshot_tx, writer) = match &snapshot_file {
         Some(path) => {
@@ -335,6 +347,7 @@ impl Publisher {
                 self.touch_unchecked_on_node_change();
             }
             Update::Health { service, instances } => self.apply_health(service, instances),
+            Update::Weights(w) => self.desired.set_weights(w.services),
         }
     }
 
@@ -453,7 +466,7 @@ impl Publisher {
         self.shared
             .metrics
             .consul_watches
-            .set(LONG_POLLS + self.blocking as i64);
+            .set(long_polls(&self.shared) + self.blocking as i64);
     }
 
     /// A routed service's instances changed: its share of the desired table is parsed anew.

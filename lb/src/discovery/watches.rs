@@ -4,7 +4,7 @@
 //! census of every check, and each routed service's instances, are read when told that they
 //! changed, through a few connections shared by all. Knows nothing of routing tables, nor of how a change is traced to a service.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -13,6 +13,7 @@ use switchyard_daemon::backoff::Backoff;
 use tokio::sync::{mpsc, Notify, Semaphore};
 
 use super::attribute::{CheckList, CheckSeen, Checks};
+use super::desired::VersionWeights;
 use super::{Pace, Update, BACKOFF_BASE};
 use crate::metrics::WatchName;
 use crate::state::ConsulContact;
@@ -186,6 +187,113 @@ impl Holdable for Checks {
 
     fn held(&self) -> usize {
         0
+    }
+}
+
+/// Services' version weights from Consul KV (`LB_WEIGHTS_KV_PREFIX<service>` holding
+/// `{"v1": 90, "v2": 10}`), and which of them are held (`Holdable`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub(super) struct Weights {
+    pub services: HashMap<String, VersionWeights>,
+    pub held: BTreeSet<String>,
+}
+
+/// A Consul that lost its state forgets its KV too: what it no longer lists is held, as
+/// instances are, rather than sending a dark version its instances' full share at once.
+impl Holdable for Weights {
+    fn hold_over(&self, fresh: &Self, only_held: bool) -> Option<Self> {
+        let vanished: BTreeSet<String> = self
+            .services
+            .keys()
+            .filter(|s| !fresh.services.contains_key(*s))
+            .filter(|s| !only_held || self.held.contains(*s))
+            .cloned()
+            .collect();
+        if vanished.is_empty() {
+            return None;
+        }
+        let mut merged = fresh.clone();
+        for s in &vanished {
+            merged.services.insert(s.clone(), self.services[s].clone());
+        }
+        merged.held = vanished;
+        Some(merged)
+    }
+
+    fn registered_again(&self, _fresh: &Self) -> bool {
+        false
+    }
+
+    fn held(&self) -> usize {
+        self.held.len()
+    }
+}
+
+/// Follows the version weights under `prefix` with a blocking query and reports each change.
+pub(super) async fn watch_weights(
+    shared: Arc<Shared>,
+    client: Client,
+    prefix: String,
+    tx: mpsc::Sender<Update>,
+) {
+    watch(
+        &shared,
+        WatchName::Weights,
+        "weights",
+        |q| {
+            let (client, prefix) = (client.clone(), prefix.clone());
+            async move { client.kv_list(&prefix, &q).await }
+        },
+        |resp, last: Option<&Weights>, _| {
+            Verdict::Value(weights_of(&shared, &prefix, resp.value, last))
+        },
+        |weights| {
+            let tx = tx.clone();
+            async move { tx.send(Update::Weights(weights)).await.is_ok() }
+        },
+    )
+    .await;
+}
+
+/// The weights in a KV answer. A value that is not a JSON object of version names to
+/// weights (0..=1000) is refused, warned about and counted, and the service keeps the
+/// weights it had: a typo must not send a dark version traffic.
+fn weights_of(
+    shared: &Shared,
+    prefix: &str,
+    pairs: Vec<switchyard_consul::KvPair>,
+    last: Option<&Weights>,
+) -> Weights {
+    let mut services = HashMap::new();
+    for pair in pairs {
+        let Some(service) = pair.key.strip_prefix(prefix).filter(|s| !s.is_empty()) else {
+            continue;
+        };
+        let parsed = pair
+            .bytes()
+            .and_then(|b| serde_json::from_slice::<BTreeMap<String, u32>>(&b).ok())
+            .filter(|w| {
+                w.iter().all(|(v, n)| {
+                    switchyard_consul::tags::is_version(v)
+                        && *n <= switchyard_consul::tags::MAX_WEIGHT
+                })
+            });
+        match parsed {
+            Some(w) => {
+                services.insert(service.to_string(), w);
+            }
+            None => {
+                shared.metrics.version_weights_errors.inc();
+                tracing::warn!(key = %pair.key, "ignoring version weights that are not a JSON object of version names to weights 0..=1000");
+                if let Some(kept) = last.and_then(|l| l.services.get(service)) {
+                    services.insert(service.to_string(), kept.clone());
+                }
+            }
+        }
+    }
+    Weights {
+        services,
+        held: BTreeSet::new(),
     }
 }
 

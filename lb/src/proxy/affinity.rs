@@ -72,7 +72,7 @@ pub(super) fn set_cookie(name: &str, key: u64, path: &str, tls: bool) -> Option<
 
 /// The value of cookie `name` in the request's `Cookie` fields (RFC 6265 5.4: `name=value`
 /// pairs separated by `; `; an HTTP/2 request may split them over several fields).
-fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h [u8]> {
+pub(super) fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h [u8]> {
     headers.get_all(header::COOKIE).iter().find_map(|field| {
         field.as_bytes().split(|&b| b == b';').find_map(|pair| {
             let pair = pair.trim_ascii_start();

@@ -19,12 +19,17 @@ use super::rewrite;
 use super::upgrade::{spawn_tunnel, Upgrade};
 use crate::config::Config;
 use crate::metrics::{LocalReason, RetryReason, StatusClass, UpstreamErrorKind};
-use crate::routing::{Route, RouteBackend, Tried};
+use crate::routing::{Pin, Route, RouteBackend, Tried};
 use crate::upstream::{
     Backend, BodyError, ConnectError, SendError, Sender, Upstream, UpstreamBody,
 };
 use crate::Shared;
 use switchyard_consul::tags::Sticky;
+
+/// What pins a request to one version of a route's instances.
+pub(super) const VERSION_HEADER: header::HeaderName =
+    header::HeaderName::from_static("x-switchyard-version");
+pub(super) const VERSION_COOKIE: &str = "sy-version";
 
 /// Pooled connections found closed at send time, retried without spending a retry: nothing
 /// reached a backend. Bounded in case every pooled connection of a backend went stale at once.
@@ -279,10 +284,25 @@ fn pick(
     request_id: &HeaderValue,
     tried: &Tried,
 ) -> Option<usize> {
+    let pin = if route.versioned {
+        pin_of(&parts.headers)
+    } else {
+        Pin::Lit
+    };
     match affinity_of(route, parts, request_id) {
-        Some(a) => route.pick_affine(a.key, tried, cfg.affinity_balance_permille),
-        None => route.pick(cfg.balance, tried),
+        Some(a) => route.pick_affine(a.key, tried, pin, cfg.affinity_balance_permille),
+        None => route.pick(cfg.balance, tried, pin),
     }
+}
+
+/// The request's version pin: the `X-Switchyard-Version` header, else the `sy-version`
+/// cookie (so that a browser can be pinned too).
+fn pin_of(headers: &http::HeaderMap) -> Pin<'_> {
+    headers
+        .get(VERSION_HEADER)
+        .map(HeaderValue::as_bytes)
+        .or_else(|| affinity::cookie(headers, VERSION_COOKIE))
+        .map_or(Pin::Lit, Pin::Version)
 }
 
 /// The lb's affinity cookie for a client that had none, on the route's path.

@@ -63,6 +63,7 @@ impl Route {
         &self,
         key: u64,
         tried: &super::Tried,
+        pin: super::Pin<'_>,
         factor_permille: u64,
     ) -> Option<usize> {
         let ring = &self.ring;
@@ -79,7 +80,11 @@ impl Route {
         }
         let start = ring.partition_point(|&(p, _)| p < key);
         let at = |step: usize| ring[(start + step) % ring.len()].1 as usize;
-        let usable = |i: usize| !tried.contains(i) && !self.backends[i].backend.is_ejected(now);
+        let usable = |i: usize| {
+            !tried.contains(i)
+                && pin.admits(&self.backends[i])
+                && !self.backends[i].backend.is_ejected(now)
+        };
         // In flight < factor x (load + 1) x weight share, in integers.
         let under_bound = |i: usize| {
             let rb = &self.backends[i];
@@ -90,7 +95,11 @@ impl Route {
             .map(at)
             .find(|&i| usable(i) && under_bound(i))
             .or_else(|| (0..ring.len()).map(at).find(|&i| usable(i)))
-            .or_else(|| (0..ring.len()).map(at).find(|&i| !tried.contains(i)))
+            .or_else(|| {
+                (0..ring.len())
+                    .map(at)
+                    .find(|&i| !tried.contains(i) && pin.admits(&self.backends[i]))
+            })
     }
 }
 
@@ -100,7 +109,7 @@ mod tests {
 
     use switchyard_consul::tags::{parse_route, Sticky};
 
-    use super::super::{BackendSpec, BuildCache, RoutingTable, TableSpec, Tried};
+    use super::super::{BackendSpec, BuildCache, Pin, RoutingTable, TableSpec, Tried};
     use super::*;
     use crate::metrics::Metrics;
 
@@ -120,6 +129,8 @@ mod tests {
                 upgrades: Arc::new([]),
                 rewrite: None,
                 sticky: Some(Arc::new(Sticky::LbCookie("s".into()))),
+                version: None,
+                dark: false,
             })
             .collect();
         let spec: TableSpec = [(parse_route("/").unwrap(), backends)].into();
@@ -133,7 +144,7 @@ mod tests {
         (0..SESSIONS)
             .map(|s| {
                 let i = r
-                    .pick_affine(hash(&s.to_le_bytes()), &Tried::default(), factor)
+                    .pick_affine(hash(&s.to_le_bytes()), &Tried::default(), Pin::Lit, factor)
                     .unwrap();
                 r.backends[i].spec.addr.to_string()
             })
@@ -206,7 +217,7 @@ mod tests {
             let mut load = [0u64; 4];
             for &k in &draws {
                 let i = r
-                    .pick_affine(hash(&k.to_le_bytes()), &Tried::default(), factor)
+                    .pick_affine(hash(&k.to_le_bytes()), &Tried::default(), Pin::Lit, factor)
                     .unwrap();
                 r.backends[i].backend.start_request();
                 load[i] += 1;

@@ -223,6 +223,7 @@ fn build_route(
         upgrades: common_upgrades(specs),
         sticky,
         ring,
+        versioned: specs.iter().any(|s| s.version.is_some()),
     }
 }
 

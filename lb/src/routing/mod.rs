@@ -43,6 +43,10 @@ pub struct BackendSpec {
     pub rewrite: Option<Arc<Rewrite>>,
     /// Session affinity asked by this instance's tags (tag `sticky`).
     pub sticky: Option<Arc<Sticky>>,
+    /// The version this instance runs (tag `version`).
+    pub version: Option<Arc<str>>,
+    /// Its version's weight in Consul KV is 0: only requests pinned to the version reach it.
+    pub dark: bool,
 }
 
 /// The whole desired routing, as plain data: comparing two specs tells whether a rebuild would
@@ -90,6 +94,26 @@ pub struct Route {
     /// backends that ask, so every lb agrees), and the ring the keys are placed on.
     pub sticky: Option<Sticky>,
     ring: affinity::Ring,
+    /// Some backend names its version: requests may pin one (see `Pin`).
+    pub versioned: bool,
+}
+
+/// Which backends a request may reach: any that is not dark, or only those of one version
+/// (a request pinned by header or cookie, dark ones included).
+#[derive(Clone, Copy, Default)]
+pub enum Pin<'a> {
+    #[default]
+    Lit,
+    Version(&'a [u8]),
+}
+
+impl Pin<'_> {
+    fn admits(self, b: &RouteBackend) -> bool {
+        match self {
+            Pin::Lit => !b.spec.dark,
+            Pin::Version(v) => b.spec.version.as_deref().map(str::as_bytes) == Some(v),
+        }
+    }
 }
 
 pub struct RoutingTable {
@@ -146,6 +170,8 @@ mod tests {
                             upgrades: Arc::new([]),
                             rewrite: None,
                             sticky: None,
+                            version: None,
+                            dark: false,
                         })
                         .collect(),
                 )
@@ -191,7 +217,7 @@ mod tests {
     fn counts(route: &Route, balance: Balance, n: usize) -> Vec<usize> {
         let mut c = vec![0; route.backends.len()];
         for _ in 0..n {
-            c[route.pick(balance, &Tried::default()).unwrap()] += 1;
+            c[route.pick(balance, &Tried::default(), Pin::Lit).unwrap()] += 1;
         }
         c
     }
@@ -230,9 +256,9 @@ mod tests {
             tried.push(1);
             tried.push(2);
             // Only the ejected one is left untried: it is used rather than failing.
-            assert_eq!(r.pick(balance, &tried), Some(0), "{balance:?}");
+            assert_eq!(r.pick(balance, &tried, Pin::Lit), Some(0), "{balance:?}");
             tried.push(0);
-            assert_eq!(r.pick(balance, &tried), None);
+            assert_eq!(r.pick(balance, &tried, Pin::Lit), None);
         }
     }
 

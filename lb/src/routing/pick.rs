@@ -3,7 +3,7 @@
 
 use std::sync::atomic::Ordering;
 
-use super::Route;
+use super::{Pin, Route};
 use crate::config::Balance;
 use crate::time::now_ms;
 
@@ -32,14 +32,16 @@ impl Tried {
 impl Route {
     /// Picks a backend not yet tried. Ejected backends are skipped while any other is left, so
     /// ejection never takes the last backends of a route out of service.
-    pub fn pick(&self, balance: Balance, tried: &Tried) -> Option<usize> {
+    /// Only backends `pin` admits are picked.
+    pub fn pick(&self, balance: Balance, tried: &Tried, pin: Pin<'_>) -> Option<usize> {
         let n = self.backends.len();
         if n == 0 {
             return None;
         }
         let now = now_ms();
-        let healthy = |i: usize| !tried.contains(i) && !self.backends[i].backend.is_ejected(now);
-        let untried = |i: usize| !tried.contains(i);
+        let admits = |i: usize| !tried.contains(i) && pin.admits(&self.backends[i]);
+        let healthy = |i: usize| admits(i) && !self.backends[i].backend.is_ejected(now);
+        let untried = admits;
         self.pick_where(balance, &healthy)
             .or_else(|| self.pick_where(balance, &untried))
     }

@@ -12,6 +12,7 @@ use crate::support::{eventually, Backend, Consul, Http, Lb};
 pub const LB_RULES: &str = r#"
 service_prefix "" { policy = "read" }
 node_prefix "" { policy = "read" }
+key_prefix "switchyard/weights/" { policy = "read" }
 "#;
 
 /// Waits for `lb` to count a failed catalog read of `kind`.
