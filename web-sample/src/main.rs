@@ -16,7 +16,9 @@
 //!
 //! Environment: `WEB_LISTEN` (default `0.0.0.0:8000`), `WEB_NAME` (default the hostname),
 //! `WEB_VERSION` (default the crate version), `WEB_TASK` (default `$TASK_SLOT`/empty),
-//! `WEB_DRAIN_DELAY` seconds (default 2), `WEB_FAULTS` (`on` enables the fault knobs).
+//! `WEB_DRAIN_DELAY` seconds (default 2), `WEB_FAULTS` (`on` enables the fault knobs),
+//! `WEB_ERROR_RATE` (the `error_rate` knob's value at start, default 0: a bad version to
+//! deploy, for canary tests and demos).
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -62,6 +64,14 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    let error_rate = match env("WEB_ERROR_RATE").map(|v| v.parse::<f64>()) {
+        None => 0.0,
+        Some(Ok(r)) if (0.0..=1.0).contains(&r) => r,
+        Some(_) => {
+            eprintln!("web-sample: WEB_ERROR_RATE must be a number within 0..=1");
+            return std::process::ExitCode::from(2);
+        }
+    };
     let state = Arc::new(State {
         name: env("WEB_NAME")
             .or_else(|| {
@@ -75,7 +85,7 @@ fn main() -> std::process::ExitCode {
         failing: AtomicBool::new(false),
         draining: AtomicBool::new(false),
         latency_ms: AtomicU64::new(0),
-        error_ppm: AtomicU32::new(0),
+        error_ppm: AtomicU32::new((error_rate * 1e6) as u32),
         served: AtomicU64::new(0),
         faults_on: env("WEB_FAULTS").is_some_and(|v| v == "on"),
     });
