@@ -144,6 +144,10 @@ struct BackendView {
     idle_connections: usize,
     /// Kept over a Consul that lost its state, which no longer lists it.
     held: bool,
+    /// Its version (tag `version`), and whether its weight in Consul KV is 0 (only pinned
+    /// requests reach it).
+    version: Option<String>,
+    dark: bool,
 }
 
 fn routes_view(shared: &Shared) -> RoutesView {
@@ -182,6 +186,8 @@ fn routes_view(shared: &Shared) -> RoutesView {
                             requests: b.backend.requests(),
                             idle_connections: b.backend.idle_connections(),
                             held: b.spec.held,
+                            version: b.spec.version.as_deref().map(str::to_string),
+                            dark: b.spec.dark,
                         }
                     })
                     .collect(),

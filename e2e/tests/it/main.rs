@@ -22,7 +22,7 @@ use testkit::{eventually, workspace_root, Http};
 use load::{Counts, Load};
 use stack::{
     consul_call, consul_passing, container_started, containers, docker, gwbridge_ip, lb_addrs,
-    lb_backends, lb_metric, scale, service, task_since, update_completed, Stack, PROMETHEUS,
+    lb_backends, lb_metric, scale, service, sh, task_since, update_completed, Stack, PROMETHEUS,
 };
 
 /// Phase results, printed together at the end (and as they happen).
@@ -457,6 +457,54 @@ async fn stack_end_to_end() {
         empty.len()
     ));
 
+    // Canary, under the same load: a good version is tested pinned, then shifted 10 -> 50 ->
+    // 100% with nothing failing; a bad one (half its answers 500, its tests skipped so that
+    // users meet it) is rolled back at its first step, with at most that step's requests
+    // failing. Then back to v1.
+    let before = stats.counts();
+    let (promoted, out) = canary(&["v2", "--dwell", "4"]).await;
+    println!("{out}");
+    assert!(promoted && out.contains("promoted v2"), "{out}");
+    let good = stats.counts() - before;
+    report.add(format!("canary v2 (good): promoted; {good}"));
+    assert_eq!(good.failed, 0, "{}", stats.failures().join("\n"));
+    let before = stats.counts();
+    let bad_args = [
+        "v3",
+        "--env",
+        "WEB_ERROR_RATE=0.5",
+        "--tests",
+        "true",
+        "--dwell",
+        "4",
+    ];
+    let (promoted, out) = canary(&bad_args).await;
+    println!("{out}");
+    assert!(!promoted && out.contains("rolled back"), "{out}");
+    let bad = stats.counts() - before;
+    // "10%: v3 answered N requests, ..."
+    let first_step: u64 = out
+        .lines()
+        .find_map(|l| {
+            l.split("10%: v3 answered ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no first step in {out}"));
+    report.add(format!(
+        "canary v3 (bad): rolled back at 10%; {bad}; v3 answered {first_step} in its step"
+    ));
+    assert!(
+        bad.failed <= first_step,
+        "{} failed, more than the first step's {first_step}",
+        bad.failed
+    );
+    let canary_failed = bad.failed;
+    canary_back_to_v1().await;
+
     let total = load.stop().await;
     report.add(format!("total: {total}"));
     println!(
@@ -465,8 +513,8 @@ async fn stack_end_to_end() {
     );
     let failures = stats.failures();
     assert!(
-        total.failed == 0,
-        "{} requests failed; the first ones:\n{}",
+        total.failed == canary_failed,
+        "{} requests failed ({canary_failed} of them at the bad canary's first step); the first ones:\n{}",
         total.failed,
         failures.join("\n")
     );
@@ -475,4 +523,47 @@ async fn stack_end_to_end() {
         "panels without data:\n{}",
         empty.join("\n")
     );
+}
+
+/// Runs `scripts/canary` with `args`: whether it promoted, and what it said.
+async fn canary(args: &[&str]) -> (bool, String) {
+    let out = tokio::process::Command::new("python3")
+        .arg("scripts/canary")
+        .args(args)
+        .current_dir(workspace_root())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("run scripts/canary");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// After the canaries: v1 takes all traffic again, v2 goes (dark, so nobody notices), and
+/// the weights are removed.
+async fn canary_back_to_v1() {
+    let consul = |args: &[&str]| {
+        let mut all = vec!["scripts/consul-acl", "consul"];
+        all.extend_from_slice(args);
+        sh("bash", &all)
+    };
+    consul(&[
+        "kv",
+        "put",
+        "switchyard/weights/web",
+        r#"{"v1": 100, "v2": 0}"#,
+    ]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    docker(&["service", "rm", &service("web-v2")]);
+    eventually(
+        "the v2 tasks to be gone",
+        Duration::from_secs(60),
+        || async { containers("web-v2").is_empty() },
+    )
+    .await;
+    consul(&["kv", "delete", "switchyard/weights/web"]);
 }
