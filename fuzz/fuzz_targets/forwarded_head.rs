@@ -6,7 +6,7 @@ use bytes::{BufMut, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
 
-use lb::proxy::Forwarded;
+use lb::proxy::{Forwarded, Peer};
 use lb::upstream::HeadFields;
 
 fn pairs(h: &HeaderMap) -> Vec<(String, Vec<u8>)> {
@@ -32,14 +32,15 @@ fuzz_target!(|data: &[u8]| {
         };
         headers.append(name, value);
     }
-    let ip = HeaderValue::from_static("192.0.2.1");
     let id = HeaderValue::from_static("req-1");
+    let rewritten = HeaderValue::from_static("client.example");
     for (trusted, own_length) in [(false, false), (true, true)] {
+        let peer = Peer::outside("192.0.2.1:4000".parse().unwrap(), trusted, trusted);
+        // A rewritten Host's X-Forwarded-Host too, for the trusted case.
         let fwd = Forwarded {
-            client_ip: &ip,
-            tls: trusted,
-            trusted,
+            peer: &peer,
             request_id: &id,
+            client_host: trusted.then_some(&rewritten),
         };
         let mut wire = BytesMut::new();
         fwd.encode_h1(&headers, own_length, &mut wire);

@@ -144,19 +144,9 @@ fn close_xff(b: &mut BytesMut, fwd: &Forwarded<'_>) {
 mod tests {
     use super::*;
     use crate::proxy::headers::strip_request_hop_by_hop;
-    use crate::proxy::Drain;
-    use tokio::sync::{mpsc, watch};
 
     fn test_peer(tls: bool, trusted: bool) -> Peer {
-        let (alive, _) = mpsc::channel(1);
-        let (_, close) = watch::channel(false);
-        Peer::new(
-            "127.0.0.2:5555".parse().unwrap(),
-            tls,
-            trusted,
-            Drain { alive, close },
-            None,
-        )
+        Peer::outside("127.0.0.2:5555".parse().unwrap(), tls, trusted)
     }
 
     #[test]

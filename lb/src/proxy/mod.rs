@@ -399,15 +399,7 @@ mod tests {
         use std::sync::atomic::{AtomicUsize, Ordering};
         let config = crate::config::Config::from_lookup(|_| None).unwrap();
         let shared = Arc::new(Shared::new(config));
-        let (alive, _) = tokio::sync::mpsc::channel(1);
-        let (_, close) = tokio::sync::watch::channel(false);
-        let peer = Arc::new(Peer::new(
-            "127.0.0.1:1".parse().unwrap(),
-            false,
-            false,
-            Drain { alive, close },
-            None,
-        ));
+        let peer = Arc::new(Peer::outside("127.0.0.1:1".parse().unwrap(), false, false));
         let size = Arc::new(AtomicUsize::new(0));
         let (client, server) = tokio::io::duplex(4096);
         let seen = size.clone();

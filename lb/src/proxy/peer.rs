@@ -51,6 +51,14 @@ impl Peer {
             _slot: slot,
         }
     }
+
+    /// A peer of no connection, for rendering forwarding fields apart from a server (the
+    /// fuzz targets, tests): nothing drains it.
+    pub fn outside(addr: SocketAddr, tls: bool, trusted: bool) -> Peer {
+        let (alive, _) = tokio::sync::mpsc::channel(1);
+        let (_, close) = tokio::sync::watch::channel(false);
+        Peer::new(addr, tls, trusted, Drain { alive, close }, None)
+    }
 }
 
 /// What a connection's requests tell its `ParkingIo`.
