@@ -71,12 +71,18 @@ impl Route {
             return None;
         }
         let now = crate::time::now_ms();
+        // The bound is over the backends this request may reach.
         let (mut load, mut weight) = (0u64, 0u64);
         for rb in self.backends.iter() {
-            if !rb.backend.is_ejected(now) {
+            if pin.admits(rb) && !rb.backend.is_ejected(now) {
                 load += rb.backend.in_flight() as u64;
                 weight += u64::from(rb.weight);
             }
+        }
+        // A pin no backend answers to: nothing to walk the ring for (a client could make
+        // every request walk it three times).
+        if !self.backends.iter().any(|rb| pin.admits(rb)) {
+            return None;
         }
         let start = ring.partition_point(|&(p, _)| p < key);
         let at = |step: usize| ring[(start + step) % ring.len()].1 as usize;

@@ -148,8 +148,14 @@ fn same_backends(route: &Route, specs: &[BackendSpec]) -> bool {
         && route
             .backends
             .iter()
-            .zip(specs)
+            .zip(lit_first(specs))
             .all(|(rb, s)| rb.spec == *s)
+}
+
+/// The specs in a route's order: lit ones first, then dark ones (see `pick`).
+fn lit_first(specs: &[BackendSpec]) -> impl Iterator<Item = &BackendSpec> {
+    let lit = specs.iter().filter(|s| !s.dark);
+    lit.chain(specs.iter().filter(|s| s.dark))
 }
 
 /// A route built anew; backends it shares with `old` keep their state and counters.
@@ -167,7 +173,9 @@ fn build_route(
         .map(|o| o.latency.clone())
         .unwrap_or_else(|| metrics.request_duration.with_label_values(&[&name]));
     let mut rbs = Vec::with_capacity(specs.len());
-    for s in specs {
+    // Lit backends first: unpinned picks run over them alone (see `pick`).
+    let lit = specs.iter().filter(|s| !s.dark).count();
+    for s in lit_first(specs) {
         let kept = old
             .as_ref()
             .and_then(|o| o.backends.iter().find(|rb| same_backend(&rb.spec, s)));
@@ -224,6 +232,7 @@ fn build_route(
         sticky,
         ring,
         versioned: specs.iter().any(|s| s.version.is_some()),
+        lit,
     }
 }
 

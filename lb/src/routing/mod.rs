@@ -96,6 +96,8 @@ pub struct Route {
     ring: affinity::Ring,
     /// Some backend names its version: requests may pin one (see `Pin`).
     pub versioned: bool,
+    /// Backends that are not dark: the first `lit` of `backends`.
+    lit: usize,
 }
 
 /// Which backends a request may reach: any that is not dark, or only those of one version
@@ -232,6 +234,47 @@ mod tests {
         // p2c with nothing in flight is a weighted random choice of the lighter of two.
         let p = counts(r, Balance::P2c, 4000);
         assert!(p[1] > p[0], "p2c {p:?}");
+    }
+
+    /// Dark backends take no pick and hand none of theirs to a neighbour: the lit ones keep
+    /// even shares (they had 75/25 when a dark one's place went to the next one along).
+    #[test]
+    fn dark_backends_leave_the_lit_ones_even_and_a_pin_reaches_them() {
+        let mut s = spec(&[(
+            "/",
+            &[("a:1", 100), ("b:1", 100), ("c:1", 100), ("d:1", 100)],
+        )]);
+        for b in s.values_mut().flatten() {
+            let v2 = b.addr.starts_with('b') || b.addr.starts_with('d');
+            b.version = Some(if v2 { "v2" } else { "v1" }.into());
+            b.dark = v2;
+        }
+        let metrics = Metrics::new();
+        let t = RoutingTable::build::<()>(&s, None, 1, &mut BuildCache::default(), &metrics, 4);
+        let r = &t.routes[0];
+        let addr = |i: usize| r.backends[i].spec.addr.to_string();
+        for balance in [Balance::RoundRobin, Balance::Weighted, Balance::P2c] {
+            let mut seen = std::collections::BTreeMap::new();
+            for _ in 0..4000 {
+                let i = r.pick(balance, &Tried::default(), Pin::Lit).unwrap();
+                *seen.entry(addr(i)).or_insert(0) += 1;
+            }
+            assert_eq!(
+                seen.keys().collect::<Vec<_>>(),
+                ["a:1", "c:1"],
+                "{balance:?}"
+            );
+            let a = seen["a:1"];
+            assert!((1800..=2200).contains(&a), "{balance:?} {seen:?}");
+            let i = r
+                .pick(balance, &Tried::default(), Pin::Version(b"v2"))
+                .unwrap();
+            assert!(["b:1", "d:1"].contains(&addr(i).as_str()), "{balance:?}");
+            assert_eq!(
+                r.pick(balance, &Tried::default(), Pin::Version(b"v9")),
+                None
+            );
+        }
     }
 
     #[test]

@@ -33,8 +33,15 @@ impl Route {
     /// Picks a backend not yet tried. Ejected backends are skipped while any other is left, so
     /// ejection never takes the last backends of a route out of service.
     /// Only backends `pin` admits are picked.
+    ///
+    /// Dark backends come last in a route (see `build`): an unpinned pick runs over the lit
+    /// ones alone, so a dark backend's place is not handed to its neighbour and the lit
+    /// ones keep their even (or weighted) shares.
     pub fn pick(&self, balance: Balance, tried: &Tried, pin: Pin<'_>) -> Option<usize> {
-        let n = self.backends.len();
+        let n = match pin {
+            Pin::Lit => self.lit,
+            Pin::Version(_) => self.backends.len(),
+        };
         if n == 0 {
             return None;
         }
@@ -42,22 +49,22 @@ impl Route {
         let admits = |i: usize| !tried.contains(i) && pin.admits(&self.backends[i]);
         let healthy = |i: usize| admits(i) && !self.backends[i].backend.is_ejected(now);
         let untried = admits;
-        self.pick_where(balance, &healthy)
-            .or_else(|| self.pick_where(balance, &untried))
+        self.pick_where(balance, n, &healthy)
+            .or_else(|| self.pick_where(balance, n, &untried))
     }
 
-    fn pick_where(&self, balance: Balance, ok: &dyn Fn(usize) -> bool) -> Option<usize> {
-        let n = self.backends.len();
+    /// A pick among the first `n` backends.
+    fn pick_where(&self, balance: Balance, n: usize, ok: &dyn Fn(usize) -> bool) -> Option<usize> {
         let probe = |start: usize| (0..n).map(|k| (start + k) % n).find(|&i| ok(i));
         match balance {
             Balance::RoundRobin => probe(self.next.fetch_add(1, Ordering::Relaxed) % n),
             Balance::Weighted => {
                 let k = self.next.fetch_add(1, Ordering::Relaxed) as u64;
-                probe(self.spread(k))
+                probe(self.spread(k, n))
             }
             Balance::P2c => {
-                let a = probe(self.weighted_random())?;
-                let b = match probe(self.weighted_random()) {
+                let a = probe(self.weighted_random(n))?;
+                let b = match probe(self.weighted_random(n)) {
                     Some(b) if b != a => b,
                     _ => match probe((a + 1) % n) {
                         Some(b) => b,
@@ -76,22 +83,32 @@ impl Route {
         }
     }
 
-    fn weighted_random(&self) -> usize {
-        if self.cumulative.is_empty() {
-            fastrand::usize(..self.backends.len())
+    /// The weight of the first `n` backends.
+    fn total_of(&self, n: usize) -> u64 {
+        if n == self.backends.len() {
+            self.total_weight
         } else {
-            self.index_of_weight(fastrand::u64(..self.total_weight))
+            self.cumulative.get(n.wrapping_sub(1)).copied().unwrap_or(0)
         }
     }
 
-    /// The k-th point of a golden-ratio sequence over the weight line: deterministic, spreads
-    /// consecutive picks evenly and matches the weights exactly over many picks.
-    fn spread(&self, k: u64) -> usize {
+    fn weighted_random(&self, n: usize) -> usize {
+        if self.cumulative.is_empty() {
+            fastrand::usize(..n)
+        } else {
+            self.index_of_weight(fastrand::u64(..self.total_of(n).max(1)))
+        }
+    }
+
+    /// The k-th point of a golden-ratio sequence over the weight line of the first `n`
+    /// backends: deterministic, spreads consecutive picks evenly and matches the weights
+    /// exactly over many picks.
+    fn spread(&self, k: u64, n: usize) -> usize {
         let x = k.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         if self.cumulative.is_empty() {
-            ((u128::from(x) * self.backends.len() as u128) >> 64) as usize
+            ((u128::from(x) * n as u128) >> 64) as usize
         } else {
-            let w = ((u128::from(x) * u128::from(self.total_weight)) >> 64) as u64;
+            let w = ((u128::from(x) * u128::from(self.total_of(n))) >> 64) as u64;
             self.index_of_weight(w)
         }
     }
