@@ -15,7 +15,8 @@
 //!
 //! - `P.sticky=lb-cookie[:NAME]|cookie:NAME|header:NAME`: session affinity on this instance's
 //!   routes, by a cookie the lb issues (default name `sy-affinity`), an existing cookie, or a
-//!   header. Instances of a route should agree; when they differ the smallest setting wins.
+//!   header. Instances of a route should agree; when they differ, `lb-cookie` wins over
+//!   `cookie`, then `header`, then the smaller name.
 //! - `P.version=NAME`: the version this instance runs (a token, e.g. `v2`): traffic is split
 //!   between a service's versions by the weights in Consul KV, and a request may pin one.
 //! - Rewriting of the request and the response: `P.strip`, `P.prepend`, `P.host`,

@@ -120,6 +120,11 @@ pub const SETTINGS: &[Setting] = &[
         "Consul KV prefix of the version weights: <prefix><service> holds {\"v1\": 90, \"v2\": 10} (tag version); empty: not watched",
     ),
     (
+        "LB_VERSION_PIN",
+        "any",
+        "who may pin a request to a version (X-Switchyard-Version, cookie sy-version), dark ones included: any | trusted (peers in LB_TRUSTED_PROXIES) | off",
+    ),
+    (
         "LB_AFFINITY_BALANCE",
         "1.25",
         "on sticky routes (tag sticky), no backend takes more than this times its share of the route's requests in flight: a hot session key spills to the next backend on the ring (1.0 to 10)",
@@ -314,6 +319,14 @@ pub const SETTINGS: &[Setting] = &[
     ),
 ];
 
+/// Who may pin a request to a version (`LB_VERSION_PIN`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VersionPin {
+    Any,
+    Trusted,
+    Off,
+}
+
 /// The access log's line format (`LB_ACCESS_LOG`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AccessLogFormat {
@@ -356,6 +369,7 @@ pub struct Config {
     pub balance: Balance,
     /// Empty: version weights are not watched.
     pub weights_kv_prefix: String,
+    pub version_pin: VersionPin,
     /// The bound of consistent hashing with bounded loads, in thousandths (1,250 for 1.25).
     pub affinity_balance_permille: u64,
     pub connect_timeout: Duration,
@@ -485,6 +499,16 @@ impl Config {
                 "p2c, round_robin or weighted",
             ),
             weights_kv_prefix: p.raw("LB_WEIGHTS_KV_PREFIX", None),
+            version_pin: p.get(
+                "LB_VERSION_PIN",
+                |s| match s {
+                    "any" => Some(VersionPin::Any),
+                    "trusted" => Some(VersionPin::Trusted),
+                    "off" => Some(VersionPin::Off),
+                    _ => None,
+                },
+                "any, trusted or off",
+            ),
             affinity_balance_permille: p.get(
                 "LB_AFFINITY_BALANCE",
                 |s| {

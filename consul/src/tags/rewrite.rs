@@ -15,7 +15,8 @@
 //! - `P.rewrite.cookie-path=true`: the same for the `Path` of `Set-Cookie`. Off by default.
 //!
 //! Fields that frame or route the message (`Content-Length`, `Transfer-Encoding`, hop-by-hop
-//! fields, `Host`) and the ones the lb writes itself (`X-Forwarded-*`, `X-Request-Id`) cannot
+//! fields, `Host`, `X-Switchyard-Version`) and the ones the lb writes or vouches for itself
+//! (`X-Forwarded-*`, `Forwarded`, `X-Real-IP`, `X-Request-Id`, `X-Switchyard-Error`) cannot
 //! be edited: a tag must not be able to desynchronise a connection or forge the lb's word.
 
 use super::{is_tchar, MAX_PATH_LEN};
@@ -29,6 +30,7 @@ const MAX_HOST_LEN: usize = 253;
 const NOT_EDITABLE: &[&str] = &[
     "connection",
     "content-length",
+    "forwarded",
     "host",
     "keep-alive",
     "proxy-connection",
@@ -39,7 +41,10 @@ const NOT_EDITABLE: &[&str] = &[
     "x-forwarded-for",
     "x-forwarded-host",
     "x-forwarded-proto",
+    "x-real-ip",
     "x-request-id",
+    "x-switchyard-error",
+    "x-switchyard-version",
 ];
 
 /// What an instance's tags ask to change in the requests it gets and the responses it gives.

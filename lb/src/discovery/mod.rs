@@ -125,6 +125,7 @@ pub async fn watch_consul(
         unchecked: HashSet::new(),
         blocking: 0,
         awaiting_first: HashSet::new(),
+        weights_pending: !shared.config.weights_kv_prefix.is_empty(),
         catalog_seen_at: None,
         published: false,
         cache: BuildCache::default(),
@@ -225,6 +226,9 @@ struct Publisher {
     /// Watchers with a blocking query of their own (`LB_CONSUL_SERVICE_WATCHES` at most).
     blocking: usize,
     awaiting_first: HashSet<String>,
+    /// The version weights have not answered yet: the first table waits for them too (until
+    /// the initial sync's time is up), or a dark version would be lit until they did.
+    weights_pending: bool,
     catalog_seen_at: Option<Instant>,
     published: bool,
     cache: BuildCache,
@@ -347,7 +351,10 @@ impl Publisher {
                 self.touch_unchecked_on_node_change();
             }
             Update::Health { service, instances } => self.apply_health(service, instances),
-            Update::Weights(w) => self.desired.set_weights(w.services),
+            Update::Weights(w) => {
+                self.weights_pending = false;
+                self.desired.set_weights(w.services);
+            }
         }
     }
 
@@ -524,7 +531,7 @@ impl Publisher {
             return;
         }
         self.follow_snapshot();
-        if !self.published && !force && !self.awaiting_first.is_empty() {
+        if !self.published && !force && (!self.awaiting_first.is_empty() || self.weights_pending) {
             return;
         }
         let started = Instant::now();

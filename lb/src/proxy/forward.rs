@@ -17,7 +17,7 @@ use super::local::local;
 use super::peer::Peer;
 use super::rewrite;
 use super::upgrade::{spawn_tunnel, Upgrade};
-use crate::config::Config;
+use crate::config::{Config, VersionPin};
 use crate::metrics::{LocalReason, RetryReason, StatusClass, UpstreamErrorKind};
 use crate::routing::{Pin, Route, RouteBackend, Tried};
 use crate::upstream::{
@@ -47,7 +47,7 @@ pub(super) async fn forward(
     let cfg = &shared.config;
     let start = Instant::now();
     let mut attempts = Attempts::new(&parts, body, cfg);
-    while let Some(i) = pick(route, cfg, &parts, &request_id, &attempts.tried) {
+    while let Some(i) = pick(route, (cfg, peer), &parts, &request_id, &attempts.tried) {
         attempts.tried.push(i);
         let rb = &route.backends[i];
         let backend = &rb.backend;
@@ -279,12 +279,17 @@ fn affinity_of(
 #[inline]
 fn pick(
     route: &Route,
-    cfg: &Config,
+    (cfg, peer): (&Config, &Peer),
     parts: &http::request::Parts,
     request_id: &HeaderValue,
     tried: &Tried,
 ) -> Option<usize> {
-    let pin = if route.versioned {
+    let may_pin = match cfg.version_pin {
+        VersionPin::Any => true,
+        VersionPin::Trusted => peer.trusted,
+        VersionPin::Off => false,
+    };
+    let pin = if route.versioned && may_pin {
         pin_of(&parts.headers)
     } else {
         Pin::Lit

@@ -72,6 +72,15 @@ async fn kv_weights_split_a_service_between_versions_and_a_pin_reaches_a_dark_on
         pinned(&http, &lb, ("x-switchyard-version", "v3")).await.0,
         503
     );
+    // An lb that takes pins from nobody (LB_VERSION_PIN=off) keeps the dark version dark.
+    let strict = Lb::start(&consul, &[("LB_VERSION_PIN", "off")]).await;
+    wait_routed(&strict, &http, "*/", 3).await;
+    for _ in 0..10 {
+        let (status, backend) = pinned(&http, &strict, ("x-switchyard-version", "v2")).await;
+        assert_eq!(status, 200);
+        assert!(backend.starts_with("v1"), "{backend}");
+    }
+    drop(strict);
 
     // Shifted at run time: 50/50 between versions, whatever their instance counts.
     kv.kv_put(KEY, br#"{"v1": 50, "v2": 50}"#).await.unwrap();
