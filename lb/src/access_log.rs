@@ -9,7 +9,9 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderValue, Method, Version};
@@ -49,6 +51,9 @@ pub struct AccessLog {
     sample_ppm: u32,
     queue: SyncSender<Record>,
     dropped: IntCounter,
+    /// Lines queued, and lines written and flushed: `finish` waits for the two to meet.
+    queued: AtomicU64,
+    flushed: Arc<AtomicU64>,
 }
 
 impl AccessLog {
@@ -61,14 +66,29 @@ impl AccessLog {
         dropped: IntCounter,
     ) -> std::io::Result<AccessLog> {
         let (queue, rx) = sync_channel(buffer.max(1));
+        let flushed = Arc::new(AtomicU64::new(0));
+        let done = flushed.clone();
         std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || write_lines(rx, format, std::io::stdout(), &lines))?;
+            .spawn(move || write_lines(rx, format, std::io::stdout(), &lines, &done))?;
         Ok(AccessLog {
             sample_ppm: (sample.clamp(0.0, 1.0) * 1e6).round() as u32,
             queue,
             dropped,
+            queued: AtomicU64::new(0),
+            flushed,
         })
+    }
+
+    /// Waits, `within` at most, until every line queued so far is written: at shutdown,
+    /// after the last connections closed (their lines included).
+    pub async fn finish(&self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        while self.flushed.load(Ordering::Acquire) < self.queued.load(Ordering::Acquire)
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Whether this request is to be logged.
@@ -79,7 +99,9 @@ impl AccessLog {
     /// Queues a record; a full queue drops it, counted.
     pub fn write(&self, r: Record) {
         match self.queue.try_send(r) {
-            Ok(()) => {}
+            Ok(()) => {
+                self.queued.fetch_add(1, Ordering::AcqRel);
+            }
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => self.dropped.inc(),
         }
     }
@@ -92,8 +114,15 @@ const GATHER: Duration = Duration::from_millis(10);
 /// `GATHER` and writes it in one go. Under load the request path never wakes it (a sender
 /// wakes only a writer blocked on the empty queue) and lines go out in large writes; a line
 /// after a quiet spell goes out at once.
-fn write_lines(rx: Receiver<Record>, format: AccessLogFormat, out: impl Write, lines: &IntCounter) {
+fn write_lines(
+    rx: Receiver<Record>,
+    format: AccessLogFormat,
+    out: impl Write,
+    lines: &IntCounter,
+    flushed: &AtomicU64,
+) {
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
+    let mut written = 0u64;
     let mut line = Vec::with_capacity(512);
     let mut clock = Clock::default();
     let mut next = rx.recv().ok();
@@ -107,6 +136,7 @@ fn write_lines(rx: Receiver<Record>, format: AccessLogFormat, out: impl Write, l
                 return;
             }
             lines.inc();
+            written += 1;
             r = match rx.try_recv() {
                 Ok(record) => Some(record),
                 Err(e) => {
@@ -118,6 +148,7 @@ fn write_lines(rx: Receiver<Record>, format: AccessLogFormat, out: impl Write, l
         if out.flush().is_err() || !open {
             return;
         }
+        flushed.store(written, Ordering::Release);
         std::thread::sleep(GATHER);
         next = match rx.try_recv() {
             Ok(record) => Some(record),
@@ -400,6 +431,8 @@ mod tests {
             sample_ppm: 1_000_000,
             queue,
             dropped: dropped.clone(),
+            queued: AtomicU64::new(0),
+            flushed: Arc::new(AtomicU64::new(0)),
         };
         for _ in 0..5 {
             log.write(record());
@@ -408,7 +441,13 @@ mod tests {
         drop(log);
         let lines = IntCounter::new("l", "l").unwrap();
         let mut out = Vec::new();
-        write_lines(rx, AccessLogFormat::Text, &mut out, &lines);
+        write_lines(
+            rx,
+            AccessLogFormat::Text,
+            &mut out,
+            &lines,
+            &AtomicU64::new(0),
+        );
         assert_eq!(lines.get(), 2);
         assert_eq!(out.iter().filter(|&&c| c == b'\n').count(), 2);
     }

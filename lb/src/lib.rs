@@ -69,6 +69,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     tracing::info!(drain_delay = ?drain_delay, "shutdown requested: readiness is false, still accepting");
     tokio::time::sleep(drain_delay).await;
     let left = tasks.stop().await;
+    // The lines of the last requests, cut ones included, go out before the process does.
+    if let Some(log) = &shared.access_log {
+        log.finish(std::time::Duration::from_secs(2)).await;
+    }
     tracing::info!(connections_cut = left, "lb stopped");
     Ok(())
 }
