@@ -38,6 +38,10 @@ BENCH = ROOT / "bench"
 CLK = os.sysconf("SC_CLK_TCK")
 PROXY_CPU = "1"
 LOAD_CPU = "0"
+# --two-core: every proxy unpinned with two workers (lb LB_WORKERS=2, nginx worker_processes
+# 2, HAProxy nbthread 2), the load and the backends unpinned too: most real nodes have more
+# than one core, and this row shows how each proxy uses the second.
+WORKERS = 1
 BACKENDS = 4
 
 
@@ -261,6 +265,7 @@ class Stack:
             "LB_LISTEN": f"127.0.0.1:{port}",
             "LB_ADMIN_LISTEN": f"127.0.0.1:{admin}",
             "LB_CONSUL_ADDR": f"http://127.0.0.1:{self.consul_port}",
+            "LB_WORKERS": str(WORKERS),
             "RUST_LOG": "warn",
         }
         if tls_port:
@@ -274,7 +279,8 @@ class Stack:
         ups = "\n".join(f"        server 127.0.0.1:{p};" for p in self.backend_ports)
         conf = (BENCH / "nginx.conf.in").read_text().replace("@DIR@", d) \
             .replace("@PORT@", str(port)).replace("@UPSTREAMS@", ups) \
-            .replace("@TLSPORT@", str(tls_port)).replace("@CERT@", self.cert).replace("@KEY@", self.key)
+            .replace("@TLSPORT@", str(tls_port)).replace("@CERT@", self.cert).replace("@KEY@", self.key) \
+            .replace("worker_processes 1;", f"worker_processes {WORKERS};")
         path = os.path.join(d, "nginx.conf")
         pathlib.Path(path).write_text(conf)
         return [shutil.which("nginx") or "/usr/sbin/nginx", "-c", path, "-p", d,
@@ -283,7 +289,8 @@ class Stack:
     def haproxy_argv(self, name, port, tls_port, small=False):
         srv = "\n".join(f"    server s{i} 127.0.0.1:{p}" for i, p in enumerate(self.backend_ports))
         conf = (BENCH / "haproxy.cfg.in").read_text().replace("@PORT@", str(port)) \
-            .replace("@SERVERS@", srv).replace("@TLSPORT@", str(tls_port)).replace("@PEM@", self.pem)
+            .replace("@SERVERS@", srv).replace("@TLSPORT@", str(tls_port)).replace("@PEM@", self.pem) \
+            .replace("nbthread 1", f"nbthread {WORKERS}")
         if small:
             # Under valgrind, which keeps some descriptors for itself.
             conf = conf.replace("ulimit-n 20000", "ulimit-n 10000").replace("maxconn 9980", "maxconn 4000")
@@ -349,7 +356,7 @@ class Stack:
 
 
 def wrk(port, path, conns, duration, close=False, scheme="http"):
-    argv = ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{conns}", f"-d{duration}s",
+    argv = ["taskset", "-c", LOAD_CPU, "wrk", f"-t{WORKERS}", f"-c{conns}", f"-d{duration}s",
             "--timeout", "5s", "-s", str(BENCH / "report.lua")]
     if close:
         argv += ["-H", "Connection: close"]
@@ -919,6 +926,8 @@ def main():
     ap.add_argument("--cg-requests", default="5000,25000",
                     help="instructions stage: the two request counts whose difference is measured")
     ap.add_argument("--cg-conns", type=int, default=256)
+    ap.add_argument("--two-core", action="store_true",
+                    help="every proxy unpinned with two workers, the load unpinned with two threads")
     ap.add_argument("--cg-variants", default="",
                     help="instructions stage: also count the lb with features on: sticky (a sticky "
                          "route), log (the JSON access log of every request)")
@@ -942,7 +951,12 @@ def main():
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         log(f"descriptor limit {hard}: the idle-connection stage may fall short")
-    pinning = f"proxy pinned to CPU {PROXY_CPU}, wrk and backends to CPU {LOAD_CPU}"
+    if args.two_core:
+        global PROXY_CPU, LOAD_CPU, WORKERS
+        PROXY_CPU, LOAD_CPU, WORKERS = "0,1", "0,1", 2
+    pinning = (f"proxy pinned to CPU {PROXY_CPU}, wrk and backends to CPU {LOAD_CPU}"
+               if WORKERS == 1 else "two cores: proxies unpinned with 2 workers each, "
+               "wrk (2 threads) and backends unpinned")
     log(pinning)
     # nginx reads its files relative to its prefix: hand every target absolute paths.
     args.out = os.path.abspath(args.out)
