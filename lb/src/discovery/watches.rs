@@ -147,14 +147,23 @@ pub(super) struct Routed {
     pub recovered: bool,
 }
 
+/// The names of the last report that the fresh one lacks (with `only_held`, only those
+/// already held): what a hold keeps.
+fn vanished<'a>(
+    last: impl Iterator<Item = &'a String>,
+    fresh_has: impl Fn(&str) -> bool,
+    held: &BTreeSet<String>,
+    only_held: bool,
+) -> BTreeSet<String> {
+    last.filter(|n| !fresh_has(n) && (!only_held || held.contains(*n)))
+        .cloned()
+        .collect()
+}
+
 impl Holdable for Routed {
     fn hold_over(&self, fresh: &Self, only_held: bool) -> Option<Self> {
-        let vanished: BTreeSet<String> = self
-            .names
-            .difference(&fresh.names)
-            .filter(|n| !only_held || self.held.contains(*n))
-            .cloned()
-            .collect();
+        let has = |n: &str| fresh.names.contains(n);
+        let vanished = vanished(self.names.iter(), has, &self.held, only_held);
         if vanished.is_empty() {
             return None;
         }
@@ -202,13 +211,8 @@ pub(super) struct Weights {
 /// instances are, rather than sending a dark version its instances' full share at once.
 impl Holdable for Weights {
     fn hold_over(&self, fresh: &Self, only_held: bool) -> Option<Self> {
-        let vanished: BTreeSet<String> = self
-            .services
-            .keys()
-            .filter(|s| !fresh.services.contains_key(*s))
-            .filter(|s| !only_held || self.held.contains(*s))
-            .cloned()
-            .collect();
+        let has = |s: &str| fresh.services.contains_key(s);
+        let vanished = vanished(self.services.keys(), has, &self.held, only_held);
         if vanished.is_empty() {
             return None;
         }
