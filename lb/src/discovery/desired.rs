@@ -436,18 +436,8 @@ mod weight_tests {
 
     fn spec(service: &str, addr: &str, version: Option<&str>, weight: u32) -> BackendSpec {
         BackendSpec {
-            addr: addr.into(),
-            weight,
-            service: service.into(),
-            instance_id: addr.into(),
-            proto: Default::default(),
-            redirect_https: false,
-            held: false,
-            upgrades: Arc::new([]),
-            rewrite: None,
-            sticky: None,
             version: version.map(Into::into),
-            dark: false,
+            ..BackendSpec::for_tests(service, addr, weight)
         }
     }
 

@@ -125,18 +125,8 @@ mod tests {
         let backends = addrs
             .iter()
             .map(|a| BackendSpec {
-                addr: (*a).into(),
-                weight: 100,
-                service: "web".into(),
-                instance_id: (*a).into(),
-                proto: Default::default(),
-                redirect_https: false,
-                held: false,
-                upgrades: Arc::new([]),
-                rewrite: None,
                 sticky: Some(Arc::new(Sticky::LbCookie("s".into()))),
-                version: None,
-                dark: false,
+                ..BackendSpec::for_tests("web", a, 100)
             })
             .collect();
         let spec: TableSpec = [(parse_route("/").unwrap(), backends)].into();

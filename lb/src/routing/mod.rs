@@ -49,6 +49,27 @@ pub struct BackendSpec {
     pub dark: bool,
 }
 
+#[cfg(test)]
+impl BackendSpec {
+    /// A plain HTTP/1.1 backend of `service` at `addr`, with no tag but its weight.
+    pub fn for_tests(service: &str, addr: &str, weight: u32) -> BackendSpec {
+        BackendSpec {
+            addr: addr.into(),
+            weight,
+            service: service.into(),
+            instance_id: addr.into(),
+            proto: Default::default(),
+            redirect_https: false,
+            held: false,
+            upgrades: Arc::new([]),
+            rewrite: None,
+            sticky: None,
+            version: None,
+            dark: false,
+        }
+    }
+}
+
 /// The whole desired routing, as plain data: comparing two specs tells whether a rebuild would
 /// change anything.
 pub type TableSpec = BTreeMap<RouteKey, Vec<BackendSpec>>;
@@ -161,20 +182,7 @@ mod tests {
                     switchyard_consul::tags::parse_route(r).unwrap(),
                     backends
                         .iter()
-                        .map(|(addr, weight)| BackendSpec {
-                            addr: (*addr).into(),
-                            weight: *weight,
-                            service: "svc".into(),
-                            instance_id: (*addr).into(),
-                            proto: Default::default(),
-                            redirect_https: false,
-                            held: false,
-                            upgrades: Arc::new([]),
-                            rewrite: None,
-                            sticky: None,
-                            version: None,
-                            dark: false,
-                        })
+                        .map(|(addr, weight)| BackendSpec::for_tests("svc", addr, *weight))
                         .collect(),
                 )
             })
