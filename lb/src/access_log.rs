@@ -18,6 +18,7 @@ use http::{HeaderValue, Method, Version};
 use prometheus::IntCounter;
 
 use crate::config::AccessLogFormat;
+use crate::time::format_utc;
 
 /// What one request was and what became of it.
 pub struct Record {
@@ -172,11 +173,11 @@ impl Clock {
         let second = unix_ms / 1000;
         if self.text.is_empty() || second != self.second {
             self.second = second;
-            self.text = rfc3339_ms(second * 1000);
+            self.text = format_utc(second as i64);
         }
-        // The cached text ends in `.000Z`.
-        b.extend_from_slice(&self.text.as_bytes()[..self.text.len() - 4]);
-        let _ = write!(b, "{:03}Z", unix_ms % 1000);
+        // The cached text ends in `Z`: the milliseconds go before it.
+        b.extend_from_slice(&self.text.as_bytes()[..self.text.len() - 1]);
+        let _ = write!(b, ".{:03}Z", unix_ms % 1000);
     }
 }
 
@@ -319,29 +320,6 @@ fn json_str(b: &mut Vec<u8>, s: &str) {
     b.push(b'"');
 }
 
-/// `2026-12-05T04:05:06.789Z` from Unix milliseconds (the civil calendar from a day count:
-/// H. Hinnant, "chrono-Compatible Low-Level Date Algorithms").
-fn rfc3339_ms(unix_ms: u64) -> String {
-    let (days, ms_of_day) = (unix_ms / 86_400_000, unix_ms % 86_400_000);
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let s = ms_of_day / 1000;
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        s / 3600,
-        s / 60 % 60,
-        s % 60,
-        ms_of_day % 1000
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -369,11 +347,10 @@ mod tests {
 
     #[test]
     fn times() {
-        assert_eq!(rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339_ms(951_782_400_000), "2000-02-29T00:00:00.000Z");
-        assert_eq!(rfc3339_ms(1_796_443_506_789), "2026-12-05T04:05:06.789Z");
         let mut clock = Clock::default();
         for (ms, want) in [
+            (0, "1970-01-01T00:00:00.000Z"),
+            (951_782_400_000, "2000-02-29T00:00:00.000Z"),
             (1_796_443_506_789, "2026-12-05T04:05:06.789Z"),
             (1_796_443_506_001, "2026-12-05T04:05:06.001Z"),
             (1_796_443_507_010, "2026-12-05T04:05:07.010Z"),
