@@ -14,6 +14,7 @@
 mod client;
 mod connect;
 mod index;
+pub mod stamp;
 pub mod tags;
 mod types;
 

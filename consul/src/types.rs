@@ -64,6 +64,22 @@ pub struct HealthCheck {
     pub status: String,
     #[serde(default)]
     pub service_name: String,
+    /// The time a Docker-health TTL check's output carries ([`crate::stamp`]).
+    #[serde(
+        default,
+        rename = "Output",
+        deserialize_with = "crate::stamp::in_text",
+        skip_serializing
+    )]
+    pub output_at: Option<u64>,
+    /// The time a maintenance check's notes carry ([`crate::stamp`]).
+    #[serde(
+        default,
+        rename = "Notes",
+        deserialize_with = "crate::stamp::in_text",
+        skip_serializing
+    )]
+    pub notes_at: Option<u64>,
 }
 
 /// One check as `/v1/health/state/any` lists it: enough to tell which service a change of

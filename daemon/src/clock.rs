@@ -14,3 +14,8 @@ pub fn since_epoch() -> Duration {
 pub fn unix_ms() -> u64 {
     since_epoch().as_millis() as u64
 }
+
+/// Microseconds since the Unix epoch.
+pub fn unix_us() -> u64 {
+    since_epoch().as_micros() as u64
+}

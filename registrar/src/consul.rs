@@ -51,9 +51,10 @@ impl Consul {
     /// deregistration waits until the catalog holds the maintenance check, for
     /// `MAINTENANCE_WITHIN` at most (traffic stops at the maintenance already). Maintenance
     /// that fails or is not seen in time changes nothing else: the deregistration follows.
-    pub async fn drain_and_deregister(&self, reg: &ServiceRegistration, why: &str) {
+    /// The maintenance reason carries when Docker reported the stop (`at_us`) to the lb.
+    pub async fn drain_and_deregister(&self, reg: &ServiceRegistration, why: &str, at_us: u64) {
         let started = tokio::time::Instant::now();
-        let reason = format!("switchyard: {why}");
+        let reason = switchyard_consul::stamp::note(&format!("switchyard: {why}"), at_us);
         let check = format!("_service_maintenance:{}", reg.id);
         let seen = async {
             self.client.enable_maintenance(&reg.id, &reason).await?;
@@ -96,10 +97,8 @@ impl Consul {
         tracing::info!(id = %id, why, drift = drift.as_str(), "deregistered");
     }
 
-    pub async fn update_ttl(&self, check: &str, status: CheckStatus) {
-        let op = self
-            .client
-            .update_ttl(check, status, "mirrored from Docker health");
+    pub async fn update_ttl(&self, check: &str, status: CheckStatus, output: &str) {
+        let op = self.client.update_ttl(check, status, output);
         self.write(FailureOp::Ttl, check, op).await;
     }
 

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use switchyard_consul::{CheckRegistration, CheckStatus, ServiceRegistration};
+use switchyard_consul::{stamp, CheckRegistration, CheckStatus, ServiceRegistration};
 
 use crate::docker::{ContainerInfo, DockerHealth};
 use crate::labels::{self, opted_in, LabelError, ServiceLabels};
@@ -48,6 +48,37 @@ pub struct ServiceInstance {
     /// The TTL check mirroring Docker's health, when that is the check used.
     pub ttl_check: Option<String>,
     pub docker_health: Option<DockerHealth>,
+    /// When Docker reported `docker_health` (microseconds since the epoch), if an event said
+    /// so: the TTL check's output carries it to the lb ([`stamp`]).
+    pub health_at: Option<u64>,
+}
+
+impl ServiceInstance {
+    /// Whether Consul holds what `other` asks for: the spec hash covers everything but the
+    /// time stamps, which only say when an event happened.
+    pub fn same_spec(&self, other: &ServiceInstance) -> bool {
+        self.registration.meta.get(META_SPEC) == other.registration.meta.get(META_SPEC)
+    }
+
+    /// Marks the registration as made for Docker's start event at `at_us`.
+    pub fn started_at(&mut self, at_us: u64) {
+        self.registration
+            .meta
+            .insert(stamp::META_STARTED_AT.to_string(), at_us.to_string());
+    }
+
+    /// The TTL check's output for `docker_health`, with when Docker reported it if known.
+    pub fn ttl_output(&self) -> String {
+        let text = match self.docker_health {
+            Some(DockerHealth::Healthy) => "Docker health: healthy",
+            Some(DockerHealth::Unhealthy) => "Docker health: unhealthy",
+            Some(DockerHealth::Starting) | None => "Docker health: starting",
+        };
+        match self.health_at {
+            Some(at) => stamp::note(text, at),
+            None => text.to_string(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,6 +162,7 @@ fn build(c: &ContainerInfo, wanted: ServiceLabels, s: &InstanceSettings) -> Serv
         registration,
         ttl_check,
         docker_health: c.health,
+        health_at: None,
     }
 }
 

@@ -113,6 +113,7 @@ mod tests {
             },
             ttl_check: None,
             docker_health: None,
+            health_at: None,
         }
     }
 

@@ -171,7 +171,8 @@ impl Registrar {
                 self.stopping.remove(&e.id);
                 match docker::inspect(&self.docker, &e.id).await {
                     Ok(Some(info)) => {
-                        if let Some(instance) = self.decide(&info) {
+                        if let Some(mut instance) = self.decide(&info) {
+                            instance.started_at(micros(e.time_nano));
                             self.register(instance, Drift::None).await;
                         }
                     }
@@ -184,19 +185,25 @@ impl Registrar {
             }
             EventKind::Stopping => {
                 self.stopping.insert(e.id.clone());
-                self.deregister_container(&e.id, &e.action).await;
+                self.deregister_container(&e.id, &e.action, micros(e.time_nano))
+                    .await;
             }
             EventKind::Gone => {
                 self.stopping.remove(&e.id);
-                self.deregister_container(&e.id, &e.action).await;
+                self.deregister_container(&e.id, &e.action, micros(e.time_nano))
+                    .await;
             }
             EventKind::Health(h) => {
                 let Some(instance) = self.registered.get_mut(&e.id) else {
                     return;
                 };
                 instance.docker_health = Some(h);
-                if let Some(check) = instance.ttl_check.clone() {
-                    self.consul.update_ttl(&check, h.check_status()).await;
+                instance.health_at = Some(micros(e.time_nano));
+                if let Some(check) = &instance.ttl_check {
+                    let output = instance.ttl_output();
+                    self.consul
+                        .update_ttl(check, h.check_status(), &output)
+                        .await;
                 }
             }
             EventKind::Other => {}
@@ -230,7 +237,7 @@ impl Registrar {
         let unchanged = self
             .registered
             .get(&instance.container_id)
-            .is_some_and(|have| have.registration == instance.registration);
+            .is_some_and(|have| have.same_spec(&instance));
         if unchanged && drift == Drift::None {
             return;
         }
@@ -241,13 +248,13 @@ impl Registrar {
         }
     }
 
-    async fn deregister_container(&mut self, container: &str, why: &str) {
+    async fn deregister_container(&mut self, container: &str, why: &str, at_us: u64) {
         let Some(instance) = self.registered.remove(container) else {
             return;
         };
         self.metrics.registered.set(self.registered.len() as i64);
         self.consul
-            .drain_and_deregister(&instance.registration, why)
+            .drain_and_deregister(&instance.registration, why, at_us)
             .await;
     }
 
@@ -259,11 +266,21 @@ impl Registrar {
         let services = self.consul.agent_services().await?;
         let owned = reconcile::owned(services.into_values(), &self.settings.node);
         let changes = reconcile::plan(&desired, &owned);
-        // What Consul already holds in sync counts as registered.
+        // What Consul already holds in sync counts as registered; when Docker's health is
+        // the one an event reported, the TTL output keeps that event's time.
+        let mut before = std::mem::take(&mut self.registered);
         self.registered = desired
             .values()
             .filter(|i| owned.contains_key(&i.registration.id))
-            .map(|i| (i.container_id.clone(), i.clone()))
+            .map(|i| {
+                let mut i = i.clone();
+                if let Some(had) = before.remove(&i.container_id) {
+                    if had.docker_health == i.docker_health {
+                        i.health_at = had.health_at;
+                    }
+                }
+                (i.container_id.clone(), i)
+            })
             .collect();
         for change in changes {
             match change {
@@ -326,10 +343,17 @@ impl Registrar {
     async fn refresh_ttls(&self) {
         for i in self.registered.values() {
             if let (Some(check), Some(health)) = (&i.ttl_check, i.docker_health) {
-                self.consul.update_ttl(check, health.check_status()).await;
+                self.consul
+                    .update_ttl(check, health.check_status(), &i.ttl_output())
+                    .await;
             }
         }
     }
+}
+
+/// Docker's event time in microseconds since the epoch (0 for an event from before it).
+fn micros(time_nano: i64) -> u64 {
+    u64::try_from(time_nano / 1000).unwrap_or(0)
 }
 
 fn short(id: &str) -> &str {

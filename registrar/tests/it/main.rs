@@ -6,7 +6,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::{eventually, instances, scope, Consul, Container, Registrar};
-use switchyard_consul::{QueryOptions, ServiceRegistration};
+use switchyard_consul::{stamp, QueryOptions, ServiceRegistration};
 
 const WEB: &[(&str, &str)] = &[
     ("switchyard.enable", "true"),
@@ -388,19 +388,35 @@ async fn docker_health_is_mirrored_into_a_ttl_check() {
     let s = scope("health");
     let _reg = Registrar::start(&consul, &s, &[]).await;
     let labels = [("switchyard.enable", "true"), ("switchyard.service", "web")];
+    let before = switchyard_daemon::clock::unix_us();
     let c = Container::run(&s, "a", &labels, &[("WEB_FAULTS", "on")], &[]);
     // The image's HEALTHCHECK probes every second: starting (critical), then healthy (passing).
     wait_passing(&consul, "web", 1).await;
-    let check = &consul
+    let after = switchyard_daemon::clock::unix_us();
+    let entry = consul
         .client
         .health_service("web", false, &QueryOptions::default())
         .await
         .unwrap()
-        .value[0]
-        .checks;
+        .value
+        .remove(0);
+    let check = &entry.checks;
     assert!(
         check.iter().any(|c| c.check_id.ends_with(":check")),
         "{check:?}"
+    );
+    // When Docker reported the start and the health travel with the instance, for the lb to
+    // measure how long they took to reach its table (Docker's clock is this machine's).
+    let started = entry.service.meta[stamp::META_STARTED_AT]
+        .parse::<u64>()
+        .unwrap();
+    let healthy = check
+        .iter()
+        .find_map(|c| c.output_at)
+        .expect("a stamped TTL output");
+    assert!(
+        before <= started && started <= healthy && healthy <= after,
+        "{before} <= started {started} <= healthy {healthy} <= {after}"
     );
     // Make the container report unhealthy: Docker says so, and Consul follows.
     let r = fail_health(&c).await;
