@@ -53,6 +53,14 @@ pub const VERSION_WEIGHTS_ERRORS_TOTAL: &str = "lb_version_weights_errors_total"
 pub const ACCESS_LOG_DROPPED_TOTAL: &str = "lb_access_log_dropped_total";
 pub const ACCEPT_PAUSED_TOTAL: &str = "lb_accept_paused_total";
 pub const TUNNEL_IDLE_TIMEOUTS_TOTAL: &str = "lb_tunnel_idle_timeouts_total";
+pub const PROPAGATION_SECONDS: &str = "lb_propagation_seconds";
+pub const PROPAGATION_CLOCK_SKEW_TOTAL: &str = "lb_propagation_clock_skew_total";
+pub const PROPAGATION_CLOCK_SKEW_SECONDS: &str = "lb_propagation_clock_skew_seconds";
+
+/// From a few milliseconds (the stack on one node) to a minute (a Consul outage).
+const PROPAGATION_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
 
 /// A label whose values are known in advance. Declared once, as an enum; call sites name a
 /// variant, never a string.
@@ -84,6 +92,18 @@ macro_rules! label {
         }
     };
 }
+
+label!(
+    /// A change on its way from Docker to this lb's table (`phase`).
+    Phase {
+        /// Docker reported the container started -> the lb sees its instance in Consul.
+        Registered => "registered",
+        /// Docker reported the container healthy -> the lb routes to it.
+        Healthy => "healthy",
+        /// Docker reported the container told to stop -> the lb routes no new request to it.
+        Stopped => "stopped",
+    }
+);
 
 label!(
     /// Status class of a backend's response (`class`).
@@ -318,6 +338,9 @@ pub struct Metrics {
     pub consul_held: IntGaugeVec,
     pub table_reloads: IntCounter,
     pub table_reload_duration: Histogram,
+    pub propagation: [Histogram; 3],
+    pub propagation_skew: ByLabel<Phase>,
+    pub propagation_skew_seconds: prometheus::Gauge,
     pub table_age: prometheus::Gauge,
     pub table_routes: IntGauge,
     pub routes_lingering: IntGauge,
@@ -401,6 +424,15 @@ impl Metrics {
             table_reload_duration: reg(&registry, Histogram::with_opts(
                 HistogramOpts::new(TABLE_RELOAD_DURATION_SECONDS, "Time to build and publish a routing table.")
                     .buckets(vec![0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0])).expect("valid metric")),
+            propagation: {
+                let family = reg(&registry, HistogramVec::new(
+                    HistogramOpts::new(PROPAGATION_SECONDS, "Time from Docker reporting a change (the registrar's stamp) to this lb's table showing it, by phase: registered (container started -> instance seen), healthy (container healthy -> routed), stopped (container told to stop -> no new request).").buckets(PROPAGATION_BUCKETS.to_vec()),
+                    &["phase"]).expect("valid metric"));
+                let h = |p: Phase| family.with_label_values(&[p.as_str()]);
+                [h(Phase::Registered), h(Phase::Healthy), h(Phase::Stopped)]
+            },
+            propagation_skew: ByLabel::new(&counter_vec(PROPAGATION_CLOCK_SKEW_TOTAL, "Changes whose Docker time was ahead of this lb's clock when it saw them (clock skew between nodes), left out of lb_propagation_seconds, by phase.", &["phase"])),
+            propagation_skew_seconds: fgauge(PROPAGATION_CLOCK_SKEW_SECONDS, "How far ahead of this lb's clock the last such time was."),
             table_age: fgauge(TABLE_AGE_SECONDS, "Seconds since Consul last confirmed the routing table (0 while the watches are healthy)."),
             table_routes: gauge(TABLE_ROUTES, "Routes in the live table."),
             snapshot_errors: counter_vec(SNAPSHOT_ERRORS_TOTAL, "LB_SNAPSHOT_FILE that could not be read (op=load: refused, the lb started without it) or written (op=write).", &["op"]),

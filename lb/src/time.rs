@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 
 use tokio::time::{Instant, Sleep};
 
-pub use switchyard_daemon::clock::unix_ms;
+pub use switchyard_daemon::clock::{unix_ms, unix_us};
 
 /// `2026-11-24T20:59:46Z` for Unix seconds.
 pub fn format_utc(secs: i64) -> String {

@@ -14,6 +14,7 @@
 mod attribute;
 mod desired;
 mod pace;
+mod propagation;
 mod snapshot;
 mod watches;
 
@@ -131,6 +132,7 @@ pub async fn watch_consul(
         cache: BuildCache::default(),
         generation: 0,
         warned: Warned::default(),
+        propagation: propagation::Propagation::default(),
         raw: snapshot_tx.as_ref().map(|_| snapshot::Services::new()),
         snapshot_tx,
         from_snapshot: false,
@@ -234,6 +236,7 @@ struct Publisher {
     cache: BuildCache,
     generation: u64,
     warned: Warned,
+    propagation: propagation::Propagation,
     /// With a snapshot file: every routed service's instances as Consul described them.
     raw: Option<snapshot::Services>,
     snapshot_tx: Option<watch::Sender<Arc<snapshot::Services>>>,
@@ -287,6 +290,7 @@ impl Publisher {
         let (warned, shared) = (&mut self.warned, &self.shared);
         let ids: HashSet<&str> = entries.iter().map(|e| e.service.id.as_str()).collect();
         warned.keep_instances(service, &ids);
+        self.propagation.service(service, &entries);
         self.desired.set_held(
             service,
             &entries,
@@ -433,6 +437,7 @@ impl Publisher {
             raw.retain(|name, _| names.contains(name));
         }
         self.warned.keep_services(|name| names.contains(name));
+        self.propagation.retain(|name| names.contains(name));
         self.awaiting_first.retain(|name| names.contains(name));
         self.unchecked.retain(|name| names.contains(name));
         for name in names {
@@ -542,6 +547,9 @@ impl Publisher {
             .routes_lingering
             .set(self.desired.lingering() as i64);
         if self.published && changed.is_empty() {
+            // The live table already shows whatever changed.
+            self.propagation
+                .published(crate::time::unix_us(), &self.shared.metrics);
             return;
         }
         if self.published {
@@ -562,6 +570,7 @@ impl Publisher {
         let routes = table.routes.len();
         self.shared.table.store(Some(Arc::new(table)));
         drop(series);
+        self.propagation.published(crate::time::unix_us(), m);
         m.table_reloads.inc();
         m.table_routes.set(routes as i64);
         m.table_reload_duration

@@ -821,3 +821,126 @@ async fn host_answers(lb: &Lb, http: &Http, host: &str, status: StatusCode, back
     })
     .await;
 }
+
+/// The registrar stamps when Docker reported a change; the lb measures from that stamp to the
+/// table that shows it, per phase, and counts a stamp ahead of its clock as skew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn propagation_is_measured_per_phase_from_the_docker_time_stamps() {
+    use switchyard_consul::{stamp, CheckRegistration, CheckStatus, ServiceRegistration};
+    let now = switchyard_daemon::clock::unix_us;
+    let consul = Consul::start().await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    consul.register("a", "web", a.port(), &["lb.route=/"]).await;
+    let lb = Lb::start(&consul, &[]).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 1).await;
+    let count = |phase: &'static str| {
+        let (lb, http) = (&lb, &http);
+        async move {
+            lb.metric(http, "lb_propagation_seconds_count", &[("phase", phase)])
+                .await
+                .unwrap_or(0.0)
+        }
+    };
+    let sum = |phase: &'static str| {
+        let (lb, http) = (&lb, &http);
+        async move {
+            lb.metric(http, "lb_propagation_seconds_sum", &[("phase", phase)])
+                .await
+                .unwrap_or(0.0)
+        }
+    };
+    // a was there before the lb's first table: nothing measured.
+    assert_eq!(count("registered").await, 0.0);
+
+    // As the registrar registers a container with a HEALTHCHECK: started now, starting.
+    let started = now();
+    let reg = |id: &str, port: u16, started: u64| ServiceRegistration {
+        id: id.into(),
+        name: "web".into(),
+        tags: vec!["lb.route=/".into()],
+        address: "127.0.0.1".into(),
+        port,
+        meta: [(stamp::META_STARTED_AT.to_string(), started.to_string())].into(),
+        checks: vec![CheckRegistration {
+            check_id: Some(format!("{id}-ttl")),
+            ttl: Some("10m".into()),
+            status: Some(CheckStatus::Critical),
+            ..Default::default()
+        }],
+    };
+    consul
+        .client
+        .register_service(&reg("b", b.port(), started))
+        .await
+        .unwrap();
+    eventually(
+        "the registration measured",
+        Duration::from_secs(10),
+        || async { count("registered").await == 1.0 },
+    )
+    .await;
+    let bound = (now() - started) as f64 / 1e6;
+    let took = sum("registered").await;
+    assert!((0.0..=bound).contains(&took), "0 <= {took} <= {bound}");
+    assert_eq!(count("healthy").await, 0.0, "b is not passing yet");
+
+    // Docker reports it healthy: the TTL output carries when.
+    let healthy = now();
+    let output = stamp::note("Docker health: healthy", healthy);
+    consul
+        .client
+        .update_ttl("b-ttl", CheckStatus::Passing, &output)
+        .await
+        .unwrap();
+    wait_routed(&lb, &http, "*/", 2).await;
+    eventually("the health measured", Duration::from_secs(10), || async {
+        count("healthy").await == 1.0
+    })
+    .await;
+    let took = sum("healthy").await;
+    let bound = (now() - healthy) as f64 / 1e6;
+    assert!((0.0..=bound).contains(&took), "0 <= {took} <= {bound}");
+
+    // Told to stop: the maintenance reason carries when.
+    let stopped = now();
+    let reason = stamp::note("switchyard: kill", stopped);
+    consul
+        .client
+        .enable_maintenance("b", &reason)
+        .await
+        .unwrap();
+    wait_routed(&lb, &http, "*/", 1).await;
+    eventually("the stop measured", Duration::from_secs(10), || async {
+        count("stopped").await == 1.0
+    })
+    .await;
+    let took = sum("stopped").await;
+    let bound = (now() - stopped) as f64 / 1e6;
+    assert!((0.0..=bound).contains(&took), "0 <= {took} <= {bound}");
+    consul.deregister("b").await;
+
+    // A registrar whose clock runs a minute ahead: reported as skew, not as a delay.
+    consul
+        .client
+        .register_service(&reg("c", b.port(), now() + 60_000_000))
+        .await
+        .unwrap();
+    eventually("the skew counted", Duration::from_secs(10), || async {
+        lb.metric(
+            &http,
+            "lb_propagation_clock_skew_total",
+            &[("phase", "registered")],
+        )
+        .await
+            == Some(1.0)
+    })
+    .await;
+    assert_eq!(count("registered").await, 1.0);
+    let skew = lb
+        .metric(&http, "lb_propagation_clock_skew_seconds", &[])
+        .await
+        .unwrap();
+    assert!(skew > 50.0 && skew <= 60.0, "{skew}");
+}
