@@ -21,8 +21,9 @@ use testkit::{eventually, workspace_root, Http};
 
 use load::{Counts, Load};
 use stack::{
-    consul_call, consul_passing, container_started, containers, docker, gwbridge_ip, lb_addrs,
-    lb_backends, lb_metric, scale, service, sh, task_since, update_completed, Stack, PROMETHEUS,
+    bucket_quantile, consul_call, consul_passing, container_started, containers, docker,
+    gwbridge_ip, lb_addrs, lb_backends, lb_histogram, lb_metric, scale, service, sh, task_since,
+    update_completed, Stack, PROMETHEUS,
 };
 
 /// Phase results, printed together at the end (and as they happen).
@@ -253,6 +254,29 @@ async fn stack_end_to_end() {
         .await;
     })
     .await;
+
+    // How long each change took from Docker to both lbs' tables, as they measured it (before
+    // an lb is killed and its histograms start again): the scaling and the rolling update.
+    let lbs = lb_addrs().await;
+    for what in ["registered", "healthy", "stopped"] {
+        let (mut buckets, mut sum) = (Vec::new(), 0.0);
+        for lb in &lbs {
+            let label = ("phase", what);
+            sum += lb_histogram(&http, *lb, "lb_propagation_seconds", label, &mut buckets)
+                .await
+                .unwrap_or(0.0);
+        }
+        let n = buckets.last().map_or(0.0, |b| b.1);
+        let p = |q| bucket_quantile(&buckets, q).map_or("-".into(), |s| format!("<= {s} s"));
+        report.add(format!(
+            "propagation {what} (Docker -> lb table, both lbs): {n} changes, mean {:.1} ms, \
+             p50 {}, p99 {}",
+            if n > 0.0 { sum / n * 1e3 } else { 0.0 },
+            p(0.5),
+            p(0.99)
+        ));
+        assert!(n > 0.0, "no {what} change measured by the lbs");
+    }
 
     phase(&report, &load, "kill one lb container (SIGKILL)", async {
         let before = containers("lb");

@@ -305,6 +305,60 @@ pub async fn lb_backends(http: &Http, lb: SocketAddr) -> Option<Vec<String>> {
 }
 
 /// One metric's value from an lb replica's `/metrics`.
+/// A histogram of an lb's `/metrics`, one label pair selecting the series: its cumulative
+/// buckets `(le, count)`, added into `into` (so several lbs' make one), and its sum.
+pub async fn lb_histogram(
+    http: &Http,
+    lb: SocketAddr,
+    name: &str,
+    label: (&str, &str),
+    into: &mut Vec<(f64, f64)>,
+) -> Option<f64> {
+    let reply = http
+        .get(&format!("http://{}:9090/metrics", lb.ip()))
+        .await
+        .ok()?;
+    let selector = format!("{}=\"{}\"", label.0, label.1);
+    let mut sum = None;
+    for line in reply.body.lines() {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        if !series.contains(&selector) {
+            continue;
+        }
+        if series.starts_with(&format!("{name}_sum")) {
+            sum = Some(value);
+        } else if let Some(rest) = series.strip_prefix(&format!("{name}_bucket{{")) {
+            let le = rest
+                .split(',')
+                .find_map(|kv| kv.strip_prefix("le=\""))
+                .and_then(|v| v.trim_end_matches(['"', '}']).parse::<f64>().ok())?;
+            match into.iter_mut().find(|(b, _)| *b == le) {
+                Some((_, n)) => *n += value,
+                None => into.push((le, value)),
+            }
+        }
+    }
+    into.sort_by(|a, b| a.0.total_cmp(&b.0));
+    sum
+}
+
+/// The upper bound of the bucket that holds quantile `q` of cumulative `buckets`.
+pub fn bucket_quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
+    let total = buckets.last()?.1;
+    if total == 0.0 {
+        return None;
+    }
+    buckets
+        .iter()
+        .find(|(_, n)| *n >= q * total)
+        .map(|(le, _)| *le)
+}
+
 pub async fn lb_metric(http: &Http, lb: SocketAddr, name: &str) -> Option<f64> {
     let reply = http
         .get(&format!("http://{}:9090/metrics", lb.ip()))
