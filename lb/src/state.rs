@@ -66,6 +66,20 @@ impl ConsulContact {
     }
 }
 
+/// An instance of a routed service that is not a backend of the table, and why, as discovery
+/// last saw it: what the table alone cannot tell the admin's "why" view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unrouted {
+    pub instance: String,
+    pub node: String,
+    pub addr: String,
+    /// The routes its tags ask for, named as the table names them (`host/prefix`).
+    pub routes: Vec<String>,
+    pub why: &'static str,
+    /// Its checks that do not pass: (check ID, status).
+    pub failing: Vec<(String, String)>,
+}
+
 /// State shared by the request path, discovery and admin, in typed parts: each reader takes
 /// the parts it needs, and only discovery writes the table and the Consul contact.
 pub struct Shared {
@@ -89,6 +103,8 @@ pub struct Shared {
     pub connection_slots: Arc<Semaphore>,
     /// `None` when off (`LB_ACCESS_LOG`).
     pub access_log: Option<AccessLog>,
+    /// By service, its instances that are not backends (discovery writes, admin reads).
+    pub unrouted: std::sync::Mutex<std::collections::HashMap<String, Vec<Unrouted>>>,
 }
 
 impl Shared {
@@ -127,6 +143,7 @@ impl Shared {
             consul: ConsulContact::default(),
             shutting_down: AtomicBool::new(false),
             series: std::sync::Mutex::new(()),
+            unrouted: Default::default(),
             connection_slots: Arc::new(Semaphore::new(
                 config.max_connections.unwrap_or_else(descriptor_share),
             )),

@@ -9,6 +9,7 @@ use switchyard_consul::tags::{parse_tags, RouteKey, TagError};
 use switchyard_consul::ServiceEntry;
 
 use crate::routing::{BackendSpec, Rewrite, TableSpec};
+use crate::state::Unrouted;
 
 /// Each routed service's share of the table, parsed once when that service changes, and the
 /// table spec kept up to date route by route: a change to one instance re-parses one service
@@ -89,7 +90,8 @@ impl DesiredTable {
     }
 
     /// `set`, where the instances in `held` (node, service ID) are kept over a Consul that
-    /// lost its state (shown as such; routed as before).
+    /// lost its state (shown as such; routed as before). Returns the instances with routes
+    /// that are not backends, and why.
     pub fn set_held(
         &mut self,
         service: &str,
@@ -97,7 +99,8 @@ impl DesiredTable {
         held: &BTreeSet<(String, String)>,
         prefix: &str,
         mut on_tag_error: impl FnMut(&str, &str, &TagError),
-    ) {
+    ) -> Vec<Unrouted> {
+        let mut unrouted = Vec::new();
         let name: Arc<str> = service.into();
         let mut part = Vec::new();
         let none: Arc<[String]> = Arc::new([]);
@@ -106,10 +109,36 @@ impl DesiredTable {
             for err in &errors {
                 on_tag_error(service, &e.service.id, err);
             }
+            let passing = e.is_passing();
+            let why = if !routing.enabled {
+                Some("opted out (tag enable=false)")
+            } else if !passing {
+                Some("not passing")
+            } else if routing.weight == 0 {
+                Some("weight 0")
+            } else if e.service.port == 0 {
+                Some("no port")
+            } else {
+                None
+            };
+            if let Some(why) = why.filter(|_| !routing.routes.is_empty()) {
+                unrouted.push(Unrouted {
+                    instance: e.service.id.clone(),
+                    node: e.node.node.clone(),
+                    addr: backend_addr(e),
+                    routes: routing.routes.iter().map(ToString::to_string).collect(),
+                    why,
+                    failing: e
+                        .checks
+                        .iter()
+                        .filter(|c| c.status != "passing")
+                        .map(|c| (c.check_id.clone(), c.status.clone()))
+                        .collect(),
+                });
+            }
             if !routing.enabled {
                 continue;
             }
-            let passing = e.is_passing();
             let backend =
                 (passing && routing.weight > 0 && e.service.port != 0).then(|| BackendSpec {
                     addr: backend_addr(e).into(),
@@ -135,6 +164,7 @@ impl DesiredTable {
             }
         }
         self.replace(service, Some(part));
+        unrouted
     }
 
     /// The version weights of every service that has some; the routes of services whose

@@ -291,7 +291,7 @@ impl Publisher {
         let ids: HashSet<&str> = entries.iter().map(|e| e.service.id.as_str()).collect();
         warned.keep_instances(service, &ids);
         self.propagation.service(service, &entries);
-        self.desired.set_held(
+        let unrouted = self.desired.set_held(
             service,
             &entries,
             held,
@@ -307,6 +307,14 @@ impl Publisher {
                 }
             },
         );
+        {
+            let mut views = shared.unrouted.lock().unwrap_or_else(|e| e.into_inner());
+            if unrouted.is_empty() {
+                views.remove(service);
+            } else {
+                views.insert(service.to_string(), unrouted);
+            }
+        }
         if let Some(raw) = &mut self.raw {
             // As Consul described them: what is only held is not kept for the next start.
             let entries = if held.is_empty() {
@@ -438,6 +446,9 @@ impl Publisher {
         }
         self.warned.keep_services(|name| names.contains(name));
         self.propagation.retain(|name| names.contains(name));
+        (self.shared.unrouted.lock())
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|name, _| names.contains(name));
         self.awaiting_first.retain(|name| names.contains(name));
         self.unchecked.retain(|name| names.contains(name));
         for name in names {

@@ -216,7 +216,14 @@ impl Attempts {
                 // detection takes it out of the table.
                 self.last = LocalReason::UpstreamError;
                 m.upstream_errors.inc(UpstreamErrorKind::Unacknowledged);
-                held_against(shared, route, backend, "its host stopped acknowledging");
+                let kind = UpstreamErrorKind::Unacknowledged;
+                held_against(
+                    shared,
+                    route,
+                    backend,
+                    kind,
+                    "its host stopped acknowledging",
+                );
                 RetryReason::Reset
             }
             SendError::Failed(e) => {
@@ -250,6 +257,7 @@ impl Attempts {
                     shared,
                     route,
                     backend,
+                    UpstreamErrorKind::ResponseTimeout,
                     "no response within the response timeout",
                 );
                 RetryReason::Timeout
@@ -320,8 +328,14 @@ fn issue_cookie(route: &Route, a: Affinity, tls: bool, headers: &mut http::Heade
 }
 
 /// A failure that is the backend's: counted towards its ejection, and said when it ejects.
-fn held_against(shared: &Shared, route: &Route, backend: &Backend, why: &'static str) {
-    if backend.record_failure(&shared.backend_settings) {
+fn held_against(
+    shared: &Shared,
+    route: &Route,
+    backend: &Backend,
+    kind: UpstreamErrorKind,
+    why: &'static str,
+) {
+    if backend.record_failure(&shared.backend_settings, kind) {
         shared.metrics.ejections.inc();
         tracing::warn!(backend = %backend.addr, route = %route.name, why, "backend ejected");
     }
@@ -359,7 +373,7 @@ fn connect_failed(shared: &Shared, route: &Route, backend: &Backend, e: ConnectE
         UpstreamErrorKind::Connect
     };
     shared.metrics.upstream_errors.inc(kind);
-    if backend.record_failure(&shared.backend_settings) {
+    if backend.record_failure(&shared.backend_settings, kind) {
         shared.metrics.ejections.inc();
         tracing::warn!(backend = %backend.addr, route = %route.name, error = %e, "backend ejected");
     } else {

@@ -167,7 +167,9 @@ mod tests {
         let down = moved(&p4, &p3);
         // Ejecting the fourth: only its own sessions go elsewhere.
         let s = crate::upstream::BackendSettings::for_tests();
-        assert!(four.routes[0].backends[3].backend.record_failure(&s));
+        assert!(four.routes[0].backends[3]
+            .backend
+            .record_failure(&s, crate::metrics::UpstreamErrorKind::Connect));
         let ejected = place(&four, 1250);
         let eject = moved(&p4, &ejected);
         assert!(p4

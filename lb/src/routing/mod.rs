@@ -167,6 +167,49 @@ impl RoutingTable {
             .and_then(|routes| find(routes, path))
             .or_else(|| find(&self.any_host, path))
     }
+
+    /// How `lookup` decides for (host, path), route by route: the one it takes, and every
+    /// other route that matches the host or the path with why it does not take the request.
+    /// For the admin's "why" view; walks the whole table.
+    pub fn explain(&self, host: &str, path: &str) -> Vec<(&Arc<Route>, Verdict)> {
+        let chosen = self.lookup(host, path);
+        let mut out = Vec::new();
+        for r in self.routes.iter() {
+            let host_ok = r.key.host.as_deref().is_none_or(|h| h == host);
+            let path_ok = path_matches(&r.key.prefix, path);
+            let verdict = match chosen {
+                Some(c) if Arc::ptr_eq(c, r) => Verdict::Chosen,
+                Some(c) if host_ok && path_ok => {
+                    if c.key.host.is_some() && r.key.host.is_none() {
+                        Verdict::HostRouteWins(c.name.clone())
+                    } else {
+                        Verdict::LongerPrefix(c.name.clone())
+                    }
+                }
+                _ if host_ok && !path_ok => Verdict::PathDiffers,
+                // Only when nothing took the request: a Host that names no route (a typo, a
+                // missing alias) is then the likely cause.
+                None if !host_ok && path_ok => Verdict::OtherHost,
+                _ => continue,
+            };
+            out.push((r, verdict));
+        }
+        out
+    }
+}
+
+/// Why a route does or does not take a request (see `RoutingTable::explain`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Chosen,
+    /// Another route of the same kind matches a longer prefix.
+    LongerPrefix(String),
+    /// A route of the request's own host matches: any-host routes come after.
+    HostRouteWins(String),
+    /// The host applies, the path is not at or below the prefix.
+    PathDiffers,
+    /// Nothing took the request; the path would match, but the route is another host's.
+    OtherHost,
 }
 
 #[cfg(test)]
@@ -194,6 +237,56 @@ mod tests {
         let mut cache = BuildCache::default();
         let t = RoutingTable::build::<()>(&spec(routes), None, 1, &mut cache, &metrics, 4);
         (t, cache, metrics)
+    }
+
+    #[test]
+    fn explain_says_why_each_route_wins_or_loses() {
+        let (t, _, _) = table(&[
+            ("/", &[("10.0.0.1:80", 100)]),
+            ("/api", &[("10.0.0.2:80", 100)]),
+            ("shop.example/", &[("10.0.0.3:80", 100)]),
+            ("other.example/api", &[("10.0.0.4:80", 100)]),
+            ("/static", &[("10.0.0.5:80", 100)]),
+        ]);
+        let names = |host: &str, path: &str| -> Vec<(String, Verdict)> {
+            let mut v: Vec<_> = t
+                .explain(host, path)
+                .into_iter()
+                .map(|(r, v)| (r.name.clone(), v))
+                .collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v
+        };
+        assert_eq!(
+            names("x.example", "/api/v1"),
+            [
+                ("*/".to_string(), Verdict::LongerPrefix("*/api".into())),
+                ("*/api".to_string(), Verdict::Chosen),
+                ("*/static".to_string(), Verdict::PathDiffers),
+            ]
+        );
+        let (t, _, _) = table(&[
+            ("shop.example/", &[("10.0.0.3:80", 100)]),
+            ("/static", &[("10.0.0.5:80", 100)]),
+        ]);
+        let v: Vec<_> = t
+            .explain("shop.exmple", "/cart")
+            .into_iter()
+            .map(|(r, v)| (r.name.clone(), v))
+            .collect();
+        assert_eq!(
+            v,
+            [
+                ("*/static".to_string(), Verdict::PathDiffers),
+                ("shop.example/".to_string(), Verdict::OtherHost)
+            ]
+        );
+        let shop = names("shop.example", "/api");
+        assert!(shop.contains(&("shop.example/".into(), Verdict::Chosen)));
+        assert!(shop.contains(&(
+            "*/api".into(),
+            Verdict::HostRouteWins("shop.example/".into())
+        )));
     }
 
     #[test]
@@ -300,7 +393,9 @@ mod tests {
         let (t, _, _) = table(&[("/", &[("a:1", 1), ("b:1", 1), ("c:1", 1)])]);
         let r = t.lookup("h", "/").unwrap();
         let s = crate::upstream::BackendSettings::for_tests();
-        assert!(r.backends[0].backend.record_failure(&s));
+        assert!(r.backends[0]
+            .backend
+            .record_failure(&s, crate::metrics::UpstreamErrorKind::Connect));
         for balance in [Balance::P2c, Balance::RoundRobin, Balance::Weighted] {
             assert_eq!(counts(r, balance, 300)[0], 0, "{balance:?}");
             let mut tried = Tried::default();

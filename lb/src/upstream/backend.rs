@@ -20,6 +20,7 @@ use switchyard_consul::tags::UpstreamProto;
 use tokio::net::TcpStream;
 
 use super::{h1, Sender, UpstreamBody};
+use crate::metrics::{Label, UpstreamErrorKind};
 use crate::time::now_ms;
 
 /// Why a connection could not be had.
@@ -121,6 +122,9 @@ pub struct Backend {
     ejections: AtomicU32,
     /// `now_ms()` until which the backend is ejected; 0 when it is not.
     ejected_until: AtomicU64,
+    /// The last failure held against it, for the admin view: `now_ms() << 8 | kind`; 0 for
+    /// none. Written on failures only.
+    last_failure: AtomicU64,
     requests: AtomicU64,
     /// Idle connections, the most recently used at the back, where checkout takes from:
     /// reusing the freshest one keeps clear of backends' short keep-alive timeouts (uvicorn and
@@ -148,6 +152,7 @@ impl Backend {
             consecutive_failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
+            last_failure: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             idle: Mutex::new(VecDeque::new()),
             max_idle: max_idle.max(1),
@@ -206,9 +211,21 @@ impl Backend {
         }
     }
 
-    /// A connect failure or timeout. Returns true when this call ejected the backend.
-    pub fn record_failure(&self, s: &BackendSettings) -> bool {
+    /// The last failure held against the backend, and how long ago, for the admin view.
+    pub fn last_failure(&self, now_ms: u64) -> Option<(UpstreamErrorKind, Duration)> {
+        let packed = self.last_failure.load(Ordering::Relaxed);
+        let kind = *UpstreamErrorKind::ALL.get((packed & 0xff) as usize)?;
+        let at = packed >> 8;
+        (packed != 0).then(|| (kind, Duration::from_millis(now_ms.saturating_sub(at))))
+    }
+
+    /// A failure of kind `kind` that is the backend's (a connect failure or timeout, a host
+    /// that stopped acknowledging, no response in time). Returns true when this call ejected
+    /// the backend.
+    pub fn record_failure(&self, s: &BackendSettings, kind: UpstreamErrorKind) -> bool {
         let now = now_ms();
+        self.last_failure
+            .store(now.max(1) << 8 | kind.index() as u64, Ordering::Relaxed);
         // Failures while ejected (traffic only reaches it when every backend is out) do not
         // count towards the next ejection.
         if self.is_ejected(now) {
@@ -387,26 +404,33 @@ mod tests {
     fn ejection_needs_consecutive_failures_and_grows_to_the_cap() {
         let b = Backend::new("127.0.0.1:1".into(), UpstreamProto::Http1, 4);
         let s = settings(2);
-        assert!(!b.record_failure(&s));
+        assert!(!b.record_failure(&s, UpstreamErrorKind::Connect));
         b.record_success();
-        assert!(!b.record_failure(&s), "success reset the count");
-        assert!(b.record_failure(&s), "two in a row eject");
+        assert!(
+            !b.record_failure(&s, UpstreamErrorKind::Connect),
+            "success reset the count"
+        );
+        assert!(
+            b.record_failure(&s, UpstreamErrorKind::Connect),
+            "two in a row eject"
+        );
         let now = now_ms();
         let first = b.ejected_for(now).unwrap();
         assert!(first <= Duration::from_secs(5) && first > Duration::from_secs(4));
         assert!(
-            !b.record_failure(&s) && !b.record_failure(&s),
+            !b.record_failure(&s, UpstreamErrorKind::Connect)
+                && !b.record_failure(&s, UpstreamErrorKind::Connect),
             "no double ejection"
         );
         // Expire it by hand, then fail again: the next ejection is longer, capped at 12 s.
         b.ejected_until.store(1, Ordering::Relaxed);
-        b.record_failure(&s);
-        assert!(b.record_failure(&s));
+        b.record_failure(&s, UpstreamErrorKind::Connect);
+        assert!(b.record_failure(&s, UpstreamErrorKind::Connect));
         let second = b.ejected_for(now_ms()).unwrap();
         assert!(second > Duration::from_secs(9) && second <= Duration::from_secs(10));
         b.ejected_until.store(1, Ordering::Relaxed);
-        b.record_failure(&s);
-        b.record_failure(&s);
+        b.record_failure(&s, UpstreamErrorKind::Connect);
+        b.record_failure(&s, UpstreamErrorKind::Connect);
         assert!(b.ejected_for(now_ms()).unwrap() <= Duration::from_secs(12));
     }
 }

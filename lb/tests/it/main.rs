@@ -14,3 +14,4 @@ mod tls;
 mod upgrades;
 mod upstream_h1;
 mod versions;
+mod why;
