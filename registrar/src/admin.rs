@@ -1,5 +1,6 @@
-//! The admin listener: `/metrics`, `/healthz`, and `/readyz` (ready after the first complete
-//! reconcile). Reads the metrics and the ready flag; knows nothing of Docker or Consul.
+//! The admin listener: `/metrics`, `/healthz`, `/readyz` (ready after the first complete
+//! reconcile) and `/containers` (the journal: what was decided for each container, and why).
+//! Reads the metrics, the journal and the ready flag; knows nothing of Docker or Consul.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,9 +13,15 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
+use crate::journal::Journal;
 use crate::metrics::Metrics;
 
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, ready: Arc<AtomicBool>) {
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    journal: Arc<Journal>,
+    ready: Arc<AtomicBool>,
+) {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(std::time::Duration::from_secs(10));
@@ -22,9 +29,9 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, ready: Arc<Atom
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let (metrics, ready) = (metrics.clone(), ready.clone());
+        let (metrics, journal, ready) = (metrics.clone(), journal.clone(), ready.clone());
         let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-            let (metrics, ready) = (metrics.clone(), ready.clone());
+            let (metrics, journal, ready) = (metrics.clone(), journal.clone(), ready.clone());
             async move {
                 let resp = match req.uri().path() {
                     "/healthz" => text(StatusCode::OK, "ok\n".into()),
@@ -43,9 +50,19 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, ready: Arc<Atom
                         );
                         r
                     }
+                    "/containers" => {
+                        let body = serde_json::to_string_pretty(&journal.entries())
+                            .expect("entries serialize");
+                        let mut r = text(StatusCode::OK, body);
+                        r.headers_mut().insert(
+                            header::CONTENT_TYPE,
+                            header::HeaderValue::from_static("application/json"),
+                        );
+                        r
+                    }
                     _ => text(
                         StatusCode::NOT_FOUND,
-                        "try /metrics /healthz /readyz\n".into(),
+                        "try /metrics /healthz /readyz /containers\n".into(),
                     ),
                 };
                 Ok::<_, Infallible>(resp)

@@ -26,18 +26,16 @@ impl Consul {
         Consul { client, metrics }
     }
 
-    /// Registers (or replaces) `reg`; true when the agent took it.
-    pub async fn register(&self, reg: &ServiceRegistration, drift: Drift) -> bool {
+    /// Registers (or replaces) `reg`; the error says why the agent did not take it.
+    pub async fn register(&self, reg: &ServiceRegistration, drift: Drift) -> Result<(), String> {
         let op = self.client.register_service(reg);
-        if !self.write(FailureOp::Register, &reg.id, op).await {
-            return false;
-        }
+        self.write(FailureOp::Register, &reg.id, op).await?;
         self.metrics.registrations.inc();
         if let Some(kind) = drift.kind() {
             self.metrics.repaired(kind);
         }
         tracing::info!(service = %reg.name, id = %reg.id, address = %format!("{}:{}", reg.address, reg.port), drift = drift.as_str(), "registered");
-        true
+        Ok(())
     }
 
     /// Deregisters a stopping container's instance, putting it in maintenance first.
@@ -52,7 +50,12 @@ impl Consul {
     /// `MAINTENANCE_WITHIN` at most (traffic stops at the maintenance already). Maintenance
     /// that fails or is not seen in time changes nothing else: the deregistration follows.
     /// The maintenance reason carries when Docker reported the stop (`at_us`) to the lb.
-    pub async fn drain_and_deregister(&self, reg: &ServiceRegistration, why: &str, at_us: u64) {
+    pub async fn drain_and_deregister(
+        &self,
+        reg: &ServiceRegistration,
+        why: &str,
+        at_us: u64,
+    ) -> Result<(), String> {
         let started = tokio::time::Instant::now();
         let reason = switchyard_consul::stamp::note(&format!("switchyard: {why}"), at_us);
         let check = format!("_service_maintenance:{}", reg.id);
@@ -81,25 +84,24 @@ impl Consul {
                 tracing::warn!(id = %reg.id, within = ?MAINTENANCE_WITHIN, "maintenance not seen in the catalog in time; deregistering anyway");
             }
         }
-        self.deregister(&reg.id, why, Drift::None).await;
+        self.deregister(&reg.id, why, Drift::None).await
     }
 
     /// A failure leaves the entry ours in Consul, so the next resync removes it.
-    pub async fn deregister(&self, id: &str, why: &str, drift: Drift) {
+    pub async fn deregister(&self, id: &str, why: &str, drift: Drift) -> Result<(), String> {
         let op = self.client.deregister_service(id);
-        if !self.write(FailureOp::Deregister, id, op).await {
-            return;
-        }
+        self.write(FailureOp::Deregister, id, op).await?;
         self.metrics.deregistrations.inc();
         if let Some(kind) = drift.kind() {
             self.metrics.repaired(kind);
         }
         tracing::info!(id = %id, why, drift = drift.as_str(), "deregistered");
+        Ok(())
     }
 
     pub async fn update_ttl(&self, check: &str, status: CheckStatus, output: &str) {
         let op = self.client.update_ttl(check, status, output);
-        self.write(FailureOp::Ttl, check, op).await;
+        let _ = self.write(FailureOp::Ttl, check, op).await;
     }
 
     /// Every service on the agent, ours and others'; the resync reports the error.
@@ -109,21 +111,22 @@ impl Consul {
     }
 
     /// A write is logged here, once: nobody waits on its answer, and the next resync retries it.
+    /// The error, in words, is for the journal.
     async fn write(
         &self,
         op: FailureOp,
         id: &str,
         call: impl Future<Output = Result<(), Error>>,
-    ) -> bool {
+    ) -> Result<(), String> {
         match self.call(op, call).await {
-            Ok(()) => true,
+            Ok(()) => Ok(()),
             Err(e) if e.kind() == "acl_denied" => {
                 tracing::warn!(id = %id, error = %e, "{} refused: the registrar's Consul token needs service:write on its services and node:read; the next resync retries", op.as_str());
-                false
+                Err(format!("refused by Consul's ACLs: {e}"))
             }
             Err(e) => {
                 tracing::warn!(id = %id, error = %e, "{} failed; the next resync retries", op.as_str());
-                false
+                Err(e.to_string())
             }
         }
     }

@@ -8,7 +8,7 @@
 //! one adapter) -> the Consul agent. Each module imports only from those listed before it:
 //!
 //! - [`config`]: the whole configuration as one value. [`metrics`]: every metric and label
-//!   value, declared once.
+//!   value, declared once. [`journal`]: what was decided for each container, and why.
 //! - [`docker`]: the engine (bollard): connect, list, inspect, the event stream as
 //!   `DockerEvent`s.
 //! - [`labels`]: a container's labels as validated `ServiceLabels`, or every reason they are not.
@@ -29,6 +29,7 @@ pub mod config;
 pub mod consul;
 pub mod docker;
 pub mod instance;
+pub mod journal;
 pub mod labels;
 pub mod metrics;
 pub mod reconcile;
@@ -50,11 +51,17 @@ use crate::state::Registrar;
 /// reconnects and reconciles.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
+    let journal = Arc::new(journal::Journal::default());
     let ready = Arc::new(AtomicBool::new(false));
     let admin_listener = tokio::net::TcpListener::bind(cfg.admin_listen)
         .await
         .with_context(|| format!("binding the admin listener {}", cfg.admin_listen))?;
-    tokio::spawn(admin::serve(admin_listener, metrics.clone(), ready.clone()));
+    tokio::spawn(admin::serve(
+        admin_listener,
+        metrics.clone(),
+        journal.clone(),
+        ready.clone(),
+    ));
     let client = Client::connect(&cfg.consul).context("Consul client")?;
     tokio::pin!(shutdown);
     let connected =
@@ -64,7 +71,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     };
     tracing::info!(node = %node, consul = %client.addr(), docker_api = %docker.client_version(), "registrar starting");
     let consul = Consul::new(client, metrics.clone());
-    let mut registrar = Registrar::new(cfg, docker, node, consul, metrics);
+    let mut registrar = Registrar::new(cfg, docker, node, consul, metrics, journal);
     registrar.watch_docker(&ready, shutdown).await;
     Ok(())
 }

@@ -17,7 +17,8 @@ use tokio::sync::mpsc;
 use crate::config::Config;
 use crate::consul::Consul;
 use crate::docker::{self, DockerEvent, EventKind};
-use crate::instance::{self, Decision, InstanceSettings, ServiceInstance};
+use crate::instance::{self, Decision, InstanceSettings, ServiceInstance, META_CONTAINER};
+use crate::journal::{self, Entry, Journal};
 use crate::labels;
 use crate::metrics::{FailureOp, Metrics};
 use crate::reconcile::{self, Change, Drift};
@@ -30,6 +31,7 @@ pub struct Registrar {
     docker: Docker,
     consul: Consul,
     metrics: Arc<Metrics>,
+    journal: Arc<Journal>,
     settings: InstanceSettings,
     /// What this registrar has registered, by container ID.
     registered: HashMap<String, ServiceInstance>,
@@ -48,6 +50,7 @@ impl Registrar {
         node: String,
         consul: Consul,
         metrics: Arc<Metrics>,
+        journal: Arc<Journal>,
     ) -> Registrar {
         let settings = InstanceSettings {
             node,
@@ -64,6 +67,7 @@ impl Registrar {
             docker,
             consul,
             metrics,
+            journal,
             settings,
             registered: HashMap::new(),
             stopping: HashSet::new(),
@@ -192,6 +196,7 @@ impl Registrar {
                 self.stopping.remove(&e.id);
                 self.deregister_container(&e.id, &e.action, micros(e.time_nano))
                     .await;
+                self.journal.gone(&e.id);
             }
             EventKind::Health(h) => {
                 let Some(instance) = self.registered.get_mut(&e.id) else {
@@ -199,6 +204,8 @@ impl Registrar {
                 };
                 instance.docker_health = Some(h);
                 instance.health_at = Some(micros(e.time_nano));
+                self.journal
+                    .update(&e.id, |j| j.docker_health = Some(health_word(h)));
                 if let Some(check) = &instance.ttl_check {
                     let output = instance.ttl_output();
                     self.consul
@@ -210,15 +217,27 @@ impl Registrar {
         }
     }
 
-    /// The instance for a running container, warning (once) about unusable labels.
+    /// The instance for a running container, warning (once) about unusable labels. The
+    /// journal hears every decision.
     fn decide(&mut self, info: &docker::ContainerInfo) -> Option<ServiceInstance> {
         if !self.in_scope(&info.labels) {
+            if info.running && labels::opted_in(&info.labels, &self.cfg.label_prefix) {
+                let mut entry = Entry::new(&info.id, &info.name, journal::Decision::Ignored);
+                entry.reasons.push("outside REGISTRAR_ONLY_LABEL".into());
+                self.journal.record(entry);
+            }
             return None;
         }
         match instance::decide(info, &self.settings) {
-            Decision::Register(i) => Some(*i),
+            Decision::Register(i) => {
+                self.journal.record(registered_entry(&info.name, &i));
+                Some(*i)
+            }
             Decision::Ignore => None,
             Decision::Invalid(errors) => {
+                let mut entry = Entry::new(&info.id, &info.name, journal::Decision::Skipped);
+                entry.reasons = errors.iter().map(ToString::to_string).collect();
+                self.journal.record(entry);
                 for err in errors {
                     if self.warned.insert((info.id.clone(), err.label.clone())) {
                         self.metrics
@@ -241,7 +260,11 @@ impl Registrar {
         if unchanged && drift == Drift::None {
             return;
         }
-        if self.consul.register(&instance.registration, drift).await {
+        let result = self.consul.register(&instance.registration, drift).await;
+        self.journal.update(&instance.container_id, |j| {
+            j.consul = Some(written("register", &result));
+        });
+        if result.is_ok() {
             self.registered
                 .insert(instance.container_id.clone(), instance);
             self.metrics.registered.set(self.registered.len() as i64);
@@ -253,9 +276,16 @@ impl Registrar {
             return;
         };
         self.metrics.registered.set(self.registered.len() as i64);
-        self.consul
+        let result = self
+            .consul
             .drain_and_deregister(&instance.registration, why, at_us)
             .await;
+        self.journal.update(container, |j| {
+            j.decision = journal::Decision::Deregistered;
+            j.reasons = vec![format!("on Docker's {why:?} event")];
+            j.consul = Some(written("deregister", &result));
+            j.at_unix_ms = switchyard_daemon::clock::unix_ms();
+        });
     }
 
     /// Full two-way reconcile: Docker's running, opted-in containers against the entries this
@@ -286,9 +316,16 @@ impl Registrar {
             match change {
                 Change::Register { instance, drift } => self.register(*instance, drift).await,
                 Change::Deregister { id, drift } => {
-                    self.consul
-                        .deregister(&id, "no running container", drift)
-                        .await
+                    let why = "no running container";
+                    let result = self.consul.deregister(&id, why, drift).await;
+                    if let Some(container) = owned.get(&id).and_then(|s| s.meta.get(META_CONTAINER))
+                    {
+                        self.journal.update(container, |j| {
+                            j.decision = journal::Decision::Deregistered;
+                            j.reasons = vec![format!("by the reconcile: {why}")];
+                            j.consul = Some(written("deregister", &result));
+                        });
+                    }
                 }
             }
         }
@@ -315,9 +352,10 @@ impl Registrar {
             .inspect_err(|_| {
                 self.metrics.failed(FailureOp::DockerList);
             })?;
-        let running: HashSet<&String> = ids.iter().collect();
-        self.stopping.retain(|id| running.contains(id));
-        self.warned.retain(|(id, _)| running.contains(id));
+        let running: HashSet<&str> = ids.iter().map(String::as_str).collect();
+        self.journal.retain_running(|id| running.contains(id));
+        self.stopping.retain(|id| running.contains(id.as_str()));
+        self.warned.retain(|(id, _)| running.contains(id.as_str()));
         let mut desired = BTreeMap::new();
         for id in &ids {
             if self.stopping.contains(id) {
@@ -348,6 +386,42 @@ impl Registrar {
                     .await;
             }
         }
+    }
+}
+
+/// The journal's entry for a container about to be registered as `i`.
+fn registered_entry(name: &str, i: &ServiceInstance) -> Entry {
+    let r = &i.registration;
+    let mut entry = Entry::new(&i.container_id, name, journal::Decision::Registered);
+    entry.service = Some(r.name.clone());
+    entry.service_id = Some(r.id.clone());
+    entry.address = Some(format!("{}:{}", r.address, r.port));
+    entry.check = r.checks.first().map(|c| {
+        let every = c.interval.as_deref().unwrap_or("?");
+        match (&c.http, &c.tcp, &c.ttl) {
+            (Some(url), _, _) => format!("HTTP GET {url} every {every}"),
+            (_, Some(addr), _) => format!("TCP {addr} every {every}"),
+            (_, _, Some(_)) => "TTL mirroring Docker's health".to_string(),
+            _ => "none".to_string(),
+        }
+    });
+    entry.docker_health = i.docker_health.map(health_word);
+    entry
+}
+
+fn health_word(h: docker::DockerHealth) -> &'static str {
+    match h {
+        docker::DockerHealth::Starting => "starting",
+        docker::DockerHealth::Healthy => "healthy",
+        docker::DockerHealth::Unhealthy => "unhealthy",
+    }
+}
+
+/// A Consul write's result, for the journal.
+fn written(op: &str, result: &Result<(), String>) -> String {
+    match result {
+        Ok(()) => format!("{op}: ok"),
+        Err(e) => format!("{op}: failed: {e}"),
     }
 }
 

@@ -707,3 +707,82 @@ async fn through_the_docker_allow_list_it_registers_and_writes_are_refused() {
         assert_eq!(proxy.status(method, path), want, "{method} {path}");
     }
 }
+
+/// `/containers`: what the registrar decided for each container of its node, and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_journal_says_what_was_decided_for_each_container_and_why() {
+    let consul = Consul::start().await;
+    let s = scope("journal");
+    // No resync during the test: one that ran between the kill and its event would
+    // deregister the instance first, "by the reconcile".
+    let settings = [("REGISTRAR_RESYNC", "1h"), ("REGISTRAR_TTL", "2h")];
+    let reg = Registrar::start(&consul, &s, &settings).await;
+    let good = Container::run(&s, "good", WEB, &[], &["--no-healthcheck"]);
+    let bad_port = [
+        ("switchyard.enable", "true"),
+        ("switchyard.service", "bad"),
+        ("switchyard.port", "http"),
+    ];
+    let _bad = Container::run(&s, "bad", &bad_port, &[], &["--no-healthcheck"]);
+    let elsewhere = [
+        ("switchyard.enable", "true"),
+        ("switchyard.service", "elsewhere"),
+        ("switchyard.network", "the-stack-network"),
+    ];
+    let _elsewhere = Container::run(&s, "elsewhere", &elsewhere, &[], &["--no-healthcheck"]);
+    wait_passing(&consul, "web", 1).await;
+    let http = support::Http::new();
+    let journal = || async {
+        let url = format!("http://{}/containers", reg.admin);
+        let body = http.get(&url).await.unwrap().body;
+        let entries: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+        entries
+    };
+    let entry = |entries: &[serde_json::Value], name: &str| {
+        entries
+            .iter()
+            .find(|e| e["name"] == format!("sy-{s}-{name}"))
+            .cloned()
+            .unwrap_or_else(|| panic!("no entry for {name} in {entries:#?}"))
+    };
+    eventually("three decisions", Duration::from_secs(10), || async {
+        journal().await.len() >= 3
+    })
+    .await;
+    let entries = journal().await;
+    let g = entry(&entries, "good");
+    assert_eq!(g["decision"], "registered", "{g:#}");
+    assert_eq!(g["service"], "web");
+    assert_eq!(g["address"], format!("{}:8000", good.ip()));
+    assert_eq!(
+        g["check"],
+        format!("HTTP GET http://{}:8000/health every 1s", good.ip())
+    );
+    assert_eq!(g["consul"], "register: ok");
+    let b = entry(&entries, "bad");
+    assert_eq!(b["decision"], "skipped");
+    assert_eq!(
+        b["reasons"][0],
+        "label switchyard.port: \"http\" is not a port number"
+    );
+    let e = entry(&entries, "elsewhere");
+    assert_eq!(e["decision"], "skipped");
+    let why = e["reasons"][0].as_str().unwrap();
+    assert!(
+        why.starts_with("label switchyard.network: not attached to network \"the-stack-network\""),
+        "{why}"
+    );
+
+    // Told to stop: deregistered, on which event, and Consul's answer.
+    good.kill();
+    wait_count(&consul, "web", 0).await;
+    eventually(
+        "the deregistration in the journal",
+        Duration::from_secs(10),
+        || async { entry(&journal().await, "good")["decision"] == "deregistered" },
+    )
+    .await;
+    let g = entry(&journal().await, "good");
+    assert_eq!(g["reasons"][0], "on Docker's \"kill\" event", "{g:#}");
+    assert_eq!(g["consul"], "deregister: ok");
+}
