@@ -25,7 +25,7 @@ pub const SETTINGS: &[Setting] = &[
     ("REGISTRAR_CHECK_TIMEOUT", "2s", "HTTP/TCP check timeout when the container sets none"),
     ("REGISTRAR_DEREGISTER_CRITICAL_AFTER", "10m", "Consul removes an instance critical this long (the safety net for lost nodes; min 1m)"),
     ("REGISTRAR_TTL", "90s", "TTL of checks that mirror Docker health; refreshed on every event and resync"),
-    ("REGISTRAR_ADMIN_LISTEN", "0.0.0.0:9091", "admin listener: /metrics /healthz /readyz"),
+    ("REGISTRAR_ADMIN_LISTEN", "0.0.0.0:9091", "admin listener: /metrics /healthz /readyz /containers"),
     ("REGISTRAR_LOG_FORMAT", "text", "text | json (level from RUST_LOG, default info)"),
 ];
 

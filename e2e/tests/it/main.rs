@@ -11,6 +11,7 @@ mod load;
 mod nodes;
 mod panels;
 mod stack;
+mod why;
 
 use std::cell::Cell;
 use std::collections::BTreeSet;
@@ -135,6 +136,9 @@ async fn stack_end_to_end() {
         "consul: not published; anonymous register -> 403 ({}), anonymous catalog -> {{}}",
         refusal.trim()
     ));
+
+    // "Why is this (not) routed", for each link that can break, from the host.
+    why::scenarios(&report).await;
 
     // 8 workers x 25 requests/s: a steady 200 requests/s, half GET, half POST (2 KiB bodies).
     let load = Load::start(8, 25);
@@ -412,6 +416,7 @@ async fn stack_end_to_end() {
             .await;
             let lbs = lb_addrs().await;
             tokio::time::sleep(Duration::from_secs(outage)).await;
+            why::cut_off(&report);
             let mut ages = Vec::new();
             for lb in &lbs {
                 ages.push(
