@@ -57,9 +57,11 @@ pub const PROPAGATION_SECONDS: &str = "lb_propagation_seconds";
 pub const PROPAGATION_CLOCK_SKEW_TOTAL: &str = "lb_propagation_clock_skew_total";
 pub const PROPAGATION_CLOCK_SKEW_SECONDS: &str = "lb_propagation_clock_skew_seconds";
 
-/// From a few milliseconds (the stack on one node) to a minute (a Consul outage).
+/// From a millisecond (the stack on one node) to a minute (a Consul outage), finest where
+/// the targets are (healthy -> routed p99 < 250 ms, stopped -> unrouted p99 < 100 ms).
 const PROPAGATION_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
+    0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
 /// A label whose values are known in advance. Declared once, as an enum; call sites name a
