@@ -34,14 +34,32 @@ pub fn parse_meta(value: &str) -> Option<u64> {
 }
 
 /// Deserializes a free text (a check's output or notes) as the time it carries: the text
-/// itself is not kept, since a check's output can be kilobytes.
+/// itself is not kept, nor copied when the input can lend it, since a check's output can be
+/// kilobytes and every check of every answer passes here.
 pub(crate) fn in_text<'de, D>(d: D) -> Result<Option<u64>, D::Error>
 where
     D: serde::Deserializer<'de>,
 {
-    use serde::Deserialize;
-    let text = Option::<std::borrow::Cow<'de, str>>::deserialize(d)?;
-    Ok(text.as_deref().and_then(parse))
+    struct Text;
+    impl<'de> serde::de::Visitor<'de> for Text {
+        type Value = Option<u64>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a string or null")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(parse(v))
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_str(Text)
+        }
+    }
+    d.deserialize_option(Text)
 }
 
 #[cfg(test)]
@@ -57,5 +75,18 @@ mod tests {
         assert_eq!(parse("(switchyard-at=12x)"), None);
         assert_eq!(parse("(switchyard-at=)"), None);
         assert_eq!(parse("x (switchyard-at=99"), Some(99));
+    }
+
+    #[test]
+    fn a_check_keeps_only_the_times_its_texts_carry() {
+        let c: crate::HealthCheck = serde_json::from_str(
+            r#"{"CheckID": "c", "Status": "critical", "Output": "a \"quoted\" (switchyard-at=7)",
+                "Notes": null}"#,
+        )
+        .unwrap();
+        assert_eq!((c.output_at, c.notes_at), (Some(7), None));
+        let c: crate::HealthCheck =
+            serde_json::from_str(r#"{"CheckID": "c", "Status": "passing"}"#).unwrap();
+        assert_eq!((c.output_at, c.notes_at), (None, None));
     }
 }

@@ -415,9 +415,22 @@ fn why_view(shared: &Shared, query: &str) -> Result<WhyView, String> {
     drop(unrouted);
     view.unrouted
         .sort_by(|a, b| (&a.service, &a.instance).cmp(&(&b.service, &b.instance)));
+    // With every backend ejected the balancer still tries them (ejection never takes a
+    // route's last backends out of service).
+    let mut fallback = false;
+    if view.pickable == 0 {
+        for b in view.backends.iter_mut().filter(|b| b.state == "ejected") {
+            b.pickable = true;
+            view.pickable += 1;
+            fallback = true;
+        }
+    }
     view.answer = match (&chosen, view.pickable) {
         (None, _) => "404 no route".into(),
         (Some(_), 0) => "503 no backend can be picked".into(),
+        (Some(_), n) if fallback => format!(
+            "routed to an ejected backend: all {n} are ejected, and the lb tries them rather than refuse"
+        ),
         (Some(_), n) => format!(
             "routed: {n} of {} backends can be picked",
             view.backends.len()

@@ -16,7 +16,7 @@ pub const SETTINGS: &[Setting] = &[
     (
         "LB_ADMIN_LISTEN",
         "0.0.0.0:9090",
-        "admin listener: /metrics /healthz /readyz /routes",
+        "admin listener: /metrics /healthz /readyz /routes /why",
     ),
     (
         "LB_CONSUL_ADDR",

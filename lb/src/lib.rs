@@ -13,7 +13,7 @@
 //! - [`discovery`]: Consul blocking queries in, one new table out. [`proxy`]: the request path
 //!   (route, forward, retry, forwarding fields, local answers, upgrades).
 //! - [`server`]: listeners, connections, parking, TLS, the drain.
-//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/routes` on a separate listener.
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/routes`, `/why` on a separate listener.
 //! - `run` (here): bind, spawn, wait for shutdown, drain, stop.
 //!
 //! Data flows one way: Consul -> `discovery` -> `ArcSwap<RoutingTable>` in [`Shared`] ->

@@ -56,12 +56,13 @@ pub const TUNNEL_IDLE_TIMEOUTS_TOTAL: &str = "lb_tunnel_idle_timeouts_total";
 pub const PROPAGATION_SECONDS: &str = "lb_propagation_seconds";
 pub const PROPAGATION_CLOCK_SKEW_TOTAL: &str = "lb_propagation_clock_skew_total";
 pub const PROPAGATION_CLOCK_SKEW_SECONDS: &str = "lb_propagation_clock_skew_seconds";
+pub const PROPAGATION_MISSED_TOTAL: &str = "lb_propagation_missed_total";
 
 /// From a millisecond (the stack on one node) to a minute (a Consul outage), finest where
 /// the targets are (healthy -> routed p99 < 250 ms, stopped -> unrouted p99 < 100 ms).
 const PROPAGATION_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
-    0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25,
+    0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
 /// A label whose values are known in advance. Declared once, as an enum; call sites name a
@@ -342,6 +343,7 @@ pub struct Metrics {
     pub table_reload_duration: Histogram,
     pub propagation: [Histogram; 3],
     pub propagation_skew: ByLabel<Phase>,
+    pub propagation_missed: ByLabel<Phase>,
     pub propagation_skew_seconds: prometheus::Gauge,
     pub table_age: prometheus::Gauge,
     pub table_routes: IntGauge,
@@ -434,6 +436,7 @@ impl Metrics {
                 [h(Phase::Registered), h(Phase::Healthy), h(Phase::Stopped)]
             },
             propagation_skew: ByLabel::new(&counter_vec(PROPAGATION_CLOCK_SKEW_TOTAL, "Changes whose Docker time was ahead of this lb's clock when it saw them (clock skew between nodes), left out of lb_propagation_seconds, by phase.", &["phase"])),
+            propagation_missed: ByLabel::new(&counter_vec(PROPAGATION_MISSED_TOTAL, "Routed instances that left this lb's table without their change being measured (deregistered before the lb read the maintenance that carries the stop time), by phase.", &["phase"])),
             propagation_skew_seconds: fgauge(PROPAGATION_CLOCK_SKEW_SECONDS, "How far ahead of this lb's clock the last such time was."),
             table_age: fgauge(TABLE_AGE_SECONDS, "Seconds since Consul last confirmed the routing table (0 while the watches are healthy)."),
             table_routes: gauge(TABLE_ROUTES, "Routes in the live table."),

@@ -21,8 +21,6 @@ pub enum Decision {
     Skipped,
     /// Taken out of Consul (`reasons` says on which event, or by the reconcile).
     Deregistered,
-    /// Not in this registrar's scope (`REGISTRAR_ONLY_LABEL`).
-    Ignored,
 }
 
 /// One container's last decision.
@@ -70,10 +68,16 @@ impl Journal {
         e.running.insert(entry.container.clone(), entry);
     }
 
-    /// Updates the container's entry, if there is one.
+    /// Updates the container's entry, if there is one (among those that went too: the
+    /// reconcile deregisters what no longer runs).
     pub fn update(&self, container: &str, f: impl FnOnce(&mut Entry)) {
         let mut e = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(entry) = e.running.get_mut(container) {
+        let Entries { running, gone } = &mut *e;
+        let entry = match running.get_mut(container) {
+            Some(entry) => Some(entry),
+            None => gone.iter_mut().rev().find(|g| g.container == container),
+        };
+        if let Some(entry) = entry {
             f(entry);
         }
     }
@@ -145,11 +149,11 @@ mod tests {
         let names: Vec<_> = j.entries().into_iter().map(|e| e.name).collect();
         assert_eq!(names, ["web-a", "web-b"]);
         j.gone("a");
-        j.update("a", |e| e.decision = Decision::Registered);
+        j.update("a", |e| e.decision = Decision::Deregistered);
         let e = j.entries();
         assert_eq!(
             (e[1].name.as_str(), e[1].decision),
-            ("web-a", Decision::Skipped)
+            ("web-a", Decision::Deregistered)
         );
         for i in 0..GONE_KEPT + 5 {
             j.record(Entry::new(&i.to_string(), "x", Decision::Registered));

@@ -221,11 +221,6 @@ impl Registrar {
     /// journal hears every decision.
     fn decide(&mut self, info: &docker::ContainerInfo) -> Option<ServiceInstance> {
         if !self.in_scope(&info.labels) {
-            if info.running && labels::opted_in(&info.labels, &self.cfg.label_prefix) {
-                let mut entry = Entry::new(&info.id, &info.name, journal::Decision::Ignored);
-                entry.reasons.push("outside REGISTRAR_ONLY_LABEL".into());
-                self.journal.record(entry);
-            }
             return None;
         }
         match instance::decide(info, &self.settings) {
@@ -259,6 +254,14 @@ impl Registrar {
             .is_some_and(|have| have.same_spec(&instance));
         if unchanged && drift == Drift::None {
             return;
+        }
+        // A registration made again (a resync that found Consul's copy changed) keeps the
+        // time Docker reported the health it mirrors.
+        let mut instance = instance;
+        if let Some(have) = self.registered.get(&instance.container_id) {
+            if instance.health_at.is_none() && have.docker_health == instance.docker_health {
+                instance.health_at = have.health_at;
+            }
         }
         let result = self.consul.register(&instance.registration, drift).await;
         self.journal.update(&instance.container_id, |j| {

@@ -445,7 +445,7 @@ impl Publisher {
             raw.retain(|name, _| names.contains(name));
         }
         self.warned.keep_services(|name| names.contains(name));
-        self.propagation.retain(|name| names.contains(name));
+        (self.propagation).retain(|name| names.contains(name), crate::time::unix_us());
         (self.shared.unrouted.lock())
             .unwrap_or_else(|e| e.into_inner())
             .retain(|name, _| names.contains(name));

@@ -13,12 +13,31 @@ use switchyard_consul::{stamp, ServiceEntry};
 
 use crate::metrics::{Label, Metrics, Phase};
 
+/// Services forgotten (no longer routed) remembered with when, at most: past it, the memory
+/// starts again (a service coming back may then have one change measured from too long ago).
+const FORGOTTEN_MAX: usize = 10_000;
+
+/// What was last known of an instance: whether it passed, and the health and stop stamps
+/// already seen (each measured once at most, however often the instance flaps).
+#[derive(Clone, Copy, Default)]
+struct Seen {
+    passing: bool,
+    healthy_at: Option<u64>,
+    stopped_at: Option<u64>,
+}
+
 #[derive(Default)]
 pub struct Propagation {
-    /// Per service: its instances, and whether each passed.
-    services: HashMap<String, HashMap<String, bool>>,
+    /// Per service: its instances by (node, service ID), as last seen.
+    services: HashMap<String, HashMap<(String, String), Seen>>,
+    /// Services that stopped being routed, and when: a stamp from before is not measured
+    /// when they come back.
+    forgotten: HashMap<String, u64>,
     /// Changes seen and not yet in a published table, with their Docker time.
     pending: Vec<(Phase, u64)>,
+    /// Passing instances that left without their stop being seen (deregistered before this
+    /// lb read their maintenance): counted, not measured.
+    missed: u64,
     /// When the first table was published (microseconds since the epoch).
     since_us: Option<u64>,
 }
@@ -26,44 +45,68 @@ pub struct Propagation {
 impl Propagation {
     /// A service's answer: notes what changed since the last one.
     pub fn service(&mut self, service: &str, entries: &[ServiceEntry]) {
-        let before = self.services.remove(service).unwrap_or_default();
+        let mut before = self.services.remove(service).unwrap_or_default();
+        let since = self
+            .since_us
+            .map(|s| s.max(self.forgotten.get(service).copied().unwrap_or(0)));
         let mut now = HashMap::with_capacity(entries.len());
         for e in entries {
+            let key = (e.node.node.clone(), e.service.id.clone());
+            let was = before.remove(&key);
             let passing = e.is_passing();
-            let was = before.get(&e.service.id).copied();
-            if let Some(since) = self.since_us {
-                let mut note = |phase: Phase, at: Option<u64>| {
-                    if let Some(at) = at.filter(|at| *at >= since) {
+            let healthy_at = e.checks.iter().filter_map(|c| c.output_at).max();
+            let stopped_at = e.checks.iter().filter_map(|c| c.notes_at).max();
+            let seen = was.unwrap_or_default();
+            if let Some(since) = since {
+                let mut note = |phase: Phase, at: Option<u64>, already: Option<u64>| {
+                    if let Some(at) = at.filter(|at| *at >= since && Some(*at) != already) {
                         self.pending.push((phase, at));
                     }
                 };
                 if was.is_none() {
                     let at = e.service.meta.get(stamp::META_STARTED_AT);
-                    note(Phase::Registered, at.and_then(|v| stamp::parse_meta(v)));
-                }
-                if passing && was != Some(true) {
                     note(
-                        Phase::Healthy,
-                        e.checks.iter().filter_map(|c| c.output_at).max(),
+                        Phase::Registered,
+                        at.and_then(|v| stamp::parse_meta(v)),
+                        None,
                     );
                 }
-                if !passing && was == Some(true) {
-                    note(
-                        Phase::Stopped,
-                        e.checks.iter().filter_map(|c| c.notes_at).max(),
-                    );
+                if passing && !seen.passing {
+                    note(Phase::Healthy, healthy_at, seen.healthy_at);
+                }
+                if !passing && seen.passing {
+                    note(Phase::Stopped, stopped_at, seen.stopped_at);
                 }
             }
-            now.insert(e.service.id.clone(), passing);
+            let seen = Seen {
+                passing,
+                healthy_at: healthy_at.or(seen.healthy_at),
+                stopped_at: stopped_at.or(seen.stopped_at),
+            };
+            now.insert(key, seen);
+        }
+        if self.since_us.is_some() {
+            self.missed += before.values().filter(|s| s.passing).count() as u64;
         }
         if !now.is_empty() {
             self.services.insert(service.to_string(), now);
         }
     }
 
-    /// Keeps the services still routed.
-    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
-        self.services.retain(|name, _| keep(name));
+    /// Keeps the services still routed; the others are remembered as forgotten `now_us`.
+    pub fn retain(&mut self, keep: impl Fn(&str) -> bool, now_us: u64) {
+        let gone: Vec<String> = self.services.keys().filter(|n| !keep(n)).cloned().collect();
+        for name in gone {
+            if let Some(instances) = self.services.remove(&name) {
+                if self.since_us.is_some() {
+                    self.missed += instances.values().filter(|s| s.passing).count() as u64;
+                }
+            }
+            if self.forgotten.len() >= FORGOTTEN_MAX {
+                self.forgotten.clear();
+            }
+            self.forgotten.insert(name, now_us);
+        }
     }
 
     /// A table showing every change noted so far is live at `now_us`: their delays are
@@ -73,6 +116,9 @@ impl Propagation {
             self.since_us = Some(now_us);
             self.pending.clear();
             return;
+        }
+        for _ in 0..std::mem::take(&mut self.missed) {
+            metrics.propagation_missed.inc(Phase::Stopped);
         }
         for (phase, at) in self.pending.drain(..) {
             match now_us.checked_sub(at) {
@@ -183,6 +229,43 @@ mod tests {
         assert_eq!(observed(&m, Phase::Registered).0, 0);
         assert_eq!(m.propagation_skew.get(Phase::Registered), 1);
         assert_eq!(m.propagation_skew_seconds.get(), 1.0);
+    }
+
+    #[test]
+    fn a_stamp_is_measured_once_however_often_the_instance_flaps() {
+        let m = Metrics::new();
+        let mut p = Propagation::default();
+        p.published(10_000_000, &m);
+        let healthy = stamp::note("Docker health: healthy", 11_000_000);
+        p.service("web", &[entry("a", "critical", None, "", "")]);
+        p.service("web", &[entry("a", "passing", None, &healthy, "")]);
+        p.published(11_100_000, &m);
+        assert_eq!(observed(&m, Phase::Healthy).0, 1);
+        // Its node flaps (or its TTL lapses while the registrar is away): back with the same
+        // stamp, nothing new to measure.
+        p.service("web", &[entry("a", "critical", None, &healthy, "")]);
+        p.service("web", &[entry("a", "passing", None, &healthy, "")]);
+        p.published(900_000_000, &m);
+        assert_eq!(observed(&m, Phase::Healthy).0, 1);
+        // Leaves without its stop seen: counted as missed.
+        p.service("web", &[]);
+        p.published(900_100_000, &m);
+        assert_eq!(m.propagation_missed.get(Phase::Stopped), 1);
+    }
+
+    #[test]
+    fn a_service_routed_again_is_not_measured_from_before() {
+        let m = Metrics::new();
+        let mut p = Propagation::default();
+        p.published(10_000_000, &m);
+        p.service("api", &[entry("x", "passing", Some(11_000_000), "", "")]);
+        p.published(11_000_100, &m);
+        assert_eq!(observed(&m, Phase::Registered).0, 1);
+        p.retain(|_| false, 12_000_000);
+        // Routed again an hour later: the same instance is not an hour late.
+        p.service("api", &[entry("x", "passing", Some(11_000_000), "", "")]);
+        p.published(3_612_000_000, &m);
+        assert_eq!(observed(&m, Phase::Registered).0, 1);
     }
 
     #[test]

@@ -81,7 +81,10 @@ async fn why_names_the_broken_link_the_lb_can_see() {
     let b = &v["backends"][0];
     assert_eq!(b["state"], "ejected", "{v:#}");
     assert_eq!(b["last_failure"], "connect");
-    assert_eq!(v["answer"], "503 no backend can be picked");
+    assert_eq!(
+        v["answer"],
+        "routed to an ejected backend: all 1 are ejected, and the lb tries them rather than refuse"
+    );
 
     // No route at all, and a route of another host that would take the path.
     consul
