@@ -187,11 +187,21 @@ impl Listener {
             {
                 return;
             }
-            match self
-                .serve_until_parked(stream, leftover, &peer, &mut stop, addr)
-                .await
+            // Boxed: hyper's connection state is then allocated while requests come and
+            // freed when the connection parks, instead of sizing the task for its whole life.
+            match Box::pin(self.serve_until_parked(stream, leftover, &peer, &mut stop, addr)).await
             {
-                Some(parked) => (stream, leftover) = parked,
+                Some((parked, read)) => {
+                    stream = parked;
+                    // What hyper had read of the next head shares hyper's whole read buffer
+                    // (8 KiB), even when empty: a parked connection keeps a copy of the
+                    // bytes, or nothing.
+                    leftover = if read.is_empty() {
+                        Bytes::new()
+                    } else {
+                        Bytes::copy_from_slice(&read)
+                    };
+                }
                 None => return,
             }
             served_before = true;
