@@ -939,7 +939,8 @@ def main():
     if args.base_lb:
         if "lb" not in order:
             sys.exit("bench: --base-lb needs the lb target (they share its Consul)")
-        order.insert(order.index("lb") + 1, "lb-base")
+        if "lb-base" not in order:
+            order.insert(order.index("lb") + 1, "lb-base")
     stages = set(args.stages.split(","))
     if os.cpu_count() < 2:
         sys.exit("bench: needs 2 CPUs (the proxy and the load run on separate cores)")
