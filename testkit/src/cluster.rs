@@ -83,6 +83,25 @@ impl ConsulCluster {
         }
         cluster.agent.launch();
         cluster.wait_for_leader(None).await;
+        // A leader named is not yet a cluster that takes writes: a write through the agent
+        // in the election's wake can fail its sync, which the agent retries only 15 s later.
+        // The tests start once one has reached the catalog.
+        let probe = "cluster-probe";
+        cluster
+            .agent
+            .register_with(probe, probe, 1, &[], None)
+            .await;
+        eventually(
+            "a write through the client agent to reach the catalog",
+            Duration::from_secs(60),
+            || async {
+                let q = switchyard_consul::QueryOptions::default();
+                let r = cluster.agent.client.health_service(probe, false, &q).await;
+                r.is_ok_and(|r| !r.value.is_empty())
+            },
+        )
+        .await;
+        cluster.agent.deregister(probe).await;
         cluster
     }
 
