@@ -843,12 +843,28 @@ async fn propagation_is_measured_per_phase_from_the_docker_time_stamps() {
                 .unwrap_or(0.0)
         }
     };
-    let sum = |phase: &'static str| {
+    // Waits until `phase` has one observation, no longer than the time since `stamp`.
+    let measured = |phase: &'static str, stamp: u64| {
         let (lb, http) = (&lb, &http);
         async move {
-            lb.metric(http, "lb_propagation_seconds_sum", &[("phase", phase)])
+            eventually(
+                &format!("{phase} measured"),
+                Duration::from_secs(10),
+                || async {
+                    lb.metric(http, "lb_propagation_seconds_count", &[("phase", phase)])
+                        .await
+                        == Some(1.0)
+                },
+            )
+            .await;
+            let bound = (now() - stamp) as f64 / 1e6;
+            let took = (lb.metric(http, "lb_propagation_seconds_sum", &[("phase", phase)]))
                 .await
-                .unwrap_or(0.0)
+                .unwrap();
+            assert!(
+                (0.0..=bound).contains(&took),
+                "{phase}: 0 <= {took} <= {bound}"
+            );
         }
     };
     // a was there before the lb's first table: nothing measured.
@@ -875,15 +891,7 @@ async fn propagation_is_measured_per_phase_from_the_docker_time_stamps() {
         .register_service(&reg("b", b.port(), started))
         .await
         .unwrap();
-    eventually(
-        "the registration measured",
-        Duration::from_secs(10),
-        || async { count("registered").await == 1.0 },
-    )
-    .await;
-    let bound = (now() - started) as f64 / 1e6;
-    let took = sum("registered").await;
-    assert!((0.0..=bound).contains(&took), "0 <= {took} <= {bound}");
+    measured("registered", started).await;
     assert_eq!(count("healthy").await, 0.0, "b is not passing yet");
 
     // Docker reports it healthy: the TTL output carries when.
@@ -895,13 +903,7 @@ async fn propagation_is_measured_per_phase_from_the_docker_time_stamps() {
         .await
         .unwrap();
     wait_routed(&lb, &http, "*/", 2).await;
-    eventually("the health measured", Duration::from_secs(10), || async {
-        count("healthy").await == 1.0
-    })
-    .await;
-    let took = sum("healthy").await;
-    let bound = (now() - healthy) as f64 / 1e6;
-    assert!((0.0..=bound).contains(&took), "0 <= {took} <= {bound}");
+    measured("healthy", healthy).await;
 
     // Told to stop: the maintenance reason carries when.
     let stopped = now();
@@ -912,13 +914,7 @@ async fn propagation_is_measured_per_phase_from_the_docker_time_stamps() {
         .await
         .unwrap();
     wait_routed(&lb, &http, "*/", 1).await;
-    eventually("the stop measured", Duration::from_secs(10), || async {
-        count("stopped").await == 1.0
-    })
-    .await;
-    let took = sum("stopped").await;
-    let bound = (now() - stopped) as f64 / 1e6;
-    assert!((0.0..=bound).contains(&took), "0 <= {took} <= {bound}");
+    measured("stopped", stopped).await;
     consul.deregister("b").await;
 
     // A registrar whose clock runs a minute ahead: reported as skew, not as a delay.
