@@ -2,7 +2,8 @@
 //! answer to "why is (not) this container registered". `state` writes it as it decides and
 //! writes; `admin` serves it. Plain data: knows neither Docker's API nor Consul's.
 //!
-//! Bounded: an entry per container that runs, and the last `GONE_KEPT` that stopped.
+//! Bounded: an entry per container that runs (at most `RUNNING_MAX`), and the last
+//! `GONE_KEPT` that stopped.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -11,13 +12,17 @@ use serde::Serialize;
 
 /// Entries kept for containers that stopped or went away.
 const GONE_KEPT: usize = 100;
+/// Containers that run, at most: containers outside the registrar's scope leave only with
+/// their event, which a lost event stream could miss.
+const RUNNING_MAX: usize = 10_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Decision {
     /// In Consul, as `service_id`.
     Registered,
-    /// Opted in, but its labels cannot be used (`reasons` says which and why).
+    /// Not opted in or outside the registrar's scope, or opted in with labels that cannot be
+    /// used (`reasons` says which and why).
     Skipped,
     /// Taken out of Consul (`reasons` says on which event, or by the reconcile).
     Deregistered,
@@ -43,6 +48,10 @@ pub struct Entry {
     pub consul: Option<String>,
     /// When the decision was made (milliseconds since the epoch).
     pub at_unix_ms: u64,
+    /// Outside the registrar's scope (not opted in): the reconcile, which lists only the
+    /// containers in scope, does not take such an entry for gone; its own event does.
+    #[serde(skip)]
+    pub out_of_scope: bool,
 }
 
 #[derive(Default)]
@@ -65,6 +74,9 @@ impl Journal {
             }
         }
         e.gone.retain(|g| g.container != entry.container);
+        if e.running.len() >= RUNNING_MAX && !e.running.contains_key(&entry.container) {
+            return;
+        }
         e.running.insert(entry.container.clone(), entry);
     }
 
@@ -93,14 +105,15 @@ impl Journal {
         }
     }
 
-    /// Keeps as running only the containers `running` accepts.
+    /// Keeps as running only the containers in scope that `running` accepts (and those out
+    /// of scope: their own event takes them out).
     pub fn retain_running(&self, running: impl Fn(&str) -> bool) {
         let ids: Vec<String> = {
             let e = self.0.lock().unwrap_or_else(|e| e.into_inner());
             e.running
-                .keys()
-                .filter(|id| !running(id))
-                .cloned()
+                .values()
+                .filter(|entry| !entry.out_of_scope && !running(&entry.container))
+                .map(|entry| entry.container.clone())
                 .collect()
         };
         for id in ids {
@@ -132,6 +145,7 @@ impl Entry {
             docker_health: None,
             consul: None,
             at_unix_ms: switchyard_daemon::clock::unix_ms(),
+            out_of_scope: false,
         }
     }
 }
@@ -166,5 +180,19 @@ mod tests {
             .iter()
             .all(|e| e.container != "b" || e.decision == Decision::Registered));
         assert_eq!(j.entries().len(), GONE_KEPT);
+    }
+
+    #[test]
+    fn a_container_out_of_scope_leaves_by_its_event_not_by_the_reconcile() {
+        let j = Journal::default();
+        let mut e = Entry::new("o", "other", Decision::Skipped);
+        e.out_of_scope = true;
+        j.record(e);
+        j.retain_running(|_| false);
+        assert_eq!(j.entries()[0].container, "o");
+        j.gone("o");
+        j.record(Entry::new("p", "p", Decision::Registered));
+        assert_eq!(j.entries()[0].container, "p", "running first");
+        assert_eq!(j.entries()[1].container, "o");
     }
 }

@@ -165,6 +165,7 @@ impl Registrar {
         }
         self.recent.push_back(key);
         if !self.in_scope(&e.labels) {
+            self.out_of_scope(&e);
             return;
         }
         let action = e.action.split(':').next().unwrap_or("other");
@@ -214,6 +215,27 @@ impl Registrar {
                 }
             }
             EventKind::Other => {}
+        }
+    }
+
+    /// The journal's word on a container outside the registrar's scope, from its event alone
+    /// (nothing is asked of Docker for it).
+    fn out_of_scope(&self, e: &DockerEvent) {
+        match e.kind {
+            EventKind::Started => {
+                let name = e.labels.get("name").map_or("", String::as_str);
+                let mut entry = Entry::new(&e.id, name, journal::Decision::Skipped);
+                let prefix = &self.cfg.label_prefix;
+                entry.reasons.push(if labels::opted_in(&e.labels, prefix) {
+                    "outside REGISTRAR_ONLY_LABEL".to_string()
+                } else {
+                    format!("not opted in: label {prefix}.enable=true is missing")
+                });
+                entry.out_of_scope = true;
+                self.journal.record(entry);
+            }
+            EventKind::Gone => self.journal.gone(&e.id),
+            _ => {}
         }
     }
 

@@ -730,6 +730,8 @@ async fn the_journal_says_what_was_decided_for_each_container_and_why() {
         ("switchyard.network", "the-stack-network"),
     ];
     let _elsewhere = Container::run(&s, "elsewhere", &elsewhere, &[], &["--no-healthcheck"]);
+    let plain = [("switchyard.service", "plain")];
+    let _plain = Container::run(&s, "plain", &plain, &[], &["--no-healthcheck"]);
     wait_passing(&consul, "web", 1).await;
     let http = support::Http::new();
     let journal = || async {
@@ -745,8 +747,8 @@ async fn the_journal_says_what_was_decided_for_each_container_and_why() {
             .cloned()
             .unwrap_or_else(|| panic!("no entry for {name} in {entries:#?}"))
     };
-    eventually("three decisions", Duration::from_secs(10), || async {
-        journal().await.len() >= 3
+    eventually("four decisions", Duration::from_secs(10), || async {
+        journal().await.len() >= 4
     })
     .await;
     let entries = journal().await;
@@ -764,6 +766,12 @@ async fn the_journal_says_what_was_decided_for_each_container_and_why() {
     assert_eq!(
         b["reasons"][0],
         "label switchyard.port: \"http\" is not a port number"
+    );
+    let p = entry(&entries, "plain");
+    assert_eq!(p["decision"], "skipped");
+    assert_eq!(
+        p["reasons"][0],
+        "not opted in: label switchyard.enable=true is missing"
     );
     let e = entry(&entries, "elsewhere");
     assert_eq!(e["decision"], "skipped");
