@@ -50,17 +50,20 @@ impl Consul {
     /// `MAINTENANCE_WITHIN` at most (traffic stops at the maintenance already). Maintenance
     /// that fails or is not seen in time changes nothing else: the deregistration follows.
     /// The maintenance reason carries when Docker reported the stop (`at_us`) to the lb.
+    /// `entered`: the instance was put in maintenance already ([`Consul::enter_maintenance`]).
     pub async fn drain_and_deregister(
         &self,
         reg: &ServiceRegistration,
         why: &str,
         at_us: u64,
+        entered: bool,
     ) -> Result<(), String> {
         let started = tokio::time::Instant::now();
-        let reason = switchyard_consul::stamp::note(&format!("switchyard: {why}"), at_us);
         let check = format!("_service_maintenance:{}", reg.id);
         let seen = async {
-            self.client.enable_maintenance(&reg.id, &reason).await?;
+            if !entered {
+                self.enter_maintenance(reg, why, at_us).await?;
+            }
             let mut q = switchyard_consul::QueryOptions::default();
             loop {
                 let r = self.client.health_checks(&reg.name, &q).await?;
@@ -85,6 +88,18 @@ impl Consul {
             }
         }
         self.deregister(&reg.id, why, Drift::None).await
+    }
+
+    /// Puts a stopping instance in maintenance, the reason carrying when Docker reported the
+    /// stop (`at_us`): the first half of [`Consul::drain_and_deregister`].
+    pub async fn enter_maintenance(
+        &self,
+        reg: &ServiceRegistration,
+        why: &str,
+        at_us: u64,
+    ) -> Result<(), Error> {
+        let reason = switchyard_consul::stamp::note(&format!("switchyard: {why}"), at_us);
+        self.client.enable_maintenance(&reg.id, &reason).await
     }
 
     /// A failure leaves the entry ours in Consul, so the next resync removes it.

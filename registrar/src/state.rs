@@ -25,6 +25,8 @@ use crate::reconcile::{self, Change, Drift};
 
 /// Events already handled, to drop the replay of the ones at `since` after a resubscribe.
 const DEDUPE_WINDOW: usize = 1024;
+/// Events taken from the stream at once, at most (see `maintain_stopping`).
+const BATCH_MAX: usize = 256;
 
 pub struct Registrar {
     cfg: Config,
@@ -37,6 +39,8 @@ pub struct Registrar {
     registered: HashMap<String, ServiceInstance>,
     /// Containers told to stop that may still run (stop grace period): never re-register them.
     stopping: HashSet<String>,
+    /// Stopping containers whose instance a burst's first pass put in maintenance already.
+    in_maintenance: HashSet<String>,
     /// (container, label) pairs already warned about.
     warned: HashSet<(String, String)>,
     recent: VecDeque<(i64, String, String)>,
@@ -71,6 +75,7 @@ impl Registrar {
             settings,
             registered: HashMap::new(),
             stopping: HashSet::new(),
+            in_maintenance: HashSet::new(),
             warned: HashSet::new(),
             recent: VecDeque::with_capacity(DEDUPE_WINDOW),
             last_event_nano: switchyard_daemon::clock::since_epoch().as_nanos() as i64,
@@ -103,7 +108,19 @@ impl Registrar {
                         return;
                     }
                     event = rx.recv() => match event {
-                        Some(e) => self.handle(e).await,
+                        Some(e) => {
+                            let mut batch = vec![e];
+                            while batch.len() < BATCH_MAX {
+                                match rx.try_recv() {
+                                    Ok(e) => batch.push(e),
+                                    Err(_) => break,
+                                }
+                            }
+                            self.maintain_stopping(&batch).await;
+                            for e in batch {
+                                self.handle(e).await;
+                            }
+                        }
                         None => break,
                     },
                     _ = tokio::time::sleep_until(next_resync) => {
@@ -152,6 +169,33 @@ impl Registrar {
                 Some((k, None)) => labels.contains_key(k),
                 Some((k, Some(v))) => labels.get(k) == Some(v),
             }
+    }
+
+    /// Stops that come together (a service scaled down) reach Consul together: every
+    /// stopping instance of the burst goes into maintenance, which stops its traffic, before
+    /// the first of them waits for the catalog and is deregistered. One after the other,
+    /// the last of five would wait for the four before it.
+    async fn maintain_stopping(&mut self, batch: &[DockerEvent]) {
+        let stops = batch.iter().filter(|e| e.kind == EventKind::Stopping);
+        if stops.clone().count() < 2 {
+            return;
+        }
+        for e in stops {
+            let key = (e.time_nano, e.id.clone(), e.action.clone());
+            if self.recent.contains(&key) || !self.in_scope(&e.labels) {
+                continue;
+            }
+            let Some(instance) = self.registered.get(&e.id) else {
+                continue;
+            };
+            let at = micros(e.time_nano);
+            let entered = self
+                .consul
+                .enter_maintenance(&instance.registration, &e.action, at);
+            if entered.await.is_ok() {
+                self.in_maintenance.insert(e.id.clone());
+            }
+        }
     }
 
     async fn handle(&mut self, e: DockerEvent) {
@@ -301,9 +345,10 @@ impl Registrar {
             return;
         };
         self.metrics.registered.set(self.registered.len() as i64);
+        let entered = self.in_maintenance.remove(container);
         let result = self
             .consul
-            .drain_and_deregister(&instance.registration, why, at_us)
+            .drain_and_deregister(&instance.registration, why, at_us, entered)
             .await;
         self.journal.update(container, |j| {
             j.decision = journal::Decision::Deregistered;
@@ -380,6 +425,7 @@ impl Registrar {
         let running: HashSet<&str> = ids.iter().map(String::as_str).collect();
         self.journal.retain_running(|id| running.contains(id));
         self.stopping.retain(|id| running.contains(id.as_str()));
+        self.in_maintenance.retain(|id| running.contains(id.as_str()));
         self.warned.retain(|(id, _)| running.contains(id.as_str()));
         let mut desired = BTreeMap::new();
         for id in &ids {
