@@ -425,7 +425,8 @@ impl Registrar {
         let running: HashSet<&str> = ids.iter().map(String::as_str).collect();
         self.journal.retain_running(|id| running.contains(id));
         self.stopping.retain(|id| running.contains(id.as_str()));
-        self.in_maintenance.retain(|id| running.contains(id.as_str()));
+        self.in_maintenance
+            .retain(|id| running.contains(id.as_str()));
         self.warned.retain(|(id, _)| running.contains(id.as_str()));
         let mut desired = BTreeMap::new();
         for id in &ids {
