@@ -46,6 +46,15 @@ impl DockerHealth {
             _ => None,
         }
     }
+
+    /// Docker's word for it, as `parse` reads it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DockerHealth::Starting => "starting",
+            DockerHealth::Healthy => "healthy",
+            DockerHealth::Unhealthy => "unhealthy",
+        }
+    }
 }
 
 /// What the registrar needs to know about a container, taken from `docker inspect`.

@@ -69,14 +69,11 @@ impl ServiceInstance {
 
     /// The TTL check's output for `docker_health`, with when Docker reported it if known.
     pub fn ttl_output(&self) -> String {
-        let text = match self.docker_health {
-            Some(DockerHealth::Healthy) => "Docker health: healthy",
-            Some(DockerHealth::Unhealthy) => "Docker health: unhealthy",
-            Some(DockerHealth::Starting) | None => "Docker health: starting",
-        };
+        let health = self.docker_health.unwrap_or(DockerHealth::Starting);
+        let text = format!("Docker health: {}", health.as_str());
         match self.health_at {
-            Some(at) => stamp::note(text, at),
-            None => text.to_string(),
+            Some(at) => stamp::note(&text, at),
+            None => text,
         }
     }
 }

@@ -250,7 +250,7 @@ impl Registrar {
                 instance.docker_health = Some(h);
                 instance.health_at = Some(micros(e.time_nano));
                 self.journal
-                    .update(&e.id, |j| j.docker_health = Some(health_word(h)));
+                    .update(&e.id, |j| j.docker_health = Some(h.as_str()));
                 if let Some(check) = &instance.ttl_check {
                     let output = instance.ttl_output();
                     self.consul
@@ -477,16 +477,8 @@ fn registered_entry(name: &str, i: &ServiceInstance) -> Entry {
             _ => "none".to_string(),
         }
     });
-    entry.docker_health = i.docker_health.map(health_word);
+    entry.docker_health = i.docker_health.map(docker::DockerHealth::as_str);
     entry
-}
-
-fn health_word(h: docker::DockerHealth) -> &'static str {
-    match h {
-        docker::DockerHealth::Starting => "starting",
-        docker::DockerHealth::Healthy => "healthy",
-        docker::DockerHealth::Unhealthy => "unhealthy",
-    }
 }
 
 /// A Consul write's result, for the journal.
