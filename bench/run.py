@@ -9,7 +9,7 @@ the target order) so drift cancels, and every figure is the median over rounds.
 Stages: `wrk` scenarios (small responses at 16 and 256 keep-alive connections, 1 MiB
 responses, a new connection per request; over TLS with keep-alive and with a handshake per
 request) and an `h2load` HTTP/2-over-TLS scenario, every TLS listener serving the same
-certificate; idle keep-alive client connections (RSS per connection); the lb under Consul
+certificate; idle keep-alive client connections (RSS and kernel socket memory per connection); the lb under Consul
 churn (100 instance changes/s) against the lb without, and against as many Consul writes
 that the lb does not watch; the lb with 10 and with 10,000 instances in its table. Started
 by scripts/bench, which installs and builds what it needs first.
@@ -114,6 +114,39 @@ def rss_kib(pids):
                         total += int(line.split()[1])
         except OSError:
             pass
+    return total
+
+
+def socket_mem_bytes(pids):
+    """Kernel memory held by the TCP sockets `pids` own, as `ss -m` reports it per socket:
+    received and not read (r), queued to send (w), reserved ahead (f) and options (o). The
+    struct of each socket is the same for every proxy holding one socket per client, and
+    is left out."""
+    inodes = set()
+    for p in pids:
+        try:
+            for fd in os.listdir(f"/proc/{p}/fd"):
+                try:
+                    link = os.readlink(f"/proc/{p}/fd/{fd}")
+                except OSError:
+                    continue
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+        except OSError:
+            pass
+    out = subprocess.run(["ss", "-tanem"], capture_output=True, text=True).stdout
+    total = 0
+    ino = None
+    for line in out.splitlines():
+        m = re.search(r"\bino:(\d+)", line)
+        if m:
+            ino = m.group(1)
+        m = re.search(r"skmem:\(([^)]*)\)", line)
+        if m and ino in inodes:
+            fields = dict(re.match(r"([a-z]+)(\d+)", f).groups() for f in m.group(1).split(","))
+            total += sum(int(fields.get(k, 0)) for k in ("r", "w", "f", "o"))
+        if m:
+            ino = None
     return total
 
 
@@ -504,16 +537,20 @@ def idle_rss(stack, order, n):
             conns = await open_idle(port, n)
             await asyncio.sleep(2)
             after = rss_kib(proc.pids())
+            sock = socket_mem_bytes(proc.pids()) / 1024
             for w in conns:
                 w.close()
             await asyncio.sleep(1)
-            return after
+            return after, sock
 
-        after = asyncio.run(go())
-        out[t] = {"before_kib": before, "after_kib": after,
-                  "per_conn_kib": (after - before) / n}
+        sock_before = socket_mem_bytes(proc.pids()) / 1024
+        after, sock = asyncio.run(go())
+        rss = (after - before) / n
+        kernel = (sock - sock_before) / n
+        out[t] = {"before_kib": before, "after_kib": after, "rss_per_conn_kib": rss,
+                  "socket_per_conn_kib": kernel, "per_conn_kib": rss + kernel}
         log(f"idle: {t}: {n} connections, RSS {before} -> {after} KiB, "
-            f"{(after - before) / n:.2f} KiB per connection")
+            f"{rss:.2f} KiB RSS + {kernel:.2f} KiB kernel socket memory per connection")
     return out
 
 
@@ -827,10 +864,12 @@ def report(res, order, args, pinning):
         lines.append("")
     if "idle" in res:
         lines += [f"**{args.idle} idle keep-alive client connections**", "",
-                  "| target | RSS before MiB | RSS with the connections MiB | KiB per connection |",
-                  "|---|---|---|---|"]
+                  "| target | RSS before MiB | RSS with the connections MiB | RSS KiB per "
+                  "connection | kernel socket KiB per connection | KiB per connection |",
+                  "|---|---|---|---|---|---|"]
         for t, v in res["idle"].items():
             lines.append(f"| {t} | {v['before_kib'] / 1024:.1f} | {v['after_kib'] / 1024:.1f} "
+                         f"| {v['rss_per_conn_kib']:.2f} | {v['socket_per_conn_kib']:.2f} "
                          f"| {v['per_conn_kib']:.2f} |")
         lines.append("")
     if "floods" in res:
