@@ -39,6 +39,7 @@ pub const CONSUL_LAST_CONTACT_SECONDS: &str = "lb_consul_last_contact_seconds";
 pub const CONSUL_KNOWN_LEADER: &str = "lb_consul_known_leader";
 pub const ROUTE_TAG_ERRORS_TOTAL: &str = "lb_route_tag_errors_total";
 pub const CLIENT_CONNECTIONS_OPEN: &str = "lb_client_connections_open";
+pub const CLIENT_CONNECTIONS_PARKED: &str = "lb_client_connections_parked";
 pub const CLIENT_CONNECTIONS_TOTAL: &str = "lb_client_connections_total";
 pub const CLIENT_CONNECTION_ERRORS_TOTAL: &str = "lb_client_connection_errors_total";
 pub const TLS_HANDSHAKES_TOTAL: &str = "lb_tls_handshakes_total";
@@ -362,6 +363,7 @@ pub struct Metrics {
     /// reason
     pub route_tag_errors: IntCounterVec,
     pub client_connections_open: IntGauge,
+    pub client_connections_parked: IntGauge,
     /// protocol, tls
     pub client_connections: IntCounterVec,
     pub client_connection_errors: ByLabel<ClientErrorKind>,
@@ -452,6 +454,7 @@ impl Metrics {
             consul_known_leader: gauge(CONSUL_KNOWN_LEADER, "X-Consul-KnownLeader of the last read."),
             route_tag_errors: counter_vec(ROUTE_TAG_ERRORS_TOTAL, "Malformed routing tags ignored, by reason (counted once per distinct tag).", &["reason"]),
             client_connections_open: gauge(CLIENT_CONNECTIONS_OPEN, "Client connections open now."),
+            client_connections_parked: gauge(CLIENT_CONNECTIONS_PARKED, "Plain HTTP/1.1 client connections idle between requests now, held without a task or buffers (counted in lb_client_connections_open too)."),
             client_connections: counter_vec(CLIENT_CONNECTIONS_TOTAL, "Client connections served, by protocol (http/1.1, h2) and whether over TLS.", &["protocol", "tls"]),
             client_connection_errors: ByLabel::new(&counter_vec(CLIENT_CONNECTION_ERRORS_TOTAL, "Client connections that ended in a protocol error (malformed request, header timeout...).", &["kind"])),
             tls_handshakes: counter_vec(TLS_HANDSHAKES_TOTAL, "TLS handshakes completed, by TLS version and negotiated ALPN protocol.", &["version", "alpn"]),

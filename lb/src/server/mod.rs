@@ -9,6 +9,7 @@
 //! requests ([`parking`]); a drain closes a parked connection at once.
 
 pub mod accept;
+pub mod lot;
 pub mod parking;
 pub mod proxy_header;
 pub mod stall;
@@ -28,6 +29,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
 use self::accept::Acceptor;
+use self::lot::Lot;
 use self::stall::{StallIo, StreamExec, StreamStall};
 use self::tls::{Tls, ALPN_H2};
 use crate::metrics::{ClientErrorKind, ClientProtocol};
@@ -48,9 +50,14 @@ struct Listener {
     /// is not remade for every request as hyper's is.
     h1_parking: http1::Builder,
     h2: http2::Builder<StreamExec>,
+    /// Where plain HTTP/1.1 connections wait between requests.
+    lot: Lot<Parked>,
     stop: watch::Receiver<bool>,
     drain: Drain,
 }
+
+/// What a parked connection keeps besides its socket.
+type Parked = (Arc<Peer>, OpenConnection);
 
 /// Serves the proxy on `listener` (TLS when `tls` is given) until `stop` flips, then waits up
 /// to `drain` for open connections to finish their requests and upgraded connections to end;
@@ -87,18 +94,31 @@ pub async fn serve_proxy(
         .max_header_list_size(cfg.max_header_bytes as u32);
     let (alive, mut all_gone) = mpsc::channel::<Infallible>(1);
     let (close_tunnels, tunnels_closed) = watch::channel(false);
+    let (lot, waiting) = lot::lot(shared.metrics.client_connections_parked.clone());
     let ctx = Arc::new(Listener {
         shared: shared.clone(),
         tls,
         h1,
         h1_parking,
         h2,
+        lot,
         stop: stop.clone(),
         drain: Drain {
             alive,
             close: tunnels_closed,
         },
     });
+    if ctx.tls.is_none() {
+        // Ends when `stop` flips, dropping its hold on the listener context.
+        let resumes = ctx.clone();
+        tokio::spawn(waiting.run(
+            cfg.client_header_timeout,
+            stop.clone(),
+            move |stream, (peer, open)| {
+                tokio::spawn(resumes.clone().serve_parking(stream, peer, open));
+            },
+        ));
+    }
     let mut acceptor = Acceptor::new(listener, if ctx.tls.is_some() { "tls" } else { "proxy" });
     loop {
         tokio::select! {
@@ -156,7 +176,7 @@ impl Listener {
         addr: SocketAddr,
         slot: Slot,
     ) {
-        let _open = OpenConnection::new(&self.shared);
+        let open = OpenConnection::new(&self.shared);
         let Some(addr) = self.client_addr(&mut stream, addr).await else {
             return;
         };
@@ -166,82 +186,66 @@ impl Listener {
             Box::pin(self.serve(TokioIo::new(stream), (addr, fd), false, true, slot)).await;
             return;
         }
-        self.serve_parking(stream, addr, slot).await;
-    }
-
-    /// Plain HTTP/1.1, parked between requests (see [`parking`]): the task waits for
-    /// each next request holding only the socket, and runs hyper for as long as requests
-    /// follow each other.
-    async fn serve_parking(&self, mut stream: TcpStream, addr: SocketAddr, slot: Slot) {
         self.count_protocol(false, false);
+        if !self.await_first_byte(&stream, addr).await {
+            return;
+        }
         let trusted = self.trusted(addr);
         let peer = Arc::new(Peer::new(addr, false, trusted, self.drain.clone(), slot));
+        self.serve_parking(stream, peer, open).await;
+    }
+
+    /// Plain HTTP/1.1, parked between requests (see [`parking`]): runs hyper for as long as
+    /// requests follow each other, then parks the socket in the [`lot`], which resumes it
+    /// here on a new task when the next request comes. `stream` must have bytes to read.
+    async fn serve_parking(
+        self: Arc<Self>,
+        mut stream: TcpStream,
+        peer: Arc<Peer>,
+        open: OpenConnection,
+    ) {
         let mut stop = self.stop.clone();
         let mut leftover = Bytes::new();
-        let mut served_before = false;
         loop {
-            if leftover.is_empty()
-                && !self
-                    .await_bytes(&stream, served_before, &mut stop, addr)
-                    .await
-            {
-                return;
-            }
             // Boxed: hyper's connection state is then allocated while requests come and
             // freed when the connection parks, instead of sizing the task for its whole life.
-            match Box::pin(self.serve_until_parked(stream, leftover, &peer, &mut stop, addr)).await
-            {
+            match Box::pin(self.serve_until_parked(stream, leftover, &peer, &mut stop)).await {
+                // The read that parked the connection cleared its readiness: the lot waits
+                // for the next byte.
+                Some((parked, read)) if read.is_empty() => {
+                    return self.lot.park(parked, (peer, open))
+                }
                 Some((parked, read)) => {
                     stream = parked;
                     // What hyper had read of the next head shares hyper's whole read buffer
-                    // (8 KiB), even when empty: a parked connection keeps a copy of the
-                    // bytes, or nothing.
-                    leftover = if read.is_empty() {
-                        Bytes::new()
-                    } else {
-                        Bytes::copy_from_slice(&read)
-                    };
+                    // (8 KiB): a connection going round again keeps a copy of the bytes.
+                    leftover = Bytes::copy_from_slice(&read);
                 }
                 None => return,
             }
-            served_before = true;
         }
     }
 
-    /// Waits, holding no buffer, for the first byte of the next request: `false` when the
-    /// client left, went quiet past the head timeout, or the drain began. Idle is bounded like
-    /// a request head.
-    async fn await_bytes(
-        &self,
-        stream: &TcpStream,
-        served_before: bool,
-        stop: &mut watch::Receiver<bool>,
-        addr: SocketAddr,
-    ) -> bool {
-        let arrived = async {
-            if served_before {
-                // The read that parked the connection cleared its readiness.
-                stream.readable().await
-            } else {
-                // A new socket starts out marked ready: look for a real first byte.
-                stream.peek(&mut [0u8; 1]).await.map(drop)
-            }
-        };
+    /// Waits, holding no buffer, for the first byte of a new connection's first request:
+    /// `false` when the client left, sent nothing within the head timeout (counted), or the
+    /// drain began.
+    async fn await_first_byte(&self, stream: &TcpStream, addr: SocketAddr) -> bool {
+        // A new socket starts out marked ready: look for a real first byte.
+        let mut byte = [0u8; 1];
+        let arrived = stream.peek(&mut byte);
         let timeout = self.shared.config.client_header_timeout;
+        let mut stop = self.stop.clone();
         tokio::select! {
             r = tokio::time::timeout(timeout, arrived) => match r {
-                Ok(Ok(())) => true,
+                Ok(Ok(_)) => true,
                 Ok(Err(_)) => false,
                 Err(_) => {
-                    // A keep-alive client going quiet is normal; one that never sent a
-                    // request is a header timeout, as hyper would have reported.
-                    if !served_before {
-                        self.count_error(ClientErrorKind::HeaderTimeout, addr, "no request head in time");
-                    }
+                    // Counted as hyper would have: the client never sent a request.
+                    self.count_error(ClientErrorKind::HeaderTimeout, addr, "no request head in time");
                     false
                 }
             },
-            _ = async { let _ = stop.wait_for(|s| *s).await; } => false,
+            _ = stop.wait_for(|s| *s) => false,
         }
     }
 
@@ -253,8 +257,8 @@ impl Listener {
         leftover: Bytes,
         peer: &Arc<Peer>,
         stop: &mut watch::Receiver<bool>,
-        addr: SocketAddr,
     ) -> Option<(TcpStream, Bytes)> {
+        let addr = peer.addr;
         let shared = &self.shared;
         let io = ParkingIo::new(stream, leftover, peer.clone(), &shared.config);
         let (shared2, peer2) = (shared.clone(), peer.clone());

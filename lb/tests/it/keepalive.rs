@@ -175,6 +175,17 @@ async fn parked_connections_lose_no_byte_and_keep_their_timeouts() {
         "header timeouts: the silent and half-sent connections"
     );
     assert_eq!(errors - errors_before, 3.0, "no other client error");
+    assert_eq!(
+        parked(&lb, &http).await,
+        0.0,
+        "the idle connection left the lot"
+    );
+}
+
+async fn parked(lb: &Lb, http: &Http) -> f64 {
+    lb.metric(http, "lb_client_connections_parked", &[])
+        .await
+        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -194,6 +205,38 @@ async fn a_drain_closes_parked_connections_at_once() {
     })
     .await
     .unwrap();
+    // Parked after its exchange, as is a second connection whose request then comes from
+    // the lot.
+    let (mut s2, mut r2) = tokio::task::spawn_blocking(move || {
+        let (mut s, mut r) = connect(proxy);
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        read_response(&mut r).unwrap();
+        (s, r)
+    })
+    .await
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while parked(&lb, &http).await != 2.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "two connections parked"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (s2, r2) = tokio::task::spawn_blocking(move || {
+        s2.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        assert_eq!(read_response(&mut r2).unwrap().1, b"a");
+        (s2, r2)
+    })
+    .await
+    .unwrap();
+    while parked(&lb, &http).await != 2.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "parked again after its request"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let started = std::time::Instant::now();
     lb.signal(libc::SIGTERM);
     assert_eq!(
@@ -205,5 +248,7 @@ async fn a_drain_closes_parked_connections_at_once() {
     assert!(started.elapsed() < Duration::from_secs(5));
     let mut rest = Vec::new();
     assert_eq!(r.read_to_end(&mut rest).unwrap(), 0, "closed with a FIN");
-    drop(s);
+    let mut r2 = r2;
+    assert_eq!(r2.read_to_end(&mut rest).unwrap(), 0, "closed with a FIN");
+    drop((s, s2));
 }
