@@ -454,11 +454,17 @@ def measured_run(stack, target, path, conns, duration, close=False, proto="http"
         port = stack.tls_ports[target]
     cpu0 = cpu_seconds(proc.pids()) if proc else 0
     user0 = cpu_seconds(proc.pids(), (11,)) if proc else 0
+    # The load generator's own CPU (wrk or h2load: this script's only children that end in a
+    # run): where a proxy leaves its core idle, the load's cost per request sets the pace.
+    load0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     with Sampler(proc) as s:
         if proto == "h2":
             r = h2load(port, path, conns, H2_STREAMS, duration)
         else:
             r = wrk(port, path, conns, duration, close, scheme=proto)
+    load1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    r["load_cpu_per_100k"] = ((load1.ru_utime + load1.ru_stime) - (load0.ru_utime + load0.ru_stime)) \
+        / max(r["requests"], 1) * 1e5
     if proc:
         r["cpu_per_100k"] = (cpu_seconds(proc.pids()) - cpu0) / max(r["requests"], 1) * 1e5
         r["user_per_100k"] = (cpu_seconds(proc.pids(), (11,)) - user0) / max(r["requests"], 1) * 1e5
@@ -840,16 +846,18 @@ def report(res, order, args, pinning):
              f"({args.rounds} interleaved rounds of {args.duration} s per target; {pinning}).", ""]
     for name, runs in res.get("scenarios", {}).items():
         lines += [f"**{name}**", "",
-                  "| target | req/s | p50 ms | p99 ms | p99.9 ms | CPU s / 100k req | of which user | peak RSS MiB | errors | steal % (median, max) |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| target | req/s | p50 ms | p99 ms | p99.9 ms | CPU s / 100k req | of which user | load CPU s / 100k req | peak RSS MiB | errors | steal % (median, max) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for t in (t for t in order if t in runs):
             rs = runs[t]
             cpu, user = med(rs, "cpu_per_100k"), med(rs, "user_per_100k")
+            load = med(rs, "load_cpu_per_100k")
             rss = max((r.get("rss_kib", 0) for r in rs), default=0)
             lines.append(
                 f"| {t} | {med(rs, 'rps'):.0f} | {fmt_ms(med(rs, 'p50'))} | {fmt_ms(med(rs, 'p99'))} "
                 f"| {fmt_ms(med(rs, 'p999'))} | {'-' if cpu is None else f'{cpu:.2f}'} "
                 f"| {'-' if user is None else f'{user:.2f}'} "
+                f"| {'-' if load is None else f'{load:.2f}'} "
                 f"| {'-' if not rss else f'{rss / 1024:.1f}'} | {sum(r['errors'] for r in rs)} "
                 f"| {steal_cell(rs)} |")
         lb = med(runs.get("lb", []), "rps")
