@@ -78,6 +78,9 @@ pub struct Exchanges {
     held: AtomicBool,
     /// The client's socket has more queued than is on its way: the client is not keeping up.
     lagging: AtomicBool,
+    /// The client asked to close the connection after this exchange, which hyper then does:
+    /// no spell between exchanges follows, and none is timed.
+    last: AtomicBool,
 }
 
 /// Most response bytes an HTTP/1.1 connection holds for a client that is not taking them.
@@ -94,6 +97,15 @@ impl Exchanges {
     /// parking and its header and idle timeouts.
     pub fn unpin(&self) {
         self.pinned.store(false, Ordering::Relaxed);
+    }
+
+    /// The exchange under way is the connection's last: its request asked to close.
+    pub fn set_last(&self) {
+        self.last.store(true, Ordering::Relaxed);
+    }
+
+    pub(crate) fn last(&self) -> bool {
+        self.last.load(Ordering::Relaxed)
     }
 
     pub(crate) fn done(&self) -> u32 {

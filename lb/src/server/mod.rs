@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use hyper::rt::{Read, Write};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
@@ -40,6 +40,10 @@ use crate::Shared;
 /// Most bytes hyper buffers per client connection, each way. hyper's default (about 400 KiB)
 /// lets a large upload grow a read buffer that size per connection.
 const MAX_BUF: usize = 64 * 1024;
+
+/// The first read of a new plain HTTP/1.1 connection: most request heads fit, and hyper
+/// reads the rest of a longer one itself.
+const FIRST_READ: usize = 4096;
 
 /// What a client connection needs from its listener.
 struct Listener {
@@ -115,7 +119,11 @@ pub async fn serve_proxy(
             cfg.client_header_timeout,
             stop.clone(),
             move |stream, (peer, open)| {
-                tokio::spawn(resumes.clone().serve_parking(stream, peer, open));
+                tokio::spawn(
+                    resumes
+                        .clone()
+                        .serve_parking(stream, Bytes::new(), peer, open),
+                );
             },
         ));
     }
@@ -187,25 +195,26 @@ impl Listener {
             return;
         }
         self.count_protocol(false, false);
-        if !self.await_first_byte(&stream, addr).await {
+        let Some(first) = self.first_bytes(&mut stream, addr).await else {
             return;
-        }
+        };
         let trusted = self.trusted(addr);
         let peer = Arc::new(Peer::new(addr, false, trusted, self.drain.clone(), slot));
-        self.serve_parking(stream, peer, open).await;
+        self.serve_parking(stream, first, peer, open).await;
     }
 
     /// Plain HTTP/1.1, parked between requests (see [`parking`]): runs hyper for as long as
     /// requests follow each other, then parks the socket in the [`lot`], which resumes it
-    /// here on a new task when the next request comes. `stream` must have bytes to read.
+    /// here on a new task when the next request comes. `stream` must have bytes to read, or
+    /// `leftover` some already read.
     async fn serve_parking(
         self: Arc<Self>,
         mut stream: TcpStream,
+        mut leftover: Bytes,
         peer: Arc<Peer>,
         open: OpenConnection,
     ) {
         let mut stop = self.stop.clone();
-        let mut leftover = Bytes::new();
         loop {
             // Boxed: hyper's connection state is then allocated while requests come and
             // freed when the connection parks, instead of sizing the task for its whole life.
@@ -226,26 +235,42 @@ impl Listener {
         }
     }
 
-    /// Waits, holding no buffer, for the first byte of a new connection's first request:
-    /// `false` when the client left, sent nothing within the head timeout (counted), or the
-    /// drain began.
-    async fn await_first_byte(&self, stream: &TcpStream, addr: SocketAddr) -> bool {
-        // A new socket starts out marked ready: look for a real first byte.
-        let mut byte = [0u8; 1];
-        let arrived = stream.peek(&mut byte);
+    /// Reads the first bytes of a new connection's first request, holding no buffer while it
+    /// waits for them: `None` when the client left, sent nothing within the head timeout
+    /// (counted), or the drain began. hyper reads them first: one read where a look at the
+    /// first byte and then hyper's read took two system calls.
+    async fn first_bytes(&self, stream: &mut TcpStream, addr: SocketAddr) -> Option<Bytes> {
+        use futures_util::FutureExt;
+        use tokio::io::AsyncReadExt;
+        let arrived = async {
+            loop {
+                // A new socket starts out marked ready: the read tells.
+                stream.readable().await?;
+                let mut buf = BytesMut::with_capacity(FIRST_READ);
+                // A read as hyper's are made, not `try_read`: a short read clears the socket's
+                // readiness, so hyper's next read waits for more without a system call.
+                // Pending: the readiness was stale, and is cleared now.
+                match stream.read_buf(&mut buf).now_or_never() {
+                    None => continue,
+                    Some(Ok(0)) => return Ok(None),
+                    Some(Ok(_)) => return Ok(Some(buf.freeze())),
+                    Some(Err(e)) => return Err(e),
+                }
+            }
+        };
         let timeout = self.shared.config.client_header_timeout;
         let mut stop = self.stop.clone();
         tokio::select! {
             r = tokio::time::timeout(timeout, arrived) => match r {
-                Ok(Ok(_)) => true,
-                Ok(Err(_)) => false,
+                Ok(Ok(first)) => first,
+                Ok(Err(_)) => None,
                 Err(_) => {
                     // Counted as hyper would have: the client never sent a request.
                     self.count_error(ClientErrorKind::HeaderTimeout, addr, "no request head in time");
-                    false
+                    None
                 }
             },
-            _ = stop.wait_for(|s| *s) => false,
+            _ = stop.wait_for(|s| *s) => None,
         }
     }
 
@@ -264,6 +289,9 @@ impl Listener {
         let (shared2, peer2) = (shared.clone(), peer.clone());
         let svc = service_fn(move |req| {
             let exchange = Exchange::start(peer2.clone());
+            if parking::ends_connection(&req) {
+                peer2.exchanges.set_last();
+            }
             let (shared, peer) = (shared2.clone(), peer2.clone());
             async move {
                 let resp = if crate::proxy::sampled(&shared) {

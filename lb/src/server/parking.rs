@@ -152,6 +152,25 @@ pub struct ParkingIo {
     timed_out: bool,
 }
 
+/// Whether hyper closes the connection once it has answered `req` (RFC 9112 section 9.3):
+/// HTTP/1.1 with the `close` option, HTTP/1.0 without `keep-alive`. Errs towards `false`,
+/// which only costs a timer that the close then drops.
+pub fn ends_connection<B>(req: &http::Request<B>) -> bool {
+    let has = |option: &str| {
+        req.headers()
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|o| o.trim().eq_ignore_ascii_case(option))
+    };
+    match req.version() {
+        http::Version::HTTP_11 => has("close"),
+        http::Version::HTTP_10 => !has("keep-alive"),
+        _ => false,
+    }
+}
+
 /// Why a connection was closed for a slow request head, in its error and in the log.
 pub const HEAD_TIMEOUT: &str = "no complete request head in time";
 
@@ -258,10 +277,12 @@ impl ParkingIo {
                 cx.waker().wake_by_ref();
             }
             // The exchange a read waited on has ended: arm the timer of the spell that begins,
-            // as hyper's next read would have (but hyper reads again only when woken).
+            // as hyper's next read would have (but hyper reads again only when woken). After
+            // the last exchange hyper closes the connection, and no spell begins.
             Poll::Ready(Ok(n))
                 if n > 0
                     && self.read_waiting
+                    && !self.peer.exchanges.last()
                     && self.peer.exchanges.open.load(Ordering::Relaxed) == 0
                     && !matches!(self.between_exchanges(cx), Between::Wait) =>
             {
@@ -285,6 +306,10 @@ impl Read for ParkingIo {
             let n = this.prefix.len().min(buf.remaining());
             buf.put_slice(&this.prefix[..n]);
             this.prefix.advance(n);
+            if this.prefix.is_empty() {
+                // Let go of the buffer it was read into.
+                this.prefix = Bytes::new();
+            }
             this.seen = this.peer.exchanges.done();
             return Poll::Ready(Ok(()));
         }
@@ -360,5 +385,34 @@ impl Write for ParkingIo {
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ends_connection;
+    use http::{Request, Version};
+
+    fn req(version: Version, connection: &[&str]) -> Request<()> {
+        let mut b = Request::builder().version(version).uri("/");
+        for c in connection {
+            b = b.header(http::header::CONNECTION, *c);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn the_last_exchange_is_the_one_hyper_closes_after() {
+        assert!(!ends_connection(&req(Version::HTTP_11, &[])));
+        assert!(ends_connection(&req(Version::HTTP_11, &["close"])));
+        assert!(ends_connection(&req(Version::HTTP_11, &["Upgrade, Close"])));
+        assert!(ends_connection(&req(Version::HTTP_11, &["te", "close"])));
+        assert!(!ends_connection(&req(
+            Version::HTTP_11,
+            &["closed, keep-alive"]
+        )));
+        assert!(ends_connection(&req(Version::HTTP_10, &[])));
+        assert!(!ends_connection(&req(Version::HTTP_10, &["Keep-Alive"])));
+        assert!(!ends_connection(&req(Version::HTTP_2, &["close"])));
     }
 }
