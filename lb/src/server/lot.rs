@@ -1,8 +1,9 @@
-//! Where parked connections wait for their next request: one task per listener holds them
-//! all, each as a small entry (its socket, what its owner carries, an idle timer) with no task
-//! of its own. When a socket turns readable its connection is handed back to be served on a
-//! task of its own again; when the idle timeout passes first, it is closed; when the drain
-//! begins, every parked connection is closed at once.
+//! Where parked connections wait for their next request: one task per plain listener holds
+//! them all, each as a small entry (its socket, what its owner carries, an idle timer) with no
+//! task of its own. When a socket turns readable (bytes, or the client's FIN or reset) its
+//! connection is handed back to be served on a task of its own again; when the idle timeout
+//! passes first, it is closed; when the drain begins, every parked connection is closed at
+//! once.
 //!
 //! Why not let each connection's task wait: a tokio task is allocated 128-byte aligned and
 //! sized for the largest state its connection ever reaches (1,280 bytes for a plain
@@ -24,24 +25,22 @@ use tokio::time::Sleep;
 
 /// The way into a lot: parks connections.
 pub struct Lot<C> {
-    tx: mpsc::UnboundedSender<(TcpStream, C)>,
+    tx: mpsc::UnboundedSender<Arrival<C>>,
     parked: IntGauge,
 }
 
+/// A connection on its way into the lot, counted from here until it leaves, whichever way.
+type Arrival<C> = (TcpStream, C, Counted);
+
 /// The lot's waiting side, run by [`Waiting::run`].
 pub struct Waiting<C> {
-    rx: mpsc::UnboundedReceiver<(TcpStream, C)>,
-    parked: IntGauge,
+    rx: mpsc::UnboundedReceiver<Arrival<C>>,
 }
 
 /// A lot: connections parked in `Lot` wait in `Waiting`'s task. `parked` counts them.
 pub fn lot<C>(parked: IntGauge) -> (Lot<C>, Waiting<C>) {
     let (tx, rx) = mpsc::unbounded_channel();
-    let waiting = Waiting {
-        rx,
-        parked: parked.clone(),
-    };
-    (Lot { tx, parked }, waiting)
+    (Lot { tx, parked }, Waiting { rx })
 }
 
 impl<C> Lot<C> {
@@ -49,11 +48,25 @@ impl<C> Lot<C> {
     /// timeout passes or the drain begins (then both are dropped, which closes the socket).
     /// The last read on `stream` must have found it empty: readiness is waited for, not data.
     pub fn park(&self, stream: TcpStream, carry: C) {
-        self.parked.inc();
-        if let Err(mpsc::error::SendError(_gone)) = self.tx.send((stream, carry)) {
-            // The lot's task has ended: the drain began, and parked connections close.
-            self.parked.dec();
-        }
+        // Once the lot's task has ended (the drain began), the send fails and the connection
+        // is dropped here, closed like the parked ones.
+        let _ = self.tx.send((stream, carry, Counted::new(&self.parked)));
+    }
+}
+
+/// One parked connection in `lb_client_connections_parked`, for as long as this lives.
+struct Counted(IntGauge);
+
+impl Counted {
+    fn new(gauge: &IntGauge) -> Counted {
+        gauge.inc();
+        Counted(gauge.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -67,30 +80,26 @@ impl<C: Send + 'static> Waiting<C> {
         resume: impl Fn(TcpStream, C),
     ) {
         let mut waiting = FuturesUnordered::new();
+        // Unbiased: neither a flow of arrivals nor one of wake-ups can hold up the other.
         loop {
             tokio::select! {
-                // The drain first: no flow of arrivals or wake-ups holds it up.
-                biased;
                 _ = stop.wait_for(|s| *s) => break,
-                Some((stream, carry)) = self.rx.recv() => {
+                Some((stream, carry, counted)) = self.rx.recv() => {
                     waiting.push(Parked {
                         conn: Some((stream, carry)),
                         idle: tokio::time::sleep(idle),
+                        _counted: counted,
                     });
                 }
                 Some(woken) = waiting.next(), if !waiting.is_empty() => {
-                    self.parked.dec();
                     if let Some((stream, carry)) = woken {
                         resume(stream, carry);
                     }
                 }
             }
         }
-        // The drain: parked connections have no request under way and close now, with those
-        // still on their way here.
-        self.rx.close();
-        let queued = std::iter::from_fn(|| self.rx.try_recv().ok()).count();
-        self.parked.sub((waiting.len() + queued) as i64);
+        // The drain: parked connections have no request under way and close now, as those
+        // still on their way here do when the channel goes.
     }
 }
 
@@ -102,6 +111,7 @@ pin_project_lite::pin_project! {
         conn: Option<(TcpStream, C)>,
         #[pin]
         idle: Sleep,
+        _counted: Counted,
     }
 }
 
@@ -128,9 +138,10 @@ mod tests {
     use super::*;
 
     /// What a parked plain HTTP/1.1 connection costs besides its socket's registration and
-    /// its peer: 176 bytes of entry (socket 32, carry 16, timer 112, and the tag), plus the
-    /// FuturesUnordered node around it. Raise it only with a measurement of what it costs.
-    const PARKED_MAX: usize = 176;
+    /// its peer: 184 bytes of entry (socket 32, carry 16, timer 112, its place in the gauge
+    /// 8, and the tag), plus the FuturesUnordered node around it. Raise it only with a
+    /// measurement of what it costs.
+    const PARKED_MAX: usize = 184;
 
     #[test]
     fn a_parked_connection_is_small() {

@@ -6,7 +6,8 @@
 //!
 //! Every connection task and tunnel holds a clone of one `mpsc::Sender`; the drain is over when
 //! the receiver sees all of them dropped. Plain HTTP/1.1 connections are parked between
-//! requests ([`parking`]); a drain closes a parked connection at once.
+//! requests ([`parking`]) and wait in the listener's [`lot`]; a drain closes a parked
+//! connection at once.
 
 pub mod accept;
 pub mod lot;
@@ -17,7 +18,9 @@ pub mod tls;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -240,24 +243,25 @@ impl Listener {
     /// (counted), or the drain began. hyper reads them first: one read where a look at the
     /// first byte and then hyper's read took two system calls.
     async fn first_bytes(&self, stream: &mut TcpStream, addr: SocketAddr) -> Option<Bytes> {
-        use futures_util::FutureExt;
-        use tokio::io::AsyncReadExt;
-        let arrived = async {
-            loop {
-                // A new socket starts out marked ready: the read tells.
-                stream.readable().await?;
-                let mut buf = BytesMut::with_capacity(FIRST_READ);
-                // A read as hyper's are made, not `try_read`: a short read clears the socket's
-                // readiness, so hyper's next read waits for more without a system call.
-                // Pending: the readiness was stale, and is cleared now.
-                match stream.read_buf(&mut buf).now_or_never() {
-                    None => continue,
-                    Some(Ok(0)) => return Ok(None),
-                    Some(Ok(_)) => return Ok(Some(buf.freeze())),
-                    Some(Err(e)) => return Err(e),
-                }
-            }
-        };
+        let arrived = std::future::poll_fn(|cx| {
+            // The buffer is made only once the socket is reported readable.
+            ready!(stream.poll_read_ready(cx))?;
+            let mut buf = BytesMut::with_capacity(FIRST_READ);
+            // A read as hyper's are made, not `try_read`: a short read clears the socket's
+            // readiness, so hyper's next read waits for more without a system call. Pending
+            // (the readiness was stale, or the task's budget is spent) has the task woken.
+            Poll::Ready(
+                match ready!(tokio_util::io::poll_read_buf(
+                    Pin::new(&mut *stream),
+                    cx,
+                    &mut buf
+                )) {
+                    Ok(0) => Ok(None),
+                    Ok(_) => Ok(Some(buf.freeze())),
+                    Err(e) => Err(e),
+                },
+            )
+        });
         let timeout = self.shared.config.client_header_timeout;
         let mut stop = self.stop.clone();
         tokio::select! {
@@ -306,7 +310,7 @@ impl Listener {
         let result = tokio::select! {
             r = &mut conn => r,
             _ = async { let _ = stop.wait_for(|s| *s).await; } => {
-                std::pin::Pin::new(&mut conn).graceful_shutdown();
+                Pin::new(&mut conn).graceful_shutdown();
                 (&mut conn).await
             }
         };
@@ -566,4 +570,64 @@ async fn starts_with_h2_preface(stream: &TcpStream, timeout: Duration) -> bool {
         false
     };
     tokio::time::timeout(timeout, sniff).await.unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// A plain listener's context, with the sender of its `stop`.
+    fn listener() -> (Arc<Listener>, watch::Sender<bool>) {
+        let config = crate::config::Config::from_lookup(|_| None).unwrap();
+        let shared = Arc::new(Shared::new(config));
+        let (alive, _) = mpsc::channel(1);
+        let (_, close) = watch::channel(false);
+        let (stopping, stop) = watch::channel(false);
+        let (lot, _) = lot::lot(shared.metrics.client_connections_parked.clone());
+        let ctx = Arc::new(Listener {
+            h2: http2::Builder::new(StreamExec {
+                timeout: Duration::from_secs(1),
+                shared: shared.clone(),
+            }),
+            shared,
+            tls: None,
+            h1: http1::Builder::new(),
+            h1_parking: http1::Builder::new(),
+            lot,
+            stop,
+            drain: Drain { alive, close },
+        });
+        (ctx, stopping)
+    }
+
+    /// A new connection's first read, made with the task's work budget spent: its Pending
+    /// comes from the budget, not the socket, and the task must yield and read again, not
+    /// spin (which would hold a worker thread for good).
+    #[test]
+    fn the_first_read_yields_when_the_task_budget_is_spent() {
+        let (done, result) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let (ctx, _stopping) = listener();
+                let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let mut client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+                let (mut server, addr) = l.accept().await.unwrap();
+                client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+                server.readable().await.unwrap();
+                while tokio::task::coop::has_budget_remaining() {
+                    tokio::task::consume_budget().await;
+                }
+                let _ = done.send(ctx.first_bytes(&mut server, addr).await);
+            });
+        });
+        let first = result
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the first read returned");
+        assert_eq!(first.as_deref(), Some(&b"GET / HTTP/1.1\r\n\r\n"[..]));
+    }
 }

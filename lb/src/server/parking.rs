@@ -7,8 +7,9 @@
 //! exchange is open, every response byte has reached the socket and the socket has nothing to
 //! read for [`PARK_AFTER`], the `ParkingIo` reports end of input. hyper ends the connection
 //! cleanly without shutting the socket down (see `poll_shutdown`); the server takes the socket
-//! back and waits for it to become readable holding nothing else, then starts hyper on it
-//! again.
+//! back. With nothing read of a next request, it parks it in its listener's lot
+//! ([`super::lot`]), which holds it without a task until it turns readable; then hyper starts
+//! on it again.
 //!
 //! A partial head that hyper had already buffered (a pipelining client) is not lost: hyper
 //! returns it with the socket, and the next connection reads it first.
