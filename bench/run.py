@@ -861,14 +861,22 @@ def report(res, order, args, pinning):
                 f"| {'-' if not rss else f'{rss / 1024:.1f}'} | {sum(r['errors'] for r in rs)} "
                 f"| {steal_cell(rs)} |")
         lb = med(runs.get("lb", []), "rps")
-        rat = []
+        rat, paired = [], []
         for peer in ("nginx", "haproxy", "direct", "lb-base"):
             if peer in runs and lb:
                 rat.append(f"lb/{peer} {ratio(lb, med(runs[peer], 'rps'))}")
+                # Each round's two runs follow each other: their ratio cancels the machine's
+                # drift between rounds, which here moves every target by up to a third.
+                pairs = [a["rps"] / b["rps"] for a, b in zip(runs["lb"], runs[peer]) if b["rps"]]
+                if pairs:
+                    paired.append(f"lb/{peer} {statistics.median(pairs):.2f} "
+                                  f"({min(pairs):.2f}-{max(pairs):.2f})")
         if "lb" in runs and "nginx" in runs:
             rat.append(f"p99 lb/nginx {ratio(med(runs['lb'], 'p99'), med(runs['nginx'], 'p99'))}")
         if rat:
             lines += ["", "Ratios (req/s): " + ", ".join(rat)]
+        if paired:
+            lines += ["", "Ratios within each round (req/s, median and range): " + ", ".join(paired)]
         lines.append("")
     if "idle" in res:
         lines += [f"**{args.idle} idle keep-alive client connections**", "",
