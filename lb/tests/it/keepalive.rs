@@ -182,6 +182,27 @@ async fn parked_connections_lose_no_byte_and_keep_their_timeouts() {
     );
 }
 
+/// A connection that has had one exchange, which the lb parks next.
+async fn after_one_exchange(proxy: SocketAddr) -> (TcpStream, BufReader<TcpStream>) {
+    tokio::task::spawn_blocking(move || {
+        let (mut s, mut r) = connect(proxy);
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        read_response(&mut r).unwrap();
+        (s, r)
+    })
+    .await
+    .unwrap()
+}
+
+/// Waits up to 10 s for `n` connections parked.
+async fn wait_parked(lb: &Lb, http: &Http, n: u32, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while parked(lb, http).await != f64::from(n) {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn parked(lb: &Lb, http: &Http) -> f64 {
     lb.metric(http, "lb_client_connections_parked", &[])
         .await
@@ -197,32 +218,11 @@ async fn a_drain_closes_parked_connections_at_once() {
     let http = Http::new();
     wait_routed(&lb, &http, "*/", 1).await;
     let proxy = lb.proxy;
-    let (s, mut r) = tokio::task::spawn_blocking(move || {
-        let (mut s, mut r) = connect(proxy);
-        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-        read_response(&mut r).unwrap();
-        (s, r)
-    })
-    .await
-    .unwrap();
-    // Parked after its exchange, as is a second connection whose request then comes from
-    // the lot.
-    let (mut s2, mut r2) = tokio::task::spawn_blocking(move || {
-        let (mut s, mut r) = connect(proxy);
-        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-        read_response(&mut r).unwrap();
-        (s, r)
-    })
-    .await
-    .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while parked(&lb, &http).await != 2.0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "two connections parked"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // Parked after its exchange, as is a second connection whose next request then comes
+    // from the lot, and which is parked again after it.
+    let (s, mut r) = after_one_exchange(proxy).await;
+    let (mut s2, mut r2) = after_one_exchange(proxy).await;
+    wait_parked(&lb, &http, 2, "two connections parked").await;
     let (s2, r2) = tokio::task::spawn_blocking(move || {
         s2.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
         assert_eq!(read_response(&mut r2).unwrap().1, b"a");
@@ -230,13 +230,7 @@ async fn a_drain_closes_parked_connections_at_once() {
     })
     .await
     .unwrap();
-    while parked(&lb, &http).await != 2.0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "parked again after its request"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_parked(&lb, &http, 2, "parked again after its request").await;
     let started = std::time::Instant::now();
     lb.signal(libc::SIGTERM);
     assert_eq!(
