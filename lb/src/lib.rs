@@ -2,8 +2,9 @@
 //!
 //! # Layout
 //! Bottom up; a module imports only from layers below its own (`scripts/check-layers`).
-//! - [`config`], [`metrics`], [`time`], [`field_list`]: the configuration as one value; every
-//!   metric and label value, declared once; the clocks; HTTP's comma-separated lists.
+//! - [`config`], [`metrics`], [`time`], [`field_list`], [`worker`]: the configuration as one
+//!   value; every metric and label value, declared once; the clocks; HTTP's comma-separated
+//!   lists; which worker thread is running.
 //! - [`access_log`] (beside `upstream`): the access log's queue and writer thread.
 //! - [`upstream`]: the lb as an HTTP client: per-backend state (in-flight, ejection, the pool),
 //!   the HTTP/1.1 codec, the HTTP/2 handle, the retry budget. No routes, clients or shared
@@ -14,7 +15,17 @@
 //!   (route, forward, retry, forwarding fields, local answers, upgrades).
 //! - [`server`]: listeners, connections, parking, TLS, the drain.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/routes`, `/why` on a separate listener.
-//! - `run` (here): bind, spawn, wait for shutdown, drain, stop.
+//! - `run` (here): bind, start the workers, spawn, wait for shutdown, drain, stop.
+//!
+//! # Threads
+//! Each of `LB_WORKERS` workers is a thread with a single-threaded tokio runtime of its own,
+//! as nginx and HAProxy run one event loop per worker: a connection, its tasks, its timers
+//! and the idle upstream connections its requests reuse stay on one thread, with no work
+//! stealing and no wake-ups across threads. Every worker accepts from its own copy of the
+//! listening sockets, so the worker that is free first takes a new connection; one that
+//! holds two more than another hands it over ([`server::spread`]). Worker 0 is
+//! the thread that calls [`run`], and also runs discovery, the admin listener and the
+//! certificate watch.
 //!
 //! Data flows one way: Consul -> `discovery` -> `ArcSwap<RoutingTable>` in [`Shared`] ->
 //! `proxy` -> `upstream` -> a backend's socket.
@@ -31,6 +42,7 @@ pub mod server;
 pub mod state;
 pub mod time;
 pub mod upstream;
+pub mod worker;
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -38,7 +50,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
@@ -48,8 +60,15 @@ pub use crate::state::Shared;
 /// Runs the lb until `shutdown` resolves, then drains: readiness turns false at once, the proxy
 /// keeps accepting for `drain_delay` (so load balancers in front notice), stops accepting, and
 /// waits up to `shutdown_timeout` for in-flight requests.
+///
+/// Call it on a current-thread runtime: it is worker 0, and starts the other workers' threads
+/// itself (`config.workers`, by default one per CPU the process may run on).
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let client = switchyard_consul::Client::connect(&config.consul).context("Consul client")?;
+    // Before any backend is made: each keeps its idle connections per worker.
+    worker::set_count(config.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    }));
     let shared = Arc::new(Shared::new(config));
     let listeners = Listeners::bind(&shared).await?;
     let config = &shared.config;
@@ -60,9 +79,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         consul = %client.addr(),
         balance = ?config.balance,
         h2c = config.h2c,
+        workers = worker::count(),
         "lb starting"
     );
-    let tasks = Tasks::spawn(&shared, client, listeners);
+    let tasks = Tasks::spawn(&shared, client, listeners)?;
     shutdown.await;
     shared.shutting_down.store(true, Ordering::Release);
     let drain_delay = config.drain_delay;
@@ -125,28 +145,48 @@ struct Tasks {
     discovery: JoinHandle<()>,
     admin: JoinHandle<()>,
     cert_watch: Option<JoinHandle<()>>,
+    /// Workers 1 and up.
+    workers: Vec<Worker>,
 }
 
 impl Tasks {
-    fn spawn(shared: &Arc<Shared>, client: switchyard_consul::Client, l: Listeners) -> Tasks {
+    fn spawn(
+        shared: &Arc<Shared>,
+        client: switchyard_consul::Client,
+        l: Listeners,
+    ) -> anyhow::Result<Tasks> {
         let shutdown_timeout = shared.config.shutdown_timeout;
         let (stop_discovery, discovery_rx) = watch::channel(false);
         let (stop_proxy, proxy_rx) = watch::channel(false);
         let (stop_admin, admin_rx) = watch::channel(false);
-        let serve = |listener, tls| {
+        let serve = |listener, spread, tls| {
             let rx = proxy_rx.clone();
             tokio::spawn(server::serve_proxy(
                 shared.clone(),
                 listener,
+                spread,
                 tls,
                 rx,
                 shutdown_timeout,
             ))
         };
-        let proxy = serve(l.proxy, None);
+        let mut spread = server::spread::spread(worker::count()).into_iter();
+        let mut tls_spread = server::spread::spread(worker::count()).into_iter();
+        let (Some(spread0), Some(tls_spread0)) = (spread.next(), tls_spread.next()) else {
+            unreachable!("at least one worker");
+        };
+        let mut workers = Vec::with_capacity(worker::count() - 1);
+        for (i, spreads) in (1..).zip(spread.zip(tls_spread)) {
+            // On a failure, the workers started so far stop when `stop_proxy` is dropped.
+            workers.push(
+                Worker::start(i, shared, &l, spreads, proxy_rx.clone())
+                    .with_context(|| format!("starting worker {i}"))?,
+            );
+        }
+        let proxy = serve(l.proxy, spread0, None);
         let (tls_proxy, cert_watch) = match l.tls {
             Some((tls, listener)) => (
-                Some(serve(listener, Some(tls.clone()))),
+                Some(serve(listener, tls_spread0, Some(tls.clone()))),
                 Some(tokio::spawn(tls::watch_certificates(
                     tls,
                     shared.clone(),
@@ -156,7 +196,7 @@ impl Tasks {
             ),
             None => (None, None),
         };
-        Tasks {
+        Ok(Tasks {
             discovery: tokio::spawn(discovery::watch_consul(
                 shared.clone(),
                 client,
@@ -169,7 +209,8 @@ impl Tasks {
             stop_proxy,
             stop_discovery,
             stop_admin,
-        }
+            workers,
+        })
     }
 
     /// Stops accepting, waits for the drain, then stops the rest; returns the connections
@@ -177,9 +218,12 @@ impl Tasks {
     async fn stop(self) -> usize {
         let _ = self.stop_proxy.send(true);
         let mut left = self.proxy.await.unwrap_or(0);
+        // Every listener reports the process-wide open counts: the largest is the total.
         if let Some(tls_proxy) = self.tls_proxy {
-            // Both listeners report the process-wide open counts: the larger is the total.
             left = left.max(tls_proxy.await.unwrap_or(0));
+        }
+        for w in self.workers {
+            left = left.max(w.stop().await);
         }
         let _ = self.stop_discovery.send(true);
         let _ = self.stop_admin.send(true);
@@ -190,4 +234,108 @@ impl Tasks {
         }
         left
     }
+}
+
+/// A worker thread (1 and up): its own current-thread runtime serving its own copies of the
+/// proxy's listening sockets, until `stop` flips and its drain is over.
+struct Worker {
+    thread: std::thread::JoinHandle<()>,
+    /// The connections its drain left open, once it is over.
+    done: oneshot::Receiver<usize>,
+}
+
+impl Worker {
+    /// Starts worker `i`. Its runtime and listeners are made here, so a failure is the
+    /// start's; the thread only runs them.
+    fn start(
+        i: usize,
+        shared: &Arc<Shared>,
+        l: &Listeners,
+        (spread, tls_spread): (server::spread::Spread, server::spread::Spread),
+        stop: watch::Receiver<bool>,
+    ) -> anyhow::Result<Worker> {
+        let runtime = WorkerRuntime(Some(
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("its runtime")?,
+        ));
+        let (proxy, tls) = {
+            // Registered with the worker's own reactor, which wakes only its thread.
+            let _in = runtime.get().enter();
+            let proxy = copy_listener(&l.proxy).context("the proxy listener")?;
+            let tls = match &l.tls {
+                None => None,
+                Some((tls, listener)) => Some((
+                    tls.clone(),
+                    copy_listener(listener).context("the TLS listener")?,
+                )),
+            };
+            (proxy, tls)
+        };
+        let shared = shared.clone();
+        let (finished, done) = oneshot::channel();
+        let serve = async move {
+            let drain = shared.config.shutdown_timeout;
+            let plain =
+                server::serve_proxy(shared.clone(), proxy, spread, None, stop.clone(), drain);
+            match tls {
+                None => plain.await,
+                Some((tls, listener)) => {
+                    let tls =
+                        server::serve_proxy(shared, listener, tls_spread, Some(tls), stop, drain);
+                    let (a, b) = tokio::join!(plain, tls);
+                    a.max(b)
+                }
+            }
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("lb-worker-{i}"))
+            .spawn(move || {
+                worker::enter(i);
+                let left = runtime.get().block_on(serve);
+                // The runtime goes first: connections the drain cut are dropped, and their
+                // access log lines queued, before the process's last flush.
+                drop(runtime);
+                let _ = finished.send(left);
+            })
+            .context("its thread")?;
+        Ok(Worker { thread, done })
+    }
+
+    /// Waits for the worker's drain and its thread's end; returns the connections the drain
+    /// cut.
+    async fn stop(self) -> usize {
+        let left = self.done.await.unwrap_or(0);
+        let _ = tokio::task::spawn_blocking(move || self.thread.join()).await;
+        left
+    }
+}
+
+/// A worker's runtime. Dropped, it shuts down without waiting for blocking threads (a
+/// worker starts none). Waiting would panic where a failed start drops it: inside worker 0's
+/// runtime.
+struct WorkerRuntime(Option<tokio::runtime::Runtime>);
+
+impl WorkerRuntime {
+    fn get(&self) -> &tokio::runtime::Runtime {
+        self.0.as_ref().expect("taken only when dropped")
+    }
+}
+
+impl Drop for WorkerRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// Another descriptor for `listener`'s socket, registered with the current runtime: each
+/// worker waits on the same queue of new connections, and the first free one accepts.
+fn copy_listener(listener: &TcpListener) -> std::io::Result<TcpListener> {
+    use std::os::fd::AsFd;
+    let copy = std::net::TcpListener::from(listener.as_fd().try_clone_to_owned()?);
+    // Non-blocking already: the flag belongs to the socket, which the copies share.
+    TcpListener::from_std(copy)
 }

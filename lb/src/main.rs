@@ -26,19 +26,11 @@ fn main() -> std::process::ExitCode {
         return switchyard_daemon::probe::exit_code(config.admin_listen, "/readyz");
     }
     switchyard_daemon::process::init_logging(config.log_format == LogFormat::Json);
-    let workers = config.workers.unwrap_or_else(|| {
-        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-    });
-    // One worker needs no work stealing: the current-thread scheduler skips its atomics and
-    // cross-thread queues.
-    let mut runtime = if workers == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(workers);
-        b
-    };
-    let runtime = runtime.enable_all().build().expect("tokio runtime");
+    // This thread is worker 0; `run` starts the others, each on a runtime of its own.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     match runtime.block_on(lb::run(
         config,
         switchyard_daemon::process::shutdown_signal(),

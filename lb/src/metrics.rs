@@ -53,6 +53,7 @@ pub const ACCESS_LOG_LINES_TOTAL: &str = "lb_access_log_lines_total";
 pub const VERSION_WEIGHTS_ERRORS_TOTAL: &str = "lb_version_weights_errors_total";
 pub const ACCESS_LOG_DROPPED_TOTAL: &str = "lb_access_log_dropped_total";
 pub const ACCEPT_PAUSED_TOTAL: &str = "lb_accept_paused_total";
+pub const WORKER_CONNECTIONS_TOTAL: &str = "lb_worker_connections_total";
 pub const TUNNEL_IDLE_TIMEOUTS_TOTAL: &str = "lb_tunnel_idle_timeouts_total";
 pub const PROPAGATION_SECONDS: &str = "lb_propagation_seconds";
 pub const PROPAGATION_CLOCK_SKEW_TOTAL: &str = "lb_propagation_clock_skew_total";
@@ -380,6 +381,8 @@ pub struct Metrics {
     pub version_weights_errors: IntCounter,
     pub access_log_dropped: IntCounter,
     pub accept_paused: IntCounter,
+    /// worker
+    pub worker_connections: IntCounterVec,
     pub tunnel_idle_timeouts: IntCounter,
 }
 
@@ -469,6 +472,7 @@ impl Metrics {
             access_log_dropped: counter(ACCESS_LOG_DROPPED_TOTAL, "Access log lines dropped because the writer's queue was full (LB_ACCESS_LOG_BUFFER)."),
             tunnel_idle_timeouts: counter(TUNNEL_IDLE_TIMEOUTS_TOTAL, "Upgraded connections (tunnels) closed after LB_TUNNEL_IDLE_TIMEOUT without a byte either way."),
             accept_paused: counter(ACCEPT_PAUSED_TOTAL, "Times accepting waited because LB_MAX_CONNECTIONS client connections were open."),
+            worker_connections: counter_vec(WORKER_CONNECTIONS_TOTAL, "Client connections accepted (plain and TLS), by the worker thread that serves them (LB_WORKERS; worker 0 also runs discovery and the admin listener).", &["worker"]),
             registry,
         };
         for watch in WatchName::ALL {

@@ -28,7 +28,7 @@ use hyper::body::Incoming;
 pub use body::{ProxyBody, ResponseGuard};
 pub use forwarded::{Forwarded, X_FORWARDED_FOR};
 pub use path::normalize as normalize_path;
-pub use peer::{Drain, Exchanges, Peer};
+pub use peer::{Drain, Exchanges, Peer, Slot};
 
 use crate::metrics::LocalReason;
 use crate::routing::Route;

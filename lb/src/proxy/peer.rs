@@ -26,19 +26,20 @@ pub struct Peer {
     pub(super) trusted: bool,
     pub(super) drain: Drain,
     pub exchanges: Exchanges,
-    /// The connection's place under the connection limit: a tunnel holds the peer, so it
-    /// counts as long as the tunnel lasts.
-    _slot: Option<OwnedSemaphorePermit>,
+    /// A tunnel holds the peer, so the connection counts as long as the tunnel lasts.
+    _slot: Slot,
+}
+
+/// What a client connection holds for its whole life: its place under the connection limit
+/// (`LB_MAX_CONNECTIONS`) and in its worker's count of connections.
+#[derive(Debug, Default)]
+pub struct Slot {
+    pub limit: Option<OwnedSemaphorePermit>,
+    pub load: Option<crate::worker::Assigned>,
 }
 
 impl Peer {
-    pub fn new(
-        addr: SocketAddr,
-        tls: bool,
-        trusted: bool,
-        drain: Drain,
-        slot: Option<OwnedSemaphorePermit>,
-    ) -> Peer {
+    pub fn new(addr: SocketAddr, tls: bool, trusted: bool, drain: Drain, slot: Slot) -> Peer {
         let ip = HeaderValue::from_str(&addr.ip().to_string())
             .expect("an IP address is a valid header value");
         Peer {
@@ -57,7 +58,7 @@ impl Peer {
     pub fn outside(addr: SocketAddr, tls: bool, trusted: bool) -> Peer {
         let (alive, _) = tokio::sync::mpsc::channel(1);
         let (_, close) = tokio::sync::watch::channel(false);
-        Peer::new(addr, tls, trusted, Drain { alive, close }, None)
+        Peer::new(addr, tls, trusted, Drain { alive, close }, Slot::default())
     }
 }
 

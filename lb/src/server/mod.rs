@@ -13,6 +13,7 @@ pub mod accept;
 pub mod lot;
 pub mod parking;
 pub mod proxy_header;
+pub mod spread;
 pub mod stall;
 pub mod tls;
 
@@ -33,10 +34,11 @@ use tokio::sync::{mpsc, watch};
 
 use self::accept::Acceptor;
 use self::lot::Lot;
+use self::spread::Spread;
 use self::stall::{StallIo, StreamExec, StreamStall};
 use self::tls::{Tls, ALPN_H2};
 use crate::metrics::{ClientErrorKind, ClientProtocol};
-use crate::proxy::{Drain, Peer};
+use crate::proxy::{Drain, Peer, Slot};
 use crate::server::parking::{Exchange, ParkingIo, Tracked};
 use crate::Shared;
 
@@ -69,9 +71,13 @@ type Parked = (Arc<Peer>, OpenConnection);
 /// Serves the proxy on `listener` (TLS when `tls` is given) until `stop` flips, then waits up
 /// to `drain` for open connections to finish their requests and upgraded connections to end;
 /// those still open then are closed. Returns how many connections were still open.
+///
+/// Runs on the worker whose runtime it is polled on; `spread` is this worker's share of the
+/// listener's connections.
 pub async fn serve_proxy(
     shared: Arc<Shared>,
     listener: TcpListener,
+    mut spread: Spread,
     tls: Option<Arc<Tls>>,
     mut stop: watch::Receiver<bool>,
     drain: Duration,
@@ -131,19 +137,29 @@ pub async fn serve_proxy(
         ));
     }
     let mut acceptor = Acceptor::new(listener, if ctx.tls.is_some() { "tls" } else { "proxy" });
+    let accepted = shared
+        .metrics
+        .worker_connections
+        .with_label_values(&[&crate::worker::index().to_string()]);
     loop {
-        tokio::select! {
-            (stream, peer, slot) = acceptor.accept(Some(&shared.connection_slots), &shared.metrics) => {
-                let _ = stream.set_nodelay(true);
-                // Two task types: a plain connection's task then holds none of the TLS and
-                // HTTP/2 state, which would otherwise size every connection's future.
-                if ctx.tls.is_some() {
-                    tokio::spawn(ctx.clone().tls_connection(stream, peer, slot));
-                } else {
-                    tokio::spawn(ctx.clone().plain_connection(stream, peer, slot));
-                }
+        let placed = tokio::select! {
+            (stream, addr, limit) = acceptor.accept(Some(&shared.connection_slots), &shared.metrics) => {
+                spread.place(stream, addr, limit, &shared.metrics)
             }
+            placed = spread.next(&shared.metrics) => Some(placed),
             _ = stop.changed() => break,
+        };
+        let Some((stream, peer, slot)) = placed else {
+            continue;
+        };
+        accepted.inc();
+        let _ = stream.set_nodelay(true);
+        // Two task types: a plain connection's task then holds none of the TLS and HTTP/2
+        // state, which would otherwise size every connection's future.
+        if ctx.tls.is_some() {
+            tokio::spawn(ctx.clone().tls_connection(stream, peer, slot));
+        } else {
+            tokio::spawn(ctx.clone().plain_connection(stream, peer, slot));
         }
     }
     drop(acceptor);
@@ -530,10 +546,6 @@ impl Listener {
 
 /// How long a closing HTTP/2 connection may take to end after its GOAWAY.
 const GOAWAY_GRACE: Duration = Duration::from_secs(2);
-
-/// A connection's place under `LB_MAX_CONNECTIONS`: held by its `Peer`, so a tunnel the
-/// connection becomes keeps it too, and given back when the last of them ends.
-type Slot = Option<tokio::sync::OwnedSemaphorePermit>;
 
 /// Counts a client connection open for the connection task's life.
 struct OpenConnection(Arc<Shared>);

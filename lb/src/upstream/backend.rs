@@ -4,9 +4,10 @@
 //! Tables hold `Arc<Backend>`; discovery's publisher hands the same `Arc` to every new table while
 //! the address stays in Consul, so pools and ejections survive reloads.
 //!
-//! HTTP/1.1 backends get a pool of idle connections (`h1::Conn`), one request at a time on
-//! each. HTTP/2 (h2c) backends get one shared connection that multiplexes every request, made
-//! again when it closes.
+//! HTTP/1.1 backends get a pool of idle connections (`h1::Conn`) per worker, one request at a
+//! time on each. HTTP/2 (h2c) backends get one connection that multiplexes every request of
+//! every worker, made again when it closes: it runs on the worker that made it, and the
+//! others' requests reach it through hyper's channel.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -45,6 +46,17 @@ pub enum ConnectError {
 struct Idle {
     conn: Box<h1::Conn>,
     since_ms: u64,
+}
+
+/// One worker's idle connections, alone on its cache line.
+#[derive(Default)]
+#[repr(align(64))]
+struct WorkerPool(Mutex<VecDeque<Idle>>);
+
+impl WorkerPool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// Bounds how long data written to `stream` may stay unacknowledged: past it the kernel
@@ -131,7 +143,12 @@ pub struct Backend {
     /// Node close after about 5 s), which the oldest one races. Allocates only when used, so
     /// a table of thousands of rarely hit backends costs no pool memory up front. The lock is
     /// held for a push or a pop, never across an await.
-    idle: Mutex<VecDeque<Idle>>,
+    ///
+    /// One pool per worker ([`crate::worker`]): a socket is driven by the reactor of the
+    /// runtime that made it, so a connection stays with its worker's requests. Each pool has
+    /// its own cache line, so workers do not contend for one.
+    idle: Box<[WorkerPool]>,
+    /// Idle connections kept per worker: the configured number shared out between them.
     max_idle: usize,
 }
 
@@ -143,6 +160,7 @@ impl std::fmt::Debug for Backend {
 
 impl Backend {
     pub fn new(addr: String, proto: UpstreamProto, max_idle: usize) -> Backend {
+        let workers = crate::worker::count();
         Backend {
             addr,
             proto,
@@ -154,8 +172,8 @@ impl Backend {
             ejected_until: AtomicU64::new(0),
             last_failure: AtomicU64::new(0),
             requests: AtomicU64::new(0),
-            idle: Mutex::new(VecDeque::new()),
-            max_idle: max_idle.max(1),
+            idle: (0..workers).map(|_| WorkerPool::default()).collect(),
+            max_idle: max_idle.div_ceil(workers).max(1),
         }
     }
 
@@ -241,7 +259,10 @@ impl Backend {
         self.ejected_until
             .store(now + length.as_millis() as u64, Ordering::Relaxed);
         // Idle connections to a failing backend are suspect; new ones will be made on return.
-        self.pool().clear();
+        // Those of other workers are dropped by this one: closing a socket needs no reactor.
+        for pool in &self.idle {
+            pool.lock().clear();
+        }
         self.h2.store(None);
         true
     }
@@ -369,14 +390,15 @@ impl Backend {
         });
     }
 
-    /// The pool, whether or not a thread panicked while holding it (a push or a pop leaves
-    /// it consistent either way).
+    /// The calling worker's pool, whether or not a thread panicked while holding it (a push
+    /// or a pop leaves it consistent either way).
     fn pool(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle>> {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+        self.idle[crate::worker::index()].lock()
     }
 
+    /// Idle connections in every worker's pool.
     pub fn idle_connections(&self) -> usize {
-        self.pool().len()
+        self.idle.iter().map(|p| p.lock().len()).sum()
     }
 }
 

@@ -246,3 +246,95 @@ async fn a_drain_closes_parked_connections_at_once() {
     assert_eq!(r2.read_to_end(&mut rest).unwrap(), 0, "closed with a FIN");
     drop((s, s2));
 }
+
+async fn worker_connections(lb: &Lb, http: &Http) -> [f64; 2] {
+    let mut out = [0.0; 2];
+    for (w, n) in out.iter_mut().enumerate() {
+        *n = lb
+            .metric(
+                http,
+                "lb_worker_connections_total",
+                &[("worker", &w.to_string())],
+            )
+            .await
+            .unwrap_or(0.0);
+    }
+    out
+}
+
+/// Two workers, each a thread with a runtime of its own: new connections are spread over
+/// both, each reuses its own upstream connections, and the drain closes the parked
+/// connections of both at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_share_the_connections_and_pool_their_own() {
+    let consul = Consul::start().await;
+    let a = Backend::start("a").await;
+    consul.register("a", "web", a.port(), &["lb.route=/"]).await;
+    let mut lb = Lb::start(&consul, &[("LB_WORKERS", "2"), ("LB_DRAIN_DELAY", "0s")]).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 1).await;
+    let proxy = lb.proxy;
+    let opened = || lb.metric(&http, "lb_upstream_connections_total", &[]);
+    let opened_before = opened().await.unwrap_or(0.0);
+    let before = worker_connections(&lb, &http).await;
+
+    // Eight connections, opened one after another and kept: whichever worker accepts one,
+    // the other gets it when it holds two fewer.
+    let mut conns = tokio::task::spawn_blocking(move || {
+        (0..8)
+            .map(|_| {
+                let (mut s, mut r) = connect(proxy);
+                s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+                assert_eq!(read_response(&mut r).unwrap().1, b"a");
+                (s, r)
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    wait_parked(&lb, &http, 8, "eight connections parked").await;
+    let after = worker_connections(&lb, &http).await;
+    let served = [after[0] - before[0], after[1] - before[1]];
+    assert_eq!(served[0] + served[1], 8.0, "{served:?}");
+    assert!(
+        served[0] >= 3.0 && served[1] >= 3.0,
+        "both workers hold connections: {served:?}"
+    );
+
+    // Three more exchanges on each, every one resumed from its worker's lot, one request at
+    // a time: each worker made one upstream connection and reuses it.
+    conns = tokio::task::spawn_blocking(move || {
+        for _ in 0..3 {
+            for (s, r) in &mut conns {
+                s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+                assert_eq!(read_response(r).unwrap().1, b"a");
+            }
+        }
+        conns
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        opened().await.unwrap_or(0.0) - opened_before,
+        2.0,
+        "one upstream connection per worker"
+    );
+
+    wait_parked(&lb, &http, 8, "parked again").await;
+    let started = std::time::Instant::now();
+    lb.signal(libc::SIGTERM);
+    assert_eq!(
+        lb.wait_exit(Duration::from_secs(10)).await,
+        Some(0),
+        "clean exit"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the drain did not wait on idle connections"
+    );
+    for (s, mut r) in conns {
+        let mut rest = Vec::new();
+        assert_eq!(r.read_to_end(&mut rest).unwrap(), 0, "closed with a FIN");
+        drop(s);
+    }
+}

@@ -166,7 +166,13 @@ async fn responses_are_read_as_rfc_9112_frames_them() {
     let (port, accepted) = scripted_backend().await;
     consul.register("s", "web", port, &["lb.route=/"]).await;
     // A response timeout far past the test's patience: an exchange that waits for it fails.
-    let lb = Lb::start(&consul, &[("LB_RESPONSE_TIMEOUT", "10m")]).await;
+    // One worker: each worker pools its own backend connections, and the raw exchanges
+    // below come on connections of their own, which another worker could take.
+    let lb = Lb::start(
+        &consul,
+        &[("LB_RESPONSE_TIMEOUT", "10m"), ("LB_WORKERS", "1")],
+    )
+    .await;
     let http = Http::new();
     wait_routed(&lb, &http, "*/", 1).await;
 
@@ -356,7 +362,8 @@ async fn request_bodies_of_unknown_length_go_chunked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_length_beside_a_chunked_coding_is_removed_not_obeyed() {
-    let (_consul, accepted, lb, http) = scripted_lb(&[]).await;
+    // One worker, so one pool: each worker keeps its own.
+    let (_consul, accepted, lb, http) = scripted_lb(&[("LB_WORKERS", "1")]).await;
 
     // The whole body, by its chunks; the contradicting length never reaches the client.
     let r = http.get(&lb.url("/length-and-chunked")).await.unwrap();
@@ -456,7 +463,8 @@ async fn the_pool_reuses_its_freshest_connection() {
     let consul = Consul::start().await;
     let port = closing_backend(Duration::from_secs(2)).await;
     consul.register("s", "web", port, &["lb.route=/"]).await;
-    let lb = Lb::start(&consul, &[]).await;
+    // One worker, so one pool: each worker keeps its own.
+    let lb = Lb::start(&consul, &[("LB_WORKERS", "1")]).await;
     let http = Http::new();
     wait_routed(&lb, &http, "*/", 1).await;
 
