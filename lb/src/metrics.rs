@@ -320,6 +320,24 @@ impl<L: Label> ByLabel<L> {
     }
 }
 
+/// One in a gauge for as long as it lives: raised when made, lowered when dropped, whichever
+/// way its owner ends.
+#[derive(Debug)]
+pub struct Held(IntGauge);
+
+impl Held {
+    pub fn new(gauge: &IntGauge) -> Held {
+        gauge.inc();
+        Held(gauge.clone())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];

@@ -16,7 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::peer::{Drain, Peer};
 use crate::field_list;
-use crate::metrics::UpgradeProtocol;
+use crate::metrics::{Held, UpgradeProtocol};
 use crate::time::now_ms;
 use crate::Shared;
 
@@ -134,7 +134,8 @@ pub(super) fn spawn_tunnel(
         };
         let metrics = &shared.metrics;
         metrics.upgrades.inc(label);
-        metrics.upgraded_open.inc();
+        // Given back however the tunnel ends, its task dropped at exit included.
+        let _open = Held::new(&metrics.upgraded_open);
         // Either direction's bytes keep the tunnel alive; `LB_TUNNEL_IDLE_TIMEOUT` of
         // neither closes it.
         let last = Arc::new(AtomicU64::new(now_ms()));
@@ -162,7 +163,6 @@ pub(super) fn spawn_tunnel(
                 let _ = upstream.shutdown().await;
             }
         }
-        metrics.upgraded_open.dec();
     });
 }
 

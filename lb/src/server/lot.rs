@@ -24,6 +24,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Sleep;
 
+use crate::metrics::Held;
+
 /// The way into a lot: parks connections.
 pub struct Lot<C> {
     tx: mpsc::UnboundedSender<Arrival<C>>,
@@ -31,7 +33,7 @@ pub struct Lot<C> {
 }
 
 /// A connection on its way into the lot, counted from here until it leaves, whichever way.
-type Arrival<C> = (TcpStream, C, Counted);
+type Arrival<C> = (TcpStream, C, Held);
 
 /// The lot's waiting side, run by [`Waiting::run`].
 pub struct Waiting<C> {
@@ -51,23 +53,7 @@ impl<C> Lot<C> {
     pub fn park(&self, stream: TcpStream, carry: C) {
         // Once the lot's task has ended (the drain began), the send fails and the connection
         // is dropped here, closed like the parked ones.
-        let _ = self.tx.send((stream, carry, Counted::new(&self.parked)));
-    }
-}
-
-/// One parked connection in `lb_client_connections_parked`, for as long as this lives.
-struct Counted(IntGauge);
-
-impl Counted {
-    fn new(gauge: &IntGauge) -> Counted {
-        gauge.inc();
-        Counted(gauge.clone())
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.0.dec();
+        let _ = self.tx.send((stream, carry, Held::new(&self.parked)));
     }
 }
 
@@ -112,7 +98,7 @@ pin_project_lite::pin_project! {
         conn: Option<(TcpStream, C)>,
         #[pin]
         idle: Sleep,
-        _counted: Counted,
+        _counted: Held,
     }
 }
 

@@ -37,7 +37,7 @@ use self::lot::Lot;
 use self::spread::Spread;
 use self::stall::{StallIo, StreamExec, StreamStall};
 use self::tls::{Tls, ALPN_H2};
-use crate::metrics::{ClientErrorKind, ClientProtocol};
+use crate::metrics::{ClientErrorKind, ClientProtocol, Held};
 use crate::proxy::{Drain, Peer, Slot};
 use crate::server::parking::{Exchange, ParkingIo, Tracked};
 use crate::Shared;
@@ -66,7 +66,7 @@ struct Listener {
 }
 
 /// What a parked connection keeps besides its socket.
-type Parked = (Arc<Peer>, OpenConnection);
+type Parked = (Arc<Peer>, Held);
 
 /// Serves the proxy on `listener` (TLS when `tls` is given) until `stop` flips, then waits up
 /// to `drain` for open connections to finish their requests and upgraded connections to end;
@@ -182,7 +182,7 @@ pub async fn serve_proxy(
 
 impl Listener {
     async fn tls_connection(self: Arc<Self>, mut stream: TcpStream, addr: SocketAddr, slot: Slot) {
-        let _open = OpenConnection::new(&self.shared);
+        let _open = Held::new(&self.shared.metrics.client_connections_open);
         let Some(tls) = &self.tls else { return };
         let Some(addr) = self.client_addr(&mut stream, addr).await else {
             return;
@@ -203,7 +203,7 @@ impl Listener {
         addr: SocketAddr,
         slot: Slot,
     ) {
-        let open = OpenConnection::new(&self.shared);
+        let open = Held::new(&self.shared.metrics.client_connections_open);
         let Some(addr) = self.client_addr(&mut stream, addr).await else {
             return;
         };
@@ -231,7 +231,7 @@ impl Listener {
         mut stream: TcpStream,
         mut leftover: Bytes,
         peer: Arc<Peer>,
-        open: OpenConnection,
+        open: Held,
     ) {
         let mut stop = self.stop.clone();
         loop {
@@ -546,22 +546,6 @@ impl Listener {
 
 /// How long a closing HTTP/2 connection may take to end after its GOAWAY.
 const GOAWAY_GRACE: Duration = Duration::from_secs(2);
-
-/// Counts a client connection open for the connection task's life.
-struct OpenConnection(Arc<Shared>);
-
-impl OpenConnection {
-    fn new(shared: &Arc<Shared>) -> OpenConnection {
-        shared.metrics.client_connections_open.inc();
-        OpenConnection(shared.clone())
-    }
-}
-
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        self.0.metrics.client_connections_open.dec();
-    }
-}
 
 /// Whether a plain connection opens with the HTTP/2 preface (`PRI * HTTP/2.0`), without
 /// consuming it. No HTTP/1 method is `PRI`, so four bytes decide. A client that sends nothing
