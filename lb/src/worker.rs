@@ -7,6 +7,7 @@
 //! connection moves between them.
 
 use std::cell::Cell;
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
@@ -46,21 +47,27 @@ pub fn index() -> usize {
     INDEX.with(Cell::get).min(count() - 1)
 }
 
-/// A connection's place in its worker's count, given back when dropped.
+/// A connection's place in its worker's count, given back when dropped. Holds the worker's
+/// index plus one, so that an `Option` of it takes no more room (every `Peer` holds one).
 #[derive(Debug)]
-pub struct Assigned(usize);
+pub struct Assigned(NonZeroU32);
 
 impl Assigned {
+    fn new(worker: usize) -> Assigned {
+        // Workers are at most 1,024 (`LB_WORKERS`).
+        Assigned(NonZeroU32::MIN.saturating_add(worker as u32))
+    }
+
     /// The worker that is to serve the connection.
     pub fn worker(&self) -> usize {
-        self.0
+        self.0.get() as usize - 1
     }
 }
 
 impl Drop for Assigned {
     fn drop(&mut self) {
         if let Some(load) = LOAD.get() {
-            load[self.0].0.fetch_sub(1, Ordering::Relaxed);
+            load[self.worker()].0.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -71,14 +78,14 @@ impl Drop for Assigned {
 /// one costs two `epoll_ctl` calls and a wake-up of the other thread.
 pub fn assign(accepted_by: usize) -> Assigned {
     let Some(load) = LOAD.get() else {
-        return Assigned(0);
+        return Assigned::new(0);
     };
     let to = pick(
         accepted_by.min(load.len() - 1),
         load.iter().map(|l| l.0.load(Ordering::Relaxed)),
     );
     load[to].0.fetch_add(1, Ordering::Relaxed);
-    Assigned(to)
+    Assigned::new(to)
 }
 
 /// [`assign`]'s choice, given each worker's connections.
