@@ -38,16 +38,18 @@ pub enum DockerHealth {
 }
 
 impl DockerHealth {
+    const ALL: [DockerHealth; 3] = [
+        DockerHealth::Starting,
+        DockerHealth::Healthy,
+        DockerHealth::Unhealthy,
+    ];
+
+    /// Reads Docker's word for it: the one spelling [`DockerHealth::as_str`] gives.
     pub fn parse(s: &str) -> Option<DockerHealth> {
-        match s {
-            "starting" => Some(DockerHealth::Starting),
-            "healthy" => Some(DockerHealth::Healthy),
-            "unhealthy" => Some(DockerHealth::Unhealthy),
-            _ => None,
-        }
+        DockerHealth::ALL.into_iter().find(|h| h.as_str() == s)
     }
 
-    /// Docker's word for it, as `parse` reads it.
+    /// Docker's word for it.
     pub fn as_str(self) -> &'static str {
         match self {
             DockerHealth::Starting => "starting",
@@ -301,6 +303,19 @@ pub async fn forward_events(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn docker_health_reads_back_what_it_writes() {
+        for h in DockerHealth::ALL {
+            assert_eq!(DockerHealth::parse(h.as_str()), Some(h));
+        }
+        assert_eq!(DockerHealth::parse("none"), None);
+        assert_eq!(
+            DockerHealth::parse("Healthy"),
+            None,
+            "Docker's spelling only"
+        );
+    }
 
     #[test]
     fn classification() {

@@ -174,36 +174,45 @@ impl Registrar {
     /// Stops that come together (a service scaled down) reach Consul together: every
     /// stopping instance of the burst goes into maintenance, which stops its traffic, before
     /// the first of them waits for the catalog and is deregistered. One after the other,
-    /// the last of five would wait for the four before it.
+    /// the last of five would wait for the four before it. The maintenances themselves are
+    /// entered at once, for the same reason.
     async fn maintain_stopping(&mut self, batch: &[DockerEvent]) {
-        let stops = batch.iter().filter(|e| e.kind == EventKind::Stopping);
-        if stops.clone().count() < 2 {
+        let stopping: Vec<_> = batch
+            .iter()
+            .filter(|e| e.kind == EventKind::Stopping)
+            .filter(|e| !self.seen(e) && self.in_scope(&e.labels))
+            .filter_map(|e| Some((e, self.registered.get(&e.id)?)))
+            .collect();
+        if stopping.len() < 2 {
             return;
         }
-        for e in stops {
-            let key = (e.time_nano, e.id.clone(), e.action.clone());
-            if self.recent.contains(&key) || !self.in_scope(&e.labels) {
-                continue;
-            }
-            let Some(instance) = self.registered.get(&e.id) else {
-                continue;
-            };
-            let at = micros(e.time_nano);
-            let entered = self
-                .consul
-                .enter_maintenance(&instance.registration, &e.action, at);
-            if entered.await.is_ok() {
-                self.in_maintenance.insert(e.id.clone());
-            }
-        }
+        let entered = futures_util::future::join_all(stopping.iter().map(|(e, instance)| {
+            self.consul
+                .enter_maintenance(&instance.registration, &e.action, micros(e.time_nano))
+        }))
+        .await;
+        let entered: Vec<String> = stopping
+            .iter()
+            .zip(entered)
+            .filter(|(_, r)| r.is_ok())
+            .map(|((e, _), _)| e.id.clone())
+            .collect();
+        self.in_maintenance.extend(entered);
+    }
+
+    /// Whether `e` was handled already: Docker repeats events across a resubscription.
+    fn seen(&self, e: &DockerEvent) -> bool {
+        self.recent
+            .iter()
+            .any(|(t, id, action)| *t == e.time_nano && *id == e.id && *action == e.action)
     }
 
     async fn handle(&mut self, e: DockerEvent) {
         self.last_event_nano = self.last_event_nano.max(e.time_nano);
-        let key = (e.time_nano, e.id.clone(), e.action.clone());
-        if self.recent.contains(&key) {
+        if self.seen(&e) {
             return;
         }
+        let key = (e.time_nano, e.id.clone(), e.action.clone());
         if self.recent.len() == DEDUPE_WINDOW {
             self.recent.pop_front();
         }
