@@ -4,7 +4,8 @@
 //! it) is kept per worker under this index.
 //!
 //! Knows nothing of what is kept per worker, nor of how the threads are started or how a
-//! connection moves between them.
+//! connection moves between them. Keeps worker 0's runtime handle, for what every worker
+//! shares.
 
 use std::cell::Cell;
 use std::num::NonZeroU32;
@@ -26,10 +27,22 @@ thread_local! {
     static INDEX: Cell<usize> = const { Cell::new(0) };
 }
 
-/// Sets the number of workers, once: later calls keep the first count. Call it before the
-/// first backend is made.
+/// Worker 0's runtime, which outlives the others': what all workers share and must not
+/// end with one of them runs there.
+static FIRST: OnceLock<tokio::runtime::Handle> = OnceLock::new();
+
+/// Sets the number of workers, once: later calls keep the first count. Call it on worker
+/// 0's runtime, before the first backend is made.
 pub fn set_count(n: usize) {
     LOAD.get_or_init(|| (0..n.max(1)).map(|_| Load::default()).collect());
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        FIRST.get_or_init(|| handle);
+    }
+}
+
+/// Worker 0's runtime, once [`set_count`] has run on it.
+pub fn first() -> Option<&'static tokio::runtime::Handle> {
+    FIRST.get()
 }
 
 /// The number of workers.

@@ -84,6 +84,49 @@ fn set_user_timeout(stream: &TcpStream, after: Duration) {
     }
 }
 
+async fn connect(addr: &str, s: &BackendSettings) -> Result<TcpStream, ConnectError> {
+    let stream = match tokio::time::timeout(s.connect_timeout, TcpStream::connect(addr)).await {
+        Err(_) => {
+            return Err(ConnectError::Timeout {
+                addr: addr.to_string(),
+                after: s.connect_timeout,
+            })
+        }
+        Ok(Err(source)) => {
+            return Err(ConnectError::Io {
+                addr: addr.to_string(),
+                source,
+            })
+        }
+        Ok(Ok(stream)) => stream,
+    };
+    let _ = stream.set_nodelay(true);
+    if !s.user_timeout.is_zero() {
+        set_user_timeout(&stream, s.user_timeout);
+    }
+    Ok(stream)
+}
+
+/// Connects to an h2c backend and runs the connection on the calling runtime.
+async fn open_h2(
+    addr: String,
+    s: BackendSettings,
+) -> Result<http2::SendRequest<UpstreamBody>, ConnectError> {
+    let stream = connect(&addr, &s).await?;
+    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        // Pings find a backend that vanished without a FIN (a killed container's address).
+        .keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|source| ConnectError::Handshake { addr, source })?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
 /// Settings that govern every backend, from the config.
 #[derive(Debug, Clone)]
 pub struct BackendSettings {
@@ -318,18 +361,21 @@ impl Backend {
         if let Some(sender) = self.live_h2() {
             return Ok((Sender::H2(sender), true));
         }
-        let stream = self.connect(s).await?;
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            // Pings find a backend that vanished without a FIN (a killed container's address).
-            .keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|source| self.handshake_error(source))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        // The connection carries every worker's requests, so it is made and run on worker
+        // 0, whose runtime outlives the others': on another worker it would end with that
+        // worker's drain, cutting what the others still had in flight on it.
+        let opening = open_h2(self.addr.clone(), s.clone());
+        let sender = match crate::worker::first() {
+            Some(first) if crate::worker::index() != 0 => {
+                first.spawn(opening).await.unwrap_or_else(|e| {
+                    Err(ConnectError::Io {
+                        addr: self.addr.clone(),
+                        source: std::io::Error::other(e),
+                    })
+                })?
+            }
+            _ => opening.await?,
+        };
         self.h2.store(Some(std::sync::Arc::new(sender.clone())));
         Ok((Sender::H2(sender), false))
     }
@@ -340,35 +386,8 @@ impl Backend {
         (!sender.is_closed()).then(|| sender.clone())
     }
 
-    fn handshake_error(&self, source: hyper::Error) -> ConnectError {
-        ConnectError::Handshake {
-            addr: self.addr.clone(),
-            source,
-        }
-    }
-
     async fn connect(&self, s: &BackendSettings) -> Result<TcpStream, ConnectError> {
-        let stream =
-            match tokio::time::timeout(s.connect_timeout, TcpStream::connect(&*self.addr)).await {
-                Err(_) => {
-                    return Err(ConnectError::Timeout {
-                        addr: self.addr.clone(),
-                        after: s.connect_timeout,
-                    })
-                }
-                Ok(Err(source)) => {
-                    return Err(ConnectError::Io {
-                        addr: self.addr.clone(),
-                        source,
-                    })
-                }
-                Ok(Ok(stream)) => stream,
-            };
-        let _ = stream.set_nodelay(true);
-        if !s.user_timeout.is_zero() {
-            set_user_timeout(&stream, s.user_timeout);
-        }
-        Ok(stream)
+        connect(&self.addr, s).await
     }
 
     /// Gives a connection back once the response it carried was read to its end. Whether

@@ -753,3 +753,86 @@ async fn slow_uploads_and_body_limits_with_an_h2c_backend() {
     let r = http.get(&lb.url("/plain")).await.unwrap();
     assert_eq!(r.status, StatusCode::OK, "the backend is in service");
 }
+
+/// An h2c backend's one connection carries every worker's requests: the drain of the worker
+/// whose request opened it must not cut another worker's request still on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_connection_outlives_the_worker_that_opened_it() {
+    let consul = Consul::start().await;
+    let port = h2c_echo_backend().await;
+    consul
+        .register_with("h2", "h2", port, &["lb.route=/", "lb.proto=h2c"], None)
+        .await;
+    let mut lb = Lb::start(&consul, &[("LB_WORKERS", "2"), ("LB_DRAIN_DELAY", "0s")]).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 1).await;
+    let served = |w: usize| {
+        let (lb, http) = (&lb, &http);
+        async move {
+            lb.metric(
+                http,
+                "lb_worker_connections_total",
+                &[("worker", &w.to_string())],
+            )
+            .await
+            .unwrap_or(0.0)
+        }
+    };
+
+    // Connections opened and kept, without a request, until each worker holds one.
+    let mut on: [Option<tokio::net::TcpStream>; 2] = [None, None];
+    let mut spare = Vec::new();
+    for _ in 0..8 {
+        let before = [served(0).await, served(1).await];
+        let s = tokio::net::TcpStream::connect(lb.proxy).await.unwrap();
+        let mut waited = 0;
+        let w = loop {
+            let now = [served(0).await, served(1).await];
+            if let Some(w) = (0..2).find(|&i| now[i] > before[i]) {
+                break w;
+            }
+            waited += 1;
+            assert!(waited < 500, "no worker took the connection");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        match &on[w] {
+            None => on[w] = Some(s),
+            Some(_) => spare.push(s),
+        }
+        if on.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    let [Some(mut w0), Some(mut w1)] = on else {
+        panic!("eight connections did not reach both workers");
+    };
+
+    // Worker 1's request opens the backend connection.
+    w1.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
+        .await
+        .unwrap();
+    let mut r1 = TokioBufReader::new(&mut w1);
+    let mut status = String::new();
+    r1.read_line(&mut status).await.unwrap();
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+
+    // Worker 0's request is on it, half sent, when the drain begins. Worker 1 has nothing in
+    // flight and finishes its drain at once.
+    w0.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n01234")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    lb.signal(libc::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    w0.write_all(b"56789").await.unwrap();
+    let mut answer = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), w0.read_to_string(&mut answer)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("0123456789"), "{answer}");
+    assert_eq!(
+        lb.wait_exit(Duration::from_secs(10)).await,
+        Some(0),
+        "clean exit"
+    );
+    drop((w1, spare));
+}
