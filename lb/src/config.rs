@@ -158,7 +158,7 @@ pub const SETTINGS: &[Setting] = &[
     (
         "LB_UPSTREAM_MAX_IDLE",
         "256",
-        "idle pooled connections kept per backend, shared out between the workers",
+        "idle pooled connections kept per backend, shared out between the workers (at least one each)",
     ),
     (
         "LB_ACCESS_LOG",

@@ -141,17 +141,7 @@ pub async fn serve_proxy(
         .metrics
         .worker_connections
         .with_label_values(&[&crate::worker::index().to_string()]);
-    loop {
-        let placed = tokio::select! {
-            (stream, addr, limit) = acceptor.accept(Some(&shared.connection_slots), &shared.metrics) => {
-                spread.place(stream, addr, limit, &shared.metrics)
-            }
-            placed = spread.next(&shared.metrics) => Some(placed),
-            _ = stop.changed() => break,
-        };
-        let Some((stream, peer, slot)) = placed else {
-            continue;
-        };
+    let start = |(stream, peer, slot): spread::Placed| {
         accepted.inc();
         let _ = stream.set_nodelay(true);
         // Two task types: a plain connection's task then holds none of the TLS and HTTP/2
@@ -161,8 +151,25 @@ pub async fn serve_proxy(
         } else {
             tokio::spawn(ctx.clone().plain_connection(stream, peer, slot));
         }
+    };
+    loop {
+        let placed = tokio::select! {
+            (stream, addr, limit) = acceptor.accept(Some(&shared.connection_slots), &shared.metrics) => {
+                spread.place(stream, addr, limit, &shared.metrics)
+            }
+            placed = spread.next(&shared.metrics) => Some(placed),
+            _ = stop.changed() => break,
+        };
+        if let Some(placed) = placed {
+            start(placed);
+        }
     }
     drop(acceptor);
+    // Connections another worker moved here as the stop came are served like those accepted
+    // here, so the drain waits for them; a move from now on fails, and its sender serves it.
+    for placed in spread.close(&shared.metrics) {
+        start(placed);
+    }
     // Connection tasks hold the listener context, and with it a drain sender; tunnels hold
     // their own. Ours goes now, so `recv` returns `None` once the last of them ends.
     drop(ctx);

@@ -81,7 +81,7 @@ impl Spread {
         };
         match self.to[to].send(Moved { stream, addr, slot }) {
             Ok(()) => None,
-            // That worker has stopped (the drain): this one serves it after all.
+            // That worker's drain has begun and closed its inbox: this one serves it.
             Err(mpsc::error::SendError(m)) => self.register(m, metrics),
         }
     }
@@ -97,6 +97,17 @@ impl Spread {
                 return placed;
             }
         }
+    }
+
+    /// Closes the inbox, so that moves to this worker fail from now on, and returns the
+    /// connections already in it. Called when the worker stops accepting.
+    pub fn close(&mut self, metrics: &Metrics) -> Vec<Placed> {
+        self.inbox.close();
+        let mut placed = Vec::new();
+        while let Ok(moved) = self.inbox.try_recv() {
+            placed.extend(self.register(moved, metrics));
+        }
+        placed
     }
 
     /// Registers a moved socket with this worker's reactor.
