@@ -2,10 +2,11 @@
 //! socket, and a connection accepted by a worker that holds two or more more than the least
 //! loaded one is moved there ([`crate::worker::assign`]) before anything is read from it.
 //!
-//! A worker that is free wakes first and takes most new connections, so moves are rare;
-//! they matter when connections come in a burst that one worker accepts in one go, which
-//! would leave it with every long-lived connection of the burst. Knows nothing of what a
-//! connection carries.
+//! Moves matter when connections come in a burst that one worker accepts in one go, which
+//! would leave it with every long-lived connection of the burst. Under keep-alive traffic
+//! they are rare; with a new connection per request about a quarter move, for two
+//! `epoll_ctl` calls and a wake-up each, which measured as no cost (BENCHMARKS.md). Knows
+//! nothing of what a connection carries.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
