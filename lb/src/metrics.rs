@@ -489,7 +489,7 @@ impl Metrics {
             version_weights_errors: counter(VERSION_WEIGHTS_ERRORS_TOTAL, "Version weights in Consul KV refused as malformed (the service keeps the weights it had)."),
             access_log_dropped: counter(ACCESS_LOG_DROPPED_TOTAL, "Access log lines dropped because the writer's queue was full (LB_ACCESS_LOG_BUFFER)."),
             tunnel_idle_timeouts: counter(TUNNEL_IDLE_TIMEOUTS_TOTAL, "Upgraded connections (tunnels) closed after LB_TUNNEL_IDLE_TIMEOUT without a byte either way."),
-            accept_paused: counter(ACCEPT_PAUSED_TOTAL, "Times accepting waited because LB_MAX_CONNECTIONS client connections were open."),
+            accept_paused: counter(ACCEPT_PAUSED_TOTAL, "Times accepting waited because LB_MAX_CONNECTIONS client connections were open (once each time the limit is reached)."),
             worker_connections: counter_vec(WORKER_CONNECTIONS_TOTAL, "Client connections accepted (plain and TLS), by the worker thread that serves them (LB_WORKERS; worker 0 also runs discovery and the admin listener).", &["worker"]),
             registry,
         };

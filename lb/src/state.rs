@@ -98,13 +98,22 @@ pub struct Shared {
     /// left), and by admin while it refreshes the backend gauges from the table it loaded, so
     /// a refresh never re-creates the series of a route that just left.
     pub series: std::sync::Mutex<()>,
-    /// One permit per client connection that may be open (`LB_MAX_CONNECTIONS`), shared by
-    /// every listener.
-    pub connection_slots: Arc<Semaphore>,
+    /// The places for client connections (`LB_MAX_CONNECTIONS`), shared by every listener of
+    /// every worker.
+    pub connection_slots: ConnectionSlots,
     /// `None` when off (`LB_ACCESS_LOG`).
     pub access_log: Option<AccessLog>,
     /// By service, its instances that are not backends (discovery writes, admin reads).
     pub unrouted: std::sync::Mutex<std::collections::HashMap<String, Vec<Unrouted>>>,
+}
+
+/// One permit per client connection that may be open (`LB_MAX_CONNECTIONS`), held for the
+/// connection's life.
+pub struct ConnectionSlots {
+    pub permits: Arc<Semaphore>,
+    /// Set while the limit holds accepting back, so that a pause is counted and logged once
+    /// however many accept loops (a plain and a TLS one per worker) wait in it.
+    pub full: AtomicBool,
 }
 
 impl Shared {
@@ -144,9 +153,12 @@ impl Shared {
             shutting_down: AtomicBool::new(false),
             series: std::sync::Mutex::new(()),
             unrouted: Default::default(),
-            connection_slots: Arc::new(Semaphore::new(
-                config.max_connections.unwrap_or_else(descriptor_share),
-            )),
+            connection_slots: ConnectionSlots {
+                permits: Arc::new(Semaphore::new(
+                    config.max_connections.unwrap_or_else(descriptor_share),
+                )),
+                full: AtomicBool::new(false),
+            },
             config,
         }
     }

@@ -497,3 +497,67 @@ async fn plain_requests_are_redirected_to_https_where_asked() {
         Some(1.0)
     );
 }
+
+/// `LB_MAX_CONNECTIONS` counts open connections, not accept loops: with a TLS listener beside
+/// the plain one and two workers, four loops wait for connections, and all four places still
+/// go to plain clients. The limit then holds the next one back, and the pause is counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_place_under_the_connection_limit_serves_the_listener_in_use() {
+    let consul = Consul::start().await;
+    let _b = routed_backend(&consul).await;
+    let ca = Ca::new("limit");
+    let leaf = ca.leaf("a", &["a.test"]);
+    let certs = leaf.source();
+    let t = start_tls_lb(
+        &consul,
+        &certs,
+        &[("LB_MAX_CONNECTIONS", "4"), ("LB_WORKERS", "2")],
+    )
+    .await;
+    let http = Http::new();
+    wait_routed(&t.lb, &http, "*/", 1).await;
+    // The readiness and routing checks used connections of their own; let them end.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    async fn ask(s: &mut tokio::net::TcpStream, within: Duration) -> Option<String> {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        answer(s, within).await
+    }
+    /// The response to what was sent, up to the backend's name ending its body.
+    async fn answer(s: &mut tokio::net::TcpStream, within: Duration) -> Option<String> {
+        let mut got = Vec::new();
+        let read = async {
+            let mut buf = [0u8; 1024];
+            while !got.ends_with(b"web-0") {
+                match s.read(&mut buf).await.unwrap() {
+                    0 => break,
+                    n => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        };
+        tokio::time::timeout(within, read).await.ok()?;
+        Some(String::from_utf8_lossy(&got).into_owned())
+    }
+    let mut held = Vec::new();
+    for i in 0..4 {
+        let mut s = tokio::net::TcpStream::connect(t.lb.proxy).await.unwrap();
+        let answer = ask(&mut s, Duration::from_secs(5)).await;
+        let answer = answer.unwrap_or_else(|| panic!("connection {i} of 4 was not served"));
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        held.push(s);
+    }
+    let mut waiting = tokio::net::TcpStream::connect(t.lb.proxy).await.unwrap();
+    let early = ask(&mut waiting, Duration::from_secs(1)).await;
+    assert_eq!(early, None, "served past the limit");
+    assert_eq!(
+        t.lb.metric(&http, "lb_accept_paused_total", &[]).await,
+        Some(1.0),
+        "one pause, whichever loops wait"
+    );
+    drop(held.pop());
+    let late = answer(&mut waiting, Duration::from_secs(5)).await;
+    let late = late.expect("served once a connection ended");
+    assert!(late.starts_with("HTTP/1.1 200"), "{late}");
+}
