@@ -299,13 +299,25 @@ async fn tables_match_docker(
     nodes: &[usize],
     what: &str,
 ) -> Duration {
+    /// Prints the last state seen when the wait fails, to tell whether Docker or an lb lagged.
+    struct ShowOnPanic(std::sync::Mutex<String>);
+    impl Drop for ShowOnPanic {
+        fn drop(&mut self) {
+            if let (true, Ok(last)) = (std::thread::panicking(), self.0.lock()) {
+                eprintln!("last seen: {last}");
+            }
+        }
+    }
+    let last = ShowOnPanic(std::sync::Mutex::new("nothing yet".into()));
     let started = Instant::now();
     eventually(what, Duration::from_secs(120), || async {
         let on = nodes.to_vec();
         let want = blocking(move || web_ips(&on)).await;
         let Some(tables) = tables(http, lbs).await else {
+            *last.0.lock().unwrap() = format!("Docker's web tasks {want:?}; an lb's table unread");
             return false;
         };
+        *last.0.lock().unwrap() = format!("Docker's web tasks {want:?}; lb tables {tables:?}");
         tables.iter().all(|t| {
             let ips: Vec<&str> = t.iter().map(|a| ip_of(a)).collect();
             let unique: BTreeSet<&str> = ips.iter().copied().collect();
