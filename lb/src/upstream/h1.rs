@@ -371,8 +371,15 @@ impl Conn {
 
     /// Reads more bytes into the read buffer; 0 means the backend closed.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.dec.rbuf.capacity() - self.dec.rbuf.len() < self.read_size / 2 {
-            self.dec.rbuf.reserve(self.read_size);
+        if self.dec.rbuf.capacity() - self.dec.rbuf.len() < self.read_size / 2
+            && !self.dec.rbuf.try_reclaim(self.read_size)
+        {
+            // A new buffer, not `reserve`: when this one is too small, reserve reallocates it
+            // whole, copying every byte already handed on as frames along with the few left
+            // (a quarter to a half of a large body's bytes copied once more).
+            let mut fresh = BytesMut::with_capacity(self.dec.rbuf.len() + self.read_size);
+            fresh.extend_from_slice(&self.dec.rbuf);
+            self.dec.rbuf = fresh;
         }
         // At most `read_size`, whatever room the buffer has: a read is a frame handed on, and
         // a consumer that lags (`consumer_lags`) gets small ones.
