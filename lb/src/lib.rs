@@ -46,6 +46,7 @@ pub mod upstream;
 pub mod worker;
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -294,7 +295,8 @@ impl Worker {
             .name(format!("lb-worker-{i}"))
             .spawn(move || {
                 worker::enter(i);
-                let left = runtime.get().block_on(serve);
+                let mut left = 0;
+                block_on(runtime.get(), Box::pin(async { left = serve.await }));
                 // The runtime goes first: connections the drain cut are dropped, and their
                 // access log lines queued, before the process's last flush.
                 drop(runtime);
@@ -311,6 +313,14 @@ impl Worker {
         let _ = tokio::task::spawn_blocking(move || self.thread.join()).await;
         left
     }
+}
+
+/// Runs `work` on `runtime` to its end: worker 0's `run` (from `main`) and every other
+/// worker's serving alike. One future type makes one copy of the scheduler's loop, which the
+/// compiler inlines here; with two, it inlined neither (+0.5% instructions per request).
+#[inline(never)]
+pub fn block_on(runtime: &tokio::runtime::Runtime, work: Pin<Box<dyn Future<Output = ()> + '_>>) {
+    runtime.block_on(work)
 }
 
 /// A worker's runtime. Dropped, it shuts down without waiting for blocking threads (a

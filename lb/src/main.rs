@@ -32,10 +32,14 @@ fn main() -> std::process::ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    match runtime.block_on(lb::run(
-        config,
-        switchyard_daemon::process::shutdown_signal(),
-    )) {
+    let mut outcome = Ok(());
+    lb::block_on(
+        &runtime,
+        Box::pin(async {
+            outcome = lb::run(config, switchyard_daemon::process::shutdown_signal()).await;
+        }),
+    );
+    match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "lb failed");
