@@ -111,8 +111,9 @@ pub struct Shared {
 /// connection's life.
 pub struct ConnectionSlots {
     pub permits: Arc<Semaphore>,
-    /// Set while the limit holds accepting back, so that a pause is counted and logged once
-    /// however many accept loops (a plain and a TLS one per worker) wait in it.
+    /// Set when the limit holds accepting back, until a connection is accepted with places
+    /// to spare: a pause is counted and logged once however many accept loops (a plain and a
+    /// TLS one per worker) wait in it, and however often a freed place is taken meanwhile.
     pub full: AtomicBool,
 }
 

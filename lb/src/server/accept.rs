@@ -52,7 +52,7 @@ impl Acceptor {
         };
         if self.unplaced.is_none() {
             if slots.permits.available_permits() == 0 {
-                self.pause(slots, metrics);
+                Self::pause(slots, metrics);
                 // Only until there is a place: it is taken once a connection comes.
                 let place = slots.permits.acquire().await;
                 drop(place.expect("the semaphore is never closed"));
@@ -62,26 +62,26 @@ impl Acceptor {
         let permit = match slots.permits.clone().try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
-                self.pause(slots, metrics);
+                Self::pause(slots, metrics);
                 let permit = slots.permits.clone().acquire_owned().await;
                 permit.expect("the semaphore is never closed")
             }
         };
-        if slots.full.load(Ordering::Relaxed) {
+        // Places left after this one: the limit holds accepting back no more, and the next
+        // time it does is a new pause. While every freed place is taken at once, it is one.
+        if slots.permits.available_permits() > 0 && slots.full.load(Ordering::Relaxed) {
             slots.full.store(false, Ordering::Relaxed);
         }
         let (stream, addr) = self.unplaced.take().expect("accepted above");
         (stream, addr, Some(permit))
     }
 
-    /// Counts and logs that the limit holds accepting back, once for all loops.
-    fn pause(&self, slots: &ConnectionSlots, metrics: &Metrics) {
+    /// Counts and logs that the limit holds accepting back, once for all loops (whichever
+    /// listener's loop comes first, so the log names none).
+    fn pause(slots: &ConnectionSlots, metrics: &Metrics) {
         if !slots.full.swap(true, Ordering::Relaxed) {
             metrics.accept_paused.inc();
-            tracing::warn!(
-                listener = self.name,
-                "connection limit reached; accepting waits for a connection to end"
-            );
+            tracing::warn!("connection limit reached; accepting waits for a connection to end");
         }
     }
 
