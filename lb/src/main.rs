@@ -48,7 +48,8 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// Fixes glibc's heap thresholds, unless `GLIBC_TUNABLES` sets malloc's itself.
+/// Fixes glibc's heap thresholds, each unless the environment sets it (`GLIBC_TUNABLES`, or
+/// glibc's older `MALLOC_MMAP_THRESHOLD_` and `MALLOC_TRIM_THRESHOLD_`).
 ///
 /// By default glibc moves them as it goes: the top of the heap goes back to the kernel
 /// whenever more than twice the largest mapped block freed so far lies free there. Streaming
@@ -58,14 +59,19 @@ fn main() -> std::process::ExitCode {
 /// 1 MiB come from the heap, and up to 4 MiB free at a heap's top is kept.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn tune_allocator() {
-    if std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc.")) {
-        return;
-    }
+    let set = |tunable: &str, variable: &str| {
+        std::env::var_os(variable).is_some()
+            || std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains(tunable))
+    };
     // SAFETY: mallopt only sets the allocator's parameters, here before any other thread is
     // started.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 4 << 20);
+        if !set("glibc.malloc.mmap_threshold", "MALLOC_MMAP_THRESHOLD_") {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        }
+        if !set("glibc.malloc.trim_threshold", "MALLOC_TRIM_THRESHOLD_") {
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 4 << 20);
+        }
     }
 }
 
