@@ -415,7 +415,13 @@ fn respond(
     rb.count_response(StatusClass::of(rparts.status), &route.name, &shared.metrics);
     let accepted_upgrade = switching.then(|| rparts.headers.get(header::UPGRADE).cloned());
     strip_hop_by_hop(&mut rparts.headers);
-    rparts.headers.entry(X_REQUEST_ID).or_insert(request_id);
+    // A backend's own id is as unique as ours: never indexed either (`super::request_id`).
+    match rparts.headers.entry(X_REQUEST_ID) {
+        http::header::Entry::Occupied(mut id) => id.get_mut().set_sensitive(true),
+        http::header::Entry::Vacant(v) => {
+            v.insert(request_id);
+        }
+    }
     let mut sender = Some(sender);
     if let (true, Some(up), Some(Sender::H1(_))) = (switching, upgrade.take(), &sender) {
         let Some(Sender::H1(conn)) = sender.take() else {
