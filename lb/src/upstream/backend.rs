@@ -84,6 +84,8 @@ fn set_user_timeout(stream: &TcpStream, after: Duration) {
     }
 }
 
+/// A new connection to `addr` within the connect timeout, without Nagle's delay and with the
+/// user timeout set: what HTTP/1.1 and h2c connections to a backend both start from.
 async fn connect(addr: &str, s: &BackendSettings) -> Result<TcpStream, ConnectError> {
     let stream = match tokio::time::timeout(s.connect_timeout, TcpStream::connect(addr)).await {
         Err(_) => {
@@ -352,7 +354,7 @@ impl Backend {
         if self.proto == UpstreamProto::H2c {
             return self.open_h2(s).await;
         }
-        let stream = self.connect(s).await?;
+        let stream = connect(&self.addr, s).await?;
         Ok((Sender::H1(Box::new(h1::Conn::new(stream))), false))
     }
 
@@ -384,10 +386,6 @@ impl Backend {
         let guard = self.h2.load();
         let sender = guard.as_deref()?;
         (!sender.is_closed()).then(|| sender.clone())
-    }
-
-    async fn connect(&self, s: &BackendSettings) -> Result<TcpStream, ConnectError> {
-        connect(&self.addr, s).await
     }
 
     /// Gives a connection back once the response it carried was read to its end. Whether
