@@ -98,6 +98,9 @@ pub struct Conn {
 struct Decoder {
     /// Bytes read and not yet handed out: a response head in the making, or body bytes.
     rbuf: BytesMut,
+    /// The size of the allocation `rbuf` was cut from. Its view says nothing of it once
+    /// frames are cut off, and frames on their way to the client keep it alive.
+    rbuf_alloc: usize,
     framing: Framing,
     /// Whether the connection may carry another exchange once this one ends.
     reusable: bool,
@@ -109,6 +112,7 @@ impl Conn {
             io,
             dec: Decoder {
                 rbuf: BytesMut::new(),
+                rbuf_alloc: 0,
                 framing: Framing::Done,
                 reusable: true,
             },
@@ -145,12 +149,16 @@ impl Conn {
     }
 
     /// Lets go of buffers a large body or upload grew, before the connection waits in the
-    /// pool: an idle connection keeps at most a small read buffer.
+    /// pool: an idle connection keeps at most a small buffer each way. What decides is the
+    /// allocation, not the room left in the view: reads that fill a large buffer leave its
+    /// view with little room, and writes leave the write buffer's empty.
     pub fn shrink(&mut self) {
-        if self.dec.rbuf.capacity() > 2 * MIN_READ {
+        if self.dec.rbuf_alloc > 2 * MIN_READ {
             self.dec.rbuf = BytesMut::new();
+            self.dec.rbuf_alloc = 0;
         }
-        if self.wbuf.capacity() > 2 * MIN_READ {
+        // Never split, so it holds its allocation alone: taking the room back says how large.
+        if self.wbuf.try_reclaim(2 * MIN_READ + 1) {
             self.wbuf = BytesMut::new();
         }
         self.read_size = MIN_READ;
@@ -379,6 +387,7 @@ impl Conn {
             // (a quarter to a half of a large body's bytes copied once more).
             let mut fresh = BytesMut::with_capacity(self.dec.rbuf.len() + self.read_size);
             fresh.extend_from_slice(&self.dec.rbuf);
+            self.dec.rbuf_alloc = fresh.capacity();
             self.dec.rbuf = fresh;
         }
         // At most `read_size`, whatever room the buffer has: a read is a frame handed on, and
@@ -723,6 +732,7 @@ pub fn decode(input: &[u8], cuts: &[usize], head_request: bool) -> Decoded {
     let mut pieces = pieces.into_iter();
     let mut dec = Decoder {
         rbuf: BytesMut::new(),
+        rbuf_alloc: 0,
         framing: Framing::Done,
         reusable: true,
     };
@@ -887,5 +897,50 @@ mod tests {
         );
         assert_eq!((d.data.concat(), d.leftover), (b"ab".to_vec(), 2));
         assert!(decode(b"SMTP ready\r\n\r\n", &[], false).head.is_err());
+    }
+
+    /// A connection put back in the pool keeps no large buffer, though the views it holds
+    /// say little of the allocations under them: a read buffer whose bytes went out as a
+    /// frame the client side still holds, and a write buffer whose bytes were all written.
+    #[tokio::test]
+    async fn a_pooled_connection_lets_go_of_large_buffers() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (io, accepted) = tokio::join!(
+            TcpStream::connect(listener.local_addr().unwrap()),
+            listener.accept()
+        );
+        let (mut backend, _) = accepted.unwrap();
+        let mut conn = Conn::new(io.unwrap());
+
+        // A read grown to 32 KiB that leaves 100 bytes of its buffer unused.
+        let size = 32 * 1024;
+        backend.write_all(&vec![b'x'; size - 100]).await.unwrap();
+        conn.read_size = size;
+        let mut read = 0;
+        while read < size - 100 {
+            read += poll_fn(|cx| conn.poll_fill(cx)).await.unwrap();
+        }
+        assert_eq!(
+            conn.dec.rbuf.capacity() - read,
+            100,
+            "one buffer took every read"
+        );
+        let frame = conn.dec.rbuf.split().freeze();
+        // The upload before it: written out, every byte advanced past.
+        conn.wbuf.put_slice(&vec![b'y'; size]);
+        conn.wbuf.advance(size);
+
+        conn.shrink();
+        drop(frame);
+        // Either buffer could get its whole allocation back if it still held it.
+        assert!(
+            !conn.dec.rbuf.try_reclaim(2 * MIN_READ + 1),
+            "the pooled connection still holds the read buffer's allocation"
+        );
+        assert!(
+            !conn.wbuf.try_reclaim(2 * MIN_READ + 1),
+            "the pooled connection still holds the write buffer's allocation"
+        );
     }
 }
