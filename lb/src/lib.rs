@@ -110,8 +110,7 @@ struct Listeners {
 impl Listeners {
     async fn bind(shared: &Shared) -> anyhow::Result<Listeners> {
         let config = &shared.config;
-        let proxy = TcpListener::bind(config.listen)
-            .await
+        let proxy = server::listen::bind(config.listen, worker::count())
             .with_context(|| format!("binding the proxy listener {}", config.listen))?;
         let admin = TcpListener::bind(config.admin_listen)
             .await
@@ -126,8 +125,7 @@ impl Listeners {
                     &shared.metrics,
                 )
                 .map_err(|e| anyhow::anyhow!("loading TLS certificates:\n{e}"))?;
-                let listener = TcpListener::bind(addr)
-                    .await
+                let listener = server::listen::bind(addr, worker::count())
                     .with_context(|| format!("binding the TLS listener {addr}"))?;
                 Some((Arc::new(tls), listener))
             }
@@ -238,8 +236,8 @@ impl Tasks {
     }
 }
 
-/// A worker thread (1 and up): its own current-thread runtime serving its own copies of the
-/// proxy's listening sockets, until `stop` flips and its drain is over.
+/// A worker thread (1 and up): its own current-thread runtime serving its own listening
+/// sockets for the proxy's addresses, until `stop` flips and its drain is over.
 struct Worker {
     thread: std::thread::JoinHandle<()>,
     /// The connections its drain left open, once it is over.
@@ -265,12 +263,12 @@ impl Worker {
         let (proxy, tls) = {
             // Registered with the worker's own reactor, which wakes only its thread.
             let _in = runtime.get().enter();
-            let proxy = copy_listener(&l.proxy).context("the proxy listener")?;
+            let proxy = server::listen::another(&l.proxy).context("the proxy listener")?;
             let tls = match &l.tls {
                 None => None,
                 Some((tls, listener)) => Some((
                     tls.clone(),
-                    copy_listener(listener).context("the TLS listener")?,
+                    server::listen::another(listener).context("the TLS listener")?,
                 )),
             };
             (proxy, tls)
@@ -340,13 +338,4 @@ impl Drop for WorkerRuntime {
             runtime.shutdown_background();
         }
     }
-}
-
-/// Another descriptor for `listener`'s socket, registered with the current runtime: each
-/// worker waits on the same queue of new connections, and the first free one accepts.
-fn copy_listener(listener: &TcpListener) -> std::io::Result<TcpListener> {
-    use std::os::fd::AsFd;
-    let copy = std::net::TcpListener::from(listener.as_fd().try_clone_to_owned()?);
-    // Non-blocking already: the flag belongs to the socket, which the copies share.
-    TcpListener::from_std(copy)
 }

@@ -10,6 +10,7 @@
 //! connection at once.
 
 pub mod accept;
+pub mod listen;
 pub mod lot;
 pub mod parking;
 pub mod proxy_header;
@@ -143,7 +144,9 @@ pub async fn serve_proxy(
         .with_label_values(&[&crate::worker::index().to_string()]);
     let start = |(stream, peer, slot): spread::Placed| {
         accepted.inc();
-        let _ = stream.set_nodelay(true);
+        if !listen::NODELAY_INHERITED {
+            let _ = stream.set_nodelay(true);
+        }
         // Two task types: a plain connection's task then holds none of the TLS and HTTP/2
         // state, which would otherwise size every connection's future.
         if ctx.tls.is_some() {

@@ -1,6 +1,7 @@
-//! Spreading new connections over the workers: every worker accepts from the same listening
-//! socket, and a connection accepted by a worker that holds two or more more than the least
-//! loaded one is moved there ([`crate::worker::assign`]) before anything is read from it.
+//! Spreading new connections over the workers: every worker accepts from its own listening
+//! socket for the address ([`super::listen`]), and a connection accepted by a worker that
+//! holds two or more more than the least loaded one is moved there ([`crate::worker::assign`])
+//! before anything is read from it.
 //!
 //! Moves matter when connections come in a burst that one worker accepts in one go, which
 //! would leave it with every long-lived connection of the burst. Under keep-alive traffic

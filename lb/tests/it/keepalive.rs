@@ -270,9 +270,21 @@ async fn worker_connections(lb: &Lb, http: &Http) -> [f64; 2] {
     out
 }
 
-/// Two workers, each a thread with a runtime of its own: new connections are spread over
-/// both, each reuses its own upstream connections, and the drain closes the parked
-/// connections of both at once.
+/// Listening sockets bound to `port` on this machine (`/proc/net/tcp`, state `0A`).
+fn listening_sockets(port: u16) -> usize {
+    let suffix = format!(":{port:04X}");
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f.len() > 3 && f[1].ends_with(&suffix) && f[3] == "0A")
+        .count()
+}
+
+/// Two workers, each a thread with a runtime of its own and a listening socket of its own:
+/// new connections are spread over both, each reuses its own upstream connections, and the
+/// drain closes the parked connections of both at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_share_the_connections_and_pool_their_own() {
     let consul = Consul::start().await;
@@ -282,6 +294,13 @@ async fn two_workers_share_the_connections_and_pool_their_own() {
     let http = Http::new();
     wait_routed(&lb, &http, "*/", 1).await;
     let proxy = lb.proxy;
+    // One each, so that a new connection wakes only the worker whose queue it is in; with
+    // one socket shared, every connection woke both.
+    assert_eq!(
+        listening_sockets(proxy.port()),
+        2,
+        "a listening socket per worker"
+    );
     let opened = || lb.metric(&http, "lb_upstream_connections_total", &[]);
     let opened_before = opened().await.unwrap_or(0.0);
     let before = worker_connections(&lb, &http).await;

@@ -1,0 +1,119 @@
+//! The proxy's listening sockets, one per worker.
+//!
+//! On Linux, with more than one worker, each worker binds its own socket to the address, all
+//! of them in one `SO_REUSEPORT` group: the kernel hands each new connection to one socket's
+//! queue and wakes that worker only. With one socket shared by every worker, each new
+//! connection woke them all, for one to take it and the others to find nothing (a wake-up
+//! and two system calls per worker and connection). Elsewhere the workers share one socket.
+//!
+//! A port another socket holds still fails the start: the address is first bound without
+//! the option, which no socket already there lets pass, then let go and bound by the group.
+//!
+//! Knows nothing of what connections carry, nor of how workers run.
+
+use std::io;
+use std::net::SocketAddr;
+
+use tokio::net::{TcpListener, TcpSocket};
+
+/// Connections each socket's queue holds before the kernel turns more away; the standard
+/// library's 128 is short for a burst of new clients, or while the connection limit holds
+/// accepting back.
+const BACKLOG: u32 = 1024;
+
+/// Whether an accepted socket has `TCP_NODELAY` from its listener. Linux copies it; other
+/// systems get it set on each connection.
+pub const NODELAY_INHERITED: bool = cfg!(target_os = "linux");
+
+/// Binds the first socket (worker 0's) at `addr`, where a port of 0 picks one. With
+/// `workers` over one, it starts the group the others join with [`another`]. Call it on
+/// worker 0's runtime.
+pub fn bind(addr: SocketAddr, workers: usize) -> io::Result<TcpListener> {
+    let group = cfg!(target_os = "linux") && workers > 1;
+    if !group {
+        return socket(addr, false);
+    }
+    // Fails on a port any socket holds, one in another group included; the group's own
+    // bind would pass where the holder set the option too.
+    let probe = std::net::TcpListener::bind(addr)?;
+    let addr = probe.local_addr()?;
+    drop(probe);
+    socket(addr, true)
+}
+
+/// Another worker's socket for `first`'s address, registered with the current runtime (the
+/// worker's, whose reactor then wakes only its thread).
+pub fn another(first: &TcpListener) -> io::Result<TcpListener> {
+    if cfg!(target_os = "linux") {
+        socket(first.local_addr()?, true)
+    } else {
+        use std::os::fd::AsFd;
+        // The same socket: every worker waits on one queue, and the first free one accepts.
+        let copy = std::net::TcpListener::from(first.as_fd().try_clone_to_owned()?);
+        // Non-blocking already: the flag belongs to the socket, which the copies share.
+        TcpListener::from_std(copy)
+    }
+}
+
+fn socket(addr: SocketAddr, group: bool) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind`: a restart binds despite connections of the last run that are
+    // still in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    if group {
+        socket.set_reuseport(true)?;
+    }
+    // Responses go out as soon as they are written, whatever is still unacknowledged.
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_do_not_wait_for_acknowledgements() {
+        let first = bind("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        let second = another(&first).unwrap();
+        let addr = first.local_addr().unwrap();
+        assert_eq!(second.local_addr().unwrap(), addr);
+        // Enough connections that both sockets of the group get some.
+        let mut clients = Vec::new();
+        for _ in 0..16 {
+            clients.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        let mut accepted = 0;
+        for l in [&first, &second] {
+            while let Ok(Ok((stream, _))) =
+                tokio::time::timeout(std::time::Duration::from_millis(50), l.accept()).await
+            {
+                if NODELAY_INHERITED {
+                    assert!(stream.nodelay().unwrap(), "TCP_NODELAY from the listener");
+                }
+                accepted += 1;
+            }
+        }
+        assert_eq!(
+            accepted,
+            clients.len(),
+            "every connection accepted by one socket"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_port_held_by_another_socket_fails_the_bind() {
+        // Even one that joined a group of its own.
+        let holder = bind("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        let addr = holder.local_addr().unwrap();
+        for workers in [1, 2] {
+            let e = bind(addr, workers).expect_err("the port is taken");
+            assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{workers} workers");
+        }
+    }
+}
