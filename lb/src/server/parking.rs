@@ -385,6 +385,13 @@ impl Write for ParkingIo {
             // The connection is idle, not closing: the socket goes back to the server.
             return Poll::Ready(Ok(()));
         }
+        if !this.peer.exchanges.pinned.load(Ordering::Relaxed) {
+            // hyper is done with the connection, and the server drops the socket as soon as
+            // hyper returns: the close sends the FIN, after every byte written, as a shutdown
+            // would one system call earlier (nginx closes alike). A tunnel's half-close, which
+            // keeps reading, still shuts its side down.
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut this.stream).poll_shutdown(cx)
     }
 }
