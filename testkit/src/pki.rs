@@ -78,18 +78,28 @@ impl Ca {
 
     /// A rustls client config that trusts this CA.
     pub fn client(&self) -> tokio_rustls::TlsConnector {
+        let mut config = self.client_config();
+        // A resumed session shows the certificate of the first handshake, not the current one.
+        config.resumption = rustls::client::Resumption::disabled();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    }
+
+    /// A client that keeps the sessions servers give it and offers one on its next
+    /// connection (rustls' default), with a store of its own.
+    pub fn resuming_client(&self) -> tokio_rustls::TlsConnector {
+        tokio_rustls::TlsConnector::from(Arc::new(self.client_config()))
+    }
+
+    fn client_config(&self) -> rustls::ClientConfig {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.cert.der().clone()).unwrap();
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
-        .with_no_client_auth();
-        // A resumed session shows the certificate of the first handshake, not the current one.
-        config.resumption = rustls::client::Resumption::disabled();
-        tokio_rustls::TlsConnector::from(Arc::new(config))
+        .with_no_client_auth()
     }
 }
 

@@ -310,6 +310,60 @@ async fn bad_certificate_files_are_refused_at_start_and_at_reload() {
     .await;
 }
 
+/// Whether a new TLS connection resumed a session, after a request on it.
+async fn resumed(connector: &tokio_rustls::TlsConnector, port: u16) -> bool {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = ServerName::try_from("a.test").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    // To the end, tickets the server sent after the handshake included.
+    let mut out = Vec::new();
+    tls.read_to_end(&mut out).await.unwrap();
+    assert!(
+        out.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+}
+
+/// A client's session resumes however many other clients came in between: the session
+/// travels in the client's ticket. It was kept in a cache of the lb's, 256 sessions and two
+/// per handshake, that some 130 clients pushed it out of, for a full handshake the next time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_resume_however_many_clients_came_since() {
+    let consul = Consul::start().await;
+    let _b = routed_backend(&consul).await;
+    let ca = Ca::new("resume");
+    let leaf = ca.leaf("a", &["a.test"]);
+    let t = start_tls_lb(&consul, &leaf.source(), &[]).await;
+    let http = Http::new();
+    wait_routed(&t.lb, &http, "*/", 1).await;
+
+    let client = ca.resuming_client();
+    assert!(
+        !resumed(&client, t.tls_port).await,
+        "the first connection has no session"
+    );
+    assert!(
+        resumed(&client, t.tls_port).await,
+        "the second resumes the first's"
+    );
+    // 200 other clients, each with sessions of its own.
+    for _ in 0..200 {
+        let other = ca.resuming_client();
+        assert!(!resumed(&other, t.tls_port).await);
+    }
+    assert!(
+        resumed(&client, t.tls_port).await,
+        "the session outlived 200 other clients'"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificate_rotation_under_load_fails_nothing() {
     let consul = Consul::start().await;

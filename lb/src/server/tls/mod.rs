@@ -199,6 +199,14 @@ impl Tls {
             vec![ALPN_HTTP11.to_vec()]
         };
         config.ignore_client_order = true;
+        // Sessions travel in the client's ticket, sealed with keys rustls makes at start and
+        // rotates every 6 hours. rustls' default kept them in a cache of 256 sessions, two
+        // per handshake: after some 130 other clients a client's session was gone, and its
+        // next connection paid a full handshake (a signature and a key exchange, where a
+        // resumption needs only the exchange). TLS 1.3 resumptions still exchange keys, so
+        // a ticket key that leaks opens no past session.
+        config.ticketer = rustls::crypto::ring::Ticketer::new()
+            .map_err(|e| format!("TLS session ticket keys: {e}"))?;
         Ok(Tls {
             acceptor: TlsAcceptor::from(Arc::new(config)),
             resolver,
