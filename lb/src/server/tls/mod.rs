@@ -207,6 +207,11 @@ impl Tls {
         // a ticket key that leaks opens no past session.
         config.ticketer = rustls::crypto::ring::Ticketer::new()
             .map_err(|e| format!("TLS session ticket keys: {e}"))?;
+        // One ticket per handshake, for the client's next connection, where rustls sends two:
+        // OpenSSL servers (nginx, HAProxy) send one after each resumption, two only after a
+        // full handshake. Each ticket costs the client a key derivation and a session to
+        // store, and the lb three draws of randomness and a sealing.
+        config.send_tls13_tickets = 1;
         Ok(Tls {
             acceptor: TlsAcceptor::from(Arc::new(config)),
             resolver,
