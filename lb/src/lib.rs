@@ -22,9 +22,10 @@
 //! as nginx and HAProxy run one event loop per worker: a connection, its tasks, its timers
 //! and the idle upstream connections its requests reuse stay on one thread, with no work
 //! stealing and no wake-ups across threads (but for an h2c backend's one connection, which
-//! runs on worker 0 and carries every worker's requests). Every worker accepts from its own copy of the
-//! listening sockets, so the worker that is free first takes a new connection; one that
-//! holds two more than another hands it over ([`server::spread`]). Worker 0 is
+//! runs on worker 0 and carries every worker's requests). On Linux every worker accepts from
+//! a listening socket of its own, the kernel choosing each new connection's
+//! ([`server::listen`]); a worker that holds two more than another hands it over
+//! ([`server::spread`]). Worker 0 is
 //! the thread that calls [`run`], and also runs discovery, the admin listener and the
 //! certificate watch.
 //!

@@ -34,15 +34,18 @@ pub fn bind(addr: SocketAddr, workers: usize) -> io::Result<TcpListener> {
         return socket(addr, false);
     }
     // Fails on a port any socket holds, one in another group included; the group's own
-    // bind would pass where the holder set the option too.
-    let probe = std::net::TcpListener::bind(addr)?;
+    // bind would pass where the holder set the option too. Bound, never listening: no
+    // client can land in its queue and be reset when it goes.
+    let probe = new_socket(addr)?;
+    probe.bind(addr)?;
     let addr = probe.local_addr()?;
     drop(probe);
     socket(addr, true)
 }
 
 /// Another worker's socket for `first`'s address, registered with the current runtime (the
-/// worker's, whose reactor then wakes only its thread).
+/// worker's, whose reactor then wakes only its thread). `first` is from [`bind`] with more
+/// than one worker.
 pub fn another(first: &TcpListener) -> io::Result<TcpListener> {
     if cfg!(target_os = "linux") {
         socket(first.local_addr()?, true)
@@ -56,6 +59,23 @@ pub fn another(first: &TcpListener) -> io::Result<TcpListener> {
 }
 
 fn socket(addr: SocketAddr, group: bool) -> io::Result<TcpListener> {
+    let socket = new_socket(addr)?;
+    #[cfg(target_os = "linux")]
+    if group {
+        socket.set_reuseport(true)?;
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = group;
+    // Responses go out as soon as they are written, whatever is still unacknowledged. Where
+    // accepted sockets do not inherit it, each connection sets it again.
+    if NODELAY_INHERITED {
+        socket.set_nodelay(true)?;
+    }
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
+fn new_socket(addr: SocketAddr) -> io::Result<TcpSocket> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -64,13 +84,7 @@ fn socket(addr: SocketAddr, group: bool) -> io::Result<TcpListener> {
     // As `TcpListener::bind`: a restart binds despite connections of the last run that are
     // still in TIME_WAIT.
     socket.set_reuseaddr(true)?;
-    if group {
-        socket.set_reuseport(true)?;
-    }
-    // Responses go out as soon as they are written, whatever is still unacknowledged.
-    socket.set_nodelay(true)?;
-    socket.bind(addr)?;
-    socket.listen(BACKLOG)
+    Ok(socket)
 }
 
 #[cfg(test)]

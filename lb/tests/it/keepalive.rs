@@ -296,11 +296,13 @@ async fn two_workers_share_the_connections_and_pool_their_own() {
     let proxy = lb.proxy;
     // One each, so that a new connection wakes only the worker whose queue it is in; with
     // one socket shared, every connection woke both.
-    assert_eq!(
-        listening_sockets(proxy.port()),
-        2,
-        "a listening socket per worker"
-    );
+    if cfg!(target_os = "linux") {
+        assert_eq!(
+            listening_sockets(proxy.port()),
+            2,
+            "a listening socket per worker"
+        );
+    }
     let opened = || lb.metric(&http, "lb_upstream_connections_total", &[]);
     let opened_before = opened().await.unwrap_or(0.0);
     let before = worker_connections(&lb, &http).await;
