@@ -203,15 +203,21 @@ impl Tls {
         // rotates every 6 hours. rustls' default kept them in a cache of 256 sessions, two
         // per handshake: after some 130 other clients a client's session was gone, and its
         // next connection paid a full handshake (a signature and a key exchange, where a
-        // resumption needs only the exchange). TLS 1.3 resumptions still exchange keys, so
-        // a ticket key that leaks opens no past session.
+        // resumption needs only the exchange). A TLS 1.3 resumption still exchanges keys, so
+        // a ticket key that leaks opens none of those sessions; a TLS 1.2 resumption takes
+        // its keys from the ticket, as with nginx's and HAProxy's default tickets. Early data,
+        // which a ticket used twice could replay, stays off (rustls allows none with
+        // stateless tickets).
         config.ticketer = rustls::crypto::ring::Ticketer::new()
             .map_err(|e| format!("TLS session ticket keys: {e}"))?;
-        // One ticket per handshake, for the client's next connection, where rustls sends two:
-        // OpenSSL servers (nginx, HAProxy) send one after each resumption, two only after a
-        // full handshake. Each ticket costs the client a key derivation and a session to
-        // store, and the lb three draws of randomness and a sealing.
+        // One ticket per handshake, for the client's next connection, where rustls sends two.
+        // OpenSSL servers (nginx, HAProxy) send one after each resumption and two after a full
+        // handshake; a client that opens several connections at once right after its first
+        // then resumes one of them, not two. Each ticket costs the client a key derivation
+        // and a session to store, and the lb three draws of randomness and a sealing. A
+        // client that asks for more (RFC 9149 `ticket_request`) gets up to two.
         config.send_tls13_tickets = 1;
+        config.max_tls13_tickets = 2;
         Ok(Tls {
             acceptor: TlsAcceptor::from(Arc::new(config)),
             resolver,
