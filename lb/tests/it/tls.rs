@@ -28,6 +28,18 @@ async fn tls_get(
     port: u16,
     sni: &str,
 ) -> Result<(CertificateDer<'static>, u16), String> {
+    tls_exchange(connector, port, sni)
+        .await
+        .map(|(cert, status, _)| (cert, status))
+}
+
+/// [`tls_get`], and whether the connection resumed a session. The response is read to the
+/// end, tickets the server sent after the handshake included.
+async fn tls_exchange(
+    connector: &tokio_rustls::TlsConnector,
+    port: u16,
+    sni: &str,
+) -> Result<(CertificateDer<'static>, u16, bool), String> {
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .map_err(|e| e.to_string())?;
@@ -47,7 +59,8 @@ async fn tls_get(
         .get(9..12)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| format!("no status line in {text:?}"))?;
-    Ok((cert, status))
+    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    Ok((cert, status, resumed))
 }
 
 /// curl with the test CA, `host` resolved to loopback; returns (http_version, status, body).
@@ -312,23 +325,9 @@ async fn bad_certificate_files_are_refused_at_start_and_at_reload() {
 
 /// Whether a new TLS connection resumed a session, after a request on it.
 async fn resumed(connector: &tokio_rustls::TlsConnector, port: u16) -> bool {
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let name = ServerName::try_from("a.test").unwrap();
-    let mut tls = connector.connect(name, tcp).await.unwrap();
-    tls.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    // To the end, tickets the server sent after the handshake included.
-    let mut out = Vec::new();
-    tls.read_to_end(&mut out).await.unwrap();
-    assert!(
-        out.starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&out)
-    );
-    tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+    let (_, status, resumed) = tls_exchange(connector, port, "a.test").await.unwrap();
+    assert_eq!(status, 200);
+    resumed
 }
 
 /// A client's session resumes however many other clients came in between: the session
