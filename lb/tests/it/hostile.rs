@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use crate::balancing::wait_routed;
-use crate::support::{Backend, Consul, Http, Lb};
+use crate::support::{proc_stat, Backend, Consul, Http, Lb};
 
 /// One request as raw bytes on a new connection; the answer read to the close.
 fn raw(addr: SocketAddr, request: &str) -> String {
@@ -499,11 +499,9 @@ async fn running_out_of_descriptors_does_not_spin_the_listeners() {
     clients.push(tokio::net::TcpStream::connect(lb.admin).await.unwrap());
     tokio::time::sleep(Duration::from_millis(500)).await;
     let cpu = || {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        let after_name = stat.rsplit_once(')').unwrap().1;
-        let fields: Vec<&str> = after_name.split_whitespace().collect();
         // utime and stime, in clock ticks (fields 14 and 15 of the whole line).
-        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+        let stat = proc_stat(pid);
+        stat[11] + stat[12]
     };
     let before = cpu();
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use crate::balancing::wait_routed;
-use crate::support::{Backend, Consul, Http, Lb};
+use crate::support::{listening_sockets, Backend, Consul, Http, Lb};
 
 /// One response from `r`: its status line and body (Content-Length framed; the test backend
 /// and the lb's own answers always send one).
@@ -268,18 +268,6 @@ async fn worker_connections(lb: &Lb, http: &Http) -> [f64; 2] {
             .unwrap_or(0.0);
     }
     out
-}
-
-/// Listening sockets bound to `port` on this machine (`/proc/net/tcp`, state `0A`).
-fn listening_sockets(port: u16) -> usize {
-    let suffix = format!(":{port:04X}");
-    std::fs::read_to_string("/proc/net/tcp")
-        .unwrap()
-        .lines()
-        .skip(1)
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .filter(|f| f.len() > 3 && f[1].ends_with(&suffix) && f[3] == "0A")
-        .count()
 }
 
 /// Two workers, each a thread with a runtime of its own and a listening socket of its own:

@@ -13,7 +13,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as Tokio
 use tokio::net::TcpListener;
 
 use crate::balancing::wait_routed;
-use crate::support::{Backend, Consul, Http, Lb};
+use crate::support::{proc_stat, Backend, Consul, Http, Lb};
 
 /// What the scripted backend answers for a request path, and whether it closes afterwards.
 fn script(method: &str, path: &str, body: &[u8]) -> (Vec<u8>, bool) {
@@ -870,18 +870,7 @@ async fn large_responses_do_not_fault_in_fresh_memory_each_time() {
             }
         }
     };
-    let minor_faults = || {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", lb.pid())).unwrap();
-        // The fields after the command name: state, ppid, pgrp, session, tty, tpgid, flags,
-        // minflt.
-        let after = stat.rsplit_once(')').unwrap().1;
-        after
-            .split_whitespace()
-            .nth(7)
-            .unwrap()
-            .parse::<u64>()
-            .unwrap()
-    };
+    let minor_faults = || proc_stat(lb.pid())[7];
     // Buffers and pools grow to what this load needs first.
     round(4).await;
     // The best of three rounds: a burst's end may free more than the 4 MiB a heap keeps,

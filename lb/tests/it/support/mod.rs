@@ -457,15 +457,43 @@ pub fn connections_to(pid: i32, port: u16) -> usize {
                 .collect()
         })
         .unwrap_or_default();
-    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
     let want = format!(":{port:04X}");
-    table
+    tcp_table()
+        .iter()
+        // remote address, state 01 = ESTABLISHED, inode
+        .filter(|f| f.len() > 9 && f[2].ends_with(&want) && f[3] == "01" && inodes.contains(&f[9]))
+        .count()
+}
+
+/// Listening sockets bound to `port` on loopback's IPv4 table, whichever process holds them.
+pub fn listening_sockets(port: u16) -> usize {
+    let want = format!(":{port:04X}");
+    tcp_table()
+        .iter()
+        // local address, state 0A = LISTEN
+        .filter(|f| f.len() > 3 && f[1].ends_with(&want) && f[3] == "0A")
+        .count()
+}
+
+/// The rows of `/proc/net/tcp`, each split into its fields.
+fn tcp_table() -> Vec<Vec<String>> {
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap_or_default()
         .lines()
         .skip(1)
-        .filter(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            // remote address, state 01 = ESTABLISHED, inode
-            f.len() > 9 && f[2].ends_with(&want) && f[3] == "01" && inodes.contains(f[9])
-        })
-        .count()
+        .map(|l| l.split_whitespace().map(str::to_owned).collect())
+        .collect()
+}
+
+/// The fields of `/proc/<pid>/stat` after the command name: `[0]` is the state, `[7]` the
+/// minor faults, `[11]` and `[12]` user and system time in clock ticks.
+pub fn proc_stat(pid: i32) -> Vec<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The command name may hold spaces and parentheses; what follows its last ')' does not.
+    let after_name = stat.rsplit_once(')').unwrap().1;
+    // The state is a letter: 0 stands for it, so that the indices stay the kernel's.
+    after_name
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0))
+        .collect()
 }
