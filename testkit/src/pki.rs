@@ -90,7 +90,8 @@ impl Ca {
         tokio_rustls::TlsConnector::from(Arc::new(self.client_config()))
     }
 
-    fn client_config(&self) -> rustls::ClientConfig {
+    /// The configuration behind [`Ca::resuming_client`], for a test to change.
+    pub fn client_config(&self) -> rustls::ClientConfig {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.cert.der().clone()).unwrap();
         rustls::ClientConfig::builder_with_provider(Arc::new(

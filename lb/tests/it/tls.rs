@@ -363,6 +363,61 @@ async fn sessions_resume_however_many_clients_came_since() {
     );
 }
 
+/// The session ticket a TLS 1.3 handshake ends with leaves with the first response, not in a
+/// segment of its own that woke the client for it alone; and a handshake that fails still
+/// tells the client why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_ticket_leaves_with_the_first_response() {
+    let consul = Consul::start().await;
+    let _b = routed_backend(&consul).await;
+    let ca = Ca::new("ticket");
+    let leaf = ca.leaf("a", &["a.test"]);
+    let t = start_tls_lb(&consul, &leaf.source(), &[]).await;
+    let http = Http::new();
+    wait_routed(&t.lb, &http, "*/", 1).await;
+
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", t.tls_port))
+        .await
+        .unwrap();
+    let name = ServerName::try_from("a.test").unwrap();
+    // The client's handshake is over once it has sent its Finished; the lb's, once it has
+    // read it.
+    let mut tls = ca.resuming_client().connect(name, tcp).await.unwrap();
+    let mut peek = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(300), tls.get_ref().0.peek(&mut peek));
+    assert!(
+        early.await.is_err(),
+        "the lb sent something before the request: the ticket, alone"
+    );
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tls.read_to_end(&mut out).await.unwrap();
+    assert!(out.starts_with(b"HTTP/1.1 200"), "{out:?}");
+    assert_eq!(
+        tls.get_ref().1.tls13_tickets_received(),
+        1,
+        "the ticket came with the response"
+    );
+
+    // A client with no protocol in common is told so by an alert before the lb lets go.
+    let mut config = ca.client_config();
+    config.alpn_protocols = vec![b"spdy/1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", t.tls_port))
+        .await
+        .unwrap();
+    let name = ServerName::try_from("a.test").unwrap();
+    let err = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect_err("no protocol in common");
+    assert!(
+        err.to_string().contains("NoApplicationProtocol"),
+        "the client learnt no reason: {err}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificate_rotation_under_load_fails_nothing() {
     let consul = Consul::start().await;

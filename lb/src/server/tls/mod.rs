@@ -6,6 +6,7 @@
 //! and session tickets stay valid. A certificate that fails to load at reload time is reported
 //! and the one it would have replaced stays in service.
 
+mod socket;
 pub mod x509;
 
 use std::collections::HashMap;
@@ -22,12 +23,13 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
+pub use self::socket::TlsIo;
 use crate::metrics::{CertReload, HandshakeFailure, Metrics, TlsAlpn, TlsVersion};
 use crate::time::format_utc;
 
@@ -273,35 +275,54 @@ impl Tls {
     /// The handshake, bounded by the handshake timeout. A client that speaks plain HTTP to the
     /// TLS port gets a 400 that says so instead of a silent close. Failures are counted by
     /// reason and come back as `None`.
-    pub async fn accept(
-        &self,
-        stream: TcpStream,
-        metrics: &Metrics,
-    ) -> Option<TlsStream<TcpStream>> {
+    pub async fn accept(&self, stream: TcpStream, metrics: &Metrics) -> Option<TlsStream<TlsIo>> {
         let fail = |reason: HandshakeFailure| {
             metrics.tls_handshake_failures.inc(reason);
             None
         };
         let handshake = async {
-            let mut first = [0u8; 1];
-            match stream.peek(&mut first).await {
+            // A real read, not a peek: the bytes go to the handshake through `TlsIo`, and
+            // the look costs no system call of its own. 4 KiB holds a ClientHello with
+            // post-quantum key shares.
+            let mut stream = stream;
+            let mut first = Vec::with_capacity(4096);
+            match stream.read_buf(&mut first).await {
                 Ok(0) => return Err(HandshakeFailure::Eof),
                 Ok(_) => {}
                 Err(_) => return Err(HandshakeFailure::Io),
             }
             // 0x16 opens every TLS handshake record.
             if first[0] != 0x16 {
-                let mut stream = stream;
                 if first[0].is_ascii_alphabetic() {
                     let _ = stream.write_all(PLAIN_HTTP_ON_TLS_PORT).await;
                 }
                 let _ = stream.shutdown().await;
                 return Err(HandshakeFailure::NotTls);
             }
-            self.acceptor
-                .accept(stream)
+            match self
+                .acceptor
+                .accept(TlsIo::new(stream, first))
+                .into_fallible()
                 .await
-                .map_err(|e| handshake_failure_reason(&e))
+            {
+                Ok(mut tls) => {
+                    let tls13 = tls.get_ref().1.protocol_version()
+                        == Some(rustls::ProtocolVersion::TLSv1_3);
+                    let io = tls.get_mut().0;
+                    io.handshake_done();
+                    if !tls13 {
+                        std::future::poll_fn(|cx| io.poll_send_held(cx))
+                            .await
+                            .map_err(|_| HandshakeFailure::Io)?;
+                    }
+                    Ok(tls)
+                }
+                Err((e, mut io)) => {
+                    // The alert that says why; the timeout around this bounds the wait.
+                    let _ = std::future::poll_fn(|cx| io.poll_send_held(cx)).await;
+                    Err(handshake_failure_reason(&e))
+                }
+            }
         };
         match tokio::time::timeout(self.handshake_timeout, handshake).await {
             Err(_) => fail(HandshakeFailure::Timeout),
