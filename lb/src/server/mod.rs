@@ -25,11 +25,12 @@ use std::sync::Arc;
 use std::task::{ready, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use hyper::rt::{Read, Write};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
@@ -270,20 +271,18 @@ impl Listener {
     /// first byte and then hyper's read took two system calls.
     async fn first_bytes(&self, stream: &mut TcpStream, addr: SocketAddr) -> Option<Bytes> {
         let arrived = std::future::poll_fn(|cx| {
-            // The buffer is made only once the socket is reported readable.
             ready!(stream.poll_read_ready(cx))?;
-            let mut buf = BytesMut::with_capacity(FIRST_READ);
+            // Read on the stack, kept in an allocation of the size that came: a 4 KiB one per
+            // connection took the allocator's slow path twice (in and out).
+            let mut space = [std::mem::MaybeUninit::<u8>::uninit(); FIRST_READ];
+            let mut buf = ReadBuf::uninit(&mut space);
             // A read as hyper's are made, not `try_read`: a short read clears the socket's
             // readiness, so hyper's next read waits for more without a system call. Pending
             // (the readiness was stale, or the task's budget is spent) has the task woken.
             Poll::Ready(
-                match ready!(tokio_util::io::poll_read_buf(
-                    Pin::new(&mut *stream),
-                    cx,
-                    &mut buf
-                )) {
-                    Ok(0) => Ok(None),
-                    Ok(_) => Ok(Some(buf.freeze())),
+                match ready!(Pin::new(&mut *stream).poll_read(cx, &mut buf)) {
+                    Ok(()) if buf.filled().is_empty() => Ok(None),
+                    Ok(()) => Ok(Some(Bytes::copy_from_slice(buf.filled()))),
                     Err(e) => Err(e),
                 },
             )
