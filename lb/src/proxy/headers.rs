@@ -109,23 +109,45 @@ pub(super) fn to_http2_form(parts: &mut http::request::Parts) {
 /// Whether any hop-by-hop field is present. Most messages carry none: one pass over the
 /// names costs less than hashing each of them for a removal.
 pub(super) fn has_hop_by_hop(headers: &HeaderMap) -> bool {
-    headers.keys().any(|k| HOP_BY_HOP.contains(k))
+    hop_by_hop_fields(headers) != 0
+}
+
+/// Which of [`HOP_BY_HOP`] are present: bit `i` for `HOP_BY_HOP[i]`. Only those are then
+/// looked up for removal.
+fn hop_by_hop_fields(headers: &HeaderMap) -> u8 {
+    let mut present = 0;
+    for k in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
+            present |= 1 << i;
+        }
+    }
+    present
 }
 
 pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if !has_hop_by_hop(headers) {
+    let present = hop_by_hop_fields(headers);
+    if present == 0 {
         return;
     }
-    if let Some(conn) = headers.get(header::CONNECTION) {
-        let named: Vec<HeaderName> = field_list::items(conn)
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
+    if present & 1 != 0 {
+        // `HOP_BY_HOP[0]`, `Connection`: the options of every one of its lines name fields
+        // that go too. The lines are copied out first (a copy shares their bytes), as the
+        // map changes under them; past the first, rare, they take a vector.
+        let mut lines = headers.get_all(header::CONNECTION).iter().cloned();
+        let first = lines.next();
+        let rest: Vec<HeaderValue> = lines.collect();
+        for line in first.iter().chain(&rest) {
+            for option in field_list::items(line) {
+                // Looked up by the text, not made into a `HeaderName`: a name that is not a
+                // standard one ("close" is none) costs no allocation.
+                headers.remove(option);
+            }
         }
     }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
 }
 
@@ -146,6 +168,36 @@ pub(super) fn strip_request_hop_by_hop(headers: &mut HeaderMap) {
 mod tests {
     use super::*;
     use http::Request;
+
+    #[test]
+    fn every_connection_line_names_fields_that_go() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("close"));
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("X-Hop, keep-alive"),
+        );
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert("close", HeaderValue::from_static("2"));
+        h.insert(KEEP_ALIVE, HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert("x-end-to-end", HeaderValue::from_static("3"));
+        strip_hop_by_hop(&mut h);
+        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(
+            left,
+            ["x-end-to-end"],
+            "the second Connection line was not read"
+        );
+
+        let mut h = HeaderMap::new();
+        h.insert("x-end-to-end", HeaderValue::from_static("3"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+    }
 
     #[test]
     fn http1_form_has_one_host_and_one_cookie() {

@@ -370,6 +370,9 @@ async fn forwarding_headers_and_hop_by_hop() {
         .header("host", "shop.example.com")
         .header("connection", "x-hop")
         .header("x-hop", "secret")
+        // A second Connection line counts as much as the first (RFC 9110 5.3).
+        .header("connection", "x-second")
+        .header("x-second", "secret")
         .header("x-forwarded-for", "203.0.113.9")
         .header("x-forwarded-for", "198.51.100.7")
         .header("x-forwarded-proto", "forged")
@@ -395,6 +398,10 @@ async fn forwarding_headers_and_hop_by_hop() {
     assert!(
         !seen.contains("x-hop"),
         "a header named by Connection was forwarded: {seen}"
+    );
+    assert!(
+        !seen.contains("x-second"),
+        "a header named by a second Connection line was forwarded: {seen}"
     );
     let id = r.headers["x-request-id"].to_str().unwrap().to_string();
     assert_eq!(id.len(), 32);
