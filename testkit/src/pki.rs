@@ -90,17 +90,36 @@ impl Ca {
         tokio_rustls::TlsConnector::from(Arc::new(self.client_config()))
     }
 
+    /// A client of TLS 1.2 only, keeping sessions as [`Ca::resuming_client`] does.
+    pub fn tls12_client(&self) -> tokio_rustls::TlsConnector {
+        let config = self.client_config_with(
+            rustls::crypto::ring::default_provider(),
+            &[&rustls::version::TLS12],
+        );
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    }
+
     /// The configuration behind [`Ca::resuming_client`], for a test to change.
     pub fn client_config(&self) -> rustls::ClientConfig {
+        self.client_config_with(
+            rustls::crypto::ring::default_provider(),
+            rustls::DEFAULT_VERSIONS,
+        )
+    }
+
+    /// A client trusting this CA, with the given algorithms and protocol versions.
+    pub fn client_config_with(
+        &self,
+        provider: rustls::crypto::CryptoProvider,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> rustls::ClientConfig {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.cert.der().clone()).unwrap();
-        rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth()
+        rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth()
     }
 }
 

@@ -418,6 +418,88 @@ async fn the_session_ticket_leaves_with_the_first_response() {
     );
 }
 
+/// Flights the lb holds until it waits for the client reach the client: TLS 1.2's last one
+/// (ticket, ChangeCipherSpec, Finished), which the client needs before it may send a request,
+/// in a full handshake and a resumed one; and a TLS 1.3 HelloRetryRequest, which asks the
+/// client for another key share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls12_and_retried_hellos_get_every_flight() {
+    let consul = Consul::start().await;
+    let _b = routed_backend(&consul).await;
+    let ca = Ca::new("flights");
+    let leaf = ca.leaf("a", &["a.test"]);
+    let t = start_tls_lb(
+        &consul,
+        &leaf.source(),
+        &[("LB_TLS_HANDSHAKE_TIMEOUT", "30s")],
+    )
+    .await;
+    let http = Http::new();
+    wait_routed(&t.lb, &http, "*/", 1).await;
+
+    let tls12 = ca.tls12_client();
+    for resumes in [false, true] {
+        let exchange = tls_exchange(&tls12, t.tls_port, "a.test");
+        let (_, status, resumed) = tokio::time::timeout(Duration::from_secs(5), exchange)
+            .await
+            .expect("a TLS 1.2 client waited for the server's last flight")
+            .unwrap();
+        assert_eq!((status, resumed), (200, resumes));
+    }
+
+    // The client's one key share is for a group the lb does not have: it asks for another.
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.kx_groups.insert(0, &UNKNOWN_GROUP);
+    let mut config = ca.client_config_with(provider, rustls::DEFAULT_VERSIONS);
+    config.resumption = rustls::client::Resumption::disabled();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", t.tls_port))
+        .await
+        .unwrap();
+    let name = ServerName::try_from("a.test").unwrap();
+    let connect = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp);
+    let tls = tokio::time::timeout(Duration::from_secs(5), connect)
+        .await
+        .expect("the retried hello waited")
+        .unwrap();
+    assert_eq!(
+        tls.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::FullWithHelloRetryRequest)
+    );
+}
+
+/// A key-exchange group the lb has not (P-521), with a share of the right length and no
+/// key behind it: never chosen.
+#[derive(Debug)]
+struct UnknownGroup;
+static UNKNOWN_GROUP: UnknownGroup = UnknownGroup;
+struct UnknownShare([u8; 133]);
+
+impl rustls::crypto::SupportedKxGroup for UnknownGroup {
+    fn start(&self) -> Result<Box<dyn rustls::crypto::ActiveKeyExchange>, rustls::Error> {
+        let mut share = [7u8; 133];
+        share[0] = 4;
+        Ok(Box::new(UnknownShare(share)))
+    }
+    fn name(&self) -> rustls::NamedGroup {
+        rustls::NamedGroup::secp521r1
+    }
+}
+
+impl rustls::crypto::ActiveKeyExchange for UnknownShare {
+    fn complete(
+        self: Box<Self>,
+        _peer: &[u8],
+    ) -> Result<rustls::crypto::SharedSecret, rustls::Error> {
+        Err(rustls::Error::General("a share of no key".into()))
+    }
+    fn pub_key(&self) -> &[u8] {
+        &self.0
+    }
+    fn group(&self) -> rustls::NamedGroup {
+        rustls::NamedGroup::secp521r1
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificate_rotation_under_load_fails_nothing() {
     let consul = Consul::start().await;
