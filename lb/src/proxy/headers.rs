@@ -13,7 +13,7 @@ pub(super) const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-c
 /// is not one (it was in RFC 2616's list): it declares the trailer fields end to end, and
 /// hyper sends an HTTP/1.1 client the trailers it declares, when the client asked for them
 /// with `TE: trailers`.
-pub(super) const HOP_BY_HOP: [HeaderName; 6] = [
+pub(super) const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
     header::CONNECTION,
     KEEP_ALIVE,
     PROXY_CONNECTION,
@@ -21,6 +21,10 @@ pub(super) const HOP_BY_HOP: [HeaderName; 6] = [
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
+
+const HOP_BY_HOP_COUNT: usize = 6;
+// `hop_by_hop_fields` gives each one a bit of a `u8`.
+const _: () = assert!(HOP_BY_HOP_COUNT <= 8);
 
 /// Why an HTTP/2 request is malformed (RFC 9113 8.1.1), for what the HTTP/2 layer lets
 /// through: a field value with leading or trailing whitespace (8.2.1). Connection-specific
@@ -109,7 +113,7 @@ pub(super) fn to_http2_form(parts: &mut http::request::Parts) {
 /// Whether any hop-by-hop field is present. Most messages carry none: one pass over the
 /// names costs less than hashing each of them for a removal.
 pub(super) fn has_hop_by_hop(headers: &HeaderMap) -> bool {
-    hop_by_hop_fields(headers) != 0
+    headers.keys().any(|k| HOP_BY_HOP.contains(k))
 }
 
 /// Which of [`HOP_BY_HOP`] are present: bit `i` for `HOP_BY_HOP[i]`. Only those are then
@@ -125,10 +129,11 @@ fn hop_by_hop_fields(headers: &HeaderMap) -> u8 {
 }
 
 pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let present = hop_by_hop_fields(headers);
-    if present == 0 {
+    // The common case first, as it was: no hop-by-hop field, one short pass.
+    if !has_hop_by_hop(headers) {
         return;
     }
+    let present = hop_by_hop_fields(headers);
     if present & 1 != 0 {
         // `HOP_BY_HOP[0]`, `Connection`: the options of every one of its lines name fields
         // that go too. The lines are copied out first (a copy shares their bytes), as the
@@ -138,6 +143,12 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
         let rest: Vec<HeaderValue> = lines.collect();
         for line in first.iter().chain(&rest) {
             for option in field_list::items(line) {
+                // Host names the request's target, which the lb routed on (RFC 9112 3.2),
+                // not anything of a hop's: `Connection: host` removed it, and the backend got
+                // an empty one.
+                if option.eq_ignore_ascii_case("host") {
+                    continue;
+                }
                 // Looked up by the text, not made into a `HeaderName`: a name that is not a
                 // standard one ("close" is none) costs no allocation.
                 headers.remove(option);
@@ -196,6 +207,14 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-end-to-end", HeaderValue::from_static("3"));
         strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+
+        // The target is no hop's to remove.
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Host"));
+        h.insert(header::HOST, HeaderValue::from_static("shop.example"));
+        strip_request_hop_by_hop(&mut h);
+        assert_eq!(h.get(header::HOST).unwrap(), "shop.example");
         assert_eq!(h.len(), 1);
     }
 
