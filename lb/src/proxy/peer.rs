@@ -200,5 +200,14 @@ mod tests {
             let addr: std::net::IpAddr = ip.parse().unwrap();
             assert_eq!(ip_value(addr), addr.to_string().as_str(), "{ip}");
         }
+        // Every octet value, in every place.
+        for place in 0..4 {
+            for v in 0..=255u8 {
+                let mut octets = [1, 2, 3, 4];
+                octets[place] = v;
+                let addr = std::net::IpAddr::from(octets);
+                assert_eq!(ip_value(addr), addr.to_string().as_str());
+            }
+        }
     }
 }
