@@ -424,7 +424,9 @@ async fn a_backend_never_gets_more_than_its_cap() {
 }
 
 /// With `LB_MAX_CONNECTIONS` client connections open, accepting waits (the kernel's backlog
-/// holds the next one) instead of failing, and resumes when one ends.
+/// holds the next one) instead of failing, and resumes when one ends. Which connection
+/// waits is not the last one made: each worker accepts from a listening socket of its own,
+/// so connections are not taken in the order they came.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_limit_holds_accepting_and_releases_it() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -432,37 +434,42 @@ async fn a_connection_limit_holds_accepting_and_releases_it() {
     // The readiness and routing checks above used connections of their own; let them end.
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let mut held = Vec::new();
-    for _ in 0..3 {
-        held.push(tokio::net::TcpStream::connect(lb.proxy).await.unwrap());
+    // Four keep-alive connections, each with a request: each one served stays open.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for _ in 0..4 {
+        let mut s = tokio::net::TcpStream::connect(lb.proxy).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 1024];
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            let _ = tx.send((String::from_utf8_lossy(&buf[..n]).into_owned(), s));
+        });
     }
-    let mut waiting = tokio::net::TcpStream::connect(lb.proxy).await.unwrap();
-    waiting
-        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut answer = Vec::new();
-    let early =
-        tokio::time::timeout(Duration::from_secs(1), waiting.read_to_end(&mut answer)).await;
-    assert!(
-        early.is_err(),
-        "served past the limit: {}",
-        String::from_utf8_lossy(&answer)
+    let mut served = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    while let Ok(Some(answer)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+        served.push(answer);
+    }
+    let heads: Vec<_> = served.iter().map(|(head, _)| head.lines().next()).collect();
+    assert_eq!(
+        heads,
+        [Some("HTTP/1.1 200 OK"); 3],
+        "not three connections served under a limit of three"
     );
     assert!(
         lb.metric(&http, "lb_accept_paused_total", &[]).await >= Some(1.0),
         "the pause was not counted"
     );
-    drop(held.pop());
-    tokio::time::timeout(Duration::from_secs(5), waiting.read_to_end(&mut answer))
+    // One served connection ends: the one waiting is taken and served.
+    drop(served.pop());
+    let (head, _) = tokio::time::timeout(Duration::from_secs(5), rx.recv())
         .await
         .expect("served once a connection ended")
         .unwrap();
-    assert!(
-        answer.starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&answer)
-    );
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
 }
 
 /// Out of file descriptors, neither listener spins on its failing accept, and both serve
