@@ -48,9 +48,28 @@ use crate::Shared;
 /// lets a large upload grow a read buffer that size per connection.
 const MAX_BUF: usize = 64 * 1024;
 
-/// The first read of a new plain HTTP/1.1 connection: most request heads fit, and hyper
-/// reads the rest of a longer one itself.
+/// The first read of a new connection: most request heads and TLS ClientHellos (post-quantum
+/// key shares included) fit; the rest of a longer one comes with the next read.
 const FIRST_READ: usize = 4096;
+
+/// A new connection's first read, plain or TLS, once the socket is reported readable: on the
+/// stack (inside the poll, so the task does not carry the buffer), and what came is kept by
+/// `keep` in an allocation of its size; a 4 KiB buffer per connection took the allocator's
+/// slow path twice. `None` when the client left. A read as hyper's are made, not `try_read`:
+/// a short read clears the socket's readiness, so the next read waits for more without a
+/// system call. Pending (the readiness was stale, or the task's budget is spent) has the task
+/// woken.
+fn poll_first_read<T>(
+    stream: &mut TcpStream,
+    cx: &mut std::task::Context<'_>,
+    keep: impl FnOnce(&[u8]) -> T,
+) -> Poll<std::io::Result<Option<T>>> {
+    ready!(stream.poll_read_ready(cx))?;
+    let mut space = [std::mem::MaybeUninit::<u8>::uninit(); FIRST_READ];
+    let mut buf = ReadBuf::uninit(&mut space);
+    ready!(Pin::new(&mut *stream).poll_read(cx, &mut buf))?;
+    Poll::Ready(Ok((!buf.filled().is_empty()).then(|| keep(buf.filled()))))
+}
 
 /// What a client connection needs from its listener.
 struct Listener {
@@ -270,23 +289,8 @@ impl Listener {
     /// (counted), or the drain began. hyper reads them first: one read where a look at the
     /// first byte and then hyper's read took two system calls.
     async fn first_bytes(&self, stream: &mut TcpStream, addr: SocketAddr) -> Option<Bytes> {
-        let arrived = std::future::poll_fn(|cx| {
-            ready!(stream.poll_read_ready(cx))?;
-            // Read on the stack, kept in an allocation of the size that came: a 4 KiB one per
-            // connection took the allocator's slow path twice (in and out).
-            let mut space = [std::mem::MaybeUninit::<u8>::uninit(); FIRST_READ];
-            let mut buf = ReadBuf::uninit(&mut space);
-            // A read as hyper's are made, not `try_read`: a short read clears the socket's
-            // readiness, so hyper's next read waits for more without a system call. Pending
-            // (the readiness was stale, or the task's budget is spent) has the task woken.
-            Poll::Ready(
-                match ready!(Pin::new(&mut *stream).poll_read(cx, &mut buf)) {
-                    Ok(()) if buf.filled().is_empty() => Ok(None),
-                    Ok(()) => Ok(Some(Bytes::copy_from_slice(buf.filled()))),
-                    Err(e) => Err(e),
-                },
-            )
-        });
+        let arrived =
+            std::future::poll_fn(|cx| poll_first_read(stream, cx, Bytes::copy_from_slice));
         let timeout = self.shared.config.client_header_timeout;
         let mut stop = self.stop.clone();
         tokio::select! {

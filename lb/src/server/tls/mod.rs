@@ -12,9 +12,7 @@ pub mod x509;
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
 pub use crate::config::CertSource;
@@ -25,7 +23,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
-use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::server::TlsStream;
@@ -284,20 +282,13 @@ impl Tls {
         };
         let handshake = async {
             // A real read, not a peek: the bytes go to the handshake through `TlsIo`, and
-            // the look costs no system call of its own. 4 KiB holds a ClientHello with
-            // post-quantum key shares; read on the stack (inside the poll, so the task does
-            // not carry it), kept in an allocation of the size that came.
+            // the look costs no system call of its own.
             let mut stream = stream;
-            let first = std::future::poll_fn(|cx| {
-                std::task::ready!(stream.poll_read_ready(cx))?;
-                let mut space = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
-                let mut buf = ReadBuf::uninit(&mut space);
-                std::task::ready!(Pin::new(&mut stream).poll_read(cx, &mut buf))?;
-                Poll::Ready(Ok::<_, io::Error>(buf.filled().to_vec()))
-            });
+            let first =
+                std::future::poll_fn(|cx| super::poll_first_read(&mut stream, cx, <[u8]>::to_vec));
             let first = match first.await {
-                Ok(first) if first.is_empty() => return Err(HandshakeFailure::Eof),
-                Ok(first) => first,
+                Ok(Some(first)) => first,
+                Ok(None) => return Err(HandshakeFailure::Eof),
                 Err(_) => return Err(HandshakeFailure::Io),
             };
             // 0x16 opens every TLS handshake record.
