@@ -33,6 +33,17 @@ async fn tls_get(
         .map(|(cert, status, _)| (cert, status))
 }
 
+/// A connection to the lb's TLS port on loopback, its handshake done as `sni`.
+async fn tls_connect(
+    connector: &tokio_rustls::TlsConnector,
+    port: u16,
+    sni: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let name = ServerName::try_from(sni.to_string()).unwrap();
+    connector.connect(name, tcp).await
+}
+
 /// [`tls_get`], and whether the connection resumed a session. The response is read to the
 /// end, tickets the server sent after the handshake included.
 async fn tls_exchange(
@@ -40,12 +51,7 @@ async fn tls_exchange(
     port: u16,
     sni: &str,
 ) -> Result<(CertificateDer<'static>, u16, bool), String> {
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .map_err(|e| e.to_string())?;
-    let name = ServerName::try_from(sni.to_string()).unwrap();
-    let mut tls = connector
-        .connect(name, tcp)
+    let mut tls = tls_connect(connector, port, sni)
         .await
         .map_err(|e| format!("handshake: {e}"))?;
     let cert = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
@@ -376,13 +382,11 @@ async fn the_session_ticket_leaves_with_the_first_response() {
     let http = Http::new();
     wait_routed(&t.lb, &http, "*/", 1).await;
 
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", t.tls_port))
-        .await
-        .unwrap();
-    let name = ServerName::try_from("a.test").unwrap();
     // The client's handshake is over once it has sent its Finished; the lb's, once it has
     // read it.
-    let mut tls = ca.resuming_client().connect(name, tcp).await.unwrap();
+    let mut tls = tls_connect(&ca.resuming_client(), t.tls_port, "a.test")
+        .await
+        .unwrap();
     let mut peek = [0u8; 1];
     let early = tokio::time::timeout(Duration::from_millis(300), tls.get_ref().0.peek(&mut peek));
     assert!(
@@ -404,12 +408,8 @@ async fn the_session_ticket_leaves_with_the_first_response() {
     // A client with no protocol in common is told so by an alert before the lb lets go.
     let mut config = ca.client_config();
     config.alpn_protocols = vec![b"spdy/1".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", t.tls_port))
-        .await
-        .unwrap();
-    let name = ServerName::try_from("a.test").unwrap();
-    let err = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let err = tls_connect(&connector, t.tls_port, "a.test")
         .await
         .expect_err("no protocol in common");
     assert!(
@@ -452,11 +452,8 @@ async fn tls12_and_retried_hellos_get_every_flight() {
     provider.kx_groups.insert(0, &UNKNOWN_GROUP);
     let mut config = ca.client_config_with(provider, rustls::DEFAULT_VERSIONS);
     config.resumption = rustls::client::Resumption::disabled();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", t.tls_port))
-        .await
-        .unwrap();
-    let name = ServerName::try_from("a.test").unwrap();
-    let connect = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp);
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connect = tls_connect(&connector, t.tls_port, "a.test");
     let tls = tokio::time::timeout(Duration::from_secs(5), connect)
         .await
         .expect("the retried hello waited")
