@@ -9,6 +9,9 @@
 //! A port another socket holds still fails the start: the address is first bound without
 //! the option, which no socket already there lets pass, then let go and bound by the group.
 //!
+//! On Linux a connection is handed over once its first bytes have come (`TCP_DEFER_ACCEPT`):
+//! one wake-up per new connection, where the handshake and then the request took one each.
+//!
 //! Knows nothing of what connections carry, nor of how workers run.
 
 use std::io;
@@ -71,8 +74,38 @@ fn socket(addr: SocketAddr, group: bool) -> io::Result<TcpListener> {
     if NODELAY_INHERITED {
         socket.set_nodelay(true)?;
     }
+    #[cfg(target_os = "linux")]
+    defer_accept(&socket)?;
     socket.bind(addr)?;
     socket.listen(BACKLOG)
+}
+
+/// Seconds a connection may stay silent before it is accepted anyway (`TCP_DEFER_ACCEPT`).
+#[cfg(target_os = "linux")]
+const DEFER_ACCEPT_SECS: libc::c_int = 1;
+
+/// The kernel queues a new connection for `accept` only once its first bytes have come (the
+/// client speaks first in HTTP, TLS and the PROXY protocol), or after `DEFER_ACCEPT_SECS`
+/// of silence. The worker is then woken once per connection, not once for the handshake
+/// and again for the request, and its first read finds the bytes there.
+#[cfg(target_os = "linux")]
+fn defer_accept(socket: &TcpSocket) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: an option of an open socket, set from a value that outlives the call.
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&DEFER_ACCEPT_SECS as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 fn new_socket(addr: SocketAddr) -> io::Result<TcpSocket> {
@@ -117,6 +150,31 @@ mod tests {
             }
             accepted += 1;
         }
+    }
+
+    /// A client that has connected but sent nothing is not handed to a worker yet; its first
+    /// bytes bring it, with the bytes ready to read.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_connection_is_accepted_once_its_first_bytes_come() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = bind("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        // Well inside the one second a silent connection is held back.
+        let early =
+            tokio::time::timeout(std::time::Duration::from_millis(300), listener.accept()).await;
+        assert!(early.is_err(), "accepted before the client sent anything");
+        client.write_all(b"GET").await.unwrap();
+        let (mut stream, _) =
+            tokio::time::timeout(std::time::Duration::from_secs(5), listener.accept())
+                .await
+                .expect("accepted once bytes came")
+                .unwrap();
+        let mut first = [0; 3];
+        stream.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first, b"GET");
     }
 
     #[tokio::test]
