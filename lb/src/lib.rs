@@ -41,6 +41,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod routing;
 pub mod server;
+pub mod sockopt;
 pub mod state;
 pub mod time;
 pub mod upstream;

@@ -90,22 +90,7 @@ const DEFER_ACCEPT_SECS: libc::c_int = 1;
 /// and again for the request, and its first read finds the bytes there.
 #[cfg(target_os = "linux")]
 fn defer_accept(socket: &TcpSocket) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: an option of an open socket, set from a value that outlives the call.
-    let r = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_DEFER_ACCEPT,
-            (&DEFER_ACCEPT_SECS as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    crate::sockopt::set_tcp(socket, libc::TCP_DEFER_ACCEPT, DEFER_ACCEPT_SECS)
 }
 
 fn new_socket(addr: SocketAddr) -> io::Result<TcpSocket> {

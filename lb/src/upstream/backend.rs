@@ -65,22 +65,10 @@ impl WorkerPool {
 /// from a slow backend, long before the response timeout would. A failure here only leaves
 /// the kernel's default (minutes of retransmissions), so it is not an error.
 fn set_user_timeout(stream: &TcpStream, after: Duration) {
-    use std::os::fd::AsRawFd;
-    // The kernel reads an int of milliseconds: at least 1 (0 would mean its default), at
-    // most i32::MAX (a larger value is refused).
-    let ms = after.as_millis().clamp(1, i32::MAX as u128) as libc::c_uint;
-    // SAFETY: a valid socket descriptor, an option value of the size the kernel expects.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_USER_TIMEOUT,
-            (&ms as *const libc::c_uint).cast(),
-            std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        tracing::warn!(error = %std::io::Error::last_os_error(), "TCP_USER_TIMEOUT not set: a dead backend host is noticed only by the response timeout");
+    // The kernel reads an int of milliseconds: at least 1 (0 would mean its default).
+    let ms = after.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
+    if let Err(error) = crate::sockopt::set_tcp(stream, libc::TCP_USER_TIMEOUT, ms) {
+        tracing::warn!(%error, "TCP_USER_TIMEOUT not set: a dead backend host is noticed only by the response timeout");
     }
 }
 

@@ -1,0 +1,26 @@
+//! TCP options that neither the standard library nor tokio sets: one checked `setsockopt`.
+//! Knows nothing of what the sockets carry or why an option is wanted.
+
+use std::io;
+use std::os::fd::AsRawFd;
+
+/// Sets the TCP-level option `name` of `socket` to `value`: every TCP option the lb sets
+/// takes an int.
+pub fn set_tcp(socket: &impl AsRawFd, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: an open socket's descriptor, and an option value of the size the kernel reads,
+    // which outlives the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
