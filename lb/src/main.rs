@@ -5,13 +5,13 @@ use lb::config::{Config, LogFormat};
 /// mimalloc, not glibc's malloc. Every new connection allocates a task (128-byte aligned,
 /// which glibc serves only from its slow path) and blocks over 1 KiB (past glibc's per-thread
 /// cache); mimalloc serves both from per-thread free lists: 9% fewer user-space instructions
-/// per new connection, 4% per keep-alive request (BENCHMARKS.md). Built without transparent
-/// huge pages, which would fault in 2 MiB at a time for a few KiB used. Its `MIMALLOC_`
-/// environment variables tune it.
+/// per new connection, 4% per keep-alive request (BENCHMARKS.md). Without transparent huge
+/// pages (`keep_huge_pages_off`). Its `MIMALLOC_` environment variables tune it.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
+    keep_huge_pages_off();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--help" || a == "-h") {
         print!("{}", Config::help());
@@ -55,3 +55,19 @@ fn main() -> std::process::ExitCode {
         }
     }
 }
+
+/// Transparent huge pages off for the lb, unless `MIMALLOC_ALLOW_THP` says otherwise. Where
+/// the kernel gives them to every large mapping (`always`), mimalloc's segments would be
+/// faulted in 2 MiB at a time for the few KiB an idle connection uses; the build's `no_thp`
+/// only stops mimalloc asking for them (`madvise`), and mimalloc turns them off itself only
+/// when that variable is 0.
+#[cfg(target_os = "linux")]
+fn keep_huge_pages_off() {
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
+        // SAFETY: sets a flag of this process, with no memory passed.
+        unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn keep_huge_pages_off() {}
