@@ -7,9 +7,8 @@
 //!
 //! Why not let each connection's task wait: a tokio task is allocated 128-byte aligned and
 //! sized for the largest state its connection ever reaches (1,280 bytes for a plain
-//! HTTP/1.1 connection). An entry
-//! here (184 bytes, and its node in the set) is about a fifth of that, and idle keep-alive
-//! clients are most of the clients an edge holds.
+//! HTTP/1.1 connection). An entry here (184 bytes, and its node in the set) is about a fifth
+//! of that, and idle keep-alive clients are most of the clients an edge holds.
 //!
 //! Knows nothing of what a connection speaks: what it carries is its owner's.
 
