@@ -88,6 +88,7 @@ const DEFER_ACCEPT_SECS: libc::c_int = 1;
 /// client speaks first in HTTP, TLS and the PROXY protocol), or after `DEFER_ACCEPT_SECS`
 /// of silence. The worker is then woken once per connection, not once for the handshake
 /// and again for the request, and its first read finds the bytes there.
+///
 /// Only an optimisation: a kernel that refuses it leaves the listener as it was.
 #[cfg(target_os = "linux")]
 fn defer_accept(socket: &TcpSocket) {

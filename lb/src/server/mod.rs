@@ -54,8 +54,9 @@ const FIRST_READ: usize = 4096;
 
 /// A new connection's first read, plain or TLS, once the socket is reported readable: on the
 /// stack (inside the poll, so the task does not carry the buffer), and what came is kept by
-/// `keep` in an allocation of its size; a 4 KiB buffer per connection took the allocator's
-/// slow path twice. `None` when the client left. A read as hyper's are made, not `try_read`:
+/// `keep` in an allocation of its size, not a 4 KiB buffer made and freed per connection
+/// (each on glibc's slow path, when the lb used glibc's allocator). `None` when the client
+/// left. A read as hyper's are made, not `try_read`:
 /// a short read clears the socket's readiness, so the next read waits for more without a
 /// system call. Pending (the readiness was stale, or the task's budget is spent) has the task
 /// woken.
