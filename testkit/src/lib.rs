@@ -254,7 +254,10 @@ verify_incoming_https = true
             .args(["-server-port", &self.ports[0].to_string()])
             .args(["-serf-lan-port", &self.ports[1].to_string()])
             .args(["-serf-wan-port", &self.ports[2].to_string()])
-            .args(["-dns-port", "-1", "-grpc-port", "-1", "-log-level", "warn"]);
+            .args(["-dns-port", "-1", "-grpc-port", "-1"]);
+        // `IT_CONSUL_LOG=debug` shows every sync and election in the agents' logs.
+        let level = std::env::var("IT_CONSUL_LOG").unwrap_or_else(|_| "warn".into());
+        cmd.args(["-log-level", &level]);
         if let Some(config) = &self.config {
             cmd.arg("-config-file").arg(config);
         }
