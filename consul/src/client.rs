@@ -394,6 +394,17 @@ impl Client {
         self.read_list(path, &[], q).await
     }
 
+    /// `GET /v1/health/node/<node>`: the checks the catalog holds for one node (its own and
+    /// its services'), as the servers have them.
+    pub async fn health_node(
+        &self,
+        node: &str,
+        q: &QueryOptions,
+    ) -> Result<Response<Vec<CheckState>>, Error> {
+        let path = format!("/v1/health/node/{}", utf8_percent_encode(node, SEGMENT));
+        self.read_list(path, &[], q).await
+    }
+
     /// `GET /v1/agent/services`: what this agent itself has registered, keyed by service ID.
     pub async fn agent_services(&self) -> Result<HashMap<String, AgentService>, Error> {
         let r: Response<HashMap<String, AgentService>> = self

@@ -193,6 +193,10 @@ pub struct AgentService {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "PascalCase")]
 pub struct AgentCheck {
+    /// The agent's node name in the catalog: where its checks are listed
+    /// (`/v1/health/node/<node>`).
+    #[serde(default)]
+    pub node: String,
     #[serde(rename = "CheckID")]
     pub check_id: String,
     pub status: String,

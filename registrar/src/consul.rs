@@ -1,12 +1,16 @@
-//! The one adapter to the Consul agent: register, deregister, refresh a TTL check, and list the
-//! agent's services for the resync, each counted and logged here. Speaks only the agent API;
+//! The one adapter to the Consul agent: register, deregister, refresh a TTL check, list the
+//! agent's services and checks for the resync, and read the catalog's checks of the agent's
+//! node to compare with them, each counted and logged here. Speaks only Consul's HTTP API;
 //! knows nothing of Docker or of what the registrar holds.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
-use switchyard_consul::{AgentService, CheckStatus, Client, Error, ServiceRegistration};
+use switchyard_consul::{
+    AgentCheck, AgentService, CheckState, CheckStatus, Client, Error, QueryOptions,
+    ServiceRegistration,
+};
 
 use crate::metrics::{FailureOp, Metrics};
 use crate::reconcile::Drift;
@@ -125,6 +129,22 @@ impl Consul {
             .await
     }
 
+    /// Every check on the agent, with the agent's node name in each.
+    pub async fn agent_checks(&self) -> Result<HashMap<String, AgentCheck>, Error> {
+        self.call(FailureOp::ConsulList, self.client.agent_checks())
+            .await
+    }
+
+    /// The checks the catalog holds for `node`, read from the leader: a cluster without one
+    /// answers an error, not a stale copy.
+    pub async fn catalog_checks(&self, node: &str) -> Result<Vec<CheckState>, Error> {
+        let q = QueryOptions::default();
+        let r = self
+            .call(FailureOp::ConsulCatalog, self.client.health_node(node, &q))
+            .await?;
+        Ok(r.value)
+    }
+
     /// A write is logged here, once: nobody waits on its answer, and the next resync retries it.
     /// The error, in words, is for the journal.
     async fn write(
@@ -157,7 +177,8 @@ impl Consul {
         // A TTL refresh also fails for a check the agent no longer holds, with the agent up,
         // so it does not move `consul_up`; nor does a refusal (a token without the right to
         // write): an agent that answers is up, and the failure is counted under `op`.
-        if op != FailureOp::Ttl {
+        // A catalog read fails with the agent up while the cluster has no leader.
+        if !matches!(op, FailureOp::Ttl | FailureOp::ConsulCatalog) {
             let up = match &result {
                 Ok(_) => true,
                 Err(e) => !matches!(e.kind(), "transport" | "timeout" | "body" | "status_5xx"),

@@ -13,7 +13,8 @@
 //!   `DockerEvent`s.
 //! - [`labels`]: a container's labels as validated `ServiceLabels`, or every reason they are not.
 //! - [`instance`]: pure; a container and its parsed labels as a Consul `ServiceInstance`.
-//! - [`reconcile`]: pure; desired vs owned -> changes.
+//! - [`reconcile`]: pure; desired vs owned -> changes; the agent's checks vs the catalog's ->
+//!   instances to register again.
 //! - [`consul`]: the one adapter that talks to the Consul agent; counts, logs, sets `consul_up`.
 //! - [`state`]: what is registered; applies events in order and runs the resync, driving
 //!   `docker`, `instance` and `reconcile` and writing through `consul`.

@@ -25,6 +25,8 @@ pub enum FailureOp {
     Maintenance,
     Ttl,
     ConsulList,
+    /// Reading the agent's node from the catalog to compare it with the agent.
+    ConsulCatalog,
     DockerConnect,
     DockerList,
     DockerInspect,
@@ -34,12 +36,13 @@ pub enum FailureOp {
 impl FailureOp {
     /// Known in advance, so every series starts at zero: dashboards read 0, not "no data",
     /// before the first failure.
-    pub const ALL: [FailureOp; 9] = [
+    pub const ALL: [FailureOp; 10] = [
         FailureOp::Register,
         FailureOp::Deregister,
         FailureOp::Maintenance,
         FailureOp::Ttl,
         FailureOp::ConsulList,
+        FailureOp::ConsulCatalog,
         FailureOp::DockerConnect,
         FailureOp::DockerList,
         FailureOp::DockerInspect,
@@ -53,6 +56,7 @@ impl FailureOp {
             FailureOp::Maintenance => "maintenance",
             FailureOp::Ttl => "ttl",
             FailureOp::ConsulList => "consul_list",
+            FailureOp::ConsulCatalog => "consul_catalog",
             FailureOp::DockerConnect => "docker_connect",
             FailureOp::DockerList => "docker_list",
             FailureOp::DockerInspect => "docker_inspect",
@@ -67,17 +71,26 @@ pub enum DriftKind {
     Missing,
     Changed,
     Stale,
+    /// The agent held it, the catalog did not (or held another check status): the agent's
+    /// sync to the servers failed and nothing retried it yet.
+    Unsynced,
 }
 
 impl DriftKind {
     /// Known in advance, so every series starts at zero.
-    pub const ALL: [DriftKind; 3] = [DriftKind::Missing, DriftKind::Changed, DriftKind::Stale];
+    pub const ALL: [DriftKind; 4] = [
+        DriftKind::Missing,
+        DriftKind::Changed,
+        DriftKind::Stale,
+        DriftKind::Unsynced,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             DriftKind::Missing => "missing",
             DriftKind::Changed => "changed",
             DriftKind::Stale => "stale",
+            DriftKind::Unsynced => "unsynced",
         }
     }
 }

@@ -1,10 +1,11 @@
-//! Pure: the changes that make Consul hold exactly the instances Docker says should exist.
-//! Used at start, after every reconnect, and on the resync tick; events apply single changes.
-//! No I/O: it neither asks Docker nor calls Consul.
+//! Pure: the changes that make Consul hold exactly the instances Docker says should exist,
+//! and the instances the catalog does not hold as their agent does. Used at start, after
+//! every reconnect, and on the resync tick; events apply single changes. No I/O: it neither
+//! asks Docker nor calls Consul.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use switchyard_consul::AgentService;
+use switchyard_consul::{AgentCheck, AgentService, CheckState};
 
 use crate::instance::{ServiceInstance, META_NODE, META_SPEC};
 use crate::metrics::DriftKind;
@@ -30,6 +31,8 @@ pub enum Drift {
     Changed,
     /// Consul has an entry of ours for a container that is gone or stopping.
     Stale,
+    /// The agent has it, the catalog does not have it as the agent does.
+    Unsynced,
     None,
 }
 
@@ -40,6 +43,7 @@ impl Drift {
             Drift::Missing => Some(DriftKind::Missing),
             Drift::Changed => Some(DriftKind::Changed),
             Drift::Stale => Some(DriftKind::Stale),
+            Drift::Unsynced => Some(DriftKind::Unsynced),
             Drift::None => None,
         }
     }
@@ -92,10 +96,31 @@ pub fn plan(
     changes
 }
 
+/// The instances among `ours` (service IDs) whose checks the catalog does not hold as the
+/// agent does: absent (the agent's sync of the registration failed, as it does while Consul
+/// has no leader) or with another status (a change of the check that did not reach the
+/// servers). The agent sends what failed again only at its next full sync, a minute or two
+/// later, or with its next change. `catalog`: the checks `/v1/health/node` lists for the
+/// agent's node.
+pub fn unsynced(
+    agent: &HashMap<String, AgentCheck>,
+    catalog: &[CheckState],
+    ours: impl Fn(&str) -> bool,
+) -> BTreeSet<String> {
+    let held: HashMap<&str, &str> = catalog
+        .iter()
+        .map(|c| (c.check_id.as_str(), c.status.as_str()))
+        .collect();
+    agent
+        .values()
+        .filter(|c| ours(&c.service_id))
+        .filter(|c| held.get(c.check_id.as_str()) != Some(&c.status.as_str()))
+        .map(|c| c.service_id.clone())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use super::*;
     use switchyard_consul::ServiceRegistration;
 
@@ -129,6 +154,41 @@ mod tests {
             port: 0,
             meta,
         }
+    }
+
+    #[test]
+    fn an_instance_is_unsynced_when_the_catalog_lacks_its_check_or_its_status() {
+        let check = |id: &str, service: &str, status: &str| AgentCheck {
+            node: "agent-1".into(),
+            check_id: id.into(),
+            status: status.into(),
+            service_id: service.into(),
+        };
+        let held = |id: &str, service: &str, status: &str| CheckState {
+            node: "agent-1".into(),
+            check_id: id.into(),
+            service_name: "web".into(),
+            service_id: service.into(),
+            status: status.into(),
+            create_index: 1,
+            modify_index: 1,
+        };
+        let agent: HashMap<String, AgentCheck> = [
+            check("service:a", "a", "passing"),  // in sync
+            check("service:b", "b", "passing"),  // never reached the servers
+            check("service:c", "c", "critical"), // the catalog still says passing
+            check("service:x", "x", "passing"),  // not ours
+        ]
+        .into_iter()
+        .map(|c| (c.check_id.clone(), c))
+        .collect();
+        let catalog = vec![
+            held("serfHealth", "", "passing"),
+            held("service:a", "a", "passing"),
+            held("service:c", "c", "passing"),
+        ];
+        let got = unsynced(&agent, &catalog, |id| id != "x");
+        assert_eq!(got, BTreeSet::from(["b".to_string(), "c".to_string()]));
     }
 
     #[test]

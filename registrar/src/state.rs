@@ -2,7 +2,7 @@
 //! already seen. Applies one Docker event at a time and runs the full two-way resync. Reaches
 //! Consul only through the adapter in `consul`, never its API.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +27,13 @@ use crate::reconcile::{self, Change, Drift};
 const DEDUPE_WINDOW: usize = 1024;
 /// Events taken from the stream at once, at most (see `maintain_stopping`).
 const BATCH_MAX: usize = 256;
+/// How long an instance may differ between the agent and the catalog before it is
+/// registered again: a healthy agent's sync takes about a millisecond, so one that differs
+/// twice this far apart is not being synced.
+const SYNC_GRACE: Duration = Duration::from_millis(500);
+/// How soon the catalog is compared again when it could not be read (no leader) or
+/// instances were registered again: repairs land seconds after an election, not a resync.
+const CATALOG_RETRY: Duration = Duration::from_secs(2);
 
 pub struct Registrar {
     cfg: Config,
@@ -45,6 +52,17 @@ pub struct Registrar {
     warned: HashSet<(String, String)>,
     recent: VecDeque<(i64, String, String)>,
     last_event_nano: i64,
+    /// Service IDs the last comparison found differing between the agent and the catalog.
+    unsynced: BTreeSet<String>,
+}
+
+/// What comparing the agent with the catalog found; says when to compare again.
+enum CatalogCheck {
+    /// Both hold our instances alike (or we have none, or may not read the catalog):
+    /// compare again after the next resync.
+    InSync,
+    /// Differences to look at again after [`SYNC_GRACE`], or repairs to confirm.
+    Again(Duration),
 }
 
 impl Registrar {
@@ -79,6 +97,7 @@ impl Registrar {
             warned: HashSet::new(),
             recent: VecDeque::with_capacity(DEDUPE_WINDOW),
             last_event_nano: switchyard_daemon::clock::since_epoch().as_nanos() as i64,
+            unsynced: BTreeSet::new(),
         }
     }
 
@@ -100,6 +119,7 @@ impl Registrar {
             ));
             self.metrics.docker_up.set(1);
             let mut next_resync = tokio::time::Instant::now();
+            let mut next_compare: Option<tokio::time::Instant> = None;
             loop {
                 tokio::select! {
                     biased;
@@ -125,6 +145,13 @@ impl Registrar {
                     },
                     _ = tokio::time::sleep_until(next_resync) => {
                         next_resync = tokio::time::Instant::now() + self.resync_then_wait(ready, &mut backoff).await;
+                        next_compare = Some(tokio::time::Instant::now());
+                    }
+                    _ = tokio::time::sleep_until(next_compare.unwrap_or(next_resync)), if next_compare.is_some() => {
+                        next_compare = match self.compare_with_catalog().await {
+                            CatalogCheck::InSync => None,
+                            CatalogCheck::Again(after) => Some(tokio::time::Instant::now() + after),
+                        };
                     }
                 }
             }
@@ -416,6 +443,66 @@ impl Registrar {
             .observe(started.elapsed().as_secs_f64());
         tracing::debug!(desired = desired.len(), owned = owned.len(), took = ?started.elapsed(), "reconciled");
         Ok(())
+    }
+
+    /// Compares our instances on the agent with what the catalog holds for the agent's node,
+    /// and registers again, which makes the agent sync it, what differed at the last
+    /// comparison and still does. The agent retries a sync that failed (no leader during an
+    /// election, a server lost) only at its next full sync, a minute or two later, while the
+    /// lbs read the catalog: without this a task started during an election stays unrouted
+    /// that long.
+    async fn compare_with_catalog(&mut self) -> CatalogCheck {
+        let ours: HashSet<&str> = self
+            .registered
+            .values()
+            .map(|i| i.registration.id.as_str())
+            .collect();
+        let Ok(checks) = self.consul.agent_checks().await else {
+            return CatalogCheck::Again(CATALOG_RETRY);
+        };
+        // Every registration of ours carries a check, each naming the agent's node.
+        let Some(node) = checks
+            .values()
+            .find(|c| ours.contains(c.service_id.as_str()))
+            .map(|c| c.node.clone())
+        else {
+            self.unsynced.clear();
+            return CatalogCheck::InSync;
+        };
+        let catalog = match self.consul.catalog_checks(&node).await {
+            Ok(c) => c,
+            // Asking again soon would be refused again: the next resync tries.
+            Err(e) if e.kind() == "acl_denied" => {
+                tracing::warn!(error = %e, node = %node, "reading the agent's node from the catalog refused: the registrar's Consul token needs node:read; the agent and the catalog are not compared");
+                return CatalogCheck::InSync;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "the catalog cannot be read (no leader?); comparing again soon");
+                return CatalogCheck::Again(CATALOG_RETRY);
+            }
+        };
+        let differ = reconcile::unsynced(&checks, &catalog, |id| ours.contains(id));
+        let again: Vec<ServiceInstance> = self
+            .registered
+            .values()
+            .filter(|i| {
+                differ.contains(&i.registration.id) && self.unsynced.contains(&i.registration.id)
+            })
+            .cloned()
+            .collect();
+        self.unsynced = differ;
+        for instance in &again {
+            tracing::warn!(id = %instance.registration.id, node = %node, "the catalog does not hold this instance as the agent does; registering it again so that the agent syncs it");
+            self.unsynced.remove(&instance.registration.id);
+            self.register(instance.clone(), Drift::Unsynced).await;
+        }
+        if !again.is_empty() {
+            CatalogCheck::Again(CATALOG_RETRY)
+        } else if !self.unsynced.is_empty() {
+            CatalogCheck::Again(SYNC_GRACE)
+        } else {
+            CatalogCheck::InSync
+        }
     }
 
     /// What Docker says should be registered, by service ID: the running, opted-in containers

@@ -409,6 +409,17 @@ verify_incoming_https = true
             .expect("ttl update");
     }
 
+    /// `PUT /v1/catalog/deregister`: takes an instance out of the catalog behind its agent's
+    /// back, as a snapshot restore or servers rebuilt without their data would.
+    pub async fn catalog_deregister(&self, node: &str, service_id: &str) {
+        let body = serde_json::json!({ "Node": node, "ServiceID": service_id }).to_string();
+        let req = Request::put(format!("{}/v1/catalog/deregister", self.addr()))
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        let r = Http::new().send(req).await.expect("catalog deregister");
+        assert!(r.status.is_success(), "catalog deregister: {}", r.body);
+    }
+
     pub async fn deregister(&self, id: &str) {
         self.client
             .deregister_service(id)

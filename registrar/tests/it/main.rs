@@ -614,6 +614,74 @@ async fn without_a_consul_leader_registrations_and_deregistrations_land_once_one
     .await;
 }
 
+/// The catalog loses an instance its agent still holds, as when the servers restore an older
+/// snapshot or lose their data, or when the agent's sync of it failed (no leader, a refusal
+/// by the servers' ACLs) and nothing retried it. The agent would send it again only at its
+/// next full sync, a minute or two later, and the lbs read the catalog; the registrar,
+/// comparing the two on its resync, registers it again, which makes the agent send it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_the_catalog_lost_behind_its_agent_is_registered_again() {
+    let consul = Consul::start().await;
+    let s = scope("unsynced");
+    let reg = Registrar::start(&consul, &s, &[]).await;
+    let a = Container::run(&s, "a", WEB, &[], &["--no-healthcheck"]);
+    let b = Container::run(&s, "b", WEB, &[], &["--no-healthcheck"]);
+    wait_passing(&consul, "web", 2).await;
+    let checks = consul.client.agent_checks().await.expect("agent checks");
+    let services = consul
+        .client
+        .agent_services()
+        .await
+        .expect("agent services");
+    let b_id = services
+        .values()
+        .find(|s| s.address == b.ip())
+        .map(|s| s.id.clone())
+        .expect("b on the agent");
+    let node = checks
+        .values()
+        .find(|c| c.service_id == b_id)
+        .map(|c| c.node.clone())
+        .expect("b's check");
+
+    consul.catalog_deregister(&node, &b_id).await;
+    assert_eq!(
+        instances(&consul, "web").await.len(),
+        1,
+        "b out of the catalog"
+    );
+    let lost = Instant::now();
+    let want = {
+        let mut w = vec![
+            (a.ip(), 8000, "passing".to_string()),
+            (b.ip(), 8000, "passing".to_string()),
+        ];
+        w.sort();
+        w
+    };
+    // The agent's own full sync comes a minute or more after its start.
+    eventually(
+        "the catalog to hold b again",
+        Duration::from_secs(15),
+        || async {
+            let mut have = instances(&consul, "web").await;
+            have.sort();
+            have == want
+        },
+    )
+    .await;
+    println!(
+        "b back in the catalog {:?} after it was lost",
+        lost.elapsed()
+    );
+    assert_eq!(
+        reg.metric("registrar_drift_repaired_total", Some(("kind", "unsynced")))
+            .await,
+        1.0
+    );
+    assert!(reg.log().contains("registering it again"), "{}", reg.log());
+}
+
 /// Real HAProxy with the repo's allow-list (`docker-proxy/haproxy.cfg`) in front of the
 /// engine's socket, killed when dropped.
 struct DockerProxy {
