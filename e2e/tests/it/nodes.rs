@@ -299,16 +299,25 @@ async fn tables_match_docker(
     nodes: &[usize],
     what: &str,
 ) -> Duration {
-    /// Prints the last state seen when the wait fails, to tell whether Docker or an lb lagged.
-    struct ShowOnPanic(std::sync::Mutex<String>);
+    /// Prints the last state seen when the wait fails, to tell whether Docker or an lb lagged,
+    /// and then each node's web tasks in Docker and in Consul's catalog, to tell whether an
+    /// instance missing from the tables is missing from the catalog or only not passing.
+    struct ShowOnPanic(std::sync::Mutex<String>, Vec<usize>);
     impl Drop for ShowOnPanic {
         fn drop(&mut self) {
             if let (true, Ok(last)) = (std::thread::panicking(), self.0.lock()) {
                 eprintln!("last seen: {last}");
+                for i in &self.1 {
+                    eprintln!("node-{i}: Docker's web tasks {:?}", overlay_ips(*i, "web"));
+                }
+                eprintln!(
+                    "web instances per agent, catalog against Docker: {:?}",
+                    consul_matches_docker(&self.1)
+                );
             }
         }
     }
-    let last = ShowOnPanic(std::sync::Mutex::new("nothing yet".into()));
+    let last = ShowOnPanic(std::sync::Mutex::new("nothing yet".into()), nodes.to_vec());
     let started = Instant::now();
     eventually(what, Duration::from_secs(120), || async {
         let on = nodes.to_vec();
