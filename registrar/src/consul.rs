@@ -19,6 +19,11 @@ use crate::reconcile::Drift;
 /// it before it is deregistered (about a millisecond on a healthy agent).
 const MAINTENANCE_WITHIN: std::time::Duration = std::time::Duration::from_millis(500);
 
+/// How long the catalog read that the comparison with the agent needs may take: a server
+/// answers a stale read from memory, and one unreachable is asked again at the next
+/// comparison rather than hold up the event loop.
+const CATALOG_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The node's Consul agent, with the metrics every call reports to.
 pub struct Consul {
     client: Client,
@@ -135,14 +140,27 @@ impl Consul {
             .await
     }
 
-    /// The checks the catalog holds for `node`, read from the leader: a cluster without one
-    /// answers an error, not a stale copy.
-    pub async fn catalog_checks(&self, node: &str) -> Result<Vec<CheckState>, Error> {
-        let q = QueryOptions::default();
-        let r = self
-            .call(FailureOp::ConsulCatalog, self.client.health_node(node, &q))
-            .await?;
-        Ok(r.value)
+    /// The checks the catalog holds for `node`, or `None` while the server that answered
+    /// knows no leader. A stale read: any server answers at once, where a read from the
+    /// leader would wait out Consul's RPC hold (7 s) during an election, holding up the
+    /// registrar's event loop; a server that still follows a leader has what it took.
+    pub async fn catalog_checks(&self, node: &str) -> Result<Option<Vec<CheckState>>, Error> {
+        let q = QueryOptions {
+            stale: true,
+            ..QueryOptions::default()
+        };
+        let read = async {
+            tokio::time::timeout(CATALOG_WITHIN, self.client.health_node(node, &q))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::Timeout {
+                        path: format!("/v1/health/node/{node}"),
+                        after: CATALOG_WITHIN,
+                    })
+                })
+        };
+        let r = self.call(FailureOp::ConsulCatalog, read).await?;
+        Ok(r.meta.known_leader.then_some(r.value))
     }
 
     /// A write is logged here, once: nobody waits on its answer, and the next resync retries it.

@@ -470,14 +470,20 @@ impl Registrar {
             return CatalogCheck::InSync;
         };
         let catalog = match self.consul.catalog_checks(&node).await {
-            Ok(c) => c,
+            Ok(Some(c)) => c,
+            Ok(None) => {
+                tracing::debug!(
+                    "Consul knows no leader; comparing the agent with the catalog again soon"
+                );
+                return CatalogCheck::Again(CATALOG_RETRY);
+            }
             // Asking again soon would be refused again: the next resync tries.
             Err(e) if e.kind() == "acl_denied" => {
                 tracing::warn!(error = %e, node = %node, "reading the agent's node from the catalog refused: the registrar's Consul token needs node:read; the agent and the catalog are not compared");
                 return CatalogCheck::InSync;
             }
             Err(e) => {
-                tracing::debug!(error = %e, "the catalog cannot be read (no leader?); comparing again soon");
+                tracing::debug!(error = %e, "the catalog cannot be read; comparing again soon");
                 return CatalogCheck::Again(CATALOG_RETRY);
             }
         };
