@@ -170,6 +170,8 @@ pub struct CheckRegistration {
     pub success_before_passing: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failures_before_critical: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub notes: Option<String>,
 }
 
 /// One value of `GET /v1/agent/services`.

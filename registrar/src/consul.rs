@@ -24,6 +24,18 @@ const MAINTENANCE_WITHIN: std::time::Duration = std::time::Duration::from_millis
 /// comparison rather than hold up the event loop.
 const CATALOG_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// `call`, failed as a timeout after [`CATALOG_WITHIN`].
+async fn within<T>(path: &str, call: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
+    tokio::time::timeout(CATALOG_WITHIN, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::Timeout {
+                path: path.to_string(),
+                after: CATALOG_WITHIN,
+            })
+        })
+}
+
 /// The node's Consul agent, with the metrics every call reports to.
 pub struct Consul {
     client: Client,
@@ -134,10 +146,11 @@ impl Consul {
             .await
     }
 
-    /// Every check on the agent, with the agent's node name in each.
+    /// Every check on the agent, with the agent's node name in each; bounded like the
+    /// catalog read it goes with.
     pub async fn agent_checks(&self) -> Result<HashMap<String, AgentCheck>, Error> {
-        self.call(FailureOp::ConsulList, self.client.agent_checks())
-            .await
+        let read = within("/v1/agent/checks", self.client.agent_checks());
+        self.call(FailureOp::ConsulList, read).await
     }
 
     /// The checks the catalog holds for `node`, or `None` while the server that answered
@@ -149,16 +162,7 @@ impl Consul {
             stale: true,
             ..QueryOptions::default()
         };
-        let read = async {
-            tokio::time::timeout(CATALOG_WITHIN, self.client.health_node(node, &q))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(Error::Timeout {
-                        path: format!("/v1/health/node/{node}"),
-                        after: CATALOG_WITHIN,
-                    })
-                })
-        };
+        let read = within("/v1/health/node", self.client.health_node(node, &q));
         let r = self.call(FailureOp::ConsulCatalog, read).await?;
         Ok(r.meta.known_leader.then_some(r.value))
     }

@@ -14,6 +14,10 @@ use crate::labels::{self, opted_in, LabelError, ServiceLabels};
 pub const META_NODE: &str = "switchyard-node";
 pub const META_CONTAINER: &str = "switchyard-container";
 pub const META_SPEC: &str = "switchyard-spec";
+/// When the instance was last registered again because the catalog did not hold it as the
+/// agent did (Unix ms): a registration that differs from the agent's copy, which every
+/// Consul version syncs (newer ones skip an identical one).
+pub const META_AGAIN: &str = "switchyard-registered-again";
 
 const SWARM_TASK: &str = "com.docker.swarm.task.name";
 

@@ -3,7 +3,7 @@
 //! every reconnect, and on the resync tick; events apply single changes. No I/O: it neither
 //! asks Docker nor calls Consul.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 
 use switchyard_consul::{AgentCheck, AgentService, CheckState};
 
@@ -102,22 +102,44 @@ pub fn plan(
 /// servers). The agent sends what failed again only at its next full sync, a minute or two
 /// later, or with its next change. `catalog`: the checks `/v1/health/node` lists for the
 /// agent's node.
+///
+/// `None` when that list lacks the node's own `serfHealth`: then it says nothing of our
+/// instances, since the node is not in the catalog (servers rebuilt empty, which the agent
+/// mends itself when they return) or the token may not read it (Consul filters out what a
+/// token may not read rather than refuse).
+/// Each such instance comes with how the two differ, for the log.
 pub fn unsynced(
     agent: &HashMap<String, AgentCheck>,
     catalog: &[CheckState],
     ours: impl Fn(&str) -> bool,
-) -> BTreeSet<String> {
+) -> Option<BTreeMap<String, String>> {
+    if !catalog.iter().any(|c| c.check_id == SERF_HEALTH) {
+        return None;
+    }
     let held: HashMap<&str, &str> = catalog
         .iter()
         .map(|c| (c.check_id.as_str(), c.status.as_str()))
         .collect();
-    agent
-        .values()
-        .filter(|c| ours(&c.service_id))
-        .filter(|c| held.get(c.check_id.as_str()) != Some(&c.status.as_str()))
-        .map(|c| c.service_id.clone())
-        .collect()
+    let mut differ = BTreeMap::new();
+    for c in agent.values().filter(|c| ours(&c.service_id)) {
+        let how = match held.get(c.check_id.as_str()) {
+            Some(s) if *s == c.status => continue,
+            Some(s) => format!(
+                "check {} {} on the agent, {s} in the catalog",
+                c.check_id, c.status
+            ),
+            None => format!(
+                "check {} {} on the agent, missing from the catalog",
+                c.check_id, c.status
+            ),
+        };
+        differ.insert(c.service_id.clone(), how);
+    }
+    Some(differ)
 }
+
+/// The check Consul's servers keep for every node from gossip.
+const SERF_HEALTH: &str = "serfHealth";
 
 #[cfg(test)]
 mod tests {
@@ -187,8 +209,21 @@ mod tests {
             held("service:a", "a", "passing"),
             held("service:c", "c", "passing"),
         ];
-        let got = unsynced(&agent, &catalog, |id| id != "x");
-        assert_eq!(got, BTreeSet::from(["b".to_string(), "c".to_string()]));
+        let got = unsynced(&agent, &catalog, |id| id != "x").expect("comparable");
+        assert_eq!(got.keys().collect::<Vec<_>>(), ["b", "c"]);
+        assert_eq!(
+            got["b"],
+            "check service:b passing on the agent, missing from the catalog"
+        );
+        assert_eq!(
+            got["c"],
+            "check service:c critical on the agent, passing in the catalog"
+        );
+        // Without the node's serfHealth (not in the catalog, or filtered by the token's
+        // ACLs) there is nothing to compare with: no instance is called unsynced.
+        let filtered = vec![held("service:a", "a", "passing")];
+        assert_eq!(unsynced(&agent, &filtered, |id| id != "x"), None);
+        assert_eq!(unsynced(&agent, &[], |id| id != "x"), None);
     }
 
     #[test]

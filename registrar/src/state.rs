@@ -2,7 +2,7 @@
 //! already seen. Applies one Docker event at a time and runs the full two-way resync. Reaches
 //! Consul only through the adapter in `consul`, never its API.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,11 +28,15 @@ const DEDUPE_WINDOW: usize = 1024;
 /// Events taken from the stream at once, at most (see `maintain_stopping`).
 const BATCH_MAX: usize = 256;
 /// How long an instance may differ between the agent and the catalog before it is
-/// registered again: a healthy agent's sync takes about a millisecond, so one that differs
-/// twice this far apart is not being synced.
-const SYNC_GRACE: Duration = Duration::from_millis(500);
+/// registered again. A healthy agent syncs a change in about a millisecond, but after a
+/// leader is elected or a server joins it holds every change back until a full sync it runs
+/// within 3 s (Consul's stagger, longer only past 128 nodes): what still differs after this
+/// is not being synced.
+const SYNC_GRACE: Duration = Duration::from_secs(5);
 /// How soon the catalog is compared again when it could not be read (no leader) or
-/// instances were registered again: repairs land seconds after an election, not a resync.
+/// instances differ: repairs land seconds after an election, not a resync later. Also the
+/// first wait before an instance is registered again a second time; the wait doubles with
+/// every repair that did not take, up to the resync period.
 const CATALOG_RETRY: Duration = Duration::from_secs(2);
 
 pub struct Registrar {
@@ -52,8 +56,13 @@ pub struct Registrar {
     warned: HashSet<(String, String)>,
     recent: VecDeque<(i64, String, String)>,
     last_event_nano: i64,
-    /// Service IDs the last comparison found differing between the agent and the catalog.
-    unsynced: BTreeSet<String>,
+    /// Service IDs the last comparison found differing between the agent and the catalog,
+    /// with when they were first seen to.
+    unsynced: HashMap<String, Instant>,
+    /// Instances registered again for that: when they may be again, and how many times.
+    again: HashMap<String, (Instant, u32)>,
+    /// Whether the comparison's "cannot compare" warning was given since the last one that ran.
+    compare_warned: bool,
 }
 
 /// What comparing the agent with the catalog found; says when to compare again.
@@ -61,7 +70,7 @@ enum CatalogCheck {
     /// Both hold our instances alike (or we have none, or may not read the catalog):
     /// compare again after the next resync.
     InSync,
-    /// Differences to look at again after [`SYNC_GRACE`], or repairs to confirm.
+    /// Differences to look at again after this.
     Again(Duration),
 }
 
@@ -97,7 +106,9 @@ impl Registrar {
             warned: HashSet::new(),
             recent: VecDeque::with_capacity(DEDUPE_WINDOW),
             last_event_nano: switchyard_daemon::clock::since_epoch().as_nanos() as i64,
-            unsynced: BTreeSet::new(),
+            unsynced: HashMap::new(),
+            again: HashMap::new(),
+            compare_warned: false,
         }
     }
 
@@ -446,27 +457,31 @@ impl Registrar {
     }
 
     /// Compares our instances on the agent with what the catalog holds for the agent's node,
-    /// and registers again, which makes the agent sync it, what differed at the last
-    /// comparison and still does. The agent retries a sync that failed (no leader during an
-    /// election, a server lost) only at its next full sync, a minute or two later, while the
-    /// lbs read the catalog: without this a task started during an election stays unrouted
-    /// that long.
+    /// and registers again, which makes the agent sync it, what has differed for
+    /// [`SYNC_GRACE`]. The agent retries a sync that failed (no leader during an election, a
+    /// server lost, a refusal by the servers' ACLs) only at its next full sync, a minute or two
+    /// later, and the lbs read the catalog: without this an instance started during an
+    /// election can stay unrouted that long.
     async fn compare_with_catalog(&mut self) -> CatalogCheck {
-        let ours: HashSet<&str> = self
+        let ours: HashSet<String> = self
             .registered
             .values()
-            .map(|i| i.registration.id.as_str())
+            .map(|i| i.registration.id.clone())
             .collect();
+        if ours.is_empty() {
+            self.unsynced.clear();
+            self.again.clear();
+            return CatalogCheck::InSync;
+        }
         let Ok(checks) = self.consul.agent_checks().await else {
             return CatalogCheck::Again(CATALOG_RETRY);
         };
         // Every registration of ours carries a check, each naming the agent's node.
         let Some(node) = checks
             .values()
-            .find(|c| ours.contains(c.service_id.as_str()))
+            .find(|c| ours.contains(&c.service_id))
             .map(|c| c.node.clone())
         else {
-            self.unsynced.clear();
             return CatalogCheck::InSync;
         };
         let catalog = match self.consul.catalog_checks(&node).await {
@@ -477,9 +492,8 @@ impl Registrar {
                 );
                 return CatalogCheck::Again(CATALOG_RETRY);
             }
-            // Asking again soon would be refused again: the next resync tries.
             Err(e) if e.kind() == "acl_denied" => {
-                tracing::warn!(error = %e, node = %node, "reading the agent's node from the catalog refused: the registrar's Consul token needs node:read; the agent and the catalog are not compared");
+                self.cannot_compare(&node, &e.to_string());
                 return CatalogCheck::InSync;
             }
             Err(e) => {
@@ -487,27 +501,52 @@ impl Registrar {
                 return CatalogCheck::Again(CATALOG_RETRY);
             }
         };
-        let differ = reconcile::unsynced(&checks, &catalog, |id| ours.contains(id));
-        let again: Vec<ServiceInstance> = self
+        let Some(differ) = reconcile::unsynced(&checks, &catalog, |id| ours.contains(id)) else {
+            self.cannot_compare(&node, "the catalog lists no serfHealth check for the node");
+            return CatalogCheck::InSync;
+        };
+        self.compare_warned = false;
+        let now = Instant::now();
+        self.unsynced.retain(|id, _| differ.contains_key(id));
+        self.again.retain(|id, _| differ.contains_key(id));
+        for id in differ.keys() {
+            self.unsynced.entry(id.clone()).or_insert(now);
+        }
+        let due: Vec<ServiceInstance> = self
             .registered
             .values()
             .filter(|i| {
-                differ.contains(&i.registration.id) && self.unsynced.contains(&i.registration.id)
+                let id = &i.registration.id;
+                self.unsynced
+                    .get(id)
+                    .is_some_and(|seen| now.duration_since(*seen) >= SYNC_GRACE)
+                    && self.again.get(id).is_none_or(|(next, _)| now >= *next)
             })
             .cloned()
             .collect();
-        self.unsynced = differ;
-        for instance in &again {
-            tracing::warn!(id = %instance.registration.id, node = %node, "the catalog does not hold this instance as the agent does; registering it again so that the agent syncs it");
-            self.unsynced.remove(&instance.registration.id);
-            self.register(instance.clone(), Drift::Unsynced).await;
+        for instance in due {
+            let id = instance.registration.id.clone();
+            let times = self.again.get(&id).map_or(0, |(_, n)| *n) + 1;
+            let wait = CATALOG_RETRY
+                .saturating_mul(1 << (times - 1).min(16))
+                .min(self.cfg.resync);
+            self.again.insert(id.clone(), (now + wait, times));
+            let how = differ.get(&id).map_or("", String::as_str);
+            tracing::warn!(id = %id, node = %node, how, times, "the catalog does not hold this instance as the agent does; registering it again so that the agent syncs it");
+            self.register(again(instance), Drift::Unsynced).await;
         }
-        if !again.is_empty() {
-            CatalogCheck::Again(CATALOG_RETRY)
-        } else if !self.unsynced.is_empty() {
-            CatalogCheck::Again(SYNC_GRACE)
-        } else {
+        if differ.is_empty() {
             CatalogCheck::InSync
+        } else {
+            CatalogCheck::Again(CATALOG_RETRY)
+        }
+    }
+
+    /// The catalog says nothing of our instances: warned once until a comparison runs.
+    fn cannot_compare(&mut self, node: &str, why: &str) {
+        if !self.compare_warned {
+            self.compare_warned = true;
+            tracing::warn!(node, why, "the agent and the catalog are not compared: the registrar's Consul token needs node:read, or the node is not in the catalog yet");
         }
     }
 
@@ -561,6 +600,24 @@ impl Registrar {
             }
         }
     }
+}
+
+/// `i` to register again because the catalog did not hold it as the agent did: marked in
+/// its meta and its check's notes, so that it differs from the agent's copy. Consul 1.8
+/// syncs any registration; newer versions skip one identical to what the agent holds, and
+/// would skip a check left identical too, syncing the instance without it (which reads as
+/// passing). The agent keeps each check's status and output across the registration.
+fn again(mut i: ServiceInstance) -> ServiceInstance {
+    let at = switchyard_daemon::clock::unix_ms();
+    i.registration
+        .meta
+        .insert(instance::META_AGAIN.to_string(), at.to_string());
+    for c in &mut i.registration.checks {
+        c.notes = Some(format!(
+            "registered again at {at} (Unix ms): the catalog did not hold it as the agent did"
+        ));
+    }
+    i
 }
 
 /// The journal's entry for a container about to be registered as `i`.

@@ -534,8 +534,40 @@ node_prefix "" { policy = "read" }
 
     let minimal = secure(&writer);
     let pairs: Vec<(&str, &str)> = minimal.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let _reg = Registrar::start(&consul, &s, &pairs).await;
+    let mut reg = Registrar::start(&consul, &s, &pairs).await;
     wait_passing(&consul, "web", 1).await;
+    // It compares the agent with the catalog through the ACLs, and finds them alike.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let unsynced = Some(("kind", "unsynced"));
+    let repaired = "registrar_drift_repaired_total";
+    assert_eq!(reg.metric(repaired, unsynced).await, 0.0);
+    assert!(!reg.log().contains("not compared"), "{}", reg.log());
+    reg.crash();
+
+    // Without node:read, Consul filters the node's own checks out of the catalog's answer
+    // rather than refuse: the registrar says once that it cannot compare, and registers
+    // nothing again.
+    let (_, blind) = consul
+        .acl_token("registrar-no-node", r#"service "web" { policy = "write" }"#)
+        .await;
+    let blind = secure(&blind);
+    let pairs: Vec<(&str, &str)> = blind.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let reg = Registrar::start(&consul, &s, &pairs).await;
+    eventually(
+        "the registrar to say it cannot compare",
+        Duration::from_secs(20),
+        || async { reg.log().contains("not compared") },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(reg.metric(repaired, unsynced).await, 0.0);
+    assert_eq!(
+        reg.log().matches("not compared").count(),
+        1,
+        "{}",
+        reg.log()
+    );
+    assert_eq!(instances(&consul, "web").await.len(), 1);
 }
 
 /// A real cluster of three servers and a client agent, as on a node. The leader and one more
@@ -674,6 +706,32 @@ async fn an_instance_the_catalog_lost_behind_its_agent_is_registered_again() {
         "b back in the catalog {:?} after it was lost",
         lost.elapsed()
     );
+    // With its check (an instance synced without one would read as passing whatever its
+    // health), and marked as registered again.
+    let entries = consul
+        .client
+        .health_service("web", false, &QueryOptions::default())
+        .await
+        .expect("health read")
+        .value;
+    let entry = entries
+        .iter()
+        .find(|e| e.service.id == b_id)
+        .expect("b in the catalog");
+    assert!(
+        entry
+            .checks
+            .iter()
+            .any(|c| c.check_id == format!("{b_id}:check")),
+        "{:?}",
+        entry.checks
+    );
+    assert!(entry
+        .service
+        .meta
+        .contains_key("switchyard-registered-again"));
+    // Once: nothing is registered again while the two agree.
+    tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(
         reg.metric("registrar_drift_repaired_total", Some(("kind", "unsynced")))
             .await,
