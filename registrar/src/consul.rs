@@ -146,11 +146,11 @@ impl Consul {
             .await
     }
 
-    /// Every check on the agent, with the agent's node name in each; bounded like the
-    /// catalog read it goes with.
+    /// Every check on the agent, with the agent's node name in each; bounded, and counted,
+    /// like the catalog read it goes with (a slow answer here does not call the agent down).
     pub async fn agent_checks(&self) -> Result<HashMap<String, AgentCheck>, Error> {
         let read = within("/v1/agent/checks", self.client.agent_checks());
-        self.call(FailureOp::ConsulList, read).await
+        self.call(FailureOp::ConsulCatalog, read).await
     }
 
     /// The checks the catalog holds for `node`, or `None` while the server that answered

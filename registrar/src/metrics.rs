@@ -25,7 +25,8 @@ pub enum FailureOp {
     Maintenance,
     Ttl,
     ConsulList,
-    /// Reading the agent's node from the catalog to compare it with the agent.
+    /// The reads that compare the agent with the catalog: the agent's checks, and the
+    /// catalog's for the agent's node.
     ConsulCatalog,
     DockerConnect,
     DockerList,

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use bollard::Docker;
+use switchyard_consul::{AgentCheck, CheckState};
 use switchyard_daemon::backoff::Backoff;
 use tokio::sync::mpsc;
 
@@ -34,9 +35,9 @@ const BATCH_MAX: usize = 256;
 /// is not being synced.
 const SYNC_GRACE: Duration = Duration::from_secs(5);
 /// How soon the catalog is compared again when it could not be read (no leader) or
-/// instances differ: repairs land seconds after an election, not a resync later. Also the
-/// first wait before an instance is registered again a second time; the wait doubles with
-/// every repair that did not take, up to the resync period.
+/// instances differ: repairs land seconds after an election, not a resync later. An
+/// instance registered again waits twice this before it may be again, and twice as long
+/// after every repair that did not take, up to the resync period.
 const CATALOG_RETRY: Duration = Duration::from_secs(2);
 
 pub struct Registrar {
@@ -473,35 +474,18 @@ impl Registrar {
             self.again.clear();
             return CatalogCheck::InSync;
         }
-        let Ok(checks) = self.consul.agent_checks().await else {
-            return CatalogCheck::Again(CATALOG_RETRY);
-        };
-        // Every registration of ours carries a check, each naming the agent's node.
-        let Some(node) = checks
-            .values()
-            .find(|c| ours.contains(&c.service_id))
-            .map(|c| c.node.clone())
-        else {
-            return CatalogCheck::InSync;
-        };
-        let catalog = match self.consul.catalog_checks(&node).await {
-            Ok(Some(c)) => c,
-            Ok(None) => {
-                tracing::debug!(
-                    "Consul knows no leader; comparing the agent with the catalog again soon"
-                );
-                return CatalogCheck::Again(CATALOG_RETRY);
-            }
-            Err(e) if e.kind() == "acl_denied" => {
-                self.cannot_compare(&node, &e.to_string());
-                return CatalogCheck::InSync;
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "the catalog cannot be read; comparing again soon");
-                return CatalogCheck::Again(CATALOG_RETRY);
+        let (checks, catalog, node) = match self.read_both(&ours).await {
+            Ok(read) => read,
+            Err(then) => {
+                // A difference counts only while comparisons see it: one seen before an
+                // election must not be repaired the moment a leader is back, while the
+                // agent still holds its changes for the full sync it is about to run.
+                self.unsynced.clear();
+                return then;
             }
         };
         let Some(differ) = reconcile::unsynced(&checks, &catalog, |id| ours.contains(id)) else {
+            self.unsynced.clear();
             self.cannot_compare(&node, "the catalog lists no serfHealth check for the node");
             return CatalogCheck::InSync;
         };
@@ -527,8 +511,9 @@ impl Registrar {
         for instance in due {
             let id = instance.registration.id.clone();
             let times = self.again.get(&id).map_or(0, |(_, n)| *n) + 1;
+            // 4 s, 8, 16, ...: the first wait is longer than the agent's own hold-back.
             let wait = CATALOG_RETRY
-                .saturating_mul(1 << (times - 1).min(16))
+                .saturating_mul(1 << times.min(16))
                 .min(self.cfg.resync);
             self.again.insert(id.clone(), (now + wait, times));
             let how = differ.get(&id).map_or("", String::as_str);
@@ -539,6 +524,42 @@ impl Registrar {
             CatalogCheck::InSync
         } else {
             CatalogCheck::Again(CATALOG_RETRY)
+        }
+    }
+
+    /// The agent's checks, the catalog's for the agent's node, and its name; or, when they
+    /// cannot be had, when to try again.
+    async fn read_both(
+        &mut self,
+        ours: &HashSet<String>,
+    ) -> Result<(HashMap<String, AgentCheck>, Vec<CheckState>, String), CatalogCheck> {
+        let Ok(checks) = self.consul.agent_checks().await else {
+            return Err(CatalogCheck::Again(CATALOG_RETRY));
+        };
+        // Every registration of ours carries a check, each naming the agent's node.
+        let Some(node) = checks
+            .values()
+            .find(|c| ours.contains(&c.service_id))
+            .map(|c| c.node.clone())
+        else {
+            return Err(CatalogCheck::InSync);
+        };
+        match self.consul.catalog_checks(&node).await {
+            Ok(Some(catalog)) => Ok((checks, catalog, node)),
+            Ok(None) => {
+                tracing::debug!(
+                    "Consul knows no leader; comparing the agent with the catalog again soon"
+                );
+                Err(CatalogCheck::Again(CATALOG_RETRY))
+            }
+            Err(e) if e.kind() == "acl_denied" => {
+                self.cannot_compare(&node, &e.to_string());
+                Err(CatalogCheck::InSync)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "the catalog cannot be read; comparing again soon");
+                Err(CatalogCheck::Again(CATALOG_RETRY))
+            }
         }
     }
 

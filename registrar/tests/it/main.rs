@@ -536,8 +536,9 @@ node_prefix "" { policy = "read" }
     let pairs: Vec<(&str, &str)> = minimal.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mut reg = Registrar::start(&consul, &s, &pairs).await;
     wait_passing(&consul, "web", 1).await;
-    // It compares the agent with the catalog through the ACLs, and finds them alike.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // It compares the agent with the catalog through the ACLs, and finds them alike: long
+    // enough for a difference to have been acted on (5 s, then a comparison 2 s apart).
+    tokio::time::sleep(Duration::from_secs(8)).await;
     let unsynced = Some(("kind", "unsynced"));
     let repaired = "registrar_drift_repaired_total";
     assert_eq!(reg.metric(repaired, unsynced).await, 0.0);
