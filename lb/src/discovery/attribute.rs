@@ -78,6 +78,8 @@ pub(super) struct Checks {
     /// When the read began: a census explains the catalog changes seen before then. (Its
     /// index cannot say: it is the checks' index, which a change without checks leaves.)
     pub began: Instant,
+    /// The first answer after failed reads.
+    pub recovered: bool,
 }
 
 /// Every read is news, even one that finds the same checks: a catalog change may be waiting
@@ -297,7 +299,13 @@ impl Attribution {
     /// explains a catalog change at an index this answer covers. (Any other check that
     /// leaves a list may have recovered or left the catalog: only a census can tell.)
     pub fn status(&mut self, list: CheckList, answer: &Checks) -> BTreeSet<String> {
-        let Some(old) = self.lists[list as usize].replace(answer.checks.clone()) else {
+        let old = self.lists[list as usize].replace(answer.checks.clone());
+        // The first answer after failed reads is a new baseline too: a check that entered
+        // and left the list meanwhile (an instance registered failing that then passed)
+        // shows in neither answer, and the services read before this one (the catalog's own
+        // recovery asks for that) may have found it failing. They are read again after it.
+        let old = old.filter(|_| !answer.recovered);
+        let Some(old) = old else {
             // A list's first answer is only a baseline: a check that changed between a
             // service's read and this answer shows in neither. When the catalog answered
             // first, services may have been read before it (the lists failed at the start,
@@ -461,6 +469,7 @@ mod tests {
         Checks {
             index,
             began,
+            recovered: false,
             checks: Arc::new(
                 list.iter()
                     .map(|(node, id, service, status)| {
@@ -548,6 +557,23 @@ mod tests {
         b.census(&read_at(5, &BASE, t0));
         b.status(CheckList::Critical, &checks(6, &[]));
         assert_eq!(b.next(t0 + SWEEP_GAP), Some(Action::Sweep(Sweep::Resync)));
+    }
+
+    #[test]
+    fn a_list_answering_again_after_failed_reads_asks_for_a_sweep() {
+        let t0 = Instant::now();
+        let (mut a, _) = settled(t0);
+        // An instance registered failing passed while the list's reads failed: the answer
+        // after them is the one before, and no service it names. Only a sweep after this
+        // answer reads the instance passing.
+        let mut again = checks(9, &[]);
+        again.recovered = true;
+        assert!(a.status(CheckList::Critical, &again).is_empty());
+        assert_eq!(a.next(t0 + SWEEP_GAP), Some(Action::Sweep(Sweep::Resync)));
+        // Read normally, the same list asks for nothing.
+        let (mut b, _) = settled(t0);
+        assert!(b.status(CheckList::Critical, &checks(9, &[])).is_empty());
+        assert_eq!(b.next(t0 + SWEEP_GAP), None);
     }
 
     #[test]

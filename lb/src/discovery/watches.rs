@@ -615,7 +615,7 @@ pub(super) async fn watch_check_list(
             let client = client.clone();
             async move { client.health_state(list.as_str(), &q).await }
         },
-        |resp, _, _| checks_of(&shared, resp, Instant::now()),
+        |resp, _, Recovered(recovered)| checks_of(&shared, resp, Instant::now(), recovered),
         |checks| {
             let tx = tx.clone();
             async move { tx.send(Update::Status(list, checks)).await.is_ok() }
@@ -675,7 +675,7 @@ pub(super) async fn watch_census(
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .unwrap_or((Instant::now(), std::time::Duration::ZERO));
-            checks_of(&shared, resp, ended - took)
+            checks_of(&shared, resp, ended - took, false)
         },
         |checks| {
             let tx = tx.clone();
@@ -706,6 +706,7 @@ fn checks_of(
     shared: &Shared,
     resp: switchyard_consul::Response<Vec<switchyard_consul::CheckState>>,
     began: Instant,
+    recovered: bool,
 ) -> Verdict<Checks> {
     if let Some(first) = count_left_out(shared, WatchName::Checks, &resp.skipped) {
         tracing::warn!(skipped = resp.skipped.len(), error = %first, "left out checks Consul describes in a form the lb cannot read");
@@ -727,6 +728,7 @@ fn checks_of(
         index: resp.meta.index,
         checks: Arc::new(checks),
         began,
+        recovered,
     })
 }
 
