@@ -19,8 +19,8 @@ use crate::reconcile::Drift;
 /// it before it is deregistered (about a millisecond on a healthy agent).
 const MAINTENANCE_WITHIN: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// How long the catalog read that the comparison with the agent needs may take: a server
-/// answers a stale read from memory, and one unreachable is asked again at the next
+/// How long each read that compares the agent with the catalog may take: an agent answers
+/// from memory and a server a stale read too; one that does not is asked again at the next
 /// comparison rather than hold up the event loop.
 const CATALOG_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -199,7 +199,8 @@ impl Consul {
         // A TTL refresh also fails for a check the agent no longer holds, with the agent up,
         // so it does not move `consul_up`; nor does a refusal (a token without the right to
         // write): an agent that answers is up, and the failure is counted under `op`.
-        // A catalog read fails with the agent up while the cluster has no leader.
+        // The comparison's reads are bounded to a second and the catalog's fails while the
+        // cluster has no leader, with the agent up.
         if !matches!(op, FailureOp::Ttl | FailureOp::ConsulCatalog) {
             let up = match &result {
                 Ok(_) => true,

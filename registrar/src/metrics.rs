@@ -73,7 +73,7 @@ pub enum DriftKind {
     Changed,
     Stale,
     /// The agent held it, the catalog did not (or held another check status): the agent's
-    /// sync to the servers failed and nothing retried it yet.
+    /// sync failed and nothing retried it yet, or the catalog lost it (a snapshot restore).
     Unsynced,
 }
 

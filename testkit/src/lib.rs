@@ -410,7 +410,7 @@ verify_incoming_https = true
     }
 
     /// `PUT /v1/catalog/deregister`: takes an instance out of the catalog behind its agent's
-    /// back, as a snapshot restore or servers rebuilt without their data would.
+    /// back, as a snapshot restore would.
     pub async fn catalog_deregister(&self, node: &str, service_id: &str) {
         let body = serde_json::json!({ "Node": node, "ServiceID": service_id }).to_string();
         let req = Request::put(format!("{}/v1/catalog/deregister", self.addr()))

@@ -650,10 +650,10 @@ async fn without_a_consul_leader_registrations_and_deregistrations_land_once_one
 }
 
 /// The catalog loses an instance its agent still holds, as when the servers restore an older
-/// snapshot or lose their data, or when the agent's sync of it failed (no leader, a refusal
-/// by the servers' ACLs) and nothing retried it. The agent would send it again only at its
-/// next full sync, a minute or two later, and the lbs read the catalog; the registrar,
-/// comparing the two on its resync, registers it again, which makes the agent send it.
+/// snapshot, or as when the agent's sync of it failed (no leader, a refusal by the servers'
+/// ACLs) and nothing retried it. The agent would send it again only at its next full sync, a
+/// minute or two later, and the lbs read the catalog; the registrar, comparing the two on its
+/// resync, registers it again, which makes the agent send it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_the_catalog_lost_behind_its_agent_is_registered_again() {
     let consul = Consul::start().await;
