@@ -28,6 +28,9 @@ use crate::reconcile::{self, Change, Drift};
 const DEDUPE_WINDOW: usize = 1024;
 /// Events taken from the stream at once, at most (see `maintain_stopping`).
 const BATCH_MAX: usize = 256;
+/// Why a catalog answer that refuses or filters the node's checks leaves nothing to compare.
+const NEEDS_NODE_READ: &str =
+    "the registrar's Consul token needs node:read, or the node is not in the catalog yet";
 /// How long an instance may differ between the agent and the catalog before it is
 /// registered again. A healthy agent syncs a change in about a millisecond, but after a
 /// leader is elected or a server joins it holds every change back until a full sync it runs
@@ -486,10 +489,16 @@ impl Registrar {
         };
         let Some(differ) = reconcile::unsynced(&checks, &catalog, |id| ours.contains(id)) else {
             self.unsynced.clear();
-            self.cannot_compare(&node, "the catalog lists no serfHealth check for the node");
+            self.cannot_compare(
+                &node,
+                "the catalog lists no serfHealth check for the node",
+                NEEDS_NODE_READ,
+            );
             return CatalogCheck::InSync;
         };
-        self.compare_warned = false;
+        if std::mem::take(&mut self.compare_warned) {
+            tracing::info!(node = %node, "the agent and the catalog are compared again");
+        }
         let now = Instant::now();
         self.unsynced.retain(|id, _| differ.contains_key(id));
         self.again.retain(|id, _| differ.contains_key(id));
@@ -533,8 +542,16 @@ impl Registrar {
         &mut self,
         ours: &HashSet<String>,
     ) -> Result<(HashMap<String, AgentCheck>, Vec<CheckState>, String), CatalogCheck> {
-        let Ok(checks) = self.consul.agent_checks().await else {
-            return Err(CatalogCheck::Again(CATALOG_RETRY));
+        let checks = match self.consul.agent_checks().await {
+            Ok(checks) => checks,
+            Err(e) => {
+                self.cannot_compare(
+                    "",
+                    &e.to_string(),
+                    "reading the agent's checks failed; trying again every 2 s",
+                );
+                return Err(CatalogCheck::Again(CATALOG_RETRY));
+            }
         };
         // Every registration of ours carries a check, each naming the agent's node.
         let Some(node) = checks
@@ -553,21 +570,31 @@ impl Registrar {
                 Err(CatalogCheck::Again(CATALOG_RETRY))
             }
             Err(e) if e.kind() == "acl_denied" => {
-                self.cannot_compare(&node, &e.to_string());
+                self.cannot_compare(&node, &e.to_string(), NEEDS_NODE_READ);
                 Err(CatalogCheck::InSync)
             }
             Err(e) => {
-                tracing::debug!(error = %e, "the catalog cannot be read; comparing again soon");
+                self.cannot_compare(
+                    &node,
+                    &e.to_string(),
+                    "reading the catalog failed; trying again every 2 s",
+                );
                 Err(CatalogCheck::Again(CATALOG_RETRY))
             }
         }
     }
 
-    /// The catalog says nothing of our instances: warned once until a comparison runs.
-    fn cannot_compare(&mut self, node: &str, why: &str) {
+    /// No comparison this time, and why: a failed read (counted in
+    /// `registrar_failures_total{op="consul_catalog"}` too), or a catalog that says nothing of
+    /// the node. Said once, and again only after a comparison has run.
+    fn cannot_compare(&mut self, node: &str, why: &str, what: &str) {
         if !self.compare_warned {
             self.compare_warned = true;
-            tracing::warn!(node, why, "the agent and the catalog are not compared: the registrar's Consul token needs node:read, or the node is not in the catalog yet");
+            tracing::warn!(
+                node,
+                why,
+                "the agent and the catalog are not compared: {what}"
+            );
         }
     }
 
