@@ -104,6 +104,28 @@ def cpu_seconds(pids, which=(11, 12)):
     return total / CLK
 
 
+def core_jiffies():
+    """Busy and total jiffies of each CPU (`/proc/stat`), by CPU number. Busy leaves out idle,
+    iowait and steal: time a vCPU spends halted or polling before it halts counts as idle."""
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *v = line.split()
+            if name.startswith("cpu") and name != "cpu":
+                v = [int(x) for x in v]
+                out[name[3:]] = (sum(v) - v[3] - v[4] - v[7], sum(v))
+    return out
+
+
+def busy_pct(before, after, cpus):
+    """How busy `cpus` (a taskset list such as "1" or "0,1") were between two `core_jiffies`."""
+    busy = total = 0
+    for c in cpus.split(","):
+        busy += after[c][0] - before[c][0]
+        total += after[c][1] - before[c][1]
+    return 100.0 * busy / max(total, 1)
+
+
 def rss_kib(pids):
     total = 0
     for p in pids:
@@ -457,12 +479,18 @@ def measured_run(stack, target, path, conns, duration, close=False, proto="http"
     # The load generator's own CPU (wrk or h2load: this script's only children that end in a
     # run): where a proxy leaves its core idle, the load's cost per request sets the pace.
     load0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cores0 = core_jiffies()
     with Sampler(proc) as s:
         if proto == "h2":
             r = h2load(port, path, conns, H2_STREAMS, duration)
         else:
             r = wrk(port, path, conns, duration, close, scheme=proto)
     load1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cores1 = core_jiffies()
+    # Which core bound the run: a proxy core with time to spare beside a load core near 100%
+    # means the load's own cost per request set the pace, whatever the proxy saved.
+    r["proxy_core_busy_pct"] = busy_pct(cores0, cores1, PROXY_CPU)
+    r["load_core_busy_pct"] = busy_pct(cores0, cores1, LOAD_CPU)
     r["load_cpu_per_100k"] = ((load1.ru_utime + load1.ru_stime) - (load0.ru_utime + load0.ru_stime)) \
         / max(r["requests"], 1) * 1e5
     if proc:
@@ -849,18 +877,22 @@ def report(res, order, args, pinning):
              f"({args.rounds} interleaved rounds of {args.duration} s per target; {pinning}).", ""]
     for name, runs in res.get("scenarios", {}).items():
         lines += [f"**{name}**", "",
-                  "| target | req/s | p50 ms | p99 ms | p99.9 ms | CPU s / 100k req | of which user | load CPU s / 100k req | peak RSS MiB | errors | steal % (median, max) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| target | req/s | p50 ms | p99 ms | p99.9 ms | CPU s / 100k req | of which user | load CPU s / 100k req | "
+                  + ("busy %: proxy core / load core" if PROXY_CPU != LOAD_CPU else "busy % of both cores")
+                  + " | peak RSS MiB | errors | steal % (median, max) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for t in (t for t in order if t in runs):
             rs = runs[t]
             cpu, user = med(rs, "cpu_per_100k"), med(rs, "user_per_100k")
             load = med(rs, "load_cpu_per_100k")
+            pc, lc = med(rs, "proxy_core_busy_pct"), med(rs, "load_core_busy_pct")
+            busy = "-" if pc is None else (f"{pc:.0f} / {lc:.0f}" if PROXY_CPU != LOAD_CPU else f"{pc:.0f}")
             rss = max((r.get("rss_kib", 0) for r in rs), default=0)
             lines.append(
                 f"| {t} | {med(rs, 'rps'):.0f} | {fmt_ms(med(rs, 'p50'))} | {fmt_ms(med(rs, 'p99'))} "
                 f"| {fmt_ms(med(rs, 'p999'))} | {'-' if cpu is None else f'{cpu:.2f}'} "
                 f"| {'-' if user is None else f'{user:.2f}'} "
-                f"| {'-' if load is None else f'{load:.2f}'} "
+                f"| {'-' if load is None else f'{load:.2f}'} | {busy} "
                 f"| {'-' if not rss else f'{rss / 1024:.1f}'} | {sum(r['errors'] for r in rs)} "
                 f"| {steal_cell(rs)} |")
         lb = med(runs.get("lb", []), "rps")
