@@ -7,6 +7,8 @@
 //! belong to a route or backend are removed when it leaves the table, so label sets stay
 //! bounded by what Consul holds.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry,
@@ -55,6 +57,7 @@ pub const ACCESS_LOG_DROPPED_TOTAL: &str = "lb_access_log_dropped_total";
 pub const ACCEPT_PAUSED_TOTAL: &str = "lb_accept_paused_total";
 pub const WORKER_CONNECTIONS_TOTAL: &str = "lb_worker_connections_total";
 pub const TUNNEL_IDLE_TIMEOUTS_TOTAL: &str = "lb_tunnel_idle_timeouts_total";
+pub const SOCKET_OPTIONS_REFUSED_TOTAL: &str = "lb_socket_options_refused_total";
 pub const PROPAGATION_SECONDS: &str = "lb_propagation_seconds";
 pub const PROPAGATION_CLOCK_SKEW_TOTAL: &str = "lb_propagation_clock_skew_total";
 pub const PROPAGATION_CLOCK_SKEW_SECONDS: &str = "lb_propagation_clock_skew_seconds";
@@ -109,6 +112,29 @@ label!(
         Stopped => "stopped",
     }
 );
+
+label!(
+    /// A TCP option the lb sets where the kernel offers it (`option`).
+    SocketOption {
+        /// On each listening socket: a new connection is handed over with its first bytes.
+        DeferAccept => "TCP_DEFER_ACCEPT",
+        /// On each backend connection: how long sent data may go unacknowledged.
+        UserTimeout => "TCP_USER_TIMEOUT",
+    }
+);
+
+/// Refusals of each [`SocketOption`] since the process started. Whether the kernel takes an
+/// option is the host's condition, not one connection's or one `Metrics`' (a listener is
+/// bound before the workers start, a backend connection is made deep in the request path),
+/// so the count is process-wide and copied into each registry's family at every scrape.
+static SOCKET_OPTIONS_REFUSED: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+
+/// Counts a refusal of `option`; true for the process's first one, which the caller warns
+/// about. A kernel without the option refuses it on every socket: one warning says so, the
+/// counter says how often it mattered.
+pub fn socket_option_refused(option: SocketOption) -> bool {
+    SOCKET_OPTIONS_REFUSED[option.index()].fetch_add(1, Ordering::Relaxed) == 0
+}
 
 label!(
     /// Status class of a backend's response (`class`).
@@ -402,6 +428,8 @@ pub struct Metrics {
     /// worker
     pub worker_connections: IntCounterVec,
     pub tunnel_idle_timeouts: IntCounter,
+    /// Copied from the process-wide counts at each scrape ([`socket_option_refused`]).
+    pub socket_options_refused: ByLabel<SocketOption>,
 }
 
 impl Metrics {
@@ -490,6 +518,7 @@ impl Metrics {
             access_log_dropped: counter(ACCESS_LOG_DROPPED_TOTAL, "Access log lines dropped because the writer's queue was full (LB_ACCESS_LOG_BUFFER)."),
             tunnel_idle_timeouts: counter(TUNNEL_IDLE_TIMEOUTS_TOTAL, "Upgraded connections (tunnels) closed after LB_TUNNEL_IDLE_TIMEOUT without a byte either way."),
             accept_paused: counter(ACCEPT_PAUSED_TOTAL, "Times accepting waited because LB_MAX_CONNECTIONS client connections were open (once each time the limit is reached)."),
+            socket_options_refused: ByLabel::new(&counter_vec(SOCKET_OPTIONS_REFUSED_TOTAL, "Sockets on which the kernel refused a TCP option the lb sets where it can (TCP_DEFER_ACCEPT on listeners, TCP_USER_TIMEOUT on backend connections); the lb works without them.", &["option"])),
             worker_connections: counter_vec(WORKER_CONNECTIONS_TOTAL, "Client connections accepted (plain and TLS), by the worker thread that serves them (LB_WORKERS; worker 0 also runs discovery and the admin listener).", &["worker"]),
             registry,
         };
@@ -527,6 +556,12 @@ impl Metrics {
     /// The text exposition of every metric.
     pub fn encode(&self) -> String {
         use prometheus::Encoder as _;
+        for option in SocketOption::ALL {
+            let counter = &self.socket_options_refused.counters[option.index()];
+            let total = SOCKET_OPTIONS_REFUSED[option.index()].load(Ordering::Relaxed);
+            // Only ever raised: the process-wide count only grows.
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
         let mut buf = Vec::with_capacity(16 * 1024);
         prometheus::TextEncoder::new()
             .encode(&self.registry.gather(), &mut buf)

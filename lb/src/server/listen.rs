@@ -93,7 +93,10 @@ const DEFER_ACCEPT_SECS: libc::c_int = 1;
 #[cfg(target_os = "linux")]
 fn defer_accept(socket: &TcpSocket) {
     if let Err(error) = crate::sockopt::set_tcp(socket, libc::TCP_DEFER_ACCEPT, DEFER_ACCEPT_SECS) {
-        tracing::warn!(%error, "TCP_DEFER_ACCEPT not set: each new connection wakes a worker twice");
+        // Each worker's listening socket asks again: one warning, every refusal counted.
+        if crate::metrics::socket_option_refused(crate::metrics::SocketOption::DeferAccept) {
+            tracing::warn!(%error, "TCP_DEFER_ACCEPT not set: each new connection wakes a worker twice");
+        }
     }
 }
 

@@ -10,6 +10,7 @@
 //! others' requests reach it through hyper's channel.
 
 use std::collections::VecDeque;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -21,7 +22,7 @@ use switchyard_consul::tags::UpstreamProto;
 use tokio::net::TcpStream;
 
 use super::{h1, Sender, UpstreamBody};
-use crate::metrics::{Label, UpstreamErrorKind};
+use crate::metrics::{socket_option_refused, Label, SocketOption, UpstreamErrorKind};
 use crate::time::now_ms;
 
 /// Why a connection could not be had.
@@ -63,13 +64,20 @@ impl WorkerPool {
 /// drops the connection with ETIMEDOUT. A live host acknowledges within milliseconds even
 /// when its application is slow, so this tells a dead or cut-off host (which sends no RST)
 /// from a slow backend, long before the response timeout would. A failure here only leaves
-/// the kernel's default (minutes of retransmissions), so it is not an error.
-fn set_user_timeout(stream: &TcpStream, after: Duration) {
+/// the kernel's default (minutes of retransmissions), so it is not an error: it is counted,
+/// and warned about once, since a kernel that refuses it refuses it on every connection.
+/// Returns whether this call warned.
+fn set_user_timeout(stream: &impl AsRawFd, after: Duration) -> bool {
     // The kernel reads an int of milliseconds: at least 1 (0 would mean its default).
     let ms = after.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
-    if let Err(error) = crate::sockopt::set_tcp(stream, libc::TCP_USER_TIMEOUT, ms) {
-        tracing::warn!(%error, "TCP_USER_TIMEOUT not set: a dead backend host is noticed only by the response timeout");
+    let Err(error) = crate::sockopt::set_tcp(stream, libc::TCP_USER_TIMEOUT, ms) else {
+        return false;
+    };
+    let first = socket_option_refused(SocketOption::UserTimeout);
+    if first {
+        tracing::warn!(%error, "TCP_USER_TIMEOUT not set: a dead backend host is noticed only by the response timeout (warned once; lb_socket_options_refused_total counts every connection)");
     }
+    first
 }
 
 /// A new connection to `addr` within the connect timeout, without Nagle's delay and with the
@@ -410,6 +418,38 @@ impl Backend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_user_timeout_is_warned_about_once_and_every_refusal_counted() {
+        // A UDP socket has no TCP options: the kernel refuses TCP_USER_TIMEOUT on it as a
+        // kernel without the option refuses it on every backend connection. No other test
+        // makes the kernel refuse it, so this one's refusals are the process's.
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let warned: Vec<bool> = (0..3)
+            .map(|_| set_user_timeout(&socket, Duration::from_secs(5)))
+            .collect();
+        assert_eq!(
+            warned,
+            [true, false, false],
+            "one warning, not one per connection"
+        );
+        let metrics = crate::metrics::Metrics::new();
+        for _ in 0..2 {
+            let text = metrics.encode();
+            assert!(
+                text.contains("lb_socket_options_refused_total{option=\"TCP_USER_TIMEOUT\"} 3"),
+                "{text}"
+            );
+            assert!(text.contains("lb_socket_options_refused_total{option=\"TCP_DEFER_ACCEPT\"} 0"));
+        }
+        // A socket that takes the option neither warns nor counts.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        assert!(!set_user_timeout(&stream, Duration::from_secs(5)));
+        assert!(metrics
+            .encode()
+            .contains("lb_socket_options_refused_total{option=\"TCP_USER_TIMEOUT\"} 3"));
+    }
 
     fn settings(failures: u32) -> BackendSettings {
         BackendSettings {
