@@ -122,6 +122,9 @@ pub struct QueryOptions {
     pub wait: Option<Duration>,
     /// Let any server answer, including one without a leader.
     pub stale: bool,
+    /// How long a read that does not block may take before it fails as a timeout; `None`:
+    /// 10 s. A blocking query is bounded by its `wait` instead.
+    pub timeout: Option<Duration>,
 }
 
 /// The `X-Consul-*` headers of a read.
@@ -414,10 +417,12 @@ impl Client {
     }
 
     /// `GET /v1/agent/checks`, keyed by check ID.
-    pub async fn agent_checks(&self) -> Result<HashMap<String, AgentCheck>, Error> {
-        let r: Response<HashMap<String, AgentCheck>> = self
-            .read("/v1/agent/checks".into(), &[], &QueryOptions::default())
-            .await?;
+    pub async fn agent_checks(
+        &self,
+        q: &QueryOptions,
+    ) -> Result<HashMap<String, AgentCheck>, Error> {
+        let r: Response<HashMap<String, AgentCheck>> =
+            self.read("/v1/agent/checks".into(), &[], q).await?;
         Ok(r.value)
     }
 
@@ -585,7 +590,7 @@ impl Client {
             let _ = write!(uri, "{sep}stale");
             sep = '&';
         }
-        let mut timeout = DEFAULT_TIMEOUT;
+        let mut timeout = q.timeout.unwrap_or(DEFAULT_TIMEOUT);
         if q.index > 0 {
             let wait = q.wait.unwrap_or(Duration::from_secs(300));
             let _ = write!(uri, "{sep}index={}&wait={}ms", q.index, wait.as_millis());

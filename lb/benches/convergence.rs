@@ -299,7 +299,7 @@ fn consul_reports(consul: &Consul, passing: bool) -> tokio::task::JoinHandle<Ins
             let q = QueryOptions {
                 index,
                 wait: Some(Duration::from_secs(10)),
-                stale: false,
+                ..QueryOptions::default()
             };
             let r = client
                 .health_service(SERVICE, true, &q)

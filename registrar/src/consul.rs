@@ -24,18 +24,6 @@ const MAINTENANCE_WITHIN: std::time::Duration = std::time::Duration::from_millis
 /// comparison rather than hold up the event loop.
 const CATALOG_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// `call`, failed as a timeout after [`CATALOG_WITHIN`].
-async fn within<T>(path: &str, call: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
-    tokio::time::timeout(CATALOG_WITHIN, call)
-        .await
-        .unwrap_or_else(|_| {
-            Err(Error::Timeout {
-                path: path.to_string(),
-                after: CATALOG_WITHIN,
-            })
-        })
-}
-
 /// The node's Consul agent, with the metrics every call reports to.
 pub struct Consul {
     client: Client,
@@ -149,8 +137,12 @@ impl Consul {
     /// Every check on the agent, with the agent's node name in each; bounded, and counted,
     /// like the catalog read it goes with (a slow answer here does not call the agent down).
     pub async fn agent_checks(&self) -> Result<HashMap<String, AgentCheck>, Error> {
-        let read = within("/v1/agent/checks", self.client.agent_checks());
-        self.call(FailureOp::ConsulCatalog, read).await
+        let q = QueryOptions {
+            timeout: Some(CATALOG_WITHIN),
+            ..QueryOptions::default()
+        };
+        self.call(FailureOp::ConsulCatalog, self.client.agent_checks(&q))
+            .await
     }
 
     /// The checks the catalog holds for `node`, or `None` while the server that answered
@@ -160,9 +152,10 @@ impl Consul {
     pub async fn catalog_checks(&self, node: &str) -> Result<Option<Vec<CheckState>>, Error> {
         let q = QueryOptions {
             stale: true,
+            timeout: Some(CATALOG_WITHIN),
             ..QueryOptions::default()
         };
-        let read = within("/v1/health/node", self.client.health_node(node, &q));
+        let read = self.client.health_node(node, &q);
         let r = self.call(FailureOp::ConsulCatalog, read).await?;
         Ok(r.meta.known_leader.then_some(r.value))
     }

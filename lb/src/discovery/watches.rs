@@ -368,6 +368,7 @@ async fn watch<Raw, T, R, ReadFut, J, C, ChangeFut>(
             index,
             wait: Some(cfg.consul_wait),
             stale: cfg.consul_stale,
+            timeout: None,
         };
         let until = hold.as_ref().map(|(_, until)| *until);
         let answer = tokio::select! {
@@ -662,6 +663,7 @@ pub(super) async fn watch_census(
                     index: 0,
                     wait: None,
                     stale: q.stale,
+                    timeout: None,
                 };
                 let answer = client.health_state("any", &now).await;
                 *last.lock().unwrap_or_else(|e| e.into_inner()) =
@@ -778,6 +780,7 @@ pub(super) async fn watch_service(
                     index: 0,
                     wait: None,
                     stale: q.stale,
+                    timeout: None,
                 };
                 client.health_service(&service, false, &now).await
             }

@@ -662,7 +662,11 @@ async fn an_instance_the_catalog_lost_behind_its_agent_is_registered_again() {
     let a = Container::run(&s, "a", WEB, &[], &["--no-healthcheck"]);
     let b = Container::run(&s, "b", WEB, &[], &["--no-healthcheck"]);
     wait_passing(&consul, "web", 2).await;
-    let checks = consul.client.agent_checks().await.expect("agent checks");
+    let checks = consul
+        .client
+        .agent_checks(&QueryOptions::default())
+        .await
+        .expect("agent checks");
     let services = consul
         .client
         .agent_services()
