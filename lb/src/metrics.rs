@@ -127,7 +127,8 @@ label!(
 /// option is the host's condition, not one connection's or one `Metrics`' (a listener is
 /// bound before the workers start, a backend connection is made deep in the request path),
 /// so the count is process-wide and copied into each registry's family at every scrape.
-static SOCKET_OPTIONS_REFUSED: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+static SOCKET_OPTIONS_REFUSED: [AtomicU64; SocketOption::ALL.len()] =
+    [const { AtomicU64::new(0) }; SocketOption::ALL.len()];
 
 /// Counts a refusal of `option`; true for the process's first one, which the caller warns
 /// about. A kernel without the option refuses it on every socket: one warning says so, the
@@ -429,7 +430,7 @@ pub struct Metrics {
     pub worker_connections: IntCounterVec,
     pub tunnel_idle_timeouts: IntCounter,
     /// Copied from the process-wide counts at each scrape ([`socket_option_refused`]).
-    pub socket_options_refused: ByLabel<SocketOption>,
+    socket_options_refused: ByLabel<SocketOption>,
 }
 
 impl Metrics {
@@ -556,11 +557,17 @@ impl Metrics {
     /// The text exposition of every metric.
     pub fn encode(&self) -> String {
         use prometheus::Encoder as _;
-        for option in SocketOption::ALL {
-            let counter = &self.socket_options_refused.counters[option.index()];
-            let total = SOCKET_OPTIONS_REFUSED[option.index()].load(Ordering::Relaxed);
-            // Only ever raised: the process-wide count only grows.
-            counter.inc_by(total.saturating_sub(counter.get()));
+        {
+            // One copy at a time: two scrapes reading the same counter before either raised
+            // it would both add the difference.
+            static COPYING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+            let _one = COPYING.lock().unwrap_or_else(|e| e.into_inner());
+            for option in SocketOption::ALL {
+                let counter = &self.socket_options_refused.counters[option.index()];
+                let total = SOCKET_OPTIONS_REFUSED[option.index()].load(Ordering::Relaxed);
+                // Only ever raised: the process-wide count only grows.
+                counter.inc_by(total.saturating_sub(counter.get()));
+            }
         }
         let mut buf = Vec::with_capacity(16 * 1024);
         prometheus::TextEncoder::new()
