@@ -112,7 +112,8 @@ def core_jiffies():
         for line in f:
             name, *v = line.split()
             if name.startswith("cpu") and name != "cpu":
-                v = [int(x) for x in v]
+                # Guest time (fields 9 and 10) is counted in user and nice already.
+                v = [int(x) for x in v[:8]]
                 out[name[3:]] = (sum(v) - v[3] - v[4] - v[7], sum(v))
     return out
 
@@ -485,8 +486,9 @@ def measured_run(stack, target, path, conns, duration, close=False, proto="http"
             r = h2load(port, path, conns, H2_STREAMS, duration)
         else:
             r = wrk(port, path, conns, duration, close, scheme=proto)
+        # Before the sampler's last 100 ms sleep ends, which would count as idle.
+        cores1 = core_jiffies()
     load1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cores1 = core_jiffies()
     # Which core bound the run: a proxy core with time to spare beside a load core near 100%
     # means the load's own cost per request set the pace, whatever the proxy saved.
     r["proxy_core_busy_pct"] = busy_pct(cores0, cores1, PROXY_CPU)
@@ -601,7 +603,8 @@ def steal_pct(fn):
     """Runs `fn`; returns its result and the hypervisor steal over it, in % of all CPU time."""
     def stat():
         with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
+            # Guest time (fields 9 and 10) is counted in user and nice already.
+            v = [int(x) for x in f.readline().split()[1:9]]
         return v[7], sum(v)
     s0, t0 = stat()
     out = fn()
