@@ -7,7 +7,8 @@
 //! belong to a route or backend are removed when it leaves the table, so label sets stay
 //! bounded by what Consul holds.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -126,15 +127,30 @@ label!(
 /// Refusals of each [`SocketOption`] since the process started. Whether the kernel takes an
 /// option is the host's condition, not one connection's or one `Metrics`' (a listener is
 /// bound before the workers start, a backend connection is made deep in the request path),
-/// so the count is process-wide and copied into each registry's family at every scrape.
-static SOCKET_OPTIONS_REFUSED: [AtomicU64; SocketOption::ALL.len()] =
-    [const { AtomicU64::new(0) }; SocketOption::ALL.len()];
+/// so the family is process-wide, and every registry holds it.
+fn socket_options_refused() -> &'static IntCounterVec {
+    static FAMILY: OnceLock<IntCounterVec> = OnceLock::new();
+    FAMILY.get_or_init(|| {
+        let help = "Sockets on which the kernel refused a TCP option the lb sets where it can (TCP_DEFER_ACCEPT on listeners, TCP_USER_TIMEOUT on backend connections); the lb works without them.";
+        let family = IntCounterVec::new(Opts::new(SOCKET_OPTIONS_REFUSED_TOTAL, help), &["option"])
+            .expect("valid metric");
+        for option in SocketOption::ALL {
+            family.with_label_values(&[option.as_str()]);
+        }
+        family
+    })
+}
 
 /// Counts a refusal of `option`; true for the process's first one, which the caller warns
 /// about. A kernel without the option refuses it on every socket: one warning says so, the
 /// counter says how often it mattered.
 pub fn socket_option_refused(option: SocketOption) -> bool {
-    SOCKET_OPTIONS_REFUSED[option.index()].fetch_add(1, Ordering::Relaxed) == 0
+    static WARNED: [AtomicBool; SocketOption::ALL.len()] =
+        [const { AtomicBool::new(false) }; SocketOption::ALL.len()];
+    socket_options_refused()
+        .with_label_values(&[option.as_str()])
+        .inc();
+    !WARNED[option.index()].swap(true, Ordering::Relaxed)
 }
 
 label!(
@@ -429,8 +445,6 @@ pub struct Metrics {
     /// worker
     pub worker_connections: IntCounterVec,
     pub tunnel_idle_timeouts: IntCounter,
-    /// Copied from the process-wide counts at each scrape ([`socket_option_refused`]).
-    socket_options_refused: ByLabel<SocketOption>,
 }
 
 impl Metrics {
@@ -519,10 +533,11 @@ impl Metrics {
             access_log_dropped: counter(ACCESS_LOG_DROPPED_TOTAL, "Access log lines dropped because the writer's queue was full (LB_ACCESS_LOG_BUFFER)."),
             tunnel_idle_timeouts: counter(TUNNEL_IDLE_TIMEOUTS_TOTAL, "Upgraded connections (tunnels) closed after LB_TUNNEL_IDLE_TIMEOUT without a byte either way."),
             accept_paused: counter(ACCEPT_PAUSED_TOTAL, "Times accepting waited because LB_MAX_CONNECTIONS client connections were open (once each time the limit is reached)."),
-            socket_options_refused: ByLabel::new(&counter_vec(SOCKET_OPTIONS_REFUSED_TOTAL, "Sockets on which the kernel refused a TCP option the lb sets where it can (TCP_DEFER_ACCEPT on listeners, TCP_USER_TIMEOUT on backend connections); the lb works without them.", &["option"])),
             worker_connections: counter_vec(WORKER_CONNECTIONS_TOTAL, "Client connections accepted (plain and TLS), by the worker thread that serves them (LB_WORKERS; worker 0 also runs discovery and the admin listener).", &["worker"]),
             registry,
         };
+        // Process-wide (see `socket_options_refused`): each registry holds the same family.
+        reg(&m.registry, socket_options_refused().clone());
         for watch in WatchName::ALL {
             for kind in switchyard_consul::Error::KINDS.into_iter().chain([
                 DISTRUSTED_ANSWER,
@@ -557,18 +572,6 @@ impl Metrics {
     /// The text exposition of every metric.
     pub fn encode(&self) -> String {
         use prometheus::Encoder as _;
-        {
-            // One copy at a time: two scrapes reading the same counter before either raised
-            // it would both add the difference.
-            static COPYING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-            let _one = COPYING.lock().unwrap_or_else(|e| e.into_inner());
-            for option in SocketOption::ALL {
-                let counter = &self.socket_options_refused.counters[option.index()];
-                let total = SOCKET_OPTIONS_REFUSED[option.index()].load(Ordering::Relaxed);
-                // Only ever raised: the process-wide count only grows.
-                counter.inc_by(total.saturating_sub(counter.get()));
-            }
-        }
         let mut buf = Vec::with_capacity(16 * 1024);
         prometheus::TextEncoder::new()
             .encode(&self.registry.gather(), &mut buf)
