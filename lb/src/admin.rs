@@ -155,6 +155,8 @@ struct BackendView {
     addr: String,
     service: String,
     instance: String,
+    /// The Consul node it is registered on.
+    node: String,
     weight: u32,
     state: &'static str,
     ejected_for_ms: Option<u64>,
@@ -193,6 +195,7 @@ fn routes_view(shared: &Shared) -> RoutesView {
                             addr: b.spec.addr.to_string(),
                             service: b.spec.service.to_string(),
                             instance: b.spec.instance_id.to_string(),
+                            node: b.spec.node.to_string(),
                             weight: b.weight,
                             state: if ejected.is_some() {
                                 BackendState::Ejected
@@ -249,6 +252,7 @@ struct RouteVerdict {
 struct WhyBackend {
     service: String,
     instance: String,
+    node: String,
     addr: String,
     weight: u32,
     /// `ready`, `ejected`, `full` (at `LB_BACKEND_MAX_CONNECTIONS`) or `dark` (its version's
@@ -367,6 +371,7 @@ fn why_view(shared: &Shared, query: &str) -> Result<WhyView, String> {
             view.backends.push(WhyBackend {
                 service: b.spec.service.to_string(),
                 instance: b.spec.instance_id.to_string(),
+                node: b.spec.node.to_string(),
                 addr: b.spec.addr.to_string(),
                 weight: b.weight,
                 state,

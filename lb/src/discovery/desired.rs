@@ -145,6 +145,7 @@ impl DesiredTable {
                     weight: routing.weight,
                     service: name.clone(),
                     instance_id: e.service.id.as_str().into(),
+                    node: e.node.node.as_str().into(),
                     proto: routing.proto,
                     redirect_https: routing.redirect_https,
                     held: !held.is_empty()

@@ -78,6 +78,9 @@ pub(super) async fn forward(
                 sender
             }
             Err(e) => {
+                if e.host_silent() {
+                    attempts.tried.host_silent();
+                }
                 connect_failed(shared, route, backend, e);
                 attempts.last = LocalReason::UpstreamConnect;
                 if may_retry(shared, &mut attempts.retries, RetryReason::Connect) {
@@ -213,7 +216,9 @@ impl Attempts {
             SendError::Failed(e) if unacknowledged(&*e) => {
                 // Its host stopped acknowledging (TCP_USER_TIMEOUT): dead or cut off. Its
                 // other connections are as dead, so it is ejected until Consul's failure
-                // detection takes it out of the table.
+                // detection takes it out of the table; so are its node's other instances
+                // for the retry.
+                self.tried.host_silent();
                 self.last = LocalReason::UpstreamError;
                 m.upstream_errors.inc(UpstreamErrorKind::Unacknowledged);
                 let kind = UpstreamErrorKind::Unacknowledged;

@@ -58,6 +58,8 @@ impl Route {
     /// The backend for a request keyed `key`, not yet tried: the first on the ring from the
     /// key's point that is not ejected and under its bound; else the first not ejected; else
     /// the first not tried (ejection never takes a route's last backends out of service).
+    /// Backends on the node of one whose host went silent for this request come after all
+    /// others.
     /// `factor_permille`: the bound's factor, 1,250 for 1.25.
     pub fn pick_affine(
         &self,
@@ -86,26 +88,28 @@ impl Route {
         }
         let start = ring.partition_point(|&(p, _)| p < key);
         let at = |step: usize| ring[(start + step) % ring.len()].1 as usize;
-        let usable = |i: usize| {
-            !tried.contains(i)
-                && pin.admits(&self.backends[i])
-                && !self.backends[i].backend.is_ejected(now)
-        };
+        let untried = |i: usize| !tried.contains(i) && pin.admits(&self.backends[i]);
+        let usable = |i: usize| untried(i) && !self.backends[i].backend.is_ejected(now);
         // In flight < factor x (load + 1) x weight share, in integers.
         let under_bound = |i: usize| {
             let rb = &self.backends[i];
             (rb.backend.in_flight() as u64) * 1000 * weight
                 < factor_permille * (load + 1) * u64::from(rb.weight)
         };
-        (0..ring.len())
-            .map(at)
-            .find(|&i| usable(i) && under_bound(i))
-            .or_else(|| (0..ring.len()).map(at).find(|&i| usable(i)))
-            .or_else(|| {
-                (0..ring.len())
-                    .map(at)
-                    .find(|&i| !tried.contains(i) && pin.admits(&self.backends[i]))
-            })
+        let walk = |ok: &dyn Fn(usize) -> bool| {
+            let find =
+                |also: &dyn Fn(usize) -> bool| (0..ring.len()).map(at).find(|&i| ok(i) && also(i));
+            find(&|i| usable(i) && under_bound(i))
+                .or_else(|| find(&usable))
+                .or_else(|| find(&untried))
+        };
+        // After a silent host, its node's other instances come last, as in `pick`.
+        if tried.any_silent() {
+            if let Some(i) = walk(&|i| !tried.on_silent_host(self, i)) {
+                return Some(i);
+            }
+        }
+        walk(&|_| true)
     }
 }
 
@@ -185,6 +189,53 @@ mod tests {
         }
         assert_eq!(down, own);
         assert_eq!(eject, own);
+    }
+
+    /// A session whose backend's host went silent is retried on another node, while one is
+    /// left; it falls back to the silent node's other backend only after that.
+    #[test]
+    fn a_retry_after_a_silent_host_leaves_its_node() {
+        let backends = [
+            ("10.0.0.1:80", "n1"),
+            ("10.0.0.2:80", "n1"),
+            ("10.0.0.3:80", "n2"),
+        ]
+        .map(|(a, node)| BackendSpec {
+            node: node.into(),
+            sticky: Some(Arc::new(Sticky::LbCookie("s".into()))),
+            ..BackendSpec::for_tests("web", a, 100)
+        });
+        let spec: TableSpec = [(parse_route("/").unwrap(), backends.to_vec())].into();
+        let t = RoutingTable::build::<()>(
+            &spec,
+            None,
+            1,
+            &mut BuildCache::default(),
+            &Metrics::new(),
+            4,
+        );
+        let r = &t.routes[0];
+        let node = |i: usize| &*r.backends[i].spec.node;
+        let mut on_n1 = 0;
+        for s in 0..1_000u64 {
+            let key = hash(&s.to_le_bytes());
+            let first = r
+                .pick_affine(key, &Tried::default(), Pin::Lit, 1250)
+                .unwrap();
+            if node(first) != "n1" {
+                continue;
+            }
+            on_n1 += 1;
+            let mut tried = Tried::default();
+            tried.push(first);
+            tried.host_silent();
+            let retry = r.pick_affine(key, &tried, Pin::Lit, 1250).unwrap();
+            assert_eq!(node(retry), "n2", "session {s}");
+            tried.push(retry);
+            let last = r.pick_affine(key, &tried, Pin::Lit, 1250).unwrap();
+            assert!(node(last) == "n1" && last != first, "session {s}");
+        }
+        assert!(on_n1 > 300, "{on_n1}");
     }
 
     /// Under a skewed key distribution (Zipf, s = 1.1, over 1,000 keys; 10,000 requests held

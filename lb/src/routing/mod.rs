@@ -32,6 +32,9 @@ pub struct BackendSpec {
     pub weight: u32,
     pub service: Arc<str>,
     pub instance_id: Arc<str>,
+    /// The Consul node the instance is registered on: its host, so that a retry after its
+    /// host went silent can go to another (see `Tried::host_silent`).
+    pub node: Arc<str>,
     pub proto: UpstreamProto,
     pub redirect_https: bool,
     /// Kept over a Consul that lost its state (see discovery's state-loss guard).
@@ -58,6 +61,7 @@ impl BackendSpec {
             weight,
             service: service.into(),
             instance_id: addr.into(),
+            node: "".into(),
             proto: Default::default(),
             redirect_https: false,
             held: false,
@@ -405,6 +409,70 @@ mod tests {
             assert_eq!(r.pick(balance, &tried, Pin::Lit), Some(0), "{balance:?}");
             tried.push(0);
             assert_eq!(r.pick(balance, &tried, Pin::Lit), None);
+        }
+    }
+
+    #[test]
+    fn after_a_silent_host_its_nodes_other_backends_come_last() {
+        let on = |addr: &str, node: &str| BackendSpec {
+            node: node.into(),
+            ..BackendSpec::for_tests("svc", addr, 1)
+        };
+        let backends = vec![
+            on("a:1", "n1"),
+            on("b:1", "n1"),
+            on("c:1", "n2"),
+            on("d:1", "n2"),
+        ];
+        let spec: TableSpec =
+            [(switchyard_consul::tags::parse_route("/").unwrap(), backends)].into();
+        let t = RoutingTable::build::<()>(
+            &spec,
+            None,
+            1,
+            &mut BuildCache::default(),
+            &Metrics::new(),
+            4,
+        );
+        let r = &t.routes[0];
+        let at = |addr: &str| {
+            r.backends
+                .iter()
+                .position(|b| &*b.spec.addr == addr)
+                .unwrap()
+        };
+        let node = |i: usize| r.backends[i].spec.node.to_string();
+        for balance in [Balance::P2c, Balance::RoundRobin, Balance::Weighted] {
+            // a failed, but its host answered: b is as good as any.
+            let mut tried = Tried::default();
+            tried.push(at("a:1"));
+            let picks: Vec<usize> = (0..60)
+                .map(|_| r.pick(balance, &tried, Pin::Lit).unwrap())
+                .collect();
+            assert!(picks.contains(&at("b:1")), "{balance:?}");
+            // a's host went silent: n2 only, while n2 has an untried backend.
+            tried.host_silent();
+            for _ in 0..60 {
+                assert_eq!(
+                    node(r.pick(balance, &tried, Pin::Lit).unwrap()),
+                    "n2",
+                    "{balance:?}"
+                );
+            }
+            // c's host went silent too: b is left on n1, d on n2, both on silent nodes; they
+            // are still tried rather than none.
+            tried.push(at("c:1"));
+            tried.host_silent();
+            let i = r.pick(balance, &tried, Pin::Lit).unwrap();
+            assert!(i == at("b:1") || i == at("d:1"), "{balance:?}");
+            // A try taken back takes its silence with it.
+            tried.forget_last();
+            tried.push(at("d:1"));
+            assert_eq!(
+                node(r.pick(balance, &tried, Pin::Lit).unwrap()),
+                "n2",
+                "{balance:?}"
+            );
         }
     }
 

@@ -7,11 +7,15 @@ use super::{Pin, Route};
 use crate::config::Balance;
 use crate::time::now_ms;
 
-/// Indices of backends already tried by this request; retries avoid them.
+/// Indices of backends already tried by this request; retries avoid them. A try that found
+/// its backend's host silent also steers the next picks away from that host's other
+/// instances: they share its fate, and a request should pay for one dead host at most.
 #[derive(Default, Clone, Copy)]
 pub struct Tried {
     idx: [usize; 12],
     len: usize,
+    /// One bit per entry of `idx`: its host went silent.
+    silent: u16,
 }
 
 impl Tried {
@@ -23,15 +27,35 @@ impl Tried {
     }
     pub fn forget_last(&mut self) {
         self.len = self.len.saturating_sub(1);
+        self.silent &= !(1 << self.len);
     }
     pub fn contains(&self, i: usize) -> bool {
         self.idx[..self.len].contains(&i)
+    }
+    /// The last backend tried did not answer from its host: a connect that timed out or
+    /// found no route, or a send its host stopped acknowledging.
+    pub fn host_silent(&mut self) {
+        if let Some(last) = self.len.checked_sub(1) {
+            self.silent |= 1 << last;
+        }
+    }
+    /// Some backend tried by this request found its host silent.
+    pub(super) fn any_silent(&self) -> bool {
+        self.silent != 0
+    }
+    /// Whether backend `i` of `route` is on the node of a backend whose host went silent.
+    pub(super) fn on_silent_host(&self, route: &Route, i: usize) -> bool {
+        let node = &route.backends[i].spec.node;
+        (0..self.len)
+            .filter(|s| self.silent & (1 << s) != 0)
+            .any(|s| route.backends[self.idx[s]].spec.node == *node)
     }
 }
 
 impl Route {
     /// Picks a backend not yet tried. Ejected backends are skipped while any other is left, so
-    /// ejection never takes the last backends of a route out of service.
+    /// ejection never takes the last backends of a route out of service; so are backends on
+    /// the node of one whose host went silent for this request, before ejection.
     /// Only backends `pin` admits are picked.
     ///
     /// Dark backends come last in a route (see `build`): an unpinned pick runs over the lit
@@ -47,10 +71,26 @@ impl Route {
         }
         let now = now_ms();
         let admits = |i: usize| !tried.contains(i) && pin.admits(&self.backends[i]);
-        let healthy = |i: usize| admits(i) && !self.backends[i].backend.is_ejected(now);
-        let untried = admits;
+        if tried.any_silent() {
+            let elsewhere = |i: usize| admits(i) && !tried.on_silent_host(self, i);
+            if let Some(i) = self.pick_among(balance, n, now, elsewhere) {
+                return Some(i);
+            }
+        }
+        self.pick_among(balance, n, now, admits)
+    }
+
+    /// A pick among the first `n` backends that `ok` admits: one not ejected, else any.
+    fn pick_among(
+        &self,
+        balance: Balance,
+        n: usize,
+        now: u64,
+        ok: impl Fn(usize) -> bool,
+    ) -> Option<usize> {
+        let healthy = |i: usize| ok(i) && !self.backends[i].backend.is_ejected(now);
         self.pick_where(balance, n, &healthy)
-            .or_else(|| self.pick_where(balance, n, &untried))
+            .or_else(|| self.pick_where(balance, n, &ok))
     }
 
     /// A pick among the first `n` backends.

@@ -44,6 +44,21 @@ pub enum ConnectError {
     },
 }
 
+impl ConnectError {
+    /// The backend's host gave no answer: no reply to the connect within the timeout, or no
+    /// route to it. A refused connect or a failed handshake came from a live host.
+    pub fn host_silent(&self) -> bool {
+        match self {
+            ConnectError::Timeout { .. } => true,
+            ConnectError::Io { source, .. } => matches!(
+                source.kind(),
+                std::io::ErrorKind::HostUnreachable | std::io::ErrorKind::NetworkUnreachable
+            ),
+            ConnectError::Handshake { .. } => false,
+        }
+    }
+}
+
 struct Idle {
     conn: Box<h1::Conn>,
     since_ms: u64,

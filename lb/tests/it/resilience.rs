@@ -6,7 +6,9 @@ use std::time::Duration;
 use http::StatusCode;
 
 use crate::balancing::wait_routed;
-use crate::support::{eventually, spread, spread_ok, Backend, Consul, Http, Lb};
+use crate::support::{
+    catalog_write, eventually, spread, spread_ok, Backend, CatalogInstance, Consul, Http, Lb,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_backend_costs_no_failed_get_and_is_ejected_then_returns() {
@@ -228,6 +230,72 @@ async fn a_silent_host_costs_no_get(consul: &Consul, b_port: u16) {
             .unwrap()
             >= 1.0
     );
+}
+
+/// A request pays for one silent host at most: once an attempt finds its backend's host
+/// silent, the retry goes to an instance on another Consul node, not to the silent node's
+/// other instances, which share its fate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_a_silent_host_goes_to_another_node() {
+    let consul = Consul::start().await;
+    let live = Backend::start("live").await;
+    let dead = [
+        Backend::start("d1").await,
+        Backend::start("d2").await,
+        Backend::start("d3").await,
+    ];
+    let on = |node: &str, b: &Backend| CatalogInstance {
+        node: node.to_string(),
+        id: b.name.clone(),
+        service: "web".to_string(),
+        tags: vec!["lb.route=/".to_string()],
+        port: b.port(),
+        check: None,
+    };
+    let mut instances = vec![on("node-live", &live)];
+    instances.extend(dead.iter().map(|b| on("node-dead", b)));
+    catalog_write(&consul, &instances).await;
+    // Round robin and one retry: a retry that stayed on the silent node would pick another
+    // of its instances, whatever the order of the four, and its GET would fail.
+    let lb = Lb::start(
+        &consul,
+        &[
+            ("LB_BALANCE", "round_robin"),
+            ("LB_RETRIES", "1"),
+            ("LB_UPSTREAM_USER_TIMEOUT", "500ms"),
+            ("LB_CONNECT_TIMEOUT", "500ms"),
+            ("LB_RESPONSE_TIMEOUT", "120s"),
+            ("LB_EJECT_BASE", "60s"),
+        ],
+    )
+    .await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 4).await;
+    let routes = lb.routes(&http).await;
+    let nodes: Vec<(&str, &str)> = routes["routes"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (b["instance"].as_str().unwrap(), b["node"].as_str().unwrap()))
+        .collect();
+    assert!(nodes.contains(&("d1", "node-dead")), "{nodes:?}");
+    assert!(nodes.contains(&("live", "node-live")), "{nodes:?}");
+    spread_ok(&http, &lb.url("/"), 20).await;
+
+    let _silent: Vec<Blackhole> = dead.iter().map(|b| Blackhole::port(b.port())).collect();
+    let seen = tokio::time::timeout(Duration::from_secs(60), spread(&http, &lb.url("/"), 12))
+        .await
+        .expect("GETs answered while node-dead is silent");
+    assert_eq!(seen.get("live"), Some(&12), "{seen:?}");
+    // Each silent instance cost one attempt, then was ejected.
+    let mut silent = 0.0;
+    for kind in ["unacknowledged", "connect_timeout"] {
+        silent += lb
+            .metric(&http, "lb_upstream_errors_total", &[("kind", kind)])
+            .await
+            .unwrap_or(0.0);
+    }
+    assert_eq!(silent, 3.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
