@@ -133,7 +133,7 @@ pub const SETTINGS: &[Setting] = &[
     (
         "LB_UPSTREAM_USER_TIMEOUT",
         "5s",
-        "how long data sent to a backend may go unacknowledged before the connection is dropped and the backend ejected (TCP_USER_TIMEOUT: a dead or cut-off host; `0s` keeps the kernel's, about 15 minutes)",
+        "how long data sent to a backend may go unacknowledged before the connection is dropped and the backend ejected (TCP_USER_TIMEOUT: a dead or cut-off host; lifted while a request over 64 KiB is sent; `0s` keeps the kernel's, about 15 minutes)",
     ),
     (
         "LB_RESPONSE_TIMEOUT",

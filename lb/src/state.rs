@@ -137,9 +137,9 @@ impl Shared {
                 send: Timeouts {
                     response: config.response_timeout,
                     client_body: config.client_body_timeout,
+                    user: config.upstream_user_timeout,
                 },
                 connect_timeout: config.connect_timeout,
-                user_timeout: config.upstream_user_timeout,
                 idle_timeout: config.upstream_idle_timeout,
                 max_idle: config.upstream_max_idle,
                 eject_failures: config.eject_failures,

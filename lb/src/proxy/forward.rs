@@ -79,7 +79,7 @@ pub(super) async fn forward(
             }
             Err(e) => {
                 if e.host_silent() {
-                    attempts.tried.host_silent();
+                    attempts.tried.mark_silent(i);
                 }
                 connect_failed(shared, route, backend, e);
                 attempts.last = LocalReason::UpstreamConnect;
@@ -152,7 +152,7 @@ pub(super) async fn forward(
             }
             Err(e) => {
                 drop(in_flight);
-                if !attempts.failed(shared, route, backend, e) {
+                if !attempts.failed(shared, route, i, e) {
                     break;
                 }
             }
@@ -196,8 +196,9 @@ impl Attempts {
 
     /// Settles a send that ended without a response: counts it, blames the backend when it
     /// is the backend's fault, and returns whether to try again (with the body restored).
-    fn failed(&mut self, shared: &Shared, route: &Route, backend: &Backend, e: SendError) -> bool {
+    fn failed(&mut self, shared: &Shared, route: &Route, i: usize, e: SendError) -> bool {
         let m = &shared.metrics;
+        let backend = &route.backends[i].backend;
         let reason = match e {
             SendError::NotSent(b) => {
                 // The pooled connection closed before the request went out (a keep-alive
@@ -207,7 +208,7 @@ impl Attempts {
                 m.upstream_errors.inc(UpstreamErrorKind::StaleConnection);
                 if self.stale < MAX_STALE_RETRIES {
                     self.stale += 1;
-                    self.tried.forget_last();
+                    self.tried.forget(i);
                     return true;
                 }
                 self.last = LocalReason::UpstreamError;
@@ -218,7 +219,7 @@ impl Attempts {
                 // other connections are as dead, so it is ejected until Consul's failure
                 // detection takes it out of the table; so are its node's other instances
                 // for the retry.
-                self.tried.host_silent();
+                self.tried.mark_silent(i);
                 self.last = LocalReason::UpstreamError;
                 m.upstream_errors.inc(UpstreamErrorKind::Unacknowledged);
                 let kind = UpstreamErrorKind::Unacknowledged;
@@ -354,9 +355,7 @@ fn unacknowledged(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cause = Some(e);
     while let Some(c) = cause {
         if let Some(io) = c.downcast_ref::<std::io::Error>() {
-            if io.raw_os_error() == Some(libc::ETIMEDOUT)
-                || io.kind() == std::io::ErrorKind::TimedOut
-            {
+            if crate::upstream::from_silent_host(io) {
                 return true;
             }
             // An OS error wrapped in another io::Error is its payload, not its source.

@@ -96,21 +96,36 @@ impl Route {
             (rb.backend.in_flight() as u64) * 1000 * weight
                 < factor_permille * (load + 1) * u64::from(rb.weight)
         };
-        let walk = |ok: &dyn Fn(usize) -> bool| {
-            let find =
-                |also: &dyn Fn(usize) -> bool| (0..ring.len()).map(at).find(|&i| ok(i) && also(i));
-            find(&|i| usable(i) && under_bound(i))
-                .or_else(|| find(&usable))
-                .or_else(|| find(&untried))
-        };
+        let tiers = (&usable, &under_bound, &untried);
         // After a silent host, its node's other instances come last, as in `pick`.
         if tried.any_silent() {
-            if let Some(i) = walk(&|i| !tried.on_silent_host(self, i)) {
+            let elsewhere = |i: usize| !tried.on_silent_node(self, i);
+            if let Some(i) = walk(ring.len(), &at, tiers, elsewhere) {
                 return Some(i);
             }
         }
-        walk(&|_| true)
+        walk(ring.len(), &at, tiers, |_| true)
     }
+}
+
+/// The first backend on the ring (`at(step)` for `steps` steps) that `ok` admits: usable and
+/// under its bound, else usable, else untried. Generic, so that the common walk with
+/// nothing more to admit costs what it did without the `ok` test.
+fn walk(
+    steps: usize,
+    at: &impl Fn(usize) -> usize,
+    (usable, under_bound, untried): (
+        &impl Fn(usize) -> bool,
+        &impl Fn(usize) -> bool,
+        &impl Fn(usize) -> bool,
+    ),
+    ok: impl Fn(usize) -> bool,
+) -> Option<usize> {
+    let ring = || (0..steps).map(at);
+    ring()
+        .find(|&i| ok(i) && usable(i) && under_bound(i))
+        .or_else(|| ring().find(|&i| ok(i) && usable(i)))
+        .or_else(|| ring().find(|&i| ok(i) && untried(i)))
 }
 
 #[cfg(test)]
@@ -228,7 +243,7 @@ mod tests {
             on_n1 += 1;
             let mut tried = Tried::default();
             tried.push(first);
-            tried.host_silent();
+            tried.mark_silent(first);
             let retry = r.pick_affine(key, &tried, Pin::Lit, 1250).unwrap();
             assert_eq!(node(retry), "n2", "session {s}");
             tried.push(retry);

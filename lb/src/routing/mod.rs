@@ -33,7 +33,7 @@ pub struct BackendSpec {
     pub service: Arc<str>,
     pub instance_id: Arc<str>,
     /// The Consul node the instance is registered on: its host, so that a retry after its
-    /// host went silent can go to another (see `Tried::host_silent`).
+    /// host went silent can go to another (see `Tried::mark_silent`).
     pub node: Arc<str>,
     pub proto: UpstreamProto,
     pub redirect_https: bool,
@@ -451,7 +451,7 @@ mod tests {
                 .collect();
             assert!(picks.contains(&at("b:1")), "{balance:?}");
             // a's host went silent: n2 only, while n2 has an untried backend.
-            tried.host_silent();
+            tried.mark_silent(at("a:1"));
             for _ in 0..60 {
                 assert_eq!(
                     node(r.pick(balance, &tried, Pin::Lit).unwrap()),
@@ -462,11 +462,11 @@ mod tests {
             // c's host went silent too: b is left on n1, d on n2, both on silent nodes; they
             // are still tried rather than none.
             tried.push(at("c:1"));
-            tried.host_silent();
+            tried.mark_silent(at("c:1"));
             let i = r.pick(balance, &tried, Pin::Lit).unwrap();
             assert!(i == at("b:1") || i == at("d:1"), "{balance:?}");
             // A try taken back takes its silence with it.
-            tried.forget_last();
+            tried.forget(at("c:1"));
             tried.push(at("d:1"));
             assert_eq!(
                 node(r.pick(balance, &tried, Pin::Lit).unwrap()),

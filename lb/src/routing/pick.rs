@@ -8,35 +8,45 @@ use crate::config::Balance;
 use crate::time::now_ms;
 
 /// Indices of backends already tried by this request; retries avoid them. A try that found
-/// its backend's host silent also steers the next picks away from that host's other
+/// its backend's host silent also steers the next picks away from that node's other
 /// instances: they share its fate, and a request should pay for one dead host at most.
 #[derive(Default, Clone, Copy)]
 pub struct Tried {
-    idx: [usize; 12],
-    len: usize,
+    idx: [usize; TRIED_MAX],
+    len: u8,
     /// One bit per entry of `idx`: its host went silent.
     silent: u16,
 }
 
+/// Tries remembered per request; more are not avoided (a route of more backends whose
+/// passes at a cap filled them).
+const TRIED_MAX: usize = 12;
+const _: () = assert!(TRIED_MAX <= u16::BITS as usize);
+
 impl Tried {
     pub fn push(&mut self, i: usize) {
-        if self.len < self.idx.len() {
-            self.idx[self.len] = i;
+        if let Some(slot) = self.idx.get_mut(self.len as usize) {
+            *slot = i;
             self.len += 1;
         }
     }
-    pub fn forget_last(&mut self) {
-        self.len = self.len.saturating_sub(1);
-        self.silent &= !(1 << self.len);
+    /// Takes back the try of backend `i` just pushed (a pooled connection found closed).
+    pub fn forget(&mut self, i: usize) {
+        if let Some(last) = (self.len as usize).checked_sub(1) {
+            if self.idx[last] == i {
+                self.len -= 1;
+                self.silent &= !(1 << last);
+            }
+        }
     }
     pub fn contains(&self, i: usize) -> bool {
-        self.idx[..self.len].contains(&i)
+        self.idx[..self.len as usize].contains(&i)
     }
-    /// The last backend tried did not answer from its host: a connect that timed out or
-    /// found no route, or a send its host stopped acknowledging.
-    pub fn host_silent(&mut self) {
-        if let Some(last) = self.len.checked_sub(1) {
-            self.silent |= 1 << last;
+    /// The try of backend `i` found its host silent: a connect that timed out or found no
+    /// route, or a send its host stopped acknowledging.
+    pub fn mark_silent(&mut self, i: usize) {
+        if let Some(slot) = self.idx[..self.len as usize].iter().rposition(|&t| t == i) {
+            self.silent |= 1 << slot;
         }
     }
     /// Some backend tried by this request found its host silent.
@@ -44,9 +54,9 @@ impl Tried {
         self.silent != 0
     }
     /// Whether backend `i` of `route` is on the node of a backend whose host went silent.
-    pub(super) fn on_silent_host(&self, route: &Route, i: usize) -> bool {
+    pub(super) fn on_silent_node(&self, route: &Route, i: usize) -> bool {
         let node = &route.backends[i].spec.node;
-        (0..self.len)
+        (0..self.len as usize)
             .filter(|s| self.silent & (1 << s) != 0)
             .any(|s| route.backends[self.idx[s]].spec.node == *node)
     }
@@ -54,8 +64,9 @@ impl Tried {
 
 impl Route {
     /// Picks a backend not yet tried. Ejected backends are skipped while any other is left, so
-    /// ejection never takes the last backends of a route out of service; so are backends on
-    /// the node of one whose host went silent for this request, before ejection.
+    /// ejection never takes the last backends of a route out of service. After a try found
+    /// its host silent, backends on that node are skipped while any untried backend on
+    /// another node is left, even an ejected one.
     /// Only backends `pin` admits are picked.
     ///
     /// Dark backends come last in a route (see `build`): an unpinned pick runs over the lit
@@ -72,7 +83,7 @@ impl Route {
         let now = now_ms();
         let admits = |i: usize| !tried.contains(i) && pin.admits(&self.backends[i]);
         if tried.any_silent() {
-            let elsewhere = |i: usize| admits(i) && !tried.on_silent_host(self, i);
+            let elsewhere = |i: usize| admits(i) && !tried.on_silent_node(self, i);
             if let Some(i) = self.pick_among(balance, n, now, elsewhere) {
                 return Some(i);
             }

@@ -50,10 +50,7 @@ impl ConnectError {
     pub fn host_silent(&self) -> bool {
         match self {
             ConnectError::Timeout { .. } => true,
-            ConnectError::Io { source, .. } => matches!(
-                source.kind(),
-                std::io::ErrorKind::HostUnreachable | std::io::ErrorKind::NetworkUnreachable
-            ),
+            ConnectError::Io { source, .. } => super::from_silent_host(source),
             ConnectError::Handshake { .. } => false,
         }
     }
@@ -114,8 +111,8 @@ async fn connect(addr: &str, s: &BackendSettings) -> Result<TcpStream, ConnectEr
         Ok(Ok(stream)) => stream,
     };
     let _ = stream.set_nodelay(true);
-    if !s.user_timeout.is_zero() {
-        set_user_timeout(&stream, s.user_timeout);
+    if !s.send.user.is_zero() {
+        set_user_timeout(&stream, s.send.user);
     }
     Ok(stream)
 }
@@ -146,8 +143,6 @@ pub struct BackendSettings {
     /// How long a send waits for the backend, and for the client's body.
     pub send: super::Timeouts,
     pub connect_timeout: Duration,
-    /// How long sent data may go unacknowledged (TCP_USER_TIMEOUT); zero: the kernel's.
-    pub user_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_idle: usize,
     pub eject_failures: u32,
@@ -164,9 +159,9 @@ impl BackendSettings {
             send: super::Timeouts {
                 response: s,
                 client_body: s,
+                user: Duration::from_secs(5),
             },
             connect_timeout: s,
-            user_timeout: Duration::from_secs(5),
             idle_timeout: s,
             max_idle: 1,
             eject_failures: 1,
@@ -477,9 +472,9 @@ mod tests {
             send: crate::upstream::Timeouts {
                 response: Duration::from_secs(1),
                 client_body: Duration::from_secs(1),
+                user: Duration::from_secs(5),
             },
             connect_timeout: Duration::from_secs(1),
-            user_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(1),
             max_idle: 4,
             eject_failures: failures,

@@ -18,6 +18,7 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll, Waker};
+use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -45,6 +46,9 @@ const POOLED_READ_BUF: usize = 4 * MIN_READ;
 /// Request body frames are copied into the write buffer until it holds this much; then it is
 /// written out before more is taken.
 const WRITE_HIGH: usize = 64 * 1024;
+/// A request larger than this may fill the backend's receive window (a socket starts with
+/// about 64 KiB): past it the user timeout is lifted (see `Conn::lift_user_timeout`).
+const WINDOW_MIN: usize = 64 * 1024;
 
 /// What went wrong on a backend connection.
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +96,10 @@ pub struct Conn {
     read_size: usize,
     /// Bounds the wait for each response head.
     timer: LazyTimer,
+    /// Bytes of the request in progress written so far.
+    sent: usize,
+    /// The user timeout is off for the exchange in progress (see `lift_user_timeout`).
+    user_timeout_lifted: bool,
 }
 
 /// The response side of a connection without its socket: bytes in, a head and body frames
@@ -121,6 +129,8 @@ impl Conn {
             wbuf: BytesMut::new(),
             read_size: MIN_READ,
             timer: LazyTimer::default(),
+            sent: 0,
+            user_timeout_lifted: false,
         }
     }
 
@@ -196,14 +206,13 @@ impl Conn {
         } else {
             Some(body)
         };
-        let mut sent_any = false;
+        self.sent = 0;
         poll_fn(|cx| {
             let mut took_frame = false;
-            if let Err(e) =
-                self.poll_send_body(cx, &mut body, chunked, &mut sent_any, &mut took_frame)
-            {
+            let sending = (&mut body, chunked, &mut took_frame);
+            if let Err(e) = self.poll_send_body(cx, sending, timeouts.user) {
                 self.dec.reusable = false;
-                return Poll::Ready(Err(match (sent_any, e) {
+                return Poll::Ready(Err(match (self.sent > 0, e) {
                     // The body is taken only once the head is out: it is untouched.
                     (false, Error::Io(_)) => {
                         SendError::NotSent(body.take().unwrap_or(UpstreamBody::Empty))
@@ -214,6 +223,9 @@ impl Conn {
             }
             match self.poll_head(cx, head_request) {
                 Poll::Ready(Ok(resp)) => {
+                    if self.user_timeout_lifted {
+                        self.restore_user_timeout(timeouts.user);
+                    }
                     if body.is_some() || !self.wbuf.is_empty() {
                         // The backend answered before it had the whole request: the rest is
                         // not sent, and the connection cannot carry another request.
@@ -294,10 +306,8 @@ impl Conn {
     fn poll_send_body(
         &mut self,
         cx: &mut Context<'_>,
-        body: &mut Option<UpstreamBody>,
-        chunked: bool,
-        sent_any: &mut bool,
-        took_frame: &mut bool,
+        (body, chunked, took_frame): (&mut Option<UpstreamBody>, bool, &mut bool),
+        user_timeout: Duration,
     ) -> Result<(), Error> {
         loop {
             while !self.wbuf.is_empty() {
@@ -305,10 +315,18 @@ impl Conn {
                     Poll::Ready(Ok(0)) => return Err(Error::Io(io::ErrorKind::WriteZero.into())),
                     Poll::Ready(Ok(n)) => {
                         self.wbuf.advance(n);
-                        *sent_any = true;
+                        self.sent += n;
+                        if self.sent > WINDOW_MIN && !self.user_timeout_lifted {
+                            self.lift_user_timeout(user_timeout);
+                        }
                     }
                     Poll::Ready(Err(e)) => return Err(Error::Io(e)),
-                    Poll::Pending => return Ok(()),
+                    Poll::Pending => {
+                        if !self.user_timeout_lifted {
+                            self.lift_user_timeout(user_timeout);
+                        }
+                        return Ok(());
+                    }
                 }
             }
             let Some(b) = body.as_mut() else {
@@ -360,6 +378,29 @@ impl Conn {
             if self.wbuf.is_empty() {
                 return Ok(());
             }
+        }
+    }
+
+    /// Turns the user timeout off for the rest of this exchange, once the request may be
+    /// more than the backend's receive window holds (or the socket already refused bytes).
+    /// The kernel applies the user timeout to a window held shut as to unacknowledged data:
+    /// a live backend that pauses reading an upload answers every window probe, yet would be
+    /// taken for dead. Until the response head comes, the response timeout bounds the wait.
+    fn lift_user_timeout(&mut self, user_timeout: Duration) {
+        if !user_timeout.is_zero() {
+            // Zero is the kernel's default: no bound beyond its retransmissions.
+            self.user_timeout_lifted =
+                crate::sockopt::set_tcp(&self.io, libc::TCP_USER_TIMEOUT, 0).is_ok();
+        }
+    }
+
+    /// Sets the user timeout again for the next exchange; a connection that could not have
+    /// it back is not reused.
+    fn restore_user_timeout(&mut self, user_timeout: Duration) {
+        self.user_timeout_lifted = false;
+        let ms = user_timeout.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
+        if crate::sockopt::set_tcp(&self.io, libc::TCP_USER_TIMEOUT, ms).is_err() {
+            self.dec.reusable = false;
         }
     }
 
@@ -900,6 +941,45 @@ mod tests {
         );
         assert_eq!((d.data.concat(), d.leftover), (b"ab".to_vec(), 2));
         assert!(decode(b"SMTP ready\r\n\r\n", &[], false).head.is_err());
+    }
+
+    /// The user timeout lifted for an upload is the configured one again afterwards.
+    #[tokio::test]
+    async fn the_user_timeout_comes_back_after_an_upload() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (io, _accepted) = tokio::join!(
+            TcpStream::connect(listener.local_addr().unwrap()),
+            listener.accept()
+        );
+        let mut conn = Conn::new(io.unwrap());
+        let user = Duration::from_millis(300);
+        crate::sockopt::set_tcp(&conn.io, libc::TCP_USER_TIMEOUT, 300).unwrap();
+        let get = |conn: &Conn| {
+            let mut v: libc::c_int = -1;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: an open socket, and an int-sized value and length that outlive the call.
+            let rc = unsafe {
+                libc::getsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&conn.io),
+                    libc::IPPROTO_TCP,
+                    libc::TCP_USER_TIMEOUT,
+                    (&mut v as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            assert_eq!(rc, 0);
+            v
+        };
+        conn.lift_user_timeout(user);
+        assert!(conn.user_timeout_lifted);
+        assert_eq!(get(&conn), 0);
+        conn.restore_user_timeout(user);
+        assert!(!conn.user_timeout_lifted && conn.dec.reusable);
+        assert_eq!(get(&conn), 300);
+        // Off in the settings: nothing to lift.
+        conn.lift_user_timeout(Duration::ZERO);
+        assert!(!conn.user_timeout_lifted);
+        assert_eq!(get(&conn), 300);
     }
 
     /// A connection put back in the pool keeps no large buffer, though the views it holds

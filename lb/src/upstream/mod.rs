@@ -55,6 +55,19 @@ pub enum SendError {
     ClientBodyTimedOut,
 }
 
+/// Whether an I/O error says the peer's host gave no answer: the kernel gave up waiting
+/// (ETIMEDOUT, also what TCP_USER_TIMEOUT ends a connection with) or found no route to it
+/// (an unreachable host or network, which the kernel may report instead when it heard so).
+pub fn from_silent_host(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ETIMEDOUT)
+        || matches!(
+            e.kind(),
+            std::io::ErrorKind::TimedOut
+                | std::io::ErrorKind::HostUnreachable
+                | std::io::ErrorKind::NetworkUnreachable
+        )
+}
+
 /// How long a send may wait, and on whom.
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
@@ -63,6 +76,9 @@ pub struct Timeouts {
     pub response: Duration,
     /// For the next bytes of the client's request body.
     pub client_body: Duration,
+    /// How long data sent to a backend may go unacknowledged (TCP_USER_TIMEOUT) before its
+    /// host is taken for dead; zero: the kernel's.
+    pub user: Duration,
 }
 
 impl Sender {

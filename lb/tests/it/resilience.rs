@@ -298,6 +298,74 @@ async fn a_retry_after_a_silent_host_goes_to_another_node() {
     assert_eq!(silent, 3.0);
 }
 
+/// A backend that stops reading an upload for a while keeps a live host: it still answers
+/// the kernel's window probes. The user timeout, which the kernel also applies to a window
+/// held shut, must not take it for dead and cut the upload off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_pauses_reading_an_upload_is_not_taken_for_dead() {
+    const BODY: usize = 24 << 20;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            std::thread::spawn(move || {
+                // The head, then 2 s without reading: the window closes long before.
+                let mut buf = vec![0u8; 64 << 10];
+                let mut got = Vec::new();
+                let head_end = loop {
+                    let n = s.read(&mut buf).unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                };
+                std::thread::sleep(Duration::from_secs(2));
+                let mut body = got.len() - head_end;
+                while body < BODY {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => body += n,
+                    }
+                }
+                let _ = s.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-backend: slow\r\n\r\nok",
+                );
+            });
+        }
+    });
+    let consul = Consul::start().await;
+    consul
+        .register_with("slow", "web", port, &["lb.route=/"], None)
+        .await;
+    let lb = Lb::start(
+        &consul,
+        &[
+            ("LB_UPSTREAM_USER_TIMEOUT", "300ms"),
+            ("LB_RESPONSE_TIMEOUT", "30s"),
+        ],
+    )
+    .await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 1).await;
+    let req = http::Request::post(lb.url("/upload"))
+        .body(http_body_util::Full::new(bytes::Bytes::from(vec![
+            b'x';
+            BODY
+        ])))
+        .unwrap();
+    let r = http.send(req).await.unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let unacked = [("kind", "unacknowledged")];
+    assert_eq!(
+        lb.metric(&http, "lb_upstream_errors_total", &unacked).await,
+        Some(0.0)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_last_backend_is_never_ejected_out_of_service() {
     let consul = Consul::start().await;
