@@ -133,12 +133,12 @@ pub const SETTINGS: &[Setting] = &[
     (
         "LB_UPSTREAM_USER_TIMEOUT",
         "5s",
-        "how long data sent to a backend may go unacknowledged before the connection is dropped and the backend ejected (TCP_USER_TIMEOUT: a dead or cut-off host; lifted while a request over 64 KiB is sent; `0s` keeps the kernel's, about 15 minutes)",
+        "how long data sent to a backend may go unacknowledged before the connection is dropped and the backend ejected (TCP_USER_TIMEOUT: a dead or cut-off host; on HTTP/1.1 backends lifted from when a request passes 64 KiB or the socket refuses bytes until the response head; `0s` keeps the kernel's, about 15 minutes)",
     ),
     (
         "LB_RESPONSE_TIMEOUT",
         "30s",
-        "upstream time to response headers, from when the backend has the whole request",
+        "upstream time to response headers, from when the backend has the whole request (while a large upload is sent: since the backend last took a part of it)",
     ),
     (
         "LB_MAX_BODY_BYTES",

@@ -98,7 +98,11 @@ pub struct Conn {
     timer: LazyTimer,
     /// Bytes of the request in progress written so far.
     sent: usize,
-    /// The user timeout is off for the exchange in progress (see `lift_user_timeout`).
+    /// The request in progress passed 64 KiB, or the socket refused some of it: the user
+    /// timeout is lifted (see `lift_user_timeout`) and each write the backend takes restarts
+    /// the response timeout.
+    large_upload: bool,
+    /// The user timeout is off for the exchange in progress.
     user_timeout_lifted: bool,
 }
 
@@ -130,6 +134,7 @@ impl Conn {
             read_size: MIN_READ,
             timer: LazyTimer::default(),
             sent: 0,
+            large_upload: false,
             user_timeout_lifted: false,
         }
     }
@@ -207,8 +212,10 @@ impl Conn {
             Some(body)
         };
         self.sent = 0;
+        self.large_upload = false;
         poll_fn(|cx| {
             let mut took_frame = false;
+            let sent_before = self.sent;
             let sending = (&mut body, chunked, &mut took_frame);
             if let Err(e) = self.poll_send_body(cx, sending, timeouts.user) {
                 self.dec.reusable = false;
@@ -223,13 +230,13 @@ impl Conn {
             }
             match self.poll_head(cx, head_request) {
                 Poll::Ready(Ok(resp)) => {
-                    if self.user_timeout_lifted {
-                        self.restore_user_timeout(timeouts.user);
-                    }
                     if body.is_some() || !self.wbuf.is_empty() {
                         // The backend answered before it had the whole request: the rest is
                         // not sent, and the connection cannot carry another request.
                         self.dec.reusable = false;
+                    }
+                    if self.user_timeout_lifted && self.dec.reusable {
+                        self.restore_user_timeout(timeouts.user);
                     }
                     return Poll::Ready(Ok(resp));
                 }
@@ -237,7 +244,13 @@ impl Conn {
                 Poll::Pending => {}
             }
             let waits_on_client = body.is_some() && self.wbuf.is_empty();
-            if waits_on_client != on_client || (waits_on_client && took_frame) {
+            // A large upload to a backend that reads more slowly than the client sends never
+            // waits on the client: what bounds it is the backend's progress, not its length.
+            let backend_took = self.large_upload && self.sent != sent_before;
+            if waits_on_client != on_client
+                || (waits_on_client && took_frame)
+                || (!waits_on_client && backend_took)
+            {
                 on_client = waits_on_client;
                 let limit = if on_client {
                     timeouts.client_body
@@ -316,13 +329,13 @@ impl Conn {
                     Poll::Ready(Ok(n)) => {
                         self.wbuf.advance(n);
                         self.sent += n;
-                        if self.sent > WINDOW_MIN && !self.user_timeout_lifted {
+                        if self.sent > WINDOW_MIN && !self.large_upload {
                             self.lift_user_timeout(user_timeout);
                         }
                     }
                     Poll::Ready(Err(e)) => return Err(Error::Io(e)),
                     Poll::Pending => {
-                        if !self.user_timeout_lifted {
+                        if !self.large_upload {
                             self.lift_user_timeout(user_timeout);
                         }
                         return Ok(());
@@ -385,8 +398,10 @@ impl Conn {
     /// more than the backend's receive window holds (or the socket already refused bytes).
     /// The kernel applies the user timeout to a window held shut as to unacknowledged data:
     /// a live backend that pauses reading an upload answers every window probe, yet would be
-    /// taken for dead. Until the response head comes, the response timeout bounds the wait.
+    /// taken for dead. Until the response head comes, the response timeout bounds the wait,
+    /// restarted by each write the backend takes. Marks the request a large upload.
     fn lift_user_timeout(&mut self, user_timeout: Duration) {
+        self.large_upload = true;
         if !user_timeout.is_zero() {
             // Zero is the kernel's default: no bound beyond its retransmissions.
             self.user_timeout_lifted =

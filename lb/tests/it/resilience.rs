@@ -298,20 +298,17 @@ async fn a_retry_after_a_silent_host_goes_to_another_node() {
     assert_eq!(silent, 3.0);
 }
 
-/// A backend that stops reading an upload for a while keeps a live host: it still answers
-/// the kernel's window probes. The user timeout, which the kernel also applies to a window
-/// held shut, must not take it for dead and cut the upload off.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backend_that_pauses_reading_an_upload_is_not_taken_for_dead() {
-    const BODY: usize = 24 << 20;
+/// A backend on 127.0.0.1 that reads a request head, waits `pause`, then reads a body of
+/// `body` bytes `chunk` at a time with `gap` between reads, and answers 200: an upload sink
+/// as slow as asked. Returns its port.
+fn upload_sink(body: usize, pause: Duration, chunk: usize, gap: Duration) -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut s) = stream else { return };
             std::thread::spawn(move || {
-                // The head, then 2 s without reading: the window closes long before.
-                let mut buf = vec![0u8; 64 << 10];
+                let mut buf = vec![0u8; chunk.max(64 << 10)];
                 let mut got = Vec::new();
                 let head_end = loop {
                     let n = s.read(&mut buf).unwrap_or(0);
@@ -323,45 +320,84 @@ async fn a_backend_that_pauses_reading_an_upload_is_not_taken_for_dead() {
                         break i + 4;
                     }
                 };
-                std::thread::sleep(Duration::from_secs(2));
-                let mut body = got.len() - head_end;
-                while body < BODY {
-                    match s.read(&mut buf) {
+                std::thread::sleep(pause);
+                let mut read = got.len() - head_end;
+                while read < body {
+                    match s.read(&mut buf[..chunk]) {
                         Ok(0) | Err(_) => return,
-                        Ok(n) => body += n,
+                        Ok(n) => read += n,
                     }
+                    std::thread::sleep(gap);
                 }
                 let _ = s.write_all(
-                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-backend: slow\r\n\r\nok",
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-backend: sink\r\n\r\nok",
                 );
             });
         }
     });
+    port
+}
+
+/// Sends a POST of `body` bytes through an lb routing `/` to the sink on `port` alone.
+async fn upload(
+    port: u16,
+    body: usize,
+    env: &[(&str, &str)],
+) -> (Consul, Lb, Http, StatusCode, String) {
     let consul = Consul::start().await;
     consul
-        .register_with("slow", "web", port, &["lb.route=/"], None)
+        .register_with("sink", "web", port, &["lb.route=/"], None)
         .await;
-    let lb = Lb::start(
-        &consul,
-        &[
-            ("LB_UPSTREAM_USER_TIMEOUT", "300ms"),
-            ("LB_RESPONSE_TIMEOUT", "30s"),
-        ],
-    )
-    .await;
+    let lb = Lb::start(&consul, env).await;
     let http = Http::new();
     wait_routed(&lb, &http, "*/", 1).await;
     let req = http::Request::post(lb.url("/upload"))
         .body(http_body_util::Full::new(bytes::Bytes::from(vec![
             b'x';
-            BODY
+            body
         ])))
         .unwrap();
     let r = http.send(req).await.unwrap();
-    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    (consul, lb, http, r.status, r.body)
+}
+
+/// A backend that stops reading an upload for a while keeps a live host: it still answers
+/// the kernel's window probes. The user timeout, which the kernel also applies to a window
+/// held shut (Linux 5.11 and later; earlier kernels pass this test either way), must not
+/// take it for dead and cut the upload off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_pauses_reading_an_upload_is_not_taken_for_dead() {
+    const BODY: usize = 24 << 20;
+    // The head, then 2 s without reading: the window shuts long before.
+    let port = upload_sink(BODY, Duration::from_secs(2), 64 << 10, Duration::ZERO);
+    let env = [
+        ("LB_UPSTREAM_USER_TIMEOUT", "300ms"),
+        ("LB_RESPONSE_TIMEOUT", "30s"),
+    ];
+    let (_consul, lb, http, status, body) = upload(port, BODY, &env).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
     let unacked = [("kind", "unacknowledged")];
     assert_eq!(
         lb.metric(&http, "lb_upstream_errors_total", &unacked).await,
+        Some(0.0)
+    );
+}
+
+/// An upload longer than the response timeout to a backend that keeps reading it, more
+/// slowly than the client sends, is not a backend holding the exchange up: each part it
+/// takes restarts the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_a_backend_keeps_taking_outlasts_the_response_timeout() {
+    const BODY: usize = 16 << 20;
+    // 256 KiB every 50 ms: about 3 s for the body, against a 1 s response timeout.
+    let port = upload_sink(BODY, Duration::ZERO, 256 << 10, Duration::from_millis(50));
+    let (_consul, lb, http, status, body) =
+        upload(port, BODY, &[("LB_RESPONSE_TIMEOUT", "1s")]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let timeouts = [("kind", "response_timeout")];
+    assert_eq!(
+        lb.metric(&http, "lb_upstream_errors_total", &timeouts)
+            .await,
         Some(0.0)
     );
 }
