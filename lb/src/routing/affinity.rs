@@ -132,11 +132,10 @@ fn walk(
 mod tests {
     use std::sync::Arc;
 
-    use switchyard_consul::tags::{parse_route, Sticky};
+    use switchyard_consul::tags::Sticky;
 
-    use super::super::{BackendSpec, BuildCache, Pin, RoutingTable, TableSpec, Tried};
+    use super::super::{BackendSpec, Pin, RoutingTable, Tried};
     use super::*;
-    use crate::metrics::Metrics;
 
     const SESSIONS: u64 = 10_000;
 
@@ -148,9 +147,7 @@ mod tests {
                 ..BackendSpec::for_tests("web", a, 100)
             })
             .collect();
-        let spec: TableSpec = [(parse_route("/").unwrap(), backends)].into();
-        let mut cache = BuildCache::default();
-        RoutingTable::build::<()>(&spec, None, 1, &mut cache, &Metrics::new(), 4)
+        RoutingTable::for_tests(backends)
     }
 
     /// Where each of the sessions goes, by backend address.
@@ -220,15 +217,7 @@ mod tests {
             sticky: Some(Arc::new(Sticky::LbCookie("s".into()))),
             ..BackendSpec::for_tests("web", a, 100)
         });
-        let spec: TableSpec = [(parse_route("/").unwrap(), backends.to_vec())].into();
-        let t = RoutingTable::build::<()>(
-            &spec,
-            None,
-            1,
-            &mut BuildCache::default(),
-            &Metrics::new(),
-            4,
-        );
+        let t = RoutingTable::for_tests(backends.to_vec());
         let r = &t.routes[0];
         let node = |i: usize| &*r.backends[i].spec.node;
         let mut on_n1 = 0;

@@ -53,6 +53,23 @@ pub struct BackendSpec {
 }
 
 #[cfg(test)]
+impl RoutingTable {
+    /// A table of one route, `/`, to `backends`.
+    pub fn for_tests(backends: Vec<BackendSpec>) -> RoutingTable {
+        let key = switchyard_consul::tags::parse_route("/").unwrap();
+        let spec: TableSpec = [(key, backends)].into();
+        RoutingTable::build::<()>(
+            &spec,
+            None,
+            1,
+            &mut BuildCache::default(),
+            &Metrics::new(),
+            4,
+        )
+    }
+}
+
+#[cfg(test)]
 impl BackendSpec {
     /// A plain HTTP/1.1 backend of `service` at `addr`, with no tag but its weight.
     pub fn for_tests(service: &str, addr: &str, weight: u32) -> BackendSpec {
@@ -424,16 +441,7 @@ mod tests {
             on("c:1", "n2"),
             on("d:1", "n2"),
         ];
-        let spec: TableSpec =
-            [(switchyard_consul::tags::parse_route("/").unwrap(), backends)].into();
-        let t = RoutingTable::build::<()>(
-            &spec,
-            None,
-            1,
-            &mut BuildCache::default(),
-            &Metrics::new(),
-            4,
-        );
+        let t = RoutingTable::for_tests(backends);
         let r = &t.routes[0];
         let at = |addr: &str| {
             r.backends
