@@ -24,3 +24,14 @@ pub fn set_tcp(socket: &impl AsRawFd, name: libc::c_int, value: libc::c_int) -> 
         Err(io::Error::last_os_error())
     }
 }
+
+/// Sets the TCP-level option `name`, which the kernel reads in milliseconds, to `after`: at
+/// least 1 ms, since 0 asks for the kernel's default.
+pub fn set_tcp_ms(
+    socket: &impl AsRawFd,
+    name: libc::c_int,
+    after: std::time::Duration,
+) -> io::Result<()> {
+    let ms = after.as_millis().clamp(1, libc::c_int::MAX as u128) as libc::c_int;
+    set_tcp(socket, name, ms)
+}

@@ -215,10 +215,10 @@ impl Attempts {
                 return false;
             }
             SendError::Failed(e) if unacknowledged(&*e) => {
-                // Its host stopped acknowledging (TCP_USER_TIMEOUT): dead or cut off. Its
-                // other connections are as dead, so it is ejected until Consul's failure
-                // detection takes it out of the table; so are its node's other instances
-                // for the retry.
+                // Its host stopped acknowledging (TCP_USER_TIMEOUT) or was reported
+                // unreachable: dead or cut off. Its other connections are as dead, so it is
+                // ejected until Consul's failure detection takes it out of the table, and the
+                // retry avoids its node's other instances.
                 self.tried.mark_silent(i);
                 self.last = LocalReason::UpstreamError;
                 m.upstream_errors.inc(UpstreamErrorKind::Unacknowledged);

@@ -80,9 +80,7 @@ impl WorkerPool {
 /// and warned about once, since a kernel that refuses it refuses it on every connection.
 /// Returns whether this call warned.
 fn set_user_timeout(stream: &impl AsRawFd, after: Duration) -> bool {
-    // The kernel reads an int of milliseconds: at least 1 (0 would mean its default).
-    let ms = after.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
-    let Err(error) = crate::sockopt::set_tcp(stream, libc::TCP_USER_TIMEOUT, ms) else {
+    let Err(error) = crate::sockopt::set_tcp_ms(stream, libc::TCP_USER_TIMEOUT, after) else {
         return false;
     };
     let first = socket_option_refused(SocketOption::UserTimeout);

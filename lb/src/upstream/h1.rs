@@ -413,8 +413,7 @@ impl Conn {
     /// it back is not reused.
     fn restore_user_timeout(&mut self, user_timeout: Duration) {
         self.user_timeout_lifted = false;
-        let ms = user_timeout.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
-        if crate::sockopt::set_tcp(&self.io, libc::TCP_USER_TIMEOUT, ms).is_err() {
+        if crate::sockopt::set_tcp_ms(&self.io, libc::TCP_USER_TIMEOUT, user_timeout).is_err() {
             self.dec.reusable = false;
         }
     }
