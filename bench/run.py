@@ -796,7 +796,22 @@ def table_scale(stack, rounds, duration, services, per_service):
     return res
 
 
-def instructions(stack, order, small, big, conns, variants=()):
+def close_requests(port, path, n):
+    """`n` requests, one after another, each on a new connection it closes (`Connection:
+    close`): the per-connection work of a proxy under callgrind, where load tools that keep
+    connections open or run for a time would not give an exact count."""
+    head = f"GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n".encode()
+    for _ in range(n):
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(head)
+            got = b""
+            while chunk := s.recv(65536):
+                got += chunk
+        if not got.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"a close request got {got[:80]!r}")
+
+
+def instructions(stack, order, small, big, conns, variants=(), closes=None):
     """User-space instructions per proxied request, counted by callgrind. Wall-clock figures
     here move by about 10% between runs of the same binary; instruction counts do not, so a
     change that saves a few percent shows. Each target runs under callgrind twice, serving
@@ -804,66 +819,81 @@ def instructions(stack, order, small, big, conns, variants=()):
     the difference per request cancels start-up and shutdown. Kernel time (about two thirds
     of a proxied request here) is not counted. `variants` adds runs of the lb with a feature
     on: `sticky` (`lb-sticky`: a sticky route, a session cookie on every request), `log`
-    (`lb-log`: the JSON access log of every request, to a file; its writer thread counted)."""
+    (`lb-log`: the JSON access log of every request, to a file; its writer thread counted).
+    `closes`, two counts, adds the same difference for requests made one after another, each
+    on a new connection (`close_requests`): the work of a connection's whole life."""
     out = {}
     rel = ROOT / "target" / "release"
     runs = [t for t in order if t in ("lb", "lb-base", "nginx", "haproxy")]
     if "lb" in runs:
         for v in reversed([v for v in variants if v]):
             runs.insert(runs.index("lb") + 1, f"lb-{v}")
+
+    def count(t, n, load):
+        """callgrind's total for target `t` serving `load(port)`, `n` naming the run."""
+        port = free_port()
+        env = None
+        path = "/sticky" if t == "lb-sticky" else "/"
+        if t.startswith("lb"):
+            binary = stack.base_lb if t == "lb-base" else rel / "lb"
+            # One worker thread, as the lb runs on one CPU here.
+            argv, env = [str(binary)], {**stack.lb_env(port, free_port()), "LB_WORKERS": "1"}
+            if t == "lb-log":
+                env["LB_ACCESS_LOG"] = "json"
+        elif t == "nginx":
+            argv = stack.nginx_argv(f"nginx-cg-{n}", port, free_port(), ("-g", "master_process off;"))
+        else:
+            argv = stack.haproxy_argv(f"haproxy-cg-{n}", port, free_port(), small=True)
+        out_file = os.path.join(stack.work, f"callgrind-{t}-{n}.out")
+        p = Proc(f"callgrind-{t}-{n}", ["valgrind", "--tool=callgrind",
+                                        f"--callgrind-out-file={out_file}"] + argv,
+                 PROXY_CPU, env, stack.work)
+        try:
+            wait_port(port, timeout=120)
+            deadline = time.time() + 120
+            while True:  # the lb answers 503 until its table holds the backends
+                try:
+                    if http("GET", f"http://127.0.0.1:{port}{path}")[0] == 200:
+                        break
+                except OSError:
+                    pass
+                if time.time() > deadline:
+                    raise RuntimeError(f"{t} under callgrind did not serve")
+                time.sleep(0.3)
+            load(port, path)
+        finally:
+            # callgrind writes its counts when the program exits: give it time.
+            if p.p.poll() is None:
+                os.killpg(p.p.pid, signal.SIGTERM)
+                try:
+                    p.p.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.p.pid, signal.SIGKILL)
+                    p.p.wait()
+        total = next((int(l.split()[1]) for l in open(out_file) if l.startswith("summary:")), None)
+        if total is None:
+            raise RuntimeError(f"callgrind wrote no summary for {t}")
+        return total
+
     for t in runs:
-        path, extra = ("/sticky", ["-H", "cookie: theme=dark; sid=0123456789"]) \
-            if t == "lb-sticky" else ("/", [])
-        counts = []
-        for n in (small, big):
-            port = free_port()
-            env = None
-            if t.startswith("lb"):
-                binary = stack.base_lb if t == "lb-base" else rel / "lb"
-                # One worker thread, as the lb runs on one CPU here.
-                argv, env = [str(binary)], {**stack.lb_env(port, free_port()), "LB_WORKERS": "1"}
-                if t == "lb-log":
-                    env["LB_ACCESS_LOG"] = "json"
-            elif t == "nginx":
-                argv = stack.nginx_argv(f"nginx-cg-{n}", port, free_port(), ("-g", "master_process off;"))
-            else:
-                argv = stack.haproxy_argv(f"haproxy-cg-{n}", port, free_port(), small=True)
-            out_file = os.path.join(stack.work, f"callgrind-{t}-{n}.out")
-            p = Proc(f"callgrind-{t}-{n}", ["valgrind", "--tool=callgrind",
-                                            f"--callgrind-out-file={out_file}"] + argv,
-                     PROXY_CPU, env, stack.work)
-            try:
-                wait_port(port, timeout=120)
-                deadline = time.time() + 120
-                while True:  # the lb answers 503 until its table holds the backends
-                    try:
-                        if http("GET", f"http://127.0.0.1:{port}{path}")[0] == 200:
-                            break
-                    except OSError:
-                        pass
-                    if time.time() > deadline:
-                        raise RuntimeError(f"{t} under callgrind did not serve")
-                    time.sleep(0.3)
-                argv = ["taskset", "-c", LOAD_CPU, "h2load", "--h1", "-n", str(n), "-c", str(conns),
-                        "-m", "1", *extra, f"http://127.0.0.1:{port}{path}"]
-                res = subprocess.run(argv, capture_output=True, text=True, timeout=600).stdout
-                if f"{n} succeeded" not in res:
-                    raise RuntimeError(f"h2load against {t} under callgrind:\n{res}")
-            finally:
-                # callgrind writes its counts when the program exits: give it time.
-                if p.p.poll() is None:
-                    os.killpg(p.p.pid, signal.SIGTERM)
-                    try:
-                        p.p.wait(timeout=120)
-                    except subprocess.TimeoutExpired:
-                        os.killpg(p.p.pid, signal.SIGKILL)
-                        p.p.wait()
-            total = next((int(l.split()[1]) for l in open(out_file) if l.startswith("summary:")), None)
-            if total is None:
-                raise RuntimeError(f"callgrind wrote no summary for {t}")
-            counts.append(total)
+        extra = ["-H", "cookie: theme=dark; sid=0123456789"] if t == "lb-sticky" else []
+
+        def keep_alive(port, path, n):
+            argv = ["taskset", "-c", LOAD_CPU, "h2load", "--h1", "-n", str(n), "-c", str(conns),
+                    "-m", "1", *extra, f"http://127.0.0.1:{port}{path}"]
+            res = subprocess.run(argv, capture_output=True, text=True, timeout=600).stdout
+            if f"{n} succeeded" not in res:
+                raise RuntimeError(f"h2load against {t} under callgrind:\n{res}")
+
+        counts = [count(t, n, lambda port, path, n=n: keep_alive(port, path, n)) for n in (small, big)]
         out[t] = {"per_request": (counts[1] - counts[0]) / (big - small), "small": small, "big": big}
         log(f"instructions: {t}: {out[t]['per_request']:.0f} per request")
+        if closes and t in ("lb", "lb-base", "nginx", "haproxy"):
+            a, b = closes
+            counts = [count(t, f"close-{n}", lambda port, path, n=n: close_requests(port, path, n))
+                      for n in (a, b)]
+            out[t]["per_connection"] = (counts[1] - counts[0]) / (b - a)
+            log(f"instructions: {t}: {out[t]['per_connection']:.0f} per new connection")
     return out
 
 
@@ -958,14 +988,20 @@ def report(res, order, args, pinning):
         ins = res["instructions"]
         lines += [f"**User-space instructions per request** (callgrind; HTTP/1.1 keep-alive, "
                   f"{args.cg_conns} connections, h2load; kernel time not counted)", "",
-                  "| target | instructions / request |", "|---|---|"]
+                  "| target | instructions / request | instructions / new connection (one request, "
+                  "`Connection: close`, one after another) |", "|---|---|---|"]
         for t, v in ins.items():
-            lines.append(f"| {t} | {v['per_request']:.0f} |")
+            pc = v.get("per_connection")
+            lines.append(f"| {t} | {v['per_request']:.0f} | {'-' if pc is None else f'{pc:.0f}'} |")
         rat = [f"lb/{peer} {ratio(ins['lb']['per_request'], ins[peer]['per_request'])}"
                for peer in ("nginx", "haproxy", "lb-base") if "lb" in ins and peer in ins]
         for v in ("lb-sticky", "lb-log"):
             if v in ins and "lb" in ins:
                 rat.append(f"{v}/lb {ratio(ins[v]['per_request'], ins['lb']['per_request'])}")
+        rat += [f"per new connection lb/{peer} "
+                f"{ratio(ins['lb'].get('per_connection'), ins[peer].get('per_connection'))}"
+                for peer in ("nginx", "haproxy", "lb-base")
+                if "lb" in ins and peer in ins and "per_connection" in ins[peer]]
         if rat:
             lines += ["", "Ratios: " + ", ".join(rat)]
         lines.append("")
@@ -1019,6 +1055,9 @@ def main():
     ap.add_argument("--cg-requests", default="5000,25000",
                     help="instructions stage: the two request counts whose difference is measured")
     ap.add_argument("--cg-conns", type=int, default=256)
+    ap.add_argument("--cg-closes", default="200,1200",
+                    help="instructions stage: the two counts of one-request connections whose "
+                         "difference is measured ('' to skip)")
     ap.add_argument("--two-core", action="store_true",
                     help="every proxy unpinned with two workers, the load unpinned with two threads")
     ap.add_argument("--cg-variants", default="",
@@ -1094,8 +1133,10 @@ def main():
                                                 args.churn_rate))
         if "instructions" in stages:
             small, big = (int(x) for x in args.cg_requests.split(","))
+            closes = [int(x) for x in args.cg_closes.split(",")] if args.cg_closes else None
             text = stage("instructions", lambda: instructions(stack, order, small, big, args.cg_conns,
-                                                                    args.cg_variants.split(",")))
+                                                                    args.cg_variants.split(","),
+                                                                    closes))
         if "scale" in stages and "lb" in order:
             text = stage("scale", lambda: table_scale(stack, args.rounds, args.duration,
                                                       args.services, args.per_service))
