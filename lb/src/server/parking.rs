@@ -32,6 +32,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::config::Config;
+use crate::field_list;
 use crate::server::stall::{client_took, StreamStall, WriteStall};
 use crate::time::LazyTimer;
 
@@ -157,14 +158,7 @@ pub struct ParkingIo {
 /// HTTP/1.1 with the `close` option, HTTP/1.0 without `keep-alive`. Errs towards `false`,
 /// which only costs a timer that the close then drops.
 pub fn ends_connection<B>(req: &http::Request<B>) -> bool {
-    let has = |option: &str| {
-        req.headers()
-            .get_all(http::header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|o| o.trim().eq_ignore_ascii_case(option))
-    };
+    let has = |option| field_list::contains(req.headers(), http::header::CONNECTION, option);
     match req.version() {
         http::Version::HTTP_11 => has("close"),
         http::Version::HTTP_10 => !has("keep-alive"),
