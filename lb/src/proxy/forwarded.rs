@@ -143,7 +143,7 @@ fn close_xff(b: &mut BytesMut, fwd: &Forwarded<'_>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::headers::strip_request_hop_by_hop;
+    use crate::proxy::headers::{strip_request_hop_by_hop, HopByHop};
 
     fn test_peer(tls: bool, trusted: bool) -> Peer {
         Peer::outside("127.0.0.2:5555".parse().unwrap(), tls, trusted)
@@ -164,7 +164,8 @@ mod tests {
         headers.append(X_FORWARDED_FOR, HeaderValue::from_static("10.2.2.2"));
         headers.insert(X_REQUEST_ID, HeaderValue::from_static("from-client"));
         headers.insert("x-kept", HeaderValue::from_static("yes"));
-        strip_request_hop_by_hop(&mut headers);
+        let present = HopByHop::of(&headers);
+        strip_request_hop_by_hop(&mut headers, present);
         let peer = test_peer(false, true);
         let id = HeaderValue::from_static("abc");
         let fwd = Forwarded {
@@ -184,7 +185,8 @@ mod tests {
 
         let mut grpc = HeaderMap::new();
         grpc.insert(header::TE, HeaderValue::from_static("gzip, trailers"));
-        strip_request_hop_by_hop(&mut grpc);
+        let present = HopByHop::of(&grpc);
+        strip_request_hop_by_hop(&mut grpc, present);
         assert_eq!(grpc["te"], "trailers", "gRPC's TE: trailers passes");
         let tls_peer = test_peer(true, true);
         let fwd = Forwarded {

@@ -23,7 +23,7 @@ pub(super) const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
 ];
 
 const HOP_BY_HOP_COUNT: usize = 6;
-// `hop_by_hop_fields` gives each one a bit of a `u8`.
+// `HopByHop` gives each one a bit of a `u8`.
 const _: () = assert!(HOP_BY_HOP_COUNT <= 8);
 
 /// Why an HTTP/2 request is malformed (RFC 9113 8.1.1), for what the HTTP/2 layer lets
@@ -110,31 +110,53 @@ pub(super) fn to_http2_form(parts: &mut http::request::Parts) {
     parts.version = Version::HTTP_2;
 }
 
-/// Whether any hop-by-hop field is present. Most messages carry none: one pass over the
-/// names costs less than hashing each of them for a removal.
-pub(super) fn has_hop_by_hop(headers: &HeaderMap) -> bool {
-    headers.keys().any(|k| HOP_BY_HOP.contains(k))
-}
+/// Which of [`HOP_BY_HOP`] a message carries, found in one pass over its names: bit `i` for
+/// `HOP_BY_HOP[i]`. Most messages carry none, and the one pass then costs less than hashing
+/// each name for a lookup; those that do carry one (a `Connection: close` on every request of
+/// a client that does not keep connections) look up only what is there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct HopByHop(u8);
 
-/// Which of [`HOP_BY_HOP`] are present: bit `i` for `HOP_BY_HOP[i]`. Only those are then
-/// looked up for removal.
-fn hop_by_hop_fields(headers: &HeaderMap) -> u8 {
-    let mut present = 0;
-    for k in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
-            present |= 1 << i;
+impl HopByHop {
+    const CONNECTION: u8 = 1 << 0;
+    const TE: u8 = 1 << 3;
+    const UPGRADE: u8 = 1 << 5;
+
+    pub(super) fn of(headers: &HeaderMap) -> HopByHop {
+        let mut present = 0;
+        for k in headers.keys() {
+            if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
+                present |= 1 << i;
+            }
         }
+        HopByHop(present)
     }
-    present
+
+    pub(super) fn any(self) -> bool {
+        self.0 != 0
+    }
+
+    /// Both fields an HTTP/1.1 upgrade needs (RFC 9110 7.8): without them, no offer to read.
+    pub(super) fn may_upgrade(self) -> bool {
+        self.0 & (Self::CONNECTION | Self::UPGRADE) == Self::CONNECTION | Self::UPGRADE
+    }
 }
 
+/// Removes a response's hop-by-hop fields.
 pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // The common case first, as it was: no hop-by-hop field, one short pass.
-    if !has_hop_by_hop(headers) {
-        return;
+    let present = HopByHop::of(headers);
+    if present.any() {
+        strip_present(headers, present);
     }
-    let present = hop_by_hop_fields(headers);
-    if present & 1 != 0 {
+}
+
+/// Above this many distinct names, a `Connection` option is looked up by its hash; at or
+/// below it, a pass over the names finds it cheaper, and finds nothing for the options that
+/// name no field (`close`, by far the most common).
+const SCAN_NAMES_MAX: usize = 16;
+
+fn strip_present(headers: &mut HeaderMap, present: HopByHop) {
+    if present.0 & HopByHop::CONNECTION != 0 {
         // `HOP_BY_HOP[0]`, `Connection`: the options of every one of its lines name fields
         // that go too. The lines are copied out first (a copy shares their bytes), as the
         // map changes under them; past the first, rare, they take a vector.
@@ -149,27 +171,33 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
                 if option.eq_ignore_ascii_case("host") {
                     continue;
                 }
+                // Names are kept in lower case; the option may be in any.
+                let named = |k: &HeaderName| k.as_str().eq_ignore_ascii_case(option);
+                if headers.keys_len() <= SCAN_NAMES_MAX && !headers.keys().any(named) {
+                    continue;
+                }
                 // Looked up by the text, not made into a `HeaderName`: a name that is not a
-                // standard one ("close" is none) costs no allocation.
+                // standard one costs no allocation.
                 headers.remove(option);
             }
         }
     }
     for (i, name) in HOP_BY_HOP.iter().enumerate() {
-        if present & (1 << i) != 0 {
+        if present.0 & (1 << i) != 0 {
             headers.remove(name);
         }
     }
 }
 
 /// Removes the hop-by-hop fields of a request, all but `TE: trailers`, the one `TE` a proxy
-/// passes on (gRPC needs it end to end).
-pub(super) fn strip_request_hop_by_hop(headers: &mut HeaderMap) {
-    if !has_hop_by_hop(headers) {
+/// passes on (gRPC needs it end to end). `present` is [`HopByHop::of`] these headers.
+pub(super) fn strip_request_hop_by_hop(headers: &mut HeaderMap, present: HopByHop) {
+    if !present.any() {
         return;
     }
-    let trailers = field_list::contains(headers, header::TE, "trailers");
-    strip_hop_by_hop(headers);
+    let trailers =
+        present.0 & HopByHop::TE != 0 && field_list::contains(headers, header::TE, "trailers");
+    strip_present(headers, present);
     if trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
@@ -213,9 +241,44 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::CONNECTION, HeaderValue::from_static("Host"));
         h.insert(header::HOST, HeaderValue::from_static("shop.example"));
-        strip_request_hop_by_hop(&mut h);
+        let present = HopByHop::of(&h);
+        strip_request_hop_by_hop(&mut h, present);
         assert_eq!(h.get(header::HOST).unwrap(), "shop.example");
         assert_eq!(h.len(), 1);
+    }
+
+    /// Options are found by a pass over the names in small maps and by lookup in large ones;
+    /// both remove what they name, in any case, and nothing else.
+    #[test]
+    fn connection_options_go_in_small_and_large_maps() {
+        for extra in [0, SCAN_NAMES_MAX + 4] {
+            let mut h = HeaderMap::new();
+            for i in 0..extra {
+                h.insert(
+                    HeaderName::from_bytes(format!("x-field-{i}").as_bytes()).unwrap(),
+                    HeaderValue::from_static("v"),
+                );
+            }
+            h.insert(
+                header::CONNECTION,
+                HeaderValue::from_static("close,\tX-Hop , x-absent"),
+            );
+            h.insert("x-hop", HeaderValue::from_static("1"));
+            h.insert("x-keep", HeaderValue::from_static("2"));
+            h.insert(header::TE, HeaderValue::from_static("trailers, gzip"));
+            let present = HopByHop::of(&h);
+            strip_request_hop_by_hop(&mut h, present);
+            assert_eq!(h.len(), extra + 2, "{extra} other fields");
+            assert_eq!(h["x-keep"], "2");
+            assert_eq!(h[header::TE], "trailers");
+        }
+        let mut h = HeaderMap::new();
+        h.insert("x-end-to-end", HeaderValue::from_static("3"));
+        assert!(!HopByHop::of(&h).any());
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        assert!(HopByHop::of(&h).any() && !HopByHop::of(&h).may_upgrade());
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(HopByHop::of(&h).may_upgrade());
     }
 
     #[test]

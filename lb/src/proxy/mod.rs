@@ -98,9 +98,11 @@ pub async fn handle(
     }
 
     // Most requests carry no hop-by-hop field (`Connection`, `Upgrade`...): one pass over the
-    // names, cheaper than looking each up, spares them both the upgrade and the removal.
-    let hop = headers::has_hop_by_hop(&parts.headers);
+    // names, cheaper than looking each up, spares them both the upgrade and the removal, and
+    // a `Connection: close` without an `Upgrade` the reading of an offer.
+    let hop = headers::HopByHop::of(&parts.headers);
     let offer = hop
+        .may_upgrade()
         .then(|| {
             upgrade_request(
                 &parts.headers,
@@ -111,9 +113,7 @@ pub async fn handle(
         })
         .flatten()
         .map(|protocol| (protocol, UpgradePin::new(&peer)));
-    if hop {
-        strip_request_hop_by_hop(&mut parts.headers);
-    }
+    strip_request_hop_by_hop(&mut parts.headers, hop);
     let upgrade = offer.and_then(|offer| Upgrade::carry(offer, &mut parts, &peer));
     to_http1_form(&mut parts);
     shared.retry_budget.deposit();
