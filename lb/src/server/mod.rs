@@ -83,6 +83,9 @@ struct Listener {
     h2: http2::Builder<StreamExec>,
     /// Where plain HTTP/1.1 connections wait between requests.
     lot: Lot<Parked>,
+    /// `client_connections` for HTTP/1.1 and for HTTP/2 on this listener: looked up once,
+    /// not by label for every connection.
+    served: [prometheus::IntCounter; 2],
     stop: watch::Receiver<bool>,
     drain: Drain,
 }
@@ -130,8 +133,16 @@ pub async fn serve_proxy(
     let (alive, mut all_gone) = mpsc::channel::<Infallible>(1);
     let (close_tunnels, tunnels_closed) = watch::channel(false);
     let (lot, waiting) = lot::lot(shared.metrics.client_connections_parked.clone());
+    let over_tls = if tls.is_some() { "true" } else { "false" };
+    let served = [ClientProtocol::Http1, ClientProtocol::H2].map(|p| {
+        shared
+            .metrics
+            .client_connections
+            .with_label_values(&[p.as_str(), over_tls])
+    });
     let ctx = Arc::new(Listener {
         shared: shared.clone(),
+        served,
         tls,
         h1,
         h1_parking,
@@ -244,7 +255,7 @@ impl Listener {
             Box::pin(self.serve(TokioIo::new(stream), (addr, fd), false, true, slot)).await;
             return;
         }
-        self.count_protocol(false, false);
+        self.count_protocol(false);
         let Some(first) = self.first_bytes(&mut stream, addr).await else {
             return;
         };
@@ -376,7 +387,7 @@ impl Listener {
         I: Read + Write + Unpin + Send + 'static,
     {
         let shared = &self.shared;
-        self.count_protocol(tls, h2);
+        self.count_protocol(h2);
         let trusted = self.trusted(addr);
         let peer = Arc::new(Peer::new(addr, tls, trusted, self.drain.clone(), slot));
         let (shared2, peer2) = (shared.clone(), peer.clone());
@@ -522,17 +533,8 @@ impl Listener {
         !nets.is_empty() && nets.iter().any(|n| n.contains(addr.ip()))
     }
 
-    fn count_protocol(&self, tls: bool, h2: bool) {
-        let protocol = if h2 {
-            ClientProtocol::H2
-        } else {
-            ClientProtocol::Http1
-        };
-        self.shared
-            .metrics
-            .client_connections
-            .with_label_values(&[protocol.as_str(), if tls { "true" } else { "false" }])
-            .inc();
+    fn count_protocol(&self, h2: bool) {
+        self.served[usize::from(h2)].inc();
     }
 
     fn count_hyper_error(&self, e: &hyper::Error, addr: SocketAddr) {
@@ -595,7 +597,9 @@ mod tests {
         let (_, close) = watch::channel(false);
         let (stopping, stop) = watch::channel(false);
         let (lot, _) = lot::lot(shared.metrics.client_connections_parked.clone());
+        let served = [0, 1].map(|_| prometheus::IntCounter::new("t", "t").unwrap());
         let ctx = Arc::new(Listener {
+            served,
             h2: http2::Builder::new(StreamExec {
                 timeout: Duration::from_secs(1),
                 shared: shared.clone(),
