@@ -19,6 +19,7 @@ pub mod stall;
 pub mod tls;
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -104,7 +105,7 @@ pub async fn serve_proxy(
     listener: TcpListener,
     mut spread: Spread,
     tls: Option<Arc<Tls>>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
     drain: Duration,
 ) -> usize {
     let cfg = &shared.config;
@@ -187,13 +188,17 @@ pub async fn serve_proxy(
             tokio::spawn(ctx.clone().plain_connection(stream, peer, slot));
         }
     };
+    // In a fixed order (no random pick per connection), the stop first, so that a flood of
+    // connections does not hide it.
+    let mut stopped = StopWait::new(&stop);
     loop {
         let placed = tokio::select! {
+            biased;
+            () = std::future::poll_fn(|cx| stopped.poll(cx)) => break,
+            placed = spread.next(&shared.metrics) => Some(placed),
             (stream, addr, limit) = acceptor.accept(Some(&shared.connection_slots), &shared.metrics) => {
                 spread.place(stream, addr, limit, &shared.metrics)
             }
-            placed = spread.next(&shared.metrics) => Some(placed),
-            _ = stop.changed() => break,
         };
         if let Some(placed) = placed {
             start(placed);
@@ -220,6 +225,45 @@ pub async fn serve_proxy(
     let _ = close_tunnels.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(1), all_gone.recv()).await;
     left
+}
+
+/// The accept loop's wait for the stop, one for the whole loop. A `changed()` made for each
+/// connection would take a place in the watch's waiter list and give it back each time, and
+/// one kept and polled takes the list's lock and the task's budget at every poll; this one
+/// takes its place at the first poll, and each poll after it is one atomic read.
+struct StopWait {
+    seen: watch::Receiver<bool>,
+    wait: Pin<Box<dyn Future<Output = ()> + Send>>,
+    waiting: bool,
+}
+
+impl StopWait {
+    fn new(stop: &watch::Receiver<bool>) -> StopWait {
+        let mut waiter = stop.clone();
+        StopWait {
+            seen: stop.clone(),
+            wait: Box::pin(async move {
+                let _ = waiter.changed().await;
+            }),
+            waiting: false,
+        }
+    }
+
+    /// Ready once the value changed or the sender is gone. The task's waker stays in the
+    /// waiter list from the first Pending poll: every poll after it comes from the same task.
+    fn poll(&mut self, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        if self.waiting {
+            return match self.seen.has_changed() {
+                Ok(false) => Poll::Pending,
+                _ => Poll::Ready(()),
+            };
+        }
+        if self.wait.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        self.waiting = true;
+        Poll::Pending
+    }
 }
 
 impl Listener {
@@ -306,6 +350,9 @@ impl Listener {
         let timeout = self.shared.config.client_header_timeout;
         let mut stop = self.stop.clone();
         tokio::select! {
+            // The bytes first: they are most often there already, and then the stop is never
+            // waited for (a place taken in the watch's waiter list and given back).
+            biased;
             r = tokio::time::timeout(timeout, arrived) => match r {
                 Ok(Ok(first)) => first,
                 Ok(Err(_)) => None,
@@ -349,6 +396,7 @@ impl Listener {
         });
         let mut conn = self.h1_parking.serve_connection(io, svc).with_upgrades();
         let result = tokio::select! {
+            biased;
             r = &mut conn => r,
             _ = async { let _ = stop.wait_for(|s| *s).await; } => {
                 Pin::new(&mut conn).graceful_shutdown();
@@ -613,6 +661,42 @@ mod tests {
             drain: Drain { alive, close },
         });
         (ctx, stopping)
+    }
+
+    /// The accept loop's stop wait, woken by other branches in between (as a connection
+    /// being accepted wakes the loop), ends when the stop comes, and when its sender goes.
+    #[tokio::test]
+    async fn the_accept_loops_stop_wait_ends_at_the_stop() {
+        for drop_sender in [false, true] {
+            let (stopping, stop) = watch::channel(false);
+            let mut stopped = StopWait::new(&stop);
+            let (tick, mut ticks) = mpsc::unbounded_channel::<()>();
+            let waiter = tokio::spawn(async move {
+                let mut woken = 0;
+                loop {
+                    tokio::select! {
+                        biased;
+                        () = std::future::poll_fn(|cx| stopped.poll(cx)) => return woken,
+                        _ = ticks.recv() => woken += 1,
+                    }
+                }
+            });
+            for _ in 0..3 {
+                tick.send(()).unwrap();
+                tokio::task::yield_now().await;
+            }
+            assert!(!waiter.is_finished());
+            if drop_sender {
+                drop(stopping);
+            } else {
+                stopping.send(true).unwrap();
+            }
+            let woken = tokio::time::timeout(Duration::from_secs(5), waiter)
+                .await
+                .expect("the stop woke the wait")
+                .unwrap();
+            assert_eq!(woken, 3);
+        }
     }
 
     /// A new connection's first read, made with the task's work budget spent: its Pending
