@@ -182,10 +182,13 @@ pub async fn serve_proxy(
         }
         // Two task types: a plain connection's task then holds none of the TLS and HTTP/2
         // state, which would otherwise size every connection's future.
+        // Boxed first: the runtime moves a task's future several times on its way into the
+        // task and writes its stage twice more, each a copy of the whole future (some 600
+        // bytes for a plain connection), where a box is one copy and a pointer after it.
         if ctx.tls.is_some() {
-            tokio::spawn(ctx.clone().tls_connection(stream, peer, slot));
+            tokio::spawn(Box::pin(ctx.clone().tls_connection(stream, peer, slot)));
         } else {
-            tokio::spawn(ctx.clone().plain_connection(stream, peer, slot));
+            tokio::spawn(Box::pin(ctx.clone().plain_connection(stream, peer, slot)));
         }
     };
     // In a fixed order (no random pick per connection), the stop first, so that a flood of
