@@ -196,6 +196,8 @@ pub async fn serve_proxy(
     let mut stopped = StopWait::new(&stop);
     loop {
         let placed = tokio::select! {
+            // A moved connection before one of this worker's own: it was accepted earlier,
+            // and moves come only while this worker holds fewer connections than another.
             biased;
             () = std::future::poll_fn(|cx| stopped.poll(cx)) => break,
             placed = spread.next(&shared.metrics) => Some(placed),
@@ -233,11 +235,15 @@ pub async fn serve_proxy(
 /// The accept loop's wait for the stop, one for the whole loop. A `changed()` made for each
 /// connection would take a place in the watch's waiter list and give it back each time, and
 /// one kept and polled takes the list's lock and the task's budget at every poll; this one
-/// takes its place at the first poll, and each poll after it is one atomic read.
+/// takes its place once, and each poll after it is one atomic read, while the waker it left
+/// there is the one polling.
 struct StopWait {
     seen: watch::Receiver<bool>,
+    /// Out of the task's budget: a wait the budget turned away would have taken no place in
+    /// the list, and nothing would wake the loop for the stop.
     wait: Pin<Box<dyn Future<Output = ()> + Send>>,
-    waiting: bool,
+    /// The waker left in the list, once `wait` was Pending.
+    waiting: Option<std::task::Waker>,
 }
 
 impl StopWait {
@@ -245,26 +251,27 @@ impl StopWait {
         let mut waiter = stop.clone();
         StopWait {
             seen: stop.clone(),
-            wait: Box::pin(async move {
+            wait: Box::pin(tokio::task::coop::unconstrained(async move {
                 let _ = waiter.changed().await;
-            }),
-            waiting: false,
+            })),
+            waiting: None,
         }
     }
 
-    /// Ready once the value changed or the sender is gone. The task's waker stays in the
-    /// waiter list from the first Pending poll: every poll after it comes from the same task.
+    /// Ready once the value changed or the sender is gone.
     fn poll(&mut self, cx: &mut std::task::Context<'_>) -> Poll<()> {
-        if self.waiting {
-            return match self.seen.has_changed() {
-                Ok(false) => Poll::Pending,
-                _ => Poll::Ready(()),
-            };
+        if let Some(waker) = &self.waiting {
+            if waker.will_wake(cx.waker()) {
+                return match self.seen.has_changed() {
+                    Ok(false) => Poll::Pending,
+                    _ => Poll::Ready(()),
+                };
+            }
         }
         if self.wait.as_mut().poll(cx).is_ready() {
             return Poll::Ready(());
         }
-        self.waiting = true;
+        self.waiting = Some(cx.waker().clone());
         Poll::Pending
     }
 }
@@ -667,38 +674,55 @@ mod tests {
     }
 
     /// The accept loop's stop wait, woken by other branches in between (as a connection
-    /// being accepted wakes the loop), ends when the stop comes, and when its sender goes.
+    /// being accepted wakes the loop), ends when the stop comes and when its sender goes,
+    /// also when its first poll comes with the task's budget spent.
     #[tokio::test]
     async fn the_accept_loops_stop_wait_ends_at_the_stop() {
-        for drop_sender in [false, true] {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        for (drop_sender, spent) in [(false, false), (true, false), (false, true)] {
             let (stopping, stop) = watch::channel(false);
             let mut stopped = StopWait::new(&stop);
             let (tick, mut ticks) = mpsc::unbounded_channel::<()>();
+            let woken = Arc::new(AtomicUsize::new(0));
+            let seen = woken.clone();
             let waiter = tokio::spawn(async move {
-                let mut woken = 0;
+                if spent {
+                    // `select!` itself yields on a spent budget, so the wait is polled
+                    // first on its own.
+                    while tokio::task::coop::has_budget_remaining() {
+                        tokio::task::consume_budget().await;
+                    }
+                    let first = std::future::poll_fn(|cx| Poll::Ready(stopped.poll(cx))).await;
+                    assert!(first.is_pending());
+                }
                 loop {
                     tokio::select! {
                         biased;
-                        () = std::future::poll_fn(|cx| stopped.poll(cx)) => return woken,
-                        _ = ticks.recv() => woken += 1,
-                    }
+                        () = std::future::poll_fn(|cx| stopped.poll(cx)) => return,
+                        _ = ticks.recv() => seen.fetch_add(1, Ordering::Relaxed),
+                    };
                 }
             });
             for _ in 0..3 {
                 tick.send(()).unwrap();
+            }
+            for _ in 0..1000 {
+                if woken.load(Ordering::Relaxed) == 3 {
+                    break;
+                }
                 tokio::task::yield_now().await;
             }
+            assert_eq!(woken.load(Ordering::Relaxed), 3);
             assert!(!waiter.is_finished());
             if drop_sender {
                 drop(stopping);
             } else {
                 stopping.send(true).unwrap();
             }
-            let woken = tokio::time::timeout(Duration::from_secs(5), waiter)
+            tokio::time::timeout(Duration::from_secs(5), waiter)
                 .await
                 .expect("the stop woke the wait")
                 .unwrap();
-            assert_eq!(woken, 3);
         }
     }
 
