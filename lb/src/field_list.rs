@@ -75,5 +75,15 @@ mod tests {
         assert_eq!(items(&v).collect::<Vec<_>>(), ["gzip", "chunked"]);
         assert_eq!(last(&v), Some("chunked"));
         assert_eq!(last(&HeaderValue::from_static("")), None);
+        let all = |v: &'static str| {
+            let v = HeaderValue::from_static(v);
+            items(&v).map(str::to_owned).collect::<Vec<_>>()
+        };
+        assert_eq!(all("a,,b,"), ["a", "b"]);
+        assert!(all(" \t, ,").is_empty());
+        assert_eq!(all("close"), ["close"]);
+        assert_eq!(all(",x , y\t"), ["x", "y"]);
+        let not_visible = HeaderValue::from_bytes(b"a,\xffb").unwrap();
+        assert_eq!(items(&not_visible).count(), 0);
     }
 }
