@@ -830,7 +830,7 @@ def instructions(stack, order, small, big, conns, variants=(), closes=None):
             runs.insert(runs.index("lb") + 1, f"lb-{v}")
 
     def count(t, n, load):
-        """callgrind's total for target `t` serving `load(port)`, `n` naming the run."""
+        """callgrind's total for target `t` serving `load(port, path)`, `n` naming the run."""
         port = free_port()
         env = None
         path = "/sticky" if t == "lb-sticky" else "/"
