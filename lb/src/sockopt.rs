@@ -1,5 +1,6 @@
-//! TCP options that neither the standard library nor tokio sets: one checked `setsockopt`.
-//! Knows nothing of what the sockets carry or why an option is wanted.
+//! TCP options that neither the standard library nor tokio sets (one checked `setsockopt`),
+//! and the one socket state the lb reads that they do not (its send queue). Knows nothing of
+//! what the sockets carry or why an option is wanted.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -34,4 +35,19 @@ pub fn set_tcp_ms(
 ) -> io::Result<()> {
     let ms = after.as_millis().clamp(1, libc::c_int::MAX as u128) as libc::c_int;
     set_tcp(socket, name, ms)
+}
+
+/// How many bytes written to `socket` its peer has not yet acknowledged, sent or not: the
+/// send queue (`SIOCOUTQ`). Bytes the peer's kernel acknowledged are in the peer's hands;
+/// when its application reads them no socket here can tell.
+pub fn unacknowledged(socket: &impl AsRawFd) -> io::Result<usize> {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: an open socket's descriptor, and an int the kernel writes, which outlives the
+    // call. SIOCOUTQ and TIOCOUTQ are one request on Linux.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+    if rc == 0 {
+        Ok(usize::try_from(queued).unwrap_or(0))
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }

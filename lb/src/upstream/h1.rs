@@ -102,6 +102,9 @@ pub struct Conn {
     /// timeout is lifted (see `lift_user_timeout`) and each write the backend takes restarts
     /// the response timeout.
     large_upload: bool,
+    /// In a large upload, the send queue when the backend's deadline was last set: a queue
+    /// shorter at the deadline is a backend still taking the request.
+    queued: usize,
     /// The user timeout is off for the exchange in progress.
     user_timeout_lifted: bool,
 }
@@ -135,6 +138,7 @@ impl Conn {
             timer: LazyTimer::default(),
             sent: 0,
             large_upload: false,
+            queued: 0,
             user_timeout_lifted: false,
         }
     }
@@ -194,7 +198,9 @@ impl Conn {
     /// Whose turn it is decides the deadline: while every byte the client sent is written and
     /// more of its body is awaited, the client's (`timeouts.client_body`, restarted by each
     /// frame); otherwise the backend's (`timeouts.response`, restarted each time the wait
-    /// passes back to it), so a slow upload is never blamed on the backend.
+    /// passes back to it and, in a large upload, each time the backend takes more of it,
+    /// from the lb's writes or from its send queue), so a slow upload is never blamed on the
+    /// backend.
     pub async fn send(
         &mut self,
         parts: &http::request::Parts,
@@ -258,9 +264,22 @@ impl Conn {
                     timeouts.response
                 };
                 deadline = tokio::time::Instant::now() + limit;
+                if self.large_upload && !on_client {
+                    self.queued = self.unacknowledged();
+                }
             }
             // Most responses come long before the timeout: see `LazyTimer`.
-            if self.timer.poll_until(cx, deadline).is_ready() {
+            while self.timer.poll_until(cx, deadline).is_ready() {
+                // The last megabytes of a large upload wait in the send queue after the last
+                // write: a backend still taking them is still taking the request.
+                if self.large_upload && !on_client {
+                    let now = self.unacknowledged();
+                    if now < self.queued {
+                        self.queued = now;
+                        deadline = tokio::time::Instant::now() + timeouts.response;
+                        continue;
+                    }
+                }
                 self.dec.reusable = false;
                 return Poll::Ready(Err(if on_client {
                     SendError::ClientBodyTimedOut
@@ -392,6 +411,12 @@ impl Conn {
                 return Ok(());
             }
         }
+    }
+
+    /// The bytes written that the backend has not acknowledged; zero if the kernel cannot say,
+    /// which only ends a wait sooner.
+    fn unacknowledged(&self) -> usize {
+        crate::sockopt::unacknowledged(&self.io).unwrap_or(0)
     }
 
     /// Turns the user timeout off for the rest of this exchange, once the request may be

@@ -385,12 +385,14 @@ async fn a_backend_that_pauses_reading_an_upload_is_not_taken_for_dead() {
 
 /// An upload longer than the response timeout to a backend that keeps reading it, more
 /// slowly than the client sends, is not a backend holding the exchange up: each part it
-/// takes restarts the timeout.
+/// takes restarts the timeout. That includes the last megabytes, which wait in the lb's
+/// send buffer (up to 4 MiB as the kernel grows it) after the lb has written them: at this
+/// rate they take the backend well over the timeout to take.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_a_backend_keeps_taking_outlasts_the_response_timeout() {
-    const BODY: usize = 16 << 20;
-    // 256 KiB every 50 ms: about 3 s for the body, against a 1 s response timeout.
-    let port = upload_sink(BODY, Duration::ZERO, 256 << 10, Duration::from_millis(50));
+    const BODY: usize = 12 << 20;
+    // 128 KiB every 50 ms: about 5 s for the body, against a 1 s response timeout.
+    let port = upload_sink(BODY, Duration::ZERO, 128 << 10, Duration::from_millis(50));
     let (_consul, lb, http, status, body) =
         upload(port, BODY, &[("LB_RESPONSE_TIMEOUT", "1s")]).await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -399,6 +401,24 @@ async fn an_upload_a_backend_keeps_taking_outlasts_the_response_timeout() {
         lb.metric(&http, "lb_upstream_errors_total", &timeouts)
             .await,
         Some(0.0)
+    );
+}
+
+/// A backend that stops taking a large upload altogether is holding the exchange up: once
+/// its send queue stops shrinking, the response timeout runs out (a 504, counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_a_backend_stops_taking_ends_at_the_response_timeout() {
+    const BODY: usize = 16 << 20;
+    // The head, then no read for longer than the test.
+    let port = upload_sink(BODY, Duration::from_secs(120), 64 << 10, Duration::ZERO);
+    let (_consul, lb, http, status, body) =
+        upload(port, BODY, &[("LB_RESPONSE_TIMEOUT", "1s")]).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    let timeouts = [("kind", "response_timeout")];
+    assert_eq!(
+        lb.metric(&http, "lb_upstream_errors_total", &timeouts)
+            .await,
+        Some(1.0)
     );
 }
 
