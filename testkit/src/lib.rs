@@ -47,11 +47,23 @@ where
     }
 }
 
+/// A loopback port free now and never handed out before in this process. The kernel picks a
+/// port for each bind at random, so two picks can be one port (about one pair in 30,000;
+/// a full run picks hundreds): a Consul agent given one for two of its listeners refuses to
+/// start, and two agents or lbs given one fight over it.
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = StdListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free loopback port")
+            .port();
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -504,5 +516,19 @@ impl Http {
         tokio::time::timeout(Duration::from_secs(30), fut)
             .await
             .map_err(|_| "client timeout".to_string())?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Ports handed out one after another are never the same one: an agent given one port
+    /// twice (its serf LAN and WAN ports, say) does not start.
+    #[test]
+    fn free_ports_are_never_handed_out_twice() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..2000 {
+            let port = super::free_port();
+            assert!(seen.insert(port), "port {port} handed out twice");
+        }
     }
 }
