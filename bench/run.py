@@ -11,7 +11,8 @@ responses, a new connection per request; over TLS with keep-alive and with a han
 request) and an `h2load` HTTP/2-over-TLS scenario, every TLS listener serving the same
 certificate; idle keep-alive client connections (RSS and kernel socket memory per connection); the lb under Consul
 churn (100 instance changes/s) against the lb without, and against as many Consul writes
-that the lb does not watch; the lb with 10 and with 10,000 instances in its table. Started
+that the lb does not watch; the lb with 10 and with 10,000 instances in its table; system
+calls per request by call (`--stages syscalls`, not among the default stages). Started
 by scripts/bench, which installs and builds what it needs first.
 """
 
@@ -820,6 +821,56 @@ def close_requests(port, path, n):
             raise RuntimeError(f"a close request got {got[:80]!r}")
 
 
+# The calls a proxy makes on its request path, counted by the kernel's tracepoints.
+SYSCALLS = ["read", "write", "readv", "writev", "recvfrom", "sendto", "recvmsg", "sendmsg",
+            "epoll_wait", "epoll_pwait", "epoll_ctl", "accept4", "close", "shutdown", "futex",
+            "ioctl", "setsockopt", "getsockopt", "getsockname", "getpeername", "sched_yield"]
+
+
+def syscalls(stack, order, duration, only):
+    """System calls per request, by call, for each target and scenario: the kernel's
+    `syscalls:sys_enter_*` tracepoints counted by `perf stat` on the proxy's processes over
+    one load run. Like instruction counts they do not move with the machine's noise, and
+    they count where most of a proxied request's time goes (the kernel), which callgrind
+    does not see."""
+    out = {}
+    events = ",".join(f"syscalls:sys_enter_{c}" for c in SYSCALLS)
+    for key, name, path, conns, close, proto in SCENARIOS:
+        if only and key not in only:
+            continue
+        per_target = {}
+        for t in order:
+            port, proc = stack.targets[t]
+            if proc is None or (proto != "http" and t not in stack.tls_ports):
+                continue
+            if proto != "http":
+                port = stack.tls_ports[t]
+            counts_file = os.path.join(stack.work, f"syscalls-{key}-{t}.csv")
+            perf = subprocess.Popen(["perf", "stat", "-x,", "-o", counts_file, "-e", events,
+                                     "-p", ",".join(str(p) for p in proc.pids())])
+            try:
+                time.sleep(0.5)  # perf attaches
+                if proto == "h2":
+                    r = h2load(port, path, conns, H2_STREAMS, duration)
+                else:
+                    r = wrk(port, path, conns, duration, close, scheme=proto)
+            finally:
+                perf.send_signal(signal.SIGINT)
+                perf.wait(timeout=30)
+            counts = {}
+            for line in open(counts_file):
+                f = line.strip().split(",")
+                if len(f) > 3 and f[2].startswith("syscalls:sys_enter_") and f[0].isdigit():
+                    counts[f[2][len("syscalls:sys_enter_"):]] = int(f[0])
+            n = max(r["requests"], 1)
+            per_target[t] = {"requests": r["requests"],
+                             "per_request": {c: v / n for c, v in counts.items() if v}}
+            total = sum(per_target[t]["per_request"].values())
+            log(f"syscalls: {name} | {t}: {total:.2f} per request")
+        out[name] = per_target
+    return out
+
+
 def instructions(stack, order, small, big, conns, variants=(), closes=None):
     """User-space instructions per proxied request, counted by callgrind. Wall-clock figures
     here move by about 10% between runs of the same binary; instruction counts do not, so a
@@ -1014,6 +1065,16 @@ def report(res, order, args, pinning):
         if rat:
             lines += ["", "Ratios: " + ", ".join(rat)]
         lines.append("")
+    if "syscalls" in res:
+        lines += ["**System calls per request** (`perf stat` on the kernel's `sys_enter` "
+                  "tracepoints over one load run; calls under 0.01 per request left out)", "",
+                  "| scenario | target | total | by call |", "|---|---|---|---|"]
+        for name, per in res["syscalls"].items():
+            for t, v in per.items():
+                calls = sorted(v["per_request"].items(), key=lambda kv: -kv[1])
+                lines.append(f"| {name} | {t} | {sum(x for _, x in calls):.2f} | "
+                             + ", ".join(f"{c} {x:.2f}" for c, x in calls if x >= 0.01) + " |")
+        lines.append("")
     if "churn" in res:
         ch = res["churn"]
         lines += ["**lb under Consul churn** (64 connections; churn: one instance of the routed "
@@ -1140,6 +1201,10 @@ def main():
         if "churn" in stages and "lb" in order:
             text = stage("churn", lambda: churn(stack, max(3, args.rounds - 1), args.churn_duration,
                                                 args.churn_rate))
+        if "syscalls" in stages:
+            text = stage("syscalls", lambda: syscalls(stack, [t for t in order if t != "direct"],
+                                                      args.duration,
+                                                      set(filter(None, args.scenarios.split(",")))))
         if "instructions" in stages:
             small, big = (int(x) for x in args.cg_requests.split(","))
             closes = [int(x) for x in args.cg_closes.split(",")] if args.cg_closes else None
