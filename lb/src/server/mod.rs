@@ -200,7 +200,7 @@ pub async fn serve_proxy(
             // and moves come only while this worker holds fewer connections than another.
             biased;
             () = std::future::poll_fn(|cx| stopped.poll(cx)) => break,
-            placed = spread.next(&shared.metrics) => Some(placed),
+            placed = std::future::poll_fn(|cx| spread.poll_next(cx, &shared.metrics)) => Some(placed),
             (stream, addr, limit) = acceptor.accept(Some(&shared.connection_slots), &shared.metrics) => {
                 spread.place(stream, addr, limit, &shared.metrics)
             }
