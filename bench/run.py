@@ -830,11 +830,11 @@ SYSCALLS = ["read", "write", "readv", "writev", "recvfrom", "sendto", "recvmsg",
 def syscalls(stack, order, duration, only):
     """System calls per request, by call, for each target and scenario: the kernel's
     `syscalls:sys_enter_*` tracepoints counted by `perf stat` on the proxy's processes over
-    one load run. Like instruction counts they do not move with the machine's noise, and
-    they count where most of a proxied request's time goes (the kernel), which callgrind
-    does not see."""
+    one load run, and every call at all (`raw_syscalls:sys_enter`) for the total. Like
+    instruction counts they do not move with the machine's noise, and they count where most
+    of a proxied request's time goes (the kernel), which callgrind does not see."""
     out = {}
-    events = ",".join(f"syscalls:sys_enter_{c}" for c in SYSCALLS)
+    events = ",".join(["raw_syscalls:sys_enter"] + [f"syscalls:sys_enter_{c}" for c in SYSCALLS])
     for key, name, path, conns, close, proto in SCENARIOS:
         if only and key not in only:
             continue
@@ -850,23 +850,34 @@ def syscalls(stack, order, duration, only):
                                      "-p", ",".join(str(p) for p in proc.pids())])
             try:
                 time.sleep(0.5)  # perf attaches
+                if perf.poll() is not None:
+                    raise RuntimeError(f"perf stat exited ({perf.returncode}): are the "
+                                       "tracepoints readable (perf_event_paranoid, tracefs)?")
                 if proto == "h2":
                     r = h2load(port, path, conns, H2_STREAMS, duration)
                 else:
                     r = wrk(port, path, conns, duration, close, scheme=proto)
             finally:
-                perf.send_signal(signal.SIGINT)
-                perf.wait(timeout=30)
+                if perf.poll() is None:
+                    perf.send_signal(signal.SIGINT)
+                try:
+                    perf.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    perf.kill()
+                    perf.wait()
             counts = {}
             for line in open(counts_file):
                 f = line.strip().split(",")
-                if len(f) > 3 and f[2].startswith("syscalls:sys_enter_") and f[0].isdigit():
-                    counts[f[2][len("syscalls:sys_enter_"):]] = int(f[0])
+                if len(f) > 3 and f[0].isdigit():
+                    event = f[2].split(":", 1)[-1]
+                    counts["all" if event == "sys_enter" else event[len("sys_enter_"):]] = int(f[0])
+            if "all" not in counts:
+                raise RuntimeError(f"perf stat counted nothing for {t}: {counts_file}")
             n = max(r["requests"], 1)
-            per_target[t] = {"requests": r["requests"],
+            total = counts.pop("all") / n
+            per_target[t] = {"requests": r["requests"], "errors": r["errors"], "total": total,
                              "per_request": {c: v / n for c, v in counts.items() if v}}
-            total = sum(per_target[t]["per_request"].values())
-            log(f"syscalls: {name} | {t}: {total:.2f} per request")
+            log(f"syscalls: {name} | {t}: {total:.2f} per request, {r['errors']} errors")
         out[name] = per_target
     return out
 
@@ -1067,13 +1078,17 @@ def report(res, order, args, pinning):
         lines.append("")
     if "syscalls" in res:
         lines += ["**System calls per request** (`perf stat` on the kernel's `sys_enter` "
-                  "tracepoints over one load run; calls under 0.01 per request left out)", "",
+                  "tracepoints over one load run; the total counts every call, `others` those "
+                  "not named; under 0.01 per request left out)", "",
                   "| scenario | target | total | by call |", "|---|---|---|---|"]
         for name, per in res["syscalls"].items():
             for t, v in per.items():
                 calls = sorted(v["per_request"].items(), key=lambda kv: -kv[1])
-                lines.append(f"| {name} | {t} | {sum(x for _, x in calls):.2f} | "
-                             + ", ".join(f"{c} {x:.2f}" for c, x in calls if x >= 0.01) + " |")
+                listed = sum(x for _, x in calls)
+                calls.append(("others", max(v["total"] - listed, 0.0)))
+                lines.append(f"| {name} | {t} | {v['total']:.2f} | "
+                             + ", ".join(f"{c} {x:.2f}" for c, x in calls if x >= 0.01)
+                             + (f"; {v['errors']} errors" if v["errors"] else "") + " |")
         lines.append("")
     if "churn" in res:
         ch = res["churn"]
