@@ -219,6 +219,7 @@ impl Conn {
         };
         self.sent = 0;
         self.large_upload = false;
+        self.queued = 0;
         poll_fn(|cx| {
             let mut took_frame = false;
             let sent_before = self.sent;
@@ -265,7 +266,7 @@ impl Conn {
                 };
                 deadline = tokio::time::Instant::now() + limit;
                 if self.large_upload && !on_client {
-                    self.queued = self.unacknowledged();
+                    self.queued = self.unacknowledged().unwrap_or(0);
                 }
             }
             // Most responses come long before the timeout: see `LazyTimer`.
@@ -273,8 +274,8 @@ impl Conn {
                 // The last megabytes of a large upload wait in the send queue after the last
                 // write: a backend still taking them is still taking the request.
                 if self.large_upload && !on_client {
-                    let now = self.unacknowledged();
-                    if now < self.queued {
+                    let queued = self.queued;
+                    if let Some(now) = self.unacknowledged().filter(|&now| now < queued) {
                         self.queued = now;
                         deadline = tokio::time::Instant::now() + timeouts.response;
                         continue;
@@ -413,10 +414,10 @@ impl Conn {
         }
     }
 
-    /// The bytes written that the backend has not acknowledged; zero if the kernel cannot say,
-    /// which only ends a wait sooner.
-    fn unacknowledged(&self) -> usize {
-        crate::sockopt::unacknowledged(&self.io).unwrap_or(0)
+    /// The bytes written that the backend has not acknowledged; `None` if the kernel cannot
+    /// say, which extends no wait (and taken as 0 when the deadline is set, none later).
+    fn unacknowledged(&self) -> Option<usize> {
+        crate::sockopt::unacknowledged(&self.io).ok()
     }
 
     /// Turns the user timeout off for the rest of this exchange, once the request may be
