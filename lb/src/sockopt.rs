@@ -1,9 +1,9 @@
 //! TCP options that neither the standard library nor tokio sets (one checked `setsockopt`),
-//! and the one socket state the lb reads that they do not (its send queue). Knows nothing of
-//! what the sockets carry or why an option is wanted.
+//! and the send-queue lengths the lb reads, which they do not expose (one checked `ioctl`).
+//! Knows nothing of what the sockets carry or why an option or a length is wanted.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 
 /// Sets the TCP-level option `name` of `socket` to `value`: every TCP option the lb sets
 /// takes an int.
@@ -41,10 +41,23 @@ pub fn set_tcp_ms(
 /// send queue (`SIOCOUTQ`). Bytes the peer's kernel acknowledged are in the peer's hands;
 /// when its application reads them no socket here can tell.
 pub fn unacknowledged(socket: &impl AsRawFd) -> io::Result<usize> {
+    // SIOCOUTQ and TIOCOUTQ are one request on Linux.
+    send_queue(socket.as_raw_fd(), libc::TIOCOUTQ)
+}
+
+/// How many bytes written to the socket `fd` the kernel has not sent yet (`SIOCOUTQNSD`):
+/// a peer that keeps up leaves next to none; bytes on the wire do not count.
+pub fn unsent(fd: RawFd) -> io::Result<usize> {
+    const SIOCOUTQNSD: libc::Ioctl = 0x894B;
+    send_queue(fd, SIOCOUTQNSD)
+}
+
+/// One of the socket's send-queue lengths, by `ioctl` request.
+fn send_queue(fd: RawFd, request: libc::Ioctl) -> io::Result<usize> {
     let mut queued: libc::c_int = 0;
     // SAFETY: an open socket's descriptor, and an int the kernel writes, which outlives the
-    // call. SIOCOUTQ and TIOCOUTQ are one request on Linux.
-    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+    // call.
+    let rc = unsafe { libc::ioctl(fd, request, &mut queued) };
     if rc == 0 {
         Ok(usize::try_from(queued).unwrap_or(0))
     } else {

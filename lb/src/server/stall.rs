@@ -42,20 +42,6 @@ const LARGE_WRITE: usize = 16 * 1024;
 /// pieces and hold one for as long as the client takes to drain the kernel's queue.
 const KERNEL_BACKLOG: usize = 64 * 1024;
 
-/// The bytes a socket's send queue holds that have not been sent (`SIOCOUTQNSD`); 0 when it
-/// cannot be told.
-fn unsent_in_kernel(fd: RawFd) -> usize {
-    const SIOCOUTQNSD: libc::c_ulong = 0x894B;
-    let mut unsent: libc::c_int = 0;
-    // SAFETY: a valid socket, and an int for the ioctl to fill.
-    let ok = unsafe { libc::ioctl(fd, SIOCOUTQNSD as _, &mut unsent) } == 0;
-    if ok {
-        unsent.max(0) as usize
-    } else {
-        0
-    }
-}
-
 /// Accounts for `n` bytes the client's socket (`fd`) took; `true` when a response body held
 /// back for this client may go on. After a large write, or while the client lags, looks at
 /// how much the kernel holds that is not on its way yet: a client that does not keep up makes
@@ -64,7 +50,8 @@ fn unsent_in_kernel(fd: RawFd) -> usize {
 pub fn client_took(peer: &Peer, fd: RawFd, n: usize) -> bool {
     let e = &peer.exchanges;
     if n >= LARGE_WRITE || e.lagging() {
-        e.set_lagging(unsent_in_kernel(fd) > KERNEL_BACKLOG);
+        // A queue that cannot be told counts as keeping up.
+        e.set_lagging(crate::sockopt::unsent(fd).unwrap_or(0) > KERNEL_BACKLOG);
     }
     e.wrote(n)
 }
