@@ -102,9 +102,9 @@ pub struct Conn {
     /// timeout is lifted (see `lift_user_timeout`) and each write the backend takes restarts
     /// the response timeout.
     large_upload: bool,
-    /// In a large upload, the send queue when the backend's deadline was last set: a queue
-    /// shorter at the deadline is a backend still taking the request.
-    queued: usize,
+    /// In a large upload, the bytes of the request the backend had acknowledged at the last
+    /// deadline: more at the next one is a backend still taking the request.
+    acked: usize,
     /// The user timeout is off for the exchange in progress.
     user_timeout_lifted: bool,
 }
@@ -138,7 +138,7 @@ impl Conn {
             timer: LazyTimer::default(),
             sent: 0,
             large_upload: false,
-            queued: 0,
+            acked: 0,
             user_timeout_lifted: false,
         }
     }
@@ -219,7 +219,7 @@ impl Conn {
         };
         self.sent = 0;
         self.large_upload = false;
-        self.queued = 0;
+        self.acked = 0;
         poll_fn(|cx| {
             let mut took_frame = false;
             let sent_before = self.sent;
@@ -265,18 +265,17 @@ impl Conn {
                     timeouts.response
                 };
                 deadline = tokio::time::Instant::now() + limit;
-                if self.large_upload && !on_client {
-                    self.queued = self.unacknowledged().unwrap_or(0);
-                }
             }
             // Most responses come long before the timeout: see `LazyTimer`.
             while self.timer.poll_until(cx, deadline).is_ready() {
                 // The last megabytes of a large upload wait in the send queue after the last
-                // write: a backend still taking them is still taking the request.
+                // write: a backend still taking them is still taking the request. Looked at
+                // here only, not at each write: the first look after the last write may grant
+                // one more timeout, never more than one without progress.
                 if self.large_upload && !on_client {
-                    let queued = self.queued;
-                    if let Some(now) = self.unacknowledged().filter(|&now| now < queued) {
-                        self.queued = now;
+                    let acked = self.unacknowledged().map(|q| self.sent.saturating_sub(q));
+                    if let Some(acked) = acked.filter(|&a| a > self.acked) {
+                        self.acked = acked;
                         deadline = tokio::time::Instant::now() + timeouts.response;
                         continue;
                     }
@@ -415,7 +414,7 @@ impl Conn {
     }
 
     /// The bytes written that the backend has not acknowledged; `None` if the kernel cannot
-    /// say, which extends no wait (and taken as 0 when the deadline is set, none later).
+    /// say, which extends no wait.
     fn unacknowledged(&self) -> Option<usize> {
         crate::sockopt::unacknowledged(&self.io).ok()
     }
