@@ -119,6 +119,9 @@ label!(
     SocketOption {
         /// On each listening socket: a new connection is handed over with its first bytes.
         DeferAccept => "TCP_DEFER_ACCEPT",
+        /// On each listening socket: a new connection's first bytes are acknowledged with
+        /// the answer.
+        QuickAck => "TCP_QUICKACK",
         /// On each backend connection: how long sent data may go unacknowledged.
         UserTimeout => "TCP_USER_TIMEOUT",
     }

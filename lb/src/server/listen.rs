@@ -11,6 +11,8 @@
 //!
 //! On Linux a connection is handed over once its first bytes have come (`TCP_DEFER_ACCEPT`):
 //! one wake-up per new connection, where the handshake and then the request took one each.
+//! Its first bytes are acknowledged with the answer, not by a segment of their own
+//! (`TCP_QUICKACK` off on the listener).
 //!
 //! Knows nothing of what connections carry, nor of how workers run.
 
@@ -77,7 +79,11 @@ fn socket(addr: SocketAddr, group: bool) -> io::Result<TcpListener> {
     #[cfg(target_os = "linux")]
     defer_accept(&socket);
     socket.bind(addr)?;
-    socket.listen(BACKLOG)
+    let listener = socket.listen(BACKLOG)?;
+    // After `listen`, which resets the socket's acknowledgement state.
+    #[cfg(target_os = "linux")]
+    delay_first_ack(&listener);
+    Ok(listener)
 }
 
 /// Seconds a connection may stay silent before it is accepted anyway (`TCP_DEFER_ACCEPT`).
@@ -96,6 +102,25 @@ fn defer_accept(socket: &TcpSocket) {
         // Each worker's listening socket asks again: one warning, every refusal counted.
         if crate::metrics::socket_option_refused(crate::metrics::SocketOption::DeferAccept) {
             tracing::warn!(%error, "TCP_DEFER_ACCEPT not set: each new connection wakes a worker twice");
+        }
+    }
+}
+
+/// Accepted sockets start in delayed-ACK mode (`TCP_QUICKACK` off, which Linux copies from
+/// the listener): a new connection's request, or its TLS hello, is acknowledged by the
+/// answer the lb sends a moment later, not first by a segment of its own. A fresh socket
+/// otherwise acknowledges its first bytes at once, when the lb reads them: one segment
+/// more per new connection, which both ends' kernels handle (HAProxy does the same in HTTP
+/// mode). Where the answer takes longer, the kernel's delayed-ACK timer (40 ms at least)
+/// sends the acknowledgement, and takes the socket out of the mode; a request body arriving
+/// in full segments is acknowledged every second segment either way.
+///
+/// Only an optimisation: a kernel that refuses it leaves the listener as it was.
+#[cfg(target_os = "linux")]
+fn delay_first_ack(socket: &TcpListener) {
+    if let Err(error) = crate::sockopt::set_tcp(socket, libc::TCP_QUICKACK, 0) {
+        if crate::metrics::socket_option_refused(crate::metrics::SocketOption::QuickAck) {
+            tracing::warn!(%error, "TCP_QUICKACK not cleared: each new connection's request is acknowledged by a segment of its own");
         }
     }
 }

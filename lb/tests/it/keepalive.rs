@@ -1,6 +1,7 @@
 //! Plain HTTP/1.1 keep-alive connections, which the lb parks between requests: no byte of a
 //! request may be lost across a park, whatever the client splits or pipelines, and a parked
-//! connection still obeys the idle timeout and the drain.
+//! connection still obeys the idle timeout and the drain. How new connections are taken:
+//! spread over the workers, and their first request acknowledged with its answer.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -344,4 +345,66 @@ async fn two_workers_share_the_connections_and_pool_their_own() {
         assert_eq!(r.read_to_end(&mut rest).unwrap(), 0, "closed with a FIN");
         drop(s);
     }
+}
+
+/// Segments `s` has received so far, and how many of them carried data (`TCP_INFO`).
+#[cfg(target_os = "linux")]
+fn segments_in(s: &TcpStream) -> (u32, u32) {
+    use std::os::fd::AsRawFd;
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a connected socket's descriptor, and a buffer of `len` bytes the call fills.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    (info.tcpi_segs_in, info.tcpi_data_segs_in)
+}
+
+/// A new connection's request is acknowledged by the lb's answer, not first by a segment of
+/// its own: while the request waits on a slow backend, the client has received nothing but
+/// the handshake's SYN-ACK. The kernel's delayed-ACK timer (40 ms or more) acknowledges it
+/// alone when the answer takes longer, so the look comes 10 ms after the request, and the
+/// fewest of five connections counts.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_connections_request_is_acknowledged_with_its_answer() {
+    let consul = Consul::start().await;
+    let a = Backend::start("a").await;
+    consul.register("a", "web", a.port(), &["lb.route=/"]).await;
+    let lb = Lb::start(&consul, &[]).await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 1).await;
+    let proxy = lb.proxy;
+    let seen = tokio::task::spawn_blocking(move || {
+        (0..5)
+            .map(|_| {
+                let (mut s, mut r) = connect(proxy);
+                s.write_all(b"GET /slow?ms=100 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    .unwrap();
+                std::thread::sleep(Duration::from_millis(10));
+                let before_answer = segments_in(&s);
+                let (status, body) = read_response(&mut r).unwrap();
+                assert_eq!((status.as_str(), &body[..]), ("HTTP/1.1 200 OK", &b"a"[..]));
+                before_answer
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    let fewest = seen.iter().map(|&(segs, _)| segs).min().unwrap();
+    assert!(
+        seen.iter().all(|&(_, data)| data == 0),
+        "no data before the answer: {seen:?}"
+    );
+    assert_eq!(
+        fewest, 1,
+        "only the SYN-ACK before the answer (segments in, with data): {seen:?}"
+    );
 }
