@@ -122,6 +122,9 @@ label!(
         /// On each listening socket: a new connection's first bytes are acknowledged with
         /// the answer.
         QuickAck => "TCP_QUICKACK",
+        /// On a plain HTTP/1.1 client connection's last response: its last bytes and the
+        /// FIN go in one segment.
+        Cork => "TCP_CORK",
         /// On each backend connection: how long sent data may go unacknowledged.
         UserTimeout => "TCP_USER_TIMEOUT",
     }

@@ -110,6 +110,9 @@ pub struct Exchanges {
     /// The client asked to close the connection after this exchange, which hyper then does:
     /// no spell between exchanges follows, and none is timed.
     last: AtomicBool,
+    /// The client's socket is corked for the last response (`server::parking`): the server
+    /// uncorks it if the connection outlives the turn that wrote.
+    corked: AtomicBool,
 }
 
 /// Most response bytes an HTTP/1.1 connection holds for a client that is not taking them.
@@ -135,6 +138,15 @@ impl Exchanges {
 
     pub(crate) fn last(&self) -> bool {
         self.last.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_corked(&self) {
+        self.corked.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the socket was corked, which it is no longer taken to be.
+    pub(crate) fn take_corked(&self) -> bool {
+        self.corked.swap(false, Ordering::Relaxed)
     }
 
     pub(crate) fn done(&self) -> u32 {

@@ -387,6 +387,7 @@ impl Listener {
     ) -> Option<(TcpStream, Bytes)> {
         let addr = peer.addr;
         let shared = &self.shared;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
         let io = ParkingIo::new(stream, leftover, peer.clone(), &shared.config);
         let (shared2, peer2) = (shared.clone(), peer.clone());
         let svc = service_fn(move |req| {
@@ -407,10 +408,10 @@ impl Listener {
         let mut conn = self.h1_parking.serve_connection(io, svc).with_upgrades();
         let result = tokio::select! {
             biased;
-            r = &mut conn => r,
+            r = parking::turns(&mut conn, peer, fd) => r,
             _ = async { let _ = stop.wait_for(|s| *s).await; } => {
                 Pin::new(&mut conn).graceful_shutdown();
-                (&mut conn).await
+                parking::turns(&mut conn, peer, fd).await
             }
         };
         match conn.into_parts() {

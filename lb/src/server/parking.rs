@@ -16,7 +16,18 @@
 //!
 //! hyper's header timer is off for these connections: the `ParkingIo` keeps the header
 //! timeout too, with the same timer it parks by.
+//!
+//! The last response of a connection whose client asked to close it is written corked
+//! (`TCP_CORK`, on Linux): hyper writes it and returns, the server closes the socket in the
+//! same turn, and the close sends the response's last bytes with the FIN in one segment.
+//! The client's kernel acknowledges both with its own FIN, where a response and a FIN sent
+//! apart took two segments more (an acknowledgement of the response, then the FIN). A
+//! response still being written when hyper returns unfinished, a body that streams, is
+//! uncorked then ([`turns`]): corking never holds bytes past the turn that wrote them. The
+//! socket is shut down before the close, as it is not otherwise (`poll_shutdown`): a close
+//! drops corked bytes unsent when the client sent any that nobody read.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -152,6 +163,8 @@ pub struct ParkingIo {
     write_stall: WriteStall,
     parked: bool,
     timed_out: bool,
+    /// The last response's first write has looked at corking the socket.
+    cork_tried: bool,
 }
 
 /// Whether hyper closes the connection once it has answered `req` (RFC 9112 section 9.3):
@@ -193,6 +206,7 @@ impl ParkingIo {
             write_stall: WriteStall::new(config.client_write_timeout),
             parked: false,
             timed_out: false,
+            cork_tried: false,
         }
     }
 
@@ -250,6 +264,21 @@ impl ParkingIo {
     fn after_progress(&mut self, n: usize) -> bool {
         use std::os::fd::AsRawFd;
         client_took(&self.peer, self.stream.as_raw_fd(), n)
+    }
+
+    /// Before a write: corks the socket if this is the connection's last response, once (see
+    /// the module's note). Not a tunnel's, whose bytes must flow as they come.
+    fn before_write(&mut self) {
+        let e = &self.peer.exchanges;
+        if self.cork_tried || !e.last() || e.pinned.load(Ordering::Relaxed) {
+            return;
+        }
+        self.cork_tried = true;
+        #[cfg(target_os = "linux")]
+        match crate::sockopt::set_tcp(&self.stream, libc::TCP_CORK, 1) {
+            Ok(()) => e.set_corked(),
+            Err(error) => cork_refused(&error),
+        }
     }
 
     /// Tracks whether hyper still holds response bytes: a connection parks only once they
@@ -349,6 +378,7 @@ impl Write for ParkingIo {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        this.before_write();
         let polled = Pin::new(&mut this.stream).poll_write(cx, buf);
         let polled = this.write_stall.check(cx, polled);
         this.after_write(cx, polled)
@@ -360,6 +390,7 @@ impl Write for ParkingIo {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        this.before_write();
         let polled = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
         let polled = this.write_stall.check(cx, polled);
         this.after_write(cx, polled)
@@ -379,6 +410,12 @@ impl Write for ParkingIo {
             // The connection is idle, not closing: the socket goes back to the server.
             return Poll::Ready(Ok(()));
         }
+        if this.peer.exchanges.take_corked() {
+            // The last response, corked: a close would send it with the FIN, but drops it
+            // unsent, for a reset, if the client sent bytes that nobody read. The shutdown
+            // sends both whatever is left to read.
+            return Pin::new(&mut this.stream).poll_shutdown(cx);
+        }
         if !this.peer.exchanges.pinned.load(Ordering::Relaxed) {
             // hyper is done with the connection, and the server drops the socket as soon as
             // hyper returns: the close sends the FIN, after every byte written, as a shutdown
@@ -387,6 +424,46 @@ impl Write for ParkingIo {
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.stream).poll_shutdown(cx)
+    }
+}
+
+/// Drives `conn`, a plain HTTP/1.1 connection's hyper future over a [`ParkingIo`] on `fd`,
+/// for the server: a turn that corked the socket for the last response and leaves the
+/// connection open (the response is not all written yet) uncorks it, so that what was
+/// written goes out now. A connection that ends still corked (hyper shuts the socket down
+/// when it closes normally, which sends what is corked; not when it gives up on an error)
+/// is shut down here, for the reason `poll_shutdown` gives.
+pub fn turns<'a, F: Future + Unpin>(
+    conn: &'a mut F,
+    peer: &'a Peer,
+    fd: std::os::fd::RawFd,
+) -> impl Future<Output = F::Output> + 'a {
+    std::future::poll_fn(move |cx| {
+        let polled = Pin::new(&mut *conn).poll(cx);
+        #[cfg(target_os = "linux")]
+        if peer.exchanges.take_corked() {
+            if polled.is_pending() {
+                if let Err(error) = crate::sockopt::set_tcp(&fd, libc::TCP_CORK, 0) {
+                    // The kernel sends corked bytes within 200 ms on its own.
+                    cork_refused(&error);
+                }
+            } else {
+                // SAFETY: a call on the socket's descriptor, which the server still holds.
+                // Its failure (the client already gone) leaves nothing to send.
+                unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = (peer, fd);
+        polled
+    })
+}
+
+/// Counts a refused cork or uncork; warns of the first.
+#[cfg(target_os = "linux")]
+fn cork_refused(error: &io::Error) {
+    if crate::metrics::socket_option_refused(crate::metrics::SocketOption::Cork) {
+        tracing::warn!(%error, "TCP_CORK refused: a closing connection's last response and its FIN go apart");
     }
 }
 
