@@ -144,9 +144,15 @@ impl Exchanges {
         self.corked.store(true, Ordering::Relaxed);
     }
 
-    /// Whether the socket was corked, which it is no longer taken to be.
+    /// Whether the socket was corked, which it is no longer taken to be. Looked at after
+    /// every turn of a plain HTTP/1.1 connection: a load, and a store only when corked (the
+    /// connection's one task is the only one that sets it), not a locked exchange each time.
     pub(crate) fn take_corked(&self) -> bool {
-        self.corked.swap(false, Ordering::Relaxed)
+        let corked = self.corked.load(Ordering::Relaxed);
+        if corked {
+            self.corked.store(false, Ordering::Relaxed);
+        }
+        corked
     }
 
     pub(crate) fn done(&self) -> u32 {

@@ -268,12 +268,20 @@ impl ParkingIo {
 
     /// Before a write: corks the socket if this is the connection's last response, once (see
     /// the module's note). Not a tunnel's, whose bytes must flow as they come.
+    #[inline]
     fn before_write(&mut self) {
+        if !self.cork_tried && self.peer.exchanges.last() {
+            self.cork();
+        }
+    }
+
+    #[cold]
+    fn cork(&mut self) {
+        self.cork_tried = true;
         let e = &self.peer.exchanges;
-        if self.cork_tried || !e.last() || e.pinned.load(Ordering::Relaxed) {
+        if e.pinned.load(Ordering::Relaxed) {
             return;
         }
-        self.cork_tried = true;
         #[cfg(target_os = "linux")]
         match crate::sockopt::set_tcp(&self.stream, libc::TCP_CORK, 1) {
             Ok(()) => e.set_corked(),
@@ -440,23 +448,30 @@ pub fn turns<'a, F: Future + Unpin>(
 ) -> impl Future<Output = F::Output> + 'a {
     std::future::poll_fn(move |cx| {
         let polled = Pin::new(&mut *conn).poll(cx);
-        #[cfg(target_os = "linux")]
         if peer.exchanges.take_corked() {
-            if polled.is_pending() {
-                if let Err(error) = crate::sockopt::set_tcp(&fd, libc::TCP_CORK, 0) {
-                    // The kernel sends corked bytes within 200 ms on its own.
-                    cork_refused(&error);
-                }
-            } else {
-                // SAFETY: a call on the socket's descriptor, which the server still holds.
-                // Its failure (the client already gone) leaves nothing to send.
-                unsafe { libc::shutdown(fd, libc::SHUT_WR) };
-            }
+            end_turn_corked(fd, polled.is_pending());
         }
-        #[cfg(not(target_os = "linux"))]
-        let _ = (peer, fd);
         polled
     })
+}
+
+/// A turn ended with the socket corked: uncorks it if the connection goes on, else shuts it
+/// down.
+#[cold]
+fn end_turn_corked(fd: std::os::fd::RawFd, goes_on: bool) {
+    #[cfg(target_os = "linux")]
+    if goes_on {
+        if let Err(error) = crate::sockopt::set_tcp(&fd, libc::TCP_CORK, 0) {
+            // The kernel sends corked bytes within 200 ms on its own.
+            cork_refused(&error);
+        }
+    } else {
+        // SAFETY: a call on the socket's descriptor, which the server still holds. Its
+        // failure (the client already gone) leaves nothing to send.
+        unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (fd, goes_on);
 }
 
 /// Counts a refused cork or uncork; warns of the first.
