@@ -18,14 +18,16 @@
 //! timeout too, with the same timer it parks by.
 //!
 //! The last response of a connection whose client asked to close it is written corked
-//! (`TCP_CORK`, on Linux): hyper writes it and returns, the server closes the socket in the
-//! same turn, and the close sends the response's last bytes with the FIN in one segment.
-//! The client's kernel acknowledges both with its own FIN, where a response and a FIN sent
-//! apart took two segments more (an acknowledgement of the response, then the FIN). A
-//! response still being written when hyper returns unfinished, a body that streams, is
-//! uncorked then ([`turns`]): corking never holds bytes past the turn that wrote them. The
-//! socket is shut down before the close, as it is not otherwise (`poll_shutdown`): a close
-//! drops corked bytes unsent when the client sent any that nobody read.
+//! (`TCP_CORK`, on Linux): hyper writes it and shuts the socket down in the same turn,
+//! which sends the response's last bytes with the FIN in one segment. A client that closes
+//! at once acknowledges both with its own FIN, where a response and a FIN sent apart took
+//! two segments more (an acknowledgement of the response, then the FIN). A response still
+//! being written when hyper returns unfinished, a body that streams, is uncorked then
+//! ([`turns`]): corking never holds bytes past the turn that wrote them. The shutdown,
+//! which the socket gets only then (`poll_shutdown`), is there because a close drops corked
+//! bytes unsent when the client sent any that nobody read. An interim `100 Continue`, when
+//! it is the first write, takes the cork and the uncork, and the final response goes as
+//! without.
 
 use std::future::Future;
 use std::io;
@@ -141,10 +143,11 @@ impl Body for Tracked {
 /// [`PARK_AFTER`] of idleness, and failing a request head that takes longer than the header
 /// timeout to arrive in full.
 pub struct ParkingIo {
+    /// Before `stream`: fields drop in order, and this one may still shut the socket down.
+    peer: PeerOfSocket,
     stream: TcpStream,
     /// Bytes an earlier hyper connection on this socket had read but not parsed.
     prefix: Bytes,
-    peer: Arc<Peer>,
     /// `Exchanges::done` when bytes last arrived: parking needs an exchange finished since, so
     /// a request being read or answered is never cut.
     seen: u32,
@@ -193,9 +196,12 @@ impl ParkingIo {
     pub fn new(stream: TcpStream, prefix: Bytes, peer: Arc<Peer>, config: &Config) -> ParkingIo {
         let seen = peer.exchanges.done();
         ParkingIo {
+            peer: PeerOfSocket {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&stream),
+                peer,
+            },
             stream,
             prefix,
-            peer,
             seen,
             write_blocked: false,
             read_waiting: false,
@@ -421,7 +427,7 @@ impl Write for ParkingIo {
         if this.peer.exchanges.take_corked() {
             // The last response, corked: a close would send it with the FIN, but drops it
             // unsent, for a reset, if the client sent bytes that nobody read. The shutdown
-            // sends both whatever is left to read.
+            // sends both first (the close still resets such a connection after them).
             return Pin::new(&mut this.stream).poll_shutdown(cx);
         }
         if !this.peer.exchanges.pinned.load(Ordering::Relaxed) {
@@ -435,12 +441,43 @@ impl Write for ParkingIo {
     }
 }
 
+/// A `ParkingIo`'s peer, and the socket it is read from: dropped still corked, it shuts
+/// the socket down, for the reason `poll_shutdown` gives. That is when hyper gives up on an
+/// error, or ends the connection as an upgrade (a request on it offered one, taken or not),
+/// handing the socket on and dropping it, without shutting it down.
+struct PeerOfSocket {
+    peer: Arc<Peer>,
+    fd: std::os::fd::RawFd,
+}
+
+impl std::ops::Deref for PeerOfSocket {
+    type Target = Arc<Peer>;
+
+    fn deref(&self) -> &Arc<Peer> {
+        &self.peer
+    }
+}
+
+impl Drop for PeerOfSocket {
+    fn drop(&mut self) {
+        if self.peer.exchanges.take_corked() {
+            shut_down(self.fd);
+        }
+    }
+}
+
+#[cold]
+fn shut_down(fd: std::os::fd::RawFd) {
+    // SAFETY: a call on the descriptor of the socket the `ParkingIo` holds, which drops it
+    // only after this field. A failure (the client already gone) leaves nothing to send.
+    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+}
+
 /// Drives `conn`, a plain HTTP/1.1 connection's hyper future over a [`ParkingIo`] on `fd`,
 /// for the server: a turn that corked the socket for the last response and leaves the
 /// connection open (the response is not all written yet) uncorks it, so that what was
-/// written goes out now. A connection that ends still corked (hyper shuts the socket down
-/// when it closes normally, which sends what is corked; not when it gives up on an error)
-/// is shut down here, for the reason `poll_shutdown` gives.
+/// written goes out now. Once `conn` is done it holds the socket no longer (an upgrade hands
+/// it on), and `fd` is not touched: the `ParkingIo` sends what is corked.
 pub fn turns<'a, F: Future + Unpin>(
     conn: &'a mut F,
     peer: &'a Peer,
@@ -448,33 +485,27 @@ pub fn turns<'a, F: Future + Unpin>(
 ) -> impl Future<Output = F::Output> + 'a {
     std::future::poll_fn(move |cx| {
         let polled = Pin::new(&mut *conn).poll(cx);
-        if peer.exchanges.take_corked() {
-            end_turn_corked(fd, polled.is_pending());
+        if polled.is_pending() && peer.exchanges.take_corked() {
+            uncork(fd);
         }
         polled
     })
 }
 
-/// A turn ended with the socket corked: uncorks it if the connection goes on, else shuts it
-/// down.
 #[cold]
-fn end_turn_corked(fd: std::os::fd::RawFd, goes_on: bool) {
+fn uncork(fd: std::os::fd::RawFd) {
     #[cfg(target_os = "linux")]
-    if goes_on {
-        if let Err(error) = crate::sockopt::set_tcp(&fd, libc::TCP_CORK, 0) {
-            // The kernel sends corked bytes within 200 ms on its own.
-            cork_refused(&error);
+    if let Err(error) = crate::sockopt::set_tcp(&fd, libc::TCP_CORK, 0) {
+        // The kernel sends corked bytes within 200 ms on its own.
+        if crate::metrics::socket_option_refused(crate::metrics::SocketOption::Cork) {
+            tracing::warn!(%error, "TCP_CORK not cleared: a streaming response's bytes may wait up to 200 ms");
         }
-    } else {
-        // SAFETY: a call on the socket's descriptor, which the server still holds. Its
-        // failure (the client already gone) leaves nothing to send.
-        unsafe { libc::shutdown(fd, libc::SHUT_WR) };
     }
     #[cfg(not(target_os = "linux"))]
-    let _ = (fd, goes_on);
+    let _ = fd;
 }
 
-/// Counts a refused cork or uncork; warns of the first.
+/// Counts a refused cork; warns of the first.
 #[cfg(target_os = "linux")]
 fn cork_refused(error: &io::Error) {
     if crate::metrics::socket_option_refused(crate::metrics::SocketOption::Cork) {

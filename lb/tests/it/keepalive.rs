@@ -433,6 +433,9 @@ async fn new_connections_get_no_segment_the_answer_can_carry() {
 /// A closing connection's answer is sent even when the client sent more after its request
 /// than the lb reads: bytes left unread make the close a reset. The last response is
 /// written corked, and a close alone would then reset the connection without sending it.
+/// Both ways hyper ends such a connection: shutting it down, and as an upgrade (a request
+/// that names an `Upgrade` the lb does not take up, whose socket hyper hands on, dropped,
+/// without a shutdown).
 #[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bytes_after_a_closing_request_do_not_swallow_its_answer() {
@@ -443,12 +446,15 @@ async fn bytes_after_a_closing_request_do_not_swallow_its_answer() {
     let http = Http::new();
     wait_routed(&lb, &http, "*/", 1).await;
     let proxy = lb.proxy;
+    let requests: [&[u8]; 2] = [
+        b"GET /slow?ms=50 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /slow?ms=50 HTTP/1.1\r\nHost: x\r\nUpgrade: x\r\nConnection: close\r\n\r\n",
+    ];
     let answers = tokio::task::spawn_blocking(move || {
-        (0..3)
-            .map(|_| {
+        (0..6)
+            .map(|i| {
                 let (mut s, mut r) = connect(proxy);
-                s.write_all(b"GET /slow?ms=50 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                    .unwrap();
+                s.write_all(requests[i % 2]).unwrap();
                 // After the lb has read the request, before the answer: more than hyper
                 // reads ahead, so that some is still queued at the close. The writer stops
                 // at the reset that follows the answer.
@@ -471,10 +477,10 @@ async fn bytes_after_a_closing_request_do_not_swallow_its_answer() {
     })
     .await
     .unwrap();
-    for answer in answers {
+    for (i, answer) in answers.iter().enumerate() {
         assert!(
             answer.starts_with("HTTP/1.1 200") && answer.ends_with("\r\n\r\na"),
-            "{answer:?}"
+            "request {i}: {answer:?}"
         );
     }
 }
