@@ -347,6 +347,16 @@ async fn two_workers_share_the_connections_and_pool_their_own() {
     }
 }
 
+/// A Consul, backend `a` and an lb with default settings that routes `/` to it.
+async fn routed_to_a() -> (Consul, Backend, Lb) {
+    let consul = Consul::start().await;
+    let a = Backend::start("a").await;
+    consul.register("a", "web", a.port(), &["lb.route=/"]).await;
+    let lb = Lb::start(&consul, &[]).await;
+    wait_routed(&lb, &Http::new(), "*/", 1).await;
+    (consul, a, lb)
+}
+
 /// Segments `s` has received so far, and how many of them carried data (`TCP_INFO`).
 #[cfg(target_os = "linux")]
 fn segments_in(s: &TcpStream) -> (u32, u32) {
@@ -379,12 +389,7 @@ fn segments_in(s: &TcpStream) -> (u32, u32) {
 #[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_connections_get_no_segment_the_answer_can_carry() {
-    let consul = Consul::start().await;
-    let a = Backend::start("a").await;
-    consul.register("a", "web", a.port(), &["lb.route=/"]).await;
-    let lb = Lb::start(&consul, &[]).await;
-    let http = Http::new();
-    wait_routed(&lb, &http, "*/", 1).await;
+    let (_consul, _a, lb) = routed_to_a().await;
     let proxy = lb.proxy;
     let (before_answers, at_ends) = tokio::task::spawn_blocking(move || {
         let before_answers = (0..5)
@@ -439,12 +444,7 @@ async fn new_connections_get_no_segment_the_answer_can_carry() {
 #[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bytes_after_a_closing_request_do_not_swallow_its_answer() {
-    let consul = Consul::start().await;
-    let a = Backend::start("a").await;
-    consul.register("a", "web", a.port(), &["lb.route=/"]).await;
-    let lb = Lb::start(&consul, &[]).await;
-    let http = Http::new();
-    wait_routed(&lb, &http, "*/", 1).await;
+    let (_consul, _a, lb) = routed_to_a().await;
     let proxy = lb.proxy;
     let requests: [&[u8]; 2] = [
         b"GET /slow?ms=50 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
@@ -494,7 +494,7 @@ async fn bytes_after_a_closing_request_do_not_swallow_its_answer() {
 async fn a_streaming_last_response_is_not_held_back() {
     use std::sync::{Arc, Mutex};
     use std::time::Instant;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
 
     // Answers every request with a chunked body: one chunk at once, the rest 500 ms later.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -506,14 +506,9 @@ async fn a_streaming_last_response_is_not_held_back() {
             let (mut s, _) = listener.accept().await.unwrap();
             let sent = sent2.clone();
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
+                let Some(head) = crate::support::read_head(&mut s).await else {
+                    return;
+                };
                 let first = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n";
                 if head.starts_with(b"GET /health") {
                     let _ = s

@@ -410,7 +410,7 @@ async fn h2c_and_unlisted_upgrades_are_not_forwarded() {
 /// A raw backend that switches to protocol `foo` when asked (then echoes bytes) and otherwise
 /// answers 200 with `plain` and closes: what it was offered shows in its answer.
 async fn foo_switching_backend() -> (u16, tokio::task::JoinHandle<()>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let task = tokio::spawn(async move {
@@ -419,14 +419,9 @@ async fn foo_switching_backend() -> (u16, tokio::task::JoinHandle<()>) {
                 continue;
             };
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
+                let Some(head) = crate::support::read_head(&mut s).await else {
+                    return;
+                };
                 let head = String::from_utf8_lossy(&head).to_lowercase();
                 if head.contains("\r\nupgrade: foo") {
                     let switch = "HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n\

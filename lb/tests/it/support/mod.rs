@@ -354,6 +354,21 @@ impl Drop for Lb {
     }
 }
 
+/// Reads a request head from a raw backend's socket, up to and including its blank line
+/// (and whatever came with it); `None` if the peer leaves first.
+pub async fn read_head(s: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(head)
+}
+
 /// Counts answers by backend name (the `x-backend` header) over `n` GETs; failures count
 /// under `!<status>` or `!error`.
 pub async fn spread(http: &Http, url: &str, n: usize) -> HashMap<String, usize> {
