@@ -111,7 +111,8 @@ pub struct Exchanges {
     /// no spell between exchanges follows, and none is timed.
     last: AtomicBool,
     /// The client's socket is corked for the last response (`server::parking`): the server
-    /// uncorks it if the connection outlives the turn that wrote.
+    /// uncorks it if the connection outlives the turn that wrote, and the socket's holder
+    /// shuts it down if the connection ends so.
     corked: AtomicBool,
 }
 

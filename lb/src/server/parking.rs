@@ -18,13 +18,14 @@
 //! timeout too, with the same timer it parks by.
 //!
 //! The last response of a connection whose client asked to close it is written corked
-//! (`TCP_CORK`, on Linux): hyper writes it and shuts the socket down in the same turn,
-//! which sends the response's last bytes with the FIN in one segment. A client that closes
+//! (`TCP_CORK`, on Linux): hyper writes it and ends the connection in the same turn, and
+//! the socket is shut down, which sends the response's last bytes with the FIN in one
+//! segment. A client that closes
 //! at once acknowledges both with its own FIN, where a response and a FIN sent apart took
 //! two segments more (an acknowledgement of the response, then the FIN). A response still
 //! being written when hyper returns unfinished, a body that streams, is uncorked then
 //! ([`turns`]): corking never holds bytes past the turn that wrote them. The shutdown,
-//! which the socket gets only then (`poll_shutdown`), is there because a close drops corked
+//! which the socket gets only then (`PeerOfSocket`), is there because a close drops corked
 //! bytes unsent when the client sent any that nobody read. An interim `100 Continue`, when
 //! it is the first write, takes the cork and the uncork, and the final response goes as
 //! without.
@@ -424,17 +425,12 @@ impl Write for ParkingIo {
             // The connection is idle, not closing: the socket goes back to the server.
             return Poll::Ready(Ok(()));
         }
-        if this.peer.exchanges.take_corked() {
-            // The last response, corked: a close would send it with the FIN, but drops it
-            // unsent, for a reset, if the client sent bytes that nobody read. The shutdown
-            // sends both first (the close still resets such a connection after them).
-            return Pin::new(&mut this.stream).poll_shutdown(cx);
-        }
         if !this.peer.exchanges.pinned.load(Ordering::Relaxed) {
             // hyper is done with the connection, and the server drops the socket as soon as
             // hyper returns: the close sends the FIN, after every byte written, as a shutdown
-            // would one system call earlier (nginx closes alike). A tunnel's half-close, which
-            // keeps reading, still shuts its side down.
+            // would one system call earlier (nginx closes alike); a corked socket is shut
+            // down as it is dropped (`PeerOfSocket`). A tunnel's half-close, which keeps
+            // reading, still shuts its side down.
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.stream).poll_shutdown(cx)
@@ -442,9 +438,13 @@ impl Write for ParkingIo {
 }
 
 /// A `ParkingIo`'s peer, and the socket it is read from: dropped still corked, it shuts
-/// the socket down, for the reason `poll_shutdown` gives. That is when hyper gives up on an
-/// error, or ends the connection as an upgrade (a request on it offered one, taken or not),
-/// handing the socket on and dropping it, without shutting it down.
+/// the socket down before the socket closes. A close alone would send the corked response
+/// with the FIN too, but drops it unsent, for a reset, when the client sent bytes that
+/// nobody read; the shutdown sends both first (the close still resets such a connection
+/// after them). The one place for every way a corked connection ends: hyper closing it
+/// (the socket is dropped in the same turn), giving up on an error, or ending it as an
+/// upgrade (a request on it offered one, taken or not), when hyper hands the socket on and
+/// drops it.
 struct PeerOfSocket {
     peer: Arc<Peer>,
     fd: std::os::fd::RawFd,
