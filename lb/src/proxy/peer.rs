@@ -114,6 +114,9 @@ pub struct Exchanges {
     /// uncorks it if the connection outlives the turn that wrote, and the socket's holder
     /// shuts it down if the connection ends so.
     corked: AtomicBool,
+    /// The connection parked (`server::parking`): hyper's end of it was no tunnel's, even
+    /// when hyper ended it as an upgrade.
+    parked: AtomicBool,
 }
 
 /// Most response bytes an HTTP/1.1 connection holds for a client that is not taking them.
@@ -154,6 +157,20 @@ impl Exchanges {
             self.corked.store(false, Ordering::Relaxed);
         }
         corked
+    }
+
+    pub(crate) fn set_parked(&self) {
+        self.parked.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the connection parked since this was last asked: once per round of hyper on
+    /// the connection, a load, and a store only when it did.
+    pub(crate) fn take_parked(&self) -> bool {
+        let parked = self.parked.load(Ordering::Relaxed);
+        if parked {
+            self.parked.store(false, Ordering::Relaxed);
+        }
+        parked
     }
 
     pub(crate) fn done(&self) -> u32 {

@@ -390,8 +390,11 @@ impl Listener {
         let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
         let io = ParkingIo::new(stream, leftover, peer.clone(), &shared.config);
         let (shared2, peer2) = (shared.clone(), peer.clone());
+        let offered = parking::Offered::default();
+        let offered2 = &offered;
         let svc = service_fn(move |req| {
             let exchange = Exchange::start(peer2.clone());
+            offered2.note(&req);
             if parking::ends_connection(&req) {
                 peer2.exchanges.set_last();
             }
@@ -414,13 +417,19 @@ impl Listener {
                 parking::turns(&mut conn, peer, fd).await
             }
         };
-        match conn.into_parts() {
-            Some(parts) if parts.io.parked() => {
+        let parked = peer.exchanges.take_parked();
+        let parts = match conn.into_parts() {
+            Some(parts) => Some((parts.io, parts.read_buf)),
+            // hyper ended the connection as an upgrade: a request had offered one.
+            None => offered.reclaim(parked),
+        };
+        match parts {
+            Some((io, read)) if io.parked() => {
                 // hyper saw the end of input we made up; an error here is only about the
                 // partial head it held, which the next round reads first.
-                Some((parts.io.into_stream(), parts.read_buf))
+                Some((io.into_stream(), read))
             }
-            Some(parts) if parts.io.timed_out() => {
+            Some((io, _)) if io.timed_out() => {
                 self.count_error(ClientErrorKind::HeaderTimeout, addr, parking::HEAD_TIMEOUT);
                 None
             }

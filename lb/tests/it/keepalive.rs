@@ -256,6 +256,57 @@ async fn a_drain_closes_parked_connections_at_once() {
     drop((s, s2));
 }
 
+/// A request that offers a switch of protocols the lb does not make leaves its connection
+/// plain HTTP/1.1, which parks when idle and answers the next request like any other. The
+/// offers: `h2c`, as curl's `--http2` sends on plain http (never forwarded); an `Upgrade`
+/// without `Connection: upgrade` (not an offer to the lb, but one to hyper); and a WebSocket
+/// switch the backend declines with a 200. hyper keeps an offer pending until the connection
+/// ends, and then ends it as an upgrade: the connection closed at its first idle spell.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declined_upgrade_leaves_the_connection_to_park() {
+    let (_consul, _a, lb) = routed_to_a().await;
+    let http = Http::new();
+    let proxy = lb.proxy;
+    let offers: [&[u8]; 3] = [
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    ];
+    let conns = tokio::task::spawn_blocking(move || {
+        offers
+            .into_iter()
+            .map(|offer| {
+                let (mut s, mut r) = connect(proxy);
+                s.write_all(offer).unwrap();
+                assert_eq!(read_response(&mut r).unwrap().1, b"a");
+                (s, r)
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    wait_parked(
+        &lb,
+        &http,
+        3,
+        "the connections parked after declined offers",
+    )
+    .await;
+    // Answered from the lot, and parked again.
+    let conns = tokio::task::spawn_blocking(move || {
+        let mut conns = conns;
+        for (i, (s, r)) in conns.iter_mut().enumerate() {
+            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            assert_eq!(read_response(r).unwrap().1, b"a", "connection {i}");
+        }
+        conns
+    })
+    .await
+    .unwrap();
+    wait_parked(&lb, &http, 3, "parked again").await;
+    drop(conns);
+}
+
 async fn worker_connections(lb: &Lb, http: &Http) -> [f64; 2] {
     let mut out = [0.0; 2];
     for (w, n) in out.iter_mut().enumerate() {
