@@ -259,26 +259,28 @@ async fn a_drain_closes_parked_connections_at_once() {
 /// A request that offers a switch of protocols the lb does not make leaves its connection
 /// plain HTTP/1.1, which parks when idle and answers the next request like any other. The
 /// offers: `h2c`, as curl's `--http2` sends on plain http (never forwarded); an `Upgrade`
-/// without `Connection: upgrade` (not an offer to the lb, but one to hyper); and a WebSocket
-/// switch the backend declines with a 200. hyper keeps an offer pending until the connection
-/// ends, and then ends it as an upgrade: the connection closed at its first idle spell.
+/// without `Connection: upgrade` (not an offer to the lb, but one to hyper); a WebSocket
+/// switch the backend declines with a 200; and a `CONNECT`, which the lb refuses. hyper keeps
+/// an offer pending until the connection ends, and then ends it as an upgrade: the
+/// connection closed at its first idle spell.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_declined_upgrade_leaves_the_connection_to_park() {
     let (_consul, _a, lb) = routed_to_a().await;
     let http = Http::new();
     let proxy = lb.proxy;
-    let offers: [&[u8]; 3] = [
-        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
-        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: x\r\n\r\n",
-        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    let offers: [(&[u8], &str); 4] = [
+        (b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n", "HTTP/1.1 200 OK"),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: x\r\n\r\n", "HTTP/1.1 200 OK"),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n", "HTTP/1.1 200 OK"),
+        (b"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n", "HTTP/1.1 400 Bad Request"),
     ];
     let conns = tokio::task::spawn_blocking(move || {
         offers
             .into_iter()
-            .map(|offer| {
+            .map(|(offer, status)| {
                 let (mut s, mut r) = connect(proxy);
                 s.write_all(offer).unwrap();
-                assert_eq!(read_response(&mut r).unwrap().1, b"a");
+                assert_eq!(read_response(&mut r).unwrap().0, status);
                 (s, r)
             })
             .collect::<Vec<_>>()
@@ -288,7 +290,7 @@ async fn a_declined_upgrade_leaves_the_connection_to_park() {
     wait_parked(
         &lb,
         &http,
-        3,
+        4,
         "the connections parked after declined offers",
     )
     .await;
@@ -303,7 +305,7 @@ async fn a_declined_upgrade_leaves_the_connection_to_park() {
     })
     .await
     .unwrap();
-    wait_parked(&lb, &http, 3, "parked again").await;
+    wait_parked(&lb, &http, 4, "parked again").await;
     drop(conns);
 }
 
