@@ -471,12 +471,14 @@ impl Offered {
         if !parked {
             return None;
         }
-        let mut on = self
+        let on = self
             .0
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take()?;
-        // hyper hands the socket over before it returns: the handle is ready.
+        // hyper hands the socket over before it returns: the handle is ready. Polled outside
+        // the task's budget, which could otherwise make a ready channel answer `Pending`.
+        let mut on = tokio::task::unconstrained(on);
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let Poll::Ready(Ok(upgraded)) = Pin::new(&mut on).poll(&mut cx) else {
             return None;
