@@ -417,22 +417,21 @@ impl Listener {
                 parking::turns(&mut conn, peer, fd).await
             }
         };
+        // Read after every round, so that it never outlives the round that parked.
         let parked = peer.exchanges.take_parked();
-        let parts = match conn.into_parts() {
-            Some(parts) => Some((parts.io, parts.read_buf)),
-            // hyper ended the connection as an upgrade: a request had offered one.
-            None => offered.reclaim(parked),
-        };
-        match parts {
-            Some((io, read)) if io.parked() => {
+        match conn.into_parts() {
+            Some(parts) if parts.io.parked() => {
                 // hyper saw the end of input we made up; an error here is only about the
                 // partial head it held, which the next round reads first.
-                Some((io.into_stream(), read))
+                Some((parts.io.into_stream(), parts.read_buf))
             }
-            Some((io, _)) if io.timed_out() => {
+            Some(parts) if parts.io.timed_out() => {
                 self.count_error(ClientErrorKind::HeaderTimeout, addr, parking::HEAD_TIMEOUT);
                 None
             }
+            // hyper ended the connection as an upgrade, which a request had offered, when it
+            // saw the end of input we made up: the switch was not made.
+            None if parked => offered.reclaim(),
             _ => {
                 if let Err(e) = result {
                     self.count_hyper_error(&e, addr);

@@ -463,14 +463,12 @@ impl Offered {
         *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(on.clone());
     }
 
-    /// After hyper ended the connection as an upgrade: the socket, and the bytes hyper had
-    /// read, if the connection parked. A connection that parked was pinned to no tunnel (it
-    /// would not have parked), so nothing else takes the handle's socket: the handle is
-    /// looked at only then, since a tunnel's copy must be the one to take it.
-    pub fn reclaim(&self, parked: bool) -> Option<(ParkingIo, Bytes)> {
-        if !parked {
-            return None;
-        }
+    /// After hyper ended a connection that parked as an upgrade: the socket, and the bytes
+    /// hyper had read. Only then: a connection that parked was pinned to no tunnel (it would
+    /// not have parked), so nothing else takes the handle's socket, where a tunnel's copy
+    /// must be the one to take it.
+    #[cold]
+    pub fn reclaim(&self) -> Option<(TcpStream, Bytes)> {
         let on = self
             .0
             .lock()
@@ -484,7 +482,7 @@ impl Offered {
             return None;
         };
         let parts = upgraded.downcast::<ParkingIo>().ok()?;
-        Some((parts.io, parts.read_buf))
+        Some((parts.io.into_stream(), parts.read_buf))
     }
 }
 
