@@ -12,6 +12,7 @@
 pub mod accept;
 pub mod listen;
 pub mod lot;
+pub mod offered;
 pub mod parking;
 pub mod proxy_header;
 pub mod spread;
@@ -42,6 +43,7 @@ use self::stall::{StallIo, StreamExec, StreamStall};
 use self::tls::{Tls, ALPN_H2};
 use crate::metrics::{ClientErrorKind, ClientProtocol, Held};
 use crate::proxy::{Drain, Peer, Slot};
+use crate::server::offered::Offered;
 use crate::server::parking::{Exchange, ParkingIo, Tracked};
 use crate::Shared;
 
@@ -390,7 +392,7 @@ impl Listener {
         let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
         let io = ParkingIo::new(stream, leftover, peer.clone(), &shared.config);
         let (shared2, peer2) = (shared.clone(), peer.clone());
-        let offered = parking::Offered::default();
+        let offered = Offered::default();
         let offered2 = &offered;
         let svc = service_fn(move |req| {
             let exchange = Exchange::start(peer2.clone());
@@ -430,8 +432,11 @@ impl Listener {
                 None
             }
             // hyper ended the connection as an upgrade, which a request had offered, when it
-            // saw the end of input we made up: the switch was not made.
-            None if parked => offered.reclaim(),
+            // saw the end of input we made up: the switch was not made (a connection pinned
+            // to a tunnel does not park).
+            None if parked => offered
+                .take_back::<ParkingIo>()
+                .map(|(io, read)| (io.into_stream(), read)),
             _ => {
                 if let Err(e) = result {
                     self.count_hyper_error(&e, addr);

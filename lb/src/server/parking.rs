@@ -8,7 +8,7 @@
 //! read for [`PARK_AFTER`], the `ParkingIo` reports end of input. hyper ends the connection
 //! cleanly without shutting the socket down (see `poll_shutdown`); the server takes the socket
 //! back (through the handle of a switch a request offered, when hyper ends the connection as
-//! an upgrade: [`Offered`]). With nothing read of a next request, it parks it in its listener's lot
+//! an upgrade: [`super::offered`]). With nothing read of a next request, it parks it in its listener's lot
 //! ([`super::lot`]), which holds it without a task until it turns readable; then hyper starts
 //! on it again.
 //!
@@ -35,14 +35,13 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, PoisonError};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper::upgrade::OnUpgrade;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -437,52 +436,6 @@ impl Write for ParkingIo {
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.stream).poll_shutdown(cx)
-    }
-}
-
-/// The switch of protocols the connection's last request to offer one offered, as hyper
-/// holds it: pending until the connection ends, when hyper ends it as an upgrade, taken up
-/// or not, and hands the socket to the request's handle. Every request that names an
-/// `Upgrade` (or is a `CONNECT`) leaves one. When the lb did not make the switch, the handle
-/// went with the request, and the socket of a connection that parked would go with it.
-/// Keeping a copy of the handle gets the socket back.
-#[derive(Default)]
-pub struct Offered(std::sync::Mutex<Option<OnUpgrade>>);
-
-impl Offered {
-    /// Keeps `req`'s handle, if it has one (most have none: one look at an empty map).
-    #[inline]
-    pub fn note<B>(&self, req: &http::Request<B>) {
-        if let Some(on) = req.extensions().get::<OnUpgrade>() {
-            self.keep(on);
-        }
-    }
-
-    #[cold]
-    fn keep(&self, on: &OnUpgrade) {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(on.clone());
-    }
-
-    /// After hyper ended a connection that parked as an upgrade: the socket, and the bytes
-    /// hyper had read. Only then: a connection that parked was pinned to no tunnel (it would
-    /// not have parked), so nothing else takes the handle's socket, where a tunnel's copy
-    /// must be the one to take it.
-    #[cold]
-    pub fn reclaim(&self) -> Option<(TcpStream, Bytes)> {
-        let on = self
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()?;
-        // hyper hands the socket over before it returns: the handle is ready. Polled outside
-        // the task's budget, which could otherwise make a ready channel answer `Pending`.
-        let mut on = tokio::task::unconstrained(on);
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        let Poll::Ready(Ok(upgraded)) = Pin::new(&mut on).poll(&mut cx) else {
-            return None;
-        };
-        let parts = upgraded.downcast::<ParkingIo>().ok()?;
-        Some((parts.io.into_stream(), parts.read_buf))
     }
 }
 
