@@ -23,6 +23,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{ready, Poll};
 use std::time::Duration;
@@ -463,8 +464,11 @@ impl Listener {
         let trusted = self.trusted(addr);
         let peer = Arc::new(Peer::new(addr, tls, trusted, self.drain.clone(), slot));
         let (shared2, peer2) = (shared.clone(), peer.clone());
+        let offered = Offered::default();
+        let offered2 = &offered;
         let svc = service_fn(move |req| {
             let exchange = Exchange::start(peer2.clone());
+            offered2.note(&req);
             let (shared, peer) = (shared2.clone(), peer2.clone());
             async move {
                 // Inside an HTTP/2 stream's task: its stall cell, for the write timeout.
@@ -501,11 +505,31 @@ impl Listener {
             self.drive_h2(self.h2.serve_connection(io, svc), &peer, addr)
                 .await
         } else {
-            drive!(self.h1.serve_connection(io, svc).with_upgrades())
+            let result = drive!(self.h1.serve_connection(io, svc).with_upgrades());
+            // A tunnel holds its pin until it ends, and it runs on this worker's thread: it
+            // has not run since hyper handed it the socket, and holds the pin still.
+            if result.is_ok() && !peer.exchanges.pinned.load(Ordering::Relaxed) {
+                self.close_declined::<I>(&offered).await;
+            }
+            result
         };
         if let Err(e) = result {
             self.count_hyper_error(&e, addr);
         }
+    }
+
+    /// Closes a connection that hyper ended as an upgrade the lb did not make, as hyper
+    /// closes any other (with TLS, `close_notify` first), within the write timeout.
+    #[cold]
+    async fn close_declined<I>(&self, offered: &Offered)
+    where
+        I: Read + Write + Unpin + Send + 'static,
+    {
+        let Some((mut io, _)) = offered.take_back::<StallIo<I>>() else {
+            return;
+        };
+        let shutdown = std::future::poll_fn(|cx| Pin::new(&mut io).poll_shutdown(cx));
+        let _ = tokio::time::timeout(self.shared.config.client_write_timeout, shutdown).await;
     }
 
     /// Drives an HTTP/2 connection, which has no header timeout of its own: a client must send

@@ -418,6 +418,40 @@ async fn the_session_ticket_leaves_with_the_first_response() {
     );
 }
 
+/// A TLS connection on which a request offered a switch of protocols the lb did not make
+/// still ends with the lb's `close_notify` (RFC 8446 6.1), which tells the client that it
+/// has every byte. hyper ends such a connection as an upgrade and hands the stream on, where
+/// it was dropped unclosed: the client saw an end of input that could have been a cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declined_upgrade_still_ends_with_close_notify() {
+    let consul = Consul::start().await;
+    let _b = routed_backend(&consul).await;
+    let ca = Ca::new("notify");
+    let leaf = ca.leaf("a", &["a.test"]);
+    let t = start_tls_lb(&consul, &leaf.source(), &[]).await;
+    wait_routed(&t.lb, &Http::new(), "*/", 1).await;
+    let connector = ca.resuming_client();
+    for offer in [
+        "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA",
+        "Upgrade: x",
+        "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+    ] {
+        let mut tls = tls_connect(&connector, t.tls_port, "a.test").await.unwrap();
+        let requests = format!(
+            "GET / HTTP/1.1\r\nHost: a.test\r\n{offer}\r\n\r\n\
+             GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n"
+        );
+        tls.write_all(requests.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let end = tls.read_to_end(&mut out).await;
+        let text = String::from_utf8_lossy(&out);
+        assert_eq!(text.matches("HTTP/1.1 200").count(), 2, "{offer}: {text}");
+        if let Err(e) = end {
+            panic!("{offer}: the connection ended without close_notify: {e}");
+        }
+    }
+}
+
 /// Flights the lb holds until it waits for the client reach the client: TLS 1.2's last one
 /// (ticket, ChangeCipherSpec, Finished), which the client needs before it may send a request,
 /// in a full handshake and a resumed one; and a TLS 1.3 HelloRetryRequest, which asks the

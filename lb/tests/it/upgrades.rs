@@ -42,6 +42,39 @@ async fn ws_echo_backend() -> (u16, tokio::task::JoinHandle<()>) {
     (port, task)
 }
 
+/// A WebSocket over TLS is tunnelled as one over plain HTTP is: hyper hands the TLS stream
+/// to the tunnel, and the lb's close of a connection whose switch it did not make leaves it
+/// there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_over_tls_is_tunnelled() {
+    let consul = Consul::start().await;
+    let (port, _backend) = ws_echo_backend().await;
+    consul
+        .register_with("ws-0", "ws", port, &["lb.route=/ws"], None)
+        .await;
+    let ca = crate::tls::Ca::new("wss");
+    let leaf = ca.leaf("a", &["a.test"]);
+    let t = crate::tls::start_tls_lb(&consul, &leaf.source(), &[]).await;
+    wait_routed(&t.lb, &Http::new(), "*/ws", 1).await;
+
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", t.tls_port))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("a.test").unwrap();
+    let tls = ca.resuming_client().connect(name, tcp).await.unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async("wss://a.test/ws/chat", tls)
+        .await
+        .expect("WebSocket handshake over TLS through the lb");
+    assert_eq!(resp.status(), 101);
+    for i in 0..5 {
+        ws.send(Message::text(format!("hello {i}"))).await.unwrap();
+        let back = ws.next().await.unwrap().unwrap();
+        assert_eq!(back.into_text().unwrap(), format!("hello {i}"));
+    }
+    ws.close(None).await.unwrap();
+    while let Some(Ok(_)) = ws.next().await {}
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_echo_through_the_lb_and_its_drain() {
     let consul = Consul::start().await;
