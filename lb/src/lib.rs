@@ -256,6 +256,8 @@ impl Worker {
         (spread, tls_spread): (server::spread::Spread, server::spread::Spread),
         stop: watch::Receiver<bool>,
     ) -> anyhow::Result<Worker> {
+        // One thread per runtime: the server relies on a task it spawned not running
+        // while its own code runs (`server::Listener::serve`, a tunnel and its pin).
         let runtime = WorkerRuntime(Some(
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -507,9 +507,14 @@ impl Listener {
         } else {
             let result = drive!(self.h1.serve_connection(io, svc).with_upgrades());
             // A tunnel holds its pin until it ends, and it runs on this worker's thread: it
-            // has not run since hyper handed it the socket, and holds the pin still.
+            // has not run since hyper handed it the socket, and holds the pin still. (On a
+            // runtime of several threads it could have taken the socket and ended already.)
+            debug_assert_eq!(
+                tokio::runtime::Handle::current().runtime_flavor(),
+                tokio::runtime::RuntimeFlavor::CurrentThread
+            );
             if result.is_ok() && !peer.exchanges.pinned.load(Ordering::Relaxed) {
-                self.close_declined::<I>(&offered).await;
+                self.close_declined::<I>(&offered, addr).await;
             }
             result
         };
@@ -519,17 +524,24 @@ impl Listener {
     }
 
     /// Closes a connection that hyper ended as an upgrade the lb did not make, as hyper
-    /// closes any other (with TLS, `close_notify` first), within the write timeout.
+    /// closes any other (with TLS, `close_notify` first), and counts its failure as hyper's
+    /// would be: the socket's write timeout bounds it.
     #[cold]
-    async fn close_declined<I>(&self, offered: &Offered)
+    async fn close_declined<I>(&self, offered: &Offered, addr: SocketAddr)
     where
         I: Read + Write + Unpin + Send + 'static,
     {
         let Some((mut io, _)) = offered.take_back::<StallIo<I>>() else {
             return;
         };
-        let shutdown = std::future::poll_fn(|cx| Pin::new(&mut io).poll_shutdown(cx));
-        let _ = tokio::time::timeout(self.shared.config.client_write_timeout, shutdown).await;
+        if let Err(e) = std::future::poll_fn(|cx| Pin::new(&mut io).poll_shutdown(cx)).await {
+            let kind = if stall::is_write_timeout(&e) {
+                ClientErrorKind::WriteTimeout
+            } else {
+                ClientErrorKind::Io
+            };
+            self.count_error(kind, addr, e);
+        }
     }
 
     /// Drives an HTTP/2 connection, which has no header timeout of its own: a client must send
