@@ -119,6 +119,17 @@ pub struct Exchanges {
     parked: AtomicBool,
 }
 
+/// Whether `flag` was set, clearing it: a load, and a store only when it was set (the
+/// connection's one task is the only one that sets these flags), not a locked exchange each
+/// time it is looked at.
+fn take(flag: &AtomicBool) -> bool {
+    let set = flag.load(Ordering::Relaxed);
+    if set {
+        flag.store(false, Ordering::Relaxed);
+    }
+    set
+}
+
 /// Most response bytes an HTTP/1.1 connection holds for a client that is not taking them.
 pub const UNSENT_HIGH: usize = 32 * 1024;
 
@@ -149,14 +160,9 @@ impl Exchanges {
     }
 
     /// Whether the socket was corked, which it is no longer taken to be. Looked at after
-    /// every turn of a plain HTTP/1.1 connection: a load, and a store only when corked (the
-    /// connection's one task is the only one that sets it), not a locked exchange each time.
+    /// every turn of a plain HTTP/1.1 connection.
     pub(crate) fn take_corked(&self) -> bool {
-        let corked = self.corked.load(Ordering::Relaxed);
-        if corked {
-            self.corked.store(false, Ordering::Relaxed);
-        }
-        corked
+        take(&self.corked)
     }
 
     pub(crate) fn set_parked(&self) {
@@ -164,13 +170,9 @@ impl Exchanges {
     }
 
     /// Whether the connection parked since this was last asked: once per round of hyper on
-    /// the connection, a load, and a store only when it did.
+    /// the connection.
     pub(crate) fn take_parked(&self) -> bool {
-        let parked = self.parked.load(Ordering::Relaxed);
-        if parked {
-            self.parked.store(false, Ordering::Relaxed);
-        }
-        parked
+        take(&self.parked)
     }
 
     pub(crate) fn done(&self) -> u32 {
