@@ -8,9 +8,9 @@
 //! read for [`PARK_AFTER`], the `ParkingIo` reports end of input. hyper ends the connection
 //! cleanly without shutting the socket down (see `poll_shutdown`); the server takes the socket
 //! back (through the handle of a switch a request offered, when hyper ends the connection as
-//! an upgrade: [`super::offered`]). With nothing read of a next request, it parks it in its listener's lot
-//! ([`super::lot`]), which holds it without a task until it turns readable; then hyper starts
-//! on it again.
+//! an upgrade: [`super::offered`]). With nothing read of a next request, it parks it in its
+//! listener's lot ([`super::lot`]), which holds it without a task until it turns readable;
+//! then hyper starts on it again.
 //!
 //! A partial head that hyper had already buffered (a pipelining client) is not lost: hyper
 //! returns it with the socket, and the next connection reads it first.
