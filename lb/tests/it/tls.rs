@@ -34,7 +34,7 @@ async fn tls_get(
 }
 
 /// A connection to the lb's TLS port on loopback, its handshake done as `sni`.
-async fn tls_connect(
+pub async fn tls_connect(
     connector: &tokio_rustls::TlsConnector,
     port: u16,
     sni: &str,
@@ -67,6 +67,18 @@ async fn tls_exchange(
         .ok_or_else(|| format!("no status line in {text:?}"))?;
     let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
     Ok((cert, status, resumed))
+}
+
+/// A Consul, [`routed_backend`], a CA named `ca` and an lb serving its certificate for
+/// `a.test` on its TLS port, with the route in its table.
+async fn one_site(ca: &str) -> (Consul, Backend, Ca, TlsLb) {
+    let consul = Consul::start().await;
+    let b = routed_backend(&consul).await;
+    let ca = Ca::new(ca);
+    let leaf = ca.leaf("a", &["a.test"]);
+    let t = start_tls_lb(&consul, &leaf.source(), &[]).await;
+    wait_routed(&t.lb, &Http::new(), "*/", 1).await;
+    (consul, b, ca, t)
 }
 
 /// curl with the test CA, `host` resolved to loopback; returns (http_version, status, body).
@@ -341,13 +353,7 @@ async fn resumed(connector: &tokio_rustls::TlsConnector, port: u16) -> bool {
 /// per handshake, that some 130 clients pushed it out of, for a full handshake the next time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_resume_however_many_clients_came_since() {
-    let consul = Consul::start().await;
-    let _b = routed_backend(&consul).await;
-    let ca = Ca::new("resume");
-    let leaf = ca.leaf("a", &["a.test"]);
-    let t = start_tls_lb(&consul, &leaf.source(), &[]).await;
-    let http = Http::new();
-    wait_routed(&t.lb, &http, "*/", 1).await;
+    let (_consul, _b, ca, t) = one_site("resume").await;
 
     let client = ca.resuming_client();
     assert!(
@@ -374,13 +380,7 @@ async fn sessions_resume_however_many_clients_came_since() {
 /// tells the client why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_session_ticket_leaves_with_the_first_response() {
-    let consul = Consul::start().await;
-    let _b = routed_backend(&consul).await;
-    let ca = Ca::new("ticket");
-    let leaf = ca.leaf("a", &["a.test"]);
-    let t = start_tls_lb(&consul, &leaf.source(), &[]).await;
-    let http = Http::new();
-    wait_routed(&t.lb, &http, "*/", 1).await;
+    let (_consul, _b, ca, t) = one_site("ticket").await;
 
     // The client's handshake is over once it has sent its Finished; the lb's, once it has
     // read it.
@@ -424,12 +424,7 @@ async fn the_session_ticket_leaves_with_the_first_response() {
 /// it was dropped unclosed: the client saw an end of input that could have been a cut.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_declined_upgrade_still_ends_with_close_notify() {
-    let consul = Consul::start().await;
-    let _b = routed_backend(&consul).await;
-    let ca = Ca::new("notify");
-    let leaf = ca.leaf("a", &["a.test"]);
-    let t = start_tls_lb(&consul, &leaf.source(), &[]).await;
-    wait_routed(&t.lb, &Http::new(), "*/", 1).await;
+    let (_consul, _b, ca, t) = one_site("notify").await;
     let connector = ca.resuming_client();
     for offer in [
         "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA",

@@ -42,26 +42,30 @@ async fn ws_echo_backend() -> (u16, tokio::task::JoinHandle<()>) {
     (port, task)
 }
 
+/// [`ws_echo_backend`], registered as instance `ws-0` of a service routed at `/ws`.
+async fn ws_echo_routed(consul: &Consul) -> tokio::task::JoinHandle<()> {
+    let (port, backend) = ws_echo_backend().await;
+    consul
+        .register_with("ws-0", "ws", port, &["lb.route=/ws"], None)
+        .await;
+    backend
+}
+
 /// A WebSocket over TLS is tunnelled as one over plain HTTP is: hyper hands the TLS stream
 /// to the tunnel, and the lb's close of a connection whose switch it did not make leaves it
 /// there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_over_tls_is_tunnelled() {
     let consul = Consul::start().await;
-    let (port, _backend) = ws_echo_backend().await;
-    consul
-        .register_with("ws-0", "ws", port, &["lb.route=/ws"], None)
-        .await;
+    let _backend = ws_echo_routed(&consul).await;
     let ca = crate::tls::Ca::new("wss");
     let leaf = ca.leaf("a", &["a.test"]);
     let t = crate::tls::start_tls_lb(&consul, &leaf.source(), &[]).await;
     wait_routed(&t.lb, &Http::new(), "*/ws", 1).await;
 
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", t.tls_port))
+    let tls = crate::tls::tls_connect(&ca.resuming_client(), t.tls_port, "a.test")
         .await
         .unwrap();
-    let name = rustls::pki_types::ServerName::try_from("a.test").unwrap();
-    let tls = ca.resuming_client().connect(name, tcp).await.unwrap();
     let (mut ws, resp) = tokio_tungstenite::client_async("wss://a.test/ws/chat", tls)
         .await
         .expect("WebSocket handshake over TLS through the lb");
@@ -78,10 +82,7 @@ async fn websocket_over_tls_is_tunnelled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_echo_through_the_lb_and_its_drain() {
     let consul = Consul::start().await;
-    let (port, _backend) = ws_echo_backend().await;
-    consul
-        .register_with("ws-0", "ws", port, &["lb.route=/ws"], None)
-        .await;
+    let _backend = ws_echo_routed(&consul).await;
     let mut lb = Lb::start(&consul, &[("LB_SHUTDOWN_TIMEOUT", "2s")]).await;
     let http = Http::new();
     wait_routed(&lb, &http, "*/ws", 1).await;
@@ -579,10 +580,7 @@ async fn a_route_opts_in_to_an_upgrade_protocol() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_tunnels_are_closed_and_busy_ones_kept() {
     let consul = Consul::start().await;
-    let (port, _backend) = ws_echo_backend().await;
-    consul
-        .register_with("ws-0", "ws", port, &["lb.route=/ws"], None)
-        .await;
+    let _backend = ws_echo_routed(&consul).await;
     let lb = Lb::start(&consul, &[("LB_TUNNEL_IDLE_TIMEOUT", "2s")]).await;
     let http = Http::new();
     wait_routed(&lb, &http, "*/ws", 1).await;
@@ -621,10 +619,7 @@ async fn idle_tunnels_are_closed_and_busy_ones_kept() {
 async fn tunnels_count_against_the_connection_limit() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let consul = Consul::start().await;
-    let (port, _backend) = ws_echo_backend().await;
-    consul
-        .register_with("ws-0", "ws", port, &["lb.route=/ws"], None)
-        .await;
+    let _backend = ws_echo_routed(&consul).await;
     let lb = Lb::start(&consul, &[("LB_MAX_CONNECTIONS", "2")]).await;
     let http = Http::new();
     wait_routed(&lb, &http, "*/ws", 1).await;
