@@ -186,6 +186,11 @@ pub const SETTINGS: &[Setting] = &[
         "longest a response may wait for a client to read more of it (the connection, or an HTTP/2 stream, is closed after)",
     ),
     (
+        "LB_CLIENT_NOTSENT_LOWAT",
+        "131072",
+        "most bytes of a response the kernel holds for a client beyond what is on its way (TCP_NOTSENT_LOWAT), the rest waiting in the backend's socket; 0: the system's net.ipv4.tcp_notsent_lowat",
+    ),
+    (
         "LB_H2_IDLE_TIMEOUT",
         "3m",
         "HTTP/2 client connections with no open stream this long are closed (GOAWAY)",
@@ -387,6 +392,8 @@ pub struct Config {
     pub access_log_buffer: usize,
     pub client_header_timeout: Duration,
     pub client_write_timeout: Duration,
+    /// `TCP_NOTSENT_LOWAT` for client connections, in bytes; 0 leaves the system's.
+    pub client_notsent_lowat: u32,
     pub h2_idle_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_headers: usize,
@@ -587,6 +594,11 @@ impl Config {
                 "LB_CLIENT_WRITE_TIMEOUT",
                 positive_duration,
                 "a duration like 60s",
+            ),
+            client_notsent_lowat: p.get(
+                "LB_CLIENT_NOTSENT_LOWAT",
+                |s| s.parse().ok().filter(|n| *n <= i32::MAX as u32),
+                "a number of bytes (0: the system's default)",
             ),
             h2_idle_timeout: p.get(
                 "LB_H2_IDLE_TIMEOUT",

@@ -112,8 +112,9 @@ struct Listeners {
 impl Listeners {
     async fn bind(shared: &Shared) -> anyhow::Result<Listeners> {
         let config = &shared.config;
-        let proxy = server::listen::bind(config.listen, worker::count())
-            .with_context(|| format!("binding the proxy listener {}", config.listen))?;
+        let proxy =
+            server::listen::bind(config.listen, worker::count(), config.client_notsent_lowat)
+                .with_context(|| format!("binding the proxy listener {}", config.listen))?;
         let admin = TcpListener::bind(config.admin_listen)
             .await
             .with_context(|| format!("binding the admin listener {}", config.admin_listen))?;
@@ -127,8 +128,9 @@ impl Listeners {
                     &shared.metrics,
                 )
                 .map_err(|e| anyhow::anyhow!("loading TLS certificates:\n{e}"))?;
-                let listener = server::listen::bind(addr, worker::count())
-                    .with_context(|| format!("binding the TLS listener {addr}"))?;
+                let listener =
+                    server::listen::bind(addr, worker::count(), config.client_notsent_lowat)
+                        .with_context(|| format!("binding the TLS listener {addr}"))?;
                 Some((Arc::new(tls), listener))
             }
         };
@@ -267,12 +269,13 @@ impl Worker {
         let (proxy, tls) = {
             // Registered with the worker's own reactor, which wakes only its thread.
             let _in = runtime.get().enter();
-            let proxy = server::listen::another(&l.proxy).context("the proxy listener")?;
+            let lowat = shared.config.client_notsent_lowat;
+            let proxy = server::listen::another(&l.proxy, lowat).context("the proxy listener")?;
             let tls = match &l.tls {
                 None => None,
                 Some((tls, listener)) => Some((
                     tls.clone(),
-                    server::listen::another(listener).context("the TLS listener")?,
+                    server::listen::another(listener, lowat).context("the TLS listener")?,
                 )),
             };
             (proxy, tls)

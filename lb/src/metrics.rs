@@ -122,6 +122,8 @@ label!(
         /// On each listening socket: a new connection's first bytes are acknowledged with
         /// the answer.
         QuickAck => "TCP_QUICKACK",
+        /// On each listening socket: what a client's socket holds of a response, unsent.
+        NotsentLowat => "TCP_NOTSENT_LOWAT",
         /// On a plain HTTP/1.1 client connection's last response: its last bytes and the
         /// FIN go in one segment.
         Cork => "TCP_CORK",

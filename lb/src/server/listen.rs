@@ -12,7 +12,9 @@
 //! On Linux a connection is handed over once its first bytes have come (`TCP_DEFER_ACCEPT`):
 //! one wake-up per new connection, where the handshake and then the request took one each.
 //! Its first bytes are acknowledged with the answer, not by a segment of their own
-//! (`TCP_QUICKACK` off on the listener).
+//! (`TCP_QUICKACK` off on the listener). How much of a response the kernel holds unsent for
+//! a client is bounded on the listener too (`TCP_NOTSENT_LOWAT`, which accepted sockets
+//! inherit): see [`bound_unsent`].
 //!
 //! Knows nothing of what connections carry, nor of how workers run.
 
@@ -32,11 +34,11 @@ pub const NODELAY_INHERITED: bool = cfg!(target_os = "linux");
 
 /// Binds the first socket (worker 0's) at `addr`, where a port of 0 picks one. With
 /// `workers` over one, it starts the group the others join with [`another`]. Call it on
-/// worker 0's runtime.
-pub fn bind(addr: SocketAddr, workers: usize) -> io::Result<TcpListener> {
+/// worker 0's runtime. `notsent_lowat`: see [`bound_unsent`].
+pub fn bind(addr: SocketAddr, workers: usize, notsent_lowat: u32) -> io::Result<TcpListener> {
     let group = cfg!(target_os = "linux") && workers > 1;
     if !group {
-        return socket(addr, false);
+        return socket(addr, false, notsent_lowat);
     }
     // Fails on a port any socket holds, one in another group included; the group's own
     // bind would pass where the holder set the option too. Bound, never listening: no
@@ -45,16 +47,17 @@ pub fn bind(addr: SocketAddr, workers: usize) -> io::Result<TcpListener> {
     probe.bind(addr)?;
     let addr = probe.local_addr()?;
     drop(probe);
-    socket(addr, true)
+    socket(addr, true, notsent_lowat)
 }
 
 /// Another worker's socket for `first`'s address, registered with the current runtime (the
 /// worker's, whose reactor then wakes only its thread). `first` is from [`bind`] with more
-/// than one worker.
-pub fn another(first: &TcpListener) -> io::Result<TcpListener> {
+/// than one worker, with the same `notsent_lowat`.
+pub fn another(first: &TcpListener, notsent_lowat: u32) -> io::Result<TcpListener> {
     if cfg!(target_os = "linux") {
-        socket(first.local_addr()?, true)
+        socket(first.local_addr()?, true, notsent_lowat)
     } else {
+        let _ = notsent_lowat;
         use std::os::fd::AsFd;
         // The same socket: every worker waits on one queue, and the first free one accepts.
         let copy = std::net::TcpListener::from(first.as_fd().try_clone_to_owned()?);
@@ -63,7 +66,7 @@ pub fn another(first: &TcpListener) -> io::Result<TcpListener> {
     }
 }
 
-fn socket(addr: SocketAddr, group: bool) -> io::Result<TcpListener> {
+fn socket(addr: SocketAddr, group: bool, notsent_lowat: u32) -> io::Result<TcpListener> {
     let socket = new_socket(addr)?;
     #[cfg(target_os = "linux")]
     if group {
@@ -78,6 +81,10 @@ fn socket(addr: SocketAddr, group: bool) -> io::Result<TcpListener> {
     }
     #[cfg(target_os = "linux")]
     defer_accept(&socket);
+    #[cfg(target_os = "linux")]
+    bound_unsent(&socket, notsent_lowat);
+    #[cfg(not(target_os = "linux"))]
+    let _ = notsent_lowat;
     socket.bind(addr)?;
     let listener = socket.listen(BACKLOG)?;
     // After `listen`, which resets the socket's acknowledgement state.
@@ -125,6 +132,28 @@ fn delay_first_ack(socket: &TcpListener) {
     }
 }
 
+/// A client connection's socket hands the lb back the rest of a response once it holds
+/// `notsent_lowat` bytes not yet on their way (`TCP_NOTSENT_LOWAT`; 0 leaves the system's
+/// `net.ipv4.tcp_notsent_lowat`, unbounded by default). Bytes in flight do not count, so a
+/// fast client's window stays full; what a client does not take yet waits in the backend's
+/// socket, not in megabytes of the lb's send buffer.
+///
+/// Where the lb writes faster than its client reads, an unbounded queue also moves the lb's
+/// sending to the client's side: each acknowledgement the client sends makes its kernel
+/// transmit the lb's queued bytes, and on loopback run the receiving too (the 1 MiB
+/// benchmark row, with the load's core the bottleneck: BENCHMARKS.md).
+///
+/// Only an optimisation: a kernel that refuses it leaves the listener as it was.
+#[cfg(target_os = "linux")]
+fn bound_unsent(socket: &TcpSocket, notsent_lowat: u32) {
+    let value = libc::c_int::try_from(notsent_lowat).unwrap_or(libc::c_int::MAX);
+    if let Err(error) = crate::sockopt::set_tcp(socket, libc::TCP_NOTSENT_LOWAT, value) {
+        if crate::metrics::socket_option_refused(crate::metrics::SocketOption::NotsentLowat) {
+            tracing::warn!(%error, "TCP_NOTSENT_LOWAT not set: a client's socket may hold megabytes of a response unsent");
+        }
+    }
+}
+
 fn new_socket(addr: SocketAddr) -> io::Result<TcpSocket> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
@@ -141,10 +170,29 @@ fn new_socket(addr: SocketAddr) -> io::Result<TcpSocket> {
 mod tests {
     use super::*;
 
+    /// `TCP_NOTSENT_LOWAT` as an accepted socket has it.
+    #[cfg(target_os = "linux")]
+    fn notsent_lowat(socket: &impl std::os::fd::AsRawFd) -> libc::c_int {
+        let mut value: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: an open socket, and an int with its length, both outliving the call.
+        let rc = unsafe {
+            libc::getsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_NOTSENT_LOWAT,
+                (&mut value as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        value
+    }
+
     #[tokio::test]
     async fn accepted_connections_do_not_wait_for_acknowledgements() {
-        let first = bind("127.0.0.1:0".parse().unwrap(), 2).unwrap();
-        let second = another(&first).unwrap();
+        let first = bind("127.0.0.1:0".parse().unwrap(), 2, 65536).unwrap();
+        let second = another(&first, 65536).unwrap();
         let addr = first.local_addr().unwrap();
         assert_eq!(second.local_addr().unwrap(), addr);
         // Enough connections that both sockets of the group get some.
@@ -165,6 +213,13 @@ mod tests {
             if NODELAY_INHERITED {
                 assert!(stream.nodelay().unwrap(), "TCP_NODELAY from the listener");
             }
+            // Every accepted socket bounds what it holds unsent, from either listener.
+            #[cfg(target_os = "linux")]
+            assert_eq!(
+                notsent_lowat(&stream),
+                65536,
+                "TCP_NOTSENT_LOWAT from the listener"
+            );
             accepted += 1;
         }
     }
@@ -181,7 +236,7 @@ mod tests {
         {
             return;
         }
-        let listener = bind("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+        let listener = bind("127.0.0.1:0".parse().unwrap(), 1, 0).unwrap();
         let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
@@ -203,10 +258,10 @@ mod tests {
     #[tokio::test]
     async fn a_port_held_by_another_socket_fails_the_bind() {
         // Even one that joined a group of its own.
-        let holder = bind("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        let holder = bind("127.0.0.1:0".parse().unwrap(), 2, 0).unwrap();
         let addr = holder.local_addr().unwrap();
         for workers in [1, 2] {
-            let e = bind(addr, workers).expect_err("the port is taken");
+            let e = bind(addr, workers, 0).expect_err("the port is taken");
             assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{workers} workers");
         }
     }

@@ -794,6 +794,62 @@ async fn a_client_that_stops_reading_lets_go_of_its_backend() {
     assert!(answered, "the connection did not serve on");
 }
 
+/// What the kernel holds of a response for a client that has stopped reading, beyond what is
+/// on its way, is bounded by `LB_CLIENT_NOTSENT_LOWAT` (128 KiB by default): the rest waits
+/// in the backend's socket. With 0, the system's default, the client's socket takes
+/// megabytes. Read with `ss` off the lb's side of the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_has_little_queued_unsent() {
+    let (consul, _backend, lb, http) = one_backend(&[]).await;
+    let unbounded = Lb::start(&consul, &[("LB_CLIENT_NOTSENT_LOWAT", "0")]).await;
+    wait_routed(&unbounded, &http, "*/", 1).await;
+    let mut queued = Vec::new();
+    for lb in [&lb, &unbounded] {
+        let mut s = TcpStream::connect(lb.proxy).unwrap();
+        // 16 MiB asked for, far more than any socket buffer on the way holds; none read.
+        s.write_all(b"GET /big?kb=16384 HTTP/1.1\r\nHost: a.example\r\n\r\n")
+            .unwrap();
+        // The queue grows while the lb's writes find room: its largest over two seconds.
+        let mut most = 0;
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            most = most.max(unsent_to_clients(lb.proxy.port()));
+        }
+        queued.push(most);
+        drop(s);
+    }
+    println!("unsent for a client that stopped reading, bounded / system default: {queued:?}");
+    // The bound, and one write's worth past it: the kernel checks the bound before each
+    // segment-sized piece it copies.
+    assert!(queued[0] <= 128 * 1024 + 64 * 1024, "{queued:?}");
+    assert!(
+        queued[1] > 1024 * 1024,
+        "the system's default held little: {queued:?}"
+    );
+}
+
+/// Bytes the sockets of local port `port` hold unsent (`ss`'s `notsent`, which it leaves out
+/// when 0), over every established connection.
+fn unsent_to_clients(port: u16) -> u64 {
+    let out = std::process::Command::new("ss")
+        .args([
+            "-tniH",
+            "state",
+            "established",
+            "sport",
+            "=",
+            &format!(":{port}"),
+        ])
+        .output()
+        .expect("ss (iproute2) runs");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("notsent:"))
+        .map(|n| n.parse::<u64>().unwrap())
+        .sum()
+}
+
 /// HTTP/2 has no header timeout of its own: a client that sends only part of the preface, or
 /// the preface and no request, is closed at the header timeout; an idle connection is closed
 /// at `LB_H2_IDLE_TIMEOUT`, keep-alive pings or not.
