@@ -139,7 +139,7 @@ label!(
 fn socket_options_refused() -> &'static IntCounterVec {
     static FAMILY: OnceLock<IntCounterVec> = OnceLock::new();
     FAMILY.get_or_init(|| {
-        let help = "Sockets on which the kernel refused a TCP option the lb sets where it can (TCP_DEFER_ACCEPT and TCP_QUICKACK on listeners, TCP_CORK on a closing client connection's last response, TCP_USER_TIMEOUT on backend connections); the lb works without them.";
+        let help = "Sockets on which the kernel refused a TCP option the lb sets where it can (TCP_DEFER_ACCEPT, TCP_QUICKACK and TCP_NOTSENT_LOWAT on listeners, TCP_CORK on a closing client connection's last response, TCP_USER_TIMEOUT on backend connections); the lb works without them.";
         let family = IntCounterVec::new(Opts::new(SOCKET_OPTIONS_REFUSED_TOTAL, help), &["option"])
             .expect("valid metric");
         for option in SocketOption::ALL {

@@ -132,11 +132,12 @@ fn delay_first_ack(socket: &TcpListener) {
     }
 }
 
-/// A client connection's socket hands the lb back the rest of a response once it holds
-/// `notsent_lowat` bytes not yet on their way (`TCP_NOTSENT_LOWAT`; 0 leaves the system's
-/// `net.ipv4.tcp_notsent_lowat`, unbounded by default). Bytes in flight do not count, so a
-/// fast client's window stays full; what a client does not take yet waits in the backend's
-/// socket, not in megabytes of the lb's send buffer.
+/// A client connection's socket takes no more of a response once it holds `notsent_lowat`
+/// bytes not yet on their way (`TCP_NOTSENT_LOWAT`; the kernel checks before each piece it
+/// copies, of up to 64 KiB on loopback). 0 leaves the system's `net.ipv4.tcp_notsent_lowat`,
+/// unbounded by default. Bytes in flight do not count, so a fast client's window stays
+/// full; what a client does not take yet waits in the backend's socket, not in megabytes
+/// of the lb's send buffer.
 ///
 /// Where the lb writes faster than its client reads, an unbounded queue also moves the lb's
 /// sending to the client's side: each acknowledgement the client sends makes its kernel
@@ -146,7 +147,10 @@ fn delay_first_ack(socket: &TcpListener) {
 /// Only an optimisation: a kernel that refuses it leaves the listener as it was.
 #[cfg(target_os = "linux")]
 fn bound_unsent(socket: &TcpSocket, notsent_lowat: u32) {
-    let value = libc::c_int::try_from(notsent_lowat).unwrap_or(libc::c_int::MAX);
+    // The setting is at most `c_int::MAX`.
+    let Ok(value @ 1..) = libc::c_int::try_from(notsent_lowat) else {
+        return;
+    };
     if let Err(error) = crate::sockopt::set_tcp(socket, libc::TCP_NOTSENT_LOWAT, value) {
         if crate::metrics::socket_option_refused(crate::metrics::SocketOption::NotsentLowat) {
             tracing::warn!(%error, "TCP_NOTSENT_LOWAT not set: a client's socket may hold megabytes of a response unsent");

@@ -40,7 +40,7 @@ use tokio::sync::{mpsc, watch};
 use self::accept::Acceptor;
 use self::lot::Lot;
 use self::spread::Spread;
-use self::stall::{StallIo, StreamExec, StreamStall};
+use self::stall::{StallIo, StreamExec, StreamStall, WriteStall};
 use self::tls::{Tls, ALPN_H2};
 use crate::metrics::{ClientErrorKind, ClientProtocol, Held};
 use crate::proxy::{Drain, Peer, Slot};
@@ -481,11 +481,11 @@ impl Listener {
                 Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, exchange, stall)))
             }
         });
-        let io = StallIo::new(
-            io,
+        let stall = WriteStall::new(
             shared.config.client_write_timeout,
-            (!h2).then(|| (peer.clone(), fd)),
+            shared.config.client_notsent_lowat,
         );
+        let io = StallIo::new(io, stall, (!h2).then(|| (peer.clone(), fd)));
         let mut stop = self.stop.clone();
         // Both connection types finish in-flight requests after `graceful_shutdown`.
         macro_rules! drive {

@@ -211,7 +211,7 @@ impl ParkingIo {
             spell_start: Instant::now(),
             head_timeout: config.client_header_timeout,
             timer: LazyTimer::default(),
-            write_stall: WriteStall::new(config.client_write_timeout),
+            write_stall: WriteStall::new(config.client_write_timeout, config.client_notsent_lowat),
             parked: false,
             timed_out: false,
             cork_tried: false,
@@ -271,7 +271,12 @@ impl ParkingIo {
     /// response's backend reads small (see `Exchanges`).
     fn after_progress(&mut self, n: usize) -> bool {
         use std::os::fd::AsRawFd;
-        client_took(&self.peer, self.stream.as_raw_fd(), n)
+        client_took(
+            &self.peer,
+            self.stream.as_raw_fd(),
+            n,
+            self.write_stall.lag_above(),
+        )
     }
 
     /// Before a write: corks the socket if this is the connection's last response, once (see

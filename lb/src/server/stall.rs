@@ -37,21 +37,32 @@ const LARGE_WRITE: usize = 16 * 1024;
 
 /// Bytes queued in the kernel for a client, not yet sent, above which the client is lagging.
 /// A client that keeps up leaves next to nothing unsent (bytes on the wire do not count); one
-/// that reads slowly lets the kernel's send buffer fill, which on loopback holds megabytes
-/// before a write would wait: without this, the lb would read the backend in its largest
-/// pieces and hold one for as long as the client takes to drain the kernel's queue.
-const KERNEL_BACKLOG: usize = 64 * 1024;
+/// that reads slowly lets the kernel's queue fill, up to about `LB_CLIENT_NOTSENT_LOWAT`
+/// (megabytes without it) before a write would wait: without this, the lb would read the
+/// backend in its largest pieces and hold one for as long as the client takes to drain it.
+const KERNEL_BACKLOG: u32 = 64 * 1024;
+
+/// The unsent bytes above which a client lags, for client sockets bounded at
+/// `notsent_lowat` (`LB_CLIENT_NOTSENT_LOWAT`, 0: unbounded): [`KERNEL_BACKLOG`], or half
+/// the bound where that is smaller, since a socket holds little more than its bound and a
+/// client would otherwise never count as lagging.
+fn lagging_above(notsent_lowat: u32) -> u32 {
+    match notsent_lowat {
+        0 => KERNEL_BACKLOG,
+        n => KERNEL_BACKLOG.min(n / 2),
+    }
+}
 
 /// Accounts for `n` bytes the client's socket (`fd`) took; `true` when a response body held
 /// back for this client may go on. After a large write, or while the client lags, looks at
 /// how much the kernel holds that is not on its way yet: a client that does not keep up makes
 /// the response's backend reads small (see `Exchanges`). Plain and TLS connections alike: the
 /// TLS layer writes what it encrypts straight on, so the kernel's queue tells the same.
-pub fn client_took(peer: &Peer, fd: RawFd, n: usize) -> bool {
+pub fn client_took(peer: &Peer, fd: RawFd, n: usize, lagging_above: u32) -> bool {
     let e = &peer.exchanges;
     if n >= LARGE_WRITE || e.lagging() {
         // A queue that cannot be told counts as keeping up.
-        e.set_lagging(crate::sockopt::unsent(fd).unwrap_or(0) > KERNEL_BACKLOG);
+        e.set_lagging(crate::sockopt::unsent(fd).unwrap_or(0) > lagging_above as usize);
     }
     e.wrote(n)
 }
@@ -87,19 +98,28 @@ pub fn is_write_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
 
 /// Fails writes to a socket that has taken nothing for the write timeout. Its timer is made
 /// on the first write that has to wait, and stays unset while writes go straight through.
+/// Also keeps the unsent bytes above which the socket's client lags ([`client_took`]).
 pub struct WriteStall {
     timeout: Duration,
+    lag_above: u32,
     since: Option<Instant>,
     timer: LazyTimer,
 }
 
 impl WriteStall {
-    pub fn new(timeout: Duration) -> WriteStall {
+    /// For a client socket bounded at `notsent_lowat` unsent bytes (0: unbounded).
+    pub fn new(timeout: Duration, notsent_lowat: u32) -> WriteStall {
         WriteStall {
             timeout,
+            lag_above: lagging_above(notsent_lowat),
             since: None,
             timer: LazyTimer::default(),
         }
+    }
+
+    /// The unsent bytes above which the client lags, for [`client_took`].
+    pub fn lag_above(&self) -> u32 {
+        self.lag_above
     }
 
     /// Passes a write's (or flush's) outcome through; one that has waited since the last
@@ -137,17 +157,13 @@ pub struct StallIo<I> {
 }
 
 impl<I> StallIo<I> {
-    pub fn new(inner: I, timeout: Duration, peer: Option<(Arc<Peer>, RawFd)>) -> StallIo<I> {
-        StallIo {
-            inner,
-            stall: WriteStall::new(timeout),
-            peer,
-        }
+    pub fn new(inner: I, stall: WriteStall, peer: Option<(Arc<Peer>, RawFd)>) -> StallIo<I> {
+        StallIo { inner, stall, peer }
     }
 
     fn wrote(&self, cx: &mut Context<'_>, polled: &Poll<io::Result<usize>>) {
         if let (Some((peer, fd)), Poll::Ready(Ok(n))) = (&self.peer, polled) {
-            if client_took(peer, *fd, *n) {
+            if client_took(peer, *fd, *n, self.stall.lag_above()) {
                 cx.waker().wake_by_ref();
             }
         }
@@ -303,5 +319,21 @@ impl<F: Future<Output = ()>> Future for Watched<F> {
             .inc(ClientErrorKind::WriteTimeout);
         tracing::debug!("HTTP/2 stream closed: the client read nothing of its response in time");
         Poll::Ready(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client counts as lagging below what its socket can hold unsent: a bound under twice
+    /// the usual threshold lowers it, so a small `LB_CLIENT_NOTSENT_LOWAT` keeps slow clients'
+    /// backend reads small.
+    #[test]
+    fn the_lagging_threshold_stays_under_the_sockets_bound() {
+        assert_eq!(lagging_above(0), KERNEL_BACKLOG, "unbounded");
+        assert_eq!(lagging_above(128 * 1024), KERNEL_BACKLOG);
+        assert_eq!(lagging_above(16 * 1024), 8 * 1024);
+        assert_eq!(lagging_above(1), 0);
     }
 }

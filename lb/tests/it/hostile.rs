@@ -819,13 +819,17 @@ async fn a_client_that_stops_reading_has_little_queued_unsent() {
         drop(s);
     }
     println!("unsent for a client that stopped reading, bounded / system default: {queued:?}");
-    // The bound, and one write's worth past it: the kernel checks the bound before each
-    // segment-sized piece it copies.
+    // The bound, and one piece past it: the kernel checks the bound before each piece of up
+    // to 64 KiB (loopback's largest) that it copies.
     assert!(queued[0] <= 128 * 1024 + 64 * 1024, "{queued:?}");
-    assert!(
-        queued[1] > 1024 * 1024,
-        "the system's default held little: {queued:?}"
-    );
+    // What the system's default holds is the host's to say; unbounded unless set.
+    let system = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_notsent_lowat").unwrap();
+    if system.trim() == u32::MAX.to_string() {
+        assert!(
+            queued[1] > 1024 * 1024,
+            "the system's default held little: {queued:?}"
+        );
+    }
 }
 
 /// Bytes the sockets of local port `port` hold unsent (`ss`'s `notsent`, which it leaves out
