@@ -188,7 +188,7 @@ pub const SETTINGS: &[Setting] = &[
     (
         "LB_CLIENT_NOTSENT_LOWAT",
         "131072",
-        "most bytes of a response the kernel holds for a client beyond what is on its way (TCP_NOTSENT_LOWAT), the rest waiting in the backend's socket; 0: the system's net.ipv4.tcp_notsent_lowat",
+        "bytes of a response the kernel holds unsent for a client before the lb writes no more (TCP_NOTSENT_LOWAT, Linux only; up to 64 KiB over); bytes on their way do not count, and the rest waits in the backend's socket; 0: the system's net.ipv4.tcp_notsent_lowat",
     ),
     (
         "LB_H2_IDLE_TIMEOUT",
