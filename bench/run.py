@@ -289,6 +289,12 @@ class Stack:
                 logged = self.start_lb("lb-log", rel / "lb", log_port, free_port(), log_tls,
                                        {"LB_ACCESS_LOG": "json"})
                 self.targets["lb-log"] = (log_port, logged)
+            if "lb-splice" in targets:
+                # The same lb splicing plain HTTP/1.1 bodies of 64 KiB or more (LB_SPLICE_MIN).
+                splice_port, splice_tls = free_port(), free_port()
+                spliced = self.start_lb("lb-splice", rel / "lb", splice_port, free_port(), splice_tls,
+                                        {"LB_SPLICE_MIN": "65536"})
+                self.targets["lb-splice"] = (splice_port, spliced)
             small_port = free_port()
             small = self.spawn("lb-small", [str(rel / "lb")], PROXY_CPU, {
                 "LB_LISTEN": f"127.0.0.1:{small_port}",
@@ -518,6 +524,8 @@ SCENARIOS = [
     ("small16", "small, keep-alive, 16 conns", "/", 16, False, "http"),
     ("small256", "small, keep-alive, 256 conns", "/", 256, False, "http"),
     ("mib", "1 MiB responses, 16 conns", "/bytes/1048576", 16, False, "http"),
+    # The smallest body `lb-splice` splices (LB_SPLICE_MIN=65536).
+    ("kib64", "64 KiB responses, 16 conns", "/bytes/65536", 16, False, "http"),
     ("close", "new connection per request, 16 conns", "/", 16, True, "http"),
     ("tls", "TLS (HTTP/1.1), small, keep-alive, 16 conns", "/", 16, False, "https"),
     ("tlsclose", "TLS (HTTP/1.1), new connection and handshake per request, 16 conns", "/", 16, True, "https"),
