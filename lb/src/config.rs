@@ -191,6 +191,11 @@ pub const SETTINGS: &[Setting] = &[
         "bytes of a response the kernel holds unsent for a client before the lb writes no more (TCP_NOTSENT_LOWAT, Linux only; up to 64 KiB over); bytes on their way do not count, and the rest waits in the backend's socket; 0: the system's net.ipv4.tcp_notsent_lowat",
     ),
     (
+        "LB_SPLICE_MIN",
+        "0",
+        "plain HTTP/1.1 responses whose Content-Length is at least this many bytes pass from the backend's socket to the client's through a pipe (splice, Linux only), never copied through the lb's memory; 0: never (see the README on when it pays)",
+    ),
+    (
         "LB_H2_IDLE_TIMEOUT",
         "3m",
         "HTTP/2 client connections with no open stream this long are closed (GOAWAY)",
@@ -394,6 +399,8 @@ pub struct Config {
     pub client_write_timeout: Duration,
     /// `TCP_NOTSENT_LOWAT` for client connections, in bytes; 0 leaves the system's.
     pub client_notsent_lowat: u32,
+    /// Plain HTTP/1.1 response bodies of at least this many bytes are spliced; 0: none.
+    pub splice_min: u64,
     pub h2_idle_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_headers: usize,
@@ -599,6 +606,11 @@ impl Config {
                 "LB_CLIENT_NOTSENT_LOWAT",
                 |s| s.parse().ok().filter(|n| *n <= i32::MAX as u32),
                 "a number of bytes (0: the system's default)",
+            ),
+            splice_min: p.get(
+                "LB_SPLICE_MIN",
+                |s| s.parse().ok(),
+                "a number of bytes (0: never)",
             ),
             h2_idle_timeout: p.get(
                 "LB_H2_IDLE_TIMEOUT",

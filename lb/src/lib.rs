@@ -42,6 +42,7 @@ pub mod proxy;
 pub mod routing;
 pub mod server;
 pub mod sockopt;
+pub mod splice;
 pub mod state;
 pub mod time;
 pub mod upstream;

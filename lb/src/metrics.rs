@@ -23,6 +23,8 @@ pub const RETRIES_TOTAL: &str = "lb_retries_total";
 pub const RETRY_BUDGET_EXHAUSTED_TOTAL: &str = "lb_retry_budget_exhausted_total";
 pub const UPSTREAM_ERRORS_TOTAL: &str = "lb_upstream_errors_total";
 pub const UPSTREAM_CONNECTIONS_TOTAL: &str = "lb_upstream_connections_total";
+pub const SPLICED_BYTES_TOTAL: &str = "lb_spliced_bytes_total";
+pub const SPLICE_REFUSED_TOTAL: &str = "lb_splice_refused_total";
 pub const BACKEND_EJECTIONS_TOTAL: &str = "lb_backend_ejections_total";
 pub const BACKENDS: &str = "lb_backends";
 pub const CONSUL_HELD: &str = "lb_consul_held";
@@ -406,6 +408,8 @@ pub struct Metrics {
     pub retry_budget_exhausted: IntCounter,
     pub upstream_errors: ByLabel<UpstreamErrorKind>,
     pub upstream_connections: IntCounter,
+    pub spliced_bytes: IntCounter,
+    pub splice_refused: IntCounter,
     pub ejections: IntCounter,
     /// route, state
     pub backends: IntGaugeVec,
@@ -495,6 +499,8 @@ impl Metrics {
             retry_budget_exhausted: counter(RETRY_BUDGET_EXHAUSTED_TOTAL, "Retries refused because the retry budget was spent."),
             upstream_errors: ByLabel::new(&counter_vec(UPSTREAM_ERRORS_TOTAL, "Failures talking to backends, by kind.", &["kind"])),
             upstream_connections: counter(UPSTREAM_CONNECTIONS_TOTAL, "Upstream connections opened (pooled connections are reused)."),
+            spliced_bytes: counter(SPLICED_BYTES_TOTAL, "Response body bytes moved from a backend's socket into a client connection's pipe, to be written to its socket without a copy through the lb's memory (LB_SPLICE_MIN)."),
+            splice_refused: counter(SPLICE_REFUSED_TOTAL, "Times the system gave a connection no pipe to splice a body through (descriptors, or the pipe size limits), so the body was copied."),
             ejections: counter(BACKEND_EJECTIONS_TOTAL, "Backends ejected by passive health checking."),
             backends: reg(&registry, IntGaugeVec::new(Opts::new(BACKENDS, "Backends per route and state (healthy, ejected)."), &["route", "state"]).expect("valid metric")),
             consul_held: reg(&registry, IntGaugeVec::new(Opts::new(CONSUL_HELD, "What a Consul that lost its state forgot and the lb holds for LB_STATE_LOSS_GRACE: routed services (watch=catalog) and instances (watch=health)."), &["watch"]).expect("valid metric")),

@@ -12,8 +12,9 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
 use crate::access_log::Record;
-use crate::metrics::UpstreamErrorKind;
+use crate::metrics::{Metrics, UpstreamErrorKind};
 use crate::routing::Route;
+use crate::splice::{self, BodyPipe};
 use crate::upstream::{Backend, BoxError, Sender, Upstream};
 use crate::Shared;
 
@@ -50,6 +51,43 @@ impl ProxyBody {
     }
 }
 
+impl ProxyBody {
+    /// The next frame, as `poll_frame`; given a `pipe`, an HTTP/1.1 backend's body of known
+    /// length goes through it, in placeholders for its writer to splice (`crate::splice`).
+    #[inline]
+    pub fn poll_frame_piped(
+        &mut self,
+        cx: &mut Context<'_>,
+        pipe: Option<&BodyPipe>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self {
+            ProxyBody::Upstream { inner, guard } => match (inner, &mut guard.sender) {
+                // Read from the backend's connection in this task, as the client takes it.
+                (Upstream::H1, Some(Sender::H1(conn))) => {
+                    let polled = conn.poll_frame(cx, pipe);
+                    if let Some(pipe) = pipe {
+                        count_splice(pipe, &polled, &guard.in_flight.shared.metrics);
+                    }
+                    match polled {
+                        // The head has gone to the client: all that is left is to cut it off.
+                        Poll::Ready(Some(Err(e))) => {
+                            let m = &guard.in_flight.shared.metrics;
+                            m.upstream_errors.inc(UpstreamErrorKind::Body);
+                            tracing::debug!(backend = %guard.in_flight.backend.addr, error = %e, "upstream response body failed");
+                            Poll::Ready(Some(Err(e.into())))
+                        }
+                        polled => polled.map_err(|e| e.into()),
+                    }
+                }
+                (Upstream::H2(body), _) => Pin::new(body).poll_frame(cx).map_err(|e| e.into()),
+                _ => Poll::Ready(None),
+            },
+            ProxyBody::Local(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ProxyBody::Logged(l) => l.poll_frame(cx, pipe),
+        }
+    }
+}
+
 impl Body for ProxyBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -58,25 +96,7 @@ impl Body for ProxyBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            ProxyBody::Upstream { inner, guard } => match (inner, &mut guard.sender) {
-                // Read from the backend's connection in this task, as the client takes it.
-                (Upstream::H1, Some(Sender::H1(conn))) => match conn.poll_frame(cx) {
-                    // The head has gone to the client: all that is left is to cut it off.
-                    Poll::Ready(Some(Err(e))) => {
-                        let m = &guard.in_flight.shared.metrics;
-                        m.upstream_errors.inc(UpstreamErrorKind::Body);
-                        tracing::debug!(backend = %guard.in_flight.backend.addr, error = %e, "upstream response body failed");
-                        Poll::Ready(Some(Err(e.into())))
-                    }
-                    polled => polled.map_err(|e| e.into()),
-                },
-                (Upstream::H2(body), _) => Pin::new(body).poll_frame(cx).map_err(|e| e.into()),
-                _ => Poll::Ready(None),
-            },
-            ProxyBody::Local(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            ProxyBody::Logged(l) => l.poll_frame(cx),
-        }
+        self.get_mut().poll_frame_piped(cx, None)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -102,6 +122,19 @@ impl Body for ProxyBody {
             ProxyBody::Local(None) => SizeHint::with_exact(0),
             ProxyBody::Logged(l) => l.size_hint(),
         }
+    }
+}
+
+/// Counts what a body offered a pipe did with it: the bytes a placeholder stands for, or the
+/// system's refusal of a pipe (the body is then copied).
+fn count_splice<E>(pipe: &BodyPipe, polled: &Poll<Option<Result<Frame<Bytes>, E>>>, m: &Metrics) {
+    if let Poll::Ready(Some(Ok(frame))) = polled {
+        if let Some(d) = frame.data_ref().filter(|d| splice::is_placeholder(d)) {
+            m.spliced_bytes.inc_by(d.len() as u64);
+        }
+    }
+    if pipe.take_refusal() {
+        m.splice_refused.inc();
     }
 }
 
@@ -196,8 +229,9 @@ impl Logged {
     pub(super) fn poll_frame(
         &mut self,
         cx: &mut Context<'_>,
+        pipe: Option<&BodyPipe>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let polled = self.inner.poll_frame_piped(cx, pipe);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let (Some(d), Some(r)) = (frame.data_ref(), self.record.as_mut()) {

@@ -26,6 +26,9 @@ pub struct Peer {
     pub(super) trusted: bool,
     pub(super) drain: Drain,
     pub exchanges: Exchanges,
+    /// The pipe large response bodies pass through on a plain HTTP/1.1 connection
+    /// (`LB_SPLICE_MIN`), while they do.
+    pub pipe: crate::splice::BodyPipe,
     /// A tunnel holds the peer, so the connection counts as long as the tunnel lasts.
     _slot: Slot,
 }
@@ -48,6 +51,7 @@ impl Peer {
             trusted,
             drain,
             exchanges: Default::default(),
+            pipe: Default::default(),
             _slot: slot,
         }
     }

@@ -119,6 +119,8 @@ pub async fn serve_proxy(
         .max_header_size(cfg.max_header_bytes)
         .max_headers(cfg.max_headers)
         .max_buf_size(MAX_BUF.max(cfg.max_header_bytes));
+    // Never `writev(false)` or `pipeline_flush(true)` for plain connections: hyper would
+    // copy body frames, and a spliced body's are placeholders (`parking`).
     let mut h1_parking = h1.clone();
     h1_parking.header_read_timeout(None);
     let mut h2 = http2::Builder::new(StreamExec {
@@ -403,12 +405,13 @@ impl Listener {
             }
             let (shared, peer) = (shared2.clone(), peer2.clone());
             async move {
+                let splice_min = shared.config.splice_min;
                 let resp = if crate::proxy::sampled(&shared) {
                     crate::proxy::handle_logged(shared, req, peer).await
                 } else {
                     crate::proxy::handle(shared, req, peer).await
                 };
-                Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, exchange, None)))
+                Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, exchange, None, splice_min)))
             }
         });
         let mut conn = self.h1_parking.serve_connection(io, svc).with_upgrades();
@@ -478,7 +481,7 @@ impl Listener {
                 } else {
                     crate::proxy::handle(shared, req, peer).await
                 };
-                Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, exchange, stall)))
+                Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, exchange, stall, 0)))
             }
         });
         let stall = WriteStall::new(

@@ -12,6 +12,12 @@
 //! listener's lot ([`super::lot`]), which holds it without a task until it turns readable;
 //! then hyper starts on it again.
 //!
+//! A response body spliced from its backend (`LB_SPLICE_MIN`, [`crate::splice`]) reaches
+//! hyper as placeholders, which the `ParkingIo` writes from the connection's pipe. That
+//! needs hyper to queue body frames as they are (its vectored writes), never to copy them
+//! into its own buffer: the server's builder for these connections must not set
+//! `writev(false)` or `pipeline_flush(true)`.
+//!
 //! A partial head that hyper had already buffered (a pipelining client) is not lost: hyper
 //! returns it with the socket, and the next connection reads it first.
 //!
@@ -36,7 +42,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
@@ -49,6 +55,7 @@ use tokio::time::Instant;
 use crate::config::Config;
 use crate::field_list;
 use crate::server::stall::{client_took, StreamStall, WriteStall};
+use crate::splice::{self, Front};
 use crate::time::LazyTimer;
 
 use crate::proxy::Peer;
@@ -91,11 +98,42 @@ impl Tracked {
     /// `stall`: on HTTP/2, the stream's stall cell. Without one, the connection is HTTP/1.1
     /// and its socket reports what it wrote ([`Exchanges::wrote`]): the body holds back while
     /// the client is not taking what hyper has.
-    pub fn new(body: ProxyBody, exchange: Exchange, stall: Option<Arc<StreamStall>>) -> Tracked {
+    ///
+    /// `splice_min`: the body is spliced from the backend's socket to the client's when the
+    /// response says it is at least this long (0: never). Only for a plain HTTP/1.1
+    /// connection: the placeholders the body then hands hyper are bytes only its `ParkingIo`
+    /// can write. Whether it is, is kept in the connection's pipe (armed), not here: one
+    /// field more made hyper move each response's body with calls to `memcpy` (about 130
+    /// instructions per request), and an HTTP/1.1 connection has one response body at a time.
+    pub fn new(
+        body: ProxyBody,
+        exchange: Exchange,
+        stall: Option<Arc<StreamStall>>,
+        splice_min: u64,
+    ) -> Tracked {
+        if splice_min != 0 {
+            let length = body.size_hint().exact();
+            let pipe = &exchange.0.pipe;
+            pipe.arm(length.is_some_and(|n| n >= splice_min));
+        }
         Tracked {
             body,
             exchange,
             stall,
+        }
+    }
+}
+
+impl Drop for Tracked {
+    /// A spliced body whose bytes have all been written gives its pipe back (else the write
+    /// that empties the pipe does): a connection holds a pipe only while it splices.
+    fn drop(&mut self) {
+        let pipe = &self.exchange.0.pipe;
+        if self.stall.is_none() && pipe.armed() {
+            pipe.arm(false);
+            if pipe.held() == 0 {
+                pipe.release();
+            }
         }
     }
 }
@@ -121,7 +159,8 @@ impl Body for Tracked {
         if exchanges.lagging() {
             this.body.client_lags();
         }
-        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        let pipe = &this.exchange.0.pipe;
+        let polled = this.body.poll_frame_piped(cx, pipe.armed().then_some(pipe));
         if let Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(data) = frame.data_ref() {
                 exchanges.handed(data.len());
@@ -170,6 +209,8 @@ pub struct ParkingIo {
     timed_out: bool,
     /// The last response's first write has looked at corking the socket.
     cork_tried: bool,
+    /// Bodies may be spliced (`LB_SPLICE_MIN`): writes look for placeholders.
+    splices: bool,
 }
 
 /// Whether hyper closes the connection once it has answered `req` (RFC 9112 section 9.3):
@@ -215,6 +256,7 @@ impl ParkingIo {
             parked: false,
             timed_out: false,
             cork_tried: false,
+            splices: config.splice_min != 0,
         }
     }
 
@@ -277,6 +319,36 @@ impl ParkingIo {
             n,
             self.write_stall.lag_above(),
         )
+    }
+
+    /// Writes up to `max` bytes that placeholders stand for, from the connection's pipe. The
+    /// drain that empties the pipe wakes the task for a body waiting to fill it again, or,
+    /// when no exchange is open any more, gives the pipe back (`Tracked`'s drop gives it back
+    /// when the last placeholder was written before the exchange ended).
+    fn poll_splice(&mut self, cx: &mut Context<'_>, max: usize) -> Poll<io::Result<usize>> {
+        use std::os::fd::AsRawFd;
+        let fd = self.stream.as_raw_fd();
+        let pipe = &self.peer.pipe;
+        loop {
+            ready!(self.stream.poll_write_ready(cx))?;
+            match self
+                .stream
+                .try_io(tokio::io::Interest::WRITABLE, || pipe.drain_to(fd, max))
+            {
+                Ok((n, wake)) => {
+                    if wake {
+                        cx.waker().wake_by_ref();
+                    } else if pipe.held() == 0
+                        && self.peer.exchanges.open.load(Ordering::Relaxed) == 0
+                    {
+                        pipe.release();
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
     }
 
     /// Before a write: corks the socket if this is the connection's last response, once (see
@@ -372,6 +444,8 @@ impl Read for ParkingIo {
                     return match this.between_exchanges(cx) {
                         Between::Wait => Poll::Pending,
                         Between::Park => {
+                            // An idle connection holds no pipe (every byte was written).
+                            this.peer.pipe.release();
                             this.parked = true;
                             this.peer.exchanges.set_parked();
                             Poll::Ready(Ok(()))
@@ -401,7 +475,11 @@ impl Write for ParkingIo {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.before_write();
-        let polled = Pin::new(&mut this.stream).poll_write(cx, buf);
+        let polled = if this.splices && splice::is_placeholder(buf) {
+            this.poll_splice(cx, buf.len())
+        } else {
+            Pin::new(&mut this.stream).poll_write(cx, buf)
+        };
         let polled = this.write_stall.check(cx, polled);
         this.after_write(cx, polled)
     }
@@ -413,13 +491,20 @@ impl Write for ParkingIo {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.before_write();
-        let polled = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        // Placeholders and plain bytes never share a system call: what goes first goes alone.
+        let polled = match this.splices.then(|| splice::front(bufs)) {
+            None => Pin::new(&mut this.stream).poll_write_vectored(cx, bufs),
+            Some(Front::Plain(n)) => Pin::new(&mut this.stream).poll_write_vectored(cx, &bufs[..n]),
+            Some(Front::Piped(n)) => this.poll_splice(cx, n),
+        };
         let polled = this.write_stall.check(cx, polled);
         this.after_write(cx, polled)
     }
 
+    /// Always: hyper then queues body frames as they are, for `poll_write_vectored`, rather
+    /// than copying them into its own buffer, which would turn placeholders into zeros.
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        true
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -29,6 +29,7 @@ use tokio::net::TcpStream;
 
 use super::{BodyError, HeadFields, SendError, Timeouts, UpstreamBody};
 use crate::field_list;
+use crate::splice::BodyPipe;
 use crate::time::LazyTimer;
 
 /// Most bytes of a response head (status line, fields) or a trailer section; past it the
@@ -41,6 +42,8 @@ const MAX_FIELDS: usize = 100;
 /// as one frame (1 MiB responses: 36% less CPU than with 64 KiB reads).
 const MIN_READ: usize = 8 * 1024;
 const MAX_READ: usize = 256 * 1024;
+// A fill of the pipe is at most one read's size, and a placeholder at most the pipe's.
+const _: () = assert!(MAX_READ <= crate::splice::PIPE_SIZE);
 /// The largest read buffer a pooled connection keeps.
 const POOLED_READ_BUF: usize = 4 * MIN_READ;
 /// Request body frames are copied into the write buffer until it holds this much; then it is
@@ -497,6 +500,57 @@ impl Conn {
         self.read_size = MIN_READ;
     }
 
+    /// Moves the next bytes of a body with `left` bytes to go from the socket into `pipe`,
+    /// and hands out a placeholder for them. The pipe takes one fill at a time: while the
+    /// client's writer has not drained the last one, this waits, and the drain that empties
+    /// the pipe wakes the task. Fills are sized as reads are (`poll_fill`), small while the
+    /// client lags, but a short one does not shrink the next: it needs no buffer. (Fills of
+    /// the whole pipe at once measured worse: see BENCHMARKS.md.)
+    fn poll_splice(
+        &mut self,
+        cx: &mut Context<'_>,
+        pipe: &BodyPipe,
+        left: u64,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        if pipe.held() > 0 {
+            pipe.wait_for_room();
+            return Poll::Pending;
+        }
+        let want = left.min(self.read_size as u64) as usize;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.io);
+        let filled = loop {
+            if let Err(e) = ready!(self.io.poll_read_ready(cx)) {
+                break Err(e);
+            }
+            match self
+                .io
+                .try_io(tokio::io::Interest::READABLE, || pipe.fill_from(fd, want))
+            {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                filled => break filled,
+            }
+        };
+        let n = match filled {
+            Ok(0) => {
+                self.dec.reusable = false;
+                return Poll::Ready(Some(Err(Error::BodyCut)));
+            }
+            Ok(n) => n,
+            Err(e) => {
+                self.dec.reusable = false;
+                return Poll::Ready(Some(Err(Error::Io(e))));
+            }
+        };
+        if n == want {
+            self.read_size = (self.read_size * 2).min(MAX_READ);
+        }
+        self.dec.framing = match left - n as u64 {
+            0 => Framing::Done,
+            left => Framing::Length(left),
+        };
+        Poll::Ready(Some(Ok(Frame::data(crate::splice::placeholder(n)))))
+    }
+
     /// Whether the response body has been read to its end.
     pub fn body_done(&self) -> bool {
         self.dec.framing == Framing::Done
@@ -511,14 +565,23 @@ impl Conn {
     }
 
     /// The next frame of the response body: data cut from the read buffer without a copy,
-    /// or the trailers of a chunked body.
+    /// or the trailers of a chunked body. Given a `pipe`, a body of known length that the
+    /// read buffer has handed out goes on through it: each frame is then a placeholder
+    /// for the bytes moved into the pipe (see `crate::splice`).
     pub fn poll_frame(
         &mut self,
         cx: &mut Context<'_>,
+        pipe: Option<&BodyPipe>,
     ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         loop {
             if let Some(frame) = self.dec.decode_buffered() {
                 return Poll::Ready(frame);
+            }
+            if let (Some(pipe), Framing::Length(left)) = (pipe, self.dec.framing) {
+                // Without a pipe to be had, the body is copied as any other.
+                if pipe.ready() {
+                    return self.poll_splice(cx, pipe, left);
+                }
             }
             // Needs more bytes.
             match ready!(self.poll_fill(cx)) {

@@ -11,7 +11,7 @@ use crate::support::{eventually, Backend, Consul, Http, Lb};
 
 /// The access log's JSON lines: standard output holds them and nothing else (the lb's own
 /// log goes to standard error).
-fn json_lines(lb: &Lb) -> Vec<serde_json::Value> {
+pub(crate) fn json_lines(lb: &Lb) -> Vec<serde_json::Value> {
     let out = lb.stdout();
     out.lines()
         .map(|l| {

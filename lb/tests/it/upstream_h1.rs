@@ -13,7 +13,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as Tokio
 use tokio::net::TcpListener;
 
 use crate::balancing::wait_routed;
-use crate::support::{proc_stat, Backend, Consul, Http, Lb};
+use crate::support::{eventually, proc_stat, Backend, Consul, Http, Lb};
 
 /// What the scripted backend answers for a request path, and whether it closes afterwards.
 fn script(method: &str, path: &str, body: &[u8]) -> (Vec<u8>, bool) {
@@ -68,10 +68,31 @@ fn script(method: &str, path: &str, body: &[u8]) -> (Vec<u8>, bool) {
             r.extend_from_slice(body);
             (r, false)
         }
+        // N bytes of a pattern that no block of them repeats at a page's offset.
+        p if p.starts_with("/pattern/") => {
+            let n: usize = p["/pattern/".len()..].parse().unwrap();
+            let mut r = format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n").into_bytes();
+            if method != "HEAD" {
+                r.extend_from_slice(&pattern(n));
+            }
+            (r, false)
+        }
+        // The first half of such a body, then the close.
+        p if p.starts_with("/pattern-cut/") => {
+            let n: usize = p["/pattern-cut/".len()..].parse().unwrap();
+            let mut r = format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n").into_bytes();
+            r.extend_from_slice(&pattern(n / 2));
+            (r, true)
+        }
         _ if method == "HEAD" => fixed("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"),
         "/no-content" => fixed("HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"),
         _ => fixed("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain"),
     }
+}
+
+/// `n` bytes that differ from their neighbours' and from any page-sized shift of themselves.
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i % 251) as u8).collect()
 }
 
 /// A backend that parses just enough of each request (head, Content-Length or chunked body,
@@ -893,5 +914,207 @@ async fn large_responses_do_not_fault_in_fresh_memory_each_time() {
     assert!(
         best < 4.0,
         "minor page faults per 1 MiB response, in three rounds: {rounds:.1?}"
+    );
+}
+
+/// A response read off a keep-alive connection by its `Content-Length`: head and body.
+fn read_response(r: &mut BufReader<TcpStream>) -> (String, Vec<u8>) {
+    use std::io::BufRead;
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(r.read_line(&mut line).unwrap() > 0, "closed after {head:?}");
+        if line == "\r\n" {
+            break;
+        }
+        head.push_str(&line);
+    }
+    let length = head
+        .lines()
+        .find_map(|l| {
+            let l = l.to_ascii_lowercase();
+            l.strip_prefix("content-length:")
+                .map(|v| v.trim().parse::<usize>().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no length in {head}"));
+    let mut body = vec![0; length];
+    r.read_exact(&mut body).unwrap();
+    (head, body)
+}
+
+/// With `LB_SPLICE_MIN`, bodies of at least that length pass from the backend's socket to the
+/// client's through a pipe: byte for byte and in order, among smaller ones that are copied,
+/// with both connections reused; to a client that reads slowly; past clients that leave
+/// halfway, whose bytes no later client gets; pipelined, to HTTP/1.0 clients, as a
+/// connection's last response, with HEAD; counted whole in the access log; and a backend that
+/// breaks off cuts its client off as with copying. The count of bytes spliced shows the pipe
+/// was taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_are_spliced_byte_for_byte() {
+    let (_consul, _, lb, http) = scripted_lb(&[
+        ("LB_SPLICE_MIN", "65536"),
+        ("LB_RETRIES", "0"),
+        ("LB_ACCESS_LOG", "json"),
+    ])
+    .await;
+    let spliced = || async {
+        lb.metric(&http, "lb_spliced_bytes_total", &[])
+            .await
+            .unwrap_or(0.0) as usize
+    };
+    let connect = || {
+        let s = TcpStream::connect(lb.proxy).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        BufReader::new(s)
+    };
+    let ask = |c: &mut BufReader<TcpStream>, path: &str| {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        c.get_mut().write_all(req.as_bytes()).unwrap();
+    };
+
+    let mut c = connect();
+    let sizes = [1 << 20, 100, 65536, 300_001, 65535, 4 << 20, 70_000];
+    let mut backends = None;
+    for n in sizes {
+        ask(&mut c, &format!("/pattern/{n}"));
+        let (head, body) = read_response(&mut c);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(body == pattern(n), "{n} bytes came changed");
+        // The backend's connection goes on from the first exchange (the lb's count: Consul's
+        // checks connect to the backend too).
+        let opened = lb.metric(&http, "lb_upstream_connections_total", &[]).await;
+        assert_eq!(*backends.get_or_insert(opened), opened, "after {n}");
+    }
+    let large: usize = sizes.iter().filter(|&&n| n >= 65536).sum();
+    let moved = spliced().await;
+    // All of the large bodies but what came in the read of each head (at most 8 KiB).
+    assert!(
+        moved <= large && moved + 5 * 8192 >= large,
+        "{moved} of {large}"
+    );
+
+    // Pipelined: the second head waits for the first body's last placeholder; then a HEAD,
+    // whose length is not followed by a body.
+    c.get_mut()
+        .write_all(
+            b"GET /pattern/1048576 HTTP/1.1\r\nHost: x\r\n\r\n\
+              GET /pattern/300000 HTTP/1.1\r\nHost: x\r\n\r\n",
+        )
+        .unwrap();
+    assert!(read_response(&mut c).1 == pattern(1 << 20));
+    assert!(read_response(&mut c).1 == pattern(300_000));
+    c.get_mut()
+        .write_all(b"HEAD /pattern/1048576 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut head = String::new();
+    while !head.ends_with("\r\n\r\n") {
+        let mut b = [0u8; 1];
+        c.read_exact(&mut b).unwrap();
+        head.push(b[0] as char);
+    }
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-length: 1048576"),
+        "{head}"
+    );
+    ask(&mut c, "/pattern/70000");
+    assert!(read_response(&mut c).1 == pattern(70_000));
+
+    // The last response of a connection (corked), and an HTTP/1.0 client's.
+    for request in [
+        "GET /pattern/1048576 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "GET /pattern/1048576 HTTP/1.0\r\n\r\n",
+    ] {
+        let mut last = connect();
+        last.get_mut().write_all(request.as_bytes()).unwrap();
+        let mut got = Vec::new();
+        last.read_to_end(&mut got).unwrap();
+        let at = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        assert!(
+            got[at..] == pattern(1 << 20),
+            "{request:?}: {} bytes",
+            got.len() - at
+        );
+    }
+
+    // A client that reads in small pieces, slowly.
+    let before_slow = spliced().await;
+    let mut slow = connect();
+    ask(&mut slow, "/pattern/2097152");
+    let (_, body) = {
+        let mut line = String::new();
+        while !line.ends_with("\r\n\r\n") {
+            let mut b = [0u8; 1];
+            slow.read_exact(&mut b).unwrap();
+            line.push(b[0] as char);
+        }
+        let mut body = Vec::new();
+        let mut piece = [0u8; 8192];
+        while body.len() < 2097152 {
+            let k = slow.read(&mut piece).unwrap();
+            assert!(k > 0, "cut after {}", body.len());
+            body.extend_from_slice(&piece[..k]);
+            // About 4 MB/s: the lb's socket fills and its writes wait for room.
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        (line, body)
+    };
+    assert!(
+        body == pattern(2097152),
+        "the slow client's body came changed"
+    );
+    assert!(spliced().await - before_slow + 8192 >= 2097152);
+
+    // Clients that leave halfway through, each followed by one that reads to the end.
+    for _ in 0..4 {
+        let mut gone = connect();
+        ask(&mut gone, "/pattern/4194304");
+        let mut some = vec![0; 200_000];
+        gone.read_exact(&mut some).unwrap();
+        drop(gone);
+        let mut next = connect();
+        ask(&mut next, "/pattern/1048576");
+        let (_, body) = read_response(&mut next);
+        assert!(
+            body == pattern(1 << 20),
+            "a body after a client left came changed"
+        );
+    }
+
+    // A backend that breaks off: the client is cut off short of the length, at once.
+    let mut cut = connect();
+    ask(&mut cut, "/pattern-cut/1048576");
+    let mut got = Vec::new();
+    let _ = cut.read_to_end(&mut got);
+    let body_at = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let body = &got[body_at..];
+    assert!(body.len() < 1 << 20, "{}", body.len());
+    assert!(body == &pattern(1 << 20)[..body.len()]);
+    assert_eq!(
+        lb.metric(&http, "lb_upstream_errors_total", &[("kind", "body")])
+            .await,
+        Some(1.0)
+    );
+    // The lb goes on.
+    let mut after = connect();
+    ask(&mut after, "/pattern/131072");
+    assert!(read_response(&mut after).1 == pattern(131072));
+
+    // The access log counts what the placeholders stood for.
+    eventually("the line to be written", Duration::from_secs(5), || async {
+        crate::access_log::json_lines(&lb)
+            .iter()
+            .any(|l| l["path"] == "/pattern/131072")
+    })
+    .await;
+    let lines = crate::access_log::json_lines(&lb);
+    let line = lines
+        .iter()
+        .find(|l| l["path"] == "/pattern/300001")
+        .unwrap();
+    assert_eq!(line["bytes_out"], 300_001, "{line}");
+    assert_eq!(
+        lb.metric(&http, "lb_splice_refused_total", &[]).await,
+        Some(0.0)
     );
 }
