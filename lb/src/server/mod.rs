@@ -119,8 +119,8 @@ pub async fn serve_proxy(
         .max_header_size(cfg.max_header_bytes)
         .max_headers(cfg.max_headers)
         .max_buf_size(MAX_BUF.max(cfg.max_header_bytes));
-    // Never `writev(false)` or `pipeline_flush(true)` for plain connections: hyper would
-    // copy body frames, and a spliced body's are placeholders (`parking`).
+    // Never `writev(false)` for plain connections: hyper would copy body frames into its own
+    // buffer, and a spliced body's are placeholders (`parking`).
     let mut h1_parking = h1.clone();
     h1_parking.header_read_timeout(None);
     let mut h2 = http2::Builder::new(StreamExec {

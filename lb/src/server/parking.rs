@@ -16,7 +16,7 @@
 //! hyper as placeholders, which the `ParkingIo` writes from the connection's pipe. That
 //! needs hyper to queue body frames as they are (its vectored writes), never to copy them
 //! into its own buffer: the server's builder for these connections must not set
-//! `writev(false)` or `pipeline_flush(true)`.
+//! `writev(false)`.
 //!
 //! A partial head that hyper had already buffered (a pipelining client) is not lost: hyper
 //! returns it with the socket, and the next connection reads it first.
@@ -323,8 +323,8 @@ impl ParkingIo {
 
     /// Writes up to `max` bytes that placeholders stand for, from the connection's pipe. The
     /// drain that empties the pipe wakes the task for a body waiting to fill it again, or,
-    /// when no exchange is open any more, gives the pipe back (`Tracked`'s drop gives it back
-    /// when the last placeholder was written before the exchange ended).
+    /// once the body has ended, gives the pipe back (`Tracked`'s drop gives it back when the
+    /// last placeholder was written before the body ended).
     fn poll_splice(&mut self, cx: &mut Context<'_>, max: usize) -> Poll<io::Result<usize>> {
         use std::os::fd::AsRawFd;
         let fd = self.stream.as_raw_fd();
@@ -338,9 +338,10 @@ impl ParkingIo {
                 Ok((n, wake)) => {
                     if wake {
                         cx.waker().wake_by_ref();
-                    } else if pipe.held() == 0
-                        && self.peer.exchanges.open.load(Ordering::Relaxed) == 0
-                    {
+                    } else if pipe.held() == 0 && !pipe.armed() {
+                        // The body ended (`Tracked`'s drop disarmed the pipe) and its last
+                        // bytes are out; a next response arms it only once hyper's queue is
+                        // empty, so none stands for bytes in it.
                         pipe.release();
                     }
                     return Poll::Ready(Ok(n));

@@ -944,11 +944,11 @@ fn read_response(r: &mut BufReader<TcpStream>) -> (String, Vec<u8>) {
 
 /// With `LB_SPLICE_MIN`, bodies of at least that length pass from the backend's socket to the
 /// client's through a pipe: byte for byte and in order, among smaller ones that are copied,
-/// with both connections reused; to a client that reads slowly; past clients that leave
-/// halfway, whose bytes no later client gets; pipelined, to HTTP/1.0 clients, as a
-/// connection's last response, with HEAD; counted whole in the access log; and a backend that
-/// breaks off cuts its client off as with copying. The count of bytes spliced shows the pipe
-/// was taken.
+/// with both connections reused, also after the connection parked; to a client that reads
+/// slowly; past clients that leave halfway (the next clients get their own bodies whole);
+/// pipelined, to HTTP/1.0 clients, as a connection's last response, beside HEAD (never
+/// spliced: no body); counted whole in the access log; and a backend that breaks off cuts
+/// its client off as with copying. The count of bytes spliced shows the pipe was taken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_bodies_are_spliced_byte_for_byte() {
     let (_consul, _, lb, http) = scripted_lb(&[
@@ -1019,6 +1019,10 @@ async fn large_bodies_are_spliced_byte_for_byte() {
     );
     ask(&mut c, "/pattern/70000");
     assert!(read_response(&mut c).1 == pattern(70_000));
+    // Idle long enough to park (its pipe given back), then a new round on the connection.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    ask(&mut c, "/pattern/1048576");
+    assert!(read_response(&mut c).1 == pattern(1 << 20), "after parking");
 
     // The last response of a connection (corked), and an HTTP/1.0 client's.
     for request in [
@@ -1085,7 +1089,12 @@ async fn large_bodies_are_spliced_byte_for_byte() {
     let mut cut = connect();
     ask(&mut cut, "/pattern-cut/1048576");
     let mut got = Vec::new();
-    let _ = cut.read_to_end(&mut got);
+    let started = std::time::Instant::now();
+    // The end, or a reset: never the read timeout.
+    if let Err(e) = cut.read_to_end(&mut got) {
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
     let body_at = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
     let body = &got[body_at..];
     assert!(body.len() < 1 << 20, "{}", body.len());
