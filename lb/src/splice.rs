@@ -155,10 +155,20 @@ const REFUSED: u8 = 1;
 /// `BodyPipe::refused`: a refusal `take_refusal` has reported.
 const REFUSAL_SEEN: u8 = 2;
 
+/// `BodyPipe::fds` for a pipe's read and write ends.
+fn pack(read: RawFd, write: RawFd) -> u64 {
+    (read as u32 as u64) << 32 | write as u32 as u64
+}
+
+/// A pipe's read and write ends from `BodyPipe::fds`.
+fn unpack(fds: u64) -> (RawFd, RawFd) {
+    ((fds >> 32) as RawFd, fds as u32 as RawFd)
+}
+
 impl BodyPipe {
     fn ends(&self) -> Option<(RawFd, RawFd)> {
         let fds = self.fds.load(Ordering::Relaxed);
-        (fds != 0).then_some(((fds >> 32) as RawFd, fds as u32 as RawFd))
+        (fds != 0).then_some(unpack(fds))
     }
 
     /// Whether a pipe is ready for a fill, taking one if there is none: `false` when the
@@ -172,8 +182,7 @@ impl BodyPipe {
         }
         match Pipe::take() {
             Ok(pipe) => {
-                let (read, write) = (pipe.read.into_raw_fd(), pipe.write.into_raw_fd());
-                let fds = (read as u32 as u64) << 32 | write as u32 as u64;
+                let fds = pack(pipe.read.into_raw_fd(), pipe.write.into_raw_fd());
                 self.fds.store(fds, Ordering::Relaxed);
                 true
             }
@@ -262,11 +271,12 @@ impl BodyPipe {
         }
         let held = self.held.swap(0, Ordering::Relaxed);
         self.waiting.store(false, Ordering::Relaxed);
+        let (read, write) = unpack(fds);
         // SAFETY: the two descriptors `ready` took ownership of, which nothing else closes.
         let pipe = unsafe {
             Pipe {
-                read: OwnedFd::from_raw_fd((fds >> 32) as RawFd),
-                write: OwnedFd::from_raw_fd(fds as u32 as RawFd),
+                read: OwnedFd::from_raw_fd(read),
+                write: OwnedFd::from_raw_fd(write),
             }
         };
         if held == 0 {

@@ -12,7 +12,7 @@ use crate::support::{listening_sockets, Backend, Consul, Http, Lb};
 
 /// One response from `r`: its status line and body (Content-Length framed; the test backend
 /// and the lb's own answers always send one).
-fn read_response(r: &mut BufReader<TcpStream>) -> std::io::Result<(String, Vec<u8>)> {
+pub(crate) fn read_response(r: &mut BufReader<TcpStream>) -> std::io::Result<(String, Vec<u8>)> {
     let mut status = String::new();
     if r.read_line(&mut status)? == 0 {
         return Err(std::io::ErrorKind::UnexpectedEof.into());

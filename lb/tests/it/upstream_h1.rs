@@ -917,29 +917,15 @@ async fn large_responses_do_not_fault_in_fresh_memory_each_time() {
     );
 }
 
-/// A response read off a keep-alive connection by its `Content-Length`: head and body.
+/// A response read off a keep-alive connection by its `Content-Length`: status line and body.
 fn read_response(r: &mut BufReader<TcpStream>) -> (String, Vec<u8>) {
-    use std::io::BufRead;
-    let mut head = String::new();
-    loop {
-        let mut line = String::new();
-        assert!(r.read_line(&mut line).unwrap() > 0, "closed after {head:?}");
-        if line == "\r\n" {
-            break;
-        }
-        head.push_str(&line);
-    }
-    let length = head
-        .lines()
-        .find_map(|l| {
-            let l = l.to_ascii_lowercase();
-            l.strip_prefix("content-length:")
-                .map(|v| v.trim().parse::<usize>().unwrap())
-        })
-        .unwrap_or_else(|| panic!("no length in {head}"));
-    let mut body = vec![0; length];
-    r.read_exact(&mut body).unwrap();
-    (head, body)
+    crate::keepalive::read_response(r).unwrap()
+}
+
+/// What follows the head in a response read whole.
+fn body_of(response: &[u8]) -> &[u8] {
+    let at = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    &response[at + 4..]
 }
 
 /// With `LB_SPLICE_MIN`, bodies of at least that length pass from the backend's socket to the
@@ -1033,11 +1019,11 @@ async fn large_bodies_are_spliced_byte_for_byte() {
         last.get_mut().write_all(request.as_bytes()).unwrap();
         let mut got = Vec::new();
         last.read_to_end(&mut got).unwrap();
-        let at = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let body = body_of(&got);
         assert!(
-            got[at..] == pattern(1 << 20),
+            body == pattern(1 << 20),
             "{request:?}: {} bytes",
-            got.len() - at
+            body.len()
         );
     }
 
@@ -1095,8 +1081,7 @@ async fn large_bodies_are_spliced_byte_for_byte() {
         assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
     }
     assert!(started.elapsed() < Duration::from_secs(5));
-    let body_at = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-    let body = &got[body_at..];
+    let body = body_of(&got);
     assert!(body.len() < 1 << 20, "{}", body.len());
     assert!(body == &pattern(1 << 20)[..body.len()]);
     assert_eq!(
