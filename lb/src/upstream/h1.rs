@@ -44,8 +44,10 @@ const MIN_READ: usize = 8 * 1024;
 const MAX_READ: usize = 256 * 1024;
 // A fill of the pipe is at most one read's size, and a placeholder at most the pipe's.
 const _: () = assert!(MAX_READ <= crate::splice::PIPE_SIZE);
-/// The largest first read of a body of known length (`Conn::size_first_read`).
-const FIRST_READ_MAX: usize = 64 * 1024;
+/// The largest first read of a body of known length (`Conn::size_first_read`): what a body
+/// may hand a client that is not taking it (`UNSENT_HIGH`). At 64 KiB, slow TLS readers held
+/// 269 KiB each in the lb (test `slow_tls_readers_hold_little_in_the_lb`, bound 256).
+const FIRST_READ_MAX: usize = 32 * 1024;
 /// The largest read buffer a pooled connection keeps.
 const POOLED_READ_BUF: usize = 4 * MIN_READ;
 /// Request body frames are copied into the write buffer until it holds this much; then it is
@@ -468,9 +470,9 @@ impl Conn {
 
     /// Sizes the first read of a body whose length the head gave to what is left of it, up
     /// to [`FIRST_READ_MAX`]; reads grow from there as they fill. A 64 KiB body whose rest
-    /// has arrived then takes two reads (the head's, then the rest) where growing from 8 KiB
-    /// took four, and as many frames and writes fewer (64 KiB responses: nginx, whose
-    /// buffers are 64 KiB, was 13% ahead). Exactly what is left, not rounded up: a rest that
+    /// has arrived then takes three reads where growing from 8 KiB took four, and as many
+    /// frames and writes fewer (64 KiB responses: nginx, whose buffers are 64 KiB, was 13%
+    /// ahead). Exactly what is left, not rounded up: a rest that
     /// fits the 32 KiB buffer a pooled connection keeps is read into it. Capped so that a
     /// client too slow to be seen lagging yet is not handed more at once.
     fn size_first_read(&mut self) {
