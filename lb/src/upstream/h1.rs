@@ -44,10 +44,6 @@ const MIN_READ: usize = 8 * 1024;
 const MAX_READ: usize = 256 * 1024;
 // A fill of the pipe is at most one read's size, and a placeholder at most the pipe's.
 const _: () = assert!(MAX_READ <= crate::splice::PIPE_SIZE);
-/// The largest first read of a body of known length (`Conn::size_first_read`): what a body
-/// may hand a client that is not taking it (`UNSENT_HIGH`). At 64 KiB, slow TLS readers held
-/// 269 KiB each in the lb (test `slow_tls_readers_hold_little_in_the_lb`, bound 256).
-const FIRST_READ_MAX: usize = 32 * 1024;
 /// The largest read buffer a pooled connection keeps.
 const POOLED_READ_BUF: usize = 4 * MIN_READ;
 /// Request body frames are copied into the write buffer until it holds this much; then it is
@@ -101,6 +97,9 @@ pub struct Conn {
     /// The request head and body bytes not yet written.
     wbuf: BytesMut,
     read_size: usize,
+    /// The most the first read of a body of known length takes (`size_first_read`), set by
+    /// the caller for each request (`Sender::first_read_at_most`).
+    pub(super) first_read_max: usize,
     /// Bounds the wait for each response head.
     timer: LazyTimer,
     /// Bytes of the request in progress written so far.
@@ -142,6 +141,7 @@ impl Conn {
             },
             wbuf: BytesMut::new(),
             read_size: MIN_READ,
+            first_read_max: MIN_READ,
             timer: LazyTimer::default(),
             sent: 0,
             large_upload: false,
@@ -469,17 +469,18 @@ impl Conn {
     }
 
     /// Sizes the first read of a body whose length the head gave to what is left of it, up
-    /// to [`FIRST_READ_MAX`]; reads grow from there as they fill. A 64 KiB body whose rest
-    /// has arrived then takes three reads where growing from 8 KiB took four, and as many
+    /// to `first_read_max` (the caller's: what the body's consumer may be handed before its
+    /// pace shows); reads grow from there as they fill. A 64 KiB body whose rest has arrived
+    /// then takes two reads at 64 KiB where growing from 8 KiB took four, and as many
     /// frames and writes fewer (64 KiB responses: nginx, whose buffers are 64 KiB, was 13%
-    /// ahead). Exactly what is left, not rounded up: a rest that
-    /// fits the 32 KiB buffer a pooled connection keeps is read into it. Capped so that a
-    /// client too slow to be seen lagging yet is not handed more at once.
+    /// ahead). Exactly what is left, not rounded up: a rest that fits the 32 KiB buffer a
+    /// pooled connection keeps is read into it.
     fn size_first_read(&mut self) {
         if let Framing::Length(left) = self.dec.framing {
             let rest = left.saturating_sub(self.dec.rbuf.len() as u64);
             if rest > MIN_READ as u64 {
-                self.read_size = rest.min(FIRST_READ_MAX as u64) as usize;
+                let max = self.first_read_max.min(MAX_READ);
+                self.read_size = rest.min(max as u64) as usize;
             }
         }
     }

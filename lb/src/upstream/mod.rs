@@ -104,6 +104,16 @@ impl Sender {
         }
     }
 
+    /// The first read of the next response's body, when its head gives the length, takes at
+    /// most `max` bytes over HTTP/1.1: what the response's consumer is handed at once. (Set
+    /// apart from `send`, whose future every request keeps.) An HTTP/2 backend's flow
+    /// control sets its own.
+    pub fn first_read_at_most(&mut self, max: usize) {
+        if let Sender::H1(conn) = self {
+            conn.first_read_max = max;
+        }
+    }
+
     pub fn is_h2(&self) -> bool {
         matches!(self, Sender::H2(_))
     }
