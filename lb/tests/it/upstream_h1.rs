@@ -1112,3 +1112,66 @@ async fn large_bodies_are_spliced_byte_for_byte() {
         Some(0.0)
     );
 }
+
+/// Splicing is for plain HTTP/1.1 clients only. With `LB_SPLICE_MIN` set, a TLS client (over
+/// HTTP/1.1 and HTTP/2) and a cleartext HTTP/2 one get the same bodies copied, byte for
+/// byte: a placeholder that reached their writers would arrive as zeros.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_plain_http1_clients_have_bodies_spliced() {
+    let consul = Consul::start().await;
+    let (port, _) = scripted_backend().await;
+    consul.register("s", "web", port, &["lb.route=/"]).await;
+    let ca = crate::tls::Ca::new("splice");
+    let leaf = ca.leaf("a", &["a.test"]);
+    let splice = [("LB_SPLICE_MIN", "65536"), ("LB_H2C", "true")];
+    let t = crate::tls::start_tls_lb(&consul, &leaf.source(), &splice).await;
+    let (lb, http) = (&t.lb, Http::new());
+    wait_routed(lb, &http, "*/", 1).await;
+    let out = std::env::temp_dir().join(format!("lb-splice-{}", std::process::id()));
+    let get = |args: &[&str], url: String| -> Vec<u8> {
+        let status = std::process::Command::new("curl")
+            .args(["-sS", "--max-time", "20", "-o"])
+            .arg(&out)
+            .args(args)
+            .arg(&url)
+            .status()
+            .expect("curl runs");
+        assert!(status.success(), "curl {args:?} {url}");
+        std::fs::read(&out).unwrap()
+    };
+    let ca_pem = ca.ca_pem();
+    let resolve = format!("a.test:{}:127.0.0.1", t.tls_port);
+    let tls = |proto: &str, n: usize| {
+        let args = [
+            proto,
+            "--cacert",
+            ca_pem.to_str().unwrap(),
+            "--resolve",
+            &resolve,
+        ];
+        get(&args, format!("https://a.test:{}/pattern/{n}", t.tls_port))
+    };
+    let metric = |name: &'static str| {
+        let http = &http;
+        async move { lb.metric(http, name, &[]).await.unwrap_or(0.0) }
+    };
+    for n in [1 << 20, 300_001, 65536] {
+        assert!(tls("--http1.1", n) == pattern(n), "TLS, HTTP/1.1: {n}");
+        assert!(tls("--http2", n) == pattern(n), "TLS, HTTP/2: {n}");
+        let h2c = get(
+            &["--http2-prior-knowledge"],
+            format!("http://{}/pattern/{n}", lb.proxy),
+        );
+        assert!(h2c == pattern(n), "cleartext HTTP/2: {n}");
+    }
+    assert_eq!(metric("lb_spliced_bytes_total").await, 0.0);
+    // The setting is on: a plain HTTP/1.1 client's body is spliced.
+    let plain = get(
+        &["--http1.1"],
+        format!("http://{}/pattern/1048576", lb.proxy),
+    );
+    assert!(plain == pattern(1 << 20), "plain HTTP/1.1");
+    assert!(metric("lb_spliced_bytes_total").await > 0.0);
+    assert_eq!(metric("lb_splice_refused_total").await, 0.0);
+    let _ = std::fs::remove_file(&out);
+}
