@@ -14,7 +14,7 @@ use super::body::{InFlight, ProxyBody, ResponseGuard};
 use super::forwarded::{Forwarded, X_REQUEST_ID};
 use super::headers::{strip_hop_by_hop, to_http1_form, to_http2_form};
 use super::local::local;
-use super::peer::{Peer, UNSENT_HIGH};
+use super::peer::Peer;
 use super::rewrite;
 use super::upgrade::{spawn_tunnel, Upgrade};
 use crate::config::{Config, VersionPin};
@@ -34,19 +34,6 @@ pub(super) const VERSION_COOKIE: &str = "sy-version";
 /// Pooled connections found closed at send time, retried without spending a retry: nothing
 /// reached a backend. Bounded in case every pooled connection of a backend went stale at once.
 pub(super) const MAX_STALE_RETRIES: u32 = 4;
-
-/// The most the first read of a response body of known length may take
-/// (`Sender::first_read_at_most`): what the client is handed at once, before its pace shows.
-/// A plain HTTP/1.1 client's socket takes what room it has at the first write and only the
-/// rest waits in the lb: 64 KiB, a 64 KiB body in two reads (5-7% less of the lb's CPU per
-/// response than at 32 KiB; about 45 KiB more held per slow reader, as nginx's 64 KiB of
-/// proxy buffers hold).
-const FIRST_READ_PLAIN: usize = 64 * 1024;
-/// Over TLS the whole piece is encrypted into the session's buffers, and over HTTP/2 it
-/// waits in the stream's for the client's window: the first read is held to what a lagging
-/// client may have waiting ([`UNSENT_HIGH`]). At 64 KiB, slow TLS readers held 269 KiB each
-/// in the lb (test `slow_tls_readers_hold_little_in_the_lb`, bound 256).
-const FIRST_READ_BUFFERED: usize = UNSENT_HIGH;
 
 pub(super) async fn forward(
     shared: &Arc<Shared>,
@@ -132,11 +119,7 @@ pub(super) async fn forward(
             client_host: rewritten.as_ref().and_then(|r| r.client_host.as_ref()),
         };
         let timeouts = &shared.backend_settings.send;
-        sender.first_read_at_most(if peer.tls || parts.version == Version::HTTP_2 {
-            FIRST_READ_BUFFERED
-        } else {
-            FIRST_READ_PLAIN
-        });
+        sender.first_read_at_most(peer.first_read());
         match sender
             .send(rewrite::head(&parts, &rewritten), &fwd, body, timeouts)
             .await

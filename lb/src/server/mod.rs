@@ -319,7 +319,13 @@ impl Listener {
             return;
         };
         let trusted = self.trusted(addr);
-        let peer = Arc::new(Peer::new(addr, false, trusted, self.drain.clone(), slot));
+        let peer = Arc::new(Peer::new(
+            addr,
+            (false, false),
+            trusted,
+            self.drain.clone(),
+            slot,
+        ));
         self.serve_parking(stream, first, peer, open).await;
     }
 
@@ -465,7 +471,13 @@ impl Listener {
         let shared = &self.shared;
         self.count_protocol(h2);
         let trusted = self.trusted(addr);
-        let peer = Arc::new(Peer::new(addr, tls, trusted, self.drain.clone(), slot));
+        let peer = Arc::new(Peer::new(
+            addr,
+            (tls, h2),
+            trusted,
+            self.drain.clone(),
+            slot,
+        ));
         let (shared2, peer2) = (shared.clone(), peer.clone());
         let offered = Offered::default();
         let offered2 = &offered;
