@@ -64,15 +64,15 @@ impl LazyTimer {
 }
 
 /// Milliseconds on the system's monotonic clock, never 0; cheap enough for the request path,
-/// which reads it about three times a request (picking a backend, taking a pooled connection,
-/// giving it back).
+/// which reads it a few times a request (picking a backend, taking a pooled connection,
+/// giving it back; more for HTTP/2 streams and tunnels).
 ///
-/// The coarse clock: the time of the kernel's last tick (4 ms here), read from memory the
-/// kernel shares, as nginx and HAProxy read the time once per turn of their event loop. It
-/// costs about a quarter of a precise read and the subtraction from a process start that
-/// `Instant::elapsed` needs (callgrind: about 200 instructions a request fewer). Every use
-/// is a span of many ticks (ejections, idle pooled connections, body and write timeouts),
-/// where one tick does not matter; latencies are measured with `Instant`.
+/// The coarse clock: the time of the kernel's last tick (4 ms here, 10 ms on some kernels),
+/// read from memory the kernel shares, with no clock read of its own, as nginx and HAProxy
+/// read the time once per turn of their event loop; and no subtraction from a process start,
+/// which `Instant::elapsed` needs (callgrind: about 160 user-space instructions a request
+/// fewer). Every use is a span of many ticks (ejections, idle pooled connections, body and
+/// write timeouts), where one tick does not matter; latencies are measured with `Instant`.
 pub fn now_ms() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -94,15 +94,16 @@ mod tests {
         assert_eq!(format_utc(951_782_400), "2000-02-29T00:00:00Z");
     }
 
-    /// The coarse clock keeps pace with the precise one, within a tick or two either way.
+    /// The coarse clock keeps pace with the precise one, within a few ticks either way.
     #[test]
     fn now_ms_keeps_pace() {
         let (t0, m0) = (std::time::Instant::now(), now_ms());
         assert_ne!(m0, 0);
         std::thread::sleep(std::time::Duration::from_millis(60));
         let (precise, coarse) = (t0.elapsed().as_millis() as u64, now_ms() - m0);
+        // Generous: a busy machine may hold the thread between the paired reads.
         assert!(
-            coarse + 25 >= precise && coarse <= precise + 25,
+            coarse + 40 >= precise && coarse <= precise + 40,
             "{coarse} vs {precise} ms"
         );
     }

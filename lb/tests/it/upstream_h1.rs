@@ -1127,17 +1127,19 @@ async fn only_plain_http1_clients_have_bodies_spliced() {
     let t = crate::tls::start_tls_lb(&consul, &leaf.source(), &splice).await;
     let (lb, http) = (&t.lb, Http::new());
     wait_routed(lb, &http, "*/", 1).await;
-    let out = std::env::temp_dir().join(format!("lb-splice-{}", std::process::id()));
-    let get = |args: &[&str], url: String| -> Vec<u8> {
-        let status = std::process::Command::new("curl")
-            .args(["-sS", "--max-time", "20", "-o"])
-            .arg(&out)
-            .args(args)
-            .arg(&url)
-            .status()
-            .expect("curl runs");
-        assert!(status.success(), "curl {args:?} {url}");
-        std::fs::read(&out).unwrap()
+    // The body, and the HTTP version curl spoke.
+    let get = |args: &[&str], url: String| -> (Vec<u8>, String) {
+        let out = tokio::task::block_in_place(|| {
+            std::process::Command::new("curl")
+                .args(["-sS", "--max-time", "20", "-w", "%{stderr}%{http_version}"])
+                .args(args)
+                .arg(&url)
+                .output()
+                .expect("curl runs")
+        });
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "curl {args:?} {url}: {stderr}");
+        (out.stdout, stderr)
     };
     let ca_pem = ca.ca_pem();
     let resolve = format!("a.test:{}:127.0.0.1", t.tls_port);
@@ -1156,22 +1158,35 @@ async fn only_plain_http1_clients_have_bodies_spliced() {
         async move { lb.metric(http, name, &[]).await.unwrap_or(0.0) }
     };
     for n in [1 << 20, 300_001, 65536] {
-        assert!(tls("--http1.1", n) == pattern(n), "TLS, HTTP/1.1: {n}");
-        assert!(tls("--http2", n) == pattern(n), "TLS, HTTP/2: {n}");
-        let h2c = get(
+        let (body, version) = tls("--http1.1", n);
+        assert!(
+            body == pattern(n) && version == "1.1",
+            "TLS, HTTP/{version}: {n}"
+        );
+        let (body, version) = tls("--http2", n);
+        assert!(
+            body == pattern(n) && version == "2",
+            "TLS, HTTP/{version}: {n}"
+        );
+        let (body, version) = get(
             &["--http2-prior-knowledge"],
             format!("http://{}/pattern/{n}", lb.proxy),
         );
-        assert!(h2c == pattern(n), "cleartext HTTP/2: {n}");
+        assert!(
+            body == pattern(n) && version == "2",
+            "cleartext HTTP/{version}: {n}"
+        );
     }
     assert_eq!(metric("lb_spliced_bytes_total").await, 0.0);
     // The setting is on: a plain HTTP/1.1 client's body is spliced.
-    let plain = get(
+    let (body, version) = get(
         &["--http1.1"],
         format!("http://{}/pattern/1048576", lb.proxy),
     );
-    assert!(plain == pattern(1 << 20), "plain HTTP/1.1");
+    assert!(
+        body == pattern(1 << 20) && version == "1.1",
+        "plain HTTP/{version}"
+    );
     assert!(metric("lb_spliced_bytes_total").await > 0.0);
     assert_eq!(metric("lb_splice_refused_total").await, 0.0);
-    let _ = std::fs::remove_file(&out);
 }
