@@ -500,7 +500,7 @@ impl Metrics {
             upstream_errors: ByLabel::new(&counter_vec(UPSTREAM_ERRORS_TOTAL, "Failures talking to backends, by kind.", &["kind"])),
             upstream_connections: counter(UPSTREAM_CONNECTIONS_TOTAL, "Upstream connections opened (pooled connections are reused)."),
             spliced_bytes: counter(SPLICED_BYTES_TOTAL, "Response body bytes moved from a backend's socket into a client connection's pipe, to be written to its socket without a copy through the lb's memory (LB_SPLICE_MIN)."),
-            splice_refused: counter(SPLICE_REFUSED_TOTAL, "Times the system gave a connection no pipe to splice a body through (descriptors, or the pipe size limits), so the body was copied."),
+            splice_refused: counter(SPLICE_REFUSED_TOTAL, "Times a connection got no pipe to splice a body through (the lb's pipe budget, descriptors, or the pipe size limits), so the body was copied."),
             ejections: counter(BACKEND_EJECTIONS_TOTAL, "Backends ejected by passive health checking."),
             backends: reg(&registry, IntGaugeVec::new(Opts::new(BACKENDS, "Backends per route and state (healthy, ejected)."), &["route", "state"]).expect("valid metric")),
             consul_held: reg(&registry, IntGaugeVec::new(Opts::new(CONSUL_HELD, "What a Consul that lost its state forgot and the lb holds for LB_STATE_LOSS_GRACE: routed services (watch=catalog) and instances (watch=health)."), &["watch"]).expect("valid metric")),

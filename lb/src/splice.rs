@@ -15,8 +15,10 @@
 
 use std::cell::RefCell;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::mem::ManuallyDrop;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::OnceLock;
 
 use bytes::Bytes;
 
@@ -35,6 +37,50 @@ const POOLED: usize = 16;
 
 thread_local! {
     static POOL: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The pipes open in the process, pooled or in use.
+static OPEN: Budget = Budget::new();
+
+/// A count of open things held to a most.
+struct Budget(AtomicUsize);
+
+impl Budget {
+    const fn new() -> Budget {
+        Budget(AtomicUsize::new(0))
+    }
+
+    /// Counts one more, unless `max` are open.
+    fn take(&self, max: usize) -> bool {
+        let more = |n: usize| (n < max).then_some(n + 1);
+        self.0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, more)
+            .is_ok()
+    }
+
+    fn give(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The most pipes open at once: an eighth of the soft descriptor limit, two descriptors
+/// each. The connection limit (`LB_MAX_CONNECTIONS=auto`, three quarters) leaves the rest
+/// to backends, Consul and files; without this, bodies spliced at once could take it all
+/// and leave the lb unable to accept or connect. Read once.
+fn max_pipes() -> usize {
+    static MAX: OnceLock<usize> = OnceLock::new();
+    *MAX.get_or_init(|| {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes only the struct it is given.
+        let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
+        if !ok || limit.rlim_cur == libc::RLIM_INFINITY {
+            return 4096;
+        }
+        (limit.rlim_cur as usize / 16).max(1)
+    })
 }
 
 /// A frame standing for the next `n` bytes of the pipe (`n` at most [`PIPE_SIZE`]).
@@ -78,20 +124,29 @@ struct Pipe {
 }
 
 impl Pipe {
-    /// From this thread's pool, or a new one of [`PIPE_SIZE`]. Fails when the system has no
-    /// descriptor, or refuses the size: past `fs.pipe-max-size`, or once the user's pipes
-    /// hold more pages than `fs.pipe-user-pages-soft` allows (each of these takes 64).
+    /// From this thread's pool, or a new one of [`PIPE_SIZE`]. Fails when [`max_pipes`] are
+    /// open, when the system has no descriptor, or when it refuses the size: past
+    /// `fs.pipe-max-size`, or once the user's pipes hold more pages than
+    /// `fs.pipe-user-pages-soft` allows (each of these takes 64).
     fn take() -> io::Result<Pipe> {
         // `try_with`: a connection may end while its thread is being torn down.
         if let Ok(Some(p)) = POOL.try_with(|pool| pool.borrow_mut().pop()) {
             return Ok(p);
         }
+        let max = max_pipes();
+        if !OPEN.take(max) {
+            return Err(io::Error::other(format!(
+                "{max} pipes are open, an eighth of the descriptor limit"
+            )));
+        }
         let mut fds = [0 as libc::c_int; 2];
         // SAFETY: `fds` is two ints, which the kernel fills on success.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            OPEN.give();
             return Err(io::Error::last_os_error());
         }
-        // SAFETY: two new descriptors, owned by nothing else.
+        // SAFETY: two new descriptors, owned by nothing else. From here the pipe's drop
+        // gives its place in `OPEN` back.
         let pipe = unsafe {
             Pipe {
                 read: OwnedFd::from_raw_fd(fds[0]),
@@ -127,6 +182,13 @@ impl Pipe {
                 pool.push(self);
             }
         });
+    }
+}
+
+impl Drop for Pipe {
+    /// Its descriptors close (`OwnedFd`): one place more for a pipe.
+    fn drop(&mut self) {
+        OPEN.give();
     }
 }
 
@@ -171,8 +233,9 @@ impl BodyPipe {
         (fds != 0).then_some(unpack(fds))
     }
 
-    /// Whether a pipe is ready for a fill, taking one if there is none: `false` when the
-    /// system gives none (warned once per process), and the bytes must be copied instead.
+    /// Whether a pipe is ready for a fill, taking one if there is none: `false` when none is
+    /// to be had, past [`max_pipes`] or refused by the system (warned once per process), and
+    /// the bytes must be copied instead.
     pub fn ready(&self) -> bool {
         if self.ends().is_some() {
             return true;
@@ -182,7 +245,9 @@ impl BodyPipe {
         }
         match Pipe::take() {
             Ok(pipe) => {
-                let fds = pack(pipe.read.into_raw_fd(), pipe.write.into_raw_fd());
+                // Open until `release` makes a `Pipe` of them again.
+                let pipe = ManuallyDrop::new(pipe);
+                let fds = pack(pipe.read.as_raw_fd(), pipe.write.as_raw_fd());
                 self.fds.store(fds, Ordering::Relaxed);
                 true
             }
@@ -190,7 +255,7 @@ impl BodyPipe {
                 self.refused.store(REFUSED, Ordering::Relaxed);
                 static WARNED: AtomicBool = AtomicBool::new(false);
                 if !WARNED.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(%error, "the system gives no pipe to splice through: copying instead");
+                    tracing::warn!(%error, "no pipe to splice through: copying instead");
                 }
                 false
             }
@@ -387,5 +452,15 @@ mod tests {
         assert_eq!(reader.join().unwrap(), body);
         pipe.release();
         assert_eq!(POOL.with(|p| p.borrow().len()), 1);
+    }
+
+    #[test]
+    fn the_budget_holds_open_pipes_to_its_most() {
+        let b = Budget::new();
+        assert!(b.take(2) && b.take(2));
+        assert!(!b.take(2), "a third past a most of two");
+        b.give();
+        assert!(b.take(2));
+        assert!(max_pipes() >= 1);
     }
 }
