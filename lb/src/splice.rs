@@ -59,12 +59,17 @@ impl Budget {
     }
 
     fn give(&self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        let was = self.0.fetch_sub(1, Ordering::Relaxed);
+        debug_assert!(was > 0, "a place given back that was never taken");
+    }
+
+    fn open(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
     }
 }
 
-/// The most pipes open at once: an eighth of the soft descriptor limit, two descriptors
-/// each. The connection limit (`LB_MAX_CONNECTIONS=auto`, three quarters) leaves the rest
+/// The most pipes open at once: a sixteenth of the soft descriptor limit, two descriptors
+/// each, so an eighth of the descriptors. The connection limit (`LB_MAX_CONNECTIONS=auto`, three quarters) leaves the rest
 /// to backends, Consul and files; without this, bodies spliced at once could take it all
 /// and leave the lb unable to accept or connect. Read once.
 fn max_pipes() -> usize {
@@ -136,7 +141,7 @@ impl Pipe {
         let max = max_pipes();
         if !OPEN.take(max) {
             return Err(io::Error::other(format!(
-                "{max} pipes are open, an eighth of the descriptor limit"
+                "{max} pipes are open, an eighth of the descriptor limit's worth"
             )));
         }
         let mut fds = [0 as libc::c_int; 2];
@@ -167,13 +172,19 @@ impl Pipe {
         Ok(pipe)
     }
 
-    /// Back to this thread's pool, if it is empty and the pool has room; closed otherwise.
+    /// Back to this thread's pool, if it is empty, the pool has room and half the budget is
+    /// free; closed otherwise.
     fn give_back(self) {
         let mut queued: libc::c_int = 0;
         // SAFETY: a pipe's descriptor, and an int the kernel writes.
         let rc = unsafe { libc::ioctl(self.read.as_raw_fd(), libc::FIONREAD, &mut queued) };
         if rc != 0 || queued != 0 {
             // Bytes of one body must never reach another's client.
+            return;
+        }
+        // Only while half the budget is free: pools never shrink, and a pipe idle in one
+        // worker's pool would otherwise count against the others' bodies for good.
+        if OPEN.open() > max_pipes() / 2 {
             return;
         }
         let _ = POOL.try_with(|pool| {
@@ -204,7 +215,7 @@ pub struct BodyPipe {
     held: AtomicU32,
     /// A fill waits for the pipe to empty: the drain that empties it wakes the task.
     waiting: AtomicBool,
-    /// The system gave no pipe ([`REFUSED`], or [`REFUSAL_SEEN`]): not asked again until
+    /// No pipe was to be had ([`REFUSED`], or [`REFUSAL_SEEN`]): not asked again until
     /// `release`, so that each read does not try and fail anew.
     refused: AtomicU8,
     /// The bytes in progress are to go through the pipe: the user's own mark, kept here
@@ -212,7 +223,7 @@ pub struct BodyPipe {
     armed: AtomicBool,
 }
 
-/// `BodyPipe::refused`: the system refused a pipe, not counted yet.
+/// `BodyPipe::refused`: no pipe was to be had, not counted yet.
 const REFUSED: u8 = 1;
 /// `BodyPipe::refused`: a refusal `take_refusal` has reported.
 const REFUSAL_SEEN: u8 = 2;
@@ -262,7 +273,7 @@ impl BodyPipe {
         }
     }
 
-    /// Whether the system refused a pipe since this was last asked: once per refusal, for
+    /// Whether no pipe was to be had since this was last asked: once per refusal, for
     /// the caller to count.
     pub fn take_refusal(&self) -> bool {
         let refused = self.refused.load(Ordering::Relaxed) == REFUSED;
@@ -327,7 +338,7 @@ impl BodyPipe {
     }
 
     /// Lets go of the pipe until it is needed again: back to the thread's pool when empty,
-    /// closed otherwise. A refusal is forgotten: the next need asks the system again.
+    /// closed otherwise. A refusal is forgotten: the next need asks again.
     pub fn release(&self) {
         self.refused.store(0, Ordering::Relaxed);
         let fds = self.fds.swap(0, Ordering::Relaxed);
@@ -382,6 +393,9 @@ mod tests {
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
 
+    /// The tests that open pipes, one at a time: `OPEN` is the process's.
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     #[test]
     fn placeholders_are_told_from_plain_bytes() {
         let p = placeholder(10);
@@ -403,6 +417,7 @@ mod tests {
     /// back to the pool only when empty.
     #[test]
     fn bytes_pass_through_the_pipe_in_order() {
+        let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut src = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (from, _) = l.accept().unwrap();
@@ -461,6 +476,29 @@ mod tests {
         assert!(!b.take(2), "a third past a most of two");
         b.give();
         assert!(b.take(2));
-        assert!(max_pipes() >= 1);
+    }
+
+    /// Every pipe opened is counted until it closes: in use, pooled, and when its thread's
+    /// pool goes with the thread.
+    #[test]
+    fn open_pipes_are_counted_until_they_close() {
+        let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let start = OPEN.open();
+        std::thread::spawn(move || {
+            let (a, b) = (BodyPipe::default(), BodyPipe::default());
+            assert!(a.ready() && b.ready());
+            assert_eq!(OPEN.open(), start + 2);
+            // Released empty: pooled, still open; taken again from the pool.
+            a.release();
+            assert_eq!(OPEN.open(), start + 2);
+            assert!(a.ready());
+            assert_eq!(OPEN.open(), start + 2);
+            drop(a);
+            drop(b);
+            assert_eq!(OPEN.open(), start + 2, "both pooled");
+        })
+        .join()
+        .unwrap();
+        assert_eq!(OPEN.open(), start, "the thread's pool closed with it");
     }
 }

@@ -126,7 +126,7 @@ impl Body for ProxyBody {
 }
 
 /// Counts what a body offered a pipe did with it: the bytes a placeholder stands for, or the
-/// system's refusal of a pipe (the body is then copied).
+/// refusal of a pipe (none to be had: the body is then copied).
 fn count_splice<E>(pipe: &BodyPipe, polled: &Poll<Option<Result<Frame<Bytes>, E>>>, m: &Metrics) {
     if let Poll::Ready(Some(Ok(frame))) = polled {
         if let Some(d) = frame.data_ref().filter(|d| splice::is_placeholder(d)) {
