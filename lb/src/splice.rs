@@ -69,9 +69,10 @@ impl Budget {
 }
 
 /// The most pipes open at once: a sixteenth of the soft descriptor limit, two descriptors
-/// each, so an eighth of the descriptors. The connection limit (`LB_MAX_CONNECTIONS=auto`, three quarters) leaves the rest
-/// to backends, Consul and files; without this, bodies spliced at once could take it all
-/// and leave the lb unable to accept or connect. Read once.
+/// each, so an eighth of the descriptors. The connection limit (`LB_MAX_CONNECTIONS=auto`,
+/// three quarters) leaves the rest to backends, Consul and files; without this, bodies
+/// spliced at once could take it all and leave the lb unable to accept or connect. Read
+/// once.
 fn max_pipes() -> usize {
     static MAX: OnceLock<usize> = OnceLock::new();
     *MAX.get_or_init(|| {
