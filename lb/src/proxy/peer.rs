@@ -295,16 +295,9 @@ mod tests {
     #[test]
     fn only_plain_http1_clients_get_a_large_first_read() {
         let addr: SocketAddr = ([127, 0, 0, 1], 1).into();
-        let peer = |tls, h2| {
-            let (alive, _) = tokio::sync::mpsc::channel(1);
-            let (_, close) = tokio::sync::watch::channel(false);
-            Peer::new(
-                addr,
-                (tls, h2),
-                false,
-                Drain { alive, close },
-                Slot::default(),
-            )
+        let peer = |tls, h2| Peer {
+            h2,
+            ..Peer::outside(addr, tls, false)
         };
         assert_eq!(peer(false, false).first_read(), 64 * 1024);
         for (tls, h2) in [(true, false), (true, true), (false, true)] {

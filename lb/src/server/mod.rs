@@ -318,14 +318,7 @@ impl Listener {
         let Some(first) = self.first_bytes(&mut stream, addr).await else {
             return;
         };
-        let trusted = self.trusted(addr);
-        let peer = Arc::new(Peer::new(
-            addr,
-            (false, false),
-            trusted,
-            self.drain.clone(),
-            slot,
-        ));
+        let peer = self.peer(addr, (false, false), slot);
         self.serve_parking(stream, first, peer, open).await;
     }
 
@@ -470,14 +463,7 @@ impl Listener {
     {
         let shared = &self.shared;
         self.count_protocol(h2);
-        let trusted = self.trusted(addr);
-        let peer = Arc::new(Peer::new(
-            addr,
-            (tls, h2),
-            trusted,
-            self.drain.clone(),
-            slot,
-        ));
+        let peer = self.peer(addr, (tls, h2), slot);
         let (shared2, peer2) = (shared.clone(), peer.clone());
         let offered = Offered::default();
         let offered2 = &offered;
@@ -648,6 +634,12 @@ impl Listener {
                 None
             }
         }
+    }
+
+    /// The client end of a connection: `(tls, h2)` says how it speaks.
+    fn peer(&self, addr: SocketAddr, protocol: (bool, bool), slot: Slot) -> Arc<Peer> {
+        let trusted = self.trusted(addr);
+        Arc::new(Peer::new(addr, protocol, trusted, self.drain.clone(), slot))
     }
 
     /// Whether a client address is a trusted proxy's (its forwarding fields are kept).
