@@ -39,6 +39,7 @@ pub mod discovery;
 pub mod field_list;
 pub mod metrics;
 pub mod proxy;
+pub mod rlimit;
 pub mod routing;
 pub mod server;
 pub mod sockopt;

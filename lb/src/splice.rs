@@ -75,18 +75,7 @@ impl Budget {
 /// once.
 fn max_pipes() -> usize {
     static MAX: OnceLock<usize> = OnceLock::new();
-    *MAX.get_or_init(|| {
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: getrlimit writes only the struct it is given.
-        let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
-        if !ok || limit.rlim_cur == libc::RLIM_INFINITY {
-            return 4096;
-        }
-        (limit.rlim_cur as usize / 16).max(1)
-    })
+    *MAX.get_or_init(|| crate::rlimit::descriptors().map_or(4096, |n| (n / 16).max(1)))
 }
 
 /// A frame standing for the next `n` bytes of the pipe (`n` at most [`PIPE_SIZE`]).

@@ -168,14 +168,5 @@ impl Shared {
 /// Three quarters of the soft descriptor limit: the rest is for upstream connections, Consul
 /// and files. 10,000 when the limit cannot be read.
 fn descriptor_share() -> usize {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes only the struct it is given.
-    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
-    if !ok || limit.rlim_cur == libc::RLIM_INFINITY {
-        return 10_000;
-    }
-    (limit.rlim_cur as usize / 4 * 3).max(1)
+    crate::rlimit::descriptors().map_or(10_000, |n| (n / 4 * 3).max(1))
 }
