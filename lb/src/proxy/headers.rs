@@ -4,7 +4,7 @@
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Uri, Version};
 
-use crate::field_list;
+use crate::field_list::{self, SCAN_NAMES_MAX};
 
 pub(super) const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 pub(super) const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
@@ -150,11 +150,6 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Above this many distinct names, a `Connection` option is looked up by its hash; at or
-/// below it, a pass over the names finds it cheaper, and finds nothing for the options that
-/// name no field (`close`, by far the most common).
-const SCAN_NAMES_MAX: usize = 16;
-
 fn strip_present(headers: &mut HeaderMap, present: HopByHop) {
     if present.0 & HopByHop::CONNECTION != 0 {
         // `HOP_BY_HOP[0]`, `Connection`: the options of every one of its lines name fields
@@ -173,6 +168,8 @@ fn strip_present(headers: &mut HeaderMap, present: HopByHop) {
                 }
                 // Names are kept in lower case; the option may be in any.
                 let named = |k: &HeaderName| k.as_str().eq_ignore_ascii_case(option);
+                // Up to `SCAN_NAMES_MAX` names, a pass over them finds nothing for the options
+                // that name no field (`close`, by far the most common) without hashing.
                 if headers.keys_len() <= SCAN_NAMES_MAX && !headers.keys().any(named) {
                     continue;
                 }
@@ -196,7 +193,7 @@ pub(super) fn strip_request_hop_by_hop(headers: &mut HeaderMap, present: HopByHo
         return;
     }
     let trailers =
-        present.0 & HopByHop::TE != 0 && field_list::contains(headers, header::TE, "trailers");
+        present.0 & HopByHop::TE != 0 && field_list::contains(headers, &header::TE, "trailers");
     strip_present(headers, present);
     if trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));

@@ -82,7 +82,7 @@ pub(super) fn upgrade_request(
     allowed: &[String],
     route_allowed: &[String],
 ) -> Option<HeaderValue> {
-    if version != Version::HTTP_11 || !field_list::contains(headers, header::CONNECTION, "upgrade")
+    if version != Version::HTTP_11 || !field_list::contains(headers, &header::CONNECTION, "upgrade")
     {
         return None;
     }

@@ -217,7 +217,7 @@ pub struct ParkingIo {
 /// HTTP/1.1 with the `close` option, HTTP/1.0 without `keep-alive`. Errs towards `false`,
 /// which only costs a timer that the close then drops.
 pub fn ends_connection<B>(req: &http::Request<B>) -> bool {
-    let has = |option| field_list::contains(req.headers(), http::header::CONNECTION, option);
+    let has = |option| field_list::contains(req.headers(), &http::header::CONNECTION, option);
     match req.version() {
         http::Version::HTTP_11 => has("close"),
         http::Version::HTTP_10 => !has("keep-alive"),

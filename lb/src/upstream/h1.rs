@@ -725,8 +725,8 @@ impl Decoder {
     ) -> Result<Framing, Error> {
         let keep_alive = match (seen.connection, http10) {
             (false, http10) => !http10,
-            (true, true) => field_list::contains(headers, header::CONNECTION, "keep-alive"),
-            (true, false) => !field_list::contains(headers, header::CONNECTION, "close"),
+            (true, true) => field_list::contains(headers, &header::CONNECTION, "keep-alive"),
+            (true, false) => !field_list::contains(headers, &header::CONNECTION, "close"),
         };
         if !keep_alive {
             self.reusable = false;
