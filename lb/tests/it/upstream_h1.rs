@@ -1190,3 +1190,129 @@ async fn only_plain_http1_clients_have_bodies_spliced() {
     assert!(metric("lb_spliced_bytes_total").await > 0.0);
     assert_eq!(metric("lb_splice_refused_total").await, 0.0);
 }
+
+/// The pipes splicing holds open are bounded by the descriptor limit: with the lb's soft
+/// limit at 512, at most 32 pipes (a sixteenth) are open at once. Forty clients that ask for
+/// a large body and do not read yet each hold theirs: 32 bodies take a pipe, the other 8 are
+/// copied and counted as refused. Every body then arrives whole, the places come back (a
+/// later body is spliced again), and the pipes kept for reuse are at most half the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_pipes_are_held_to_the_budget() {
+    use std::os::unix::process::CommandExt;
+    const SOFT_LIMIT: u64 = 512;
+    const MAX_PIPES: usize = 512 / 16;
+    const CLIENTS: usize = MAX_PIPES + 8;
+    const BODY: usize = 2 << 20;
+
+    let consul = Consul::start().await;
+    let (port, _) = scripted_backend().await;
+    consul.register("s", "web", port, &["lb.route=/"]).await;
+    let lb = Lb::start_tuned(&consul, &[("LB_SPLICE_MIN", "65536")], |cmd| {
+        // SAFETY: only getrlimit and setrlimit run between fork and exec, both
+        // async-signal-safe; the hard limit stays as it is.
+        unsafe {
+            cmd.pre_exec(|| {
+                let mut l = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                l.rlim_cur = SOFT_LIMIT.min(l.rlim_max);
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    })
+    .await;
+    let http = Http::new();
+    wait_routed(&lb, &http, "*/", 1).await;
+    let metric = |name: &'static str| {
+        let (lb, http) = (&lb, &http);
+        async move { lb.metric(http, name, &[]).await.unwrap_or(0.0) as usize }
+    };
+    let pid = lb.pid();
+    let pipe_fds = move || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|link| link.to_string_lossy().starts_with("pipe:"))
+            .count()
+    };
+    let before = pipe_fds();
+
+    // Clients with small receive windows: none of them can take a body whole yet.
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(16 * 1024).unwrap();
+        let mut s = socket.connect(lb.proxy).await.unwrap();
+        let req = format!("GET /pattern/{BODY} HTTP/1.1\r\nHost: x\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        clients.push(s);
+    }
+    // A body started: either it holds a pipe (two descriptors) or it was refused one.
+    let started = || async { metric("lb_splice_refused_total").await + (pipe_fds() - before) / 2 };
+    eventually("every body to start", Duration::from_secs(20), || async {
+        started().await >= CLIENTS
+    })
+    .await;
+    assert_eq!(metric("lb_splice_refused_total").await, CLIENTS - MAX_PIPES);
+    assert_eq!(
+        pipe_fds() - before,
+        2 * MAX_PIPES,
+        "one pipe per spliced body"
+    );
+
+    let spliced_before = metric("lb_spliced_bytes_total").await;
+    let readers: Vec<_> = clients
+        .into_iter()
+        .map(|s| {
+            tokio::spawn(async move {
+                let mut r = TokioBufReader::new(s);
+                let mut length = None;
+                loop {
+                    let mut line = String::new();
+                    r.read_line(&mut line).await.unwrap();
+                    if line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = Some(v.trim().parse::<usize>().unwrap());
+                    }
+                }
+                let mut body = vec![0; length.expect("a length")];
+                r.read_exact(&mut body).await.unwrap();
+                body
+            })
+        })
+        .collect();
+    for reader in readers {
+        let body = tokio::time::timeout(Duration::from_secs(30), reader)
+            .await
+            .expect("a body in time")
+            .unwrap();
+        assert!(body == pattern(BODY), "a body came changed");
+    }
+    let moved = metric("lb_spliced_bytes_total").await - spliced_before;
+    assert!(moved > 0 && moved <= MAX_PIPES * BODY, "{moved}");
+
+    // The places came back: a later body is spliced, none refused.
+    let spliced_before = metric("lb_spliced_bytes_total").await;
+    let mut c = BufReader::new(TcpStream::connect(lb.proxy).unwrap());
+    c.get_mut()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    c.get_mut()
+        .write_all(format!("GET /pattern/{BODY} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .unwrap();
+    assert!(read_response(&mut c).1 == pattern(BODY));
+    assert!(metric("lb_spliced_bytes_total").await - spliced_before + 65536 >= BODY);
+    assert_eq!(metric("lb_splice_refused_total").await, CLIENTS - MAX_PIPES);
+    // Pooled for reuse: at most half the budget, and the one in use.
+    let kept = pipe_fds() - before;
+    assert!(kept <= MAX_PIPES + 2, "{kept} pipe descriptors kept");
+}

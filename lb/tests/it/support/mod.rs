@@ -206,7 +206,17 @@ pub struct Lb {
 
 impl Lb {
     pub async fn start(consul: &Consul, extra: &[(&str, &str)]) -> Lb {
-        let lb = Lb::spawn(consul, extra);
+        Lb::start_tuned(consul, extra, |_| {}).await
+    }
+
+    /// [`Lb::start`], with `tune` given the command before it runs (a resource limit for the
+    /// child alone, say).
+    pub async fn start_tuned(
+        consul: &Consul,
+        extra: &[(&str, &str)],
+        tune: impl FnOnce(&mut Command),
+    ) -> Lb {
+        let lb = Lb::spawn_tuned(consul, extra, tune);
         let http = Http::new();
         let url = lb.admin_url("/readyz");
         eventually("lb to become ready", Duration::from_secs(20), || {
@@ -223,6 +233,10 @@ impl Lb {
 
     /// Starts the lb without waiting for it to be ready.
     pub fn spawn(consul: &Consul, extra: &[(&str, &str)]) -> Lb {
+        Lb::spawn_tuned(consul, extra, |_| {})
+    }
+
+    fn spawn_tuned(consul: &Consul, extra: &[(&str, &str)], tune: impl FnOnce(&mut Command)) -> Lb {
         let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let (log, file) = log_file("lb");
@@ -248,6 +262,7 @@ impl Lb {
         for (k, v) in extra {
             cmd.env(k, v);
         }
+        tune(&mut cmd);
         let child = cmd
             .stdin(Stdio::null())
             .stdout(out_file)
