@@ -11,6 +11,16 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 /// request from a browser carries about a dozen names; from most programs, a few.
 pub const SCAN_NAMES_MAX: usize = 16;
 
+/// Whether `headers` has a `name` field: by a pass over at most [`SCAN_NAMES_MAX`] names, by
+/// hash past them.
+pub fn present(headers: &HeaderMap, name: &HeaderName) -> bool {
+    if headers.keys_len() <= SCAN_NAMES_MAX {
+        headers.keys().any(|k| k == name)
+    } else {
+        headers.contains_key(name)
+    }
+}
+
 /// The lines of the `name` fields in `headers`, in order, as `HeaderMap::get_all` gives them.
 /// For a field that is nearly always there (`Host`), `get_all` itself costs less.
 pub fn lines<'a>(
@@ -136,6 +146,9 @@ mod tests {
             assert_eq!(lines(&h, &header::HOST).collect::<Vec<_>>(), ["a", "b"]);
             assert!(contains(&h, &header::CONNECTION, "close"));
             assert_eq!(lines(&h, &HeaderName::from_static("x-i")).next(), None);
+            for name in [&header::HOST, &x_id, &header::CONNECTION, &header::TE] {
+                assert_eq!(present(&h, name), h.contains_key(name), "{name} {names}");
+            }
         }
     }
 }

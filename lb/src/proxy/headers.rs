@@ -55,7 +55,7 @@ pub(super) fn to_http1_form(parts: &mut http::request::Parts) {
             .map(|p| p.as_str())
             .unwrap_or("/");
         parts.uri = Uri::try_from(pq).unwrap_or_else(|_| Uri::from_static("/"));
-    } else if !parts.headers.contains_key(header::HOST) {
+    } else if !field_list::present(&parts.headers, &header::HOST) {
         // HTTP/1.1 requires a Host field; with no authority to name, it is empty (RFC 9112
         // 3.2), as for an HTTP/1.0 client that sent none.
         parts
