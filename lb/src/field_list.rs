@@ -11,14 +11,15 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 /// request from a browser carries about a dozen names; from most programs, a few.
 pub const SCAN_NAMES_MAX: usize = 16;
 
-/// Whether `headers` has a `name` field: by a pass over at most [`SCAN_NAMES_MAX`] names, by
-/// hash past them.
+/// Whether `headers` has a `name` field, found by a pass over its names; `None` past
+/// [`SCAN_NAMES_MAX`] of them, where hashing the name costs less.
+fn scanned(headers: &HeaderMap, name: &HeaderName) -> Option<bool> {
+    (headers.keys_len() <= SCAN_NAMES_MAX).then(|| headers.keys().any(|k| k == name))
+}
+
+/// Whether `headers` has a `name` field.
 pub fn present(headers: &HeaderMap, name: &HeaderName) -> bool {
-    if headers.keys_len() <= SCAN_NAMES_MAX {
-        headers.keys().any(|k| k == name)
-    } else {
-        headers.contains_key(name)
-    }
+    scanned(headers, name).unwrap_or_else(|| headers.contains_key(name))
 }
 
 /// The lines of the `name` fields in `headers`, in order, as `HeaderMap::get_all` gives them.
@@ -27,8 +28,7 @@ pub fn lines<'a>(
     headers: &'a HeaderMap,
     name: &HeaderName,
 ) -> impl Iterator<Item = &'a HeaderValue> {
-    let absent = headers.keys_len() <= SCAN_NAMES_MAX && !headers.keys().any(|k| k == name);
-    (!absent)
+    (scanned(headers, name) != Some(false))
         .then(|| headers.get_all(name).iter())
         .into_iter()
         .flatten()
